@@ -1,0 +1,407 @@
+"""Hierarchical ICD-9 tokenizer for PromptEHR (remote code: imports only stdlib and transformers).
+
+A patient reads ``<s> <v> C:401 4019 C:250 25000 </v> <v> ... </v> </s>``: every diagnosis code is
+preceded by its category token. Category tokens (``"C:<cat>"``) and code tokens (the dotless code)
+have distinct strings because a category such as ``486`` is also a leaf code.
+
+Every category seen in training also owns a catch-all code token equal to the category string
+(``"401"``, a valid non-billable ICD-9-CM node). It receives (a) codes rarer than
+``min_code_count`` in training ("folded"), (b) the bare category code when MIMIC uses it, and
+(c) at encode time any code absent from the vocabulary whose category is known. A code whose
+category is unknown too becomes ``<unk>``. Neither case raises; both are counted in
+``fallback_counts``.
+
+Files written by ``save_pretrained`` (all JSON): ``vocab.json`` (token -> id) and
+``hierarchy.json`` (category -> children, training code counts, folded codes, build settings),
+beside ``tokenizer_config.json`` whose ``auto_map`` points ``AutoTokenizer`` at this file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from collections.abc import Iterable, Sequence
+
+from transformers import PreTrainedTokenizer
+
+VOCAB_FILES_NAMES = {"vocab_file": "vocab.json", "hierarchy_file": "hierarchy.json"}
+CATEGORY_PREFIX = "C:"
+VISIT_START, VISIT_END = "<v>", "</v>"
+# pad first so that zero-filled buffers read as padding; then BART's <s> </s> <unk> and <mask>.
+SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<unk>", "<mask>")
+HIERARCHY_FORMAT = 1
+
+
+def code_category(code: str) -> str:
+    """Category of a dotless ICD-9-CM code: its first 3 characters, 4 for E codes."""
+    return code[:4] if code.startswith("E") else code[:3]
+
+
+def _normalize(code: str) -> str:
+    return str(code).strip().upper().replace(".", "")
+
+
+def _write_json_atomic(path: str, obj) -> None:
+    # A crash mid-write must not leave a truncated vocabulary next to a valid config.
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=1, ensure_ascii=False)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+class PromptEHRTokenizer(PreTrainedTokenizer):
+    """Word-level tokenizer over ICD-9 category and code tokens, built from a training split.
+
+    Build with :meth:`from_patients`; reload with ``from_pretrained`` or
+    ``AutoTokenizer.from_pretrained(dir, trust_remote_code=True)``.
+
+    Attributes (ids are ints):
+        category_ids: ids of the category tokens, ascending.
+        code_ids: ids of the code tokens (catch-alls included), ascending.
+        code_category: code id -> its category id.
+        category_children: category id -> its code ids, ascending.
+        code_probs: code id -> training P(code | category) (0.0 for a never-seen catch-all).
+        code_counts: code token -> training count (folded occurrences land on the catch-all).
+        fallback_counts: ``{"category": n, "unk": n}`` codes that fell back since construction
+            (or the last :meth:`reset_fallback_counts`); ``fallback_codes`` counts them per code.
+    """
+
+    vocab_files_names = VOCAB_FILES_NAMES
+    model_input_names = ["input_ids", "attention_mask"]
+
+    def __init__(
+        self,
+        vocab_file: str | None = None,
+        hierarchy_file: str | None = None,
+        pad_token: str = "<pad>",
+        bos_token: str = "<s>",
+        eos_token: str = "</s>",
+        unk_token: str = "<unk>",
+        mask_token: str = "<mask>",
+        **kwargs,
+    ):
+        # from_patients hands the state over in memory; it must not reach init_kwargs (which
+        # save_pretrained writes to tokenizer_config.json).
+        state = kwargs.pop("_state", None)
+        if state is None:
+            if vocab_file is None or hierarchy_file is None:
+                raise ValueError(
+                    "PromptEHRTokenizer needs vocab_file and hierarchy_file; build a new one with "
+                    "PromptEHRTokenizer.from_patients(train_patients)"
+                )
+            state = {"vocab": _read_json(vocab_file), "hierarchy": _read_json(hierarchy_file)}
+        self._set_state(state["vocab"], state["hierarchy"], source=vocab_file or "from_patients")
+        super().__init__(
+            pad_token=pad_token,
+            bos_token=bos_token,
+            eos_token=eos_token,
+            unk_token=unk_token,
+            mask_token=mask_token,
+            **kwargs,
+        )
+        self.reset_fallback_counts()
+
+    # ----------------------------------------------------------------------------- building
+    @classmethod
+    def from_patients(cls, patients: Iterable, min_code_count: int = 1, **kwargs) -> "PromptEHRTokenizer":
+        """Build the vocabulary from training patients.
+
+        Args:
+            patients: iterable of patient dicts (``{"visits": list[list[str]], ...}``) or of bare
+                visit lists; dotless codes (dotted ones are normalised).
+            min_code_count: a code seen fewer times than this in training is folded into its
+                category's catch-all token (counted in ``folded_codes``).
+        """
+        if int(min_code_count) < 1:
+            raise ValueError(f"min_code_count must be >= 1, got {min_code_count}")
+        min_code_count = int(min_code_count)
+        counts: Counter = Counter()
+        n_patients = n_visits = 0
+        for patient in patients:
+            visits = patient["visits"] if isinstance(patient, dict) else patient
+            n_patients += 1
+            n_visits += len(visits)
+            for visit in visits:
+                counts.update(visit)
+        if any(_normalize(c) != c for c in counts):
+            merged: Counter = Counter()
+            for code, n in counts.items():
+                merged[_normalize(code)] += n
+            counts = merged
+        counts.pop("", None)
+        if not counts:
+            raise ValueError("from_patients: no diagnosis codes in the training patients")
+
+        code_counts: dict[str, int] = {}
+        folded: dict[str, int] = {}
+        for code, n in counts.items():
+            cat = code_category(code)
+            code_counts.setdefault(cat, 0)  # every category owns its catch-all token
+            if n >= min_code_count or code == cat:
+                code_counts[code] = code_counts.get(code, 0) + n
+            else:
+                folded[code] = n
+                code_counts[cat] += n
+        categories = sorted({code_category(c) for c in code_counts})
+        codes = sorted(code_counts)
+        vocab = {tok: i for i, tok in enumerate(
+            [*SPECIAL_TOKENS, VISIT_START, VISIT_END, *(CATEGORY_PREFIX + c for c in categories), *codes]
+        )}
+        children: dict[str, list[str]] = {CATEGORY_PREFIX + c: [] for c in categories}
+        for code in codes:
+            children[CATEGORY_PREFIX + code_category(code)].append(code)
+        hierarchy = {
+            "format": HIERARCHY_FORMAT,
+            "min_code_count": min_code_count,
+            "n_patients": n_patients,
+            "n_visits": n_visits,
+            "category_children": children,
+            "code_counts": {c: code_counts[c] for c in codes},
+            "folded_codes": dict(sorted(folded.items())),
+        }
+        return cls(_state={"vocab": vocab, "hierarchy": hierarchy}, **kwargs)
+
+    def _set_state(self, vocab: dict, hierarchy: dict, source: str) -> None:
+        missing = [t for t in (*SPECIAL_TOKENS, VISIT_START, VISIT_END) if t not in vocab]
+        if missing:
+            raise ValueError(f"{source}: vocabulary lacks the tokens {missing}")
+        if hierarchy.get("format") != HIERARCHY_FORMAT:
+            raise ValueError(f"{source}: hierarchy format {hierarchy.get('format')!r}, expected {HIERARCHY_FORMAT}")
+        self.vocab: dict[str, int] = {str(t): int(i) for t, i in vocab.items()}
+        self.ids_to_tokens: dict[int, str] = {i: t for t, i in self.vocab.items()}
+        if len(self.ids_to_tokens) != len(self.vocab):
+            raise ValueError(f"{source}: two tokens share an id")
+        self.min_code_count: int = int(hierarchy["min_code_count"])
+        self.code_counts: dict[str, int] = {c: int(n) for c, n in hierarchy["code_counts"].items()}
+        self.folded_codes: dict[str, int] = dict(hierarchy.get("folded_codes", {}))
+        self.training_size: dict[str, int] = {
+            "patients": int(hierarchy.get("n_patients", 0)), "visits": int(hierarchy.get("n_visits", 0))
+        }
+        children_tokens: dict[str, list[str]] = hierarchy["category_children"]
+
+        self.category_children: dict[int, list[int]] = {}
+        self.code_category: dict[int, int] = {}
+        self.code_probs: dict[int, float] = {}
+        # code string -> (category id, code id): the one lookup encode_visit does per code
+        self._pair: dict[str, tuple[int, int]] = {}
+        for cat_tok, kids in children_tokens.items():
+            if cat_tok not in self.vocab or any(k not in self.vocab for k in kids):
+                raise ValueError(f"{source}: category {cat_tok} or one of its codes is not in the vocabulary")
+            cat_id = self.vocab[cat_tok]
+            kid_ids = sorted(self.vocab[k] for k in kids)
+            self.category_children[cat_id] = kid_ids
+            total = sum(self.code_counts.get(k, 0) for k in kids)
+            for kid in kids:
+                kid_id = self.vocab[kid]
+                self.code_category[kid_id] = cat_id
+                self.code_probs[kid_id] = self.code_counts.get(kid, 0) / total if total else 0.0
+                self._pair[kid] = (cat_id, kid_id)
+        self.category_ids: list[int] = sorted(self.category_children)
+        self.code_ids: list[int] = sorted(self.code_category)
+        # category string -> (category id, catch-all code id), for codes outside the vocabulary
+        self._catch_all: dict[str, tuple[int, int]] = {
+            tok[len(CATEGORY_PREFIX):]: self._pair[tok[len(CATEGORY_PREFIX):]]
+            for tok in children_tokens
+            if tok[len(CATEGORY_PREFIX):] in self._pair
+        }
+
+    # ------------------------------------------------------------------------ base-class API
+    @property
+    def vocab_size(self) -> int:
+        return len(self.vocab)
+
+    def get_vocab(self) -> dict[str, int]:
+        return dict(self.vocab)
+
+    def _tokenize(self, text: str, **kwargs) -> list[str]:
+        return text.split()
+
+    def _convert_token_to_id(self, token: str) -> int:
+        token_id = self.vocab.get(token)
+        if token_id is not None:
+            return token_id
+        # A raw code string outside the vocabulary: same fallback as encode_visit.
+        if token.startswith(CATEGORY_PREFIX):
+            return self._count_fallback(token, "unk")
+        pair = self._catch_all.get(code_category(_normalize(token)))
+        if pair is None:
+            return self._count_fallback(token, "unk")
+        self._count_fallback(token, "category")
+        return pair[1]
+
+    def _convert_id_to_token(self, index: int) -> str:
+        return self.ids_to_tokens.get(index, self.unk_token)
+
+    def save_vocabulary(self, save_directory: str, filename_prefix: str | None = None) -> tuple[str, ...]:
+        if not os.path.isdir(save_directory):
+            raise NotADirectoryError(f"save_vocabulary: {save_directory} is not a directory")
+        prefix = f"{filename_prefix}-" if filename_prefix else ""
+        vocab_path = os.path.join(save_directory, prefix + VOCAB_FILES_NAMES["vocab_file"])
+        hierarchy_path = os.path.join(save_directory, prefix + VOCAB_FILES_NAMES["hierarchy_file"])
+        _write_json_atomic(vocab_path, dict(sorted(self.vocab.items(), key=lambda kv: kv[1])))
+        id_to_tok = self.ids_to_tokens
+        _write_json_atomic(hierarchy_path, {
+            "format": HIERARCHY_FORMAT,
+            "min_code_count": self.min_code_count,
+            "n_patients": self.training_size["patients"],
+            "n_visits": self.training_size["visits"],
+            "category_children": {
+                id_to_tok[c]: [id_to_tok[k] for k in kids] for c, kids in sorted(self.category_children.items())
+            },
+            "code_counts": {id_to_tok[k]: self.code_counts.get(id_to_tok[k], 0) for k in self.code_ids},
+            "folded_codes": self.folded_codes,
+        })
+        return vocab_path, hierarchy_path
+
+    # ------------------------------------------------------------------------- EHR encoding
+    @property
+    def visit_start_id(self) -> int:
+        return self.vocab[VISIT_START]
+
+    @property
+    def visit_end_id(self) -> int:
+        return self.vocab[VISIT_END]
+
+    def reset_fallback_counts(self) -> None:
+        """Zero ``fallback_counts`` and ``fallback_codes``."""
+        self.fallback_counts: dict[str, int] = {"category": 0, "unk": 0}
+        self.fallback_codes: Counter = Counter()
+
+    def _count_fallback(self, code: str, kind: str) -> int:
+        self.fallback_counts[kind] += 1
+        self.fallback_codes[code] += 1
+        return self.unk_token_id
+
+    def _lookup(self, code: str) -> tuple[int, int] | None:
+        """(category id, code id) of a code, falling back (counted) to its catch-all; None = unk."""
+        pair = self._pair.get(code)
+        if pair is not None:
+            return pair
+        norm = _normalize(code)
+        pair = self._pair.get(norm)
+        if pair is not None:
+            return pair
+        pair = self._catch_all.get(code_category(norm))
+        self._count_fallback(code, "unk" if pair is None else "category")
+        return pair
+
+    def encode_visit(self, codes: Sequence[str]) -> list[int]:
+        """One visit -> ``<v> C:cat code C:cat code ... </v>`` ids (no ``<s>``/``</s>``).
+
+        Codes keep their order. Two codes landing on the same token (e.g. two unseen codes of a
+        category) are written once, so no code token repeats inside a visit; a code whose
+        category is unknown becomes one ``<unk>`` (written once per visit too).
+        """
+        ids = [self.visit_start_id]
+        seen: set[int] = set()
+        for code in codes:
+            pair = self._lookup(code)
+            if pair is None:
+                if self.unk_token_id not in seen:
+                    seen.add(self.unk_token_id)
+                    ids.append(self.unk_token_id)
+            elif pair[1] not in seen:
+                seen.add(pair[1])
+                ids.extend(pair)
+        ids.append(self.visit_end_id)
+        return ids
+
+    def encode_patient(self, visits: Sequence[Sequence[str]]) -> list[int]:
+        """All visits -> ``<s> <v> ... </v> ... </s>`` ids."""
+        ids = [self.bos_token_id]
+        for visit in visits:
+            ids.extend(self.encode_visit(visit))
+        ids.append(self.eos_token_id)
+        return ids
+
+    def encode_history(self, visits: Sequence[Sequence[str]], max_length: int | None = None) -> list[int]:
+        """Encoder input ``<s> <v>..</v> ... </s>`` keeping the NEWEST whole visits within max_length.
+
+        An empty history is ``<s> </s>``. If even the newest visit does not fit, its leading
+        (category, code) pairs that fit are kept, closed by ``</v>``, so the history is never
+        emptied by one long visit.
+        """
+        if max_length is not None and max_length < 2:
+            raise ValueError(f"encode_history: max_length must be >= 2 (for <s> </s>), got {max_length}")
+        budget = None if max_length is None else max_length - 2
+        kept: list[list[int]] = []
+        for visit in reversed(visits):
+            ids = self.encode_visit(visit)
+            if budget is not None and len(ids) > budget:
+                if not kept and budget >= 2:
+                    kept.append(_truncate_visit(ids, budget, self.unk_token_id))
+                break
+            kept.append(ids)
+            if budget is not None:
+                budget -= len(ids)
+        out = [self.bos_token_id]
+        for ids in reversed(kept):
+            out.extend(ids)
+        out.append(self.eos_token_id)
+        return out
+
+    def decode_visits(self, ids: Iterable[int]) -> list[list[str]]:
+        """Ids -> visits of code strings; specials, padding and -100 are ignored.
+
+        ``<v>`` opens a visit and ``</v>`` closes it (``<v> </v>`` is an empty visit); codes outside
+        any ``<v>`` open one implicitly, and an unclosed visit is kept. A catch-all (folded or
+        unseen code) decodes to its category string; a code repeated in a visit is kept once.
+        """
+        if hasattr(ids, "tolist"):
+            ids = ids.tolist()
+        visits: list[list[str]] = []
+        current: list[str] | None = None
+        start, end = self.visit_start_id, self.visit_end_id
+        id_to_tok, code_category_map = self.ids_to_tokens, self.code_category
+        for i in ids:
+            i = int(i)
+            if i == start:
+                if current is not None:
+                    visits.append(current)
+                current = []
+            elif i == end:
+                if current is not None:
+                    visits.append(current)
+                current = None
+            elif i in code_category_map:
+                if current is None:
+                    current = []
+                tok = id_to_tok[i]
+                if tok not in current:
+                    current.append(tok)
+        if current is not None:
+            visits.append(current)
+        return visits
+
+    def batch_decode_visits(self, batch: Iterable[Iterable[int]]) -> list[list[list[str]]]:
+        """[B, L] ids (lists or a tensor) -> B lists of visits (see :meth:`decode_visits`)."""
+        if hasattr(batch, "tolist"):
+            batch = batch.tolist()
+        return [self.decode_visits(row) for row in batch]
+
+
+def _truncate_visit(ids: list[int], budget: int, unk_id: int) -> list[int]:
+    """Leading tokens of an encoded visit that fit in budget, cut at a (category, code) boundary."""
+    body = ids[1:-1]
+    keep = budget - 2  # <v> and </v>
+    # pairs are 2 tokens, a lone <unk> is 1: walk to the last boundary within keep
+    pos = 0
+    while pos < len(body):
+        step = 1 if body[pos] == unk_id else 2
+        if pos + step > keep:
+            break
+        pos += step
+    return [ids[0], *body[:pos], ids[-1]]
+
+
+def _read_json(path: str):
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError) as err:
+        raise ValueError(f"PromptEHRTokenizer: cannot read {path}: {err}") from err
+
+
+PromptEHRTokenizer.register_for_auto_class("AutoTokenizer")
