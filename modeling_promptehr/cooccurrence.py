@@ -1,0 +1,205 @@
+"""Category co-occurrence counts and the differentiable co-occurrence loss.
+
+The earlier prototype computed its co-occurrence penalty on the *labels*: a constant with no
+gradient, which sat flat at 3.66 for 30 epochs. Here the penalty is an expectation under the
+model's own predicted distribution over category tokens, so it moves the logits.
+
+Counts ``C`` [K, K] over the K category tokens of the tokenizer, from the training visits:
+``C[s, k]`` (s != k) = number of training visits that contain both category s and category k.
+Built with sparse products: X [n_visits, n_codes] (0/1 visit x code incidence) times
+G [n_codes, K] (code -> category) gives N [n_visits, K], the number of distinct codes of each
+category in each visit; with B = (N > 0), ``C = Bᵀ B``.
+
+Diagonal: ``(Bᵀ B)[k, k]`` would be the number of visits with category k, which says nothing
+about the event the loss scores on the diagonal: category k predicted again after k in the
+same visit (two codes of one category, e.g. 4019 and 4011). So ``C[k, k]`` = number of visits
+with at least two distinct codes of category k, ``(N >= 2).sum(0)``.
+
+Loss (DESIGN.md, "Training"): at each decoder position whose label is a category token, with
+S = the distinct categories at earlier positions of the same visit,
+``penalty = sum_k p(k) * mean_{s in S} W[s, k]`` where p is the softmax over the category-token
+logits only and ``W[s, k] = tau / (C[s, k] + 1)`` if ``C[s, k] < tau`` else 0. Positions with an
+empty S contribute nothing; the loss is the mean over contributing positions.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+COOCCURRENCE_FILE = "cooccurrence.safetensors"
+CATEGORY_PREFIX = "C:"  # the tokenizer's category-token prefix (tokenizer contract)
+
+
+def tokenizer_categories(tokenizer) -> tuple[list[str], list[int]]:
+    """(category strings, their token ids) of a PromptEHRTokenizer, in ``category_ids`` order."""
+    ids = list(tokenizer.category_ids)
+    tokens = tokenizer.convert_ids_to_tokens(ids)
+    bad = [t for t in tokens if not t.startswith(CATEGORY_PREFIX)]
+    if bad:
+        raise ValueError(f"tokenizer category tokens must start with {CATEGORY_PREFIX!r}: {bad[:5]}")
+    return [t[len(CATEGORY_PREFIX):] for t in tokens], ids
+
+
+def category_cooccurrence(patients: Iterable[dict], categories: Sequence[str]) -> np.ndarray:
+    """Category co-occurrence counts from training visits (see the module docstring).
+
+    Args:
+        patients: patient dicts (schema of CONTRACTS.md) or a datasets.Dataset of them.
+        categories: the K category strings ("401", "E880", ...) indexing the result; codes of
+            other categories are ignored (the model cannot predict them).
+    Returns:
+        C: int64 array [K, K], symmetric; off-diagonal = visits with both categories, diagonal =
+        visits with >= 2 distinct codes of that category.
+    """
+    from promptehr_hf.datasets_scripts.incidence import visit_matrix
+    from promptehr_hf.tokenization.icd9 import category
+
+    X, codes = visit_matrix(patients)  # [n_visits, n_codes] 0/1
+    col = {c: j for j, c in enumerate(categories)}
+    code_cat = np.array([col.get(category(c), -1) for c in codes], dtype=np.int64)
+    keep = np.flatnonzero(code_cat >= 0)
+    G = sp.csr_matrix(
+        (np.ones(len(keep), dtype=np.int64), (keep, code_cat[keep])), shape=(len(codes), len(categories))
+    )
+    N = (sp.csr_matrix(X, dtype=np.int64) @ G).tocsr()  # [n_visits, K] distinct codes per category
+    B = N.copy()
+    B.data = (B.data > 0).astype(np.int64)
+    C = (B.T @ B).toarray()
+    np.fill_diagonal(C, np.asarray((N >= 2).sum(axis=0)).ravel())
+    return C.astype(np.int64)
+
+
+def save_cooccurrence(directory: str, counts: np.ndarray | torch.Tensor, categories: Sequence[str],
+                      category_token_ids: Sequence[int]) -> str:
+    """Write ``cooccurrence.safetensors`` into directory (atomically); returns its path.
+
+    Tensors: ``counts`` int64 [K, K], ``category_token_ids`` int64 [K]; metadata ``categories``
+    (JSON list of K strings) and how the diagonal is defined.
+    """
+    counts = torch.as_tensor(np.asarray(counts), dtype=torch.int64).contiguous()
+    ids = torch.as_tensor(list(category_token_ids), dtype=torch.int64)
+    k = len(categories)
+    if counts.shape != (k, k) or ids.shape != (k,):
+        raise ValueError(f"save_cooccurrence: counts {tuple(counts.shape)} / ids {tuple(ids.shape)} do not match "
+                         f"{k} categories")
+    os.makedirs(directory, exist_ok=True)
+    path = os.path.join(directory, COOCCURRENCE_FILE)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    save_file({"counts": counts, "category_token_ids": ids}, tmp, metadata={
+        "format": "pt",
+        "categories": json.dumps(list(categories)),
+        "diagonal": "visits with >= 2 distinct codes of the category",
+    })
+    os.replace(tmp, path)
+    return path
+
+
+def load_cooccurrence(path: str) -> tuple[torch.Tensor, list[str], torch.Tensor]:
+    """Read ``cooccurrence.safetensors`` (a file, or the directory holding it).
+
+    Returns (counts int64 [K, K], categories list of K strings, category_token_ids int64 [K]).
+    """
+    if os.path.isdir(path):
+        path = os.path.join(path, COOCCURRENCE_FILE)
+    try:
+        with safe_open(path, framework="pt") as f:
+            meta = f.metadata() or {}
+            counts, ids = f.get_tensor("counts"), f.get_tensor("category_token_ids")
+    except (OSError, KeyError) as err:
+        raise ValueError(f"load_cooccurrence: cannot read {path}: {err}") from err
+    if "categories" not in meta:
+        raise ValueError(f"load_cooccurrence: {path} has no 'categories' metadata")
+    return counts, json.loads(meta["categories"]), ids
+
+
+def penalty_weights(counts: torch.Tensor, tau: float) -> torch.Tensor:
+    """W [K, K] float32: ``tau / (C + 1)`` where ``C < tau``, else 0."""
+    c = counts.to(torch.float32)
+    return torch.where(c < tau, tau / (c + 1.0), torch.zeros_like(c))
+
+
+class CooccurrenceLoss(nn.Module):
+    """Differentiable category co-occurrence penalty on the decoder's predicted distribution.
+
+    Args:
+        counts: C [K, K] (see :func:`category_cooccurrence`).
+        category_token_ids: the K token ids of the categories, in the order of C.
+        tau: pairs seen in fewer than tau training visits are penalised, by tau / (C + 1).
+        visit_start_id: ``<v>`` id; labels may hold several visits, S resets at each ``<v>``.
+    """
+
+    def __init__(self, counts: torch.Tensor, category_token_ids: Sequence[int] | torch.Tensor,
+                 tau: float = 5.0, visit_start_id: int | None = None):
+        super().__init__()
+        ids = torch.as_tensor(category_token_ids, dtype=torch.long)
+        counts = torch.as_tensor(counts)
+        if counts.shape != (len(ids), len(ids)):
+            raise ValueError(f"CooccurrenceLoss: counts {tuple(counts.shape)} vs {len(ids)} category ids")
+        self.tau = float(tau)
+        self.visit_start_id = visit_start_id
+        lookup = torch.full((int(ids.max()) + 1,), -1, dtype=torch.long)
+        lookup[ids] = torch.arange(len(ids))
+        # Buffers, not parameters: moved with .to(device), never trained, not in the optimizer.
+        self.register_buffer("W", penalty_weights(counts, self.tau), persistent=False)
+        self.register_buffer("category_token_ids", ids, persistent=False)
+        self.register_buffer("token_to_category", lookup, persistent=False)
+
+    @classmethod
+    def from_file(cls, path: str, tau: float = 5.0, visit_start_id: int | None = None) -> "CooccurrenceLoss":
+        counts, _, ids = load_cooccurrence(path)
+        return cls(counts, ids, tau=tau, visit_start_id=visit_start_id)
+
+    def label_categories(self, labels: torch.Tensor) -> torch.Tensor:
+        """[B, T] labels (-100 = ignored) -> [B, T] category index in 0..K-1, or -1."""
+        n = self.token_to_category.numel()
+        inside = (labels >= 0) & (labels < n)
+        return torch.where(inside, self.token_to_category[labels.clamp(0, n - 1)], labels.new_full((), -1))
+
+    def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """logits [B, T, V] (position t predicts labels[:, t]), labels [B, T] -> scalar penalty.
+
+        Zero (still attached to the graph) when no position has a non-empty S.
+        """
+        B, T = labels.shape
+        cat = self.label_categories(labels)  # [B, T]
+        is_cat = cat >= 0
+        pos = torch.arange(T, device=labels.device)
+        # Visit index of each position: S resets at every <v> label.
+        if self.visit_start_id is None:
+            visit = torch.zeros_like(labels)
+        else:
+            visit = (labels == self.visit_start_id).long().cumsum(1)
+        # A category counts once in S however many of its codes came before: keep only its
+        # first occurrence in the visit ([B, T, T] comparison; T is one visit, tens of tokens).
+        earlier_same = ((cat[:, :, None] == cat[:, None, :]) & (visit[:, :, None] == visit[:, None, :])
+                        & (pos[None, :, None] > pos[None, None, :]) & is_cat[:, :, None])
+        first = is_cat & ~earlier_same.any(-1)
+        with torch.no_grad():
+            # Sum of W rows of the distinct categories at earlier positions of the same visit:
+            # exclusive cumsum over positions, minus its value at the visit's start.
+            rows = self.W[cat.clamp(min=0)].double() * first[..., None]  # [B, T, K]
+            n_first = first.double()
+            cum_rows = rows.cumsum(1) - rows
+            cum_n = n_first.cumsum(1) - n_first
+            if self.visit_start_id is None:
+                start = torch.zeros_like(labels)
+            else:  # index of the latest <v> at or before each position
+                start = torch.where(labels == self.visit_start_id, pos, 0).cummax(1).values
+            cum_rows = cum_rows - cum_rows.gather(1, start[..., None].expand_as(cum_rows))
+            size_s = cum_n - cum_n.gather(1, start)  # |S| [B, T]
+            use = is_cat & (size_s > 0)
+            mean_w = (cum_rows[use] / size_s[use][:, None]).to(logits.dtype)  # [N, K]
+        if mean_w.shape[0] == 0:
+            return logits.sum() * 0.0
+        cat_logits = logits[use].index_select(-1, self.category_token_ids)  # [N, K]
+        p = torch.softmax(cat_logits.float(), dim=-1)
+        return (p * mean_w.float()).sum(-1).mean()
