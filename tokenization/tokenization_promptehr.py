@@ -330,8 +330,10 @@ class PromptEHRTokenizer(PreTrainedTokenizer):
         for visit in reversed(visits):
             ids = self.encode_visit(visit)
             if budget is not None and len(ids) > budget:
-                if not kept and budget >= 2:
-                    kept.append(_truncate_visit(ids, budget, self.unk_token_id))
+                if not kept:
+                    head = _truncate_visit(ids, budget, self.unk_token_id)
+                    if head is not None:
+                        kept.append(head)
                 break
             kept.append(ids)
             if budget is not None:
@@ -382,8 +384,11 @@ class PromptEHRTokenizer(PreTrainedTokenizer):
         return [self.decode_visits(row) for row in batch]
 
 
-def _truncate_visit(ids: list[int], budget: int, unk_id: int) -> list[int]:
-    """Leading tokens of an encoded visit that fit in budget, cut at a (category, code) boundary."""
+def _truncate_visit(ids: list[int], budget: int, unk_id: int) -> list[int] | None:
+    """Leading tokens of an encoded visit that fit in budget, cut at a (category, code) boundary.
+
+    None when not even one code fits (an empty ``<v> </v>`` would misstate the history).
+    """
     body = ids[1:-1]
     keep = budget - 2  # <v> and </v>
     # pairs are 2 tokens, a lone <unk> is 1: walk to the last boundary within keep
@@ -393,7 +398,7 @@ def _truncate_visit(ids: list[int], budget: int, unk_id: int) -> list[int]:
         if pos + step > keep:
             break
         pos += step
-    return [ids[0], *body[:pos], ids[-1]]
+    return [ids[0], *body[:pos], ids[-1]] if pos else None
 
 
 def _read_json(path: str):
