@@ -1,0 +1,185 @@
+"""Sparse incidence matrices of patient cohorts (shared by the metrics, the trainer, benchmarks).
+
+A *cohort* is any of: a sequence of patient dicts in the package schema, a ``datasets.Dataset``
+or a dict of columns with those fields, or (for the visit helpers) a plain sequence of per-patient
+visit lists ``list[list[list[str]]]``. Only the ``visits`` field is read here.
+
+Matrices are ``scipy.sparse.csr_matrix`` of dtype int32 holding 0/1: a code listed twice in one
+visit is one entry. With 0/1 entries the usual counts are matrix products:
+
+- ``X.T @ X`` (``cooccurrence``): ``C[i, j]`` = visits holding both codes ``i`` and ``j``
+  (diagonal: visits holding code ``i``);
+- ``transitions(X, offsets)``: ``T[i, j]`` = consecutive visit pairs (t, t+1) of one patient with
+  code ``i`` in visit t and code ``j`` in visit t+1;
+- ``collapse(X, group_columns(vocab, category)[0])``: the same incidence at category level, e.g.
+  ``collapse(X, M).T @ collapse(X, M)`` = category co-occurrence counts;
+- ``hamming_blocks`` / ``nearest_hamming``: Hamming distances between 0/1 rows as
+  ``|a| + |b| - 2 a.b``, in row blocks so memory stays bounded.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from itertools import chain, repeat
+from typing import Any
+
+import numpy as np
+import scipy.sparse as sp
+
+# Dense distance blocks are at most this many int32 entries (64 MB).
+_BLOCK_ENTRIES = 16_000_000
+
+
+def cohort_column(cohort: Any, name: str) -> list:
+    """One field of every patient, as a list: ``cohort[name][:]`` for a ``datasets.Dataset`` or a
+    dict of columns, ``[p[name] for p in cohort]`` for a sequence of patient dicts."""
+    if isinstance(cohort, dict) or hasattr(cohort, "column_names"):
+        if name not in (cohort.keys() if isinstance(cohort, dict) else cohort.column_names):
+            raise KeyError(f"cohort has no column {name!r}")
+        return list(cohort[name][:])
+    if len(cohort) and isinstance(cohort[0], dict):
+        return [p[name] for p in cohort]
+    if name == "visits":  # a plain list of per-patient visit lists
+        return list(cohort)
+    raise TypeError(f"cannot read column {name!r} from a {type(cohort).__name__}")
+
+
+def cohort_visits(cohort: Any) -> list[list[list[str]]]:
+    """The visits of every patient, checked to be lists of visits (a bare string is an error)."""
+    visits = cohort_column(cohort, "visits")
+    for row, patient in enumerate(visits):
+        if isinstance(patient, str) or any(isinstance(v, str) for v in patient):
+            raise TypeError(f"patient row {row}: visits must be a list of lists of codes, got {patient!r:.80}")
+    return visits
+
+
+def visit_offsets(visits: Sequence[Sequence]) -> np.ndarray:
+    """int64 [n_patients + 1]: the visit rows of patient ``p`` are ``offsets[p]:offsets[p + 1]``."""
+    counts = np.fromiter(map(len, visits), dtype=np.int64, count=len(visits))
+    return np.concatenate([[0], np.cumsum(counts)])
+
+
+def build_vocab(*cohorts: Any) -> list[str]:
+    """Sorted distinct codes of the given cohorts."""
+    codes = set()
+    for cohort in cohorts:
+        codes.update(chain.from_iterable(chain.from_iterable(cohort_visits(cohort))))
+    bad = [c for c in codes if not isinstance(c, str)]
+    if bad:
+        raise TypeError(f"codes must be strings, got {bad[0]!r} ({type(bad[0]).__name__})")
+    return sorted(codes)
+
+
+def visit_matrix(cohort: Any, vocab: Sequence[str] | None = None, *, unknown: str = "error"):
+    """Visit-by-code incidence.
+
+    Returns ``(X, vocab)``: ``X`` csr int32 [n_visits, len(vocab)], rows = visits in patient order
+    (see ``visit_offsets``), ``X[v, j] = 1`` iff visit ``v`` lists ``vocab[j]``. ``vocab`` defaults
+    to the cohort's sorted codes. ``unknown``: "error" (KeyError naming the patient row and code)
+    or "ignore" (drop codes outside ``vocab``).
+    """
+    visits = cohort_visits(cohort)
+    flat = list(chain.from_iterable(visits))  # every visit, patient after patient
+    if vocab is None:
+        vocab = build_vocab(visits)
+    index = {c: i for i, c in enumerate(vocab)}
+    codes = list(chain.from_iterable(flat))
+    cols = np.array(list(map(index.get, codes, repeat(-1))), dtype=np.int64)
+    lengths = np.fromiter(map(len, flat), dtype=np.int64, count=len(flat))
+    rows = np.repeat(np.arange(len(flat)), lengths)
+    missing = cols < 0
+    if missing.any():
+        if unknown == "error":
+            at = int(np.flatnonzero(missing)[0])
+            visit = int(np.searchsorted(np.cumsum(lengths), at, side="right"))
+            patient = int(np.searchsorted(visit_offsets(visits), visit, side="right") - 1)
+            raise KeyError(f"patient row {patient}: code {codes[at]!r} is not in the vocabulary")
+        rows, cols = rows[~missing], cols[~missing]
+    X = sp.csr_matrix((np.ones(len(rows), np.int32), (rows, cols)), shape=(len(flat), len(vocab)))
+    X.data[:] = 1  # duplicates were summed by the constructor
+    return X, list(vocab)
+
+
+def patient_matrix(cohort: Any, vocab: Sequence[str] | None = None, *, unknown: str = "error"):
+    """Patient-by-code incidence: ``(P, vocab)``, ``P`` csr int32 [n_patients, len(vocab)],
+    ``P[p, j] = 1`` iff any visit of patient ``p`` lists ``vocab[j]``."""
+    visits = cohort_visits(cohort)
+    X, vocab = visit_matrix(visits, vocab, unknown=unknown)
+    return collapse(patient_rows(visit_offsets(visits)), X), vocab
+
+
+def patient_rows(offsets: np.ndarray) -> sp.csr_matrix:
+    """Patient-by-visit membership, csr int32 [n_patients, n_visits]: ``patient_rows(o) @ X`` sums
+    the visit rows of each patient."""
+    n_patients, n_visits = len(offsets) - 1, int(offsets[-1])
+    owner = np.repeat(np.arange(n_patients), np.diff(offsets))
+    return sp.csr_matrix((np.ones(n_visits, np.int32), (owner, np.arange(n_visits))), shape=(n_patients, n_visits))
+
+
+def group_columns(vocab: Sequence[str], key: Callable[[str], str]):
+    """Code -> group map, e.g. ``key=icd9.category``: ``(M, groups)``, ``M`` csr int32
+    [len(vocab), len(groups)] with ``M[i, g] = 1`` iff ``key(vocab[i]) == groups[g]``;
+    ``groups`` sorted. ``key`` is called once per code of the vocabulary."""
+    labels = [key(c) for c in vocab]
+    groups = sorted(set(labels))
+    index = {g: i for i, g in enumerate(groups)}
+    cols = np.array([index[g] for g in labels], dtype=np.int64)
+    M = sp.csr_matrix((np.ones(len(vocab), np.int32), (np.arange(len(vocab)), cols)), shape=(len(vocab), len(groups)))
+    return M, groups
+
+
+def collapse(X: sp.spmatrix, M: sp.spmatrix) -> sp.csr_matrix:
+    """0/1 incidence over groups: row r has group g iff it has any code of g. [n_rows, n_groups]."""
+    Y = sp.csr_matrix(X @ M)
+    Y.data[:] = 1
+    return Y
+
+
+def cooccurrence(X: sp.spmatrix) -> sp.csr_matrix:
+    """``X.T @ X`` (int64 to be safe on large cohorts): [n_codes, n_codes] visit counts of code
+    pairs; the diagonal holds per-code visit counts."""
+    X = sp.csr_matrix(X, dtype=np.int64)
+    return sp.csr_matrix(X.T @ X)
+
+
+def transitions(X: sp.spmatrix, offsets: np.ndarray) -> sp.csr_matrix:
+    """Ordered consecutive-visit pair counts [n_codes, n_codes]: ``T[i, j]`` = number of
+    (visit t, visit t+1) pairs of the same patient with code i in t and code j in t+1."""
+    last = np.zeros(X.shape[0], dtype=bool)
+    ends = offsets[1:][np.diff(offsets) > 0] - 1
+    last[ends] = True
+    prev = np.flatnonzero(~last)  # every visit that has a successor of the same patient
+    X = sp.csr_matrix(X, dtype=np.int64)
+    return sp.csr_matrix(X[prev].T @ X[prev + 1])
+
+
+def hamming_blocks(A: sp.spmatrix, B: sp.spmatrix, block_rows: int | None = None) -> Iterator[tuple[slice, np.ndarray]]:
+    """Hamming distances between the 0/1 rows of ``A`` [n_a, K] and ``B`` [n_b, K], by row block:
+    yields ``(rows, D)`` with ``D`` int32 [len(rows), n_b] = ``|a| + |b| - 2 a.b``."""
+    A, B = sp.csr_matrix(A, dtype=np.int32), sp.csr_matrix(B, dtype=np.int32)
+    na = np.asarray(A.sum(axis=1)).ravel().astype(np.int32)
+    nb = np.asarray(B.sum(axis=1)).ravel().astype(np.int32)
+    BT = sp.csc_matrix(B.T)
+    step = block_rows or max(1, _BLOCK_ENTRIES // max(1, B.shape[0]))
+    for start in range(0, A.shape[0], step):
+        rows = slice(start, min(start + step, A.shape[0]))
+        D = (A[rows] @ BT).toarray()
+        D *= -2
+        D += na[rows, None]
+        D += nb[None, :]
+        yield rows, D
+
+
+def nearest_hamming(A: sp.spmatrix, B: sp.spmatrix, *, exclude_self: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Nearest row of ``B`` for each row of ``A`` by Hamming distance: ``(dist, index)``, both
+    int [n_a]; ties go to the lowest index. ``exclude_self``: ``A`` and ``B`` are the same rows,
+    and row i may not match itself (leave-one-out; a duplicate row elsewhere still counts)."""
+    dist = np.empty(A.shape[0], dtype=np.int64)
+    index = np.empty(A.shape[0], dtype=np.int64)
+    for rows, D in hamming_blocks(A, B):
+        if exclude_self:
+            r = np.arange(rows.start, rows.stop)
+            D[r - rows.start, r] = np.iinfo(np.int32).max
+        index[rows] = D.argmin(axis=1)
+        dist[rows] = D[np.arange(D.shape[0]), index[rows]]
+    return dist, index
