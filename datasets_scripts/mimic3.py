@@ -1,0 +1,461 @@
+"""MIMIC-III folder -> patient cohort (the schema of `schema.PATIENT_FEATURES`), with splits.
+
+Reads `PATIENTS`, `ADMISSIONS` and `DIAGNOSES_ICD` (`.csv` or `.csv.gz`, file names and column
+headers in upper or lower case) and turns them into one record per patient::
+
+    {"subject_id": int, "age": float, "sex": "F" | "M", "visits": list[list[str]]}
+
+Rules (every departure from a clean table is counted in the summary, never dropped silently):
+
+- age = years (365.25 days) from `dob` to the patient's first admission with a diagnosis, rounded
+  to 0.01 year; MIMIC shifts the date of birth of patients over 89 so that they look ~300 years
+  old: any age above 90 is capped at 90 and the admission counted (`ages_capped`).
+- visits in `admittime` order (ties by `hadm_id`); codes in `seq_num` order (missing last),
+  normalised to dotless ICD-9-CM; empty codes, codes that are not ICD-9-CM v32 nodes, and a
+  code repeated inside one admission are dropped and counted; admissions left with no code and
+  patients left with no visit are dropped and counted.
+- ICD-10 codes (a MIMIC-IV folder: an `icd_version` column saying 10, or codes shaped like
+  ICD-10-CM such as `I10`, `E119`) are refused with an error; so are a missing file or column,
+  an empty or unreadable (e.g. truncated gzip) table, duplicated keys, and unparseable ids,
+  dates or sexes. Each error names the file and what is wrong.
+
+`datasets` 4+ does not run loading scripts through `load_dataset`; use the builder class:
+`Mimic3Cohort(mimic_dir=DIR, seed=0, cache_dir=...).download_and_prepare(); .as_dataset()`,
+or `load_cohort(DIR)`, which does exactly that and also returns the summary.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import datasets
+import numpy as np
+import pandas as pd
+
+from promptehr_hf.datasets_scripts.schema import AGE_CAP, PATIENT_FEATURES, SEXES
+from promptehr_hf.tokenization import icd9
+
+logger = logging.getLogger(__name__)
+
+TABLES = ("PATIENTS", "ADMISSIONS", "DIAGNOSES_ICD")
+DAYS_PER_YEAR = 365.25
+AGE_DECIMALS = 2  # ages are kept to 0.01 year (~4 days), so they survive a CSV round trip exactly
+SPLITS = ("train", "validation", "test")
+SUMMARY_FILE = "mimic3_summary.json"  # sidecar in the builder's cache folder
+N_EXAMPLES = 10  # examples of invalid codes shown in the summary
+
+# Dotless ICD-9-CM: 3-5 digits, V + 2-4 digits, E000-E030 / E800-E999 (+ one digit).
+_ICD9_SHAPE = re.compile(r"^(\d{3,5}|V\d{2,4}|E(0[0-2]\d|030|[89]\d\d)\d?)$")
+# Dotless ICD-10-CM: a letter, a digit, then 1-5 letters or digits.
+_ICD10_SHAPE = re.compile(r"^[A-Z]\d[0-9A-Z]{1,5}$")
+
+
+class Mimic3Error(ValueError):
+    """A MIMIC-III folder that cannot be read; the message names the file and the problem."""
+
+
+# --------------------------------------------------------------------------- files and tables
+
+
+def find_tables(mimic_dir: str | os.PathLike) -> dict[str, Path]:
+    """Map each of TABLES to its file in `mimic_dir` (`NAME.csv` or `NAME.csv.gz`, any case)."""
+    folder = Path(mimic_dir)
+    if not folder.is_dir():
+        raise Mimic3Error(f"{folder}: not a folder (expected a MIMIC-III folder with {', '.join(TABLES)})")
+    by_name: dict[str, list[Path]] = {}
+    for path in folder.iterdir():
+        by_name.setdefault(path.name.lower(), []).append(path)
+    found = {}
+    for table in TABLES:
+        candidates = by_name.get(f"{table.lower()}.csv", []) + by_name.get(f"{table.lower()}.csv.gz", [])
+        if not candidates:
+            raise Mimic3Error(f"{folder}: missing file {table}.csv or {table}.csv.gz")
+        if len(candidates) > 1:
+            names = ", ".join(sorted(p.name for p in candidates))
+            raise Mimic3Error(f"{folder}: {table} is present more than once ({names}); keep one")
+        found[table] = candidates[0]
+    return found
+
+
+def fingerprint(mimic_dir: str | os.PathLike) -> str:
+    """A short hash of the three tables' names, sizes and modification times (cache key)."""
+    h = hashlib.sha256()
+    for table, path in find_tables(mimic_dir).items():
+        st = path.stat()
+        h.update(f"{table}:{path.name}:{st.st_size}:{st.st_mtime_ns};".encode())
+    return h.hexdigest()[:16]
+
+
+def _read_table(path: Path, table: str, required: list[str | tuple[str, ...]], optional: tuple[str, ...] = (),
+                str_cols: tuple[str, ...] = ()) -> pd.DataFrame:
+    """Read the named columns (matched case-insensitively) of one table, renamed to lower case.
+
+    A tuple in `required` lists alternative names (first = canonical name, used in errors).
+    """
+
+    def read(**kwargs) -> pd.DataFrame:
+        try:
+            return pd.read_csv(path, **kwargs)
+        except pd.errors.EmptyDataError:
+            raise Mimic3Error(f"{path}: the {table} table is empty (no header, no rows)") from None
+        except (EOFError, OSError, zlib.error, UnicodeDecodeError, pd.errors.ParserError) as e:
+            raise Mimic3Error(f"{path}: cannot read the {table} table (truncated or corrupt file?): {e}") from e
+
+    header = read(nrows=0).columns
+    by_lower = {str(c).strip().lower(): c for c in header}
+    wanted, missing = {}, []  # canonical name -> name in the file
+    for names in [(r,) if isinstance(r, str) else r for r in required]:
+        present = [n for n in names if n in by_lower]
+        if present:
+            wanted[names[0]] = by_lower[present[0]]
+        else:
+            missing.append(names[0])
+    if missing:
+        raise Mimic3Error(
+            f"{path}: missing column{'s' if len(missing) > 1 else ''} {', '.join(missing)} in the {table} table "
+            f"(found: {', '.join(map(str, header))})"
+        )
+    wanted.update({c: by_lower[c] for c in optional if c in by_lower})
+    df = read(usecols=list(wanted.values()), dtype={wanted[c]: str for c in str_cols if c in wanted})
+    df = df.rename(columns={v: k for k, v in wanted.items()})
+    if len(df) == 0:
+        raise Mimic3Error(f"{path}: the {table} table has a header but no rows")
+    return df
+
+
+def _bad(path: Path, col: str, mask: pd.Series, values: pd.Series, what: str) -> Mimic3Error:
+    """Error naming the file, column, count and first offending data row (1-based)."""
+    rows = np.flatnonzero(mask.to_numpy())
+    return Mimic3Error(
+        f"{path}: column {col} has {len(rows)} {what} value{'s' if len(rows) > 1 else ''}, "
+        f"first at data row {rows[0] + 1}: {values.iloc[rows[0]]!r}"
+    )
+
+
+def _int_column(df: pd.DataFrame, col: str, path: Path, allow_missing: bool = False) -> pd.Series:
+    raw = df[col]
+    num = pd.to_numeric(raw, errors="coerce")
+    bad = (num.isna() & raw.notna()) | (num.notna() & (num != num.round()))
+    if not allow_missing:
+        bad |= raw.isna()
+    if bad.any():
+        raise _bad(path, col, bad, raw, "missing or non-integer")
+    return num if allow_missing else num.astype("int64")
+
+
+def _date_column(df: pd.DataFrame, col: str, path: Path) -> pd.Series:
+    parsed = pd.to_datetime(df[col], format="ISO8601", errors="coerce")
+    if parsed.isna().any():
+        raise _bad(path, col, parsed.isna(), df[col], "missing or unparseable (not ISO 8601) date")
+    return parsed
+
+
+def _unique_key(ids: pd.Series, col: str, path: Path) -> None:
+    dup = ids.duplicated()
+    if dup.any():
+        raise _bad(path, col, dup, ids, "duplicated")
+
+
+# --------------------------------------------------------------------------- the reader
+
+
+def read_mimic3(mimic_dir: str | os.PathLike) -> tuple[list[dict], dict]:
+    """Read a MIMIC-III folder into patients (schema of DESIGN.md) and a summary.
+
+    Returns `(patients, summary)`: patients sorted by subject_id; the summary (JSON-ready) holds
+    `patients`, `admissions`, `diagnosis_rows` (codes loaded), `distinct_codes`, `rows_read` per
+    table, `quirks` (each count, zero included), `invalid_code_examples`, `files` and
+    `messages` (one readable line per non-zero quirk, naming the file).
+    Raises Mimic3Error for a folder that cannot be read as ICD-9-CM MIMIC-III.
+    """
+    files = find_tables(mimic_dir)
+    quirks = dict.fromkeys(
+        ("ages_capped", "ages_negative", "admissions_without_diagnoses", "admissions_without_valid_codes",
+         "empty_codes", "invalid_codes", "duplicate_codes", "patients_without_admissions",
+         "patients_without_diagnoses", "admissions_without_patient", "diagnoses_without_admission"),
+        0,
+    )
+    messages: list[str] = []
+
+    # DIAGNOSES_ICD first: a MIMIC-IV folder is then refused for its ICD-10 codes, not for
+    # the columns its other tables lack.
+    path_d = files["DIAGNOSES_ICD"]
+    # MIMIC-IV names the code column icd_code (beside icd_version).
+    diag = _read_table(path_d, "DIAGNOSES_ICD", ["hadm_id", "seq_num", ("icd9_code", "icd_code")],
+                       optional=("icd_version",), str_cols=("icd9_code",))
+    if "icd_version" in diag.columns:
+        version = pd.to_numeric(diag["icd_version"], errors="coerce")
+        not9 = version != 9
+        if not9.any():
+            raise Mimic3Error(
+                f"{path_d}: {int(not9.sum())} rows have icd_version other than 9 (e.g. "
+                f"{diag['icd_version'][not9].iloc[0]!r} at data row {int(np.flatnonzero(not9)[0]) + 1}): "
+                "ICD-10 diagnoses (a MIMIC-IV folder?) are not supported; this package reads ICD-9-CM "
+                "MIMIC-III folders"
+            )
+    diag_rows_read = len(diag)
+    diag["row"] = np.arange(len(diag))
+    diag["hadm_id"] = _int_column(diag, "hadm_id", path_d)
+    diag["seq_num"] = _int_column(diag, "seq_num", path_d, allow_missing=True)
+    hadm_with_rows = diag["hadm_id"].unique()  # before any row is dropped
+
+    # Codes: strip, drop empty, normalise and validate once per distinct string.
+    code = diag["icd9_code"].str.strip()
+    empty = code.isna() | (code == "")
+    quirks["empty_codes"] = int(empty.sum())
+    diag = diag.loc[~empty].assign(code=code[~empty])
+    norm_map = {c: icd9.normalize(c) for c in pd.unique(diag["code"])}
+    diag["code"] = diag["code"].map(norm_map)
+    valid_map = {c: icd9.is_valid(c) for c in pd.unique(diag["code"])}
+    icd10 = sorted(c for c, ok in valid_map.items() if not ok and not _ICD9_SHAPE.match(c) and _ICD10_SHAPE.match(c))
+    if icd10:
+        n_rows = int(diag["code"].isin(icd10).sum())
+        raise Mimic3Error(
+            f"{path_d}: {n_rows} rows hold ICD-10-CM codes ({len(icd10)} distinct, e.g. {', '.join(icd10[:5])}); "
+            "this looks like a MIMIC-IV folder. This package reads ICD-9-CM (MIMIC-III) diagnoses only"
+        )
+    valid = diag["code"].map(valid_map).astype(bool)
+    quirks["invalid_codes"] = int((~valid).sum())
+    invalid_examples = []
+    if quirks["invalid_codes"]:
+        bad = diag.loc[~valid]
+        counts = bad["code"].value_counts()
+        first_row = bad.groupby("code")["row"].min()
+        invalid_examples = [
+            {"code": c, "rows": int(n), "first_data_row": int(first_row[c]) + 1}
+            for c, n in counts.head(N_EXAMPLES).items()
+        ]
+        shown = ", ".join(f"{e['code']} (x{e['rows']}, data row {e['first_data_row']})" for e in invalid_examples)
+        messages.append(
+            f"{path_d.name}: {quirks['invalid_codes']} rows with {len(counts)} distinct codes that are not "
+            f"ICD-9-CM v32 codes were dropped, e.g. {shown}"
+        )
+    diag = diag.loc[valid]
+
+    path_a = files["ADMISSIONS"]
+    adm = _read_table(path_a, "ADMISSIONS", ["subject_id", "hadm_id", "admittime"])
+    adm_rows_read = len(adm)
+    adm["subject_id"] = _int_column(adm, "subject_id", path_a)
+    adm["hadm_id"] = _int_column(adm, "hadm_id", path_a)
+    _unique_key(adm["hadm_id"], "hadm_id", path_a)
+    adm["admittime"] = _date_column(adm, "admittime", path_a)
+
+    path_p = files["PATIENTS"]
+    pat = _read_table(path_p, "PATIENTS", ["subject_id", "gender", "dob"])
+    pat_rows_read = len(pat)
+    pat["subject_id"] = _int_column(pat, "subject_id", path_p)
+    _unique_key(pat["subject_id"], "subject_id", path_p)
+    pat["dob"] = _date_column(pat, "dob", path_p)
+    sex = pat["gender"].str.strip().str.upper()
+    bad_sex = ~sex.isin(SEXES)
+    if bad_sex.any():
+        raise _bad(path_p, "gender", bad_sex, pat["gender"], f"missing or unknown (not {'/'.join(SEXES)}) sex")
+    pat["sex"] = sex
+
+    # Admissions <-> patients.
+    has_patient = adm["subject_id"].isin(pat["subject_id"])
+    quirks["admissions_without_patient"] = int((~has_patient).sum())
+    adm = adm.loc[has_patient].merge(pat[["subject_id", "dob"]], on="subject_id", how="left")
+    quirks["patients_without_admissions"] = int((~pat["subject_id"].isin(adm["subject_id"])).sum())
+
+    # Age at each admission; MIMIC's >89 shift shows as ~300 years.
+    age = (adm["admittime"] - adm["dob"]).dt.total_seconds().to_numpy() / (DAYS_PER_YEAR * 86400)
+    quirks["ages_negative"] = int((age < 0).sum())
+    quirks["ages_capped"] = int((age > AGE_CAP).sum())
+    adm["age"] = np.round(np.clip(age, 0.0, AGE_CAP), AGE_DECIMALS)
+
+    # Diagnoses <-> admissions.
+    with_rows = adm["hadm_id"].isin(hadm_with_rows)
+    quirks["admissions_without_diagnoses"] = int((~with_rows).sum())
+    has_adm = diag["hadm_id"].isin(adm["hadm_id"])
+    quirks["diagnoses_without_admission"] = int((~has_adm).sum())
+    diag = diag.loc[has_adm].merge(adm[["hadm_id", "subject_id", "admittime"]], on="hadm_id", how="left")
+
+    # Order: patient, admission time, admission, seq_num (missing last), file row; then dedupe.
+    diag = diag.sort_values(["subject_id", "admittime", "hadm_id", "seq_num", "row"], na_position="last",
+                            kind="stable", ignore_index=True)
+    dup = diag.duplicated(["hadm_id", "code"])
+    quirks["duplicate_codes"] = int(dup.sum())
+    diag = diag.loc[~dup].reset_index(drop=True)
+    quirks["admissions_without_valid_codes"] = int((with_rows & ~adm["hadm_id"].isin(diag["hadm_id"])).sum())
+    quirks["patients_without_diagnoses"] = int((~pd.Series(adm["subject_id"].unique()).isin(diag["subject_id"])).sum())
+
+    patients = _assemble(diag, adm, pat)
+
+    codes = diag["code"]
+    distinct = pd.unique(codes)
+    summary = {
+        "source": str(Path(mimic_dir).resolve()),
+        "files": {t: p.name for t, p in files.items()},
+        "patients": len(patients),
+        "admissions": int(diag["hadm_id"].nunique()),
+        "diagnosis_rows": len(diag),
+        "distinct_codes": len(distinct),
+        "non_billable_distinct_codes": int(sum(not icd9.is_billable(c) for c in distinct)),
+        "rows_read": {"PATIENTS": pat_rows_read, "ADMISSIONS": adm_rows_read, "DIAGNOSES_ICD": diag_rows_read},
+        "quirks": quirks,
+        "invalid_code_examples": invalid_examples,
+        "messages": messages + _quirk_messages(quirks, files),
+    }
+    for line in summary["messages"]:
+        logger.warning(line)
+    return patients, summary
+
+
+def _assemble(diag: pd.DataFrame, adm: pd.DataFrame, pat: pd.DataFrame) -> list[dict]:
+    """Sorted diagnosis rows -> one patient dict per subject (vectorised boundaries)."""
+    if len(diag) == 0:
+        return []
+    hadm = diag["hadm_id"].to_numpy()
+    v_start = np.flatnonzero(np.r_[True, hadm[1:] != hadm[:-1]])
+    v_end = np.r_[v_start[1:], len(hadm)]
+    codes = diag["code"].tolist()
+    visits = [codes[s:e] for s, e in zip(v_start.tolist(), v_end.tolist())]
+    v_subject = diag["subject_id"].to_numpy()[v_start]
+    p_start = np.flatnonzero(np.r_[True, v_subject[1:] != v_subject[:-1]])
+    p_end = np.r_[p_start[1:], len(v_subject)]
+    subjects = v_subject[p_start]
+    ages = adm.set_index("hadm_id")["age"].reindex(hadm[v_start][p_start]).to_numpy()
+    sexes = pat.set_index("subject_id")["sex"].reindex(subjects).tolist()
+    return [
+        {"subject_id": s, "age": a, "sex": x, "visits": visits[b:e]}
+        for s, a, x, b, e in zip(subjects.tolist(), ages.tolist(), sexes, p_start.tolist(), p_end.tolist())
+    ]
+
+
+_QUIRK_TEXT = {
+    "ages_capped": ("ADMISSIONS", "admissions at an age over {cap:g} (MIMIC's >89 date-of-birth shift) capped at {cap:g}"),
+    "ages_negative": ("ADMISSIONS", "admissions before the date of birth: age set to 0"),
+    "admissions_without_diagnoses": ("ADMISSIONS", "admissions without any diagnosis row were dropped"),
+    "admissions_without_valid_codes": ("ADMISSIONS", "admissions left without a valid code were dropped"),
+    "empty_codes": ("DIAGNOSES_ICD", "rows with an empty code were dropped"),
+    "duplicate_codes": ("DIAGNOSES_ICD", "repeated codes inside one admission were dropped (first seq_num kept)"),
+    "patients_without_admissions": ("PATIENTS", "patients without any admission were dropped"),
+    "patients_without_diagnoses": ("PATIENTS", "patients without any admission with a valid code were dropped"),
+    "admissions_without_patient": ("ADMISSIONS", "admissions whose subject_id is not in PATIENTS were dropped"),
+    "diagnoses_without_admission": ("DIAGNOSES_ICD", "rows whose hadm_id is not in ADMISSIONS (or whose admission has no patient) were dropped"),
+}
+
+
+def _quirk_messages(quirks: dict, files: dict[str, Path]) -> list[str]:
+    return [
+        f"{files[table].name}: {quirks[key]} {text.format(cap=AGE_CAP)}"
+        for key, (table, text) in _QUIRK_TEXT.items()
+        if quirks[key]
+    ]
+
+
+# --------------------------------------------------------------------------- splits
+
+
+def _mix64(x: np.ndarray) -> np.ndarray:
+    """splitmix64 finaliser on uint64 arrays (wrapping arithmetic): a fixed, portable hash."""
+    x = x.astype(np.uint64)
+    x ^= x >> np.uint64(30)
+    x *= np.uint64(0xBF58476D1CE4E5B9)
+    x ^= x >> np.uint64(27)
+    x *= np.uint64(0x94D049BB133111EB)
+    x ^= x >> np.uint64(31)
+    return x
+
+
+def split_patients(patients: list[dict], seed: int = 0, val_frac: float = 0.1,
+                   test_frac: float = 0.1) -> dict[str, list[dict]]:
+    """Deterministic patient-level split: {"train", "validation", "test"} -> patients.
+
+    Patients are ranked by a hash of (subject_id, seed), so a patient's rank depends only on its
+    id and the seed, not on input order; the first round(n*test_frac) go to test, the next
+    round(n*val_frac) to validation, the rest to train. Each split is sorted by subject_id.
+    """
+    if not (0 <= val_frac < 1 and 0 <= test_frac < 1 and val_frac + test_frac < 1):
+        raise ValueError(f"val_frac={val_frac} and test_frac={test_frac} must be >= 0 and sum to < 1")
+    n = len(patients)
+    ids = np.array([p["subject_id"] for p in patients], dtype=np.int64)
+    if len(np.unique(ids)) != n:
+        raise ValueError("split_patients: subject_id values are not unique")
+    salt = _mix64(np.array([seed & 0xFFFFFFFFFFFFFFFF], dtype=np.uint64))[0]
+    key = _mix64(ids.astype(np.uint64) ^ salt)
+    order = np.lexsort((ids, key))
+    n_test, n_val = round(n * test_frac), round(n * val_frac)
+    parts = {"test": order[:n_test], "validation": order[n_test:n_test + n_val], "train": order[n_test + n_val:]}
+    return {name: [patients[i] for i in idx[np.argsort(ids[idx], kind="stable")].tolist()]
+            for name, idx in ((s, parts[s]) for s in SPLITS)}
+
+
+# --------------------------------------------------------------------------- datasets builder
+
+
+@dataclass
+class Mimic3Config(datasets.BuilderConfig):
+    """mimic_dir: the MIMIC-III folder; seed, val_frac, test_frac: the patient split."""
+
+    mimic_dir: str | None = None
+    seed: int = 0
+    val_frac: float = 0.1
+    test_frac: float = 0.1
+
+
+class Mimic3Cohort(datasets.GeneratorBasedBuilder):
+    """`datasets` builder of the patient cohort of a MIMIC-III folder (train/validation/test).
+
+    `Mimic3Cohort(mimic_dir=DIR, seed=0, cache_dir=...)`; the cache key includes the size and
+    modification time of the three tables, so an edited folder is read again. After
+    `download_and_prepare()`, `builder.summary` holds the reader's summary (also when the
+    dataset came from the cache).
+    """
+
+    BUILDER_CONFIG_CLASS = Mimic3Config
+    VERSION = datasets.Version("1.0.0")
+
+    def __init__(self, *args, hash: str | None = None, **kwargs):
+        if not kwargs.get("mimic_dir"):
+            raise ValueError("Mimic3Cohort needs mimic_dir=<folder with PATIENTS, ADMISSIONS, DIAGNOSES_ICD>")
+        kwargs["mimic_dir"] = str(Path(kwargs["mimic_dir"]).resolve())
+        super().__init__(*args, hash=hash or fingerprint(kwargs["mimic_dir"]), **kwargs)
+
+    def _info(self) -> datasets.DatasetInfo:
+        return datasets.DatasetInfo(
+            description="Patients of a MIMIC-III folder: age, sex and ICD-9-CM diagnosis codes per admission.",
+            features=PATIENT_FEATURES,
+            homepage="https://physionet.org/content/mimiciii/",
+            citation="Johnson AEW et al. MIMIC-III, a freely accessible critical care database. Sci Data 3, 160035 (2016).",
+        )
+
+    def _split_generators(self, dl_manager):
+        cfg = self.config
+        patients, summary = read_mimic3(cfg.mimic_dir)
+        self._splits = split_patients(patients, cfg.seed, cfg.val_frac, cfg.test_frac)
+        summary["seed"] = cfg.seed
+        summary["splits"] = {name: len(ps) for name, ps in self._splits.items()}
+        self._summary = summary
+        # Saved beside the arrow files (this is the temporary folder datasets renames on success).
+        with open(os.path.join(self._output_dir, SUMMARY_FILE), "w") as f:
+            json.dump(summary, f, indent=2)
+        return [datasets.SplitGenerator(name=name, gen_kwargs={"split": name}) for name in SPLITS]
+
+    def _generate_examples(self, split: str):
+        for p in self._splits[split]:
+            yield p["subject_id"], p
+
+    @property
+    def summary(self) -> dict:
+        if not hasattr(self, "_summary"):
+            with open(os.path.join(self.cache_dir, SUMMARY_FILE)) as f:
+                self._summary = json.load(f)
+        return self._summary
+
+
+def load_cohort(mimic_dir: str | os.PathLike, seed: int = 0, val_frac: float = 0.1, test_frac: float = 0.1,
+                cache_dir: str | None = None) -> tuple[datasets.DatasetDict, dict]:
+    """Build (or reuse from the datasets cache) the cohort: (DatasetDict train/validation/test, summary)."""
+    builder = Mimic3Cohort(mimic_dir=str(mimic_dir), seed=seed, val_frac=val_frac, test_frac=test_frac,
+                           cache_dir=cache_dir)
+    builder.download_and_prepare()
+    return builder.as_dataset(), builder.summary

@@ -1,0 +1,122 @@
+"""`promptehr prepare`: a MIMIC-III folder -> Parquet splits + summary.json, written atomically.
+
+    promptehr prepare --mimic-dir DIR --out OUT [--seed 0] [--val-frac 0.1] [--test-frac 0.1]
+
+writes OUT/train.parquet, OUT/validation.parquet, OUT/test.parquet (schema.PATIENT_FEATURES,
+one row per patient) and OUT/summary.json (`read_mimic3`'s summary plus seed, fractions and
+split sizes), then prints the summary as a table. Everything is written to a temporary folder
+beside OUT and renamed into place at the end: on any error nothing is left behind, and an
+existing OUT stays as it was. An existing OUT is only replaced if it is empty or a previous
+`prepare` output (has summary.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import datasets
+
+from promptehr_hf.datasets_scripts.mimic3 import SPLITS, Mimic3Error, read_mimic3, split_patients
+from promptehr_hf.datasets_scripts.schema import PATIENT_FEATURES
+from promptehr_hf.modeling_promptehr.cohort_io import write_parquet
+
+SUMMARY_JSON = "summary.json"
+
+
+def _check_replaceable(out: Path) -> None:
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / SUMMARY_JSON).exists())):
+        raise FileExistsError(f"{out}: exists and is not a folder written by `promptehr prepare`; refusing to replace it")
+
+
+def _swap_in(tmp: Path, out: Path) -> None:
+    """Rename tmp onto out; an existing out is moved aside first and restored if the rename fails."""
+    if not out.exists():
+        os.replace(tmp, out)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+    os.replace(out, old / out.name)
+    try:
+        os.replace(tmp, out)
+    except BaseException:
+        os.replace(old / out.name, out)
+        raise
+    finally:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def prepare(mimic_dir: str | os.PathLike, out_dir: str | os.PathLike, seed: int = 0,
+            val_frac: float = 0.1, test_frac: float = 0.1) -> dict:
+    """Read `mimic_dir`, split by patient, write Parquet splits and summary.json to `out_dir`.
+
+    Returns the summary. Raises Mimic3Error (bad folder), FileExistsError (out_dir is something
+    else) or ValueError (bad fractions) before anything is written to out_dir.
+    """
+    out = Path(out_dir).resolve()
+    _check_replaceable(out)
+    patients, summary = read_mimic3(mimic_dir)
+    splits = split_patients(patients, seed, val_frac, test_frac)
+    summary.update(seed=seed, val_frac=val_frac, test_frac=test_frac,
+                   splits={name: len(ps) for name, ps in splits.items()})
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        for name in SPLITS:
+            write_parquet(splits[name], tmp / f"{name}.parquet")
+        (tmp / SUMMARY_JSON).write_text(json.dumps(summary, indent=2) + "\n")
+        _check_replaceable(out)  # it may have appeared meanwhile
+        _swap_in(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return summary
+
+
+def load_prepared(out_dir: str | os.PathLike, cache_dir: str | None = None) -> datasets.DatasetDict:
+    """A `prepare` output folder -> DatasetDict(train/validation/test) through datasets' Parquet loader."""
+    out = Path(out_dir)
+    files = {name: str(out / f"{name}.parquet") for name in SPLITS}
+    missing = [f for f in files.values() if not os.path.exists(f)]
+    if missing:
+        raise FileNotFoundError(f"{out}: not a prepared cohort, missing {', '.join(map(os.path.basename, missing))}")
+    return datasets.load_dataset("parquet", data_files=files, features=PATIENT_FEATURES, cache_dir=cache_dir)
+
+
+def format_summary(summary: dict) -> str:
+    """The summary as a two-column text table (figures, splits, then every quirk) plus messages."""
+    rows = [(key.replace("_", " "), summary[key]) for key in
+            ("patients", "admissions", "diagnosis_rows", "distinct_codes", "non_billable_distinct_codes")]
+    rows += [(f"split {name}", n) for name, n in summary.get("splits", {}).items()]
+    rows += [(f"quirk: {key.replace('_', ' ')}", n) for key, n in summary["quirks"].items()]
+    width = max(len(label) for label, _ in rows)
+    lines = [f"MIMIC-III folder {summary['source']}", ""]
+    lines += [f"{label:<{width}}  {value:>10,}" for label, value in rows]
+    if summary["messages"]:
+        lines += ["", *summary["messages"]]
+    return "\n".join(lines)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--mimic-dir", required=True, help="folder with PATIENTS, ADMISSIONS, DIAGNOSES_ICD (.csv or .csv.gz)")
+    parser.add_argument("--out", required=True, help="output folder (train/validation/test.parquet, summary.json)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the patient split (default 0)")
+    parser.add_argument("--val-frac", type=float, default=0.1, help="share of patients in validation (default 0.1)")
+    parser.add_argument("--test-frac", type=float, default=0.1, help="share of patients in test (default 0.1)")
+
+
+def run(args: argparse.Namespace) -> int:
+    # The table below prints the reader's messages; don't log them a second time.
+    logging.getLogger("promptehr_hf.datasets_scripts.mimic3").setLevel(logging.ERROR)
+    try:
+        summary = prepare(args.mimic_dir, args.out, seed=args.seed, val_frac=args.val_frac, test_frac=args.test_frac)
+    except (Mimic3Error, FileExistsError, ValueError) as e:
+        print(f"promptehr prepare: error: {e}", file=sys.stderr)
+        return 2
+    print(format_summary(summary))
+    print(f"\nwrote {Path(args.out) / 'train.parquet'} (+ validation, test) and {Path(args.out) / SUMMARY_JSON}")
+    return 0

@@ -1,0 +1,175 @@
+"""Cohort I/O: the ONE writer of MIMIC-III CSVs (simulator, generation) and Parquet helpers.
+
+Patients follow `promptehr_hf.datasets_scripts.schema` (subject_id, age, sex, visits).
+
+`write_mimic3_csvs` writes `PATIENTS.csv`, `ADMISSIONS.csv` and `DIAGNOSES_ICD.csv` with the
+upper-case MIMIC-III headers, so `promptehr_hf.datasets_scripts.mimic3.read_mimic3` reads them
+back into the same patients (ages to 0.01 year, which is the reader's precision):
+
+- each patient's first admission falls on a random minute in 2100-2200 (MIMIC's shifted
+  years), with the DOB at midnight round(age * 365.25) days earlier; later admissions follow,
+  each after the previous discharge (stay 1-15 days, then a gap of 1 day to 2 years), so
+  admittime order is visit order;
+- an age of 90 (the cap) is written the way MIMIC-III writes patients over 89: DOB 300 years
+  before the first admission, so the reader caps it back to 90 and counts it like a real record
+  (a patient who turns 90 in a later admission is also counted by the reader's `ages_capped`);
+- hadm_ids are a random permutation of 100000.. (not in time order, like MIMIC);
+  ROW_IDs count from 1; codes are written as given (dotless), in visit order as SEQ_NUM 1..n.
+
+All writes go to temporary files in the destination folder, then `os.replace`: an error never
+leaves a half-written table behind.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from datasets import Dataset
+
+from promptehr_hf.datasets_scripts.schema import AGE_CAP, PATIENT_FEATURES, SEXES
+
+DAYS_PER_YEAR = 365.25
+SECONDS_PER_YEAR = DAYS_PER_YEAR * 86400
+MIMIC_SHIFT_YEARS = 300.0  # apparent age MIMIC-III gives patients over 89
+FIRST_HADM_ID = 100000
+
+
+def patients_to_dataset(patients: Sequence[dict]) -> Dataset:
+    """list of patient dicts -> `datasets.Dataset` with PATIENT_FEATURES (n_patients rows)."""
+    return Dataset.from_dict(
+        {
+            "subject_id": [int(p["subject_id"]) for p in patients],
+            "age": [float(p["age"]) for p in patients],
+            "sex": [p["sex"] for p in patients],
+            "visits": [p["visits"] for p in patients],
+        },
+        features=PATIENT_FEATURES,
+    )
+
+
+def dataset_to_patients(ds: Dataset) -> list[dict]:
+    """`datasets.Dataset` with PATIENT_FEATURES -> list of patient dicts (age as a Python float)."""
+    return ds.select_columns(list(PATIENT_FEATURES)).to_list()
+
+
+def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
+    """Run write(tmp_path) on a temporary file beside `path`, then rename it onto `path`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def write_parquet(patients: Sequence[dict] | Dataset, path: str | os.PathLike) -> Path:
+    """Write patients (list of dicts or a Dataset) to one Parquet file, atomically."""
+    ds = patients if isinstance(patients, Dataset) else patients_to_dataset(patients)
+    path = Path(path)
+    _atomic_write(path, lambda tmp: ds.to_parquet(tmp))
+    return path
+
+
+def _format_times(seconds: np.ndarray) -> np.ndarray:
+    """int64 seconds since 1970 -> 'YYYY-MM-DD HH:MM:SS' strings (MIMIC-III's format)."""
+    iso = np.datetime_as_string(seconds.astype("datetime64[s]"), unit="s")
+    return np.char.replace(iso, "T", " ")
+
+
+def _tables(patients: Sequence[dict], seed: int) -> dict[str, pd.DataFrame]:
+    """patients -> the three MIMIC-III tables as DataFrames (upper-case headers)."""
+    n = len(patients)
+    subject = np.array([int(p["subject_id"]) for p in patients], dtype=np.int64)
+    if len(np.unique(subject)) != n:
+        raise ValueError("write_mimic3_csvs: subject_id values are not unique")
+    age = np.array([float(p["age"]) for p in patients], dtype=np.float64)
+    sex = [p["sex"] for p in patients]
+    bad_sex = [p["subject_id"] for p, s in zip(patients, sex) if s not in SEXES]
+    if bad_sex:
+        raise ValueError(f"write_mimic3_csvs: sex must be one of {SEXES}; subject_id {bad_sex[0]} has another")
+    n_visits = np.array([len(p["visits"]) for p in patients], dtype=np.int64)
+    if (n_visits == 0).any():
+        raise ValueError(f"write_mimic3_csvs: subject_id {subject[n_visits == 0][0]} has no visit")
+    if ((age < 0) | ~np.isfinite(age)).any():
+        raise ValueError(f"write_mimic3_csvs: subject_id {subject[(age < 0) | ~np.isfinite(age)][0]} has a bad age")
+
+    rng = np.random.default_rng(seed)
+    v_total = int(n_visits.sum())
+    v_patient = np.repeat(np.arange(n), n_visits)
+    first_visit = np.r_[0, np.cumsum(n_visits)[:-1]]
+    is_first = np.zeros(v_total, dtype=bool)
+    is_first[first_visit] = True
+
+    # Times in whole minutes (MIMIC's resolution), as seconds since 1970. DOB is a midnight
+    # round(age * 365.25) days before the first admission's day, which starts at a random minute:
+    # off from the exact age by -0.5..+1.5 days, inside the reader's 0.01-year (3.65-day) rounding.
+    written_age = np.where(age >= AGE_CAP, MIMIC_SHIFT_YEARS, np.round(age, 2))
+    first_day = np.datetime64("2100-01-01", "D").astype(np.int64) + rng.integers(0, 100 * 365, size=n)
+    dob = 86400 * (first_day - np.round(written_age * DAYS_PER_YEAR).astype(np.int64))
+    first_admit = 86400 * first_day + 60 * rng.integers(0, 1440, size=n)
+    stay_min = rng.integers(1 * 1440, 15 * 1440, size=v_total)
+    gap_min = 1440 + rng.exponential(180 * 1440, size=v_total).astype(np.int64).clip(0, 730 * 1440)
+    step = np.where(is_first, 0, np.r_[0, (stay_min + gap_min)[:-1]])  # after the previous discharge
+    offset = np.cumsum(step)
+    offset -= np.repeat(offset[first_visit], n_visits)  # restart at each patient's first visit
+    admit = np.repeat(first_admit, n_visits) + 60 * offset
+    disch = admit + 60 * stay_min
+
+    hadm = FIRST_HADM_ID + rng.permutation(v_total)
+    codes_per_visit = [v for p in patients for v in p["visits"]]
+    d_len = np.fromiter((len(v) for v in codes_per_visit), dtype=np.int64, count=v_total)
+    d_total = int(d_len.sum())
+    d_first = np.r_[0, np.cumsum(d_len)[:-1]]
+    seq = np.arange(d_total) - np.repeat(d_first, d_len) + 1
+
+    return {
+        "PATIENTS": pd.DataFrame({
+            "ROW_ID": np.arange(1, n + 1), "SUBJECT_ID": subject, "GENDER": sex, "DOB": _format_times(dob),
+            "DOD": "", "DOD_HOSP": "", "DOD_SSN": "", "EXPIRE_FLAG": 0,
+        }),
+        "ADMISSIONS": pd.DataFrame({
+            "ROW_ID": np.arange(1, v_total + 1), "SUBJECT_ID": subject[v_patient], "HADM_ID": hadm,
+            "ADMITTIME": _format_times(admit), "DISCHTIME": _format_times(disch), "DEATHTIME": "",
+        }),
+        "DIAGNOSES_ICD": pd.DataFrame({
+            "ROW_ID": np.arange(1, d_total + 1), "SUBJECT_ID": np.repeat(subject[v_patient], d_len),
+            "HADM_ID": np.repeat(hadm, d_len), "SEQ_NUM": seq,
+            "ICD9_CODE": [c for v in codes_per_visit for c in v],
+        }),
+    }
+
+
+def write_mimic3_csvs(patients: Sequence[dict] | Dataset, out_dir: str | os.PathLike, seed: int = 0) -> dict[str, Path]:
+    """Write patients as a MIMIC-III folder (PATIENTS/ADMISSIONS/DIAGNOSES_ICD.csv); return the paths.
+
+    `seed` draws the dates and hadm_ids. Other files in `out_dir` are left alone; the three
+    tables are replaced together only once all three are written.
+    """
+    if isinstance(patients, Dataset):
+        patients = dataset_to_patients(patients)
+    tables = _tables(patients, seed)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tmps: dict[str, str] = {}
+    try:
+        for name, df in tables.items():
+            fd, tmps[name] = tempfile.mkstemp(prefix=f".{name}.", suffix=".csv.tmp", dir=out)
+            os.close(fd)
+            df.to_csv(tmps[name], index=False)
+        paths = {}
+        for name, tmp in tmps.items():
+            paths[name] = out / f"{name}.csv"
+            os.replace(tmp, paths[name])
+        return paths
+    finally:
+        for tmp in tmps.values():
+            if os.path.exists(tmp):
+                os.unlink(tmp)
