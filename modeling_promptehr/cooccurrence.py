@@ -6,8 +6,8 @@ model's own predicted distribution over category tokens, so it moves the logits.
 
 Counts ``C`` [K, K] over the K category tokens of the tokenizer, from the training visits:
 ``C[s, k]`` (s != k) = number of training visits that contain both category s and category k.
-Built with sparse products: X [n_visits, n_codes] (0/1 visit x code incidence) times
-G [n_codes, K] (code -> category) gives N [n_visits, K], the number of distinct codes of each
+Built with sparse products: X [n_visits, n_codes] (0/1 visit x code incidence, from
+``datasets_scripts.incidence``) times the code -> category map [n_codes, K] gives N [n_visits, K], the number of distinct codes of each
 category in each visit; with B = (N > 0), ``C = Bᵀ B``.
 
 Diagonal: ``(Bᵀ B)[k, k]`` would be the number of visits with category k, which says nothing
@@ -60,17 +60,17 @@ def category_cooccurrence(patients: Iterable[dict], categories: Sequence[str]) -
         C: int64 array [K, K], symmetric; off-diagonal = visits with both categories, diagonal =
         visits with >= 2 distinct codes of that category.
     """
-    from promptehr_hf.datasets_scripts.incidence import visit_matrix
+    from promptehr_hf.datasets_scripts.incidence import group_columns, visit_matrix
     from promptehr_hf.tokenization.icd9 import category
 
     X, codes = visit_matrix(patients)  # [n_visits, n_codes] 0/1
-    col = {c: j for j, c in enumerate(categories)}
-    code_cat = np.array([col.get(category(c), -1) for c in codes], dtype=np.int64)
-    keep = np.flatnonzero(code_cat >= 0)
-    G = sp.csr_matrix(
-        (np.ones(len(keep), dtype=np.int64), (keep, code_cat[keep])), shape=(len(codes), len(categories))
-    )
-    N = (sp.csr_matrix(X, dtype=np.int64) @ G).tocsr()  # [n_visits, K] distinct codes per category
+    M, groups = group_columns(codes, category)  # [n_codes, n_groups] code -> its category
+    col = {g: i for i, g in enumerate(groups)}
+    # groups -> the requested categories, in their order (groups the caller lacks are dropped)
+    pairs = [(col[c], k) for k, c in enumerate(categories) if c in col]
+    rows, cols = (np.array(x, dtype=np.int64) for x in zip(*pairs)) if pairs else (np.zeros(0, np.int64),) * 2
+    P = sp.csr_matrix((np.ones(len(rows), np.int64), (rows, cols)), shape=(len(groups), len(categories)))
+    N = (sp.csr_matrix(X, dtype=np.int64) @ M @ P).tocsr()  # [n_visits, K] distinct codes per category
     B = N.copy()
     B.data = (B.data > 0).astype(np.int64)
     C = (B.T @ B).toarray()

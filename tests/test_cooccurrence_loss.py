@@ -112,3 +112,23 @@ def test_penalty_weights_and_file_round_trip(tmp_path):
     c2, cats, ids = load_cooccurrence(str(tmp_path))
     assert torch.equal(c2, counts) and cats == ["401", "250", "E880"] and ids.tolist() == [7, 9, 11]
     assert CooccurrenceLoss.from_file(str(tmp_path)).W.shape == (3, 3)
+
+
+def test_category_counts_from_visits():
+    from promptehr_hf.modeling_promptehr.cooccurrence import category_cooccurrence
+
+    patients = [
+        {"subject_id": 1, "age": 60.0, "sex": "M", "visits": [["4019", "4011", "25000"], ["4280", "25000"]]},
+        {"subject_id": 2, "age": 70.0, "sex": "F", "visits": [["4019", "4280", "E8800"]]},
+    ]
+    cats = ["250", "401", "428", "E880", "999"]  # 999 never occurs
+    C = category_cooccurrence(patients, cats)
+    expected = np.array([
+        # 250 401 428 E880 999
+        [0, 1, 1, 0, 0],  # 250: with 401 (visit 1), with 428 (visit 2)
+        [1, 1, 1, 1, 0],  # 401: diagonal 1 = visit 1 holds two 401 codes (4019, 4011)
+        [1, 1, 0, 1, 0],
+        [0, 1, 1, 0, 0],
+        [0, 0, 0, 0, 0],
+    ])
+    assert C.dtype == np.int64 and (C == expected).all(), C
