@@ -27,8 +27,8 @@ MIN_CODE_COUNTS = (1, 5)
 def _split(patients: list[dict], seed: int = 0) -> tuple[list[dict], list[dict]]:
     from promptehr_hf.datasets_scripts.mimic3 import split_patients
 
-    train, _, test = split_patients(patients, seed=seed, val_frac=0.1, test_frac=0.1)
-    return train, test
+    split = split_patients(patients, seed=seed, val_frac=0.1, test_frac=0.1)
+    return split["train"], split["test"]
 
 
 def vocab_figures(patients: list[dict], min_code_count: int) -> dict:
