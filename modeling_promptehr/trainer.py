@@ -1,0 +1,446 @@
+"""PromptEHRTrainer: LM + age + sex + co-occurrence losses, weighted and logged one by one.
+
+The prototype this package replaces failed here three ways, each now impossible to miss:
+its co-occurrence loss had no gradient (it is computed on the predicted distribution now,
+:mod:`.cooccurrence`), its sex loss died at step 14 unseen (every component is logged raw,
+weighted and as a share of the total at every logging step, in ``trainer_state.json``), and its
+model collapsed to 31 codes (:class:`GenerationMonitorCallback` generates a small cohort at
+each evaluation and warns when the number of distinct codes falls below a threshold).
+
+Total loss = sum over components c in (lm, age, sex, cooc) of weighted_c, where
+- ``fixed``: weighted_c = w_c * L_c (w_lm = 1);
+- ``scheduled``: the same with w_c changed at given steps (``loss_schedule="sex:0@500"``);
+- ``learned``: uncertainty weighting (Kendall, Gal & Cipolla 2018): total =
+  sum_c exp(-s_c) * L_c + sum_c s_c, one learnable log-variance s_c per component whose
+  w_c > 0, initialised to -log(w_c) (training starts from the fixed weights) and clamped to
+  [-LOG_VAR_BOUND, LOG_VAR_BOUND]. weighted_c = exp(-s_c) * L_c (what moves the model); the
+  regulariser sum_c s_c is logged as ``loss_log_var_sum``.
+
+Logged at every logging step (means over the micro-batches since the previous one, over all
+processes): ``loss_<c>`` (raw), ``loss_<c>_weighted``, ``loss_<c>_share`` (weighted_c / sum of
+weighted) and ``weight_<c>``; at evaluation the same with the ``eval_`` prefix.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import re
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer import TRAINING_ARGS_NAME
+
+from promptehr_hf.modeling_promptehr.cooccurrence import (
+    CooccurrenceLoss,
+    save_cooccurrence,
+    tokenizer_categories,
+)
+from promptehr_hf.modeling_promptehr.data import CODE_ORDERS, PromptEHRDataCollator
+
+logger = logging.getLogger(__name__)
+
+COMPONENTS = ("lm", "age", "sex", "cooc")
+WEIGHTING_MODES = ("fixed", "scheduled", "learned")
+LOG_VAR_BOUND = 6.0
+LOSS_WEIGHTS_FILE = "loss_weights.safetensors"
+TRAINING_ARGS_JSON = "training_args.json"
+
+
+@dataclass
+class PromptEHRTrainingArguments(TrainingArguments):
+    """TrainingArguments plus the PromptEHR loss, data and monitoring settings.
+
+    Defaults changed from TrainingArguments: ``remove_unused_columns=False`` (the collator reads
+    raw example columns), ``train_sampling_strategy="group_by_length"`` (histories range from
+    nothing to hundreds of tokens), ``prediction_loss_only=True`` (never gather [B, T, V] logits).
+    """
+
+    w_age: float = field(default=0.1, metadata={"help": "weight of the age regression loss"})
+    w_sex: float = field(default=0.1, metadata={"help": "weight of the sex classification loss"})
+    w_cooc: float = field(default=0.1, metadata={"help": "weight of the category co-occurrence loss"})
+    loss_weighting: str = field(default="fixed", metadata={"help": f"one of {WEIGHTING_MODES}"})
+    loss_schedule: str | None = field(default=None, metadata={
+        "help": "scheduled mode: comma list of component:weight@step, e.g. 'sex:0@500,cooc:0.05@1000' "
+                "(from that optimizer step on)"})
+    loss_weights_learning_rate: float = field(default=1e-2, metadata={
+        "help": "learned mode: learning rate of the log-variances"})
+    cooc_tau: float = field(default=5.0, metadata={"help": "pairs seen in fewer training visits are penalised"})
+    code_order: str = field(default="shuffle", metadata={"help": f"order of codes in a visit: {CODE_ORDERS}"})
+    mask_prob: float = field(default=0.15, metadata={"help": "BART token masking of history codes"})
+    delete_prob: float = field(default=0.1, metadata={"help": "BART span deletion share of history codes"})
+    keep_target_prob: float = field(default=0.0, metadata={
+        "help": "chance of showing part of the target visit to the encoder (PromptEHR)"})
+    max_source_length: int = field(default=256, metadata={"help": "encoder tokens (newest visits kept)"})
+    max_target_length: int = field(default=96, metadata={"help": "decoder tokens of the target visit"})
+    eval_generate_patients: int = field(default=64, metadata={
+        "help": "patients generated at each evaluation to watch diversity (0: off)"})
+    eval_generate_batch_size: int = field(default=64, metadata={"help": "batch size of that generation"})
+    collapse_min_distinct_codes: int = field(default=50, metadata={
+        "help": "warn (mode collapse) when the generated cohort has fewer distinct codes"})
+    max_minutes: float | None = field(default=None, metadata={
+        "help": "stop training (and save) after this many minutes of this run"})
+    remove_unused_columns: bool = False
+    train_sampling_strategy: str = "group_by_length"
+    prediction_loss_only: bool = True
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.loss_weighting not in WEIGHTING_MODES:
+            raise ValueError(f"loss_weighting must be one of {WEIGHTING_MODES}, got {self.loss_weighting!r}")
+        if (self.loss_schedule is not None) != (self.loss_weighting == "scheduled"):
+            raise ValueError("loss_schedule is given exactly when loss_weighting='scheduled'")
+        if self.code_order not in CODE_ORDERS:
+            raise ValueError(f"code_order must be one of {CODE_ORDERS}, got {self.code_order!r}")
+        if min(self.w_age, self.w_sex, self.w_cooc) < 0:
+            raise ValueError("loss weights must be >= 0")
+        self.parsed_schedule()  # fail early on a malformed schedule
+
+    def base_weights(self) -> dict[str, float]:
+        return {"lm": 1.0, "age": self.w_age, "sex": self.w_sex, "cooc": self.w_cooc}
+
+    def parsed_schedule(self) -> list[tuple[int, str, float]]:
+        """``loss_schedule`` as (step, component, weight), sorted by step."""
+        if not self.loss_schedule:
+            return []
+        out = []
+        for item in self.loss_schedule.split(","):
+            m = re.fullmatch(r"\s*(\w+)\s*:\s*([0-9.eE+-]+)\s*@\s*(\d+)\s*", item)
+            if m is None or m.group(1) not in COMPONENTS:
+                raise ValueError(f"loss_schedule item {item!r}: expected component:weight@step with component in "
+                                 f"{COMPONENTS}")
+            out.append((int(m.group(3)), m.group(1), float(m.group(2))))
+        return sorted(out)
+
+
+class PromptEHRTrainer(Trainer):
+    """Trainer whose loss recombines the model's ``lm_loss``/``age_loss``/``sex_loss`` with the
+    co-occurrence loss on ``logits`` under fixed, scheduled or learned weights.
+
+    Args (beyond Trainer's):
+        processing_class: the PromptEHRTokenizer (required: the collator and the co-occurrence
+            loss need its ids).
+        cooccurrence_counts: C [K, K] over the tokenizer's categories
+            (:func:`.cooccurrence.category_cooccurrence` of the training split); required when
+            ``args.w_cooc > 0``. Saved as ``cooccurrence.safetensors`` with every checkpoint.
+        data_collator: defaults to a PromptEHRDataCollator from ``args``; evaluation uses the same
+            settings without noise.
+        eval_patients, prior, generate_fn: real patients (the validation split) to compare a
+            small generated cohort with at each evaluation (:class:`GenerationMonitorCallback`;
+            prior: the CohortPrior of the training split).
+    """
+
+    def __init__(self, model=None, args: PromptEHRTrainingArguments | None = None, *, processing_class=None,
+                 cooccurrence_counts=None, data_collator=None, eval_patients=None, prior=None, generate_fn=None,
+                 **kwargs):
+        if not isinstance(args, PromptEHRTrainingArguments):
+            raise TypeError("PromptEHRTrainer needs PromptEHRTrainingArguments")
+        if processing_class is None:
+            raise ValueError("PromptEHRTrainer needs the tokenizer as processing_class")
+        collator_kwargs = dict(
+            tokenizer=processing_class, code_order=args.code_order, max_source_length=args.max_source_length,
+            max_target_length=args.max_target_length, seed=args.seed,
+        )
+        if data_collator is None:
+            data_collator = PromptEHRDataCollator(
+                **collator_kwargs, mask_prob=args.mask_prob, delete_prob=args.delete_prob,
+                keep_target_prob=args.keep_target_prob,
+            )
+        self.eval_data_collator = PromptEHRDataCollator(**collator_kwargs, noise=False)
+        super().__init__(model=model, args=args, processing_class=processing_class, data_collator=data_collator,
+                         **kwargs)
+        if args.label_names is None:
+            # forward() also takes age_labels/sex_labels (defaulting to x_num/x_cat); Trainer would
+            # otherwise wait for all three and never compute an evaluation loss.
+            self.label_names = ["labels"]
+        self.loss_is_scaled_for_ga = False  # per-batch means: Trainer divides by accumulation steps
+
+        self.cooccurrence_counts = None
+        self.cooc_loss = None
+        if cooccurrence_counts is not None:
+            self.cooccurrence_counts = np.asarray(cooccurrence_counts)
+            self.categories, cat_ids = tokenizer_categories(processing_class)
+            self.cooc_loss = CooccurrenceLoss(
+                torch.as_tensor(self.cooccurrence_counts), cat_ids, tau=args.cooc_tau,
+                visit_start_id=processing_class.visit_start_id,
+            ).to(args.device)
+        elif args.w_cooc > 0:
+            raise ValueError("w_cooc > 0 needs cooccurrence_counts (category_cooccurrence of the training split)")
+
+        self._schedule = args.parsed_schedule()
+        base = args.base_weights()
+        self.loss_log_vars = None
+        if args.loss_weighting == "learned":
+            learned = [c for c in COMPONENTS if base[c] > 0]
+            init = torch.tensor([-math.log(base[c]) if c in learned else 0.0 for c in COMPONENTS])
+            self.loss_log_vars = nn.Parameter(init.to(args.device))
+            self._learned_mask = torch.tensor([c in learned for c in COMPONENTS], device=args.device)
+            if args.world_size > 1:
+                self.loss_log_vars.register_hook(_all_reduce_mean)
+        # [component, (raw, weighted, weight, count)] sums between logging steps, train and eval
+        self._acc = {k: torch.zeros(len(COMPONENTS), 4, dtype=torch.float64) for k in ("train", "eval")}
+
+        if eval_patients is not None and args.eval_generate_patients > 0:
+            self.add_callback(GenerationMonitorCallback(self, eval_patients, prior=prior, generate_fn=generate_fn))
+        if args.max_minutes is not None:
+            self.add_callback(TimeLimitCallback(args.max_minutes))
+
+    # ----------------------------------------------------------------------------- weights
+    def current_weights(self, step: int | None = None) -> dict[str, float]:
+        """Fixed / scheduled weights at an optimizer step (default: the current one)."""
+        step = self.state.global_step if step is None else step
+        weights = self.args.base_weights()
+        for at, name, w in self._schedule:
+            if step >= at:
+                weights[name] = w
+        return weights
+
+    def combine(self, raw: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """Raw component losses -> (total, weighted components, effective weights)."""
+        weighted, weights = {}, {}
+        total = None
+        if self.loss_log_vars is not None:
+            s = self.loss_log_vars.clamp(-LOG_VAR_BOUND, LOG_VAR_BOUND)
+            for i, name in enumerate(COMPONENTS):
+                if name not in raw:
+                    continue
+                if bool(self._learned_mask[i]):
+                    weights[name] = torch.exp(-s[i])
+                    total = s[i] if total is None else total + s[i]
+                else:  # switched off (w = 0): logged, not trained
+                    weights[name] = raw[name].new_zeros(())
+                weighted[name] = weights[name] * raw[name]
+        else:
+            fixed = self.current_weights()
+            for name, value in raw.items():
+                weights[name] = value.new_tensor(fixed[name])
+                weighted[name] = fixed[name] * value
+        parts = torch.stack(list(weighted.values())).sum()
+        return (parts if total is None else parts + total), weighted, weights
+
+    # ------------------------------------------------------------------------------- loss
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        outputs = model(**inputs)
+        raw = {"lm": outputs.lm_loss}
+        for name in ("age", "sex"):
+            value = getattr(outputs, f"{name}_loss", None)
+            if value is not None:
+                raw[name] = value
+        if self.cooc_loss is not None:
+            raw["cooc"] = self.cooc_loss(outputs.logits, inputs["labels"])
+        loss, weighted, weights = self.combine(raw)
+        acc = self._acc["train" if model.training else "eval"]
+        for i, name in enumerate(COMPONENTS):
+            if name in raw:
+                acc[i] += torch.stack([raw[name].detach().double().cpu(), weighted[name].detach().double().cpu(),
+                                       weights[name].detach().double().cpu(), torch.ones((), dtype=torch.float64)])
+        return (loss, outputs) if return_outputs else loss
+
+    def _drain(self, split: str, prefix: str) -> dict[str, float]:
+        """Mean of the accumulated components over micro-batches and processes; then reset."""
+        acc = self._acc[split]
+        if self.args.world_size > 1:
+            acc = self.accelerator.reduce(acc.to(self.args.device), reduction="sum").cpu()
+        self._acc[split] = torch.zeros_like(self._acc[split])
+        count = acc[:, 3]
+        present = count > 0
+        if not present.any():
+            return {}
+        mean = acc[:, :3] / count.clamp(min=1)[:, None]
+        total = mean[present, 1].sum().item()
+        logs = {}
+        if self.loss_log_vars is not None and split == "train":
+            logs[f"{prefix}loss_log_var_sum"] = (
+                self.loss_log_vars.detach().clamp(-LOG_VAR_BOUND, LOG_VAR_BOUND)[self._learned_mask].sum().item()
+            )
+        for i, name in enumerate(COMPONENTS):
+            if present[i]:
+                raw, weighted, weight = mean[i].tolist()
+                logs[f"{prefix}loss_{name}"] = raw
+                logs[f"{prefix}loss_{name}_weighted"] = weighted
+                logs[f"{prefix}loss_{name}_share"] = weighted / total if total else 0.0
+                logs[f"{prefix}weight_{name}"] = weight
+        return logs
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        # Training logs carry "loss", evaluation logs "<prefix>loss"; both ranks log together.
+        if "loss" in logs:
+            logs.update(self._drain("train", ""))
+        else:
+            eval_key = next((k for k in logs if k.endswith("_loss") and not k.startswith("loss_")), None)
+            if eval_key is not None:
+                logs.update(self._drain("eval", eval_key[: -len("loss")]))
+        super().log(logs, start_time)
+
+    # ------------------------------------------------------------------------ data loaders
+    def _with_eval_collator(self, make, *a, **k):
+        train_collator, self.data_collator = self.data_collator, self.eval_data_collator
+        try:
+            return make(*a, **k)
+        finally:
+            self.data_collator = train_collator
+
+    def get_eval_dataloader(self, eval_dataset=None):
+        return self._with_eval_collator(super().get_eval_dataloader, eval_dataset)
+
+    def get_test_dataloader(self, test_dataset):
+        return self._with_eval_collator(super().get_test_dataloader, test_dataset)
+
+    # ------------------------------------------------------------------- optimizer / saving
+    def create_optimizer(self, model=None):
+        optimizer = super().create_optimizer(model)
+        if self.loss_log_vars is not None and not any(
+            p is self.loss_log_vars for g in optimizer.param_groups for p in g["params"]
+        ):
+            optimizer.add_param_group({"params": [self.loss_log_vars], "weight_decay": 0.0,
+                                       "lr": self.args.loss_weights_learning_rate})
+        return optimizer
+
+    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
+        """Model, tokenizer, ``cooccurrence.safetensors``, and the arguments as JSON (not pickle)."""
+        super()._save(output_dir, state_dict)
+        if not self.args.should_save:
+            return
+        output_dir = output_dir or self.args.output_dir
+        if self.cooccurrence_counts is not None:
+            save_cooccurrence(output_dir, self.cooccurrence_counts, self.categories,
+                              tokenizer_categories(self.processing_class)[1])
+        pickled = os.path.join(output_dir, TRAINING_ARGS_NAME)
+        if os.path.exists(pickled):
+            os.remove(pickled)
+        with open(os.path.join(output_dir, TRAINING_ARGS_JSON), "w", encoding="utf-8") as f:
+            f.write(self.args.to_json_string())
+
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        super()._save_optimizer_and_scheduler(output_dir)
+        # Optimizer state holds the log-variances' moments, not their values: save those too.
+        if self.loss_log_vars is not None and self.args.should_save:
+            from safetensors.torch import save_file
+
+            save_file({"log_vars": self.loss_log_vars.detach().cpu()}, os.path.join(output_dir, LOSS_WEIGHTS_FILE),
+                      metadata={"components": ",".join(COMPONENTS)})
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        super()._load_optimizer_and_scheduler(checkpoint)
+        path = None if checkpoint is None else os.path.join(checkpoint, LOSS_WEIGHTS_FILE)
+        if self.loss_log_vars is not None and path is not None and os.path.isfile(path):
+            from safetensors.torch import load_file
+
+            with torch.no_grad():
+                self.loss_log_vars.copy_(load_file(path)["log_vars"].to(self.loss_log_vars.device))
+
+
+def _all_reduce_mean(grad: torch.Tensor) -> torch.Tensor:
+    """Average a non-DDP parameter's gradient over processes (DDP only syncs the model's)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        grad = grad.clone()
+        dist.all_reduce(grad)
+        grad /= dist.get_world_size()
+    return grad
+
+
+def default_generate(model, tokenizer, n: int, *, prior=None, batch_size: int = 64, seed: int = 0,
+                     max_history_length: int | None = None):
+    """A small unconditional cohort through the package's generation loop (issue 7's API)."""
+    from promptehr_hf.modeling_promptehr.generation import generate_patients
+
+    cohort, _ = generate_patients(model, tokenizer, n, mode="unconditional", prior=prior, batch_size=batch_size,
+                                  seed=seed, max_history_length=max_history_length, progress=False)
+    return cohort
+
+
+class GenerationMonitorCallback(TrainerCallback):
+    """At each evaluation: generate a small cohort and log its diversity, so that mode collapse
+    shows during training (the prototype collapsed to 31 codes and nobody saw it until after).
+
+    Logs (keys ``gen_*``, beside the evaluation's): ``gen_distinct_codes``,
+    ``gen_distinct_codes_real`` (distinct codes of as many real patients), ``gen_top_code_share``
+    (share of patients holding the most common code), ``gen_code_js`` (code JS divergence vs
+    the real patients), ``gen_codes_per_visit``, ``gen_collapse`` (1 when distinct codes fall
+    below ``args.collapse_min_distinct_codes``, with a loud ``logger.warning``).
+    Runs on the main process only; the model goes back to train mode afterwards.
+
+    Args:
+        trainer: the PromptEHRTrainer (for the model, tokenizer and ``log``).
+        real_patients: patient dicts or a Dataset (validation split).
+        prior: CohortPrior of the training split (ages, sexes, visit counts and lengths).
+        generate_fn: ``fn(model, tokenizer, n, *, prior, batch_size, seed, max_history_length)``
+            -> patients; default :func:`default_generate`.
+    """
+
+    def __init__(self, trainer, real_patients, prior=None, generate_fn=None):
+        self.trainer = trainer
+        self.real = real_patients
+        self.prior = prior
+        self.generate_fn = generate_fn or default_generate
+
+    def on_evaluate(self, args, state, control, **kwargs):
+        if not state.is_world_process_zero:
+            return control
+        from promptehr_hf.metrics.coherence import coherence
+
+        model = self.trainer.model
+        was_training = model.training
+        n = args.eval_generate_patients
+        t0 = time.perf_counter()
+        try:
+            cohort = self.generate_fn(model, self.trainer.processing_class, n, prior=self.prior,
+                                      batch_size=args.eval_generate_batch_size, seed=args.seed + state.global_step,
+                                      max_history_length=args.max_source_length)
+        finally:
+            model.train(was_training)
+        real_same_n = self.real.select(range(min(n, len(self.real)))) if hasattr(self.real, "select") \
+            else list(self.real)[:n]
+        m = coherence(cohort, self.real)
+        distinct = int(m["distinct_codes"])
+        logs = {
+            "gen_distinct_codes": distinct,
+            "gen_distinct_codes_real": int(coherence(real_same_n, self.real)["distinct_codes"]),
+            "gen_top_code_share": float(m["top_code_share"]),
+            "gen_code_js": float(m["code_js"]),
+            "gen_codes_per_visit": float(m["codes_per_visit_mean"]),
+            "gen_collapse": int(distinct < args.collapse_min_distinct_codes),
+            "gen_seconds": time.perf_counter() - t0,
+        }
+        if logs["gen_collapse"]:
+            logger.warning(
+                "MODE COLLAPSE? step %d: %d generated patients use only %d distinct codes (threshold %d; %d real "
+                "patients use %d); top code %s held by %.0f%% of patients",
+                state.global_step, n, distinct, args.collapse_min_distinct_codes, n, logs["gen_distinct_codes_real"],
+                m["top_code"], 100 * logs["gen_top_code_share"],
+            )
+        self.trainer.log(logs)
+        return control
+
+
+class TimeLimitCallback(TrainerCallback):
+    """Stop training, saving a checkpoint, once ``max_minutes`` of this run have passed."""
+
+    def __init__(self, max_minutes: float):
+        self.max_seconds = 60.0 * max_minutes
+        self.start = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.start = time.monotonic()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.start is None:
+            return control
+        stop = torch.tensor([float(time.monotonic() - self.start > self.max_seconds)], device=args.device)
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.broadcast(stop, src=0)  # every process must stop at the same step (rank 0's clock)
+        if stop.item():
+            logger.warning("time limit of %.1f minutes reached at step %d: stopping", self.max_seconds / 60,
+                           state.global_step)
+            control.should_training_stop = True
+            control.should_save = True
+        return control
