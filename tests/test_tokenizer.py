@@ -73,6 +73,14 @@ def test_vocabulary_layout_and_hierarchy():
     assert tok.code_probs[tok.convert_tokens_to_ids("401")] == 0.0  # catch-all never seen in training
 
 
+def test_category_rule_matches_the_icd9_tables():
+    icd9 = pytest.importorskip("promptehr_hf.tokenization.icd9")
+    codes = icd9.billable_codes()
+    assert len(codes) > 14000
+    assert [code_category(c) for c in codes] == [icd9.category(c) for c in codes]
+    assert all(icd9.is_valid(code_category(c)) for c in codes)  # every catch-all token is a v32 node
+
+
 def test_encode_patient_grammar_and_round_trip():
     patients = _cohort(40, 1)
     tok = PromptEHRTokenizer.from_patients(patients)
@@ -106,7 +114,7 @@ def test_unseen_codes_fall_back_and_are_counted():
     assert tok.fallback_codes == {"4011": 1, "40199": 1, "71234": 1, "71590": 1}
     assert tok.decode_visits(ids) == [["401", "4019"]]
     # dotted input is normalised, not a fallback
-    assert tok.encode_visit(["401.9"]) == tok.encode_visit(["4019"])
+    assert tok.encode_visit(["401.9", " e880.0"]) == tok.encode_visit(["4019", "E8800"])
     assert tok.fallback_counts == {"category": 2, "unk": 2}
     # the string path falls back the same way
     assert tok("C:401 4011 C:712 71234")["input_ids"] == [c401, catch401, unk, unk]

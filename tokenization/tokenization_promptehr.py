@@ -39,7 +39,13 @@ def code_category(code: str) -> str:
 
 
 def _normalize(code: str) -> str:
-    return str(code).strip().upper().replace(".", "")
+    """Dotless upper-case form, as ``promptehr_hf.tokenization.icd9.normalize`` (which remote code
+    cannot import): the dot is dropped only after the category (``"401.9"``, ``"E880.0"``)."""
+    c = str(code).strip().upper()
+    head, dot, tail = c.partition(".")
+    if dot and len(head) == (4 if head.startswith("E") else 3) and "." not in tail:
+        return head + tail
+    return c
 
 
 def _write_json_atomic(path: str, obj) -> None:
