@@ -26,6 +26,7 @@ or `load_cohort(DIR)`, which does exactly that and also returns the summary.
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import logging
@@ -40,6 +41,7 @@ import numpy as np
 import pandas as pd
 
 from promptehr_hf.datasets_scripts.schema import AGE_CAP, PATIENT_FEATURES, SEXES
+from promptehr_hf.modeling_promptehr.cohort_io import patients_to_dataset
 from promptehr_hf.tokenization import icd9
 
 logger = logging.getLogger(__name__)
@@ -201,43 +203,43 @@ def read_mimic3(mimic_dir: str | os.PathLike) -> tuple[list[dict], dict]:
                 "MIMIC-III folders"
             )
     diag_rows_read = len(diag)
-    diag["row"] = np.arange(len(diag))
-    diag["hadm_id"] = _int_column(diag, "hadm_id", path_d)
-    diag["seq_num"] = _int_column(diag, "seq_num", path_d, allow_missing=True)
-    hadm_with_rows = diag["hadm_id"].unique()  # before any row is dropped
+    hadm_d = _int_column(diag, "hadm_id", path_d).to_numpy()
+    seq_d = _int_column(diag, "seq_num", path_d, allow_missing=True).to_numpy(dtype=np.float64, na_value=np.inf)
 
-    # Codes: strip, drop empty, normalise and validate once per distinct string.
-    code = diag["icd9_code"].str.strip()
-    empty = code.isna() | (code == "")
+    # Codes as integer ids into `code_names`; strip/normalise/validate once per distinct string.
+    raw_id, raw_names = pd.factorize(diag["icd9_code"])  # missing -> -1
+    # A trailing "" names the empty code, so that raw id -1 (missing) indexes it too.
+    norm_id, code_names = pd.factorize(pd.Series([icd9.normalize(c) for c in raw_names] + [""], dtype=object))
+    code_names = np.asarray(code_names, dtype=object)
+    code_d = norm_id[raw_id]
+    empty = (code_names == "")[code_d]
     quirks["empty_codes"] = int(empty.sum())
-    diag = diag.loc[~empty].assign(code=code[~empty])
-    norm_map = {c: icd9.normalize(c) for c in pd.unique(diag["code"])}
-    diag["code"] = diag["code"].map(norm_map)
-    valid_map = {c: icd9.is_valid(c) for c in pd.unique(diag["code"])}
-    icd10 = sorted(c for c, ok in valid_map.items() if not ok and not _ICD9_SHAPE.match(c) and _ICD10_SHAPE.match(c))
+    valid_name = np.array([icd9.is_valid(c) for c in code_names], dtype=bool)
+    icd10 = sorted(c for c, ok in zip(code_names, valid_name)
+                   if not ok and not _ICD9_SHAPE.match(c) and _ICD10_SHAPE.match(c))
     if icd10:
-        n_rows = int(diag["code"].isin(icd10).sum())
+        n_rows = int(np.isin(code_names[code_d[~empty]], icd10).sum())
         raise Mimic3Error(
             f"{path_d}: {n_rows} rows hold ICD-10-CM codes ({len(icd10)} distinct, e.g. {', '.join(icd10[:5])}); "
             "this looks like a MIMIC-IV folder. This package reads ICD-9-CM (MIMIC-III) diagnoses only"
         )
-    valid = diag["code"].map(valid_map).astype(bool)
-    quirks["invalid_codes"] = int((~valid).sum())
+    invalid = ~empty & ~valid_name[code_d]
+    quirks["invalid_codes"] = int(invalid.sum())
     invalid_examples = []
     if quirks["invalid_codes"]:
-        bad = diag.loc[~valid]
-        counts = bad["code"].value_counts()
-        first_row = bad.groupby("code")["row"].min()
+        bad_rows = np.flatnonzero(invalid)
+        ids, first, counts = np.unique(code_d[bad_rows], return_index=True, return_counts=True)
+        top = np.lexsort((first, -counts))[:N_EXAMPLES]  # most frequent first
         invalid_examples = [
-            {"code": c, "rows": int(n), "first_data_row": int(first_row[c]) + 1}
-            for c, n in counts.head(N_EXAMPLES).items()
+            {"code": code_names[ids[i]], "rows": int(counts[i]), "first_data_row": int(bad_rows[first[i]]) + 1}
+            for i in top
         ]
         shown = ", ".join(f"{e['code']} (x{e['rows']}, data row {e['first_data_row']})" for e in invalid_examples)
         messages.append(
-            f"{path_d.name}: {quirks['invalid_codes']} rows with {len(counts)} distinct codes that are not "
+            f"{path_d.name}: {quirks['invalid_codes']} rows with {len(ids)} distinct codes that are not "
             f"ICD-9-CM v32 codes were dropped, e.g. {shown}"
         )
-    diag = diag.loc[valid]
+    keep = np.flatnonzero(~empty & ~invalid)  # data rows still in play, in file order
 
     path_a = files["ADMISSIONS"]
     adm = _read_table(path_a, "ADMISSIONS", ["subject_id", "hadm_id", "admittime"])
@@ -271,32 +273,37 @@ def read_mimic3(mimic_dir: str | os.PathLike) -> tuple[list[dict], dict]:
     quirks["ages_capped"] = int((age > AGE_CAP).sum())
     adm["age"] = np.round(np.clip(age, 0.0, AGE_CAP), AGE_DECIMALS)
 
-    # Diagnoses <-> admissions.
-    with_rows = adm["hadm_id"].isin(hadm_with_rows)
+    # Admissions in visit order: patient, admission time, hadm_id (for ties).
+    adm = adm.sort_values(["subject_id", "admittime", "hadm_id"], kind="stable", ignore_index=True)
+
+    # Diagnoses <-> admissions (as positions in `adm`).
+    with_rows = adm["hadm_id"].isin(pd.unique(hadm_d)).to_numpy()  # any row, before dropping codes
     quirks["admissions_without_diagnoses"] = int((~with_rows).sum())
-    has_adm = diag["hadm_id"].isin(adm["hadm_id"])
-    quirks["diagnoses_without_admission"] = int((~has_adm).sum())
-    diag = diag.loc[has_adm].merge(adm[["hadm_id", "subject_id", "admittime"]], on="hadm_id", how="left")
+    pos = pd.Index(adm["hadm_id"]).get_indexer(hadm_d[keep])
+    quirks["diagnoses_without_admission"] = int((pos < 0).sum())
+    keep, pos = keep[pos >= 0], pos[pos >= 0]
 
-    # Order: patient, admission time, admission, seq_num (missing last), file row; then dedupe.
-    diag = diag.sort_values(["subject_id", "admittime", "hadm_id", "seq_num", "row"], na_position="last",
-                            kind="stable", ignore_index=True)
-    dup = diag.duplicated(["hadm_id", "code"])
+    # Order: admission (visit order), seq_num (missing last), file row; then dedupe per admission.
+    order = np.lexsort((keep, seq_d[keep], pos))
+    keep, pos = keep[order], pos[order]
+    code = code_d[keep]
+    dup = pd.DataFrame({"pos": pos, "code": code}).duplicated().to_numpy()
     quirks["duplicate_codes"] = int(dup.sum())
-    diag = diag.loc[~dup].reset_index(drop=True)
-    quirks["admissions_without_valid_codes"] = int((with_rows & ~adm["hadm_id"].isin(diag["hadm_id"])).sum())
-    quirks["patients_without_diagnoses"] = int((~pd.Series(adm["subject_id"].unique()).isin(diag["subject_id"])).sum())
+    pos, code = pos[~dup], code[~dup]
+    has_code = np.zeros(len(adm), dtype=bool)
+    has_code[pos] = True
+    quirks["admissions_without_valid_codes"] = int((with_rows & ~has_code).sum())
+    subj = adm["subject_id"].to_numpy()
+    quirks["patients_without_diagnoses"] = int(len(np.setdiff1d(subj, subj[has_code])))
 
-    patients = _assemble(diag, adm, pat)
-
-    codes = diag["code"]
-    distinct = pd.unique(codes)
+    patients = _assemble(pos, code_names[code], adm, pat)
+    distinct = code_names[np.unique(code)]
     summary = {
         "source": str(Path(mimic_dir).resolve()),
         "files": {t: p.name for t, p in files.items()},
         "patients": len(patients),
-        "admissions": int(diag["hadm_id"].nunique()),
-        "diagnosis_rows": len(diag),
+        "admissions": int(has_code.sum()),
+        "diagnosis_rows": len(code),
         "distinct_codes": len(distinct),
         "non_billable_distinct_codes": int(sum(not icd9.is_billable(c) for c in distinct)),
         "rows_read": {"PATIENTS": pat_rows_read, "ADMISSIONS": adm_rows_read, "DIAGNOSES_ICD": diag_rows_read},
@@ -309,25 +316,36 @@ def read_mimic3(mimic_dir: str | os.PathLike) -> tuple[list[dict], dict]:
     return patients, summary
 
 
-def _assemble(diag: pd.DataFrame, adm: pd.DataFrame, pat: pd.DataFrame) -> list[dict]:
-    """Sorted diagnosis rows -> one patient dict per subject (vectorised boundaries)."""
-    if len(diag) == 0:
+def _assemble(pos: np.ndarray, codes: np.ndarray, adm: pd.DataFrame, pat: pd.DataFrame) -> list[dict]:
+    """Diagnosis rows sorted in visit order -> one patient dict per subject.
+
+    pos: [n_rows] position in `adm` (sorted by subject, admittime) of each row's admission;
+    codes: [n_rows] object array of dotless codes. Boundaries are found with numpy.
+    """
+    if len(pos) == 0:
         return []
-    hadm = diag["hadm_id"].to_numpy()
-    v_start = np.flatnonzero(np.r_[True, hadm[1:] != hadm[:-1]])
-    v_end = np.r_[v_start[1:], len(hadm)]
-    codes = diag["code"].tolist()
-    visits = [codes[s:e] for s, e in zip(v_start.tolist(), v_end.tolist())]
-    v_subject = diag["subject_id"].to_numpy()[v_start]
+    v_start = np.flatnonzero(np.r_[True, pos[1:] != pos[:-1]])
+    v_end = np.r_[v_start[1:], len(pos)]
+    v_adm = pos[v_start]
+    v_subject = adm["subject_id"].to_numpy()[v_adm]
     p_start = np.flatnonzero(np.r_[True, v_subject[1:] != v_subject[:-1]])
     p_end = np.r_[p_start[1:], len(v_subject)]
     subjects = v_subject[p_start]
-    ages = adm.set_index("hadm_id")["age"].reindex(hadm[v_start][p_start]).to_numpy()
+    ages = adm["age"].to_numpy()[v_adm[p_start]]
     sexes = pat.set_index("subject_id")["sex"].reindex(subjects).tolist()
-    return [
-        {"subject_id": s, "age": a, "sex": x, "visits": visits[b:e]}
-        for s, a, x, b, e in zip(subjects.tolist(), ages.tolist(), sexes, p_start.tolist(), p_end.tolist())
-    ]
+    code_list = codes.tolist()
+    # Many small lists: pause the cyclic GC, which would rescan them all repeatedly.
+    gc_was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        visits = [code_list[s:e] for s, e in zip(v_start.tolist(), v_end.tolist())]
+        return [
+            {"subject_id": s, "age": a, "sex": x, "visits": visits[b:e]}
+            for s, a, x, b, e in zip(subjects.tolist(), ages.tolist(), sexes, p_start.tolist(), p_end.tolist())
+        ]
+    finally:
+        if gc_was_enabled:
+            gc.enable()
 
 
 _QUIRK_TEXT = {
@@ -418,6 +436,10 @@ class Mimic3Cohort(datasets.GeneratorBasedBuilder):
         if not kwargs.get("mimic_dir"):
             raise ValueError("Mimic3Cohort needs mimic_dir=<folder with PATIENTS, ADMISSIONS, DIAGNOSES_ICD>")
         kwargs["mimic_dir"] = str(Path(kwargs["mimic_dir"]).resolve())
+        # The cache folder is named from the kwargs given: spell out the defaults so that
+        # Mimic3Cohort(mimic_dir=d) and Mimic3Cohort(mimic_dir=d, seed=0) share it.
+        for name in ("seed", "val_frac", "test_frac"):
+            kwargs.setdefault(name, Mimic3Config.__dataclass_fields__[name].default)
         super().__init__(*args, hash=hash or fingerprint(kwargs["mimic_dir"]), **kwargs)
 
     def _info(self) -> datasets.DatasetInfo:
@@ -438,7 +460,8 @@ class Mimic3Cohort(datasets.GeneratorBasedBuilder):
         # Saved beside the arrow files (this is the temporary folder datasets renames on success).
         with open(os.path.join(self._output_dir, SUMMARY_FILE), "w") as f:
             json.dump(summary, f, indent=2)
-        return [datasets.SplitGenerator(name=name, gen_kwargs={"split": name}) for name in SPLITS]
+        # datasets cannot read back a split with no example: such a split is not generated.
+        return [datasets.SplitGenerator(name=name, gen_kwargs={"split": name}) for name in SPLITS if self._splits[name]]
 
     def _generate_examples(self, split: str):
         for p in self._splits[split]:
@@ -454,8 +477,12 @@ class Mimic3Cohort(datasets.GeneratorBasedBuilder):
 
 def load_cohort(mimic_dir: str | os.PathLike, seed: int = 0, val_frac: float = 0.1, test_frac: float = 0.1,
                 cache_dir: str | None = None) -> tuple[datasets.DatasetDict, dict]:
-    """Build (or reuse from the datasets cache) the cohort: (DatasetDict train/validation/test, summary)."""
+    """Build (or reuse from the datasets cache) the cohort: (DatasetDict train/validation/test, summary).
+
+    A split with no patient (e.g. val_frac=0) is an empty Dataset with PATIENT_FEATURES.
+    """
     builder = Mimic3Cohort(mimic_dir=str(mimic_dir), seed=seed, val_frac=val_frac, test_frac=test_frac,
                            cache_dir=cache_dir)
     builder.download_and_prepare()
-    return builder.as_dataset(), builder.summary
+    dsd = builder.as_dataset()
+    return datasets.DatasetDict({name: dsd[name] if name in dsd else patients_to_dataset([]) for name in SPLITS}), builder.summary

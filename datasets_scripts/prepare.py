@@ -22,10 +22,11 @@ import tempfile
 from pathlib import Path
 
 import datasets
+import pyarrow.parquet as pq
 
 from promptehr_hf.datasets_scripts.mimic3 import SPLITS, Mimic3Error, read_mimic3, split_patients
 from promptehr_hf.datasets_scripts.schema import PATIENT_FEATURES
-from promptehr_hf.modeling_promptehr.cohort_io import write_parquet
+from promptehr_hf.modeling_promptehr.cohort_io import patients_to_dataset, write_parquet
 
 SUMMARY_JSON = "summary.json"
 
@@ -78,13 +79,19 @@ def prepare(mimic_dir: str | os.PathLike, out_dir: str | os.PathLike, seed: int 
 
 
 def load_prepared(out_dir: str | os.PathLike, cache_dir: str | None = None) -> datasets.DatasetDict:
-    """A `prepare` output folder -> DatasetDict(train/validation/test) through datasets' Parquet loader."""
+    """A `prepare` output folder -> DatasetDict(train/validation/test) through datasets' Parquet loader.
+
+    A split with no patient is an empty Dataset with PATIENT_FEATURES.
+    """
     out = Path(out_dir)
     files = {name: str(out / f"{name}.parquet") for name in SPLITS}
     missing = [f for f in files.values() if not os.path.exists(f)]
     if missing:
         raise FileNotFoundError(f"{out}: not a prepared cohort, missing {', '.join(map(os.path.basename, missing))}")
-    return datasets.load_dataset("parquet", data_files=files, features=PATIENT_FEATURES, cache_dir=cache_dir)
+    # datasets' Parquet loader cannot make a split of a file with no row: build those empty.
+    full = {name: f for name, f in files.items() if pq.read_metadata(f).num_rows}
+    loaded = datasets.load_dataset("parquet", data_files=full, features=PATIENT_FEATURES, cache_dir=cache_dir) if full else {}
+    return datasets.DatasetDict({name: loaded[name] if name in full else patients_to_dataset([]) for name in SPLITS})
 
 
 def format_summary(summary: dict) -> str:

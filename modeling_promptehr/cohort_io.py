@@ -14,7 +14,8 @@ back into the same patients (ages to 0.01 year, which is the reader's precision)
   before the first admission, so the reader caps it back to 90 and counts it like a real record
   (a patient who turns 90 in a later admission is also counted by the reader's `ages_capped`);
 - hadm_ids are a random permutation of 100000.. (not in time order, like MIMIC);
-  ROW_IDs count from 1; codes are written as given (dotless), in visit order as SEQ_NUM 1..n.
+  ROW_IDs count from 1; codes are written as given (dotless), in visit order as SEQ_NUM 1..n;
+  strings and headers are double-quoted and missing values left empty, as in MIMIC-III v1.4.
 
 All writes go to temporary files in the destination folder, then `os.replace`: an error never
 leaves a half-written table behind.
@@ -28,7 +29,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pa_csv
 from datasets import Dataset
 
 from promptehr_hf.datasets_scripts.schema import AGE_CAP, PATIENT_FEATURES, SEXES
@@ -78,33 +81,47 @@ def write_parquet(patients: Sequence[dict] | Dataset, path: str | os.PathLike) -
     return path
 
 
-def _format_times(seconds: np.ndarray) -> np.ndarray:
-    """int64 seconds since 1970 -> 'YYYY-MM-DD HH:MM:SS' strings (MIMIC-III's format)."""
-    iso = np.datetime_as_string(seconds.astype("datetime64[s]"), unit="s")
-    return np.char.replace(iso, "T", " ")
+def _patients_table(patients: Sequence[dict] | Dataset) -> pa.Table:
+    """Patients -> one Arrow table with PATIENT_FEATURES' columns."""
+    ds = patients if isinstance(patients, Dataset) else patients_to_dataset(patients)
+    return ds.select_columns(list(PATIENT_FEATURES)).with_format("arrow")[:].combine_chunks()
 
 
-def _tables(patients: Sequence[dict], seed: int) -> dict[str, pd.DataFrame]:
-    """patients -> the three MIMIC-III tables as DataFrames (upper-case headers)."""
-    n = len(patients)
-    subject = np.array([int(p["subject_id"]) for p in patients], dtype=np.int64)
+def _timestamps(seconds: np.ndarray) -> pa.Array:
+    """int64 seconds since 1970 -> Arrow timestamps (written as 'YYYY-MM-DD HH:MM:SS', MIMIC's format)."""
+    return pa.array(seconds.astype(np.int64), type=pa.int64()).cast(pa.timestamp("s"))
+
+
+def _tables(patients: Sequence[dict] | Dataset, seed: int) -> dict[str, pa.Table]:
+    """patients -> the three MIMIC-III tables (upper-case headers), built column-wise in Arrow."""
+    t = _patients_table(patients)
+    n = t.num_rows
+    subject = t["subject_id"].to_numpy()
     if len(np.unique(subject)) != n:
         raise ValueError("write_mimic3_csvs: subject_id values are not unique")
-    age = np.array([float(p["age"]) for p in patients], dtype=np.float64)
-    sex = [p["sex"] for p in patients]
-    bad_sex = [p["subject_id"] for p, s in zip(patients, sex) if s not in SEXES]
-    if bad_sex:
-        raise ValueError(f"write_mimic3_csvs: sex must be one of {SEXES}; subject_id {bad_sex[0]} has another")
-    n_visits = np.array([len(p["visits"]) for p in patients], dtype=np.int64)
+    # From a list, the ages as given (float64): the Arrow copy is float32, which can move an age
+    # across a 0.01 rounding boundary.
+    age = (t["age"].to_numpy(zero_copy_only=False).astype(np.float64) if isinstance(patients, Dataset)
+           else np.fromiter((float(p["age"]) for p in patients), dtype=np.float64, count=n))
+    sex = t["sex"]
+    bad_sex = ~np.isin(sex.to_numpy(zero_copy_only=False), SEXES)
+    if bad_sex.any():
+        raise ValueError(f"write_mimic3_csvs: sex must be one of {SEXES}; subject_id {subject[bad_sex][0]} has another")
+    visits = t["visits"].chunk(0) if n else pa.array([], type=pa.list_(pa.list_(pa.string())))
+    n_visits = pc.list_value_length(visits).to_numpy(zero_copy_only=False).astype(np.int64)
     if (n_visits == 0).any():
         raise ValueError(f"write_mimic3_csvs: subject_id {subject[n_visits == 0][0]} has no visit")
-    if ((age < 0) | ~np.isfinite(age)).any():
-        raise ValueError(f"write_mimic3_csvs: subject_id {subject[(age < 0) | ~np.isfinite(age)][0]} has a bad age")
+    bad_age = (age < 0) | ~np.isfinite(age)
+    if bad_age.any():
+        raise ValueError(f"write_mimic3_csvs: subject_id {subject[bad_age][0]} has a bad age")
+    visit_codes = visits.flatten()  # one list of codes per visit
+    d_len = pc.list_value_length(visit_codes).to_numpy(zero_copy_only=False).astype(np.int64)
+    codes = visit_codes.flatten()
 
     rng = np.random.default_rng(seed)
     v_total = int(n_visits.sum())
     v_patient = np.repeat(np.arange(n), n_visits)
-    first_visit = np.r_[0, np.cumsum(n_visits)[:-1]]
+    first_visit = np.r_[0, np.cumsum(n_visits)[:-1]].astype(np.int64)
     is_first = np.zeros(v_total, dtype=bool)
     is_first[first_visit] = True
 
@@ -124,25 +141,23 @@ def _tables(patients: Sequence[dict], seed: int) -> dict[str, pd.DataFrame]:
     disch = admit + 60 * stay_min
 
     hadm = FIRST_HADM_ID + rng.permutation(v_total)
-    codes_per_visit = [v for p in patients for v in p["visits"]]
-    d_len = np.fromiter((len(v) for v in codes_per_visit), dtype=np.int64, count=v_total)
     d_total = int(d_len.sum())
-    d_first = np.r_[0, np.cumsum(d_len)[:-1]]
+    d_first = np.r_[0, np.cumsum(d_len)[:-1]].astype(np.int64)
     seq = np.arange(d_total) - np.repeat(d_first, d_len) + 1
-
     return {
-        "PATIENTS": pd.DataFrame({
-            "ROW_ID": np.arange(1, n + 1), "SUBJECT_ID": subject, "GENDER": sex, "DOB": _format_times(dob),
-            "DOD": "", "DOD_HOSP": "", "DOD_SSN": "", "EXPIRE_FLAG": 0,
+        "PATIENTS": pa.table({
+            "ROW_ID": np.arange(1, n + 1), "SUBJECT_ID": subject, "GENDER": sex, "DOB": _timestamps(dob),
+            "DOD": pa.nulls(n, pa.timestamp("s")), "DOD_HOSP": pa.nulls(n, pa.timestamp("s")),
+            "DOD_SSN": pa.nulls(n, pa.timestamp("s")), "EXPIRE_FLAG": np.zeros(n, dtype=np.int64),
         }),
-        "ADMISSIONS": pd.DataFrame({
+        "ADMISSIONS": pa.table({
             "ROW_ID": np.arange(1, v_total + 1), "SUBJECT_ID": subject[v_patient], "HADM_ID": hadm,
-            "ADMITTIME": _format_times(admit), "DISCHTIME": _format_times(disch), "DEATHTIME": "",
+            "ADMITTIME": _timestamps(admit), "DISCHTIME": _timestamps(disch),
+            "DEATHTIME": pa.nulls(v_total, pa.timestamp("s")),
         }),
-        "DIAGNOSES_ICD": pd.DataFrame({
+        "DIAGNOSES_ICD": pa.table({
             "ROW_ID": np.arange(1, d_total + 1), "SUBJECT_ID": np.repeat(subject[v_patient], d_len),
-            "HADM_ID": np.repeat(hadm, d_len), "SEQ_NUM": seq,
-            "ICD9_CODE": [c for v in codes_per_visit for c in v],
+            "HADM_ID": np.repeat(hadm, d_len), "SEQ_NUM": seq, "ICD9_CODE": codes,
         }),
     }
 
@@ -153,17 +168,15 @@ def write_mimic3_csvs(patients: Sequence[dict] | Dataset, out_dir: str | os.Path
     `seed` draws the dates and hadm_ids. Other files in `out_dir` are left alone; the three
     tables are replaced together only once all three are written.
     """
-    if isinstance(patients, Dataset):
-        patients = dataset_to_patients(patients)
     tables = _tables(patients, seed)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tmps: dict[str, str] = {}
     try:
-        for name, df in tables.items():
+        for name, table in tables.items():
             fd, tmps[name] = tempfile.mkstemp(prefix=f".{name}.", suffix=".csv.tmp", dir=out)
             os.close(fd)
-            df.to_csv(tmps[name], index=False)
+            pa_csv.write_csv(table, tmps[name])
         paths = {}
         for name, tmp in tmps.items():
             paths[name] = out / f"{name}.csv"
