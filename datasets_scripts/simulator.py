@@ -1,0 +1,911 @@
+"""The built-in simulated cohort: a documented generative process over real ICD-9-CM codes.
+
+Nobody can ship MIMIC-III, so the default cohort is simulated. It is calibrated to the public
+MIMIC-III figures (``shared/mimic3_reference.md``: 46,520 patients, 56% male, ~17% neonates,
+~1.27 admissions per patient, ~11.3 codes per admission, the top-20 codes) and, being a known
+process, it is also the ground truth fidelity is measured against.
+
+Everything that defines the process is in the tables below (``PARAMS``, ``PHENOTYPES``,
+``EXCLUDES``); the code only samples from them. One patient is drawn as follows.
+
+1. **Demographics.** Neonate (age 0) with probability ``PARAMS.p_neonate``; otherwise an adult
+   with age ``age_min + (age_max - age_min) * Beta(age_a, age_b)``, rounded to 0.01 year and
+   capped at 90 (MIMIC-III shifts patients over 89). Sex is male with ``PARAMS.p_male``. A
+   frailty score ``z ~ N(0, 1)`` couples comorbidities and readmissions.
+2. **Phenotypes** (latent clinical profiles, a mixture per patient). For every eligible phenotype
+   (age window, sex) in table order, membership ~ Bernoulli(sigmoid(``logit`` +
+   ``age_slope`` * (age - 65) / 10 + ``male`` * [sex = M] + ``frailty`` * z + the ``boosts`` of
+   the earlier phenotypes the patient already has)).
+3. **Admissions.** 1 + Poisson(lambda) admissions, lambda = ``readmit_rate`` (adult or neonate)
+   * exp(sum of the members' ``readmit`` + ``frailty_readmit`` * z) * Gamma(``readmit_shape``)
+   (over-dispersed: most patients have one admission, a few have many), at most ``max_visits``.
+4. **Each admission, in order** (later admissions depend on earlier ones):
+   - a phenotype is *active* with probability ``episode`` = (first, keep, new): at its first
+     admission, after an admission where it was active, after one where it was not. Chronic
+     phenotypes are active at every admission (1, 1, 1); acute ones (sepsis, trauma) come as
+     episodes.
+   - each ``Condition`` of an active phenotype is coded with ``p_first`` at the phenotype's first
+     active admission, then with ``p_keep`` if it was coded at the previous active admission
+     (chronic conditions persist) or ``p_new`` if not (incidence). A condition with ``requires``
+     is coded only when that condition is coded in the same admission.
+   - a condition writes one *variant* (one or more codes) drawn once per patient by weight among
+     the variants the patient's age and sex allow; at each later admission a coded condition
+     moves to its ``progress`` variant with probability ``p_progress`` (CKD stage 3 -> 4 -> 5 ->
+     ESRD, diabetes -> diabetic nephropathy, metastases ...).
+   - the long tail: each active phenotype adds Poisson(``tail_rate``) codes drawn from its
+     ``tail`` categories (real billable v32 codes, no core code) with Zipf weights
+     rank^-``PARAMS.zipf_s``, the ranks being a fixed permutation (seeded by
+     ``PARAMS.structure_seed`` and the phenotype name, not by the sampling seed); each tail code
+     of the previous admission returns with ``PARAMS.tail_keep``. An admission with no code gets
+     one background tail code.
+   - codes are de-duplicated, ``EXCLUDES`` applied (e.g. hypertensive CKD 40390 replaces 4019),
+     ordered like MIMIC's ``seq_num`` by ``rank`` + N(0, ``PARAMS.order_noise``) (principal acute
+     diagnosis first, chronic conditions, status V codes and external-cause E codes last), and
+     cut at ``PARAMS.max_codes`` (MIMIC's maximum, 39).
+
+Every code is a v32 node (almost all billable leaves, as in MIMIC), and every record respects the
+CMS Medicare Code Editor age/sex edits by construction: variants and tail pools are filtered by
+``icd9.check(code, age, sex)`` for the patient's own age and sex before sampling.
+
+Sampling is vectorised with numpy over blocks of ``PARAMS.block_size`` patients; block b uses
+the random stream ``SeedSequence(seed).spawn`` child b, so ``simulate(n, seed)`` is deterministic
+and a smaller cohort is the start of a larger one with the same seed.
+
+CLI: ``promptehr simulate --patients N --seed S --out DIR`` writes MIMIC-III CSVs through
+``promptehr_hf.modeling_promptehr.cohort_io.write_mimic3_csvs``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import functools
+import zlib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from promptehr_hf.datasets_scripts.schema import AGE_CAP, SEXES
+
+# ======================================================================================
+# Parameters: the one place that defines the process
+# ======================================================================================
+
+
+@dataclass(frozen=True)
+class Condition:
+    """One clinical condition of a phenotype, coded as one variant of real ICD-9-CM codes.
+
+    variants: ``{"code [code ...]": weight}``; a variant is drawn once per patient (among those
+        the CMS edits allow for the patient's age and sex) and written as all its codes.
+    p_first / p_keep / p_new: P(coded at an admission where the phenotype is active) at the
+        phenotype's first active admission / after being coded at the previous active one /
+        after not being coded there.
+    requires: name of a condition of the same phenotype that must be coded in the same admission.
+    rank: position in the admission's code order (0 = principal acute diagnosis, 1 acute
+        complication, 2 active secondary, 3 chronic comorbidity, 4 status V code, 5 E code).
+    progress: ``{variant: next variant}`` taken with ``p_progress`` at each later coded admission.
+    """
+
+    name: str
+    variants: Mapping[str, float]
+    p_first: float
+    p_keep: float
+    p_new: float
+    rank: float = 3.0
+    requires: str | None = None
+    progress: Mapping[str, str] = field(default_factory=dict)
+    p_progress: float = 0.0
+
+
+def chronic(name, variants, p, keep=0.9, new=0.08, rank=3.0, **kw) -> Condition:
+    """A persistent condition: coded with p at first, then mostly kept."""
+    return Condition(name, variants if isinstance(variants, Mapping) else {variants: 1.0}, p, keep, new, rank, **kw)
+
+
+def acute(name, variants, p, rank=1.0, **kw) -> Condition:
+    """An episodic condition: coded with p at every active admission, no memory."""
+    return Condition(name, variants if isinstance(variants, Mapping) else {variants: 1.0}, p, p, p, rank, **kw)
+
+
+@dataclass(frozen=True)
+class Phenotype:
+    """A latent clinical profile: who has it, when it is active, and the codes it writes.
+
+    ages: eligible whole-year age window (inclusive); sex: "F", "M" or None (both).
+    logit, age_slope (per decade from 65), male, frailty, boosts ({earlier phenotype: logit
+        increment}): membership ~ Bernoulli(sigmoid(sum)).
+    episode: (first, keep, new) probabilities of being active at an admission (see module doc).
+    readmit: added to the log readmission rate of members.
+    conditions: the core codes. tail: category ranges ("390-459", "V01-V91", "E800-E999") of the
+        long tail; tail_rate: mean tail codes per active admission; tail_rank: their order rank.
+    """
+
+    name: str
+    note: str
+    ages: tuple[int, int]
+    logit: float
+    conditions: tuple[Condition, ...]
+    tail: tuple[str, ...]
+    tail_rate: float
+    age_slope: float = 0.0
+    male: float = 0.0
+    frailty: float = 0.0
+    boosts: Mapping[str, float] = field(default_factory=dict)
+    sex: str | None = None
+    episode: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    readmit: float = 0.0
+    tail_rank: float = 2.5
+
+
+@dataclass(frozen=True)
+class CohortParams:
+    """Global parameters of the simulated cohort (see the module docstring for their roles)."""
+
+    p_neonate: float = 0.17  # MIMIC-III: ~7,870 of 46,520 patients admitted at age 0
+    p_male: float = 0.56  # 26,121 M / 20,399 F
+    age_min: float = 16.0  # adults: age_min + (age_max - age_min) * Beta(age_a, age_b), capped at 90
+    age_max: float = 100.0
+    age_a: float = 3.1
+    age_b: float = 2.2
+    readmit_rate: tuple[float, float] = (0.09, 0.02)  # (adult, neonate) base of lambda
+    readmit_shape: float = 0.5  # Gamma shape of the over-dispersion (mean 1)
+    frailty_readmit: float = 0.3
+    max_visits: int = 40
+    max_codes: int = 39  # MIMIC-III seq_num reaches 39
+    tail_keep: float = 0.3
+    zipf_s: float = 2.35  # tail weights (rank + zipf_q)^-zipf_s
+    zipf_q: float = 48.0
+    order_noise: float = 0.8
+    structure_seed: int = 2015  # fixes the tail ranks: part of the process, not of a sample
+    block_size: int = 4096
+
+
+PARAMS = CohortParams()
+
+ADULT = (15, 124)
+NEONATE = (0, 0)
+
+# The phenotypes, in membership order (a phenotype's boosts name earlier ones).
+PHENOTYPES: tuple[Phenotype, ...] = (
+    Phenotype(
+        "background", "Every adult: the broad long tail of rarer codes from all chapters (no core codes).",
+        ADULT, logit=20.0, tail=("001-629", "680-759", "780-999", "V01-V91", "E800-E999"), tail_rate=1.5,
+        tail_rank=3.0, conditions=(),
+    ),
+    Phenotype(
+        "general", "Common comorbidities of hospitalised adults, more frequent with age.",
+        ADULT, logit=1.0, age_slope=0.45, frailty=0.3, tail=("240-289", "710-739"), tail_rate=0.3,
+        conditions=(
+            chronic("gerd", "53081", 0.17),
+            chronic("hypothyroidism", "2449", 0.12),
+            chronic("anemia", {"2859": 0.8, "2809": 0.2}, 0.10, keep=0.6, new=0.1),
+            chronic("depression", "311", 0.05),
+            chronic("anxiety", "30000", 0.04),
+            chronic("osteoarthritis", "71590", 0.03),
+            chronic("osteoporosis", "73300", 0.04),
+            chronic("bph", "60000", 0.07),
+            chronic("gout", "2749", 0.03),
+            chronic("tobacco_history", "V1582", 0.07, rank=4),
+            chronic("dnr", "V4986", 0.04, keep=0.7, rank=4),
+            chronic("long_term_meds", {"V5869": 0.6, "V5866": 0.4}, 0.08, rank=4),
+            acute("electrolytes", {"2761": 0.5, "2768": 0.35, "2752": 0.15}, 0.06, rank=2),
+            acute("uti", "5990", 0.09, rank=2),
+            acute("thrombocytopenia", "2875", 0.04, rank=2),
+            acute("hypotension", "4589", 0.025, rank=2),
+            acute("pressure_ulcer", {"70703": 0.6, "70707": 0.4}, 0.02, rank=2),
+        ),
+    ),
+    Phenotype(
+        "cardiometabolic", "Hypertension, dyslipidaemia, type 2 diabetes, coronary artery disease, obesity.",
+        ADULT, logit=0.55, age_slope=0.55, male=0.25, frailty=0.3, readmit=0.15,
+        tail=("240-279", "401-405", "410-414", "440-448"), tail_rate=0.35,
+        conditions=(
+            chronic("hypertension", "4019", 0.80, keep=0.92, new=0.3),
+            chronic("hyperlipidemia", {"2724": 0.57, "2720": 0.43}, 0.50, keep=0.85, new=0.15),
+            chronic("diabetes", {"25000": 0.80, "25002": 0.06, "25001": 0.04, "25040 5830": 0.05, "25060 3572": 0.05},
+                    0.38, keep=0.92, new=0.06, progress={"25000": "25040 5830"}, p_progress=0.04),
+            chronic("insulin", "V5867", 0.30, rank=4, requires="diabetes"),
+            chronic("cad", "41401", 0.27, keep=0.9, new=0.1),
+            chronic("old_mi", "412", 0.25, requires="cad"),
+            chronic("cabg_status", {"V4581": 0.6, "V4582": 0.4}, 0.22, rank=4, requires="cad"),
+            chronic("obesity", {"27800": 0.6, "27801": 0.4}, 0.12),
+            chronic("pvd", {"4439": 0.7, "44020": 0.3}, 0.05),
+        ),
+    ),
+    Phenotype(
+        "heart", "Heart failure, atrial fibrillation and other arrhythmias, valve disease.",
+        ADULT, logit=-0.55, age_slope=0.6, male=0.1, frailty=0.5, boosts={"cardiometabolic": 0.7}, readmit=0.35,
+        tail=("390-398", "415-429"), tail_rate=0.45,
+        conditions=(
+            chronic("atrial_fibrillation", "42731", 0.47, keep=0.9, new=0.15),
+            chronic("anticoagulation", "V5861", 0.38, rank=4, requires="atrial_fibrillation"),
+            chronic("heart_failure", {"4280": 0.34, "4280 42832": 0.18, "4280 42833": 0.14, "4280 42822": 0.1,
+                                      "4280 42823": 0.1, "4280 42843": 0.07, "4280 42830": 0.07},
+                    0.47, keep=0.9, new=0.18, progress={"4280 42832": "4280 42833", "4280 42822": "4280 42823"},
+                    p_progress=0.3),
+            chronic("flutter", "42732", 0.06),
+            chronic("valve", {"4240": 0.55, "4241": 0.45}, 0.14),
+            chronic("pulmonary_hypertension", "4168", 0.10),
+            chronic("cardiomyopathy", {"4254": 0.7, "42511": 0.3}, 0.07),
+            chronic("pacemaker", {"V4501": 0.7, "V4502": 0.3}, 0.07, rank=4),
+            acute("ventricular_tachycardia", "4271", 0.05),
+            acute("cardiogenic_shock", "78551", 0.04, rank=0.5),
+            acute("cardiorenal_aki", "5849", 0.08),
+            acute("hyperkalemia", "2767", 0.03, rank=2),
+            acute("hypotension", "4589", 0.04, rank=2),
+            acute("anemia", "2859", 0.07, rank=2),
+        ),
+    ),
+    Phenotype(
+        "cardiac_surgery", "Coronary or valve surgery, acute coronary syndromes (the CSRU/CCU population).",
+        (35, 124), logit=-2.5, age_slope=0.1, male=0.7, boosts={"cardiometabolic": 0.9, "heart": 0.4},
+        episode=(0.92, 0.05, 0.04), tail=("410-414", "996-999", "E870-E879"), tail_rate=0.5,
+        conditions=(
+            acute("cad", "41401", 0.8, rank=0),
+            acute("aortic_valve", "4241", 0.22, rank=0.5),
+            acute("mitral_valve", "4240", 0.10, rank=1),
+            acute("acute_mi", {"41071": 0.7, "41041": 0.15, "41011": 0.15}, 0.25, rank=0),
+            acute("unstable_angina", "4111", 0.12, rank=0.5),
+            acute("blood_loss_anemia", "2851", 0.35, rank=2),
+            acute("postop_af", "42731", 0.30, rank=2),
+            acute("cardiac_complication", "9971", 0.12, rank=1),
+            acute("procedure_hemorrhage", "99811", 0.05, rank=1),
+            acute("surgery_ecode", {"E8781": 0.6, "E8782": 0.4}, 0.14, rank=5),
+            acute("atelectasis", "5180", 0.08, rank=2),
+            acute("pleural_effusion", "5119", 0.10, rank=2),
+            acute("heart_failure", "4280", 0.15, rank=2),
+            acute("angina", {"4139": 0.6, "4148": 0.4}, 0.08, rank=2),
+        ),
+    ),
+    Phenotype(
+        "renal", "Chronic kidney disease with stage progression to ESRD and dialysis; acute kidney injury.",
+        ADULT, logit=-2.2, age_slope=0.35, male=0.2, frailty=0.5, boosts={"cardiometabolic": 0.6, "heart": 0.5},
+        readmit=0.5, tail=("580-599", "270-279"), tail_rate=0.35,
+        conditions=(
+            chronic("ckd", {"5859 40390": 0.28, "5853 40390": 0.24, "5854 40390": 0.12, "5855 40391": 0.05,
+                            "5856 40391 V4511": 0.21, "5852 40390": 0.1},
+                    0.75, keep=0.95, new=0.2, p_progress=0.2,
+                    progress={"5852 40390": "5853 40390", "5853 40390": "5854 40390", "5854 40390": "5855 40391",
+                              "5855 40391": "5856 40391 V4511"}),
+            acute("aki", {"5849": 0.85, "5845": 0.15}, 0.30, rank=0.5),
+            chronic("ckd_anemia", "28521", 0.30, requires="ckd"),
+            chronic("hyperparathyroidism", "58881", 0.18, requires="ckd"),
+            acute("hyperkalemia", "2767", 0.12, rank=2),
+            acute("fluid_overload", "27669", 0.08, rank=2),
+            acute("acidosis", "2762", 0.10, rank=2),
+            acute("dialysis_complication", "99673", 0.04, rank=0.5),
+            chronic("kidney_transplant", "V420", 0.05, rank=4),
+        ),
+    ),
+    Phenotype(
+        "respiratory", "COPD, asthma, pneumonia, hypoxaemic respiratory failure.",
+        ADULT, logit=-0.95, age_slope=0.3, male=0.1, frailty=0.5, readmit=0.3,
+        tail=("460-519",), tail_rate=0.45,
+        conditions=(
+            chronic("copd", {"496": 0.62, "49121": 0.22, "4928": 0.10, "49120": 0.06}, 0.48, keep=0.9, new=0.1),
+            chronic("asthma", "49390", 0.10),
+            chronic("sleep_apnea", "32723", 0.07),
+            chronic("tobacco", {"3051": 0.6, "V1582": 0.4}, 0.10),
+            chronic("home_oxygen", "V462", 0.05, rank=4),
+            acute("pneumonia", "486", 0.21, rank=0),
+            acute("bacterial_pneumonia", {"4821": 0.3, "48241": 0.25, "48242": 0.25, "4870": 0.2}, 0.06, rank=0),
+            acute("respiratory_failure", {"51881": 0.8, "51884": 0.12, "51883": 0.08}, 0.33, rank=0.5),
+            acute("aspiration", "5070", 0.09, rank=0.5),
+            acute("pleural_effusion", "5119", 0.10, rank=2),
+            acute("hypoxemia", "79902", 0.06, rank=2),
+            acute("pulmonary_embolism", "41519", 0.03, rank=0),
+            acute("pulmonary_edema", "5184", 0.03, rank=1),
+        ),
+    ),
+    Phenotype(
+        "liver_gi", "Cirrhosis and its complications, hepatitis C, GI bleeding, pancreatitis.",
+        ADULT, logit=-1.9, age_slope=-0.1, male=0.35, frailty=0.4, readmit=0.45,
+        tail=("520-579",), tail_rate=0.55,
+        conditions=(
+            chronic("cirrhosis", {"5715": 0.5, "5712": 0.45, "5716": 0.05}, 0.42, keep=0.95, new=0.08),
+            chronic("portal_hypertension", "5723", 0.45, requires="cirrhosis"),
+            acute("ascites", "78959", 0.40, rank=2, requires="cirrhosis"),
+            acute("encephalopathy", "5722", 0.22, rank=1, requires="cirrhosis"),
+            chronic("varices", {"4561": 0.5, "45621": 0.5}, 0.25, requires="cirrhosis"),
+            acute("hepatorenal", "5724", 0.06, rank=1, requires="cirrhosis"),
+            acute("sbp", "56723", 0.05, rank=0.5, requires="cirrhosis"),
+            chronic("hepatitis_c", {"07054": 0.6, "07070": 0.4}, 0.22),
+            acute("gi_bleed", {"5789": 0.45, "5781": 0.2, "5780": 0.15, "53140": 0.1, "53240": 0.1}, 0.32, rank=0),
+            acute("blood_loss_anemia", "2851", 0.40, rank=2, requires="gi_bleed"),
+            chronic("gerd", "53081", 0.20),
+            acute("pancreatitis", {"5770": 0.75, "5771": 0.25}, 0.10, rank=0),
+            acute("coagulopathy", {"2869": 0.6, "2875": 0.4}, 0.2, rank=2),
+            acute("hyponatremia", "2761", 0.12, rank=2),
+            acute("c_difficile", "00845", 0.05, rank=1),
+            chronic("diverticulosis", "56210", 0.05),
+        ),
+    ),
+    Phenotype(
+        "sepsis", "Sepsis and critical illness: septicaemia, severe sepsis, shock, organ failure.",
+        ADULT, logit=-1.1, age_slope=0.2, frailty=0.8,
+        boosts={"renal": 0.4, "liver_gi": 0.6, "respiratory": 0.3}, episode=(0.65, 0.3, 0.2), readmit=0.2,
+        tail=("001-139", "590-599", "680-686", "990-995"), tail_rate=0.55,
+        conditions=(
+            acute("septicemia", {"0389": 0.7, "03842": 0.07, "03811": 0.06, "03812": 0.05, "03849": 0.05, "0380": 0.04,
+                                 "03843": 0.03}, 0.52, rank=0),
+            acute("severe_sepsis", "99592", 0.35, rank=1),
+            acute("septic_shock", "78552", 0.55, rank=1, requires="severe_sepsis"),
+            acute("sepsis", "99591", 0.07, rank=1),
+            acute("aki", {"5849": 0.9, "5845": 0.1}, 0.35, rank=1),
+            acute("respiratory_failure", "51881", 0.33, rank=1),
+            acute("acidosis", "2762", 0.32, rank=2),
+            acute("uti", "5990", 0.26, rank=1),
+            acute("pneumonia", "486", 0.17, rank=1),
+            acute("aspiration", "5070", 0.06, rank=1),
+            acute("thrombocytopenia", {"2875": 0.8, "2866": 0.2}, 0.10, rank=2),
+            acute("electrolytes", {"2761": 0.4, "2768": 0.3, "2767": 0.3}, 0.12, rank=2),
+            acute("hypotension", "4589", 0.06, rank=2),
+            acute("c_difficile", "00845", 0.05, rank=1),
+            acute("bacteremia", "7907", 0.04, rank=1),
+            acute("ards", "51882", 0.05, rank=1),
+        ),
+    ),
+    Phenotype(
+        "oncology", "Solid and haematological cancers, metastases, chemotherapy complications.",
+        ADULT, logit=-2.1, age_slope=0.3, frailty=0.4, readmit=0.5, tail=("140-239",), tail_rate=0.6,
+        conditions=(
+            chronic("primary", {"1629": 0.24, "1539": 0.07, "1579": 0.08, "1550": 0.05, "1749": 0.07, "185": 0.06,
+                                "1890": 0.03, "1519": 0.03, "1830": 0.02, "20280": 0.06, "20300": 0.04, "20500": 0.05,
+                                "1919": 0.04, "1509": 0.03, "1889": 0.03, "1541": 0.02},
+                    1.0, keep=0.95, new=0.0, rank=0.5),
+            chronic("metastasis", {"1977": 0.3, "1983": 0.25, "1985": 0.25, "1970": 0.1, "1976": 0.1}, 0.35,
+                    keep=0.9, new=0.2, rank=1),
+            acute("neutropenia", {"28800": 0.6, "28803": 0.4}, 0.10, rank=1),
+            acute("pancytopenia", {"28419": 0.5, "28411": 0.5}, 0.06, rank=1),
+            acute("anemia", {"2859": 0.7, "28522": 0.3}, 0.28, rank=2),
+            acute("chemo_adverse", "E9331", 0.10, rank=5),
+            acute("fever", "78060", 0.10, rank=2),
+            acute("hypercalcemia", "27542", 0.05, rank=2),
+            acute("thrombosis", {"45341": 0.5, "41519": 0.5}, 0.08, rank=1),
+            acute("malnutrition", {"2639": 0.6, "7994": 0.4}, 0.10, rank=2),
+            acute("pleural_effusion", "5119", 0.10, rank=2),
+            chronic("dnr", "V4986", 0.10, rank=4),
+        ),
+    ),
+    Phenotype(
+        "trauma", "Injuries of younger adults: motor-vehicle crashes, assaults, head, chest and spine trauma.",
+        ADULT, logit=-2.3, age_slope=-0.35, male=0.8, episode=(0.95, 0.05, 0.03),
+        tail=("800-959", "E800-E999"), tail_rate=1.2,
+        conditions=(
+            acute("mechanism", {"E8120": 0.25, "E8160": 0.08, "E8190": 0.12, "E8859": 0.15, "E8889": 0.1, "E8809": 0.05,
+                                "E9600": 0.08, "E9654": 0.05, "E8147": 0.05, "E8261": 0.07}, 0.85, rank=5),
+            acute("place", {"E8490": 0.4, "E8495": 0.4, "E8499": 0.2}, 0.45, rank=5.5),
+            acute("brain_injury", {"85200": 0.2, "85220": 0.25, "85221": 0.1, "85300": 0.05, "85400": 0.1, "85100": 0.1,
+                                   "85101": 0.1, "80100": 0.1}, 0.35, rank=0),
+            acute("rib_fractures", {"80702": 0.3, "80703": 0.25, "80704": 0.15, "80701": 0.2, "80700": 0.1}, 0.25,
+                  rank=0.5),
+            acute("pneumothorax", {"8600": 0.6, "8602": 0.3, "8604": 0.1}, 0.15, rank=1),
+            acute("spine_fracture", {"80501": 0.15, "8052": 0.3, "8054": 0.35, "80506": 0.2}, 0.15, rank=0.5),
+            acute("limb_fracture", {"8088": 0.3, "82300": 0.2, "82101": 0.25, "81201": 0.25}, 0.18, rank=0.5),
+            acute("organ_injury", {"86502": 0.4, "86401": 0.35, "86602": 0.25}, 0.08, rank=0.5),
+            acute("facial_fracture", {"8020": 0.5, "80220": 0.5}, 0.10, rank=1),
+            acute("open_wound", {"8730": 0.5, "87342": 0.5}, 0.12, rank=2),
+            acute("alcohol", {"30500": 0.8, "30390": 0.2}, 0.2, rank=3),
+            acute("blood_loss_anemia", "2851", 0.25, rank=2),
+            acute("respiratory_failure", {"51881": 0.6, "51851": 0.4}, 0.15, rank=1),
+        ),
+    ),
+    Phenotype(
+        "falls", "Falls of older adults: hip fractures, subdural haematoma, syncope.",
+        (40, 124), logit=-2.6, age_slope=0.6, male=-0.2, frailty=0.3, episode=(0.9, 0.1, 0.08),
+        tail=("800-959", "E880-E888"), tail_rate=0.6,
+        conditions=(
+            acute("fall", {"E8859": 0.55, "E8889": 0.3, "E8809": 0.15}, 0.80, rank=5),
+            acute("place", {"E8497": 0.3, "E8490": 0.7}, 0.50, rank=5.5),
+            acute("hip_fracture", {"82021": 0.3, "82009": 0.3, "8208": 0.25, "82000": 0.15}, 0.32, rank=0),
+            acute("subdural", {"85220": 0.65, "85221": 0.35}, 0.22, rank=0),
+            acute("syncope", "7802", 0.10, rank=1),
+            acute("blood_loss_anemia", "2851", 0.15, rank=2),
+            chronic("fall_history", "V1588", 0.15, rank=4),
+            chronic("osteoporosis", "73300", 0.15),
+            chronic("dementia", {"2900": 0.3, "3310": 0.4, "29410": 0.3}, 0.12),
+        ),
+    ),
+    Phenotype(
+        "substance", "Alcohol and drug use disorders, withdrawal, overdoses.",
+        ADULT, logit=-1.4, age_slope=-0.55, male=0.8, frailty=0.2, readmit=0.4,
+        tail=("291-292", "303-305", "960-989", "E850-E869"), tail_rate=0.45,
+        conditions=(
+            chronic("alcohol", {"30500": 0.35, "30390": 0.3, "30391": 0.2, "30300": 0.15}, 0.55, keep=0.85, new=0.2),
+            acute("withdrawal", {"29181": 0.75, "2910": 0.25}, 0.30, rank=0.5, requires="alcohol"),
+            chronic("tobacco", "3051", 0.30),
+            chronic("drugs", {"30490": 0.15, "30400": 0.15, "30560": 0.2, "30520": 0.2, "30550": 0.15, "30590": 0.15},
+                    0.30, keep=0.8, new=0.1),
+            acute("overdose", {"96500": 0.2, "96509": 0.2, "9694": 0.2, "9800": 0.2, "96501": 0.2}, 0.12, rank=0),
+            chronic("hepatitis_c", "07054", 0.15),
+            acute("electrolytes", {"2761": 0.35, "2752": 0.35, "2768": 0.3}, 0.15, rank=2),
+            acute("seizure", "78039", 0.08, rank=1),
+            chronic("homeless", "V600", 0.05, rank=4),
+        ),
+    ),
+    Phenotype(
+        "psychiatric", "Depression, anxiety, bipolar disorder and schizophrenia; self-poisoning.",
+        ADULT, logit=-1.9, age_slope=-0.3, male=-0.35, boosts={"substance": 0.8}, readmit=0.2,
+        tail=("290-319",), tail_rate=0.35,
+        conditions=(
+            chronic("depression", {"311": 0.6, "29620": 0.15, "29630": 0.1, "29690": 0.05, "3004": 0.1}, 0.55),
+            chronic("anxiety", {"30000": 0.8, "30002": 0.1, "30981": 0.1}, 0.30),
+            chronic("bipolar_psychosis", {"29680": 0.5, "29590": 0.3, "29570": 0.2}, 0.12),
+            acute("self_poisoning", {"9694": 0.3, "96900": 0.2, "9654": 0.3, "9670": 0.2}, 0.08, rank=0),
+            acute("suicide_ecode", {"E9503": 0.5, "E9500": 0.5}, 0.6, rank=5, requires="self_poisoning"),
+            acute("insomnia", "78052", 0.04, rank=3),
+        ),
+    ),
+    Phenotype(
+        "neuro", "Stroke (ischaemic and haemorrhagic), seizures, encephalopathy, dementia.",
+        ADULT, logit=-1.75, age_slope=0.35, frailty=0.3, boosts={"cardiometabolic": 0.3, "heart": 0.3},
+        episode=(0.9, 0.5, 0.2), readmit=0.2, tail=("320-389", "430-438"), tail_rate=0.5,
+        conditions=(
+            acute("stroke", {"43491": 0.45, "43411": 0.1, "431": 0.2, "430": 0.1, "4321": 0.05, "43401": 0.1}, 0.45,
+                  rank=0),
+            acute("hemiplegia", {"34290": 0.7, "43820": 0.3}, 0.25, rank=2),
+            acute("aphasia_dysphagia", {"7843": 0.4, "78720": 0.6}, 0.25, rank=2),
+            acute("brain_swelling", {"3485": 0.6, "3484": 0.25, "3314": 0.15}, 0.10, rank=1),
+            chronic("epilepsy", {"34590": 0.55, "78039": 0.45}, 0.25, keep=0.7, new=0.1, rank=1),
+            acute("aspiration", "5070", 0.15, rank=1),
+            chronic("dementia", {"2900": 0.2, "3310": 0.3, "2948": 0.3, "29410": 0.2}, 0.10),
+            chronic("parkinson", "3320", 0.05),
+            acute("encephalopathy", {"34830": 0.4, "34831": 0.4, "3481": 0.2}, 0.10, rank=1),
+            acute("altered_mental_status", "78097", 0.08, rank=2),
+            chronic("carotid_stenosis", "43310", 0.06),
+        ),
+    ),
+    Phenotype(
+        "obstetric", "Pregnancy and delivery complications (women of child-bearing age).",
+        (15, 45), sex="F", logit=-2.4, age_slope=-0.8, episode=(1.0, 0.05, 0.05),
+        tail=("630-679", "V22-V28"), tail_rate=0.8,
+        conditions=(
+            acute("delivered", {"64891": 0.5, "66401": 0.5}, 0.45, rank=0),
+            acute("outcome", "V270", 0.55, rank=4),
+            acute("preeclampsia", {"64241": 0.5, "64251": 0.3, "64243": 0.2}, 0.30, rank=0),
+            acute("postpartum_hemorrhage", "66612", 0.10, rank=1),
+            acute("previous_cesarean", "65421", 0.15, rank=2),
+            acute("preterm_labour", "64421", 0.10, rank=1),
+            acute("anemia_pregnancy", "64821", 0.10, rank=2),
+            acute("gestational_diabetes", "64881", 0.06, rank=2),
+        ),
+    ),
+    Phenotype(
+        "neonatal", "Every newborn: the liveborn code, routine newborn care, common term problems.",
+        NEONATE, logit=20.0, readmit=0.0, tail=("740-759", "760-779", "V29-V29", "V50-V50"), tail_rate=0.5,
+        conditions=(
+            Condition("liveborn", {"V3000": 0.53, "V3001": 0.37, "V3101": 0.05, "V3100": 0.03, "V3401": 0.02},
+                      1.0, 0.0, 0.0, rank=0),
+            acute("hepatitis_b_vaccine", "V053", 0.55, rank=4),
+            acute("observation_infection", "V290", 0.45, rank=4),
+            acute("jaundice", "7746", 0.18, rank=2),
+            acute("transient_tachypnea", "7706", 0.12, rank=1),
+            acute("feeding_problem", "77931", 0.10, rank=2),
+            acute("hypoglycemia", "7756", 0.08, rank=2),
+            acute("circumcision", "V502", 0.15, rank=4),
+            acute("growth", {"7661": 0.5, "76408": 0.5}, 0.06, rank=2),
+            acute("newborn_sepsis", "77181", 0.03, rank=1),
+            acute("septal_defect", {"7455": 0.6, "7470": 0.4}, 0.05, rank=2),
+            acute("observation_other", "V293", 0.05, rank=4),
+        ),
+    ),
+    Phenotype(
+        "preterm", "Preterm newborns: birth weight with gestational age, and the complications of prematurity.",
+        NEONATE, logit=-0.45, readmit=0.5, tail=("760-779",), tail_rate=0.6,
+        conditions=(
+            Condition("weight_gestation", {"76502 76523": 0.04, "76503 76524": 0.06, "76514 76525": 0.08,
+                                           "76515 76526": 0.12, "76516 76526": 0.12, "76517 76527": 0.16,
+                                           "76518 76527": 0.14, "76518 76528": 0.18, "76519 76528": 0.10},
+                      1.0, 0.0, 0.0, rank=0.5),
+            acute("jaundice", "7742", 0.60, rank=2),
+            acute("respiratory_distress", "769", 0.25, rank=1),
+            acute("bpd", "7707", 0.10, rank=2),
+            acute("apnea", {"77081": 0.3, "77082": 0.7}, 0.25, rank=2),
+            acute("pda", "7470", 0.10, rank=2),
+            acute("rop", "36220", 0.08, rank=2),
+            acute("ivh", "77210", 0.05, rank=1),
+            acute("feeding_problem", "77931", 0.15, rank=2),
+            acute("anemia_prematurity", "7766", 0.10, rank=2),
+            acute("nec", "77750", 0.03, rank=1),
+        ),
+    ),
+)
+
+# In one admission, the key code replaces the listed ones (ICD-9 combination codes).
+EXCLUDES: dict[str, tuple[str, ...]] = {
+    "40390": ("4019",),  # hypertensive CKD is coded instead of essential hypertension
+    "40391": ("4019",),
+    "99592": ("99591",),  # severe sepsis supersedes sepsis
+    "5845": ("5849",),  # acute tubular necrosis is the specific AKI
+    "28522": ("2859",),  # anemia in neoplastic disease is the specific anemia
+    "28521": ("2859",),
+}
+
+# ======================================================================================
+# The tables compiled to arrays (independent of the sampling seed; built once per process)
+# ======================================================================================
+
+
+def _range_mask(letters: np.ndarray, numbers: np.ndarray, ranges: tuple[str, ...]) -> np.ndarray:
+    """bool [n]: which categories (split as letter "", "V" or "E" and number) fall in the ranges."""
+    mask = np.zeros(len(numbers), dtype=bool)
+    for r in ranges:
+        lo, hi = r.split("-")
+        letter = lo[0] if lo[0] in "VE" else ""
+        mask |= (letters == letter) & (numbers >= int(lo[len(letter):])) & (numbers <= int(hi[len(letter):]))
+    return mask
+
+
+@dataclass(frozen=True)
+class _Compiled:
+    """PHENOTYPES as arrays. P phenotypes, K conditions, W variants, V codes, C demographic classes
+    (distinct sets of CMS-allowed codes over whole-year ages 0-124 and both sexes)."""
+
+    vocab: np.ndarray  # object [V]: codes
+    grid_class: np.ndarray  # int [125, 2]: class of (whole-year age, male)
+    # phenotypes
+    ph_lo: np.ndarray  # int [P]: eligible whole-year ages
+    ph_hi: np.ndarray
+    ph_sex: np.ndarray  # int [P]: -1 both, 0 F only, 1 M only
+    ph_lin: np.ndarray  # float [P, 4]: logit, age slope, male, frailty
+    ph_boost: np.ndarray  # float [P, P]: [source, target] logit increment
+    ph_episode: np.ndarray  # float [P, 3]: first, keep, new
+    ph_readmit: np.ndarray  # float [P]
+    ph_tail_rank: np.ndarray  # float [P]
+    fallback: np.ndarray  # int [2]: phenotype that fills an empty admission (adult, neonate)
+    # conditions and their variants
+    c_pheno: np.ndarray  # int [K]
+    c_prob: np.ndarray  # float [3, K]: p_first, p_keep, p_new
+    c_rank: np.ndarray  # float [K]
+    c_progress: np.ndarray  # float [K]
+    req_levels: tuple  # of (conditions [k], their required conditions [k]), in dependency order
+    c_possible: np.ndarray  # bool [C, K]: some variant is allowed
+    v_start: np.ndarray  # int [K]: first variant of each condition (variants are contiguous)
+    v_codes: np.ndarray  # int [W, L]: code ids of each variant, -1 padded
+    v_next: np.ndarray  # int [W]: progression target (itself if none)
+    v_allowed: np.ndarray  # bool [C, W]
+    v_flat: np.ndarray  # float [C * W]: (c * K + k) + cumulative weight within (c, k); see _sample_variants
+    # long tail
+    tail_rate: np.ndarray  # float [C, P]: 0 where the class has no allowed tail code
+    tail_flat: np.ndarray  # float: (c * P + p) + cumulative Zipf weight, over each (c, p) pool
+    tail_code: np.ndarray  # int: code id of each tail_flat entry
+    # exclusions: in an admission holding excl_key[j], drop excl_drop[j]
+    excl_key: np.ndarray
+    excl_drop: np.ndarray
+
+
+def _zipf_pool(name: str, codes: list[str], cats: list[str]) -> tuple[list[str], np.ndarray]:
+    """A phenotype's tail pool in its fixed order, and its Zipf-Mandelbrot weights
+    (rank + zipf_q)^-zipf_s. The order is a seeded permutation of the categories, then of the
+    codes inside each category, so the far tail leaves whole categories unused, as in MIMIC."""
+    rng = np.random.default_rng([PARAMS.structure_seed, zlib.crc32(name.encode())])
+    distinct, cat_of = np.unique(np.array(cats), return_inverse=True)
+    order = np.lexsort((rng.random(len(codes)), rng.permutation(len(distinct))[cat_of]))
+    weights = (np.arange(1, len(codes) + 1, dtype=np.float64) + PARAMS.zipf_q) ** -PARAMS.zipf_s
+    return [codes[i] for i in order], weights
+
+
+def _segment_cumsum(weights: np.ndarray, seg_len: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-segment normalised cumulative weights of a [C, N] weight matrix whose columns form
+    segments of lengths seg_len; returns (cum [C, N] in (0, 1], segment sums [C, S])."""
+    starts = np.r_[0, np.cumsum(seg_len)[:-1]]
+    sums = np.add.reduceat(weights, starts, axis=1) if weights.shape[1] else np.zeros((weights.shape[0], 0))
+    cum = np.cumsum(weights, axis=1)
+    cum -= np.repeat(np.cumsum(sums, axis=1) - sums, seg_len, axis=1)
+    denom = np.repeat(sums, seg_len, axis=1)
+    return np.minimum(np.divide(cum, denom, out=np.ones_like(cum), where=denom > 0), 1.0), sums
+
+
+@functools.cache
+def _compiled() -> _Compiled:
+    from promptehr_hf.tokenization import icd9
+
+    names = [ph.name for ph in PHENOTYPES]
+    conds = [(p, c) for p, ph in enumerate(PHENOTYPES) for c in ph.conditions]
+    variants = [(k, v) for k, (_, c) in enumerate(conds) for v in c.variants]
+    core = sorted({code for _, v in variants for code in v.split()})
+    bad = [c for c in core if not icd9.is_valid(c)]
+    if bad:
+        raise ValueError(f"simulator tables: {bad} are not ICD-9-CM v32 codes")
+    core_set = set(core)
+    tail_codes = [c for c in icd9.billable_codes() if c not in core_set]
+    cats = [icd9.category(c) for c in tail_codes]
+    letters = np.array([c[0] if c[0] in "VE" else "" for c in cats])
+    numbers = np.array([int(c[1:]) if c[0] in "VE" else int(c) for c in cats])
+    in_pool = [np.flatnonzero(_range_mask(letters, numbers, ph.tail)) for ph in PHENOTYPES]
+    ranked = [_zipf_pool(ph.name, [tail_codes[i] for i in ix], [cats[i] for i in ix]) for ph, ix in zip(PHENOTYPES, in_pool)]
+    vocab = core + sorted({c for pool, _ in ranked for c in pool})
+    code_id = {c: i for i, c in enumerate(vocab)}
+
+    # Demographic classes: the CMS-allowed code set for each whole-year age and sex.
+    edit_class = [icd9.edit_of(c) or "" for c in vocab]
+    classes = sorted(set(edit_class) - {""})
+    reps = [edit_class.index(e) for e in classes]
+    ages = np.repeat(np.arange(125.0), 2)
+    sexes = np.tile(np.array(SEXES, dtype=object), 125)
+    ok = np.ones((250, len(classes) + 1), dtype=bool)
+    for j, r in enumerate(reps):
+        ok[:, j + 1] = icd9.violations([vocab[r]] * 250, ages, sexes) == ""
+    rows, grid = np.unique(ok, axis=0, return_inverse=True)
+    cls_of_code = np.array([0 if e == "" else classes.index(e) + 1 for e in edit_class])
+    allowed = rows[:, cls_of_code]  # [C, V]
+    n_cls = len(rows)
+
+    P, K = len(PHENOTYPES), len(conds)
+    L = max(len(v.split()) for _, v in variants)
+    v_codes = np.full((len(variants), L), -1, dtype=np.int64)
+    for w, (_, v) in enumerate(variants):
+        ids = [code_id[c] for c in v.split()]
+        v_codes[w, : len(ids)] = ids
+    n_var = np.array([len(c.variants) for _, c in conds], dtype=np.int64)
+    v_start = np.r_[0, np.cumsum(n_var)[:-1]].astype(np.int64)
+    v_index = {(k, v): w for w, (k, v) in enumerate(variants)}
+    v_next = np.arange(len(variants))
+    for k, (_, c) in enumerate(conds):
+        for a, b in c.progress.items():
+            v_next[v_index[k, a]] = v_index[k, b]
+    v_allowed = np.where(v_codes[None] >= 0, allowed[:, np.maximum(v_codes, 0)], True).all(axis=2)
+    v_weight = np.array([conds[k][1].variants[v] for k, v in variants]) * v_allowed
+    cum, sums = _segment_cumsum(v_weight, n_var)
+    seg = (np.arange(n_cls)[:, None] * K + np.repeat(np.arange(K), n_var)[None, :]).astype(np.float64)
+
+    cond_index = {(p, c.name): k for k, (p, c) in enumerate(conds)}
+    req = np.array([cond_index[p, c.requires] if c.requires else -1 for p, c in conds])
+    depth = np.zeros(K, dtype=np.int64)
+    for k in range(K):  # requirements point to earlier conditions of the same phenotype
+        if req[k] >= 0:
+            if req[k] >= k:
+                raise ValueError(f"condition {conds[k][1].name}: requires a later condition")
+            depth[k] = depth[req[k]] + 1
+    levels = tuple((np.flatnonzero(depth == d), req[depth == d]) for d in range(1, depth.max() + 1))
+
+    pool_ids = [np.array([code_id[c] for c in codes], dtype=np.int64) for codes, _ in ranked]
+    pool_w = np.concatenate([w for _, w in ranked])
+    pool_len = np.array([len(ids) for ids in pool_ids])
+    all_pool = np.concatenate(pool_ids)
+    tcum, tsums = _segment_cumsum(pool_w[None, :] * allowed[:, all_pool], pool_len)
+    tseg = np.arange(n_cls)[:, None] * P + np.repeat(np.arange(P), pool_len)[None, :]
+
+    boost = np.zeros((P, P))
+    for t, ph in enumerate(PHENOTYPES):
+        for src, b in ph.boosts.items():
+            if names.index(src) >= t:
+                raise ValueError(f"phenotype {ph.name}: boost from {src}, which is not an earlier phenotype")
+            boost[names.index(src), t] = b
+    excl = [(code_id[a], code_id[b]) for a, drops in EXCLUDES.items() for b in drops]
+    return _Compiled(
+        vocab=np.array(vocab, dtype=object),
+        grid_class=grid.reshape(125, 2),
+        ph_lo=np.array([ph.ages[0] for ph in PHENOTYPES]),
+        ph_hi=np.array([ph.ages[1] for ph in PHENOTYPES]),
+        ph_sex=np.array([SEXES.index(ph.sex) if ph.sex else -1 for ph in PHENOTYPES]),
+        ph_lin=np.array([[ph.logit, ph.age_slope, ph.male, ph.frailty] for ph in PHENOTYPES]),
+        ph_boost=boost,
+        ph_episode=np.array([ph.episode for ph in PHENOTYPES]),
+        ph_readmit=np.array([ph.readmit for ph in PHENOTYPES]),
+        ph_tail_rank=np.array([ph.tail_rank for ph in PHENOTYPES]),
+        fallback=np.array([names.index("background"), names.index("neonatal")]),
+        c_pheno=np.array([p for p, _ in conds], dtype=np.int64),
+        c_prob=np.array([[c.p_first for _, c in conds], [c.p_keep for _, c in conds], [c.p_new for _, c in conds]]),
+        c_rank=np.array([c.rank for _, c in conds]),
+        c_progress=np.array([c.p_progress for _, c in conds]),
+        req_levels=levels,
+        c_possible=sums > 0,
+        v_start=v_start,
+        v_codes=v_codes,
+        v_next=v_next,
+        v_allowed=v_allowed,
+        v_flat=(seg + cum).ravel(),
+        tail_rate=np.array([ph.tail_rate for ph in PHENOTYPES])[None, :] * (tsums > 0),
+        tail_flat=(tseg + tcum).ravel(),
+        tail_code=np.tile(all_pool, n_cls),
+        excl_key=np.array([a for a, _ in excl], dtype=np.int64),
+        excl_drop=np.array([b for _, b in excl], dtype=np.int64),
+    )
+
+
+# ======================================================================================
+# Sampling
+# ======================================================================================
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-x))
+
+
+def _sample_variants(S: _Compiled, rng: np.random.Generator, cls: np.ndarray) -> np.ndarray:
+    """int [n, K]: each patient's variant (global index) of every condition, drawn by weight
+    among the variants its class allows (inverse CDF by one searchsorted over all segments)."""
+    K = len(S.v_start)
+    n_var = np.diff(np.r_[S.v_start, len(S.v_next)])
+    var = np.broadcast_to(S.v_start, (len(cls), K)).copy()
+    multi = np.flatnonzero(n_var > 1)
+    seg = cls[:, None] * K + multi[None, :]
+    pos = np.searchsorted(S.v_flat, seg + rng.random(seg.shape), side="right")
+    var[:, multi] = np.minimum(pos - cls[:, None] * len(S.v_next), S.v_start[multi] + n_var[multi] - 1)
+    return var
+
+
+def _sample_block(rng: np.random.Generator, n: int, first_subject_id: int) -> list[dict]:
+    """n patients (see the module docstring); subject_ids first_subject_id, first_subject_id + 1, ..."""
+    S = _compiled()
+    P, K = S.ph_lin.shape[0], len(S.c_pheno)
+
+    # 1. Demographics.
+    neonate = rng.random(n) < PARAMS.p_neonate
+    male = rng.random(n) < PARAMS.p_male
+    adult_age = PARAMS.age_min + (PARAMS.age_max - PARAMS.age_min) * rng.beta(PARAMS.age_a, PARAMS.age_b, n)
+    age = np.where(neonate, 0.0, np.minimum(np.round(adult_age, 2), AGE_CAP))
+    years = age.astype(np.int64)
+    frailty = rng.standard_normal(n)
+    cls = S.grid_class[years, male.astype(np.int64)]
+
+    # 2. Phenotype memberships, in table order (boosts come from earlier phenotypes).
+    eligible = (years[:, None] >= S.ph_lo) & (years[:, None] <= S.ph_hi)
+    eligible &= (S.ph_sex < 0) | (S.ph_sex == male[:, None])
+    covariates = np.stack([np.ones(n), (age - 65.0) / 10.0, male, frailty], axis=1)
+    base = covariates @ S.ph_lin.T  # [n, P]
+    u = rng.random((n, P))
+    member = np.zeros((n, P), dtype=bool)
+    for p in range(P):
+        logit = base[:, p] + member[:, :p] @ S.ph_boost[:p, p]
+        member[:, p] = eligible[:, p] & (u[:, p] < _sigmoid(logit))
+
+    # 3. Number of admissions.
+    lam = np.where(neonate, PARAMS.readmit_rate[1], PARAMS.readmit_rate[0])
+    lam = lam * np.exp(member @ S.ph_readmit + PARAMS.frailty_readmit * frailty)
+    lam *= rng.gamma(PARAMS.readmit_shape, 1.0 / PARAMS.readmit_shape, n)
+    n_visits = 1 + np.minimum(rng.poisson(lam), PARAMS.max_visits - 1)
+    visit_start = np.r_[0, np.cumsum(n_visits)[:-1]]
+
+    # 4. Admissions in order; the state carries what earlier admissions coded.
+    var = _sample_variants(S, rng, cls)
+    active_prev = np.zeros((n, P), dtype=bool)
+    ever_active = np.zeros((n, P), dtype=bool)
+    coded_prev = np.zeros((n, K), dtype=bool)
+    tail_pat = np.zeros(0, dtype=np.int64)  # previous admission's tail codes: patient, code, rank
+    tail_code = np.zeros(0, dtype=np.int64)
+    tail_rank = np.zeros(0)
+    out_visit, out_code, out_rank = [], [], []
+    for t in range(int(n_visits.max())):
+        idx = np.flatnonzero(n_visits > t)
+        m, c = len(idx), cls[idx]
+        ever, prev = ever_active[idx], active_prev[idx]
+        p_active = np.where(~ever, S.ph_episode[:, 0], np.where(prev, S.ph_episode[:, 1], S.ph_episode[:, 2]))
+        active = member[idx] & (rng.random((m, P)) < p_active)
+        first = (active & ~ever)[:, S.c_pheno]
+        cond_active = active[:, S.c_pheno]
+        was_coded = coded_prev[idx]
+        prob = np.where(first, S.c_prob[0], np.where(was_coded, S.c_prob[1], S.c_prob[2]))
+        coded = cond_active & S.c_possible[c] & (rng.random((m, K)) < prob)
+        for ks, required in S.req_levels:
+            coded[:, ks] &= coded[:, required]
+        v = var[idx]
+        if t:
+            step = coded & was_coded & ~first & (rng.random((m, K)) < S.c_progress)
+            nxt = S.v_next[v]
+            v = np.where(step & S.v_allowed[c[:, None], nxt], nxt, v)
+            var[idx] = v
+        coded_prev[idx] = np.where(cond_active, coded, was_coded)
+        active_prev[idx] = active
+        ever_active[idx] = ever | active
+
+        rows, ks = np.nonzero(coded)
+        codes = S.v_codes[v[rows, ks]]  # [nnz, L]
+        present = codes >= 0
+        core_row = np.broadcast_to(rows[:, None], codes.shape)[present]
+        core_code = codes[present]
+        core_rank = np.broadcast_to(S.c_rank[ks][:, None], codes.shape)[present]
+
+        # Tail: the previous admission's tail codes may return; each active phenotype adds new ones.
+        keep = rng.random(len(tail_pat)) < PARAMS.tail_keep
+        keep &= n_visits[tail_pat] > t
+        carry_row = np.searchsorted(idx, tail_pat[keep])
+        count = rng.poisson(S.tail_rate[c] * active)
+        empty = (np.bincount(core_row, minlength=m) + np.bincount(carry_row, minlength=m) + count.sum(1)) == 0
+        count[np.flatnonzero(empty), S.fallback[neonate[idx[empty]].astype(np.int64)]] = 1
+        draw_row, draw_p = np.nonzero(count)
+        reps = count[draw_row, draw_p]
+        draw_row, draw_p = np.repeat(draw_row, reps), np.repeat(draw_p, reps)
+        pos = np.searchsorted(S.tail_flat, c[draw_row] * P + draw_p + rng.random(len(draw_row)), side="right")
+        new_row = np.r_[carry_row, draw_row]
+        new_code = np.r_[tail_code[keep], S.tail_code[pos]]
+        new_rank = np.r_[tail_rank[keep], S.ph_tail_rank[draw_p]]
+        tail_pat, tail_code, tail_rank = idx[new_row], new_code, new_rank
+
+        out_visit.append(visit_start[idx[np.r_[core_row, new_row]]] + t)
+        out_code.append(np.r_[core_code, new_code])
+        out_rank.append(np.r_[core_rank, new_rank])
+
+    visits = _assemble(S, rng, np.concatenate(out_visit), np.concatenate(out_code), np.concatenate(out_rank),
+                       int(n_visits.sum()))
+    sex = np.array(SEXES, dtype=object)[male.astype(np.int64)]
+    return [
+        {"subject_id": first_subject_id + i, "age": a, "sex": s, "visits": visits[b: b + k]}
+        for i, (a, s, b, k) in enumerate(zip(age.tolist(), sex.tolist(), visit_start.tolist(), n_visits.tolist()))
+    ]
+
+
+def _assemble(S: _Compiled, rng: np.random.Generator, visit: np.ndarray, code: np.ndarray, rank: np.ndarray,
+              n_visits: int) -> list[list[str]]:
+    """Rows (visit, code id, rank) -> per-visit code lists: de-duplicated, EXCLUDES applied,
+    ordered by rank + noise (MIMIC's seq_num order), cut at PARAMS.max_codes."""
+    key = rank + rng.normal(0.0, PARAMS.order_noise, len(rank))
+    order = np.lexsort((key, code, visit))
+    visit, code, key = visit[order], code[order], key[order]
+    first = np.r_[True, (visit[1:] != visit[:-1]) | (code[1:] != code[:-1])]  # lowest key of a duplicate
+    visit, code, key = visit[first], code[first], key[first]
+    V = len(S.vocab)
+    present = visit * V + code  # sorted
+    drop = np.zeros(len(code), dtype=bool)
+    for a, b in zip(S.excl_key, S.excl_drop):
+        hit = np.flatnonzero(code == b)
+        query = visit[hit] * V + a
+        at = np.minimum(np.searchsorted(present, query), len(present) - 1)
+        drop[hit[present[at] == query]] = True
+    visit, code, key = visit[~drop], code[~drop], key[~drop]
+    order = np.lexsort((key, visit))
+    visit, code = visit[order], code[order]
+    counts = np.bincount(visit, minlength=n_visits)
+    start = np.r_[0, np.cumsum(counts)[:-1]]
+    keep = np.arange(len(visit)) - np.repeat(start, counts) < PARAMS.max_codes
+    codes = S.vocab[code[keep]]
+    bounds = np.cumsum(np.minimum(counts, PARAMS.max_codes)).tolist()
+    return [codes[a:b].tolist() for a, b in zip([0] + bounds[:-1], bounds)]
+
+
+def simulate(n_patients: int, seed: int = 0, progress: bool = False) -> list[dict]:
+    """Draw n_patients simulated patients (schema: subject_id, age, sex, visits).
+
+    Deterministic for a seed; block b of PARAMS.block_size patients uses the b-th child of
+    ``numpy.random.SeedSequence(seed)``, so ``simulate(n, seed)`` is the first n patients of
+    ``simulate(N, seed)`` for any N >= n.
+    subject_ids are 1..n_patients. ``progress`` shows a tqdm bar over the blocks.
+    """
+    if n_patients < 0:
+        raise ValueError(f"n_patients must be >= 0, got {n_patients}")
+    size = PARAMS.block_size
+    n_blocks = -(-n_patients // size)
+    children = np.random.SeedSequence(seed).spawn(n_blocks)
+    patients: list[dict] = []
+    blocks = range(n_blocks)
+    if progress:
+        from tqdm.auto import tqdm
+
+        blocks = tqdm(blocks, desc="simulating", unit="block", total=n_blocks)
+    for b in blocks:
+        # Always a whole block (the last one cut), so a block's patients never depend on n_patients.
+        patients.extend(_sample_block(np.random.default_rng(children[b]), size, 1 + b * size))
+    return patients[:n_patients]
+
+
+# ======================================================================================
+# CLI: promptehr simulate
+# ======================================================================================
+
+MIMIC3_PATIENTS = 46_520  # full MIMIC-III scale, the default cohort size
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--patients", type=int, default=MIMIC3_PATIENTS,
+                        help=f"number of patients (default {MIMIC3_PATIENTS:,}, MIMIC-III's)")
+    parser.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    parser.add_argument("--out", required=True, help="output folder for PATIENTS.csv, ADMISSIONS.csv, DIAGNOSES_ICD.csv")
+
+
+def run(args: argparse.Namespace) -> int:
+    from promptehr_hf.modeling_promptehr.cohort_io import write_mimic3_csvs
+
+    if args.patients < 1:
+        print(f"promptehr simulate: error: --patients must be >= 1, got {args.patients}", file=sys.stderr)
+        return 2
+    patients = simulate(args.patients, args.seed, progress=True)
+    paths = write_mimic3_csvs(patients, args.out, seed=args.seed)
+    n_adm = sum(len(p["visits"]) for p in patients)
+    n_dx = sum(len(v) for p in patients for v in p["visits"])
+    print(f"simulated {len(patients):,} patients, {n_adm:,} admissions, {n_dx:,} diagnoses (seed {args.seed})")
+    for path in paths.values():
+        print(f"wrote {path}")
+    return 0
