@@ -349,7 +349,8 @@ def _assemble(pos: np.ndarray, codes: np.ndarray, adm: pd.DataFrame, pat: pd.Dat
 
 
 _QUIRK_TEXT = {
-    "ages_capped": ("ADMISSIONS", "admissions at an age over {cap:g} (MIMIC's >89 date-of-birth shift) capped at {cap:g}"),
+    "ages_capped": ("ADMISSIONS",
+                    "admissions at an age over {cap:g} (MIMIC's >89 date-of-birth shift) capped at {cap:g}"),
     "ages_negative": ("ADMISSIONS", "admissions before the date of birth: age set to 0"),
     "admissions_without_diagnoses": ("ADMISSIONS", "admissions without any diagnosis row were dropped"),
     "admissions_without_valid_codes": ("ADMISSIONS", "admissions left without a valid code were dropped"),
@@ -358,7 +359,8 @@ _QUIRK_TEXT = {
     "patients_without_admissions": ("PATIENTS", "patients without any admission were dropped"),
     "patients_without_diagnoses": ("PATIENTS", "patients without any admission with a valid code were dropped"),
     "admissions_without_patient": ("ADMISSIONS", "admissions whose subject_id is not in PATIENTS were dropped"),
-    "diagnoses_without_admission": ("DIAGNOSES_ICD", "rows whose hadm_id is not in ADMISSIONS (or whose admission has no patient) were dropped"),
+    "diagnoses_without_admission": ("DIAGNOSES_ICD", "rows whose hadm_id is not in ADMISSIONS "
+                                                     "(or whose admission has no patient) were dropped"),
 }
 
 
@@ -447,7 +449,8 @@ class Mimic3Cohort(datasets.GeneratorBasedBuilder):
             description="Patients of a MIMIC-III folder: age, sex and ICD-9-CM diagnosis codes per admission.",
             features=PATIENT_FEATURES,
             homepage="https://physionet.org/content/mimiciii/",
-            citation="Johnson AEW et al. MIMIC-III, a freely accessible critical care database. Sci Data 3, 160035 (2016).",
+            citation="Johnson AEW et al. MIMIC-III, a freely accessible critical care database. "
+                     "Sci Data 3, 160035 (2016).",
         )
 
     def _split_generators(self, dl_manager):
@@ -461,7 +464,8 @@ class Mimic3Cohort(datasets.GeneratorBasedBuilder):
         with open(os.path.join(self._output_dir, SUMMARY_FILE), "w") as f:
             json.dump(summary, f, indent=2)
         # datasets cannot read back a split with no example: such a split is not generated.
-        return [datasets.SplitGenerator(name=name, gen_kwargs={"split": name}) for name in SPLITS if self._splits[name]]
+        return [datasets.SplitGenerator(name=name, gen_kwargs={"split": name})
+                for name in SPLITS if self._splits[name]]
 
     def _generate_examples(self, split: str):
         for p in self._splits[split]:
@@ -485,4 +489,5 @@ def load_cohort(mimic_dir: str | os.PathLike, seed: int = 0, val_frac: float = 0
                            cache_dir=cache_dir)
     builder.download_and_prepare()
     dsd = builder.as_dataset()
-    return datasets.DatasetDict({name: dsd[name] if name in dsd else patients_to_dataset([]) for name in SPLITS}), builder.summary
+    splits = {name: dsd[name] if name in dsd else patients_to_dataset([]) for name in SPLITS}
+    return datasets.DatasetDict(splits), builder.summary

@@ -33,7 +33,8 @@ SUMMARY_JSON = "summary.json"
 
 def _check_replaceable(out: Path) -> None:
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / SUMMARY_JSON).exists())):
-        raise FileExistsError(f"{out}: exists and is not a folder written by `promptehr prepare`; refusing to replace it")
+        raise FileExistsError(
+            f"{out}: exists and is not a folder written by `promptehr prepare`; refusing to replace it")
 
 
 def _swap_in(tmp: Path, out: Path) -> None:
@@ -90,7 +91,8 @@ def load_prepared(out_dir: str | os.PathLike, cache_dir: str | None = None) -> d
         raise FileNotFoundError(f"{out}: not a prepared cohort, missing {', '.join(map(os.path.basename, missing))}")
     # datasets' Parquet loader cannot make a split of a file with no row: build those empty.
     full = {name: f for name, f in files.items() if pq.read_metadata(f).num_rows}
-    loaded = datasets.load_dataset("parquet", data_files=full, features=PATIENT_FEATURES, cache_dir=cache_dir) if full else {}
+    loaded = (datasets.load_dataset("parquet", data_files=full, features=PATIENT_FEATURES, cache_dir=cache_dir)
+              if full else {})
     return datasets.DatasetDict({name: loaded[name] if name in full else patients_to_dataset([]) for name in SPLITS})
 
 
@@ -109,7 +111,8 @@ def format_summary(summary: dict) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--mimic-dir", required=True, help="folder with PATIENTS, ADMISSIONS, DIAGNOSES_ICD (.csv or .csv.gz)")
+    parser.add_argument("--mimic-dir", required=True,
+                        help="folder with PATIENTS, ADMISSIONS, DIAGNOSES_ICD (.csv or .csv.gz)")
     parser.add_argument("--out", required=True, help="output folder (train/validation/test.parquet, summary.json)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the patient split (default 0)")
     parser.add_argument("--val-frac", type=float, default=0.1, help="share of patients in validation (default 0.1)")
@@ -120,7 +123,8 @@ def run(args: argparse.Namespace) -> int:
     # The table below prints the reader's messages; don't log them a second time.
     logging.getLogger("promptehr_hf.datasets_scripts.mimic3").setLevel(logging.ERROR)
     try:
-        summary = prepare(args.mimic_dir, args.out, seed=args.seed, val_frac=args.val_frac, test_frac=args.test_frac)
+        summary = prepare(args.mimic_dir, args.out, seed=args.seed,
+                          val_frac=args.val_frac, test_frac=args.test_frac)
     except (Mimic3Error, FileExistsError, ValueError) as e:
         print(f"promptehr prepare: error: {e}", file=sys.stderr)
         return 2

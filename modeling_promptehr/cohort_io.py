@@ -32,6 +32,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pa_csv
+import pyarrow.parquet as pq
 from datasets import Dataset
 
 from promptehr_hf.datasets_scripts.schema import AGE_CAP, PATIENT_FEATURES, SEXES
@@ -73,18 +74,18 @@ def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
         raise
 
 
-def write_parquet(patients: Sequence[dict] | Dataset, path: str | os.PathLike) -> Path:
-    """Write patients (list of dicts or a Dataset) to one Parquet file, atomically."""
-    ds = patients if isinstance(patients, Dataset) else patients_to_dataset(patients)
-    path = Path(path)
-    _atomic_write(path, lambda tmp: ds.to_parquet(tmp))
-    return path
-
-
 def _patients_table(patients: Sequence[dict] | Dataset) -> pa.Table:
     """Patients -> one Arrow table with PATIENT_FEATURES' columns."""
     ds = patients if isinstance(patients, Dataset) else patients_to_dataset(patients)
     return ds.select_columns(list(PATIENT_FEATURES)).with_format("arrow")[:].combine_chunks()
+
+
+def write_parquet(patients: Sequence[dict] | Dataset, path: str | os.PathLike) -> Path:
+    """Write patients (list of dicts or a Dataset) to one Parquet file, atomically."""
+    table = _patients_table(patients)  # carries the datasets features in its schema metadata
+    path = Path(path)
+    _atomic_write(path, lambda tmp: pq.write_table(table, tmp))
+    return path
 
 
 def _timestamps(seconds: np.ndarray) -> pa.Array:
