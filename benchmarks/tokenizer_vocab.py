@@ -64,7 +64,9 @@ def vocab_figures(patients: list[dict], min_code_count: int) -> dict:
         "tokens_per_patient_mean": round(statistics.fmean(lengths), 2),
         "tokens_per_patient_median": statistics.median(lengths),
         "tokens_per_patient_p95": lengths_sorted[int(0.95 * (len(lengths) - 1))],
+        "tokens_per_patient_p99": lengths_sorted[int(0.99 * (len(lengths) - 1))],
         "tokens_per_patient_max": max(lengths),
+        "share_patients_over_512_tokens": round(sum(n > 512 for n in lengths) / len(lengths), 5),
         "tokens_per_visit_mean": round(statistics.fmean(visit_tokens), 2),
         "tokens_per_visit_max": max(visit_tokens),
         "heldout": {
@@ -85,7 +87,7 @@ def _print(name: str, rows: list[dict]) -> None:
     print(f"\n== {name}: {rows[0]['patients']} patients, {rows[0]['visits']} visits, "
           f"{rows[0]['code_occurrences']} codes ({rows[0]['distinct_codes']} distinct)")
     cols = ("min_code_count", "vocab_size", "categories", "code_tokens", "folded_codes",
-            "tokens_per_patient_mean", "tokens_per_patient_max", "tokens_per_visit_mean")
+            "tokens_per_patient_mean", "tokens_per_patient_p99", "tokens_per_patient_max", "tokens_per_visit_mean")
     print(" | ".join(cols + ("heldout_fallback_rate",)))
     for r in rows:
         print(" | ".join(str(r[c]) for c in cols) + f" | {r['heldout']['fallback_rate']}")
