@@ -1,0 +1,729 @@
+"""Generate synthetic patients with a trained PromptEHR model: visit after visit, two-stage codes.
+
+An outer loop writes visit t of every patient that needs one (all first visits, then all second
+visits, ...), pooling the patients of a round into batches of ``batch_size`` rows. For one batch
+the encoder reads each patient's demographics (``x_num`` = raw age, ``x_cat`` = sex, F=0/M=1)
+and history (``tokenizer.encode_history(visits[:t])``); ``model.generate`` (KV cache) writes one
+visit per row under the LogitsProcessors of :mod:`.logits_processors` (grammar, stage-two code
+sampling, no repeated code, CMS age/sex edits, visit-length control), so every record is valid by
+construction.
+
+Modes:
+- ``unconditional``: age, sex and number of visits drawn from the :class:`CohortPrior` stored with
+  the checkpoint (``cohort_prior.json``);
+- ``conditional``: given demographics (age, sex, optionally the number of visits);
+- ``seeded``: warm start from real patients: the first ``seed_visits`` visits of each seed are
+  kept, the following ones generated (as many as the seed has, each as long as the seed's visit);
+  the share of output codes copied from the seed is reported.
+
+Visit length (``visit_length="data"``, the default, as PromptEHR does): the number of codes of
+each visit is drawn from the training distribution given age band and visit index (in seeded mode,
+the seed's own), and the grammar forbids ``</v>`` before it and forces it at it. ``"model"`` lets
+the model decide (capped at ``max_codes``).
+
+Python API: :func:`generate_patients`; CLI: ``promptehr generate`` (:func:`add_arguments`, :func:`run`).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from promptehr_hf.datasets_scripts.schema import AGE_CAP, SEXES
+from promptehr_hf.modeling_promptehr.logits_processors import (
+    STAGE_TWO_MODES,
+    CMSEditTable,
+    VocabIndex,
+    max_new_tokens_for,
+    visit_logits_processors,
+)
+
+PRIOR_FILE = "cohort_prior.json"
+PRIOR_FORMAT = "promptehr-cohort-prior"
+# Age bands for the visit-count and visit-length distributions: newborn, child, young adult,
+# adult, older, oldest (the CMS newborn/pediatric edges and MIMIC's age structure).
+AGE_BAND_EDGES = (0.0, 1.0, 18.0, 45.0, 65.0, 80.0)
+VISIT_INDEX_CAP = 3  # visit lengths are conditioned on visit index 0, 1, 2, and 3+
+AGE_RESOLUTION = 0.1  # ages are stored floored to 0.1 year (an aggregate, not per-patient ages)
+MODES = ("unconditional", "conditional", "seeded")
+VISIT_LENGTHS = ("data", "model")
+DEFAULT_MAX_CODES = 40  # cap per visit when the model decides and no prior says otherwise
+
+
+# ----------------------------------------------------------------------------- cohort prior
+class _Empirical:
+    """An empirical distribution over integer (or float) values: ``sample(rng, size)``."""
+
+    def __init__(self, counts: dict):
+        values = sorted(counts)
+        self.values = np.array(values)
+        self.counts = np.array([int(counts[v]) for v in values], dtype=np.int64)
+        self.probs = self.counts / self.counts.sum()
+
+    def sample(self, rng: np.random.Generator, size: int) -> np.ndarray:
+        return rng.choice(self.values, size=size, p=self.probs)
+
+    def mean(self) -> float:
+        return float((self.values * self.probs).sum())
+
+
+def _counts(values: np.ndarray) -> dict[int, int]:
+    vals, counts = np.unique(values, return_counts=True)
+    return {int(v): int(c) for v, c in zip(vals, counts)}
+
+
+class CohortPrior:
+    """Empirical distributions of a training cohort, used for unconditional generation.
+
+    - demographics: the joint distribution of (age floored to 0.1 year, sex);
+    - visits per patient given the age band;
+    - codes per visit given the age band and the visit index (capped at ``visit_index_cap``).
+
+    Empty cells back off to the pooled distribution (over bands, then over visit indices).
+    Saved as ``cohort_prior.json`` beside the checkpoint (:meth:`save` / :meth:`load`).
+    """
+
+    def __init__(self, table: dict):
+        if table.get("format") != PRIOR_FORMAT:
+            raise ValueError(f"not a PromptEHR cohort prior (format {table.get('format')!r}, expected {PRIOR_FORMAT!r})")
+        self.table = table
+        self.edges = np.array(table["age_band_edges"], dtype=np.float64)
+        self.visit_index_cap = int(table["visit_index_cap"])
+        demo = table["demographics"]
+        self._ages = np.array(demo["age"], dtype=np.float64)
+        self._sexes = np.array(demo["sex"])
+        self._demo_p = np.array(demo["count"], dtype=np.float64) / np.sum(demo["count"])
+        n_bands = len(self.edges)
+        vpp = {int(b): _Empirical({int(k): v for k, v in c.items()}) for b, c in table["visits_per_patient"].items()}
+        self._visits_pooled = _Empirical(_merge([table["visits_per_patient"][b] for b in table["visits_per_patient"]]))
+        self._visits = [vpp.get(b, self._visits_pooled) for b in range(n_bands)]
+        cpv = table["codes_per_visit"]
+        pooled_idx = {}
+        for i in range(self.visit_index_cap + 1):
+            cells = [cpv[b][str(i)] for b in cpv if str(i) in cpv[b]]
+            pooled_idx[i] = _Empirical(_merge(cells)) if cells else None
+        all_cells = [c for b in cpv for c in cpv[b].values()]
+        self._codes_pooled = _Empirical(_merge(all_cells))
+        self._codes = [
+            [
+                _Empirical({int(k): v for k, v in cpv[str(b)][str(i)].items()})
+                if str(b) in cpv and str(i) in cpv[str(b)]
+                else (pooled_idx[i] or self._codes_pooled)
+                for i in range(self.visit_index_cap + 1)
+            ]
+            for b in range(n_bands)
+        ]
+        self.max_codes_per_visit = int(self._codes_pooled.values.max())
+
+    @classmethod
+    def from_patients(cls, patients, age_band_edges: Sequence[float] = AGE_BAND_EDGES,
+                      visit_index_cap: int = VISIT_INDEX_CAP) -> "CohortPrior":
+        """Count the distributions of a training split (patient dicts or a datasets.Dataset)."""
+        ages, sexes, visits = _columns(patients)
+        if len(ages) == 0:
+            raise ValueError("CohortPrior.from_patients: no patients")
+        bad = [s for s in set(sexes) if s not in SEXES]
+        if bad:
+            raise ValueError(f"CohortPrior.from_patients: unknown sex values {bad}; expected {SEXES}")
+        n_visits = np.array([len(v) for v in visits], dtype=np.int64)
+        if (n_visits == 0).any():
+            raise ValueError(f"CohortPrior.from_patients: {int((n_visits == 0).sum())} patients have no visit")
+        edges = np.asarray(age_band_edges, dtype=np.float64)
+        floored = np.round(np.floor(np.minimum(ages, AGE_CAP) / AGE_RESOLUTION + 1e-6) * AGE_RESOLUTION, 6)
+        keys, counts = np.unique(np.stack([floored.astype(str), np.asarray(sexes)], 1), axis=0, return_counts=True)
+        bands = _band(ages, edges)
+        lengths = np.array([len(v) for vs in visits for v in vs], dtype=np.int64)
+        visit_band = np.repeat(bands, n_visits)
+        visit_index = np.minimum(np.concatenate([np.arange(k) for k in n_visits]), visit_index_cap)
+        table = {
+            "format": PRIOR_FORMAT,
+            "version": 1,
+            "n_patients": int(len(ages)),
+            "n_visits": int(n_visits.sum()),
+            "age_band_edges": [float(e) for e in edges],
+            "age_bands": _band_labels(edges),
+            "visit_index_cap": int(visit_index_cap),
+            "age_resolution": AGE_RESOLUTION,
+            "demographics": {
+                "age": [float(a) for a in keys[:, 0]],
+                "sex": [str(s) for s in keys[:, 1]],
+                "count": [int(c) for c in counts],
+            },
+            "visits_per_patient": {str(b): _counts(n_visits[bands == b]) for b in np.unique(bands)},
+            "codes_per_visit": {
+                str(b): {
+                    str(i): _counts(lengths[(visit_band == b) & (visit_index == i)])
+                    for i in np.unique(visit_index[visit_band == b])
+                }
+                for b in np.unique(visit_band)
+            },
+        }
+        return cls(table)
+
+    def save(self, directory: str | os.PathLike) -> str:
+        """Write ``directory/cohort_prior.json`` (atomically); returns its path."""
+        os.makedirs(directory, exist_ok=True)
+        path = os.path.join(directory, PRIOR_FILE)
+        tmp = f"{path}.tmp-{os.getpid()}"
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(self.table, f, indent=1)
+            f.write("\n")
+        os.replace(tmp, path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "CohortPrior":
+        """Read a ``cohort_prior.json`` file, or the one in a checkpoint directory."""
+        path = Path(path)
+        if path.is_dir():
+            path = path / PRIOR_FILE
+        try:
+            table = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as err:
+            raise ValueError(f"cannot read the cohort prior {path}: {err}") from err
+        try:
+            return cls(table)
+        except (KeyError, ValueError, TypeError) as err:
+            raise ValueError(f"{path}: invalid cohort prior ({err})") from err
+
+    # -------------------------------------------------------------------------- sampling
+    def age_band(self, ages) -> np.ndarray:
+        """Band index of each age ([n] int)."""
+        return _band(np.asarray(ages, dtype=np.float64), self.edges)
+
+    def sample_demographics(self, n: int, rng: np.random.Generator) -> tuple[np.ndarray, list[str]]:
+        """n (age, sex) pairs from the joint training distribution."""
+        pick = rng.choice(len(self._demo_p), size=n, p=self._demo_p)
+        return self._ages[pick].copy(), [str(s) for s in self._sexes[pick]]
+
+    def sample_n_visits(self, ages, rng: np.random.Generator) -> np.ndarray:
+        """Visits per patient given each patient's age band ([n] int)."""
+        bands = self.age_band(ages)
+        out = np.zeros(len(bands), dtype=np.int64)
+        for b in np.unique(bands):
+            rows = np.nonzero(bands == b)[0]
+            out[rows] = self._visits[b].sample(rng, len(rows))
+        return out
+
+    def sample_codes_per_visit(self, ages, visit_index, rng: np.random.Generator) -> np.ndarray:
+        """Codes per visit given the patient's age band and the visit index (both [m]) -> [m] int."""
+        bands = self.age_band(ages)
+        idx = np.minimum(np.asarray(visit_index, dtype=np.int64), self.visit_index_cap)
+        out = np.zeros(len(bands), dtype=np.int64)
+        for b, i in set(zip(bands.tolist(), idx.tolist())):
+            rows = np.nonzero((bands == b) & (idx == i))[0]
+            out[rows] = self._codes[b][i].sample(rng, len(rows))
+        return out
+
+    def summary(self) -> dict:
+        """Means of the stored distributions (visits per patient, codes per visit)."""
+        return {
+            "n_patients": self.table["n_patients"],
+            "mean_visits_per_patient": self._visits_pooled.mean(),
+            "mean_codes_per_visit": self._codes_pooled.mean(),
+        }
+
+
+def _merge(cells: Iterable[dict]) -> dict[int, int]:
+    out: dict[int, int] = {}
+    for cell in cells:
+        for k, v in cell.items():
+            out[int(k)] = out.get(int(k), 0) + int(v)
+    return out
+
+
+def _band(ages: np.ndarray, edges: np.ndarray) -> np.ndarray:
+    return np.clip(np.searchsorted(edges, ages, side="right") - 1, 0, len(edges) - 1)
+
+
+def _band_labels(edges: np.ndarray) -> list[str]:
+    return [f"{lo:g}-{hi:g}" for lo, hi in zip(edges[:-1], edges[1:])] + [f"{edges[-1]:g}+"]
+
+
+def _columns(patients) -> tuple[np.ndarray, list[str], list[list[list[str]]]]:
+    """(ages [n], sexes, visits) of patient dicts or a datasets.Dataset in the patient schema."""
+    if hasattr(patients, "column_names"):
+        return np.asarray(patients["age"], dtype=np.float64), list(patients["sex"]), list(patients["visits"])
+    patients = list(patients)
+    return (
+        np.array([float(p["age"]) for p in patients], dtype=np.float64),
+        [p["sex"] for p in patients],
+        [p["visits"] for p in patients],
+    )
+
+
+# ------------------------------------------------------------------------------- the loop
+class _Plan:
+    """Per-patient generation plan: demographics, visit count, given visits, target lengths."""
+
+    def __init__(self, ages, sexes, n_visits, lengths=None, given=None, seed_visits_all=None):
+        self.ages = np.minimum(np.asarray(ages, dtype=np.float64), AGE_CAP)
+        self.sexes = list(sexes)
+        bad = sorted({str(s) for s in self.sexes if s not in SEXES})
+        if bad:
+            raise ValueError(f"sex must be one of {SEXES}; got {bad}")
+        if np.isnan(self.ages).any() or (self.ages < 0).any():
+            raise ValueError("ages must be non-negative numbers")
+        self.n_visits = np.asarray(n_visits, dtype=np.int64)
+        if (self.n_visits < 1).any():
+            raise ValueError("every patient needs at least one visit (n_visits >= 1)")
+        self.lengths = lengths  # list of [n_visits_i] int arrays, or None (model-decided)
+        self.visits = [list(v) for v in given] if given is not None else [[] for _ in self.ages]
+        self.start = np.array([len(v) for v in self.visits], dtype=np.int64)
+        self.seed_visits_all = seed_visits_all  # seeded mode: the seeds' full visit lists
+
+
+def _history_length(model) -> int:
+    """Encoder tokens for the history: the trainer's default source length, within the model."""
+    from promptehr_hf.modeling_promptehr.data import PromptEHRDataCollator
+
+    default = PromptEHRDataCollator.__dataclass_fields__["max_source_length"].default
+    cfg = model.config
+    return int(min(default, cfg.max_position_embeddings - getattr(cfg, "num_prompts", 0)))
+
+
+def _generation_config(model, tokenizer, greedy, temperature, top_k, top_p):
+    """A GenerationConfig that samples exactly what the processors allow.
+
+    Set explicitly because generate() fills unset fields from the model's generation config and
+    then global defaults (top_k=50 would silently truncate the category distribution).
+    """
+    cfg = copy.deepcopy(model.generation_config)
+    cfg.do_sample = not greedy
+    cfg.num_beams = 1
+    cfg.temperature = float(temperature)
+    cfg.top_k = int(top_k) if top_k else 0
+    cfg.top_p = float(top_p) if top_p else 1.0
+    cfg.eos_token_id = tokenizer.visit_end_id
+    cfg.pad_token_id = tokenizer.pad_token_id
+    cfg.decoder_start_token_id = model.config.decoder_start_token_id
+    # The grammar already does both; naming them keeps a BART-style default from forcing </s>.
+    cfg.forced_bos_token_id = tokenizer.visit_start_id
+    cfg.forced_eos_token_id = tokenizer.visit_end_id
+    cfg.no_repeat_ngram_size = 0
+    cfg.repetition_penalty = 1.0
+    cfg.min_length = 0
+    cfg.use_cache = True
+    cfg.max_length = None
+    return cfg
+
+
+def _pad(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(map(len, rows))
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+        mask[i, : len(r)] = 1
+    return ids.to(device), mask.to(device)
+
+
+def _run_plan(model, tokenizer, plan: _Plan, *, index, edit_table, stage_two, max_codes, batch_size,
+              greedy, temperature, top_k, top_p, cms, max_history_length, progress) -> dict:
+    """Generate every missing visit of ``plan`` in place; returns counters."""
+    from tqdm.auto import tqdm
+
+    device = next(model.parameters()).device
+    gen_cfg = _generation_config(model, tokenizer, greedy, temperature, top_k, top_p)
+    sex_index = np.array([SEXES.index(s) for s in plan.sexes], dtype=np.int64)
+    counters = {"visits_generated": 0, "visits_short_of_target": 0, "empty_visits": 0, "generate_calls": 0}
+    total = int((plan.n_visits - plan.start).clip(min=0).sum())
+    bar = tqdm(total=total, unit="visit", desc="generating", disable=not progress)
+    for t in range(int(plan.n_visits.max(initial=0))):
+        todo = np.nonzero((plan.start <= t) & (t < plan.n_visits))[0]
+        if len(todo) == 0:
+            continue
+        histories = [tokenizer.encode_history(plan.visits[i], max_history_length) for i in todo]
+        targets = None if plan.lengths is None else np.array([plan.lengths[i][t] for i in todo], dtype=np.int64)
+        # Rows of similar target length and history length share a batch: less decoding past
+        # finished rows, less encoder padding.
+        hist_len = np.array([len(h) for h in histories])
+        order = np.lexsort((hist_len, targets if targets is not None else np.zeros_like(hist_len)))
+        for lo in range(0, len(order), batch_size):
+            sel = order[lo: lo + batch_size]
+            rows = todo[sel]
+            input_ids, attention_mask = _pad([histories[j] for j in sel], tokenizer.pad_token_id, device)
+            n_codes = None if targets is None else torch.from_numpy(targets[sel])
+            longest = max_codes if n_codes is None else int(n_codes.max())
+            processors = visit_logits_processors(
+                index, plan.ages[rows].tolist(), [plan.sexes[i] for i in rows], n_codes=n_codes,
+                max_codes=max_codes, stage_two=stage_two, temperature=temperature, cms=cms, edit_table=edit_table,
+            )
+            cfg = copy.copy(gen_cfg)
+            cfg.max_new_tokens = max_new_tokens_for(longest)
+            out = model.generate(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                x_num=torch.tensor(plan.ages[rows], dtype=torch.float32, device=device)[:, None],
+                x_cat=torch.tensor(sex_index[rows], dtype=torch.long, device=device)[:, None],
+                logits_processor=processors,
+                generation_config=cfg,
+            )
+            counters["generate_calls"] += 1
+            for k, (i, ids) in enumerate(zip(rows, out[:, 1:].tolist())):
+                decoded = tokenizer.decode_visits(ids)
+                visit = decoded[0] if decoded else []
+                counters["empty_visits"] += not visit
+                if n_codes is not None and len(visit) < int(n_codes[k]):
+                    counters["visits_short_of_target"] += 1
+                plan.visits[i].append(visit)
+            counters["visits_generated"] += len(rows)
+            bar.update(len(rows))
+    bar.close()
+    return counters
+
+
+def _visit_key(visits) -> tuple:
+    return tuple(tuple(sorted(v)) for v in visits)
+
+
+def generate_patients(
+    model,
+    tokenizer,
+    n: int | None = None,
+    *,
+    mode: str = "unconditional",
+    prior: CohortPrior | str | os.PathLike | None = None,
+    demographics=None,
+    seed_patients=None,
+    seed_visits: int = 1,
+    stage_two: str = "model",
+    visit_length: str = "data",
+    max_codes: int | None = None,
+    batch_size: int = 256,
+    seed: int = 0,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    greedy: bool = False,
+    cms: bool = True,
+    exclude_patients=None,
+    max_history_length: int | None = None,
+    first_subject_id: int = 1,
+    progress: bool = True,
+):
+    """Generate synthetic patients.
+
+    Args:
+        model: a PromptEHRForConditionalGeneration (eval mode is set here).
+        tokenizer: its PromptEHRTokenizer.
+        n: number of patients (unconditional: required; conditional: len(demographics);
+            seeded: one per seed by default, else n seeds drawn at random, with replacement if
+            n exceeds the seeds).
+        mode: "unconditional" | "conditional" | "seeded".
+        prior: a CohortPrior or the path of one (file or checkpoint dir); default: the
+            ``cohort_prior.json`` of the model's checkpoint dir. Needed unless every length and
+            visit count is known (seeded mode, or conditional with n_visits and model lengths).
+        demographics: conditional mode: patient-like dicts (or a Dataset / column dict) with
+            ``age`` (years), ``sex`` ("F"/"M") and optionally ``n_visits``.
+        seed_patients: seeded mode: real patients (dicts or a Dataset in the patient schema).
+        seed_visits: seeded mode: leading visits of each seed kept (at most all but one, so at
+            least one visit is generated; a one-visit seed is generated from its demographics).
+        stage_two: code sampling after a category: "model" | "empirical" | "uniform".
+        visit_length: "data" (codes per visit drawn from the training distribution, or the
+            seed's) | "model" (the model ends the visit, at most ``max_codes`` codes).
+        batch_size: rows per ``generate`` call.  seed: seeds numpy and torch (the global torch
+            RNG state is restored afterwards).
+        temperature, top_k, top_p: sampling warpers (applied by generate after the processors;
+            the empirical stage two is pre-scaled so temperature does not distort it);
+            greedy: argmax decoding instead of sampling.
+        cms: apply the CMS age/sex edits.
+        exclude_patients: training patients; synthetic patients whose visits (as code sets, in
+            order) equal one of theirs are dropped and counted (``stats["copies_dropped"]``).
+        max_history_length: encoder tokens for the history (default: the trainer's source length).
+        first_subject_id: subject_id of the first output patient (ids are consecutive).
+
+    Returns:
+        (datasets.Dataset in the patient schema, stats dict).
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if stage_two not in STAGE_TWO_MODES:
+        raise ValueError(f"stage_two must be one of {STAGE_TWO_MODES}, got {stage_two!r}")
+    if visit_length not in VISIT_LENGTHS:
+        raise ValueError(f"visit_length must be one of {VISIT_LENGTHS}, got {visit_length!r}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    rng = np.random.default_rng(seed)
+    t0 = time.perf_counter()
+
+    def need_prior() -> CohortPrior:
+        nonlocal prior
+        if isinstance(prior, CohortPrior):
+            return prior
+        source = prior if prior is not None else getattr(model, "name_or_path", None) or getattr(model.config, "_name_or_path", "")
+        if not source or not (Path(source).is_file() or (Path(source) / PRIOR_FILE).is_file()):
+            raise ValueError(
+                f"mode={mode!r} with visit_length={visit_length!r} needs a CohortPrior: pass prior= or save "
+                f"{PRIOR_FILE} in the checkpoint (CohortPrior.from_patients(train).save(dir)); looked in {source!r}"
+            )
+        prior = CohortPrior.load(source)
+        return prior
+
+    plan = _make_plan(mode, n, rng, need_prior, demographics, seed_patients, seed_visits, visit_length)
+    if max_codes is None:
+        try:  # the longest training visit, when a prior is at hand
+            max_codes = need_prior().max_codes_per_visit
+        except ValueError:
+            max_codes = DEFAULT_MAX_CODES
+    if max_history_length is None:
+        max_history_length = _history_length(model)
+
+    index = VocabIndex(tokenizer, size=model.config.vocab_size).to(next(model.parameters()).device)
+    edit_table = CMSEditTable(index) if cms else None
+    model.eval()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        counters = _run_plan(
+            model, tokenizer, plan, index=index, edit_table=edit_table, stage_two=stage_two,
+            max_codes=int(max_codes), batch_size=batch_size, greedy=greedy, temperature=temperature,
+            top_k=top_k, top_p=top_p, cms=cms, max_history_length=max_history_length, progress=progress,
+        )
+    seconds = time.perf_counter() - t0
+
+    stats: dict = {
+        "mode": mode, "stage_two": stage_two, "visit_length": visit_length, "batch_size": batch_size,
+        "seed": seed, "temperature": temperature, "top_k": top_k, "top_p": top_p, "greedy": greedy,
+        "cms": cms, "max_codes": int(max_codes), "max_history_length": int(max_history_length),
+        "n_generated": len(plan.ages), **counters,
+    }
+    if mode == "seeded":
+        stats.update(_seed_overlap(plan))
+
+    keep = np.ones(len(plan.ages), dtype=bool)
+    if exclude_patients is not None:
+        known = {_visit_key(v) for v in _columns(exclude_patients)[2]}
+        keep = np.array([_visit_key(v) not in known for v in plan.visits], dtype=bool)
+        stats["copies_dropped"] = int((~keep).sum())
+    patients = [
+        {"subject_id": first_subject_id + j, "age": float(plan.ages[i]), "sex": plan.sexes[i], "visits": plan.visits[i]}
+        for j, i in enumerate(np.nonzero(keep)[0])
+    ]
+    n_visits = sum(len(p["visits"]) for p in patients)
+    n_codes = sum(len(v) for p in patients for v in p["visits"])
+    stats.update(
+        n_patients=len(patients), n_visits=n_visits, n_codes=n_codes,
+        mean_visits_per_patient=n_visits / max(len(patients), 1),
+        mean_codes_per_visit=n_codes / max(n_visits, 1),
+        seconds=seconds, patients_per_second=len(plan.ages) / seconds if seconds > 0 else None,
+    )
+    from promptehr_hf.modeling_promptehr.cohort_io import patients_to_dataset
+
+    return patients_to_dataset(patients), stats
+
+
+def _make_plan(mode, n, rng, need_prior, demographics, seed_patients, seed_visits, visit_length) -> _Plan:
+    data_lengths = visit_length == "data"
+    if mode == "unconditional":
+        if n is None or n < 0:
+            raise ValueError("unconditional generation needs n >= 0")
+        prior = need_prior()
+        ages, sexes = prior.sample_demographics(int(n), rng)
+        n_visits = prior.sample_n_visits(ages, rng)
+        lengths = _prior_lengths(prior, ages, n_visits, rng) if data_lengths else None
+        return _Plan(ages, sexes, n_visits, lengths)
+    if mode == "conditional":
+        if demographics is None:
+            raise ValueError("conditional generation needs demographics (age, sex[, n_visits] per patient)")
+        rows = _rows(demographics)
+        if n is not None and n != len(rows):
+            raise ValueError(f"conditional generation: n={n} but {len(rows)} demographics rows")
+        try:
+            ages = np.array([float(r["age"]) for r in rows], dtype=np.float64)
+            sexes = [r["sex"] for r in rows]
+        except KeyError as err:
+            raise ValueError(f"conditional generation: demographics rows need 'age' and 'sex' (missing {err})") from err
+        given = [r.get("n_visits") for r in rows]
+        n_visits = np.array([0 if g is None else int(g) for g in given], dtype=np.int64)
+        missing = np.array([g is None for g in given])
+        if missing.any():
+            n_visits[missing] = need_prior().sample_n_visits(ages[missing], rng)
+        lengths = _prior_lengths(need_prior(), ages, n_visits, rng) if data_lengths else None
+        return _Plan(ages, sexes, n_visits, lengths)
+    # seeded
+    if seed_patients is None:
+        raise ValueError("seeded generation needs seed_patients (real patients in the patient schema)")
+    seeds = _rows(seed_patients)
+    if not seeds:
+        raise ValueError("seeded generation: no seed patients")
+    if n is not None:
+        seeds = [seeds[i] for i in rng.choice(len(seeds), size=int(n), replace=int(n) > len(seeds))]
+    if seed_visits < 0:
+        raise ValueError(f"seed_visits must be >= 0, got {seed_visits}")
+    visits = [[list(v) for v in s["visits"]] for s in seeds]
+    if any(len(v) == 0 for v in visits):
+        raise ValueError("seeded generation: a seed patient has no visit")
+    n_visits = np.array([len(v) for v in visits], dtype=np.int64)
+    given = [v[: min(seed_visits, len(v) - 1)] for v in visits]
+    lengths = [np.array([max(len(x), 1) for x in v], dtype=np.int64) for v in visits] if data_lengths else None
+    return _Plan([float(s["age"]) for s in seeds], [s["sex"] for s in seeds], n_visits, lengths, given, visits)
+
+
+def _prior_lengths(prior: CohortPrior, ages: np.ndarray, n_visits: np.ndarray, rng) -> list[np.ndarray]:
+    visit_age = np.repeat(ages, n_visits)
+    visit_index = np.concatenate([np.arange(k) for k in n_visits]) if len(n_visits) else np.zeros(0, np.int64)
+    flat = prior.sample_codes_per_visit(visit_age, visit_index, rng)
+    return np.split(flat, np.cumsum(n_visits)[:-1]) if len(n_visits) else []
+
+
+def _rows(data) -> list[dict]:
+    """Patient-like rows from dicts, a datasets.Dataset or a dict of columns."""
+    if hasattr(data, "column_names"):
+        return data.to_list()
+    if isinstance(data, dict):
+        keys = list(data)
+        return [dict(zip(keys, vals)) for vals in zip(*(data[k] for k in keys))]
+    return list(data)
+
+
+def _seed_overlap(plan: _Plan) -> dict:
+    """How much of the seeded output comes from the seeds.
+
+    ``seed_copied_share``: share of all output codes that are the seeds' own (the kept visits,
+    plus generated codes that also occur in the seed's real visit at the same position);
+    ``seed_given_share``: share in the kept visits alone; ``seed_generated_overlap``: share of
+    generated codes found in the seed's same-position visit.
+    """
+    given = generated = overlap = 0
+    for visits, real, k in zip(plan.visits, plan.seed_visits_all, plan.start):
+        given += sum(len(v) for v in visits[:k])
+        for v, r in zip(visits[k:], real[k:]):
+            generated += len(v)
+            overlap += len(set(v) & set(r))
+    total = given + generated
+    return {
+        "seed_visits_given": int(plan.start.sum()),
+        "seed_copied_share": (given + overlap) / total if total else 0.0,
+        "seed_given_share": given / total if total else 0.0,
+        "seed_generated_overlap": overlap / generated if generated else 0.0,
+    }
+
+
+# ---------------------------------------------------------------------------------- CLI
+def load_model(model_dir: str | os.PathLike, device: str | None = None):
+    """(model, tokenizer) from a checkpoint directory, with this package's classes."""
+    from promptehr_hf.modeling_promptehr.modeling_promptehr import PromptEHRForConditionalGeneration
+    from promptehr_hf.tokenization.tokenization_promptehr import PromptEHRTokenizer
+
+    if not Path(model_dir, "config.json").is_file():
+        raise FileNotFoundError(f"{model_dir}: no config.json; expected a saved PromptEHR checkpoint")
+    model = PromptEHRForConditionalGeneration.from_pretrained(str(model_dir))
+    tokenizer = PromptEHRTokenizer.from_pretrained(str(model_dir))
+    if device:
+        model.to(device)
+    return model.eval(), tokenizer
+
+
+def write_cohort(patients: list[dict], out_dir: str | os.PathLike, stats: dict | None = None, seed: int = 0,
+                 overwrite: bool = False) -> Path:
+    """MIMIC-III CSVs, ``synthetic.parquet`` and ``generation_stats.json`` into out_dir, atomically."""
+    from promptehr_hf.modeling_promptehr.cohort_io import write_mimic3_csvs, write_parquet
+
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise FileExistsError(f"{out} exists and is not empty (pass overwrite=True / --overwrite)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        write_mimic3_csvs(patients, tmp, seed=seed)
+        write_parquet(patients, tmp / "synthetic.parquet")
+        if stats is not None:
+            (tmp / "generation_stats.json").write_text(json.dumps(stats, indent=1) + "\n", encoding="utf-8")
+        if out.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            os.replace(out, old / out.name)
+            os.replace(tmp, out)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _read_patients(path: str) -> list[dict]:
+    """Patients from a Parquet file, or from a prepared folder (its train.parquet)."""
+    import datasets
+
+    p = Path(path)
+    if p.is_dir():
+        p = p / "train.parquet"
+    if not p.is_file():
+        raise FileNotFoundError(f"{path}: expected a Parquet file of patients or a prepared folder with train.parquet")
+    return datasets.Dataset.from_parquet(str(p)).to_list()
+
+
+def _read_demographics(path: str) -> list[dict]:
+    """Rows with age, sex[, n_visits] from a CSV or Parquet file."""
+    import datasets
+
+    loader = datasets.Dataset.from_csv if path.lower().endswith((".csv", ".csv.gz")) else datasets.Dataset.from_parquet
+    rows = loader(path).to_list()
+    for j, r in enumerate(rows):
+        if "age" not in r or "sex" not in r:
+            raise ValueError(f"{path}: row {j + 1} lacks an 'age' or 'sex' column")
+        if r.get("n_visits") is not None and r["n_visits"] != r["n_visits"]:  # NaN from CSV
+            r["n_visits"] = None
+    return rows
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--model", required=True, help="checkpoint directory (model, tokenizer, cohort_prior.json)")
+    parser.add_argument("--out", required=True, help="output folder: MIMIC-III CSVs, synthetic.parquet, generation_stats.json")
+    parser.add_argument("--n", type=int, default=None, help="number of patients (unconditional; seeded: draw n seeds)")
+    parser.add_argument("--mode", choices=MODES, default="unconditional")
+    parser.add_argument("--stage-two", choices=STAGE_TWO_MODES, default="model", help="code sampling after a category")
+    parser.add_argument("--visit-length", choices=VISIT_LENGTHS, default="data",
+                        help="data: codes per visit from the training distribution; model: the model ends visits")
+    parser.add_argument("--max-codes", type=int, default=None, help="cap on codes per visit with --visit-length model")
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--top-k", type=int, default=None)
+    parser.add_argument("--top-p", type=float, default=None)
+    parser.add_argument("--greedy", action="store_true", help="argmax decoding (ablation)")
+    parser.add_argument("--no-cms", action="store_true", help="do not apply the CMS age/sex edits")
+    parser.add_argument("--prior", default=None, help="cohort_prior.json (default: the one in --model)")
+    parser.add_argument("--demographics", default=None, help="conditional: CSV/Parquet with age, sex[, n_visits]")
+    parser.add_argument("--seed-patients", default=None, help="seeded: Parquet of real patients or a prepared folder")
+    parser.add_argument("--seed-visits", type=int, default=1, help="seeded: leading visits kept from each seed")
+    parser.add_argument("--exclude-training", default=None,
+                        help="drop synthetic patients identical to one in this Parquet / prepared folder")
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+
+
+def run(args) -> int:
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()) and not args.overwrite:
+        raise SystemExit(f"promptehr generate: {out} exists and is not empty (use --overwrite)")
+    if args.mode == "unconditional" and args.n is None:
+        raise SystemExit("promptehr generate: --n is required in unconditional mode")
+    model, tokenizer = load_model(args.model, args.device)
+    dataset, stats = generate_patients(
+        model, tokenizer, args.n, mode=args.mode, prior=args.prior or args.model,
+        demographics=_read_demographics(args.demographics) if args.demographics else None,
+        seed_patients=_read_patients(args.seed_patients) if args.seed_patients else None,
+        seed_visits=args.seed_visits, stage_two=args.stage_two, visit_length=args.visit_length,
+        max_codes=args.max_codes, batch_size=args.batch_size, seed=args.seed, temperature=args.temperature,
+        top_k=args.top_k, top_p=args.top_p, greedy=args.greedy, cms=not args.no_cms,
+        exclude_patients=_read_patients(args.exclude_training) if args.exclude_training else None,
+    )
+    write_cohort(dataset.to_list(), out, stats, seed=args.seed, overwrite=args.overwrite)
+    print(json.dumps({k: stats[k] for k in ("n_patients", "n_visits", "mean_visits_per_patient",
+                                             "mean_codes_per_visit", "seconds") if k in stats}))
+    print(f"wrote {out}")
+    return 0
+
+
+__all__ = ["CohortPrior", "generate_patients", "load_model", "write_cohort", "add_arguments", "run", "PRIOR_FILE"]

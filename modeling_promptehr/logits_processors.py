@@ -1,0 +1,374 @@
+"""LogitsProcessors that make every generated visit valid by construction.
+
+One decoder call writes one visit: ``<decoder start> <v> C:cat code C:cat code ... </v>``. Each
+row of the batch is its own patient (own age, sex, target visit length); every processor is
+vectorised over the batch and the vocabulary, with no Python loop per row or per code.
+
+Processors (use :func:`visit_logits_processors` to build the list in the right order):
+
+- :class:`StageTwoLogitsProcessor`: after a category token, the next token is one of that
+  category's codes, sampled by the model's scores (``"model"``), by the training
+  P(code | category) (``"empirical"``: the scores are replaced by log-probabilities) or uniformly.
+- :class:`NoRepeatCodeLogitsProcessor`: a code already written in this visit is forbidden.
+- :class:`CMSEditLogitsProcessor`: the CMS Medicare Code Editor age/sex edits of each row's
+  patient; categories all of whose codes are forbidden are forbidden too.
+- :class:`VisitGrammarLogitsProcessor`: ``<v>`` first, then (category, one of its codes) pairs,
+  then ``</v>``; at least one code; visit-length control (``</v>`` forbidden before the row's
+  target number of codes and forced at it), or model-decided length up to a cap. It knows the
+  CMS-forbidden codes and the codes already used, so it never offers a category with no code
+  left for the row, and a row is never left with nothing to sample. It must come last.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from transformers import LogitsProcessor, LogitsProcessorList
+
+STAGE_TWO_MODES = ("model", "empirical", "uniform")
+NEG_INF = float("-inf")
+
+
+class VocabIndex:
+    """Token-type lookup tables of a PromptEHR tokenizer as tensors of width ``size``.
+
+    ``size`` is the width of the model's scores (``config.vocab_size``; at least ``len(tokenizer)``).
+    Built once per generation run and shared by every processor.
+
+    Attributes:
+        is_code, is_category: [size] bool.
+        code_category: [size] long, the category id of a code token, -1 elsewhere.
+        log_code_prob: [size] float, log P(code | category) from training, -inf elsewhere.
+        code_ids, code_ids_category: [n_codes] long, code ids and their category ids.
+        tokens: list[str], id -> token string (``""`` beyond the tokenizer).
+    """
+
+    def __init__(self, tokenizer, size: int | None = None):
+        n_tok = len(tokenizer)
+        size = n_tok if size is None else int(size)
+        if size < n_tok:
+            raise ValueError(f"VocabIndex: score width {size} is smaller than the tokenizer ({n_tok} tokens)")
+        self.size = size
+        self.pad_id = int(tokenizer.pad_token_id)
+        self.visit_start_id = int(tokenizer.visit_start_id)
+        self.visit_end_id = int(tokenizer.visit_end_id)
+        pairs = torch.tensor(sorted(tokenizer.code_category.items()), dtype=torch.long).reshape(-1, 2)
+        self.code_ids = pairs[:, 0].contiguous()
+        self.code_ids_category = pairs[:, 1].contiguous()
+        self.is_code = torch.zeros(size, dtype=torch.bool)
+        self.is_code[self.code_ids] = True
+        self.is_category = torch.zeros(size, dtype=torch.bool)
+        self.is_category[torch.tensor(list(tokenizer.category_ids), dtype=torch.long)] = True
+        self.code_category = torch.full((size,), -1, dtype=torch.long)
+        self.code_category[self.code_ids] = self.code_ids_category
+        probs = torch.tensor([tokenizer.code_probs.get(int(i), 0.0) for i in self.code_ids], dtype=torch.float64)
+        self.log_code_prob = torch.full((size,), NEG_INF)
+        self.log_code_prob[self.code_ids] = probs.log().float()
+        self.tokens = tokenizer.convert_ids_to_tokens(list(range(n_tok))) + [""] * (size - n_tok)
+
+    def to(self, device) -> "VocabIndex":
+        """Move the lookup tensors to ``device`` (the model's); returns self."""
+        for name in ("code_ids", "code_ids_category", "is_code", "is_category", "code_category", "log_code_prob"):
+            setattr(self, name, getattr(self, name).to(device))
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return self.is_code.device
+
+    def check_width(self, scores: torch.Tensor) -> None:
+        if scores.shape[-1] != self.size:
+            raise ValueError(
+                f"scores have width {scores.shape[-1]} but the VocabIndex was built for {self.size}; "
+                "build it with size=model.config.vocab_size"
+            )
+
+
+def _step_state(index: VocabIndex, input_ids: torch.Tensor):
+    """Per-row decoding state from the decoder ids so far ([B, L]).
+
+    Returns (last [B], at_code [B]); ``at_code`` = the last token is a category, so the next one
+    must be one of its codes. Under the grammar all unfinished rows of a batch are in the same
+    phase at every step (``<v>``, then alternating category / code), so a processor's work at a
+    step is either category-step work or code-step work, never both.
+    """
+    last = input_ids[:, -1]
+    return last, index.is_category[last]
+
+
+class StageTwoLogitsProcessor(LogitsProcessor):
+    """Stage two: after a category token, the next token is one of that category's codes.
+
+    mode ``"model"`` keeps the model's scores (the grammar restricts them to the category's
+    children); ``"empirical"`` replaces them by log P(code | category) from training (multiplied
+    by ``temperature`` so that generate's temperature warper, applied afterwards, leaves the
+    training distribution intact); ``"uniform"`` makes the children equally likely. Rows not at a
+    code position are untouched.
+    """
+
+    def __init__(self, index: VocabIndex, mode: str = "model", temperature: float = 1.0):
+        if mode not in STAGE_TWO_MODES:
+            raise ValueError(f"stage_two must be one of {STAGE_TWO_MODES}, got {mode!r}")
+        self.index, self.mode = index, mode
+        self.temperature = float(temperature) if temperature else 1.0
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        index = self.index
+        index.check_width(scores)
+        if self.mode == "model":
+            return scores
+        last, at_code = _step_state(index, input_ids)
+        if not bool(at_code.any()):
+            return scores
+        children = (index.code_category[None, :] == last[:, None]) & at_code[:, None]  # [B, V]
+        if self.mode == "empirical":
+            fill = (index.log_code_prob * self.temperature).to(scores.dtype).expand_as(scores)
+        else:
+            fill = torch.zeros_like(scores)
+        # Rows at a code position get the stage-two scores on the children, -inf elsewhere.
+        return torch.where(children, fill, scores.masked_fill(at_code[:, None], NEG_INF))
+
+
+def _used_codes(index: VocabIndex, input_ids: torch.Tensor) -> torch.Tensor:
+    """[B, V] bool: code tokens already present in each row's decoder ids."""
+    seen = torch.zeros(input_ids.shape[0], index.size, dtype=torch.bool, device=index.device)
+    seen.scatter_(1, input_ids, True)
+    return seen & index.is_code[None, :]
+
+
+class NoRepeatCodeLogitsProcessor(LogitsProcessor):
+    """Forbid every code token already written in the row's visit (one visit per decoder call)."""
+
+    def __init__(self, index: VocabIndex):
+        self.index = index
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        self.index.check_width(scores)
+        if not bool(_step_state(self.index, input_ids)[1].any()):
+            return scores  # codes are not allowed at category steps anyway
+        return scores.masked_fill(_used_codes(self.index, input_ids), NEG_INF)
+
+
+class CMSEditLogitsProcessor(LogitsProcessor):
+    """The CMS Medicare Code Editor age/sex edits, per row.
+
+    A [n_edit_classes, V] mask (which code carries which edit class, from ``icd9.edit_of``) is
+    combined with a [B, n_edit_classes] matrix (which classes each row's age/sex breaks, from
+    ``icd9.check`` on one code standing for each class), once at construction. Forbids the
+    row's forbidden codes, and categories all of whose codes are forbidden for the row.
+
+    Args:
+        index: the VocabIndex.
+        ages: B ages in years; sexes: B values "F"/"M" (or 0/1, F=0).
+        edit_table: a :class:`CMSEditTable` built once and reused across batches.
+
+    Attributes: ``codes_forbidden`` [B, V] bool; ``categories_forbidden`` [B, V] bool.
+    """
+
+    def __init__(self, index: VocabIndex, ages: Sequence[float], sexes: Sequence, edit_table: "CMSEditTable | None" = None):
+        self.index = index
+        table = edit_table if edit_table is not None else CMSEditTable(index)
+        self.codes_forbidden = table.forbidden_codes(ages, sexes).to(index.device)
+        self.categories_forbidden = index.is_category[None, :] & (allowed_per_category(index, self.codes_forbidden) == 0)
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        self.index.check_width(scores)
+        at_code = _step_state(self.index, input_ids)[1]
+        mask = torch.where(at_code[:, None], self.codes_forbidden, self.categories_forbidden)
+        return scores.masked_fill(mask, NEG_INF)
+
+
+class CMSEditTable:
+    """Which vocabulary codes carry which CMS edit class, and which classes an (age, sex) breaks.
+
+    ``classes``: the edit classes present in the vocabulary (``icd9.edit_of``, e.g.
+    ``"sex_female_only+age_maternity"``); ``class_mask``: [n_classes, V] bool.
+    """
+
+    def __init__(self, index: VocabIndex):
+        from promptehr_hf.tokenization import icd9
+
+        self._icd9 = icd9
+        edits: dict[str, list[int]] = {}
+        for code_id in index.code_ids.tolist():
+            edit = icd9.edit_of(index.tokens[code_id])
+            if edit is not None:
+                edits.setdefault(edit, []).append(code_id)
+        self.classes = sorted(edits)
+        self.class_mask = torch.zeros(len(self.classes), index.size, dtype=torch.bool)
+        for k, name in enumerate(self.classes):
+            self.class_mask[k, edits[name]] = True
+        # Codes of one class break exactly the same (age, sex) pairs (icd9.edit_of), so one code
+        # stands for its class when asking icd9.check.
+        self._representative = [index.tokens[edits[name][0]] for name in self.classes]
+        self._broken: dict[tuple[float, str], tuple[bool, ...]] = {}
+
+    def broken(self, age: float, sex: str) -> tuple[bool, ...]:
+        """Which edit classes a patient of this age and sex breaks (cached per (age, sex))."""
+        key = (float(age), sex)
+        hit = self._broken.get(key)
+        if hit is None:
+            hit = tuple(self._icd9.check(code, key[0], sex) is not None for code in self._representative)
+            self._broken[key] = hit
+        return hit
+
+    def forbidden_codes(self, ages: Sequence[float], sexes: Sequence) -> torch.Tensor:
+        """[B, V] bool: the codes each (age, sex) row may not receive."""
+        sexes = [_sex_letter(s) for s in sexes]
+        if len(ages) != len(sexes):
+            raise ValueError(f"CMS edits: {len(ages)} ages but {len(sexes)} sexes")
+        if not self.classes:
+            return torch.zeros(len(ages), self.class_mask.shape[1], dtype=torch.bool)
+        rows = torch.tensor([self.broken(float(a), s) for a, s in zip(ages, sexes)], dtype=torch.float32)
+        return (rows.reshape(len(ages), -1) @ self.class_mask.float()) > 0
+
+
+def _sex_letter(sex) -> str:
+    if sex in ("F", "M"):
+        return sex
+    if sex in (0, 1):
+        return "FM"[int(sex)]
+    raise ValueError(f"sex must be 'F', 'M', 0 (F) or 1 (M), got {sex!r}")
+
+
+def allowed_per_category(index: VocabIndex, codes_forbidden: torch.Tensor | None, batch_size: int = 1) -> torch.Tensor:
+    """[B, V] float: at each category id, how many of its codes are not in ``codes_forbidden``.
+
+    ``codes_forbidden``: [B, V] bool, or None (nothing forbidden: a [batch_size, V] count).
+    """
+    ok = index.is_code[index.code_ids].float()[None, :].expand(batch_size, -1)
+    if codes_forbidden is not None:
+        ok = (~codes_forbidden[:, index.code_ids]).float()
+    counts = torch.zeros(ok.shape[0], index.size, device=index.device)
+    return counts.scatter_add_(1, index.code_ids_category.expand(ok.shape[0], -1), ok)
+
+
+class VisitGrammarLogitsProcessor(LogitsProcessor):
+    """The visit grammar with visit-length control; must be the last processor.
+
+    Allowed next tokens per row:
+    - before ``<v>``: ``<v>``;  after ``</v>``: ``<pad>`` (the row is finished);
+    - after a category: its codes, less ``codes_forbidden`` and (``no_repeat``) those already used;
+    - after ``<v>`` or a code: the categories that still have an available code (not in
+      ``codes_forbidden`` for the row and, with ``no_repeat``, not yet in the visit), and ``</v>``
+      once the visit holds ``min_codes`` codes (never right after ``<v>``); only ``</v>`` once it
+      holds ``max_codes``. ``</v>`` is also allowed when no category is left.
+    If earlier processors left a row with every allowed token at -inf (e.g. empirical stage two
+    on a category whose remaining codes were never seen in training), it samples uniformly
+    among the allowed tokens, so generate never meets an all -inf row.
+
+    Args:
+        index: the VocabIndex.
+        n_codes: [B] target codes per visit (data-driven length: min = max = target), or None.
+        max_codes: cap on codes per visit when ``n_codes`` is None (model-decided length).
+        codes_forbidden: [B, V] bool codes the row may never receive (the CMS processor's
+            ``codes_forbidden``), or None.
+        no_repeat: codes already in the visit are unavailable (NoRepeatCodeLogitsProcessor is on).
+    """
+
+    def __init__(self, index: VocabIndex, n_codes=None, max_codes: int | None = None,
+                 codes_forbidden: torch.Tensor | None = None, no_repeat: bool = True):
+        self.index, self.no_repeat = index, no_repeat
+        if n_codes is None:
+            if max_codes is None or max_codes < 1:
+                raise ValueError("VisitGrammarLogitsProcessor: give n_codes (per-row targets) or max_codes >= 1")
+            self.min_codes, self.max_codes = 1, int(max_codes)
+        else:
+            n_codes = torch.as_tensor(n_codes, dtype=torch.long, device=index.device)
+            if bool((n_codes < 1).any()):
+                raise ValueError("VisitGrammarLogitsProcessor: every target visit length must be >= 1")
+            self.min_codes = self.max_codes = n_codes
+        self.codes_forbidden = codes_forbidden
+        self._available = None  # [B or 1, V] statically available codes per category, on first call
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        index = self.index
+        index.check_width(scores)
+        B = input_ids.shape[0]
+        last, at_code = _step_state(index, input_ids)
+        started = (input_ids == index.visit_start_id).any(1)
+        ended = (input_ids == index.visit_end_id).any(1)
+        open_ = started & ~ended & ~at_code  # next: a category or </v>
+        allowed = torch.zeros(B, index.size, dtype=torch.bool, device=index.device)
+        if bool(at_code.any()):
+            allowed |= (index.code_category[None, :] == last[:, None]) & at_code[:, None]
+            # Also here (not only in their processors), so the fallback below stays valid.
+            if self.codes_forbidden is not None:
+                allowed &= ~self.codes_forbidden
+            if self.no_repeat:
+                allowed &= ~_used_codes(index, input_ids)
+        can_end = torch.zeros(B, dtype=torch.bool, device=index.device)
+        if bool(open_.any()):
+            is_code = index.is_code[input_ids]  # [B, L]
+            n_codes = is_code.sum(1)
+            if self._available is None:
+                self._available = allowed_per_category(index, self.codes_forbidden)
+            available = self._available
+            if self.no_repeat:  # minus the codes already written, counted per category
+                used = torch.zeros(B, index.size, device=index.device).scatter_add_(1, index.code_category[input_ids].clamp(min=0), is_code.float())
+                available = available - used
+            cat_ok = index.is_category[None, :] & (available > 0)
+            must_end = open_ & (n_codes >= self.max_codes)
+            can_end = open_ & (last != index.visit_start_id) & (n_codes >= self.min_codes)
+            can_end |= must_end | (open_ & ~cat_ok.any(1))
+            allowed |= cat_ok & (open_ & ~must_end)[:, None]
+        allowed[:, index.visit_start_id] |= ~started
+        allowed[:, index.visit_end_id] |= can_end
+        allowed[:, index.pad_id] |= ended
+        scores = scores.masked_fill(~allowed, NEG_INF)
+        dead = scores.amax(1) == NEG_INF
+        if bool(dead.any()):
+            allowed[dead, index.visit_end_id] |= ~allowed[dead].any(1)  # defensive: never all-forbidden
+            scores[dead] = torch.zeros_like(scores[dead]).masked_fill(~allowed[dead], NEG_INF)
+        return scores
+
+
+def visit_logits_processors(
+    index: VocabIndex,
+    ages: Sequence[float],
+    sexes: Sequence,
+    n_codes=None,
+    max_codes: int | None = None,
+    stage_two: str = "model",
+    temperature: float = 1.0,
+    cms: bool = True,
+    edit_table: CMSEditTable | None = None,
+) -> LogitsProcessorList:
+    """The processors for one batch of visits, in order: stage two, no-repeat, CMS, grammar.
+
+    Args:
+        ages, sexes: per row (B).  n_codes: [B] target codes per visit, or None with max_codes.
+        stage_two: "model" | "empirical" | "uniform".  cms: apply the CMS age/sex edits.
+        edit_table: a CMSEditTable reused across batches (built here if None and cms).
+    """
+    processors: list[LogitsProcessor] = [StageTwoLogitsProcessor(index, stage_two, temperature=temperature),
+                                         NoRepeatCodeLogitsProcessor(index)]
+    forbidden = None
+    if cms:
+        cms_processor = CMSEditLogitsProcessor(index, ages, sexes, edit_table=edit_table)
+        processors.append(cms_processor)
+        forbidden = cms_processor.codes_forbidden
+    processors.append(VisitGrammarLogitsProcessor(index, n_codes=n_codes, max_codes=max_codes,
+                                                  codes_forbidden=forbidden, no_repeat=True))
+    return LogitsProcessorList(processors)
+
+
+def max_new_tokens_for(max_codes: int) -> int:
+    """Decoder steps for a visit of up to max_codes codes: <v>, 2 per code, </v>, one spare."""
+    return 2 * int(max_codes) + 3
+
+
+__all__ = [
+    "STAGE_TWO_MODES",
+    "VocabIndex",
+    "StageTwoLogitsProcessor",
+    "NoRepeatCodeLogitsProcessor",
+    "CMSEditLogitsProcessor",
+    "CMSEditTable",
+    "VisitGrammarLogitsProcessor",
+    "allowed_per_category",
+    "visit_logits_processors",
+    "max_new_tokens_for",
+]
+
