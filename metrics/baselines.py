@@ -1,0 +1,95 @@
+"""The independent-marginal baseline of DESIGN.md ("How good is good").
+
+``IndependentMarginalSampler.fit(train).sample(n, seed)`` draws patients whose every part is
+drawn independently from the training marginals:
+
+- (age, sex): jointly, copied from a training patient drawn uniformly;
+- number of visits: from the training visits-per-patient distribution;
+- size of each visit: from the training distribution of distinct codes per visit (capped at the
+  number of distinct training codes);
+- codes of a visit: drawn without replacement, each draw proportional to the code's training
+  visit occurrences among the codes not yet in the visit (draws with replacement, repeats
+  discarded: the same law). No duplicates inside a visit.
+
+It matches code frequencies by construction but has no co-occurrence structure (and ignores
+the CMS age/sex edits), so a useful model must beat it clearly on the pair metrics.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from promptehr_hf.datasets_scripts import incidence as inc
+
+
+class IndependentMarginalSampler:
+    """Fitted marginals: ``codes`` [K] with ``code_cdf`` [K], visit sizes, visits per patient,
+    (age, sex) pairs."""
+
+    def __init__(self, codes, code_counts, visit_sizes, visits_per_patient, ages, sexes):
+        self.codes = np.asarray(codes, dtype=object)
+        counts = np.asarray(code_counts, dtype=np.float64)
+        self.code_cdf = np.cumsum(counts) / counts.sum()
+        self.visit_sizes = np.minimum(np.asarray(visit_sizes, dtype=np.int64), len(self.codes))
+        self.visits_per_patient = np.asarray(visits_per_patient, dtype=np.int64)
+        self.ages = np.asarray(ages, dtype=np.float64)
+        self.sexes = np.asarray(sexes, dtype=object)
+
+    @classmethod
+    def fit(cls, train: Any) -> "IndependentMarginalSampler":
+        """Marginals of a training cohort (patient dicts, a ``datasets.Dataset`` or columns)."""
+        visits = inc.cohort_visits(train)
+        X, vocab = inc.visit_matrix(visits)
+        if X.nnz == 0:
+            raise ValueError("IndependentMarginalSampler.fit: the training cohort has no codes")
+        keep = np.flatnonzero(np.asarray(X.sum(axis=0)).ravel())
+        return cls(
+            codes=[vocab[i] for i in keep],
+            code_counts=np.asarray(X.sum(axis=0)).ravel()[keep],
+            visit_sizes=np.diff(X.indptr),
+            visits_per_patient=np.diff(inc.visit_offsets(visits)),
+            ages=inc.cohort_column(train, "age"),
+            sexes=inc.cohort_column(train, "sex"),
+        )
+
+    def _visit_codes(self, sizes: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        """(visit index, code index) of every drawn code, grouped by visit, in draw order."""
+        K = len(self.codes)
+        got_v = np.empty(0, np.int64)
+        got_c = np.empty(0, np.int64)
+        active = np.flatnonzero(sizes > 0)
+        while active.size:
+            # Each round draws with replacement for the visits still short, then keeps the
+            # first occurrence of each (visit, code) and the first `size` codes of each visit.
+            have = np.bincount(got_v, minlength=len(sizes))
+            m = 2 * (sizes[active] - have[active]) + 4
+            new_v = np.repeat(active, m)
+            new_c = np.minimum(np.searchsorted(self.code_cdf, rng.random(len(new_v)), side="right"), K - 1)
+            v, c = np.r_[got_v, new_v], np.r_[got_c, new_c]
+            _, first = np.unique(v * K + c, return_index=True)
+            first.sort()  # back to draw order
+            v, c = v[first], c[first]
+            order = np.argsort(v, kind="stable")
+            v, c = v[order], c[order]
+            start = np.searchsorted(v, v, side="left")
+            keep = np.arange(len(v)) - start < sizes[v]
+            got_v, got_c = v[keep], c[keep]
+            have = np.bincount(got_v, minlength=len(sizes))
+            active = np.flatnonzero(have < sizes)
+        return got_v, got_c
+
+    def sample(self, n: int, seed: int = 0, first_subject_id: int = 1) -> list[dict]:
+        """n patients in the package schema; deterministic for a seed."""
+        rng = np.random.default_rng(seed)
+        who = rng.integers(len(self.ages), size=n)
+        n_visits = rng.choice(self.visits_per_patient, size=n)
+        sizes = rng.choice(self.visit_sizes, size=int(n_visits.sum()))
+        v, c = self._visit_codes(sizes, rng)
+        codes = self.codes[c].tolist()
+        bounds = np.searchsorted(v, np.arange(len(sizes) + 1))
+        visits = [codes[bounds[i]:bounds[i + 1]] for i in range(len(sizes))]
+        first = np.r_[0, np.cumsum(n_visits)]
+        return [{"subject_id": first_subject_id + i, "age": float(self.ages[who[i]]), "sex": str(self.sexes[who[i]]),
+                 "visits": visits[first[i]:first[i + 1]]} for i in range(n)]

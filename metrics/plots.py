@@ -1,0 +1,156 @@
+"""The report's PNG figures (matplotlib, Agg backend), from the cohorts and their scores.
+
+``write_plots(cohorts, rows, out)``: ``cohorts`` maps "real" and the scored rows ("synthetic",
+"floor", "baseline", those present) to cohort columns; ``rows`` holds their metrics.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from promptehr_hf.datasets_scripts import incidence as inc  # noqa: E402
+from promptehr_hf.metrics.coherence import safe_category, cohorts  # noqa: E402
+
+COLORS = {"real": "#333333", "synthetic": "#1f77b4", "floor": "#2ca02c", "baseline": "#ff7f0e"}
+N_TOP_CATEGORIES, N_HEATMAP = 20, 15
+
+
+def _title(code: str) -> str:
+    from promptehr_hf.tokenization import icd9
+
+    try:
+        t = icd9.title(code)
+    except KeyError:
+        return code
+    return f"{code} {t[:28]}…" if len(t) > 29 else f"{code} {t}"
+
+
+def write_plots(cohort_columns: dict[str, dict], rows: dict, out: Path) -> list[Path]:
+    """Write the five PNGs into ``out``; returns their paths."""
+    cs, vocab = cohorts(cohort_columns)
+    names = [n for n in ("synthetic", "floor", "baseline") if n in cs]
+    M, categories = inc.group_columns(vocab, safe_category)
+    cat = {n: inc.collapse(c.X, M) for n, c in cs.items()}
+    paths = [
+        _code_prevalence(cs, names, rows, out / "code_prevalence.png"),
+        _distribution({n: np.diff(c.offsets) for n, c in cs.items()}, ["real", *names], "visits per patient",
+                      out / "visits_per_patient.png", cap=10, bars=True),
+        _distribution({n: np.diff(c.X.indptr) for n, c in cs.items()}, ["real", *names], "distinct codes per visit",
+                      out / "codes_per_visit.png", cap=40, bars=False),
+    ]
+    share = {n: np.asarray(x.sum(axis=0)).ravel() / max(x.sum(), 1) for n, x in cat.items()}
+    top = np.argsort(-share["real"], kind="stable")[:N_TOP_CATEGORIES]
+    paths.append(_top_categories(share, top, categories, ["real", *names], out / "top_categories.png"))
+    top = np.argsort(-share["real"], kind="stable")[:N_HEATMAP]
+    paths.append(_heatmap(cat, top, categories, ["real", *[n for n in names if n != "floor"]],
+                          out / "cooccurrence_heatmap.png"))
+    return paths
+
+
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _code_prevalence(cs, names, rows, path: Path) -> Path:
+    R = cs["real"]
+    real = np.asarray(R.X.sum(axis=0)).ravel() / max(R.n_visits, 1)
+    fig, axes = plt.subplots(1, len(names), figsize=(4.6 * len(names), 4.6), squeeze=False)
+    for ax, name in zip(axes[0], names):
+        c = cs[name]
+        syn = np.asarray(c.X.sum(axis=0)).ravel() / max(c.n_visits, 1)
+        present = (real > 0) | (syn > 0)
+        floor = 0.5 / max(R.n_visits, c.n_visits, 1)  # where absent codes are drawn
+        x, y = np.maximum(real[present], floor), np.maximum(syn[present], floor)
+        ax.scatter(x, y, s=6, alpha=0.4, color=COLORS[name], linewidths=0)
+        lo, hi = floor * 0.8, max(x.max(initial=floor), y.max(initial=floor)) * 1.3
+        ax.plot([lo, hi], [lo, hi], color="grey", lw=0.8, ls="--")
+        ax.axhline(floor, color="grey", lw=0.5, ls=":")
+        ax.axvline(floor, color="grey", lw=0.5, ls=":")
+        ax.set(xscale="log", yscale="log", xlim=(lo, hi), ylim=(lo, hi), xlabel="real: share of visits with the code",
+               ylabel=f"{name}: share of visits with the code")
+        r2 = rows[name]["r2_code_prevalence"]
+        ax.set_title(f"{name}: R² = {r2:.3f}, JS = {rows[name]['code_js']:.3f}", fontsize=10)
+        ax.text(0.02, 0.97, "dotted lines: code absent", transform=ax.transAxes, fontsize=7, va="top", color="grey")
+    fig.suptitle("Code prevalence per visit, real vs generated (one dot per code)", fontsize=11)
+    return _save(fig, path)
+
+
+def _distribution(values: dict[str, np.ndarray], names, label: str, path: Path, cap: int, bars: bool) -> Path:
+    """Share of patients/visits per count: grouped bars on a log scale (few values, long tail)
+    or step lines (many values)."""
+    fig, ax = plt.subplots(figsize=(8, 4))
+    width = 0.8 / len(names)
+    bins = np.arange(0, cap + 1)
+    for i, name in enumerate(names):
+        v = np.minimum(values[name], cap)
+        p = np.bincount(v, minlength=cap + 1)[: cap + 1] / max(len(v), 1)
+        tag = f"{name} (mean {values[name].mean():.2f})" if len(v) else name
+        if bars:
+            ax.bar(bins + (i - (len(names) - 1) / 2) * width, p, width=width, color=COLORS[name], label=tag)
+        else:
+            ax.step(bins, p, where="mid", color=COLORS[name], label=tag, lw=1.6 if name == "real" else 1.1)
+    if bars:
+        ax.set_yscale("log")
+    ax.set(xlabel=f"{label} ({cap} = {cap} or more)", ylabel="share" + (" (log scale)" if bars else ""),
+           title=f"Distribution of {label}")
+    ax.set_xlim(0.5 if min(int(values[n].min(initial=1)) for n in names) > 0 else -0.5, cap + 0.5)
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def _top_categories(share, top, categories, names, path: Path) -> Path:
+    fig, ax = plt.subplots(figsize=(8, 0.38 * len(top) + 1.2))
+    height = 0.8 / len(names)
+    y = np.arange(len(top))
+    for i, name in enumerate(names):
+        ax.barh(y + (i - (len(names) - 1) / 2) * height, share[name][top], height=height, color=COLORS[name], label=name)
+    ax.set_yticks(y, [_title(categories[k]) for k in top], fontsize=7)
+    ax.invert_yaxis()
+    ax.set(xlabel="share of all (visit, category) occurrences",
+           title=f"The {len(top)} most common categories of the real cohort")
+    ax.legend(fontsize=8, loc="lower right")
+    return _save(fig, path)
+
+
+def _heatmap(cat, top, categories, names, path: Path) -> Path:
+    """log2 lift of within-visit category pairs, P(i and j) / (P(i) P(j)), per cohort: red =
+    together more often than chance, blue = less; an independent sampler is flat."""
+    lifts = {}
+    for name in names:
+        x = cat[name][:, top]
+        n = max(x.shape[0], 1)
+        joint = (x.T @ x).toarray().astype(np.float64) / n
+        prev = np.diag(joint).copy()
+        with np.errstate(divide="ignore", invalid="ignore"):
+            lift = np.log2(joint / np.outer(prev, prev))
+        np.fill_diagonal(lift, np.nan)  # the diagonal is prevalence, not a pair
+        lift[~np.isfinite(lift)] = np.nan  # never together (or category absent)
+        lifts[name] = lift
+    finite = np.concatenate([m[np.isfinite(m)] for m in lifts.values()])
+    # A robust bound: one extreme pair (e.g. two exclusive categories) must not wash out the rest.
+    bound = float(np.clip(np.percentile(np.abs(finite), 98), 0.5, 4.0)) if finite.size else 1.0
+    fig, axes = plt.subplots(1, len(names), figsize=(4.3 * len(names) + 1.2, 4.9), squeeze=False,
+                             constrained_layout=True)
+    labels = [categories[k] for k in top]
+    cmap = matplotlib.colormaps["RdBu_r"].copy()
+    cmap.set_bad("#dddddd")
+    for ax, name in zip(axes[0], names):
+        im = ax.imshow(lifts[name], cmap=cmap, vmin=-bound, vmax=bound)
+        ax.set_xticks(range(len(top)), labels, rotation=90, fontsize=7)
+        ax.set_yticks(range(len(top)), labels, fontsize=7)
+        ax.set_title(name, fontsize=10)
+    fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label="log2 P(both) / (P(i) P(j))")
+    fig.suptitle(f"Within-visit co-occurrence lift of the {len(top)} most common real categories "
+                 "(grey: diagonal, or never together)", fontsize=10)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

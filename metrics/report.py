@@ -1,0 +1,276 @@
+"""`promptehr evaluate`: score a synthetic cohort against real data; write metrics, a table, plots.
+
+    promptehr evaluate --real PATH --synthetic PATH [--train PATH] --out DIR
+
+PATH is any of: a Parquet file of patients (the package schema); a prepared folder
+(`promptehr prepare`: ``{train,validation,test}.parquet``; ``--real`` reads its ``test`` split,
+``--train`` its ``train`` split, change with ``--real-split`` / ``--train-split``); a folder
+holding ``synthetic.parquet`` or exactly one Parquet file (``promptehr generate`` output); or a
+MIMIC-III CSV folder (``DIAGNOSES_ICD.csv[.gz]`` ...; read with ``read_mimic3``).
+
+Every row is scored against the same reference, the ``--real`` cohort, which should be real
+patients the generator never saw (the held-out test split):
+- ``synthetic``: the synthetic cohort (coherence; privacy too when ``--train`` is given, with
+  ``--real`` as the held-out control);
+- ``floor`` (needs ``--train``): a random sample of the training split of the synthetic cohort's
+  size — real data of the same population, the best any generator can hope to score (DESIGN.md
+  "How good is good": the held-out real split against the training split, with the roles set so
+  that the reference and the sample size are those of the synthetic row);
+- ``baseline``: ``IndependentMarginalSampler`` fitted on ``--train`` (else on ``--real``, which
+  then flatters it) and sampled at the synthetic cohort's size.
+
+Writes (atomically: a temporary folder beside DIR, then renamed) DIR/metrics.json
+(``{"rows": {row: {metric: value}}, "meta": {...}}``, NaN as null), DIR/metrics.md (the table)
+and the PNGs ``code_prevalence.png``, ``visits_per_patient.png``, ``codes_per_visit.png``,
+``top_categories.png``, ``cooccurrence_heatmap.png``.
+Python: ``evaluate_cohorts(synthetic, real, train=None, out_dir=None, ...)``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from promptehr_hf.datasets_scripts import incidence as inc
+from promptehr_hf.metrics.baselines import IndependentMarginalSampler
+from promptehr_hf.metrics.coherence import coherence, cohorts
+from promptehr_hf.metrics.privacy import privacy
+
+COLUMNS = ("visits", "age", "sex")
+ROWS = ("synthetic", "floor", "baseline")
+PLOTS = ("code_prevalence.png", "visits_per_patient.png", "codes_per_visit.png", "top_categories.png",
+         "cooccurrence_heatmap.png")
+# (key, label, better): better is "low", "high", "0.5", "0", "real" (close to the real value) or "".
+TABLE = {
+    "Fidelity": [
+        ("code_js", "code JS divergence", "low"), ("category_js", "category JS divergence", "low"),
+        ("top_k_overlap", "top-k code overlap", "high"), ("top_k_jaccard", "top-k Jaccard", "high"),
+        ("r2_code_prevalence", "R² code prevalence per visit", "high"),
+        ("r2_pair_prevalence", "R² within-visit pair prevalence", "high"),
+        ("r2_consecutive_prevalence", "R² consecutive-visit pair prevalence", "high"),
+        ("cooccurrence_score", "co-occurrence score (mean real count of pairs)", "high"),
+        ("cooccurrence_seen_share", "share of pairs seen in real visits", "high"),
+    ],
+    "Validity": [
+        ("cms_invalid_code_rate", "CMS age/sex conflicts, share of codes", "low"),
+        ("cms_invalid_patient_rate", "CMS age/sex conflicts, share of patients", "real"),
+        ("unknown_code_rate", "codes outside ICD-9-CM v32", "low"),
+        ("duplicate_rate", "duplicate codes within a visit", "low"),
+    ],
+    "Diversity": [
+        ("distinct_codes", "distinct codes", "real"), ("code_coverage", "coverage of real codes", "high"),
+        ("code_coverage_frequent", "coverage of frequent real codes", "high"),
+        ("top_code", "most common code", ""), ("top_code_share", "share of patients with it", "real"),
+        ("distinct_patient_share", "distinct patients", "high"),
+    ],
+    "Structure": [
+        ("visits_per_patient_mean", "visits per patient, mean", "real"),
+        ("visits_per_patient_wasserstein", "visits per patient, Wasserstein", "low"),
+        ("visits_per_patient_tv", "visits per patient, total variation", "low"),
+        ("codes_per_visit_mean", "codes per visit, mean", "real"),
+        ("codes_per_visit_wasserstein", "codes per visit, Wasserstein", "low"),
+        ("codes_per_visit_tv", "codes per visit, total variation", "low"),
+        ("age_wasserstein", "age, Wasserstein (years)", "low"), ("female_share", "female share", "real"),
+    ],
+    "Privacy": [
+        ("exact_copy_rate", "exact copies of training patients", "low"),
+        ("membership_inference_accuracy", "membership inference accuracy", "0.5"),
+        ("membership_inference_auc", "membership inference AUC", "0.5"),
+        ("nnaar", "NNAAR (AA holdout - AA train)", "0"),
+        ("attribute_inference_f1", "attribute inference F1 (members)", ""),
+        ("attribute_inference_risk", "attribute inference F1, members - non-members", "0"),
+        ("sex_inference_f1", "sex inference F1 (members)", ""),
+    ],
+}
+# Real-cohort values shown in the "real" column (coherence returns them as <key>_real).
+REAL_KEYS = {"cms_invalid_patient_rate": "cms_invalid_patient_rate_real", "distinct_codes": "distinct_codes_real",
+             "top_code_share": "top_code_share_real", "visits_per_patient_mean": "visits_per_patient_mean_real",
+             "codes_per_visit_mean": "codes_per_visit_mean_real", "female_share": "female_share_real",
+             "exact_copy_rate": "holdout_exact_copy_rate",
+             "attribute_inference_f1": "attribute_inference_f1_holdout", "sex_inference_f1": "sex_inference_f1_holdout"}
+
+
+# ----------------------------------------------------------------------------- reading cohorts
+def _columns(cohort: Any) -> dict[str, list]:
+    """Any cohort form -> {"visits", "age", "sex"} lists."""
+    try:
+        return {name: inc.cohort_column(cohort, name) for name in COLUMNS}
+    except KeyError as err:
+        raise ValueError(f"a cohort needs the columns {COLUMNS}: {err}") from None
+
+
+def _take(columns: dict[str, list], rows: np.ndarray) -> dict[str, list]:
+    return {name: [values[i] for i in rows] for name, values in columns.items()}
+
+
+def read_cohort(path: str | os.PathLike, split: str | None = None) -> dict[str, list]:
+    """Columns {"visits", "age", "sex"} of the cohort at ``path`` (forms: module docstring)."""
+    import pyarrow.parquet as pq
+
+    p = Path(path)
+    if p.is_dir():
+        parquet = sorted(p.glob("*.parquet"))
+        if split and (p / f"{split}.parquet").exists():
+            p = p / f"{split}.parquet"
+        elif len(parquet) == 1:
+            p = parquet[0]
+        elif any((p / f"DIAGNOSES_ICD.{ext}").exists() for ext in ("csv", "csv.gz", "CSV", "CSV.GZ")) or any(
+                (p / f"diagnoses_icd.{ext}").exists() for ext in ("csv", "csv.gz")):
+            from promptehr_hf.datasets_scripts.mimic3 import read_mimic3
+
+            return _columns(read_mimic3(p)[0])
+        else:
+            raise FileNotFoundError(
+                f"{path}: expected a Parquet file, a prepared folder with {split or '<split>'}.parquet, a folder with "
+                f"one Parquet file, or a MIMIC-III CSV folder; found {[f.name for f in parquet] or 'no Parquet file'}")
+    if not p.exists():
+        raise FileNotFoundError(f"{p}: no such file")
+    schema_names = pq.read_schema(p).names
+    missing = [c for c in COLUMNS if c not in schema_names]
+    if missing:
+        raise ValueError(f"{p}: missing column(s) {missing} (patient schema: subject_id, age, sex, visits)")
+    return pq.read_table(p, columns=list(COLUMNS)).to_pydict()
+
+
+# ----------------------------------------------------------------------------- scoring
+def evaluate_cohorts(synthetic: Any, real: Any, train: Any = None, *, out_dir: str | os.PathLike | None = None,
+                     baseline: bool = True, plots: bool = True, seed: int = 0, top_k: int = 100,
+                     n_attack: int = 2000) -> dict:
+    """Score ``synthetic`` (and the floor and baseline rows, see the module docstring) against
+    ``real``. Cohorts: patient dicts, a ``datasets.Dataset`` or dicts of columns.
+
+    Returns ``{"rows": {"synthetic": {...}, "floor": {...} | None, "baseline": {...} | None},
+    "meta": {...}}``; with ``out_dir``, also writes metrics.json, metrics.md and the PNGs there.
+    """
+    t0 = time.perf_counter()
+    syn, ref = _columns(synthetic), _columns(real)
+    tr = _columns(train) if train is not None else None
+    n = len(syn["visits"])
+    rng = np.random.default_rng(seed)
+    candidates = {"synthetic": syn}
+    if tr is not None and len(tr["visits"]):
+        size = min(n, len(tr["visits"]))
+        candidates["floor"] = _take(tr, np.sort(rng.choice(len(tr["visits"]), size=size, replace=False)))
+    if baseline:
+        sampler = IndependentMarginalSampler.fit(tr if tr is not None else ref)
+        candidates["baseline"] = _columns(sampler.sample(n, seed=seed))
+
+    rows: dict[str, dict | None] = {name: None for name in ROWS}
+    for name, cand in candidates.items():
+        rows[name] = coherence(cand, ref, top_k=top_k)
+        if tr is not None and name != "floor":
+            rows[name] |= privacy(cand, tr, ref, n_attack=n_attack, seed=seed)
+    meta = {
+        "reference": "real", "n_real": len(ref["visits"]), "n_synthetic": n,
+        "n_train": len(tr["visits"]) if tr is not None else None,
+        "floor": "random training sample of the synthetic size, scored against real" if "floor" in candidates
+        else "not computed (needs train)",
+        "baseline": ("IndependentMarginalSampler fitted on " + ("train" if tr is not None else "real (in-sample)"))
+        if baseline else "not computed",
+        "privacy": "train = train, holdout = real" if tr is not None else "not computed (needs train)",
+        "seed": seed, "top_k": top_k, "n_attack": n_attack,
+    }
+    meta["scoring_seconds"] = round(time.perf_counter() - t0, 2)
+    result = {"rows": rows, "meta": meta}
+    if out_dir is not None:
+        _write(result, {**candidates, "real": ref}, Path(out_dir), plots)
+    return result
+
+
+# ----------------------------------------------------------------------------- writing
+def _clean(x):
+    if isinstance(x, dict):
+        return {k: _clean(v) for k, v in x.items()}
+    if isinstance(x, (float, np.floating)):
+        return None if math.isnan(x) else float(x)
+    if isinstance(x, np.integer):
+        return int(x)
+    return x
+
+
+def _fmt(x) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "–"
+    if isinstance(x, str):
+        return x
+    if isinstance(x, (int, np.integer)) and not isinstance(x, bool):
+        return f"{x:,}"
+    return f"{x:.4g}" if abs(x) >= 1e-3 or x == 0 else f"{x:.2e}"
+
+
+def markdown_table(result: dict) -> str:
+    """The metrics as one Markdown table per section: synthetic, floor, baseline, real values."""
+    rows, meta = result["rows"], result["meta"]
+    better = {"low": "lower", "high": "higher", "0.5": "≈ 0.5", "0": "≈ 0", "real": "≈ real", "": ""}
+    lines = [f"# Evaluation: {meta['n_synthetic']:,} synthetic vs {meta['n_real']:,} real patients", "",
+             f"Reference: the real cohort. Floor: {meta['floor']}. Baseline: {meta['baseline']}. "
+             f"Privacy: {meta['privacy']}.", ""]
+    for section, items in TABLE.items():
+        lines += [f"## {section}", "", "| metric | synthetic | floor | baseline | real | better |",
+                  "|---|---|---|---|---|---|"]
+        for key, label, direction in items:
+            cells = [_fmt(rows[r].get(key)) if rows.get(r) else "–" for r in ROWS]
+            real_key = REAL_KEYS.get(key)
+            real_value = rows["synthetic"].get(real_key) if real_key else None
+            lines.append(f"| {label} | " + " | ".join(cells) + f" | {_fmt(real_value)} | {better[direction]} |")
+        lines.append("")
+    lines.append("Definitions: `promptehr_hf.metrics.coherence` and `promptehr_hf.metrics.privacy` docstrings.")
+    return "\n".join(lines) + "\n"
+
+
+def _write(result: dict, cohort_columns: dict[str, dict], out: Path, plots: bool) -> None:
+    out = out.resolve()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        (tmp / "metrics.json").write_text(json.dumps(_clean(result), indent=2, allow_nan=False) + "\n")
+        (tmp / "metrics.md").write_text(markdown_table(result))
+        if plots:
+            from promptehr_hf.metrics.plots import write_plots
+
+            write_plots(cohort_columns, result["rows"], tmp)
+        if out.exists():  # replace as a whole: move the old folder aside, then drop it
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            os.replace(out, old / out.name)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------- CLI
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.description = __doc__.split("\n\n")[0]
+    parser.add_argument("--real", required=True, help="reference real cohort (held-out): Parquet file or folder")
+    parser.add_argument("--synthetic", required=True, help="synthetic cohort: Parquet file or folder")
+    parser.add_argument("--train", help="training cohort: enables the floor row and the privacy metrics")
+    parser.add_argument("--out", required=True, help="output folder (replaced as a whole)")
+    parser.add_argument("--real-split", default="test", help="split read from a prepared --real folder (default test)")
+    parser.add_argument("--train-split", default="train", help="split read from a prepared --train folder")
+    parser.add_argument("--top-k", type=int, default=100)
+    parser.add_argument("--n-attack", type=int, default=2000, help="patients sampled per cohort for the attacks")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-baseline", action="store_true")
+    parser.add_argument("--no-plots", action="store_true")
+
+
+def run(args: argparse.Namespace) -> int:
+    real = read_cohort(args.real, args.real_split)
+    synthetic = read_cohort(args.synthetic, "synthetic")
+    train = read_cohort(args.train, args.train_split) if args.train else None
+    result = evaluate_cohorts(synthetic, real, train, out_dir=args.out, baseline=not args.no_baseline,
+                              plots=not args.no_plots, seed=args.seed, top_k=args.top_k, n_attack=args.n_attack)
+    print(markdown_table(result))
+    print(f"wrote {args.out}/metrics.json, metrics.md" + ("" if args.no_plots else " and plots"))
+    return 0
