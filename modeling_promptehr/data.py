@@ -12,7 +12,7 @@ Examples keep raw codes; the collator tokenizes, so that the order of codes insi
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import datasets
@@ -89,6 +89,12 @@ class PromptEHRDataCollator:
             at least one, never all) of the target visit is appended to the encoder's history as
             a partial visit (PromptEHR); the decoder still writes the whole visit.
         noise: False disables masking, deletion and target keeping (evaluation).
+
+    Randomness (shuffles, noise) is a pure function of (``seed``, ``epoch``, the batch's
+    examples): the trainer sets ``epoch`` at each epoch start, so every epoch draws anew, and a
+    run resumed from a checkpoint sees exactly the batches of the original run (a stateful RNG
+    would not survive the DataLoader's one-batch prefetch). With ``persistent_workers`` the
+    workers' copies would not see ``epoch`` change: keep it off.
     """
 
     tokenizer: Any
@@ -102,8 +108,7 @@ class PromptEHRDataCollator:
     keep_target_frac: float = 0.5
     noise: bool = True
     seed: int = 0
-    _rng: np.random.Generator = field(init=False, repr=False)
-    _worker_seed: int | None = field(init=False, repr=False, default=None)
+    epoch: int = 0
 
     def __post_init__(self):
         if self.code_order not in CODE_ORDERS:
@@ -114,18 +119,8 @@ class PromptEHRDataCollator:
         if self.max_target_length < 4:
             raise ValueError("max_target_length must leave room for <v> category code </v>")
         tok = self.tokenizer
-        self._rng = np.random.default_rng(self.seed)
         self._structure = np.array(sorted({tok.bos_token_id, tok.eos_token_id, tok.pad_token_id,
                                            tok.visit_start_id, tok.visit_end_id}))
-
-    def _generator(self) -> np.random.Generator:
-        # DataLoader workers get a copy of this object at every epoch: seed from the worker's
-        # per-epoch seed there, or every epoch would repeat the same shuffles and noise.
-        info = torch.utils.data.get_worker_info()
-        if info is not None and info.seed != self._worker_seed:
-            self._worker_seed = info.seed
-            self._rng = np.random.default_rng([self.seed, info.seed])
-        return self._rng
 
     def _order(self, visit: Sequence[str], rng: np.random.Generator) -> list[str]:
         if self.code_order == "shuffle":
@@ -154,7 +149,10 @@ class PromptEHRDataCollator:
         return visit[: (self.max_target_length - 2) // 2]  # (category, code) pairs + <v> </v>
 
     def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
-        rng = self._generator()
+        # An example is (subject_id, t + 1): unique, and stable across runs.
+        rng = np.random.default_rng([self.seed, self.epoch] + [
+            x for f in features for x in (int(f["subject_id"]) % 2**63, len(f["visits"]))
+        ])
         tok = self.tokenizer
         sources, targets = [], []
         for f in features:

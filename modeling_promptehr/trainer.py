@@ -185,6 +185,7 @@ class PromptEHRTrainer(Trainer):
         # [component, (raw, weighted, weight, count)] sums between logging steps, train and eval
         self._acc = {k: torch.zeros(len(COMPONENTS), 4, dtype=torch.float64) for k in ("train", "eval")}
 
+        self.add_callback(_TrainingHousekeeping(self))
         if eval_patients is not None and args.eval_generate_patients > 0:
             self.add_callback(GenerationMonitorCallback(self, eval_patients, prior=prior, generate_fn=generate_fn))
         if args.max_minutes is not None:
@@ -344,6 +345,34 @@ def _all_reduce_mean(grad: torch.Tensor) -> torch.Tensor:
         dist.all_reduce(grad)
         grad /= dist.get_world_size()
     return grad
+
+
+class _TrainingHousekeeping(TrainerCallback):
+    """Tells the collator the epoch (its shuffles and noise are a function of it); undoes
+    Trainer's ``align_special_tokens`` (it would set ``config.eos_token_id`` to the tokenizer's
+    ``</s>``, while the decoder writes one visit and must stop at ``</v>``); zeroes the learned
+    log-variances' gradient after each optimizer step (Trainer zeroes only the model's)."""
+
+    def __init__(self, trainer):
+        self.trainer = trainer
+        self.special = {
+            name: (getattr(trainer.model.config, name, None), getattr(trainer.model.generation_config, name, None))
+            for name in ("eos_token_id", "bos_token_id", "pad_token_id")
+        } if hasattr(trainer.model, "generation_config") else {}
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        for name, (config_value, generation_value) in self.special.items():
+            setattr(self.trainer.model.config, name, config_value)
+            setattr(self.trainer.model.generation_config, name, generation_value)
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        if self.trainer.loss_log_vars is not None:
+            self.trainer.loss_log_vars.grad = None
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        if hasattr(self.trainer.data_collator, "epoch"):
+            # state.epoch is the float progress (mid-epoch after a resume): its floor is the epoch
+            self.trainer.data_collator.epoch = int((state.epoch or 0.0) + 1e-9)
 
 
 def default_generate(model, tokenizer, n: int, *, prior=None, batch_size: int = 64, seed: int = 0,

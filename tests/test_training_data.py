@@ -51,12 +51,16 @@ def test_code_orders(tok):
     feats = [ex[1]]
     hier = PromptEHRDataCollator(tok, code_order="hierarchical")(feats)
     assert tok.decode_visits(hier["labels"][0])[0] == sorted(PATIENTS[0]["visits"][1])
-    shuf = PromptEHRDataCollator(tok, code_order="shuffle", seed=1)
-    orders = {tuple(tok.decode_visits(shuf(feats)["labels"][0])[0]) for _ in range(20)}
-    assert len(orders) > 3  # a fresh permutation at each call (each epoch)
+    shuf = PromptEHRDataCollator(tok, code_order="shuffle")
+    orders = {tuple(tok.decode_visits(row)[0]) for row in shuf(feats * 20)["labels"]}
+    assert len(orders) > 3  # a fresh permutation for each example
     assert all(sorted(o) == sorted(PATIENTS[0]["visits"][1]) for o in orders)
-    again = PromptEHRDataCollator(tok, code_order="shuffle", seed=1)
-    assert torch.equal(again(feats)["labels"], PromptEHRDataCollator(tok, code_order="shuffle", seed=1)(feats)["labels"])
+    # a function of (seed, epoch, examples): reproducible, and new at every epoch
+    shuf = PromptEHRDataCollator(tok, code_order="shuffle", seed=3)
+    first = shuf(feats * 8)["labels"]
+    assert torch.equal(first, PromptEHRDataCollator(tok, code_order="shuffle", seed=3)(feats * 8)["labels"])
+    shuf.epoch = 1
+    assert not torch.equal(first, shuf(feats * 8)["labels"])
     with pytest.raises(ValueError, match="code_order"):
         PromptEHRDataCollator(tok, code_order="random")
 

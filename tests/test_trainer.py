@@ -1,0 +1,130 @@
+"""PromptEHRTrainer on a tiny model: every loss component logged by name, the co-occurrence loss
+moves, scheduled/learned weights, exact resume from a checkpoint."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from promptehr_hf.modeling_promptehr.configuration_promptehr import PromptEHRConfig
+from promptehr_hf.modeling_promptehr.cooccurrence import category_cooccurrence, load_cooccurrence, tokenizer_categories
+from promptehr_hf.modeling_promptehr.data import build_examples
+from promptehr_hf.modeling_promptehr.modeling_promptehr import PromptEHRForConditionalGeneration
+from promptehr_hf.modeling_promptehr.trainer import (
+    COMPONENTS,
+    PromptEHRTrainer,
+    PromptEHRTrainingArguments,
+)
+from promptehr_hf.tokenization.tokenization_promptehr import PromptEHRTokenizer
+
+CODES = ["4019", "25000", "41401", "4280", "42731", "5849", "2724", "51881", "0389", "99592", "486", "2859",
+         "5990", "53081", "2449", "496"]
+TINY = dict(d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2, decoder_attention_heads=2,
+            encoder_ffn_dim=64, decoder_ffn_dim=64, prompt_hidden_size=16, max_position_embeddings=128)
+
+
+@pytest.fixture(scope="module")
+def cohort():
+    rng = random.Random(0)
+    # Two clusters of codes that co-occur, so that some category pairs are frequent, others rare.
+    groups = [CODES[:8], CODES[8:]]
+    patients = []
+    for i in range(160):
+        g = groups[i % 2]
+        visits = [rng.sample(g, rng.randint(2, 5)) + ([rng.choice(groups[1 - i % 2])] if rng.random() < 0.1 else [])
+                  for _ in range(rng.randint(1, 3))]
+        patients.append({"subject_id": i, "age": float(rng.randint(20, 90)), "sex": rng.choice("FM"),
+                         "visits": visits})
+    tok = PromptEHRTokenizer.from_patients(patients)
+    counts = category_cooccurrence(patients, tokenizer_categories(tok)[0])
+    return patients, tok, counts, build_examples(patients, max_source_length=64)
+
+
+def make_trainer(cohort, out, **overrides):
+    patients, tok, counts, examples = cohort
+    torch.manual_seed(0)
+    model = PromptEHRForConditionalGeneration(PromptEHRConfig.from_preset("small", tokenizer=tok, **TINY))
+    kwargs = dict(output_dir=str(out), max_steps=8, per_device_train_batch_size=16, per_device_eval_batch_size=32,
+                  logging_steps=1, learning_rate=3e-3, report_to=[], save_strategy="no", disable_tqdm=True,
+                  max_source_length=64, max_target_length=32, dataloader_num_workers=0, seed=0,
+                  eval_generate_patients=0)
+    kwargs.update(overrides)
+    args = PromptEHRTrainingArguments(**kwargs)
+    return PromptEHRTrainer(model=model, args=args, processing_class=tok, cooccurrence_counts=counts,
+                            train_dataset=examples, eval_dataset=examples.select(range(48)))
+
+
+def test_trainer_state_holds_every_component_and_cooc_moves(cohort, tmp_path):
+    # The co-occurrence loss alone (besides LM) with a tau large enough to grade every pair:
+    # its value on a fixed evaluation set must fall, i.e. its gradient reaches the model.
+    trainer = make_trainer(cohort, tmp_path, w_cooc=1.0, cooc_tau=1000.0, max_steps=10, eval_strategy="steps",
+                           eval_steps=10, eval_on_start=True, save_strategy="steps", save_steps=10)
+    trainer.train()
+    state = json.loads((tmp_path / "checkpoint-10" / "trainer_state.json").read_text())
+    train_logs = [h for h in state["log_history"] if "loss" in h]
+    assert len(train_logs) == 10
+    for h in train_logs:
+        for c in COMPONENTS:
+            for key in (f"loss_{c}", f"loss_{c}_weighted", f"loss_{c}_share", f"weight_{c}"):
+                assert key in h, (key, h)
+        # the weighted components add up to the logged total; shares to 1
+        assert sum(h[f"loss_{c}_weighted"] for c in COMPONENTS) == pytest.approx(h["loss"], rel=1e-4)
+        assert sum(h[f"loss_{c}_share"] for c in COMPONENTS) == pytest.approx(1.0)
+    cooc = [h["loss_cooc"] for h in train_logs]
+    assert len(set(cooc)) == len(cooc)  # changes at every step
+    evals = [h for h in state["log_history"] if "eval_loss_cooc" in h]
+    assert len(evals) == 2 and evals[1]["step"] == 10
+    assert evals[1]["eval_loss_cooc"] < 0.9 * evals[0]["eval_loss_cooc"], evals
+    # saved beside the weights, loadable
+    counts, cats, ids = load_cooccurrence(str(tmp_path / "checkpoint-10"))
+    assert counts.shape == (len(cats), len(cats)) and ids.tolist() == cohort[1].category_ids
+    assert not (tmp_path / "checkpoint-10" / "training_args.bin").exists()  # JSON, not pickle
+    assert (tmp_path / "checkpoint-10" / "training_args.json").exists()
+    # Trainer's align_special_tokens must not turn the visit-level eos (</v>) into </s>
+    config = json.loads((tmp_path / "checkpoint-10" / "config.json").read_text())
+    assert config["eos_token_id"] == cohort[1].visit_end_id
+
+
+def test_schedule_switches_a_component_off(cohort, tmp_path):
+    trainer = make_trainer(cohort, tmp_path, loss_weighting="scheduled", loss_schedule="sex:0@3,age:0.5@5",
+                           max_steps=6)
+    trainer.train()
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    # the weight applied during step s (1-based) is the schedule's at global_step s - 1
+    assert [h["weight_sex"] for h in logs] == pytest.approx([0.1, 0.1, 0.1, 0, 0, 0])
+    assert [h["weight_age"] for h in logs] == pytest.approx([0.1] * 5 + [0.5])
+    assert all(h["loss_sex_weighted"] == 0 and h["loss_sex"] > 0 for h in logs[3:])  # raw still logged
+    with pytest.raises(ValueError, match="loss_schedule"):
+        PromptEHRTrainingArguments(output_dir=str(tmp_path), loss_weighting="scheduled", loss_schedule="nope:1@2")
+
+
+def test_resume_continues_at_saved_step_with_same_state(cohort, tmp_path):
+    # Learned (uncertainty) weighting: the log-variances are trained and must survive a resume.
+    common = dict(loss_weighting="learned", max_steps=6, save_strategy="steps", save_steps=3,
+                  code_order="shuffle", mask_prob=0.2, delete_prob=0.1)
+    full = make_trainer(cohort, tmp_path / "full", **common)
+    full.train()
+    log_vars_full = full.loss_log_vars.detach().clone()
+    assert not torch.allclose(log_vars_full, torch.tensor([0.0, 2.3026, 2.3026, 2.3026]), atol=1e-3)
+
+    resumed = make_trainer(cohort, tmp_path / "resumed", **common)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-3"))
+    new_steps = [h["step"] for h in resumed.state.log_history if "loss" in h and h["step"] > 3]
+    assert new_steps == [4, 5, 6]
+    # Same data order, RNG, optimizer and scheduler state, loss weights: the same model at step 6.
+    a = load_file(str(tmp_path / "full" / "checkpoint-6" / "model.safetensors"))
+    b = load_file(str(tmp_path / "resumed" / "checkpoint-6" / "model.safetensors"))
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-5, msg=name)
+    opt_a = torch.load(tmp_path / "full" / "checkpoint-6" / "optimizer.pt", weights_only=True)
+    opt_b = torch.load(tmp_path / "resumed" / "checkpoint-6" / "optimizer.pt", weights_only=True)
+    assert opt_a["state"].keys() == opt_b["state"].keys()
+    for k in opt_a["state"]:
+        assert opt_a["state"][k]["step"] == opt_b["state"][k]["step"] == 6
+        torch.testing.assert_close(opt_a["state"][k]["exp_avg_sq"], opt_b["state"][k]["exp_avg_sq"], rtol=1e-4,
+                                   atol=1e-9)
+    torch.testing.assert_close(resumed.loss_log_vars.detach(), log_vars_full, rtol=0, atol=1e-6)
