@@ -371,8 +371,6 @@ class PromptEHRForConditionalGeneration(PromptEHRPreTrainedModel, GenerationMixi
         labels: torch.LongTensor | None = None,
         x_num: torch.Tensor | None = None,
         x_cat: torch.Tensor | None = None,
-        age_labels: torch.Tensor | None = None,
-        sex_labels: torch.Tensor | None = None,
         encoder_outputs: BaseModelOutput | tuple | None = None,
         past_key_values=None,
         inputs_embeds: torch.Tensor | None = None,
@@ -383,9 +381,14 @@ class PromptEHRForConditionalGeneration(PromptEHRPreTrainedModel, GenerationMixi
         """Shapes: input_ids/attention_mask [B, T_enc] (encoder history; masks cover tokens only);
         labels [B, T_dec] (-100 = ignored; decoder_input_ids default to labels shifted right
         after decoder_start_token_id); x_num [B, n_num] float, raw (age in years); x_cat
-        [B, n_cat] long (sex F=0, M=1). age_labels [B] (years) and sex_labels [B] default, when
-        labels are given, to the x_num / x_cat columns named by config.age/sex_feature_index.
+        [B, n_cat] long (sex F=0, M=1). Keyword-only ``age_labels`` [B] (years) and
+        ``sex_labels`` [B] default, when labels are given, to the x_num / x_cat columns named by
+        config.age/sex_feature_index.
         Returns PromptEHRSeq2SeqLMOutput; logits [B, T_dec, vocab]."""
+        # Not named parameters on purpose: Trainer treats every forward parameter containing
+        # "label" as a label name and silently reports no eval_loss when one is absent.
+        age_labels = kwargs.pop("age_labels", None)
+        sex_labels = kwargs.pop("sex_labels", None)
         if labels is not None:
             use_cache = False
             if decoder_input_ids is None and decoder_inputs_embeds is None:

@@ -371,3 +371,18 @@ def test_trainer_gradient_accumulation_matches_bigger_batch(config, tmp_path):
     for a, b in zip(big_losses, acc_losses):
         assert abs(a - b) < 1e-4, (big_losses, acc_losses)
     torch.testing.assert_close(acc_params, big_params, atol=1e-5, rtol=1e-4)
+
+
+def test_trainer_evaluate_reports_loss_without_aux_labels(config, tmp_path):
+    """Batches carry labels, x_num, x_cat only: Trainer must still see a loss to report."""
+    from transformers import Trainer, TrainingArguments, default_data_collator
+
+    rows = [
+        {"input_ids": torch.tensor([1, 5, 8, 17, 6, 2]), "labels": torch.tensor([5, 7, 15, 6]),
+         "x_num": torch.tensor([50.0]), "x_cat": torch.tensor([1])}
+    ] * 2
+    args = TrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True, disable_tqdm=True)
+    trainer = Trainer(model=PromptEHRForConditionalGeneration(config), args=args, eval_dataset=_ListDataset(rows),
+                      data_collator=default_data_collator)
+    assert trainer.label_names == ["labels"]
+    assert "eval_loss" in trainer.evaluate()
