@@ -141,8 +141,7 @@ def _heatmap(cat, top, categories, names, path: Path) -> Path:
     fig, axes = plt.subplots(1, len(names), figsize=(4.3 * len(names) + 1.2, 4.9), squeeze=False,
                              constrained_layout=True)
     labels = [categories[k] for k in top]
-    cmap = matplotlib.colormaps["RdBu_r"].copy()
-    cmap.set_bad("#dddddd")
+    cmap = matplotlib.colormaps["RdBu_r"].with_extremes(bad="#dddddd")
     for ax, name in zip(axes[0], names):
         im = ax.imshow(lifts[name], cmap=cmap, vmin=-bound, vmax=bound)
         ax.set_xticks(range(len(top)), labels, rotation=90, fontsize=7)
