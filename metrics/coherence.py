@@ -223,7 +223,7 @@ def _cms_invalid(c: Cohort, vocab: list[str]) -> tuple[np.ndarray, np.ndarray] |
     return bad, patient_of
 
 
-def _category(code: str) -> str:
+def safe_category(code: str) -> str:
     # A malformed synthetic code must not crash the report: it stays its own "category".
     try:
         return icd9.category(code)
@@ -257,7 +257,7 @@ def coherence(synthetic: Any, real: Any, *, top_k: int = 100, min_real_count: in
     # Code and category distributions.
     cnt_s = np.asarray(S.X.sum(axis=0)).ravel()
     cnt_r = np.asarray(R.X.sum(axis=0)).ravel()
-    M, _ = inc.group_columns(vocab, _category)
+    M, _ = inc.group_columns(vocab, safe_category)
     out["code_js"] = js_divergence(cnt_s, cnt_r)
     out["category_js"] = js_divergence(M.T @ cnt_s, M.T @ cnt_r)
     k = min(top_k, int((cnt_r > 0).sum()))
