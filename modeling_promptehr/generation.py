@@ -43,6 +43,7 @@ from promptehr_hf.modeling_promptehr.logits_processors import (
     STAGE_TWO_MODES,
     CMSEditTable,
     VocabIndex,
+    check_visits,
     max_new_tokens_for,
     visit_logits_processors,
 )
@@ -76,9 +77,10 @@ class _Empirical:
         return float((self.values * self.probs).sum())
 
 
-def _counts(values: np.ndarray) -> dict[int, int]:
+def _counts(values: np.ndarray) -> dict[str, int]:
+    """{value: count} with string keys, as JSON stores them."""
     vals, counts = np.unique(values, return_counts=True)
-    return {int(v): int(c) for v, c in zip(vals, counts)}
+    return {str(int(v)): int(c) for v, c in zip(vals, counts)}
 
 
 class CohortPrior:
@@ -300,9 +302,10 @@ def _generation_config(model, tokenizer, greedy, temperature, top_k, top_p):
     cfg = copy.deepcopy(model.generation_config)
     cfg.do_sample = not greedy
     cfg.num_beams = 1
-    cfg.temperature = float(temperature)
-    cfg.top_k = int(top_k) if top_k else 0
-    cfg.top_p = float(top_p) if top_p else 1.0
+    if not greedy:
+        cfg.temperature = float(temperature)
+        cfg.top_k = int(top_k) if top_k else 0
+        cfg.top_p = float(top_p) if top_p else 1.0
     cfg.eos_token_id = tokenizer.visit_end_id
     cfg.pad_token_id = tokenizer.pad_token_id
     cfg.decoder_start_token_id = model.config.decoder_start_token_id
@@ -335,7 +338,8 @@ def _run_plan(model, tokenizer, plan: _Plan, *, index, edit_table, stage_two, ma
     device = next(model.parameters()).device
     gen_cfg = _generation_config(model, tokenizer, greedy, temperature, top_k, top_p)
     sex_index = np.array([SEXES.index(s) for s in plan.sexes], dtype=np.int64)
-    counters = {"visits_generated": 0, "visits_short_of_target": 0, "empty_visits": 0, "generate_calls": 0}
+    counters = {"visits_generated": 0, "ungrammatical_visits": 0, "visits_with_duplicate_code": 0,
+                "visits_short_of_target": 0, "empty_visits": 0, "generate_calls": 0}
     total = int((plan.n_visits - plan.start).clip(min=0).sum())
     bar = tqdm(total=total, unit="visit", desc="generating", disable=not progress)
     for t in range(int(plan.n_visits.max(initial=0))):
@@ -369,6 +373,9 @@ def _run_plan(model, tokenizer, plan: _Plan, *, index, edit_table, stage_two, ma
                 generation_config=cfg,
             )
             counters["generate_calls"] += 1
+            ungrammatical, duplicate = check_visits(index, out[:, 1:])
+            counters["ungrammatical_visits"] += int(ungrammatical.sum())
+            counters["visits_with_duplicate_code"] += int(duplicate.sum())
             for k, (i, ids) in enumerate(zip(rows, out[:, 1:].tolist())):
                 decoded = tokenizer.decode_visits(ids)
                 visit = decoded[0] if decoded else []

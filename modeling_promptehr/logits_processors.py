@@ -38,6 +38,8 @@ class VocabIndex:
 
     Attributes:
         is_code, is_category: [size] bool.
+        generable: [size] bool, code tokens seen in training (P(code | category) > 0); a
+            tokenizer's empty catch-all is a code token that is not generable.
         code_category: [size] long, the category id of a code token, -1 elsewhere.
         log_code_prob: [size] float, log P(code | category) from training, -inf elsewhere.
         code_ids, code_ids_category: [n_codes] long, code ids and their category ids.
@@ -65,11 +67,14 @@ class VocabIndex:
         probs = torch.tensor([tokenizer.code_probs.get(int(i), 0.0) for i in self.code_ids], dtype=torch.float64)
         self.log_code_prob = torch.full((size,), NEG_INF)
         self.log_code_prob[self.code_ids] = probs.log().float()
+        # A catch-all code never seen in training (P = 0) is never generated.
+        self.generable = self.is_code & (self.log_code_prob > NEG_INF)
         self.tokens = tokenizer.convert_ids_to_tokens(list(range(n_tok))) + [""] * (size - n_tok)
 
     def to(self, device) -> "VocabIndex":
         """Move the lookup tensors to ``device`` (the model's); returns self."""
-        for name in ("code_ids", "code_ids_category", "is_code", "is_category", "code_category", "log_code_prob"):
+        for name in ("code_ids", "code_ids_category", "is_code", "is_category", "code_category", "log_code_prob",
+                     "generable"):
             setattr(self, name, getattr(self, name).to(device))
         return self
 
@@ -233,13 +238,14 @@ def _sex_letter(sex) -> str:
 
 
 def allowed_per_category(index: VocabIndex, codes_forbidden: torch.Tensor | None, batch_size: int = 1) -> torch.Tensor:
-    """[B, V] float: at each category id, how many of its codes are not in ``codes_forbidden``.
+    """[B, V] float: at each category id, how many of its generable codes are not in ``codes_forbidden``.
 
     ``codes_forbidden``: [B, V] bool, or None (nothing forbidden: a [batch_size, V] count).
     """
-    ok = index.is_code[index.code_ids].float()[None, :].expand(batch_size, -1)
+    ok = index.generable[index.code_ids][None, :].expand(batch_size, -1)
     if codes_forbidden is not None:
-        ok = (~codes_forbidden[:, index.code_ids]).float()
+        ok = ok & ~codes_forbidden[:, index.code_ids]
+    ok = ok.float()
     counts = torch.zeros(ok.shape[0], index.size, device=index.device)
     return counts.scatter_add_(1, index.code_ids_category.expand(ok.shape[0], -1), ok)
 
@@ -249,7 +255,8 @@ class VisitGrammarLogitsProcessor(LogitsProcessor):
 
     Allowed next tokens per row:
     - before ``<v>``: ``<v>``;  after ``</v>``: ``<pad>`` (the row is finished);
-    - after a category: its codes, less ``codes_forbidden`` and (``no_repeat``) those already used;
+    - after a category: its generable codes, less ``codes_forbidden`` and (``no_repeat``) those
+      already used;
     - after ``<v>`` or a code: the categories that still have an available code (not in
       ``codes_forbidden`` for the row and, with ``no_repeat``, not yet in the visit), and ``</v>``
       once the visit holds ``min_codes`` codes (never right after ``<v>``); only ``</v>`` once it
@@ -292,7 +299,7 @@ class VisitGrammarLogitsProcessor(LogitsProcessor):
         open_ = started & ~ended & ~at_code  # next: a category or </v>
         allowed = torch.zeros(B, index.size, dtype=torch.bool, device=index.device)
         if bool(at_code.any()):
-            allowed |= (index.code_category[None, :] == last[:, None]) & at_code[:, None]
+            allowed |= (index.code_category[None, :] == last[:, None]) & at_code[:, None] & index.generable[None, :]
             # Also here (not only in their processors), so the fallback below stays valid.
             if self.codes_forbidden is not None:
                 allowed &= ~self.codes_forbidden
@@ -354,6 +361,36 @@ def visit_logits_processors(
     return LogitsProcessorList(processors)
 
 
+def check_visits(index: VocabIndex, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Validate generated visits after the fact (independently of the processors).
+
+    Args:
+        ids: [B, T] decoder outputs without the decoder start token: ``<v> (category code)+ </v>``
+            then padding.
+    Returns:
+        (ungrammatical [B] bool, duplicate [B] bool): a row breaks the grammar (wrong first or
+        last token, a code not of the preceding category, no code, anything but padding after
+        ``</v>``); a row writes some code twice.
+    """
+    ids = ids.to(index.device)
+    B, T = ids.shape
+    pos = torch.arange(T, device=ids.device)[None, :]
+    is_end = ids == index.visit_end_id
+    has_end = is_end.any(1)
+    end = torch.where(has_end, is_end.int().argmax(1), torch.full_like(has_end, T, dtype=torch.long))[:, None]
+    body = (pos >= 1) & (pos < end)
+    odd = pos % 2 == 1
+    prev = torch.cat([ids[:, :1], ids[:, :-1]], 1)
+    cat_ok = ~(body & odd) | index.is_category[ids]
+    code_ok = ~(body & ~odd) | (index.is_code[ids] & (index.code_category[ids] == prev))
+    pad_ok = (pos <= end) | (ids == index.pad_id)
+    ok = has_end & (ids[:, 0] == index.visit_start_id) & (end[:, 0] % 2 == 1) & (end[:, 0] >= 3)
+    ok &= cat_ok.all(1) & code_ok.all(1) & pad_ok.all(1)
+    codes = torch.where(index.is_code[ids], ids, -1 - pos.expand(B, -1)).sort(1).values  # non-codes unique
+    duplicate = (codes[:, 1:] == codes[:, :-1]).any(1)
+    return ~ok, duplicate
+
+
 def max_new_tokens_for(max_codes: int) -> int:
     """Decoder steps for a visit of up to max_codes codes: <v>, 2 per code, </v>, one spare."""
     return 2 * int(max_codes) + 3
@@ -370,5 +407,6 @@ __all__ = [
     "allowed_per_category",
     "visit_logits_processors",
     "max_new_tokens_for",
+    "check_visits",
 ]
 

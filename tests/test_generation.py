@@ -1,0 +1,347 @@
+"""Generation: LogitsProcessors, CohortPrior, the visit loop, modes, CLI round trip.
+
+A tiny untrained model is enough here: validity must hold by construction whatever the model
+says. The briefly trained model and the 10,000-patient figures are in benchmarks/generation.py.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+
+from promptehr_hf.modeling_promptehr.configuration_promptehr import PromptEHRConfig
+from promptehr_hf.modeling_promptehr.generation import (
+    PRIOR_FILE,
+    CohortPrior,
+    generate_patients,
+)
+from promptehr_hf.modeling_promptehr.logits_processors import (
+    CMSEditTable,
+    VocabIndex,
+    check_visits,
+    visit_logits_processors,
+)
+from promptehr_hf.modeling_promptehr.modeling_promptehr import PromptEHRForConditionalGeneration
+from promptehr_hf.tokenization import icd9
+from promptehr_hf.tokenization.tokenization_promptehr import PromptEHRTokenizer
+
+# Codes carrying every kind of CMS edit, so that random scores would break them if unchecked.
+EDIT_CODES = ["V3000", "V3001", "7793", "76519", "185", "60000", "6202", "6180", "650", "64891", "V270", "V242"]
+PLAIN_CODES = ["4019", "4011", "25000", "25001", "25060", "42731", "4280", "42832", "5849", "5845",
+               "486", "51881", "5990", "2724", "2720", "0389", "99592", "2859", "2851", "41401"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # The test machine is shared: several torch threads on tiny ops oversubscribe it badly.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def cohort() -> list[dict]:
+    """~400 patients over ~15 categories (so each category gets many codes), every edit class."""
+    rng = np.random.default_rng(0)
+    codes = PLAIN_CODES + EDIT_CODES
+    weights = rng.dirichlet(np.ones(len(codes)) * 0.7)
+    patients = []
+    for sid in range(400):
+        sex = "FM"[int(rng.integers(2))]
+        age = float(rng.choice([0.0, 5.0, 30.0, 50.0, 70.0, 90.0], p=[0.15, 0.05, 0.2, 0.2, 0.3, 0.1]))
+        visits = []
+        for _ in range(int(rng.choice([1, 2, 3], p=[0.7, 0.2, 0.1]))):
+            k = int(rng.integers(1, 9))
+            visit = [str(c) for c in rng.choice(codes, size=k, replace=False, p=weights)]
+            visit = [c for c in visit if icd9.check(c, age, sex) is None] or ["4019"]
+            visits.append(visit)
+        patients.append({"subject_id": sid + 1, "age": age, "sex": sex, "visits": visits})
+    return patients
+
+
+@pytest.fixture(scope="module")
+def tokenizer(cohort):
+    return PromptEHRTokenizer.from_patients(cohort)
+
+
+@pytest.fixture(scope="module")
+def prior(cohort):
+    return CohortPrior.from_patients(cohort)
+
+
+@pytest.fixture(scope="module")
+def model(tokenizer):
+    torch.manual_seed(0)
+    cfg = PromptEHRConfig.from_preset(
+        "small", tokenizer=tokenizer, d_model=32, encoder_layers=1, decoder_layers=1, encoder_ffn_dim=64,
+        decoder_ffn_dim=64, encoder_attention_heads=2, decoder_attention_heads=2, prompt_hidden_size=16,
+        max_position_embeddings=128,
+    )
+    return PromptEHRForConditionalGeneration(cfg).eval()
+
+
+def _grammatical(ids: list[int], tok) -> bool:
+    """Plain-Python oracle: <v> (category, one of its codes)+ </v> then padding."""
+    ids = list(ids)
+    while ids and ids[-1] == tok.pad_token_id:
+        ids.pop()
+    if len(ids) < 4 or ids[0] != tok.visit_start_id or ids[-1] != tok.visit_end_id:
+        return False
+    body = ids[1:-1]
+    if len(body) % 2:
+        return False
+    return all(c in tok.category_children and x in tok.category_children[c] for c, x in zip(body[::2], body[1::2]))
+
+
+def _decode_with_random_scores(tok, index, processors, batch, steps, generator):
+    ids = torch.full((batch, 1), tok.bos_token_id)
+    for _ in range(steps):
+        scores = processors(ids, torch.randn(batch, index.size, generator=generator) * 3)
+        probs = torch.softmax(scores, -1)
+        assert torch.isfinite(probs).all()
+        ids = torch.cat([ids, torch.multinomial(probs, 1, generator=generator)], 1)
+    return ids[:, 1:]
+
+
+# ------------------------------------------------------------------------------ processors
+def test_processors_grammar_length_duplicates_cms_with_random_scores(tokenizer):
+    """Whatever the scores, every row is grammatical, as long as its target, duplicate-free, CMS-valid."""
+    g = torch.Generator().manual_seed(1)
+    index = VocabIndex(tokenizer, size=len(tokenizer) + 5)  # a model vocab wider than the tokenizer
+    B = 120
+    ages = [float(a) for a in np.resize([0.0, 0.5, 8.0, 16.0, 30.0, 60.0, 89.0], B)]
+    sexes = ["F", "M"] * (B // 2)
+    targets = torch.from_numpy(np.resize(np.arange(1, 16), B))
+    procs = visit_logits_processors(index, ages, sexes, n_codes=targets, stage_two="model", edit_table=CMSEditTable(index))
+    out = _decode_with_random_scores(tokenizer, index, procs, B, 2 * 15 + 3, g)
+    ungrammatical, duplicate = check_visits(index, out)
+    assert not ungrammatical.any() and not duplicate.any()
+    n_edit_codes = 0
+    for r in range(B):
+        assert _grammatical(out[r].tolist(), tokenizer), tokenizer.convert_ids_to_tokens(out[r].tolist())
+        (visit,) = tokenizer.decode_visits(out[r])
+        assert len(visit) == len(set(visit)) == int(targets[r])
+        assert all(icd9.check(c, ages[r], sexes[r]) is None for c in visit)
+        n_edit_codes += sum(icd9.edit_of(c) is not None for c in visit)
+    assert n_edit_codes > 20  # the edit classes were really in play
+
+
+def test_processors_stop_when_categories_run_out(tokenizer):
+    """A target longer than the codes a row may receive ends the visit instead of failing."""
+    index = VocabIndex(tokenizer)
+    procs = visit_logits_processors(index, [60.0] * 4, ["M"] * 4, n_codes=[500] * 4)
+    out = _decode_with_random_scores(tokenizer, index, procs, 4, 2 * len(tokenizer.code_ids) + 3, torch.Generator().manual_seed(0))
+    ungrammatical, duplicate = check_visits(index, out)
+    assert not ungrammatical.any() and not duplicate.any()
+    # Every code a 60-year-old man may receive, once; never an empty catch-all (P(code | cat) = 0).
+    allowed = {tokenizer.convert_ids_to_tokens(i) for i in tokenizer.code_ids
+               if tokenizer.code_probs[i] > 0 and icd9.check(tokenizer.convert_ids_to_tokens(i), 60.0, "M") is None}
+    assert all(set(tokenizer.decode_visits(row)[0]) == allowed for row in out)
+
+
+def test_model_length_respects_cap_and_allows_early_end(tokenizer):
+    index = VocabIndex(tokenizer)
+    procs = visit_logits_processors(index, [50.0] * 64, ["F"] * 64, n_codes=None, max_codes=5, cms=False)
+    out = _decode_with_random_scores(tokenizer, index, procs, 64, 2 * 5 + 3, torch.Generator().manual_seed(2))
+    assert not check_visits(index, out)[0].any()
+    lengths = [len(tokenizer.decode_visits(r)[0]) for r in out]
+    assert max(lengths) <= 5 and min(lengths) >= 1 and len(set(lengths)) > 1
+
+
+def _js(p: np.ndarray, q: np.ndarray) -> float:
+    m = (p + q) / 2
+    kl = lambda a, b: float(np.sum(a[a > 0] * np.log2(a[a > 0] / b[a > 0])))  # noqa: E731
+    return (kl(p, m) + kl(q, m)) / 2
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_stage_two_empirical_reproduces_code_probs(tokenizer, temperature):
+    """Stage two 'empirical' samples P(code | category) (JS <= 0.05), whatever the model scores."""
+    index = VocabIndex(tokenizer)
+    cats = [c for c in tokenizer.category_ids if len(tokenizer.category_children[c]) > 1]
+    reps = 400
+    B = reps * len(cats)
+    last = torch.tensor(cats).repeat_interleave(reps)
+    ids = torch.stack([torch.full((B,), tokenizer.bos_token_id), torch.full((B,), tokenizer.visit_start_id), last], 1)
+    procs = visit_logits_processors(index, [40.0] * B, ["F"] * B, n_codes=[3] * B, stage_two="empirical",
+                                    temperature=temperature, cms=False)
+    scores = procs(ids, torch.randn(B, index.size) * 5)
+    if temperature != 1.0:  # what generate's temperature warper does afterwards
+        scores = scores / temperature
+    drawn = torch.multinomial(torch.softmax(scores, -1), 1, generator=torch.Generator().manual_seed(3))[:, 0]
+    for j, c in enumerate(cats):
+        kids = tokenizer.category_children[c]
+        got = Counter(drawn[j * reps:(j + 1) * reps].tolist())
+        assert set(got) <= set(kids)
+        p = np.array([tokenizer.code_probs[k] for k in kids])
+        q = np.array([got.get(k, 0) for k in kids], dtype=float) / reps
+        assert _js(p, q) <= 0.05, (tokenizer.convert_ids_to_tokens(c), p, q)
+
+
+def test_cms_edit_classes_stand_for_their_codes(tokenizer):
+    """The design relies on one code standing for its edit class: check every vocab code on a grid."""
+    index = VocabIndex(tokenizer)
+    table = CMSEditTable(index)
+    assert {"age_newborn", "sex_male_only", "sex_female_only+age_maternity"} <= set(table.classes)
+    grid = [(a, s) for a in (0.0, 0.9, 1.0, 11.0, 12.0, 14.0, 15.0, 17.9, 18.0, 55.0, 56.0, 90.0) for s in "FM"]
+    ages, sexes = zip(*grid)
+    forbidden = table.forbidden_codes(list(ages), list(sexes))
+    for i in tokenizer.code_ids:
+        code = tokenizer.convert_ids_to_tokens(i)
+        expected = [icd9.check(code, a, s) is not None for a, s in grid]
+        assert forbidden[:, i].tolist() == expected, code
+
+
+# ---------------------------------------------------------------------------------- prior
+def test_cohort_prior_round_trip_and_sampling(cohort, prior, tmp_path):
+    path = prior.save(tmp_path)
+    assert path.endswith(PRIOR_FILE)
+    again = CohortPrior.load(tmp_path)
+    assert again.table == json.loads(open(path).read()) == prior.table
+    rng = np.random.default_rng(0)
+    ages, sexes = again.sample_demographics(20000, rng)
+    real_ages = {(float(np.floor(p["age"] * 10) / 10), p["sex"]) for p in cohort}
+    assert set(zip(ages.tolist(), sexes)) <= real_ages
+    n_visits = again.sample_n_visits(ages, rng)
+    real_nv = np.mean([len(p["visits"]) for p in cohort])
+    assert abs(n_visits.mean() - real_nv) / real_nv < 0.05
+    # Conditioning on the age band: newborns draw from newborn visit lengths only.
+    newborn_lengths = {len(v) for p in cohort if p["age"] < 1 for v in p["visits"][:1]}
+    drawn = again.sample_codes_per_visit(np.zeros(2000), np.zeros(2000, dtype=int), rng)
+    assert set(drawn.tolist()) <= newborn_lengths
+    with pytest.raises(ValueError, match="cohort prior"):
+        (tmp_path / "bad").mkdir()
+        (tmp_path / "bad" / PRIOR_FILE).write_text("{}")
+        CohortPrior.load(tmp_path / "bad")
+
+
+# ------------------------------------------------------------------------ the outer loop
+def _assert_valid(ds, stats):
+    assert stats["ungrammatical_visits"] == 0 and stats["visits_with_duplicate_code"] == 0
+    assert stats["empty_visits"] == 0
+    for p in ds:
+        for v in p["visits"]:
+            assert v and len(v) == len(set(v))
+            assert all(icd9.check(c, p["age"], p["sex"]) is None for c in v), (p["age"], p["sex"], v)
+
+
+def test_unconditional_generation_is_valid_and_follows_the_prior(model, tokenizer, prior):
+    ds, stats = generate_patients(model, tokenizer, 300, prior=prior, batch_size=64, seed=0, progress=False)
+    assert len(ds) == 300 and ds.features["visits"].feature.feature.dtype == "string"
+    _assert_valid(ds, stats)
+    assert stats["visits_short_of_target"] == 0
+    s = prior.summary()
+    assert abs(stats["mean_visits_per_patient"] - s["mean_visits_per_patient"]) / s["mean_visits_per_patient"] < 0.15
+    assert abs(stats["mean_codes_per_visit"] - s["mean_codes_per_visit"]) / s["mean_codes_per_visit"] < 0.15
+    # Same seed, same cohort; another seed, another cohort.
+    again, _ = generate_patients(model, tokenizer, 300, prior=prior, batch_size=64, seed=0, progress=False)
+    other, _ = generate_patients(model, tokenizer, 300, prior=prior, batch_size=64, seed=1, progress=False)
+    assert again["visits"] == ds["visits"] and other["visits"] != ds["visits"]
+
+
+def test_empirical_stage_two_end_to_end(model, tokenizer, prior):
+    """Through generate: categories with >= 200 generated codes match P(code | category), JS <= 0.05."""
+    ds, stats = generate_patients(model, tokenizer, 1500, prior=prior, stage_two="empirical", batch_size=256,
+                                  seed=0, progress=False)
+    _assert_valid(ds, stats)
+    by_cat: dict[str, Counter] = {}
+    for visits in ds["visits"]:
+        for v in visits:
+            for c in v:
+                by_cat.setdefault(icd9.category(c), Counter())[c] += 1
+    checked = 0
+    for cat, got in by_cat.items():
+        if sum(got.values()) < 200:
+            continue
+        kids = tokenizer.category_children[tokenizer.convert_tokens_to_ids("C:" + cat)]
+        p = np.array([tokenizer.code_probs[k] for k in kids])
+        q = np.array([got.get(tokenizer.convert_ids_to_tokens(k), 0) for k in kids], dtype=float)
+        # Repeats of a category inside one visit draw without replacement, as the data does.
+        assert _js(p, q / q.sum()) <= 0.05, cat
+        checked += 1
+    assert checked >= 3
+
+
+def test_conditional_and_model_length(model, tokenizer, prior):
+    demo = [{"age": 0.0, "sex": "M", "n_visits": 2}, {"age": 34.0, "sex": "F"}, {"age": 71.5, "sex": "M", "n_visits": 3}] * 10
+    ds, stats = generate_patients(model, tokenizer, mode="conditional", demographics=demo, prior=prior,
+                                  visit_length="model", max_codes=6, batch_size=16, progress=False)
+    _assert_valid(ds, stats)
+    assert [round(a, 3) for a in ds["age"]] == [d["age"] for d in demo] and ds["sex"] == [d["sex"] for d in demo]
+    for d, visits in zip(demo, ds["visits"]):
+        if "n_visits" in d:
+            assert len(visits) == d["n_visits"]
+        assert all(1 <= len(v) <= 6 for v in visits)
+
+
+def test_seeded_generation_keeps_the_seed_and_reports_copies(model, tokenizer, cohort):
+    seeds = [p for p in cohort if len(p["visits"]) >= 2][:30] + [cohort[0]]
+    ds, stats = generate_patients(model, tokenizer, mode="seeded", seed_patients=seeds, seed_visits=1,
+                                  batch_size=32, progress=False)
+    _assert_valid(ds, stats)
+    for seed, p in zip(seeds, ds):
+        assert p["sex"] == seed["sex"] and len(p["visits"]) == len(seed["visits"])
+        if len(seed["visits"]) > 1:
+            assert p["visits"][0] == seed["visits"][0]
+        assert [len(v) for v in p["visits"]] == [len(v) for v in seed["visits"]]  # the seed's lengths
+    assert stats["seed_visits_given"] == 30
+    assert 0 < stats["seed_given_share"] <= stats["seed_copied_share"] < 1
+
+
+def test_greedy_is_deterministic_and_copy_filter_drops(model, tokenizer, prior):
+    demo = [{"age": a, "sex": s, "n_visits": k} for a, s, k in [(0.0, "F", 1), (45.0, "M", 2), (80.0, "F", 3)] * 8]
+    kwargs = dict(mode="conditional", demographics=demo, prior=prior, greedy=True, visit_length="model",
+                  max_codes=8, progress=False)
+    a, _ = generate_patients(model, tokenizer, seed=0, batch_size=64, **kwargs)
+    b, _ = generate_patients(model, tokenizer, seed=5, batch_size=5, **kwargs)
+    assert a["visits"] == b["visits"]  # argmax: no randomness, batching does not matter
+    # Greedy gives equal demographics equal records: excluding the first drops its 8 twins.
+    c, stats = generate_patients(model, tokenizer, seed=0, exclude_patients=a.to_list()[:1], **kwargs)
+    assert stats["copies_dropped"] == 8 and len(c) == len(demo) - 8
+    assert c["subject_id"] == list(range(1, len(demo) - 7)) and 0.0 not in c["age"]
+
+
+def test_bad_arguments(model, tokenizer, prior):
+    with pytest.raises(ValueError, match="stage_two"):
+        generate_patients(model, tokenizer, 2, prior=prior, stage_two="nope", progress=False)
+    with pytest.raises(ValueError, match="CohortPrior"):
+        generate_patients(model, tokenizer, 2, progress=False)
+    with pytest.raises(ValueError, match="sex"):
+        generate_patients(model, tokenizer, mode="conditional", demographics=[{"age": 3, "sex": "X"}], prior=prior,
+                          progress=False)
+
+
+# ------------------------------------------------------------------------------------ CLI
+def test_cli_generate_then_prepare_gives_the_same_patients(model, tokenizer, prior, tmp_path):
+    from promptehr_hf.datasets_scripts.prepare import load_prepared
+    from promptehr_hf.modeling_promptehr.cli import main
+
+    ckpt = tmp_path / "ckpt"
+    model.save_pretrained(ckpt)
+    tokenizer.save_pretrained(ckpt)
+    prior.save(ckpt)
+    out = tmp_path / "synthetic"
+    assert main(["generate", "--model", str(ckpt), "--n", "60", "--out", str(out), "--seed", "3",
+                 "--stage-two", "uniform", "--batch-size", "16"]) == 0
+    names = {p.name for p in out.iterdir()}
+    assert {"PATIENTS.csv", "ADMISSIONS.csv", "DIAGNOSES_ICD.csv", "synthetic.parquet", "generation_stats.json"} <= names
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp dir left behind
+    with pytest.raises(SystemExit, match="not empty"):
+        main(["generate", "--model", str(ckpt), "--n", "5", "--out", str(out)])
+
+    import datasets
+
+    generated = {p["subject_id"]: p for p in datasets.Dataset.from_parquet(str(out / "synthetic.parquet")).to_list()}
+    assert main(["prepare", "--mimic-dir", str(out), "--out", str(tmp_path / "prepared")]) == 0
+    splits = load_prepared(tmp_path / "prepared")
+    read = [p for name in splits for p in splits[name].to_list()]
+    assert len(read) == len(generated) == 60
+    for p in read:
+        g = generated[p["subject_id"]]
+        assert p["sex"] == g["sex"] and p["visits"] == g["visits"]
+        assert abs(p["age"] - g["age"]) <= 0.011
