@@ -421,7 +421,7 @@ def generate_patients(
     """Generate synthetic patients.
 
     Args:
-        model: a PromptEHRForConditionalGeneration (eval mode is set here).
+        model: a PromptEHRForConditionalGeneration (run in eval mode; its mode is restored after).
         tokenizer: its PromptEHRTokenizer.
         n: number of patients (unconditional: required; conditional: len(demographics);
             seeded: one per seed by default, else n seeds drawn at random, with replacement if
@@ -487,14 +487,18 @@ def generate_patients(
 
     index = VocabIndex(tokenizer, size=model.config.vocab_size).to(next(model.parameters()).device)
     edit_table = CMSEditTable(index) if cms else None
+    was_training = model.training  # the trainer's monitoring callback calls this mid-training
     model.eval()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        counters = _run_plan(
-            model, tokenizer, plan, index=index, edit_table=edit_table, stage_two=stage_two,
-            max_codes=int(max_codes), batch_size=batch_size, greedy=greedy, temperature=temperature,
-            top_k=top_k, top_p=top_p, cms=cms, max_history_length=max_history_length, progress=progress,
-        )
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            counters = _run_plan(
+                model, tokenizer, plan, index=index, edit_table=edit_table, stage_two=stage_two,
+                max_codes=int(max_codes), batch_size=batch_size, greedy=greedy, temperature=temperature,
+                top_k=top_k, top_p=top_p, cms=cms, max_history_length=max_history_length, progress=progress,
+            )
+    finally:
+        model.train(was_training)
     seconds = time.perf_counter() - t0
 
     stats: dict = {
@@ -630,9 +634,15 @@ def load_model(model_dir: str | os.PathLike, device: str | None = None):
     return model.eval(), tokenizer
 
 
-def write_cohort(patients: list[dict], out_dir: str | os.PathLike, stats: dict | None = None, seed: int = 0,
+def write_cohort(patients, out_dir: str | os.PathLike, stats: dict | None = None, seed: int = 0,
                  overwrite: bool = False) -> Path:
-    """MIMIC-III CSVs, ``synthetic.parquet`` and ``generation_stats.json`` into out_dir, atomically."""
+    """MIMIC-III CSVs (new hadm ids, plausible dates; ``cohort_io``), ``synthetic.parquet`` and
+    ``generation_stats.json`` into out_dir, atomically (a temp dir beside it, then a rename).
+
+    Args:
+        patients: patient dicts or a datasets.Dataset in the patient schema.
+        seed: draws the dates and hadm ids.  overwrite: replace a non-empty out_dir.
+    """
     from promptehr_hf.modeling_promptehr.cohort_io import write_mimic3_csvs, write_parquet
 
     out = Path(out_dir)
@@ -726,7 +736,7 @@ def run(args) -> int:
         top_k=args.top_k, top_p=args.top_p, greedy=args.greedy, cms=not args.no_cms,
         exclude_patients=_read_patients(args.exclude_training) if args.exclude_training else None,
     )
-    write_cohort(dataset.to_list(), out, stats, seed=args.seed, overwrite=args.overwrite)
+    write_cohort(dataset, out, stats, seed=args.seed, overwrite=args.overwrite)
     print(json.dumps({k: stats[k] for k in ("n_patients", "n_visits", "mean_visits_per_patient",
                                              "mean_codes_per_visit", "seconds") if k in stats}))
     print(f"wrote {out}")
