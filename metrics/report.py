@@ -100,7 +100,7 @@ REAL_KEYS = {"cms_invalid_patient_rate": "cms_invalid_patient_rate_real", "disti
 
 
 # ----------------------------------------------------------------------------- reading cohorts
-def _columns(cohort: Any) -> dict[str, list]:
+def as_columns(cohort: Any) -> dict[str, list]:
     """Any cohort form -> {"visits", "age", "sex"} lists."""
     try:
         return {name: inc.cohort_column(cohort, name) for name in COLUMNS}
@@ -127,7 +127,7 @@ def read_cohort(path: str | os.PathLike, split: str | None = None) -> dict[str, 
                 (p / f"diagnoses_icd.{ext}").exists() for ext in ("csv", "csv.gz")):
             from promptehr_hf.datasets_scripts.mimic3 import read_mimic3
 
-            return _columns(read_mimic3(p)[0])
+            return as_columns(read_mimic3(p)[0])
         else:
             raise FileNotFoundError(
                 f"{path}: expected a Parquet file, a prepared folder with {split or '<split>'}.parquet, a folder with "
@@ -152,8 +152,8 @@ def evaluate_cohorts(synthetic: Any, real: Any, train: Any = None, *, out_dir: s
     "meta": {...}}``; with ``out_dir``, also writes metrics.json, metrics.md and the PNGs there.
     """
     t0 = time.perf_counter()
-    syn, ref = _columns(synthetic), _columns(real)
-    tr = _columns(train) if train is not None else None
+    syn, ref = as_columns(synthetic), as_columns(real)
+    tr = as_columns(train) if train is not None else None
     n = len(syn["visits"])
     rng = np.random.default_rng(seed)
     candidates = {"synthetic": syn}
@@ -162,7 +162,7 @@ def evaluate_cohorts(synthetic: Any, real: Any, train: Any = None, *, out_dir: s
         candidates["floor"] = _take(tr, np.sort(rng.choice(len(tr["visits"]), size=size, replace=False)))
     if baseline:
         sampler = IndependentMarginalSampler.fit(tr if tr is not None else ref)
-        candidates["baseline"] = _columns(sampler.sample(n, seed=seed))
+        candidates["baseline"] = as_columns(sampler.sample(n, seed=seed))
 
     rows: dict[str, dict | None] = {name: None for name in ROWS}
     for name, cand in candidates.items():
