@@ -1,8 +1,9 @@
 """Sparse incidence matrices of patient cohorts (shared by the metrics, the trainer, benchmarks).
 
-A *cohort* is any of: a sequence of patient dicts in the package schema, a ``datasets.Dataset``
-or a dict of columns with those fields, or (for the visit helpers) a plain sequence of per-patient
-visit lists ``list[list[list[str]]]``. Only the ``visits`` field is read here.
+A *cohort* is any of: a sequence of patient dicts in the package schema, a table with those
+columns (a ``datasets.Dataset``, a dict of columns, a ``pyarrow.Table``, a pandas DataFrame), or
+(for the visit helpers) a plain sequence of per-patient visit lists ``list[list[list[str]]]``.
+Only the ``visits`` field is read here.
 
 Matrices are ``scipy.sparse.csr_matrix`` of dtype int32 holding 0/1: a code listed twice in one
 visit is one entry. With 0/1 entries the usual counts are matrix products:
@@ -31,12 +32,17 @@ _BLOCK_ENTRIES = 16_000_000
 
 
 def cohort_column(cohort: Any, name: str) -> list:
-    """One field of every patient, as a list: ``cohort[name][:]`` for a ``datasets.Dataset`` or a
-    dict of columns, ``[p[name] for p in cohort]`` for a sequence of patient dicts."""
-    if isinstance(cohort, dict) or hasattr(cohort, "column_names"):
-        if name not in (cohort.keys() if isinstance(cohort, dict) else cohort.column_names):
+    """One field of every patient, as a list, from a sequence of patient dicts or a table with
+    that column: a dict of columns, a ``datasets.Dataset``, a ``pyarrow.Table`` or a DataFrame."""
+    if isinstance(cohort, dict) or hasattr(cohort, "column_names") or hasattr(cohort, "columns"):
+        names = cohort.column_names if hasattr(cohort, "column_names") else list(cohort.keys())
+        if name not in names:
             raise KeyError(f"cohort has no column {name!r}")
-        return list(cohort[name][:])
+        values = cohort[name]
+        for to_list in ("to_pylist", "tolist"):  # pyarrow, then numpy / pandas
+            if hasattr(values, to_list):
+                return getattr(values, to_list)()
+        return list(values[:])
     if len(cohort) and isinstance(cohort[0], dict):
         return [p[name] for p in cohort]
     if name == "visits":  # a plain list of per-patient visit lists
