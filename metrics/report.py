@@ -19,7 +19,8 @@ patients the generator never saw (the held-out test split):
 - ``baseline``: ``IndependentMarginalSampler`` fitted on ``--train`` (else on ``--real``, which
   then flatters it) and sampled at the synthetic cohort's size.
 
-Writes (atomically: a temporary folder beside DIR, then renamed) DIR/metrics.json
+Writes (atomically: a temporary folder beside DIR, then renamed; an existing DIR is replaced only
+if it is empty or an earlier report) DIR/metrics.json
 (``{"rows": {row: {metric: value}}, "meta": {...}}``, NaN as null), DIR/metrics.md (the table)
 and the PNGs ``code_prevalence.png``, ``visits_per_patient.png``, ``codes_per_visit.png``,
 ``top_categories.png``, ``cooccurrence_heatmap.png``.
@@ -151,6 +152,8 @@ def evaluate_cohorts(synthetic: Any, real: Any, train: Any = None, *, out_dir: s
     Returns ``{"rows": {"synthetic": {...}, "floor": {...} | None, "baseline": {...} | None},
     "meta": {...}}``; with ``out_dir``, also writes metrics.json, metrics.md and the PNGs there.
     """
+    if out_dir is not None:
+        _check_replaceable(Path(out_dir).resolve())  # fail before the work, not after
     t0 = time.perf_counter()
     syn, ref = as_columns(synthetic), as_columns(real)
     tr = as_columns(train) if train is not None else None
@@ -213,7 +216,8 @@ def markdown_table(result: dict) -> str:
     better = {"low": "lower", "high": "higher", "0.5": "≈ 0.5", "0": "≈ 0", "real": "≈ real", "": ""}
     lines = [f"# Evaluation: {meta['n_synthetic']:,} synthetic vs {meta['n_real']:,} real patients", "",
              f"Reference: the real cohort. Floor: {meta['floor']}. Baseline: {meta['baseline']}. "
-             f"Privacy: {meta['privacy']}.", ""]
+             f"Privacy: {meta['privacy']}. Column *real*: the real cohort's own value (privacy: the same "
+             "attack on held-out real patients, the control).", ""]
     for section, items in TABLE.items():
         lines += [f"## {section}", "", "| metric | synthetic | floor | baseline | real | better |",
                   "|---|---|---|---|---|---|"]
@@ -227,8 +231,14 @@ def markdown_table(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _check_replaceable(out: Path) -> None:
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "metrics.json").exists())):
+        raise FileExistsError(f"{out}: exists and is not a folder written by `promptehr evaluate`; refusing to replace it")
+
+
 def _write(result: dict, cohort_columns: dict[str, dict], out: Path, plots: bool) -> None:
     out = out.resolve()
+    _check_replaceable(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
@@ -238,6 +248,7 @@ def _write(result: dict, cohort_columns: dict[str, dict], out: Path, plots: bool
             from promptehr_hf.metrics.plots import write_plots
 
             write_plots(cohort_columns, result["rows"], tmp)
+        _check_replaceable(out)  # it may have appeared meanwhile
         if out.exists():  # replace as a whole: move the old folder aside, then drop it
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
             os.replace(out, old / out.name)
@@ -255,7 +266,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--real", required=True, help="reference real cohort (held-out): Parquet file or folder")
     parser.add_argument("--synthetic", required=True, help="synthetic cohort: Parquet file or folder")
     parser.add_argument("--train", help="training cohort: enables the floor row and the privacy metrics")
-    parser.add_argument("--out", required=True, help="output folder (replaced as a whole)")
+    parser.add_argument("--out", required=True, help="output folder (an earlier report there is replaced; any other "
+                        "non-empty folder is refused)")
     parser.add_argument("--real-split", default="test", help="split read from a prepared --real folder (default test)")
     parser.add_argument("--train-split", default="train", help="split read from a prepared --train folder")
     parser.add_argument("--top-k", type=int, default=100)

@@ -326,3 +326,11 @@ def test_cli_evaluate_reads_prepared_and_generated_folders(tmp_path):
     assert (meta["n_real"], meta["n_synthetic"], meta["n_train"]) == (100, 100, 300)
     with pytest.raises(FileNotFoundError, match="prepared folder"):
         main(["evaluate", "--real", str(tmp_path), "--synthetic", str(generated), "--out", str(out)])
+    # an earlier report is replaced; a folder holding anything else is not touched
+    assert main(["evaluate", "--real", str(prepared), "--synthetic", str(generated), "--out", str(out),
+                 "--no-plots", "--no-baseline"]) == 0
+    assert json.loads((out / "metrics.json").read_text())["rows"]["baseline"] is None
+    with pytest.raises(FileExistsError, match="refusing"):
+        main(["evaluate", "--real", str(prepared), "--synthetic", str(generated), "--out", str(prepared),
+              "--no-plots"])
+    assert sorted(f.name for f in prepared.iterdir()) == ["test.parquet", "train.parquet", "validation.parquet"]
