@@ -83,13 +83,13 @@ TABLE = {
         ("age_wasserstein", "age, Wasserstein (years)", "low"), ("female_share", "female share", "real"),
     ],
     "Privacy": [
-        ("exact_copy_rate", "exact copies of training patients", "low"),
+        ("exact_copy_rate", "exact copies of training patients", "real"),
         ("membership_inference_accuracy", "membership inference accuracy", "0.5"),
         ("membership_inference_auc", "membership inference AUC", "0.5"),
         ("nnaar", "NNAAR (AA holdout - AA train)", "0"),
-        ("attribute_inference_f1", "attribute inference F1 (members)", ""),
+        ("attribute_inference_f1", "attribute inference F1 (members)", "real"),
         ("attribute_inference_risk", "attribute inference F1, members - non-members", "0"),
-        ("sex_inference_f1", "sex inference F1 (members)", ""),
+        ("sex_inference_f1", "sex inference F1 (members)", "real"),
     ],
 }
 # Real-cohort values shown in the "real" column (coherence returns them as <key>_real).
