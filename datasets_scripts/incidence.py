@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 
-# Dense distance blocks are at most this many int32 entries (64 MB).
+# Dense distance blocks hold at most this many entries (64 MB per float32 or int32 array).
 _BLOCK_ENTRIES = 16_000_000
 
 

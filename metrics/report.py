@@ -43,7 +43,7 @@ import numpy as np
 
 from promptehr_hf.datasets_scripts import incidence as inc
 from promptehr_hf.metrics.baselines import IndependentMarginalSampler
-from promptehr_hf.metrics.coherence import coherence, cohorts
+from promptehr_hf.metrics.coherence import coherence
 from promptehr_hf.metrics.privacy import privacy
 
 COLUMNS = ("visits", "age", "sex")
