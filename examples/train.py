@@ -164,12 +164,15 @@ def model_card(args, summary: dict, run: dict, evaluation: dict | None) -> str:
 
 
 def push_to_hub(folder: Path, repo: str, private: bool) -> str:
-    """One commit of the whole model folder (config, weights, remote code, tokenizer, card)."""
-    from huggingface_hub import HfApi
+    """One commit of the whole model folder (config, weights, remote code, tokenizer, card),
+    through ``HfApi.create_repo`` and ``HfApi.create_commit`` (which uploads LFS/Xet content)."""
+    from huggingface_hub import CommitOperationAdd, HfApi
 
     api = HfApi()
     api.create_repo(repo, repo_type="model", private=private, exist_ok=True)
-    info = api.upload_folder(repo_id=repo, folder_path=str(folder), repo_type="model",
+    operations = [CommitOperationAdd(path_in_repo=path.relative_to(folder).as_posix(), path_or_fileobj=str(path))
+                  for path in sorted(folder.rglob("*")) if path.is_file()]
+    info = api.create_commit(repo_id=repo, repo_type="model", operations=operations,
                              commit_message="Upload PromptEHR model, tokenizer and model card")
     return str(getattr(info, "commit_url", info))
 
