@@ -186,7 +186,11 @@ def main(argv: list[str] | None = None) -> dict:
     import torch
     from accelerate import PartialState
 
-    state = PartialState()
+    # cpu=True is what makes accelerate start a gloo process group on a machine without GPUs
+    # (`ACCELERATE_USE_CPU=true accelerate launch --multi_gpu ...`); otherwise every process
+    # would believe it is alone (and all of them would prepare the data).
+    use_cpu = not torch.cuda.is_available() or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
+    state = PartialState(cpu=use_cpu)
     # 2 cores shared by the processes: one thread per process when launched on 2 processes.
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     torch.set_num_threads(max(1, cores // state.num_processes))
@@ -227,6 +231,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     training_args = PromptEHRTrainingArguments(
         output_dir=str(root / "checkpoints"),
+        use_cpu=use_cpu,
         max_steps=args.max_steps,
         max_minutes=args.max_minutes if args.max_minutes and args.max_minutes > 0 else None,
         per_device_train_batch_size=args.batch_size,

@@ -468,7 +468,7 @@ class TimeLimitCallback(TrainerCallback):
         if dist.is_available() and dist.is_initialized():
             dist.broadcast(stop, src=0)  # every process must stop at the same step (rank 0's clock)
         if stop.item():
-            logger.warning("time limit of %.1f minutes reached at step %d: stopping", self.max_seconds / 60,
+            logger.warning("time limit of %.3g minutes reached at step %d: stopping", self.max_seconds / 60,
                            state.global_step)
             control.should_training_stop = True
             control.should_save = True
