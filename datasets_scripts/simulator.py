@@ -10,14 +10,15 @@ Everything that defines the process is in the tables below (``PARAMS``, ``PHENOT
 
 1. **Demographics.** Neonate (age 0) with probability ``PARAMS.p_neonate``; otherwise an adult
    with age ``age_min + (age_max - age_min) * Beta(age_a, age_b)``, rounded to 0.01 year and
-   capped at 90 (MIMIC-III shifts patients over 89). Sex is male with ``PARAMS.p_male``. A
-   frailty score ``z ~ N(0, 1)`` couples comorbidities and readmissions.
+   capped at 90 (MIMIC-III shifts patients over 89). Sex is male with ``PARAMS.p_male``.
 2. **Phenotypes** (latent clinical profiles, a mixture per patient). For every eligible phenotype
    (age window, sex) in table order, membership ~ Bernoulli(sigmoid(``logit`` +
-   ``age_slope`` * (age - 65) / 10 + ``male`` * [sex = M] + ``frailty`` * z + the ``boosts`` of
-   the earlier phenotypes the patient already has)).
+   ``age_slope`` * (age - 65) / 10 + ``male`` * [sex = M] + the ``boosts`` of the earlier
+   phenotypes the patient already has)). Strong boosts nest phenotypes (coronary disease, heart
+   failure and CKD mostly arise in cardiometabolic patients), negative ones separate them
+   (cardiac surgery and sepsis are different admissions, as CSRU and MICU are).
 3. **Admissions.** 1 + Poisson(lambda) admissions, lambda = ``readmit_rate`` (adult or neonate)
-   * exp(sum of the members' ``readmit`` + ``frailty_readmit`` * z) * Gamma(``readmit_shape``)
+   * exp(sum of the members' ``readmit``) * Gamma(``readmit_shape``)
    (over-dispersed: most patients have one admission, a few have many), at most ``max_visits``.
 4. **Each admission, in order** (later admissions depend on earlier ones):
    - a phenotype is *active* with probability ``episode`` = (first, keep, new): at its first
@@ -33,19 +34,24 @@ Everything that defines the process is in the tables below (``PARAMS``, ``PHENOT
      moves to its ``progress`` variant with probability ``p_progress`` (CKD stage 3 -> 4 -> 5 ->
      ESRD, diabetes -> diabetic nephropathy, metastases ...).
    - the long tail: each active phenotype adds Poisson(``tail_rate``) codes drawn from its
-     ``tail`` categories (real billable v32 codes, no core code) with Zipf weights
-     rank^-``PARAMS.zipf_s``, the ranks being a fixed permutation (seeded by
-     ``PARAMS.structure_seed`` and the phenotype name, not by the sampling seed); each tail code
-     of the previous admission returns with ``PARAMS.tail_keep``. An admission with no code gets
+     ``tail`` categories (real billable v32 codes, no core code). A code of rank r inside a
+     category of rank R weighs (R + ``zipf_q``)^-``zipf_s`` * r^-``zipf_within``, both ranks
+     fixed permutations seeded by ``PARAMS.structure_seed`` and the phenotype name (not by the
+     sampling seed): the far tail leaves whole categories unused, as in MIMIC. Each tail code of
+     the previous admission returns with ``PARAMS.tail_keep``. An admission with no code gets
      one background tail code.
    - codes are de-duplicated, ``EXCLUDES`` applied (e.g. hypertensive CKD 40390 replaces 4019),
      ordered like MIMIC's ``seq_num`` by ``rank`` + N(0, ``PARAMS.order_noise``) (principal acute
      diagnosis first, chronic conditions, status V codes and external-cause E codes last), and
-     cut at ``PARAMS.max_codes`` (MIMIC's maximum, 39).
+     cut at ``PARAMS.max_codes`` (MIMIC's maximum, 39) or, for the ``PARAMS.capped_share`` of
+     patients coded under the old 9-diagnosis billing limit, at ``PARAMS.capped_codes`` (the real
+     MIMIC-III demo has 20 of its 129 admissions at exactly 9 codes): such admissions lose their
+     chronic comorbidities first.
 
-Every code is a v32 node (almost all billable leaves, as in MIMIC), and every record respects the
-CMS Medicare Code Editor age/sex edits by construction: variants and tail pools are filtered by
-``icd9.check(code, age, sex)`` for the patient's own age and sex before sampling.
+Every code is a billable v32 leaf, and every record respects the CMS Medicare Code Editor age/sex
+edits by construction: variants and tail codes are drawn only among the codes that
+``icd9.violations`` allows for the patient's whole-year age and sex (one allowed set per class
+of ages and sex, precomputed).
 
 Sampling is vectorised with numpy over blocks of ``PARAMS.block_size`` patients; block b uses
 the random stream ``SeedSequence(seed).spawn`` child b, so ``simulate(n, seed)`` is deterministic
@@ -58,8 +64,8 @@ CLI: ``promptehr simulate --patients N --seed S --out DIR`` writes MIMIC-III CSV
 from __future__ import annotations
 
 import argparse
-import sys
 import functools
+import sys
 import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -114,7 +120,7 @@ class Phenotype:
     """A latent clinical profile: who has it, when it is active, and the codes it writes.
 
     ages: eligible whole-year age window (inclusive); sex: "F", "M" or None (both).
-    logit, age_slope (per decade from 65), male, frailty, boosts ({earlier phenotype: logit
+    logit, age_slope (per decade from 65), male, boosts ({earlier phenotype: logit
         increment}): membership ~ Bernoulli(sigmoid(sum)).
     episode: (first, keep, new) probabilities of being active at an admission (see module doc).
     readmit: added to the log readmission rate of members.
@@ -131,7 +137,6 @@ class Phenotype:
     tail_rate: float
     age_slope: float = 0.0
     male: float = 0.0
-    frailty: float = 0.0
     boosts: Mapping[str, float] = field(default_factory=dict)
     sex: str | None = None
     episode: tuple[float, float, float] = (1.0, 1.0, 1.0)
@@ -147,16 +152,18 @@ class CohortParams:
     p_male: float = 0.56  # 26,121 M / 20,399 F
     age_min: float = 16.0  # adults: age_min + (age_max - age_min) * Beta(age_a, age_b), capped at 90
     age_max: float = 100.0
-    age_a: float = 3.1
-    age_b: float = 2.2
-    readmit_rate: tuple[float, float] = (0.09, 0.02)  # (adult, neonate) base of lambda
+    age_a: float = 3.0
+    age_b: float = 2.25
+    readmit_rate: tuple[float, float] = (0.11, 0.02)  # (adult, neonate) base of lambda
     readmit_shape: float = 0.5  # Gamma shape of the over-dispersion (mean 1)
-    frailty_readmit: float = 0.3
     max_visits: int = 40
     max_codes: int = 39  # MIMIC-III seq_num reaches 39
+    capped_share: float = 0.2  # patients whose admissions keep only the first capped_codes codes
+    capped_codes: int = 9
     tail_keep: float = 0.3
-    zipf_s: float = 2.35  # tail weights (rank + zipf_q)^-zipf_s
-    zipf_q: float = 48.0
+    zipf_s: float = 8.0  # tail weight of a code: (category rank + zipf_q)^-zipf_s
+    zipf_q: float = 400.0  # * (rank inside the category)^-zipf_within
+    zipf_within: float = 2.0
     order_noise: float = 0.8
     structure_seed: int = 2015  # fixes the tail ranks: part of the process, not of a sample
     block_size: int = 4096
@@ -171,17 +178,17 @@ NEONATE = (0, 0)
 PHENOTYPES: tuple[Phenotype, ...] = (
     Phenotype(
         "background", "Every adult: the broad long tail of rarer codes from all chapters (no core codes).",
-        ADULT, logit=20.0, tail=("001-629", "680-759", "780-999", "V01-V91", "E800-E999"), tail_rate=1.5,
+        ADULT, logit=20.0, tail=("001-629", "680-759", "780-999", "V01-V91", "E930-E949"), tail_rate=2.2,
         tail_rank=3.0, conditions=(),
     ),
     Phenotype(
         "general", "Common comorbidities of hospitalised adults, more frequent with age.",
-        ADULT, logit=1.0, age_slope=0.45, frailty=0.3, tail=("240-289", "710-739"), tail_rate=0.3,
+        ADULT, logit=1.5, age_slope=0.45, tail=("240-289", "710-739"), tail_rate=0.3,
         conditions=(
-            chronic("gerd", "53081", 0.17),
+            chronic("gerd", "53081", 0.15),
             chronic("hypothyroidism", "2449", 0.12),
             chronic("anemia", {"2859": 0.8, "2809": 0.2}, 0.10, keep=0.6, new=0.1),
-            chronic("depression", "311", 0.05),
+            chronic("depression", "311", 0.035),
             chronic("anxiety", "30000", 0.04),
             chronic("osteoarthritis", "71590", 0.03),
             chronic("osteoporosis", "73300", 0.04),
@@ -189,41 +196,66 @@ PHENOTYPES: tuple[Phenotype, ...] = (
             chronic("gout", "2749", 0.03),
             chronic("tobacco_history", "V1582", 0.07, rank=4),
             chronic("dnr", "V4986", 0.04, keep=0.7, rank=4),
-            chronic("long_term_meds", {"V5869": 0.6, "V5866": 0.4}, 0.08, rank=4),
+            chronic("long_term_meds", {"V5869": 0.45, "V5866": 0.3, "V5865": 0.15, "V5868": 0.1}, 0.12, rank=4),
+            chronic("history", {"V1251": 0.2, "V1254": 0.2, "V1272": 0.15, "V1011": 0.1, "V1005": 0.1, "V4364": 0.1,
+                                "V4365": 0.1, "V1588": 0.05}, 0.12, rank=4),
+            chronic("neuropathy", "3569", 0.03),
+            chronic("aortic_atherosclerosis", "4400", 0.03),
+            chronic("rheumatoid_arthritis", "7140", 0.02),
+            chronic("upper_gi", {"53550": 0.5, "5533": 0.5}, 0.04),
+            acute("adverse_drug_effect", {"E9342": 0.3, "E9320": 0.2, "E9300": 0.15, "E8798": 0.2, "E8788": 0.15}, 0.08,
+                  rank=5),
+            acute("dehydration", "27651", 0.05, rank=2),
+            acute("delirium", {"2930": 0.6, "29281": 0.2, "78097": 0.2}, 0.05, rank=2),
+            acute("urinary_retention", "78820", 0.03, rank=2),
+            acute("diarrhea", "78791", 0.03, rank=2),
+            acute("cellulitis", {"6826": 0.6, "6827": 0.4}, 0.02, rank=1),
+            acute("ileus", {"5601": 0.6, "5609": 0.4}, 0.02, rank=1),
+            acute("tachycardia", "7850", 0.03, rank=2),
+            acute("fever", "78060", 0.03, rank=2),
             acute("electrolytes", {"2761": 0.5, "2768": 0.35, "2752": 0.15}, 0.06, rank=2),
-            acute("uti", "5990", 0.09, rank=2),
+            acute("uti", "5990", 0.07, rank=2),
             acute("thrombocytopenia", "2875", 0.04, rank=2),
             acute("hypotension", "4589", 0.025, rank=2),
             acute("pressure_ulcer", {"70703": 0.6, "70707": 0.4}, 0.02, rank=2),
         ),
     ),
     Phenotype(
-        "cardiometabolic", "Hypertension, dyslipidaemia, type 2 diabetes, coronary artery disease, obesity.",
-        ADULT, logit=0.55, age_slope=0.55, male=0.25, frailty=0.3, readmit=0.15,
-        tail=("240-279", "401-405", "410-414", "440-448"), tail_rate=0.35,
+        "cardiometabolic", "Hypertension, dyslipidaemia, type 2 diabetes, obesity: the metabolic core that the "
+        "coronary, heart and renal phenotypes mostly arise from.",
+        ADULT, logit=0.55, age_slope=0.55, male=0.25, readmit=0.15,
+        tail=("240-279", "401-405", "440-448"), tail_rate=0.35,
         conditions=(
-            chronic("hypertension", "4019", 0.80, keep=0.92, new=0.3),
-            chronic("hyperlipidemia", {"2724": 0.57, "2720": 0.43}, 0.50, keep=0.85, new=0.15),
+            chronic("hypertension", "4019", 0.97, keep=0.97, new=0.5),
+            chronic("hyperlipidemia", {"2724": 0.58, "2720": 0.42}, 0.60, keep=0.9, new=0.15),
             chronic("diabetes", {"25000": 0.80, "25002": 0.06, "25001": 0.04, "25040 5830": 0.05, "25060 3572": 0.05},
-                    0.38, keep=0.92, new=0.06, progress={"25000": "25040 5830"}, p_progress=0.04),
+                    0.45, keep=0.92, new=0.06, progress={"25000": "25040 5830"}, p_progress=0.04),
             chronic("insulin", "V5867", 0.30, rank=4, requires="diabetes"),
-            chronic("cad", "41401", 0.27, keep=0.9, new=0.1),
-            chronic("old_mi", "412", 0.25, requires="cad"),
-            chronic("cabg_status", {"V4581": 0.6, "V4582": 0.4}, 0.22, rank=4, requires="cad"),
             chronic("obesity", {"27800": 0.6, "27801": 0.4}, 0.12),
             chronic("pvd", {"4439": 0.7, "44020": 0.3}, 0.05),
         ),
     ),
     Phenotype(
+        "coronary", "Coronary artery disease: old infarction, bypass or stent status, angina.",
+        ADULT, logit=-4.0, age_slope=0.5, male=0.6, boosts={"cardiometabolic": 3.0}, readmit=0.1,
+        tail=("410-414",), tail_rate=0.25,
+        conditions=(
+            chronic("cad", "41401", 0.95, keep=0.95, new=0.5, rank=2.5),
+            chronic("old_mi", "412", 0.25, requires="cad"),
+            chronic("revascularised", {"V4581": 0.6, "V4582": 0.4}, 0.28, rank=4, requires="cad"),
+            chronic("angina", {"4139": 0.6, "4148": 0.4}, 0.06),
+        ),
+    ),
+    Phenotype(
         "heart", "Heart failure, atrial fibrillation and other arrhythmias, valve disease.",
-        ADULT, logit=-0.55, age_slope=0.6, male=0.1, frailty=0.5, boosts={"cardiometabolic": 0.7}, readmit=0.35,
+        ADULT, logit=-3.55, age_slope=0.6, male=0.1, boosts={"cardiometabolic": 3.3}, readmit=0.35,
         tail=("390-398", "415-429"), tail_rate=0.45,
         conditions=(
-            chronic("atrial_fibrillation", "42731", 0.47, keep=0.9, new=0.15),
-            chronic("anticoagulation", "V5861", 0.38, rank=4, requires="atrial_fibrillation"),
+            chronic("atrial_fibrillation", "42731", 0.80, keep=0.95, new=0.15),
+            chronic("anticoagulation", "V5861", 0.55, rank=4, requires="atrial_fibrillation"),
             chronic("heart_failure", {"4280": 0.34, "4280 42832": 0.18, "4280 42833": 0.14, "4280 42822": 0.1,
                                       "4280 42823": 0.1, "4280 42843": 0.07, "4280 42830": 0.07},
-                    0.47, keep=0.9, new=0.18, progress={"4280 42832": "4280 42833", "4280 42822": "4280 42823"},
+                    0.80, keep=0.95, new=0.18, progress={"4280 42832": "4280 42833", "4280 42822": "4280 42823"},
                     p_progress=0.3),
             chronic("flutter", "42732", 0.06),
             chronic("valve", {"4240": 0.55, "4241": 0.45}, 0.14),
@@ -232,7 +264,7 @@ PHENOTYPES: tuple[Phenotype, ...] = (
             chronic("pacemaker", {"V4501": 0.7, "V4502": 0.3}, 0.07, rank=4),
             acute("ventricular_tachycardia", "4271", 0.05),
             acute("cardiogenic_shock", "78551", 0.04, rank=0.5),
-            acute("cardiorenal_aki", "5849", 0.08),
+            acute("cardiorenal_aki", "5849", 0.10),
             acute("hyperkalemia", "2767", 0.03, rank=2),
             acute("hypotension", "4589", 0.04, rank=2),
             acute("anemia", "2859", 0.07, rank=2),
@@ -240,15 +272,15 @@ PHENOTYPES: tuple[Phenotype, ...] = (
     ),
     Phenotype(
         "cardiac_surgery", "Coronary or valve surgery, acute coronary syndromes (the CSRU/CCU population).",
-        (35, 124), logit=-2.5, age_slope=0.1, male=0.7, boosts={"cardiometabolic": 0.9, "heart": 0.4},
+        (35, 124), logit=-4.0, age_slope=0.1, male=0.5, boosts={"cardiometabolic": 1.0, "coronary": 2.5, "heart": 0.4},
         episode=(0.92, 0.05, 0.04), tail=("410-414", "996-999", "E870-E879"), tail_rate=0.5,
         conditions=(
-            acute("cad", "41401", 0.8, rank=0),
+            acute("cad", "41401", 0.9, rank=0),
             acute("aortic_valve", "4241", 0.22, rank=0.5),
             acute("mitral_valve", "4240", 0.10, rank=1),
             acute("acute_mi", {"41071": 0.7, "41041": 0.15, "41011": 0.15}, 0.25, rank=0),
             acute("unstable_angina", "4111", 0.12, rank=0.5),
-            acute("blood_loss_anemia", "2851", 0.35, rank=2),
+            acute("blood_loss_anemia", "2851", 0.33, rank=2),
             acute("postop_af", "42731", 0.30, rank=2),
             acute("cardiac_complication", "9971", 0.12, rank=1),
             acute("procedure_hemorrhage", "99811", 0.05, rank=1),
@@ -256,12 +288,11 @@ PHENOTYPES: tuple[Phenotype, ...] = (
             acute("atelectasis", "5180", 0.08, rank=2),
             acute("pleural_effusion", "5119", 0.10, rank=2),
             acute("heart_failure", "4280", 0.15, rank=2),
-            acute("angina", {"4139": 0.6, "4148": 0.4}, 0.08, rank=2),
         ),
     ),
     Phenotype(
         "renal", "Chronic kidney disease with stage progression to ESRD and dialysis; acute kidney injury.",
-        ADULT, logit=-2.2, age_slope=0.35, male=0.2, frailty=0.5, boosts={"cardiometabolic": 0.6, "heart": 0.5},
+        ADULT, logit=-3.0, age_slope=0.35, male=0.2, boosts={"cardiometabolic": 1.5, "heart": 0.5},
         readmit=0.5, tail=("580-599", "270-279"), tail_rate=0.35,
         conditions=(
             chronic("ckd", {"5859 40390": 0.28, "5853 40390": 0.24, "5854 40390": 0.12, "5855 40391": 0.05,
@@ -281,18 +312,18 @@ PHENOTYPES: tuple[Phenotype, ...] = (
     ),
     Phenotype(
         "respiratory", "COPD, asthma, pneumonia, hypoxaemic respiratory failure.",
-        ADULT, logit=-0.95, age_slope=0.3, male=0.1, frailty=0.5, readmit=0.3,
+        ADULT, logit=-0.95, age_slope=0.3, male=0.1, readmit=0.3,
         tail=("460-519",), tail_rate=0.45,
         conditions=(
-            chronic("copd", {"496": 0.62, "49121": 0.22, "4928": 0.10, "49120": 0.06}, 0.48, keep=0.9, new=0.1),
+            chronic("copd", {"496": 0.62, "49121": 0.22, "4928": 0.10, "49120": 0.06}, 0.53, keep=0.9, new=0.1),
             chronic("asthma", "49390", 0.10),
             chronic("sleep_apnea", "32723", 0.07),
-            chronic("tobacco", {"3051": 0.6, "V1582": 0.4}, 0.10),
+            chronic("tobacco", {"3051": 0.6, "V1582": 0.4}, 0.08),
             chronic("home_oxygen", "V462", 0.05, rank=4),
-            acute("pneumonia", "486", 0.21, rank=0),
+            acute("pneumonia", "486", 0.12, rank=0),
             acute("bacterial_pneumonia", {"4821": 0.3, "48241": 0.25, "48242": 0.25, "4870": 0.2}, 0.06, rank=0),
-            acute("respiratory_failure", {"51881": 0.8, "51884": 0.12, "51883": 0.08}, 0.33, rank=0.5),
-            acute("aspiration", "5070", 0.09, rank=0.5),
+            acute("respiratory_failure", {"51881": 0.8, "51884": 0.12, "51883": 0.08}, 0.20, rank=0.5),
+            acute("aspiration", "5070", 0.12, rank=0.5),
             acute("pleural_effusion", "5119", 0.10, rank=2),
             acute("hypoxemia", "79902", 0.06, rank=2),
             acute("pulmonary_embolism", "41519", 0.03, rank=0),
@@ -301,7 +332,7 @@ PHENOTYPES: tuple[Phenotype, ...] = (
     ),
     Phenotype(
         "liver_gi", "Cirrhosis and its complications, hepatitis C, GI bleeding, pancreatitis.",
-        ADULT, logit=-1.9, age_slope=-0.1, male=0.35, frailty=0.4, readmit=0.45,
+        ADULT, logit=-1.9, age_slope=-0.1, male=0.35, readmit=0.45,
         tail=("520-579",), tail_rate=0.55,
         conditions=(
             chronic("cirrhosis", {"5715": 0.5, "5712": 0.45, "5716": 0.05}, 0.42, keep=0.95, new=0.08),
@@ -324,20 +355,21 @@ PHENOTYPES: tuple[Phenotype, ...] = (
     ),
     Phenotype(
         "sepsis", "Sepsis and critical illness: septicaemia, severe sepsis, shock, organ failure.",
-        ADULT, logit=-1.1, age_slope=0.2, frailty=0.8,
-        boosts={"renal": 0.4, "liver_gi": 0.6, "respiratory": 0.3}, episode=(0.65, 0.3, 0.2), readmit=0.2,
-        tail=("001-139", "590-599", "680-686", "990-995"), tail_rate=0.55,
+        ADULT, logit=-1.0, age_slope=0.2,
+        boosts={"renal": 0.4, "liver_gi": 0.6, "respiratory": 0.3, "cardiac_surgery": -4.0}, episode=(0.65, 0.3, 0.2),
+        readmit=0.2,
+        tail=("001-041", "590-599", "680-686", "995-995"), tail_rate=0.55,
         conditions=(
             acute("septicemia", {"0389": 0.7, "03842": 0.07, "03811": 0.06, "03812": 0.05, "03849": 0.05, "0380": 0.04,
-                                 "03843": 0.03}, 0.52, rank=0),
-            acute("severe_sepsis", "99592", 0.35, rank=1),
+                                 "03843": 0.03}, 0.70, rank=0),
+            acute("severe_sepsis", "99592", 0.75, rank=1, requires="septicemia"),
             acute("septic_shock", "78552", 0.55, rank=1, requires="severe_sepsis"),
             acute("sepsis", "99591", 0.07, rank=1),
-            acute("aki", {"5849": 0.9, "5845": 0.1}, 0.35, rank=1),
-            acute("respiratory_failure", "51881", 0.33, rank=1),
-            acute("acidosis", "2762", 0.32, rank=2),
-            acute("uti", "5990", 0.26, rank=1),
-            acute("pneumonia", "486", 0.17, rank=1),
+            acute("aki", {"5849": 0.9, "5845": 0.1}, 0.75, rank=1),
+            acute("respiratory_failure", "51881", 0.65, rank=1),
+            acute("acidosis", "2762", 0.50, rank=2),
+            acute("uti", "5990", 0.45, rank=1),
+            acute("pneumonia", "486", 0.40, rank=1),
             acute("aspiration", "5070", 0.06, rank=1),
             acute("thrombocytopenia", {"2875": 0.8, "2866": 0.2}, 0.10, rank=2),
             acute("electrolytes", {"2761": 0.4, "2768": 0.3, "2767": 0.3}, 0.12, rank=2),
@@ -349,7 +381,7 @@ PHENOTYPES: tuple[Phenotype, ...] = (
     ),
     Phenotype(
         "oncology", "Solid and haematological cancers, metastases, chemotherapy complications.",
-        ADULT, logit=-2.1, age_slope=0.3, frailty=0.4, readmit=0.5, tail=("140-239",), tail_rate=0.6,
+        ADULT, logit=-2.1, age_slope=0.3, readmit=0.5, tail=("140-239",), tail_rate=0.6,
         conditions=(
             chronic("primary", {"1629": 0.24, "1539": 0.07, "1579": 0.08, "1550": 0.05, "1749": 0.07, "185": 0.06,
                                 "1890": 0.03, "1519": 0.03, "1830": 0.02, "20280": 0.06, "20300": 0.04, "20500": 0.05,
@@ -372,7 +404,7 @@ PHENOTYPES: tuple[Phenotype, ...] = (
     Phenotype(
         "trauma", "Injuries of younger adults: motor-vehicle crashes, assaults, head, chest and spine trauma.",
         ADULT, logit=-2.3, age_slope=-0.35, male=0.8, episode=(0.95, 0.05, 0.03),
-        tail=("800-959", "E800-E999"), tail_rate=1.2,
+        tail=("800-869", "900-929", "E810-E829", "E880-E888", "E960-E969"), tail_rate=0.9,
         conditions=(
             acute("mechanism", {"E8120": 0.25, "E8160": 0.08, "E8190": 0.12, "E8859": 0.15, "E8889": 0.1, "E8809": 0.05,
                                 "E9600": 0.08, "E9654": 0.05, "E8147": 0.05, "E8261": 0.07}, 0.85, rank=5),
@@ -394,8 +426,8 @@ PHENOTYPES: tuple[Phenotype, ...] = (
     ),
     Phenotype(
         "falls", "Falls of older adults: hip fractures, subdural haematoma, syncope.",
-        (40, 124), logit=-2.6, age_slope=0.6, male=-0.2, frailty=0.3, episode=(0.9, 0.1, 0.08),
-        tail=("800-959", "E880-E888"), tail_rate=0.6,
+        (40, 124), logit=-2.6, age_slope=0.6, male=-0.2, episode=(0.9, 0.1, 0.08),
+        tail=("820-829", "850-854", "920-924"), tail_rate=0.5,
         conditions=(
             acute("fall", {"E8859": 0.55, "E8889": 0.3, "E8809": 0.15}, 0.80, rank=5),
             acute("place", {"E8497": 0.3, "E8490": 0.7}, 0.50, rank=5.5),
@@ -410,12 +442,12 @@ PHENOTYPES: tuple[Phenotype, ...] = (
     ),
     Phenotype(
         "substance", "Alcohol and drug use disorders, withdrawal, overdoses.",
-        ADULT, logit=-1.4, age_slope=-0.55, male=0.8, frailty=0.2, readmit=0.4,
+        ADULT, logit=-1.4, age_slope=-0.55, male=0.8, readmit=0.4,
         tail=("291-292", "303-305", "960-989", "E850-E869"), tail_rate=0.45,
         conditions=(
             chronic("alcohol", {"30500": 0.35, "30390": 0.3, "30391": 0.2, "30300": 0.15}, 0.55, keep=0.85, new=0.2),
             acute("withdrawal", {"29181": 0.75, "2910": 0.25}, 0.30, rank=0.5, requires="alcohol"),
-            chronic("tobacco", "3051", 0.30),
+            chronic("tobacco", "3051", 0.20),
             chronic("drugs", {"30490": 0.15, "30400": 0.15, "30560": 0.2, "30520": 0.2, "30550": 0.15, "30590": 0.15},
                     0.30, keep=0.8, new=0.1),
             acute("overdose", {"96500": 0.2, "96509": 0.2, "9694": 0.2, "9800": 0.2, "96501": 0.2}, 0.12, rank=0),
@@ -440,8 +472,8 @@ PHENOTYPES: tuple[Phenotype, ...] = (
     ),
     Phenotype(
         "neuro", "Stroke (ischaemic and haemorrhagic), seizures, encephalopathy, dementia.",
-        ADULT, logit=-1.75, age_slope=0.35, frailty=0.3, boosts={"cardiometabolic": 0.3, "heart": 0.3},
-        episode=(0.9, 0.5, 0.2), readmit=0.2, tail=("320-389", "430-438"), tail_rate=0.5,
+        ADULT, logit=-1.75, age_slope=0.35, boosts={"cardiometabolic": 0.3, "heart": 0.3},
+        episode=(0.9, 0.5, 0.2), readmit=0.2, tail=("320-359", "430-438"), tail_rate=0.5,
         conditions=(
             acute("stroke", {"43491": 0.45, "43411": 0.1, "431": 0.2, "430": 0.1, "4321": 0.05, "43401": 0.1}, 0.45,
                   rank=0),
@@ -460,7 +492,7 @@ PHENOTYPES: tuple[Phenotype, ...] = (
     Phenotype(
         "obstetric", "Pregnancy and delivery complications (women of child-bearing age).",
         (15, 45), sex="F", logit=-2.4, age_slope=-0.8, episode=(1.0, 0.05, 0.05),
-        tail=("630-679", "V22-V28"), tail_rate=0.8,
+        tail=("640-679", "V27-V27"), tail_rate=0.8,
         conditions=(
             acute("delivered", {"64891": 0.5, "66401": 0.5}, 0.45, rank=0),
             acute("outcome", "V270", 0.55, rank=4),
@@ -478,8 +510,8 @@ PHENOTYPES: tuple[Phenotype, ...] = (
         conditions=(
             Condition("liveborn", {"V3000": 0.53, "V3001": 0.37, "V3101": 0.05, "V3100": 0.03, "V3401": 0.02},
                       1.0, 0.0, 0.0, rank=0),
-            acute("hepatitis_b_vaccine", "V053", 0.55, rank=4),
-            acute("observation_infection", "V290", 0.45, rank=4),
+            acute("hepatitis_b_vaccine", "V053", 0.9, rank=4),
+            acute("observation_infection", "V290", 0.75, rank=4),
             acute("jaundice", "7746", 0.18, rank=2),
             acute("transient_tachypnea", "7706", 0.12, rank=1),
             acute("feeding_problem", "77931", 0.10, rank=2),
@@ -549,7 +581,7 @@ class _Compiled:
     ph_lo: np.ndarray  # int [P]: eligible whole-year ages
     ph_hi: np.ndarray
     ph_sex: np.ndarray  # int [P]: -1 both, 0 F only, 1 M only
-    ph_lin: np.ndarray  # float [P, 4]: logit, age slope, male, frailty
+    ph_lin: np.ndarray  # float [P, 3]: logit, age slope, male
     ph_boost: np.ndarray  # float [P, P]: [source, target] logit increment
     ph_episode: np.ndarray  # float [P, 3]: first, keep, new
     ph_readmit: np.ndarray  # float [P]
@@ -576,15 +608,19 @@ class _Compiled:
     excl_drop: np.ndarray
 
 
-def _zipf_pool(name: str, codes: list[str], cats: list[str]) -> tuple[list[str], np.ndarray]:
-    """A phenotype's tail pool in its fixed order, and its Zipf-Mandelbrot weights
-    (rank + zipf_q)^-zipf_s. The order is a seeded permutation of the categories, then of the
-    codes inside each category, so the far tail leaves whole categories unused, as in MIMIC."""
+def _zipf_pool(name: str, codes: list[str], cats: list[str]) -> np.ndarray:
+    """Tail weights [n] of a phenotype's pool, Zipf-like at two levels: the code of rank r inside
+    a category of rank R (both seeded permutations) weighs (R + zipf_q)^-zipf_s * r^-zipf_within.
+    So the far tail leaves whole categories unused and uses few codes of most categories, as
+    MIMIC does."""
     rng = np.random.default_rng([PARAMS.structure_seed, zlib.crc32(name.encode())])
     distinct, cat_of = np.unique(np.array(cats), return_inverse=True)
-    order = np.lexsort((rng.random(len(codes)), rng.permutation(len(distinct))[cat_of]))
-    weights = (np.arange(1, len(codes) + 1, dtype=np.float64) + PARAMS.zipf_q) ** -PARAMS.zipf_s
-    return [codes[i] for i in order], weights
+    cat_rank = 1 + rng.permutation(len(distinct))
+    grouped = np.lexsort((rng.random(len(codes)), cat_of))  # by category, shuffled inside
+    size = np.bincount(cat_of)
+    within = np.empty(len(codes))
+    within[grouped] = np.arange(len(codes)) - np.repeat(np.r_[0, np.cumsum(size)[:-1]], size) + 1.0
+    return (cat_rank[cat_of] + PARAMS.zipf_q) ** -PARAMS.zipf_s * within ** -PARAMS.zipf_within
 
 
 def _segment_cumsum(weights: np.ndarray, seg_len: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -606,17 +642,18 @@ def _compiled() -> _Compiled:
     conds = [(p, c) for p, ph in enumerate(PHENOTYPES) for c in ph.conditions]
     variants = [(k, v) for k, (_, c) in enumerate(conds) for v in c.variants]
     core = sorted({code for _, v in variants for code in v.split()})
-    bad = [c for c in core if not icd9.is_valid(c)]
+    bad = [c for c in core if not icd9.is_billable(c)]
     if bad:
-        raise ValueError(f"simulator tables: {bad} are not ICD-9-CM v32 codes")
+        raise ValueError(f"simulator tables: {bad} are not billable ICD-9-CM v32 codes")
     core_set = set(core)
     tail_codes = [c for c in icd9.billable_codes() if c not in core_set]
     cats = [icd9.category(c) for c in tail_codes]
     letters = np.array([c[0] if c[0] in "VE" else "" for c in cats])
     numbers = np.array([int(c[1:]) if c[0] in "VE" else int(c) for c in cats])
     in_pool = [np.flatnonzero(_range_mask(letters, numbers, ph.tail)) for ph in PHENOTYPES]
-    ranked = [_zipf_pool(ph.name, [tail_codes[i] for i in ix], [cats[i] for i in ix]) for ph, ix in zip(PHENOTYPES, in_pool)]
-    vocab = core + sorted({c for pool, _ in ranked for c in pool})
+    pools = [[tail_codes[i] for i in ix] for ix in in_pool]
+    weights = [_zipf_pool(ph.name, pool, [cats[i] for i in ix]) for ph, pool, ix in zip(PHENOTYPES, pools, in_pool)]
+    vocab = core + sorted({c for pool in pools for c in pool})
     code_id = {c: i for i, c in enumerate(vocab)}
 
     # Demographic classes: the CMS-allowed code set for each whole-year age and sex.
@@ -661,8 +698,8 @@ def _compiled() -> _Compiled:
             depth[k] = depth[req[k]] + 1
     levels = tuple((np.flatnonzero(depth == d), req[depth == d]) for d in range(1, depth.max() + 1))
 
-    pool_ids = [np.array([code_id[c] for c in codes], dtype=np.int64) for codes, _ in ranked]
-    pool_w = np.concatenate([w for _, w in ranked])
+    pool_ids = [np.array([code_id[c] for c in pool], dtype=np.int64) for pool in pools]
+    pool_w = np.concatenate(weights)
     pool_len = np.array([len(ids) for ids in pool_ids])
     all_pool = np.concatenate(pool_ids)
     tcum, tsums = _segment_cumsum(pool_w[None, :] * allowed[:, all_pool], pool_len)
@@ -681,7 +718,7 @@ def _compiled() -> _Compiled:
         ph_lo=np.array([ph.ages[0] for ph in PHENOTYPES]),
         ph_hi=np.array([ph.ages[1] for ph in PHENOTYPES]),
         ph_sex=np.array([SEXES.index(ph.sex) if ph.sex else -1 for ph in PHENOTYPES]),
-        ph_lin=np.array([[ph.logit, ph.age_slope, ph.male, ph.frailty] for ph in PHENOTYPES]),
+        ph_lin=np.array([[ph.logit, ph.age_slope, ph.male] for ph in PHENOTYPES]),
         ph_boost=boost,
         ph_episode=np.array([ph.episode for ph in PHENOTYPES]),
         ph_readmit=np.array([ph.readmit for ph in PHENOTYPES]),
@@ -739,13 +776,12 @@ def _sample_block(rng: np.random.Generator, n: int, first_subject_id: int) -> li
     adult_age = PARAMS.age_min + (PARAMS.age_max - PARAMS.age_min) * rng.beta(PARAMS.age_a, PARAMS.age_b, n)
     age = np.where(neonate, 0.0, np.minimum(np.round(adult_age, 2), AGE_CAP))
     years = age.astype(np.int64)
-    frailty = rng.standard_normal(n)
     cls = S.grid_class[years, male.astype(np.int64)]
 
     # 2. Phenotype memberships, in table order (boosts come from earlier phenotypes).
     eligible = (years[:, None] >= S.ph_lo) & (years[:, None] <= S.ph_hi)
     eligible &= (S.ph_sex < 0) | (S.ph_sex == male[:, None])
-    covariates = np.stack([np.ones(n), (age - 65.0) / 10.0, male, frailty], axis=1)
+    covariates = np.stack([np.ones(n), (age - 65.0) / 10.0, male], axis=1)
     base = covariates @ S.ph_lin.T  # [n, P]
     u = rng.random((n, P))
     member = np.zeros((n, P), dtype=bool)
@@ -755,7 +791,7 @@ def _sample_block(rng: np.random.Generator, n: int, first_subject_id: int) -> li
 
     # 3. Number of admissions.
     lam = np.where(neonate, PARAMS.readmit_rate[1], PARAMS.readmit_rate[0])
-    lam = lam * np.exp(member @ S.ph_readmit + PARAMS.frailty_readmit * frailty)
+    lam = lam * np.exp(member @ S.ph_readmit)
     lam *= rng.gamma(PARAMS.readmit_shape, 1.0 / PARAMS.readmit_shape, n)
     n_visits = 1 + np.minimum(rng.poisson(lam), PARAMS.max_visits - 1)
     visit_start = np.r_[0, np.cumsum(n_visits)[:-1]]
@@ -819,8 +855,9 @@ def _sample_block(rng: np.random.Generator, n: int, first_subject_id: int) -> li
         out_code.append(np.r_[core_code, new_code])
         out_rank.append(np.r_[core_rank, new_rank])
 
-    visits = _assemble(S, rng, np.concatenate(out_visit), np.concatenate(out_code), np.concatenate(out_rank),
-                       int(n_visits.sum()))
+    capped = rng.random(n) < PARAMS.capped_share
+    cap = np.repeat(np.where(capped, PARAMS.capped_codes, PARAMS.max_codes), n_visits)
+    visits = _assemble(S, rng, np.concatenate(out_visit), np.concatenate(out_code), np.concatenate(out_rank), cap)
     sex = np.array(SEXES, dtype=object)[male.astype(np.int64)]
     return [
         {"subject_id": first_subject_id + i, "age": a, "sex": s, "visits": visits[b: b + k]}
@@ -829,7 +866,7 @@ def _sample_block(rng: np.random.Generator, n: int, first_subject_id: int) -> li
 
 
 def _assemble(S: _Compiled, rng: np.random.Generator, visit: np.ndarray, code: np.ndarray, rank: np.ndarray,
-              n_visits: int) -> list[list[str]]:
+              cap: np.ndarray) -> list[list[str]]:
     """Rows (visit, code id, rank) -> per-visit code lists: de-duplicated, EXCLUDES applied,
     ordered by rank + noise (MIMIC's seq_num order), cut at PARAMS.max_codes."""
     key = rank + rng.normal(0.0, PARAMS.order_noise, len(rank))
@@ -848,11 +885,11 @@ def _assemble(S: _Compiled, rng: np.random.Generator, visit: np.ndarray, code: n
     visit, code, key = visit[~drop], code[~drop], key[~drop]
     order = np.lexsort((key, visit))
     visit, code = visit[order], code[order]
-    counts = np.bincount(visit, minlength=n_visits)
+    counts = np.bincount(visit, minlength=len(cap))
     start = np.r_[0, np.cumsum(counts)[:-1]]
-    keep = np.arange(len(visit)) - np.repeat(start, counts) < PARAMS.max_codes
+    keep = np.arange(len(visit)) - np.repeat(start, counts) < cap[visit]
     codes = S.vocab[code[keep]]
-    bounds = np.cumsum(np.minimum(counts, PARAMS.max_codes)).tolist()
+    bounds = np.cumsum(np.minimum(counts, cap)).tolist()
     return [codes[a:b].tolist() for a, b in zip([0] + bounds[:-1], bounds)]
 
 
