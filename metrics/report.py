@@ -8,16 +8,16 @@ PATH is any of: a Parquet file of patients (the package schema); a prepared fold
 holding ``synthetic.parquet`` or exactly one Parquet file (``promptehr generate`` output); or a
 MIMIC-III CSV folder (``DIAGNOSES_ICD.csv[.gz]`` ...; read with ``read_mimic3``).
 
-Every row is scored against the same reference, the ``--real`` cohort, which should be real
-patients the generator never saw (the held-out test split):
-- ``synthetic``: the synthetic cohort (coherence; privacy too when ``--train`` is given, with
-  ``--real`` as the held-out control);
-- ``floor`` (needs ``--train``): a random sample of the training split of the synthetic cohort's
-  size — real data of the same population, the best any generator can hope to score (DESIGN.md
-  "How good is good": the held-out real split against the training split, with the roles set so
-  that the reference and the sample size are those of the synthetic row);
-- ``baseline``: ``IndependentMarginalSampler`` fitted on ``--train`` (else on ``--real``, which
-  then flatters it) and sampled at the synthetic cohort's size.
+With ``--train`` (DESIGN.md, "How good is good"), every row is scored against the training
+split, the data the generator learned from:
+- ``synthetic``: the synthetic cohort (coherence, and privacy with ``--real`` as the held-out
+  control);
+- ``floor``: the held-out real cohort (``--real``, a random sample of the synthetic cohort's size
+  when it is larger): real data of the same population, which no generator can beat;
+- ``baseline``: ``IndependentMarginalSampler`` fitted on ``--train`` and sampled at the synthetic
+  cohort's size: code frequencies right by construction, no co-occurrence structure.
+Without ``--train`` the reference is ``--real``, with no floor and no privacy rows, and the
+baseline is fitted on ``--real`` (in-sample, which flatters it).
 
 Writes (atomically: a temporary folder beside DIR, then renamed; an existing DIR is replaced only
 if it is empty or an earlier report) DIR/metrics.json
@@ -159,23 +159,24 @@ def evaluate_cohorts(synthetic: Any, real: Any, train: Any = None, *, out_dir: s
     tr = as_columns(train) if train is not None else None
     n = len(syn["visits"])
     rng = np.random.default_rng(seed)
+    reference = tr if tr is not None else ref
     candidates = {"synthetic": syn}
-    if tr is not None and len(tr["visits"]):
-        size = min(n, len(tr["visits"]))
-        candidates["floor"] = _take(tr, np.sort(rng.choice(len(tr["visits"]), size=size, replace=False)))
+    if tr is not None and len(ref["visits"]):
+        size = min(n, len(ref["visits"]))
+        candidates["floor"] = _take(ref, np.sort(rng.choice(len(ref["visits"]), size=size, replace=False)))
     if baseline:
-        sampler = IndependentMarginalSampler.fit(tr if tr is not None else ref)
+        sampler = IndependentMarginalSampler.fit(reference)
         candidates["baseline"] = as_columns(sampler.sample(n, seed=seed))
 
     rows: dict[str, dict | None] = {name: None for name in ROWS}
     for name, cand in candidates.items():
-        rows[name] = coherence(cand, ref, top_k=top_k)
+        rows[name] = coherence(cand, reference, top_k=top_k)
         if tr is not None and name != "floor":
             rows[name] |= privacy(cand, tr, ref, n_attack=n_attack, seed=seed)
     meta = {
-        "reference": "real", "n_real": len(ref["visits"]), "n_synthetic": n,
+        "reference": "train" if tr is not None else "real", "n_real": len(ref["visits"]), "n_synthetic": n,
         "n_train": len(tr["visits"]) if tr is not None else None,
-        "floor": "random training sample of the synthetic size, scored against real" if "floor" in candidates
+        "floor": "held-out real patients (sampled to the synthetic size), scored against train" if "floor" in candidates
         else "not computed (needs train)",
         "baseline": ("IndependentMarginalSampler fitted on " + ("train" if tr is not None else "real (in-sample)"))
         if baseline else "not computed",
@@ -185,7 +186,7 @@ def evaluate_cohorts(synthetic: Any, real: Any, train: Any = None, *, out_dir: s
     meta["scoring_seconds"] = round(time.perf_counter() - t0, 2)
     result = {"rows": rows, "meta": meta}
     if out_dir is not None:
-        _write(result, {**candidates, "real": ref}, Path(out_dir), plots)
+        _write(result, {**candidates, "real": reference}, Path(out_dir), plots)
     return result
 
 
@@ -214,9 +215,11 @@ def markdown_table(result: dict) -> str:
     """The metrics as one Markdown table per section: synthetic, floor, baseline, real values."""
     rows, meta = result["rows"], result["meta"]
     better = {"low": "lower", "high": "higher", "0.5": "≈ 0.5", "0": "≈ 0", "real": "≈ real", "": ""}
-    lines = [f"# Evaluation: {meta['n_synthetic']:,} synthetic vs {meta['n_real']:,} real patients", "",
-             f"Reference: the real cohort. Floor: {meta['floor']}. Baseline: {meta['baseline']}. "
-             f"Privacy: {meta['privacy']}. Column *real*: the real cohort's own value (privacy: the same "
+    n_reference = meta["n_train"] if meta["reference"] == "train" else meta["n_real"]
+    lines = [f"# Evaluation: {meta['n_synthetic']:,} synthetic patients vs {n_reference:,} real "
+             f"({meta['reference']}) patients", "",
+             f"Reference: the {meta['reference']} cohort. Floor: {meta['floor']}. Baseline: {meta['baseline']}. "
+             f"Privacy: {meta['privacy']}. Column *real*: the reference cohort's own value (privacy: the same "
              "attack on held-out real patients, the control).", ""]
     for section, items in TABLE.items():
         lines += [f"## {section}", "", "| metric | synthetic | floor | baseline | real | better |",
