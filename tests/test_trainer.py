@@ -44,7 +44,7 @@ def cohort():
     return patients, tok, counts, build_examples(patients, max_source_length=64)
 
 
-def make_trainer(cohort, out, **overrides):
+def make_trainer(cohort, out, trainer_kwargs=None, **overrides):
     patients, tok, counts, examples = cohort
     torch.manual_seed(0)
     model = PromptEHRForConditionalGeneration(PromptEHRConfig.from_preset("small", tokenizer=tok, **TINY))
@@ -55,7 +55,7 @@ def make_trainer(cohort, out, **overrides):
     kwargs.update(overrides)
     args = PromptEHRTrainingArguments(**kwargs)
     return PromptEHRTrainer(model=model, args=args, processing_class=tok, cooccurrence_counts=counts,
-                            train_dataset=examples, eval_dataset=examples.select(range(48)))
+                            train_dataset=examples, eval_dataset=examples.select(range(48)), **(trainer_kwargs or {}))
 
 
 def test_trainer_state_holds_every_component_and_cooc_moves(cohort, tmp_path):
@@ -128,3 +128,22 @@ def test_resume_continues_at_saved_step_with_same_state(cohort, tmp_path):
         torch.testing.assert_close(opt_a["state"][k]["exp_avg_sq"], opt_b["state"][k]["exp_avg_sq"], rtol=1e-4,
                                    atol=1e-9)
     torch.testing.assert_close(resumed.loss_log_vars.detach(), log_vars_full, rtol=0, atol=1e-6)
+
+
+def test_length_grouped_batches_and_collapse_warning(cohort, tmp_path, caplog):
+    from transformers.trainer_pt_utils import LengthGroupedSampler
+
+    patients = cohort[0]
+
+    def collapsed(model, tokenizer, n, **kwargs):  # a collapsed generator: one code for everybody
+        return [{"subject_id": i, "age": 60.0, "sex": "F", "visits": [["4019"]]} for i in range(n)]
+
+    trainer = make_trainer(cohort, tmp_path, dict(eval_patients=patients[:50], generate_fn=collapsed), max_steps=2,
+                           eval_strategy="steps", eval_steps=2, eval_generate_patients=16, collapse_min_distinct_codes=5)
+    assert isinstance(trainer._get_train_sampler(), LengthGroupedSampler)
+    with caplog.at_level("WARNING"):
+        trainer.train()
+    gen = [h for h in trainer.state.log_history if "gen_distinct_codes" in h]
+    assert len(gen) == 1 and gen[0]["gen_distinct_codes"] == 1 and gen[0]["gen_collapse"] == 1
+    assert gen[0]["gen_top_code_share"] == 1.0 and gen[0]["gen_distinct_codes_real"] > 5
+    assert "MODE COLLAPSE" in caplog.text
