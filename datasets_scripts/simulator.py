@@ -228,8 +228,8 @@ PHENOTYPES: tuple[Phenotype, ...] = (
         conditions=(
             chronic("hypertension", "4019", 0.97, keep=0.97, new=0.5),
             chronic("hyperlipidemia", {"2724": 0.58, "2720": 0.42}, 0.60, keep=0.9, new=0.15),
-            chronic("diabetes", {"25000": 0.80, "25002": 0.06, "25001": 0.04, "25040 5830": 0.05, "25060 3572": 0.05},
-                    0.45, keep=0.92, new=0.06, progress={"25000": "25040 5830"}, p_progress=0.04),
+            chronic("diabetes", {"25000": 0.80, "25002": 0.06, "25001": 0.04, "25040 58381": 0.05, "25060 3572": 0.05},
+                    0.45, keep=0.92, new=0.06, progress={"25000": "25040 58381"}, p_progress=0.04),
             chronic("insulin", "V5867", 0.30, rank=4, requires="diabetes"),
             chronic("obesity", {"27800": 0.6, "27801": 0.4}, 0.12),
             chronic("pvd", {"4439": 0.7, "44020": 0.3}, 0.05),
