@@ -293,19 +293,15 @@ def _history_length(model) -> int:
     return int(min(default, cfg.max_position_embeddings - getattr(cfg, "num_prompts", 0)))
 
 
-def _generation_config(model, tokenizer, greedy, temperature, top_k, top_p):
-    """A GenerationConfig that samples exactly what the processors allow.
+def _generation_config(model, tokenizer):
+    """A greedy GenerationConfig: the processor list samples (or not) and argmax follows it.
 
-    Set explicitly because generate() fills unset fields from the model's generation config and
-    then global defaults (top_k=50 would silently truncate the category distribution).
+    Greedy, so that generate adds no warper of its own (its global default top_k=50 would
+    silently truncate the category distribution) and does not call torch.multinomial.
     """
     cfg = copy.deepcopy(model.generation_config)
-    cfg.do_sample = not greedy
+    cfg.do_sample = False
     cfg.num_beams = 1
-    if not greedy:
-        cfg.temperature = float(temperature)
-        cfg.top_k = int(top_k) if top_k else 0
-        cfg.top_p = float(top_p) if top_p else 1.0
     cfg.eos_token_id = tokenizer.visit_end_id
     cfg.pad_token_id = tokenizer.pad_token_id
     cfg.decoder_start_token_id = model.config.decoder_start_token_id
@@ -336,7 +332,7 @@ def _run_plan(model, tokenizer, plan: _Plan, *, index, edit_table, stage_two, ma
     from tqdm.auto import tqdm
 
     device = next(model.parameters()).device
-    gen_cfg = _generation_config(model, tokenizer, greedy, temperature, top_k, top_p)
+    gen_cfg = _generation_config(model, tokenizer)
     sex_index = np.array([SEXES.index(s) for s in plan.sexes], dtype=np.int64)
     counters = {"visits_generated": 0, "ungrammatical_visits": 0, "visits_with_duplicate_code": 0,
                 "visits_short_of_target": 0, "empty_visits": 0, "generate_calls": 0}
@@ -361,6 +357,7 @@ def _run_plan(model, tokenizer, plan: _Plan, *, index, edit_table, stage_two, ma
             processors = visit_logits_processors(
                 index, plan.ages[rows].tolist(), [plan.sexes[i] for i in rows], n_codes=n_codes,
                 max_codes=max_codes, stage_two=stage_two, temperature=temperature, cms=cms, edit_table=edit_table,
+                sample=not greedy, top_k=top_k, top_p=top_p,
             )
             cfg = copy.copy(gen_cfg)
             cfg.max_new_tokens = max_new_tokens_for(longest)
@@ -440,9 +437,9 @@ def generate_patients(
             seed's) | "model" (the model ends the visit, at most ``max_codes`` codes).
         batch_size: rows per ``generate`` call.  seed: seeds numpy and torch (the global torch
             RNG state is restored afterwards).
-        temperature, top_k, top_p: sampling warpers (applied by generate after the processors;
-            the empirical stage two is pre-scaled so temperature does not distort it);
-            greedy: argmax decoding instead of sampling.
+        temperature, top_k, top_p: sampling warpers (transformers' own, applied after the
+            validity processors; the empirical stage two is pre-scaled so temperature does not
+            distort it); greedy: argmax decoding instead of ancestral sampling.
         cms: apply the CMS age/sex edits.
         exclude_patients: training patients; synthetic patients whose visits (as code sets, in
             order) equal one of theirs are dropped and counted (``stats["copies_dropped"]``).

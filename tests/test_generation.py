@@ -21,6 +21,7 @@ from promptehr_hf.modeling_promptehr.generation import (
 )
 from promptehr_hf.modeling_promptehr.logits_processors import (
     CMSEditTable,
+    InverseCDFSamplingLogitsProcessor,
     VocabIndex,
     check_visits,
     visit_logits_processors,
@@ -168,12 +169,13 @@ def test_stage_two_empirical_reproduces_code_probs(tokenizer, temperature):
     B = reps * len(cats)
     last = torch.tensor(cats).repeat_interleave(reps)
     ids = torch.stack([torch.full((B,), tokenizer.bos_token_id), torch.full((B,), tokenizer.visit_start_id), last], 1)
+    # The whole chain, as generate runs it: validity processors, temperature warper, sampler.
     procs = visit_logits_processors(index, [40.0] * B, ["F"] * B, n_codes=[3] * B, stage_two="empirical",
-                                    temperature=temperature, cms=False)
+                                    temperature=temperature, cms=False, sample=True)
+    torch.manual_seed(3)
     scores = procs(ids, torch.randn(B, index.size) * 5)
-    if temperature != 1.0:  # what generate's temperature warper does afterwards
-        scores = scores / temperature
-    drawn = torch.multinomial(torch.softmax(scores, -1), 1, generator=torch.Generator().manual_seed(3))[:, 0]
+    assert ((scores == 0).sum(1) == 1).all()  # one drawn token per row, -inf elsewhere
+    drawn = scores.argmax(-1)
     for j, c in enumerate(cats):
         kids = tokenizer.category_children[c]
         got = Counter(drawn[j * reps:(j + 1) * reps].tolist())
@@ -181,6 +183,20 @@ def test_stage_two_empirical_reproduces_code_probs(tokenizer, temperature):
         p = np.array([tokenizer.code_probs[k] for k in kids])
         q = np.array([got.get(k, 0) for k in kids], dtype=float) / reps
         assert _js(p, q) <= 0.05, (tokenizer.convert_ids_to_tokens(c), p, q)
+
+
+def test_inverse_cdf_sampler_draws_from_the_softmax():
+    torch.manual_seed(0)
+    logits = torch.randn(4, 50) * 2
+    logits[:, 10:20] = float("-inf")  # zero-probability tokens are never drawn
+    sampler = InverseCDFSamplingLogitsProcessor()
+    reps = 20000
+    drawn = sampler(None, logits.repeat_interleave(reps, 0)).argmax(-1).view(4, reps)
+    assert not ((drawn >= 10) & (drawn < 20)).any()
+    for r in range(4):
+        p = torch.softmax(logits[r], -1).numpy()
+        q = np.bincount(drawn[r].numpy(), minlength=50) / reps
+        assert _js(p, q) < 0.002
 
 
 def test_cms_edit_classes_stand_for_their_codes(tokenizer):
