@@ -285,12 +285,20 @@ class _Plan:
 
 
 def _history_length(model) -> int:
-    """Encoder tokens for the history: the trainer's default source length, within the model."""
+    """Encoder tokens for the history: the source length the checkpoint was trained with
+    (its training_args.json), else the trainer's default; within the model's positions."""
     from promptehr_hf.modeling_promptehr.data import PromptEHRDataCollator
 
-    default = PromptEHRDataCollator.__dataclass_fields__["max_source_length"].default
+    length = PromptEHRDataCollator.__dataclass_fields__["max_source_length"].default
+    saved = getattr(model, "name_or_path", "") or ""
+    if saved and Path(saved).is_dir():
+        saved = Path(saved)
+        from promptehr_hf.modeling_promptehr.trainer import TRAINING_ARGS_JSON
+
+        if (saved / TRAINING_ARGS_JSON).is_file():
+            length = json.loads((saved / TRAINING_ARGS_JSON).read_text()).get("max_source_length", length)
     cfg = model.config
-    return int(min(default, cfg.max_position_embeddings - getattr(cfg, "num_prompts", 0)))
+    return int(min(length, cfg.max_position_embeddings - getattr(cfg, "num_prompts", 0)))
 
 
 def _generation_config(model, tokenizer):
