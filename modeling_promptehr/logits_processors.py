@@ -126,17 +126,32 @@ class StageTwoLogitsProcessor(LogitsProcessor):
     """Stage two: after a category token, the next token is one of that category's codes.
 
     mode ``"model"`` keeps the model's scores (the grammar restricts them to the category's
-    children); ``"empirical"`` replaces them by log P(code | category) from training (multiplied
-    by ``temperature`` so that generate's temperature warper, applied afterwards, leaves the
-    training distribution intact); ``"uniform"`` makes the children equally likely. Rows not at a
-    code position are untouched.
+    children); ``"empirical"`` replaces them by log P(code | category) from training;
+    ``"uniform"`` makes the children equally likely. Rows not at a code position are untouched.
+
+    With ``"empirical"`` / ``"uniform"`` the code constraints (CMS ``codes_forbidden``, codes
+    already in the visit) act as rejection sampling of the (category, code) pair: at a category
+    step each category's score gets + log(stage-two mass still allowed for the row). Merely
+    renormalising over the allowed codes would hand a forbidden code's mass to its allowed
+    siblings (a man given C:V84 would always get its sex-neutral codes), which distorts
+    P(code | category) whenever stage one picks a category its patient can only partly receive.
+    Both terms are multiplied by ``temperature``, so that the temperature warper applied
+    afterwards leaves them intact.
     """
 
-    def __init__(self, index: VocabIndex, mode: str = "model", temperature: float = 1.0):
+    def __init__(self, index: VocabIndex, mode: str = "model", temperature: float = 1.0,
+                 codes_forbidden: torch.Tensor | None = None, no_repeat: bool = True):
         if mode not in STAGE_TWO_MODES:
             raise ValueError(f"stage_two must be one of {STAGE_TWO_MODES}, got {mode!r}")
         self.index, self.mode = index, mode
         self.temperature = float(temperature) if temperature else 1.0
+        self.codes_forbidden, self.no_repeat = codes_forbidden, no_repeat
+        if mode == "empirical":
+            self.log_q = index.log_code_prob
+        else:  # uniform over the generable children
+            n_kids = torch.cat([allowed_per_category(index, None)[0], torch.ones(1, device=index.device)])
+            self.log_q = torch.where(index.generable, -n_kids[index.code_category_pos].log(), NEG_INF)
+        self._mass = None  # [B or 1, n_cat] stage-two mass not forbidden, on first category step
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         index = self.index
@@ -144,15 +159,24 @@ class StageTwoLogitsProcessor(LogitsProcessor):
         if self.mode == "model":
             return scores
         last, at_code = _step_state(index, input_ids)
-        if not bool(at_code.any()):
-            return scores
-        children = index.children_mask[index.category_pos[last]]  # [B, V]; empty unless at a code step
-        if self.mode == "empirical":
-            fill = (index.log_code_prob * self.temperature).to(scores.dtype).expand_as(scores)
-        else:
-            fill = torch.zeros_like(scores)
-        # Rows at a code position get the stage-two scores on the children, -inf elsewhere.
-        return torch.where(children, fill, scores.masked_fill(at_code[:, None], NEG_INF))
+        T = self.temperature
+        if bool(at_code.any()):
+            children = index.children_mask[index.category_pos[last]]  # [B, V]; empty unless at a code step
+            fill = (self.log_q * T).to(scores.dtype).expand_as(scores)
+            # Rows at a code position get the stage-two scores on the children, -inf elsewhere.
+            return torch.where(children, fill, scores.masked_fill(at_code[:, None], NEG_INF))
+        # Category step: weight each category by its allowed stage-two mass.
+        q = self.log_q.exp()
+        if self._mass is None:
+            self._mass = allowed_per_category(index, self.codes_forbidden, weight=q)
+        mass = self._mass
+        if self.no_repeat:
+            used = torch.zeros(input_ids.shape[0], mass.shape[1] + 1, device=index.device)
+            used.scatter_add_(1, index.code_category_pos[input_ids], q[input_ids] * index.is_code[input_ids])
+            mass = mass - used[:, :-1]
+        scores = scores.clone()
+        scores[:, index.category_ids] += (T * mass.clamp(min=0).log()).to(scores.dtype)
+        return scores
 
 
 def _used_codes(index: VocabIndex, input_ids: torch.Tensor) -> torch.Tensor:
@@ -258,16 +282,19 @@ def _sex_letter(sex) -> str:
     raise ValueError(f"sex must be 'F', 'M', 0 (F) or 1 (M), got {sex!r}")
 
 
-def allowed_per_category(index: VocabIndex, codes_forbidden: torch.Tensor | None, batch_size: int = 1) -> torch.Tensor:
-    """[B, n_cat] float: how many generable codes of each category are not in ``codes_forbidden``.
+def allowed_per_category(index: VocabIndex, codes_forbidden: torch.Tensor | None, batch_size: int = 1,
+                         weight: torch.Tensor | None = None) -> torch.Tensor:
+    """[B, n_cat] float: per category, how many of its generable codes are not in ``codes_forbidden``
+    (or, with ``weight`` [V], their summed weight).
 
-    ``codes_forbidden``: [B, V] bool, or None (nothing forbidden: a [batch_size, n_cat] count).
+    ``codes_forbidden``: [B, V] bool, or None (nothing forbidden: [batch_size, n_cat]).
     """
-    ok = index.generable[index.code_ids][None, :].expand(batch_size, -1)
+    w = index.generable.float() if weight is None else weight * index.generable
+    ok = w[index.code_ids][None, :].expand(batch_size, -1)
     if codes_forbidden is not None:
-        ok = ok & ~codes_forbidden[:, index.code_ids]
+        ok = ok * ~codes_forbidden[:, index.code_ids]
     counts = torch.zeros(ok.shape[0], len(index.category_ids) + 1, device=index.device)
-    counts.scatter_add_(1, index.code_category_pos[index.code_ids].expand(ok.shape[0], -1), ok.float())
+    counts.scatter_add_(1, index.code_category_pos[index.code_ids].expand(ok.shape[0], -1), ok)
     return counts[:, :-1]
 
 
@@ -410,13 +437,16 @@ def visit_logits_processors(
         sample: end with :func:`sampling_processors` (use with ``generate(do_sample=False)``);
             without it, pass temperature / top_k / top_p to generate's own sampling instead.
     """
-    processors: list[LogitsProcessor] = [StageTwoLogitsProcessor(index, stage_two, temperature=temperature),
-                                         NoRepeatCodeLogitsProcessor(index)]
     forbidden = None
+    constraints: list[LogitsProcessor] = [NoRepeatCodeLogitsProcessor(index)]
     if cms:
         cms_processor = CMSEditLogitsProcessor(index, ages, sexes, edit_table=edit_table)
-        processors.append(cms_processor)
+        constraints.append(cms_processor)
         forbidden = cms_processor.codes_forbidden
+    processors: list[LogitsProcessor] = [
+        StageTwoLogitsProcessor(index, stage_two, temperature=temperature, codes_forbidden=forbidden, no_repeat=True),
+        *constraints,
+    ]
     processors.append(VisitGrammarLogitsProcessor(index, n_codes=n_codes, max_codes=max_codes,
                                                   codes_forbidden=forbidden, no_repeat=True))
     if sample:

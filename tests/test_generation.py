@@ -31,9 +31,10 @@ from promptehr_hf.tokenization import icd9
 from promptehr_hf.tokenization.tokenization_promptehr import PromptEHRTokenizer
 
 # Codes carrying every kind of CMS edit, so that random scores would break them if unchecked.
-EDIT_CODES = ["V3000", "V3001", "7793", "76519", "185", "60000", "6202", "6180", "650", "64891", "V270", "V242"]
+EDIT_CODES = ["V3000", "V3001", "7793", "76519", "185", "60000", "6202", "6180", "650", "64891", "V270", "V242",
+              "V8402", "V8404"]  # C:V84 mixes female-only codes with sex-neutral ones (V8409, V8481)
 PLAIN_CODES = ["4019", "4011", "25000", "25001", "25060", "42731", "4280", "42832", "5849", "5845",
-               "486", "51881", "5990", "2724", "2720", "0389", "99592", "2859", "2851", "41401"]
+               "486", "51881", "5990", "2724", "2720", "0389", "99592", "2859", "2851", "41401", "V8409", "V8481"]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -183,6 +184,29 @@ def test_stage_two_empirical_reproduces_code_probs(tokenizer, temperature):
         p = np.array([tokenizer.code_probs[k] for k in kids])
         q = np.array([got.get(k, 0) for k in kids], dtype=float) / reps
         assert _js(p, q) <= 0.05, (tokenizer.convert_ids_to_tokens(c), p, q)
+
+
+@pytest.mark.parametrize("mode", ["empirical", "uniform"])
+def test_stage_two_weighs_categories_by_their_allowed_mass(tokenizer, mode):
+    """Rejection semantics: a man picks C:V84 only with the mass of its codes he may receive."""
+    index = VocabIndex(tokenizer)
+    procs = visit_logits_processors(index, [40.0, 40.0], ["M", "F"], n_codes=[3, 3], stage_two=mode)
+    stage_two = procs[0]
+    ids = torch.tensor([[tokenizer.bos_token_id, tokenizer.visit_start_id]] * 2)
+    v84 = tokenizer.convert_tokens_to_ids("C:V84")
+    kids = tokenizer.category_children[v84]
+    q = {k: (tokenizer.code_probs[k] if mode == "empirical" else 1 / sum(tokenizer.code_probs[j] > 0 for j in kids))
+         for k in kids if tokenizer.code_probs[k] > 0}
+    male_mass = sum(w for k, w in q.items() if icd9.check(tokenizer.convert_ids_to_tokens(k), 40.0, "M") is None)
+    out = stage_two(ids, torch.zeros(2, index.size))
+    assert 0 < male_mass < 1
+    assert out[0, v84].item() == pytest.approx(np.log(male_mass), abs=1e-5)
+    assert out[1, v84].item() == pytest.approx(0.0, abs=1e-5)
+    # After a V84 code is written, the category keeps only the mass of its unused codes.
+    used = max(q, key=q.get)
+    ids2 = torch.tensor([[tokenizer.bos_token_id, tokenizer.visit_start_id, v84, used]])
+    out2 = visit_logits_processors(index, [40.0], ["F"], n_codes=[3], stage_two=mode)[0](ids2, torch.zeros(1, index.size))
+    assert out2[0, v84].item() == pytest.approx(np.log(1 - q[used]), abs=1e-5)
 
 
 def test_inverse_cdf_sampler_draws_from_the_softmax():
