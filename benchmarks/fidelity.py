@@ -1,0 +1,245 @@
+"""Fidelity benchmark: is the generator close to real data, and does it beat the baseline?
+
+    python benchmarks/fidelity.py                         # simulated cohort of 20,000 patients
+    python benchmarks/fidelity.py --mimic-dir DIR         # a real MIMIC-III folder, unchanged
+    python benchmarks/fidelity.py --minutes 10 --long-minutes 30 --only default,greedy
+
+Every model is trained by the main job (``examples/train.py``, a subprocess, one process on the
+machine's cores) on the same deterministic split, for a fixed wall-clock budget; the trainer fits
+its learning-rate schedule into that budget. Each model then generates as many patients as the
+test split holds, and every cohort is scored against the TRAINING split with the metric modules
+(``metrics.report.evaluate_cohorts``), beside the two references of DESIGN.md:
+
+- floor: the held-out real test split (no generator can beat real data of the same population);
+- baseline: the independent-marginal sampler (code frequencies right, no co-occurrence).
+
+Rows (each an ablation of one choice against ``default``; the defaults are examples/train.py's
+and ``generate_patients``'): training choices (co-occurrence loss off; code order seq_num /
+hierarchical against the default shuffle; the budget, ``--minutes`` vs ``--long-minutes``) and
+generation choices on the default model (stage two by the model's scores vs the training
+P(code | category); greedy decoding vs ancestral sampling at temperature 1; visit length decided
+by the model vs drawn from the data). Writes ``benchmarks/results/fidelity.json`` and
+``fidelity.md`` (the table, with each DESIGN.md target marked met or missed), and the default
+model's full report (plots) under ``--work-dir``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+TRAIN_SCRIPT = REPO / "examples" / "train.py"
+
+# Training runs: extra examples/train.py flags against the default run.
+TRAINING = {
+    "default": [],
+    "no_cooc_loss": ["--w-cooc", "0"],
+    "order_seq_num": ["--code-order", "seq_num"],
+    "order_hierarchical": ["--code-order", "hierarchical"],
+    "budget_long": None,  # the default flags with --long-minutes
+}
+# Generation variants of the default model: generate_patients keyword arguments.
+GENERATION = {
+    "stage_two_empirical": {"stage_two": "empirical"},
+    "greedy": {"greedy": True},
+    "visit_length_model": {"visit_length": "model"},
+}
+# Columns of the table: (metric key, label).
+COLUMNS = [
+    ("code_js", "code JS"),
+    ("category_js", "cat. JS"),
+    ("top_k_overlap", "top-100"),
+    ("r2_code_prevalence", "R² code"),
+    ("r2_pair_prevalence", "R² pair"),
+    ("r2_consecutive_prevalence", "R² consec."),
+    ("cooccurrence_seen_share", "pairs seen"),
+    ("cms_invalid_code_rate", "CMS conflicts"),
+    ("duplicate_rate", "dup."),
+    ("distinct_codes", "distinct codes"),
+    ("code_coverage_frequent", "coverage 10+"),
+    ("top_code_share", "top-code share"),
+    ("codes_per_visit_mean", "codes/visit"),
+    ("visits_per_patient_mean", "visits/pt"),
+    ("membership_inference_accuracy", "MIA acc."),
+    ("exact_copy_rate", "exact copies"),
+    ("nnaar", "NNAAR"),
+]
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--mimic-dir", help="a real MIMIC-III folder instead of the simulated cohort")
+    p.add_argument("--patients", type=int, default=20_000, help="simulated cohort size")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--minutes", type=float, default=10.0, help="training budget of every run but budget_long")
+    p.add_argument("--long-minutes", type=float, default=30.0, help="training budget of budget_long (<= 30)")
+    p.add_argument("--only", default=None, help="comma-separated rows to (re)compute; others are kept from --out")
+    p.add_argument("--work-dir", default=str(HERE / "work" / "fidelity"))
+    p.add_argument("--out", default=str(HERE / "results" / "fidelity.json"))
+    p.add_argument("--generate-batch-size", type=int, default=256)
+    p.add_argument("--retrain", action="store_true", help="train again even when a finished model exists")
+    p.add_argument("--train-args", default="", help="extra examples/train.py flags for every run")
+    return p.parse_args(argv)
+
+
+def train(name: str, args, flags: list[str], minutes: float) -> Path:
+    """One examples/train.py run (no generation; this script generates) -> its model folder."""
+    out = Path(args.work_dir) / name
+    model_dir = out / "model"
+    if (model_dir / "model.safetensors").is_file() and not args.retrain:
+        print(f"[{name}] reusing {model_dir}", flush=True)
+        return model_dir
+    source = ["--mimic-dir", args.mimic_dir] if args.mimic_dir else ["--patients", str(args.patients)]
+    cmd = [sys.executable, str(TRAIN_SCRIPT), "--output-dir", str(out), "--seed", str(args.seed),
+           "--max-minutes", str(minutes), "--generate", "0", *source, *flags, *args.train_args.split()]
+    print(f"[{name}] training: {' '.join(cmd)}", flush=True)
+    log = out.parent / f"{name}.train.log"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "w") as fh:
+        proc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=REPO)
+    if proc.returncode != 0:
+        raise RuntimeError(f"[{name}] training failed (exit {proc.returncode}); see {log}")
+    return model_dir
+
+
+def score(name: str, model_dir: Path, splits, args, gen_kwargs: dict, report_dir: Path | None) -> dict:
+    from promptehr_hf.metrics.report import evaluate_cohorts
+    from promptehr_hf.modeling_promptehr.generation import generate_patients, load_model
+
+    model, tokenizer = load_model(model_dir)
+    n = len(splits["test"])
+    t0 = time.perf_counter()
+    synthetic, stats = generate_patients(model, tokenizer, n, mode="unconditional", prior=model_dir,
+                                         batch_size=args.generate_batch_size, seed=args.seed, **gen_kwargs)
+    generate_seconds = time.perf_counter() - t0
+    result = evaluate_cohorts(synthetic, splits["test"], splits["train"], out_dir=report_dir,
+                              plots=report_dir is not None, seed=args.seed)
+    run = json.loads((model_dir.parent / "run_summary.json").read_text())
+    row = dict(result["rows"]["synthetic"])
+    row.update(generate_seconds=round(generate_seconds, 1), train_minutes=round(run["train_minutes"], 2),
+               global_step=run["global_step"], generation=gen_kwargs,
+               copies_dropped=stats.get("copies_dropped"))
+    return {"row": row, "floor": result["rows"]["floor"], "baseline": result["rows"]["baseline"],
+            "meta": result["meta"]}
+
+
+def targets(rows: dict) -> list[dict]:
+    """The issue's targets, each checked on the default model against the same run's references."""
+    m, floor, base = rows["default"], rows["floor"], rows["baseline"]
+    checks = [
+        ("code JS <= 0.1", m["code_js"] <= 0.1, m["code_js"]),
+        ("code JS <= 2x floor", m["code_js"] <= 2 * floor["code_js"], f"{m['code_js']:.4f} vs 2 x {floor['code_js']:.4f}"),
+        ("top-100 overlap >= 0.8", m["top_k_overlap"] >= 0.8, m["top_k_overlap"]),
+        ("pair R² >= 0.8", m["r2_pair_prevalence"] >= 0.8, m["r2_pair_prevalence"]),
+        ("pair R² >= baseline + 0.3", m["r2_pair_prevalence"] >= base["r2_pair_prevalence"] + 0.3,
+         f"{m['r2_pair_prevalence']:.3f} vs {base['r2_pair_prevalence']:.3f} + 0.3"),
+        ("zero CMS conflicts", m["cms_invalid_code_rate"] == 0, m["cms_invalid_code_rate"]),
+        ("zero duplicates", m["duplicate_rate"] == 0, m["duplicate_rate"]),
+        ("coverage of codes seen 10+ times >= 0.8", m["code_coverage_frequent"] >= 0.8, m["code_coverage_frequent"]),
+        ("top-code share within 1.5x of real", m["top_code_share"] <= 1.5 * m["top_code_share_real"]
+         and m["top_code_share"] >= m["top_code_share_real"] / 1.5,
+         f"{m['top_code_share']:.3f} vs real {m['top_code_share_real']:.3f}"),
+        ("membership inference <= 0.55", m["membership_inference_accuracy"] <= 0.55, m["membership_inference_accuracy"]),
+        ("exact copies <= floor's", m["exact_copy_rate"] <= m["holdout_exact_copy_rate"],
+         f"{m['exact_copy_rate']:.4f} vs {m['holdout_exact_copy_rate']:.4f}"),
+    ]
+    return [{"target": t, "met": bool(ok), "value": v} for t, ok, v in checks]
+
+
+def fmt(x) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "–"
+    if isinstance(x, bool):
+        return str(x)
+    if isinstance(x, int):
+        return f"{x:,}"
+    if isinstance(x, float):
+        return f"{x:.4f}" if abs(x) < 10 else f"{x:,.1f}"
+    return str(x)
+
+
+def markdown(result: dict) -> str:
+    rows = result["rows"]
+    order = ["floor", "baseline", "default", *[k for k in rows if k not in ("floor", "baseline", "default")]]
+    lines = ["# Fidelity benchmark", "",
+             f"Cohort: {result['cohort']}. Split: {result['n_train']:,} train / {result['n_test']:,} test patients; "
+             f"every row scored against the training split; each model generates {result['n_test']:,} patients. "
+             f"Training budget {result['minutes']} min (budget_long: {result['long_minutes']} min) on "
+             f"{result['cpus']} CPU cores.", "",
+             "| row | " + " | ".join(label for _, label in COLUMNS) + " | train min | steps |",
+             "|---" * (len(COLUMNS) + 3) + "|"]
+    for name in order:
+        if name not in rows:
+            continue
+        r = rows[name]
+        lines.append(f"| {name} | " + " | ".join(fmt(r.get(k)) for k, _ in COLUMNS)
+                     + f" | {fmt(r.get('train_minutes'))} | {fmt(r.get('global_step'))} |")
+    lines += ["", "## Targets (default model)", "", "| target | met | value |", "|---|---|---|"]
+    lines += [f"| {t['target']} | {'yes' if t['met'] else '**MISSED**'} | {fmt(t['value'])} |" for t in result["targets"]]
+    lines += ["", "Rows: floor = held-out real test split; baseline = independent-marginal sampler; default = "
+              "examples/train.py defaults, generated with generate_patients defaults; others change one choice. "
+              "Metric definitions: metrics/coherence.py and metrics/privacy.py.", ""]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    if args.long_minutes > 30:
+        raise SystemExit("--long-minutes is at most 30 (the issue's budget)")
+    from promptehr_hf.datasets_scripts.prepare import load_prepared
+
+    out = Path(args.out)
+    previous = json.loads(out.read_text()) if out.is_file() and args.only else {}
+    rows = dict(previous.get("rows", {}))
+    only = set(args.only.split(",")) if args.only else None
+    wanted = lambda name: only is None or name in only  # noqa: E731
+
+    t_start = time.perf_counter()
+    default_dir = train("default", args, [], args.minutes)
+    splits = load_prepared(default_dir.parent / "data")
+    result_meta = None
+    work = Path(args.work_dir)
+    if wanted("default") or "floor" not in rows:
+        s = score("default", default_dir, splits, args, {}, work / "report_default")
+        rows.update(default=s["row"], floor=s["floor"], baseline=s["baseline"])
+        result_meta = s["meta"]
+    for name, kwargs in GENERATION.items():
+        if wanted(name):
+            rows[name] = score(name, default_dir, splits, args, kwargs, None)["row"]
+    for name, flags in TRAINING.items():
+        if name == "default" or not wanted(name):
+            continue
+        minutes = args.long_minutes if name == "budget_long" else args.minutes
+        model_dir = train(name, args, flags or [], minutes)
+        rows[name] = score(name, model_dir, splits, args, {}, None)["row"]
+
+    result = {
+        "cohort": f"MIMIC-III folder {args.mimic_dir}" if args.mimic_dir
+        else f"simulated, {args.patients:,} patients, seed {args.seed}",
+        "n_train": len(splits["train"]), "n_test": len(splits["test"]),
+        "minutes": args.minutes, "long_minutes": args.long_minutes,
+        "cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "meta": result_meta or previous.get("meta"),
+        "rows": rows,
+        "targets": targets(rows),
+        "benchmark_minutes": round((time.perf_counter() - t_start) / 60, 1) + previous.get("benchmark_minutes", 0),
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(result, indent=1, default=float, allow_nan=True) + "\n")
+    os.replace(tmp, out)
+    out.with_suffix(".md").write_text(markdown(result))
+    print(markdown(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()
