@@ -84,7 +84,8 @@ class PromptEHRTrainingArguments(TrainingArguments):
     collapse_min_distinct_codes: int = field(default=50, metadata={
         "help": "warn (mode collapse) when the generated cohort has fewer distinct codes"})
     max_minutes: float | None = field(default=None, metadata={
-        "help": "stop training (and save) after this many minutes of this run"})
+        "help": "time budget of this run in minutes: the schedule is shortened to the steps that fit "
+                "(measured after 50 steps), and training stops (saving) when the time is up"})
     remove_unused_columns: bool = False
     train_sampling_strategy: str = "group_by_length"
     prediction_loss_only: bool = True
@@ -189,7 +190,7 @@ class PromptEHRTrainer(Trainer):
         if eval_patients is not None and args.eval_generate_patients > 0:
             self.add_callback(GenerationMonitorCallback(self, eval_patients, prior=prior, generate_fn=generate_fn))
         if args.max_minutes is not None:
-            self.add_callback(TimeLimitCallback(args.max_minutes))
+            self.add_callback(TimeBudgetCallback(self, args.max_minutes))
 
     # ----------------------------------------------------------------------------- weights
     def current_weights(self, step: int | None = None) -> dict[str, float]:
@@ -449,27 +450,63 @@ class GenerationMonitorCallback(TrainerCallback):
         return control
 
 
-class TimeLimitCallback(TrainerCallback):
-    """Stop training, saving a checkpoint, once ``max_minutes`` of this run have passed."""
+class TimeBudgetCallback(TrainerCallback):
+    """Fit training into ``max_minutes`` of this run.
 
-    def __init__(self, max_minutes: float):
+    After ``calibration_steps`` optimizer steps it measures the step rate and, if ``max_steps``
+    would not fit in the remaining time (with a 5% margin), shortens the run: ``state.max_steps``
+    and the learning-rate schedule are rebuilt for the steps that fit, so the schedule still ends
+    (decays) inside the budget instead of being cut half-way. Whatever happens later (slower
+    steps, evaluations), training stops and saves once the time is up. In multi-process runs rank
+    0's clock decides for everyone (broadcast), so all processes stop at the same step.
+    """
+
+    def __init__(self, trainer, max_minutes: float, calibration_steps: int = 50):
+        self.trainer = trainer
         self.max_seconds = 60.0 * max_minutes
-        self.start = None
+        self.calibration_steps = calibration_steps
+        self.start = self.start_step = None
+        self.planned = False
 
     def on_train_begin(self, args, state, control, **kwargs):
-        self.start = time.monotonic()
+        self.start, self.start_step, self.planned = time.monotonic(), state.global_step, False
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.start is None:
             return control
-        stop = torch.tensor([float(time.monotonic() - self.start > self.max_seconds)], device=args.device)
+        elapsed = time.monotonic() - self.start
+        done = state.global_step - self.start_step
+        fit = state.max_steps
+        if not self.planned and done >= self.calibration_steps:
+            fit = state.global_step + int(0.95 * (self.max_seconds - elapsed) * done / elapsed)
+        decision = torch.tensor([float(elapsed > self.max_seconds), float(fit)], device=args.device)
         import torch.distributed as dist
 
         if dist.is_available() and dist.is_initialized():
-            dist.broadcast(stop, src=0)  # every process must stop at the same step (rank 0's clock)
-        if stop.item():
+            dist.broadcast(decision, src=0)
+        stop, fit = bool(decision[0].item()), int(decision[1].item())
+        if not self.planned and done >= self.calibration_steps:
+            self.planned = True
+            if state.global_step < fit < state.max_steps:
+                self._shorten(state, fit)
+        if stop:
             logger.warning("time limit of %.3g minutes reached at step %d: stopping", self.max_seconds / 60,
                            state.global_step)
             control.should_training_stop = True
             control.should_save = True
         return control
+
+    def _shorten(self, state, max_steps: int) -> None:
+        trainer = self.trainer
+        logger.warning("time budget of %.3g minutes: %d steps fit, not %d; the learning-rate schedule now ends at "
+                       "step %d", self.max_seconds / 60, max_steps, state.max_steps, max_steps)
+        state.max_steps = max_steps
+        trainer.lr_scheduler = None
+        scheduler = trainer.create_scheduler(num_training_steps=max_steps, optimizer=trainer.optimizer)
+        scheduler.last_epoch = state.global_step - 1  # continue at the current step
+        scheduler.step()
+        for cb in trainer.callback_handler.callbacks:  # the progress bar's total
+            bar = getattr(cb, "training_bar", None)
+            if bar is not None:
+                bar.total = max_steps
+                bar.refresh()

@@ -27,6 +27,18 @@ TINY = dict(d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_he
             encoder_ffn_dim=64, decoder_ffn_dim=64, prompt_hidden_size=16, max_position_embeddings=128)
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models gain nothing from threads, and on a busy 2-core machine spinning OpenMP
+    threads make each step 20x slower."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def cohort():
     rng = random.Random(0)
@@ -147,3 +159,20 @@ def test_length_grouped_batches_and_collapse_warning(cohort, tmp_path, caplog):
     assert len(gen) == 1 and gen[0]["gen_distinct_codes"] == 1 and gen[0]["gen_collapse"] == 1
     assert gen[0]["gen_top_code_share"] == 1.0 and gen[0]["gen_distinct_codes_real"] > 5
     assert "MODE COLLAPSE" in caplog.text
+
+
+def test_time_budget_shortens_the_schedule(cohort, tmp_path, monkeypatch):
+    import types
+
+    from promptehr_hf.modeling_promptehr import trainer as trainer_module
+
+    clock = iter(range(10**6))  # a fake clock: every reading is one second after the previous one
+    monkeypatch.setattr(trainer_module, "time", types.SimpleNamespace(monotonic=lambda: float(next(clock)),
+                                                                      perf_counter=lambda: 0.0))
+    # 100 s of budget at 1 s per step: after 50 steps, 50 + 0.95 * 50 = 97 steps fit, not 1000
+    trainer = make_trainer(cohort, tmp_path, max_steps=1000, max_minutes=100 / 60, logging_steps=10,
+                           warmup_steps=10)
+    trainer.train()
+    assert trainer.state.global_step == trainer.state.max_steps == 97
+    lrs = [h["learning_rate"] for h in trainer.state.log_history if "learning_rate" in h]
+    assert lrs[-1] < 0.1 * max(lrs)  # the schedule decayed inside the budget
