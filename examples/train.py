@@ -35,6 +35,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 DEFAULT_PATIENTS = 20_000
 DEFAULT_MAX_MINUTES = 9.0  # training budget: leaves room for data, generation and evaluation in 15 min
+UNBOUNDED_STEPS = 1_000_000  # without --max-steps the time budget sets the schedule's length
 
 logger = logging.getLogger("promptehr.train")
 
@@ -57,10 +58,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     model.add_argument("--config-overrides", default=None,
                        help='JSON of PromptEHRConfig fields, e.g. \'{"d_model": 64, "encoder_layers": 1}\'')
     train = p.add_argument_group("training")
-    train.add_argument("--max-steps", type=int, default=3000,
-                       help="optimizer steps (the learning-rate schedule's length; --max-minutes may stop earlier)")
+    train.add_argument("--max-steps", type=int, default=None,
+                       help="optimizer steps, the learning-rate schedule's length (default: as many as fit in "
+                            "--max-minutes)")
     train.add_argument("--max-minutes", type=float, default=DEFAULT_MAX_MINUTES,
-                       help="stop training (saving a checkpoint) after this many minutes; <= 0: no limit")
+                       help="training time budget: the schedule is shortened to the steps that fit (measured "
+                            "as training goes) and training stops, saving a checkpoint, when it is spent; 0: none")
     train.add_argument("--batch-size", type=int, default=32, help="per process")
     train.add_argument("--gradient-accumulation-steps", type=int, default=1)
     train.add_argument("--learning-rate", type=float, default=5e-4)
@@ -184,6 +187,8 @@ def push_to_hub(folder: Path, repo: str, private: bool) -> str:
 # ------------------------------------------------------------------------------------ main
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    if not args.max_steps and not (args.max_minutes and args.max_minutes > 0):
+        raise SystemExit("train.py: give --max-steps or a positive --max-minutes")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     t_start = time.perf_counter()
 
@@ -236,7 +241,7 @@ def main(argv: list[str] | None = None) -> dict:
     training_args = PromptEHRTrainingArguments(
         output_dir=str(root / "checkpoints"),
         use_cpu=use_cpu,
-        max_steps=args.max_steps,
+        max_steps=args.max_steps or UNBOUNDED_STEPS,
         max_minutes=args.max_minutes if args.max_minutes and args.max_minutes > 0 else None,
         per_device_train_batch_size=args.batch_size,
         per_device_eval_batch_size=2 * args.batch_size,

@@ -453,12 +453,14 @@ class GenerationMonitorCallback(TrainerCallback):
 class TimeBudgetCallback(TrainerCallback):
     """Fit training into ``max_minutes`` of this run.
 
-    After ``calibration_steps`` optimizer steps it measures the step rate and, if ``max_steps``
-    would not fit in the remaining time (with a 5% margin), shortens the run: ``state.max_steps``
-    and the learning-rate schedule are rebuilt for the steps that fit, so the schedule still ends
-    (decays) inside the budget instead of being cut half-way. Whatever happens later (slower
-    steps, evaluations), training stops and saves once the time is up. In multi-process runs rank
-    0's clock decides for everyone (broadcast), so all processes stop at the same step.
+    After ``calibration_steps`` optimizer steps, and again after every evaluation (whose cost
+    then enters the measured rate), it estimates how many steps fit in the remaining time (with
+    a 5% margin); if fewer than ``max_steps``, it shortens the run: ``state.max_steps`` and the
+    learning-rate schedule are rebuilt for the steps that fit, so the schedule still decays to
+    its end inside the budget instead of being cut half-way. The schedule is only ever
+    shortened. Whatever happens later, training stops (and saves) once the time is up. In
+    multi-process runs rank 0's clock decides for everyone (a broadcast), so all processes stop
+    at the same step.
     """
 
     def __init__(self, trainer, max_minutes: float, calibration_steps: int = 50):
@@ -466,27 +468,29 @@ class TimeBudgetCallback(TrainerCallback):
         self.max_seconds = 60.0 * max_minutes
         self.calibration_steps = calibration_steps
         self.start = self.start_step = None
-        self.planned = False
+        self.replan = False
 
     def on_train_begin(self, args, state, control, **kwargs):
-        self.start, self.start_step, self.planned = time.monotonic(), state.global_step, False
+        self.start, self.start_step, self.replan = time.monotonic(), state.global_step, False
+
+    def on_evaluate(self, args, state, control, **kwargs):
+        self.replan = True
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.start is None:
             return control
         elapsed = time.monotonic() - self.start
         done = state.global_step - self.start_step
-        fit = state.max_steps
-        if not self.planned and done >= self.calibration_steps:
-            fit = state.global_step + int(0.95 * (self.max_seconds - elapsed) * done / elapsed)
+        plan = done == self.calibration_steps or (self.replan and done > self.calibration_steps)
+        fit = state.global_step + int(0.95 * (self.max_seconds - elapsed) * done / elapsed) if plan else 0
         decision = torch.tensor([float(elapsed > self.max_seconds), float(fit)], device=args.device)
         import torch.distributed as dist
 
         if dist.is_available() and dist.is_initialized():
             dist.broadcast(decision, src=0)
         stop, fit = bool(decision[0].item()), int(decision[1].item())
-        if not self.planned and done >= self.calibration_steps:
-            self.planned = True
+        if plan:
+            self.replan = False
             if state.global_step < fit < state.max_steps:
                 self._shorten(state, fit)
         if stop:
@@ -498,8 +502,8 @@ class TimeBudgetCallback(TrainerCallback):
 
     def _shorten(self, state, max_steps: int) -> None:
         trainer = self.trainer
-        logger.warning("time budget of %.3g minutes: %d steps fit, not %d; the learning-rate schedule now ends at "
-                       "step %d", self.max_seconds / 60, max_steps, state.max_steps, max_steps)
+        logger.info("time budget of %.3g minutes: %d steps fit, not %d; the learning-rate schedule now ends there",
+                    self.max_seconds / 60, max_steps, state.max_steps)
         state.max_steps = max_steps
         trainer.lr_scheduler = None
         scheduler = trainer.create_scheduler(num_training_steps=max_steps, optimizer=trainer.optimizer)
