@@ -121,7 +121,7 @@ def prepare_data(args, state) -> tuple[Path, dict]:
                 mimic_dir = root / "mimic3"
                 write_mimic3_csvs(patients, mimic_dir, seed=args.seed)
                 logger.info("simulated %d patients into %s", len(patients), mimic_dir)
-            summary = prepare(mimic_dir, data_dir, seed=args.seed)
+            prepare(mimic_dir, data_dir, seed=args.seed)
             marker.write_text(json.dumps(source) + "\n")
             logger.info("prepared %s in %.1f s", data_dir, time.perf_counter() - t0)
     state.wait_for_everyone()
@@ -129,7 +129,8 @@ def prepare_data(args, state) -> tuple[Path, dict]:
 
 
 # ----------------------------------------------------------------------------- model card
-def model_card(args, summary: dict, run: dict, evaluation: dict | None) -> str:
+def model_card(args, run: dict, evaluation: dict | None, location: str) -> str:
+    """README.md of the model folder: what it is, how it was trained, the evaluation table."""
     from promptehr_hf.metrics.report import markdown_table
 
     source = f"the MIMIC-III folder `{args.mimic_dir}`" if args.mimic_dir else (
@@ -153,8 +154,8 @@ def model_card(args, summary: dict, run: dict, evaluation: dict | None) -> str:
         "",
         "```python",
         "from transformers import AutoModelForSeq2SeqLM, AutoTokenizer",
-        "model = AutoModelForSeq2SeqLM.from_pretrained(REPO, trust_remote_code=True)",
-        "tokenizer = AutoTokenizer.from_pretrained(REPO, trust_remote_code=True)",
+        f"model = AutoModelForSeq2SeqLM.from_pretrained({location!r}, trust_remote_code=True)",
+        f"tokenizer = AutoTokenizer.from_pretrained({location!r}, trust_remote_code=True)",
         "# with the promptehr-hf package: promptehr generate --model DIR --n 1000 --out synthetic/",
         "```",
         "",
@@ -292,6 +293,7 @@ def main(argv: list[str] | None = None) -> dict:
         "train_loss": result.training_loss,
         "last_log": next((h for h in reversed(trainer.state.log_history) if "loss_lm" in h), None),
         "data_minutes": (t_data - t_start) / 60,
+        "cohort": summary,
     }
     if not state.is_main_process:
         return run
@@ -321,7 +323,8 @@ def main(argv: list[str] | None = None) -> dict:
                                                                 "top_code_share", "codes_per_visit_mean")
                                     if rows[row] is not None and k in rows[row]}
                               for row in ("synthetic", "floor", "baseline")}
-    (model_dir / "README.md").write_text(model_card(args, summary, run, evaluation), encoding="utf-8")
+    (model_dir / "README.md").write_text(model_card(args, run, evaluation, args.push_to_hub or str(model_dir)),
+                                         encoding="utf-8")
     if args.push_to_hub:
         run["hub_commit"] = push_to_hub(model_dir, args.push_to_hub, args.hub_private)
     run["total_minutes"] = (time.perf_counter() - t_start) / 60
