@@ -18,7 +18,9 @@ Total loss = sum over components c in (lm, age, sex, cooc) of weighted_c, where
 
 Logged at every logging step (means over the micro-batches since the previous one, over all
 processes): ``loss_<c>`` (raw), ``loss_<c>_weighted``, ``loss_<c>_share`` (weighted_c / sum of
-weighted) and ``weight_<c>``; at evaluation the same with the ``eval_`` prefix.
+weighted), ``weight_<c>`` and ``loss_<c>_vs_start`` (raw / first logged value, with a warning
+once a weighted component falls below ``dead_loss_ratio`` of its start); at evaluation the
+same with the ``eval_`` prefix (without ``_vs_start``).
 """
 
 from __future__ import annotations
@@ -83,6 +85,8 @@ class PromptEHRTrainingArguments(TrainingArguments):
     eval_generate_batch_size: int = field(default=64, metadata={"help": "batch size of that generation"})
     collapse_min_distinct_codes: int = field(default=50, metadata={
         "help": "warn (mode collapse) when the generated cohort has fewer distinct codes"})
+    dead_loss_ratio: float = field(default=0.01, metadata={
+        "help": "warn when a weighted loss component falls below this share of its first logged value"})
     max_minutes: float | None = field(default=None, metadata={
         "help": "time budget of this run in minutes: the schedule is shortened to the steps that fit "
                 "(measured after 50 steps), and training stops (saving) when the time is up"})
@@ -185,6 +189,8 @@ class PromptEHRTrainer(Trainer):
                 self.loss_log_vars.register_hook(_all_reduce_mean)
         # [component, (raw, weighted, weight, count)] sums between logging steps, train and eval
         self._acc = {k: torch.zeros(len(COMPONENTS), 4, dtype=torch.float64) for k in ("train", "eval")}
+        self._first_raw: dict[str, float] = {}
+        self._dead: set[str] = set()
 
         self.add_callback(_TrainingHousekeeping(self))
         if eval_patients is not None and args.eval_generate_patients > 0:
@@ -267,7 +273,25 @@ class PromptEHRTrainer(Trainer):
                 logs[f"{prefix}loss_{name}_weighted"] = weighted
                 logs[f"{prefix}loss_{name}_share"] = weighted / total if total else 0.0
                 logs[f"{prefix}weight_{name}"] = weight
+                if split == "train":
+                    self._watch_dead(name, raw, weight, logs)
         return logs
+
+    def _watch_dead(self, name: str, raw: float, weight: float, logs: dict) -> None:
+        """Log ``loss_<c>_vs_start`` (raw / its first logged value; from the log history after a
+        resume) and warn once when a weighted component has fallen below ``dead_loss_ratio`` of
+        its start: it no longer trains anything (the prototype's sex loss died at step 14 unseen)."""
+        if name not in self._first_raw:
+            earlier = [h[f"loss_{name}"] for h in self.state.log_history if f"loss_{name}" in h]
+            self._first_raw[name] = earlier[0] if earlier else raw
+        start = self._first_raw[name]
+        logs[f"loss_{name}_vs_start"] = raw / start if start else 1.0
+        if weight > 0 and start > 0 and raw < self.args.dead_loss_ratio * start and name not in self._dead:
+            self._dead.add(name)
+            logger.warning(
+                "the %s loss has fallen to %.2g%% of its start (%.4g -> %.4g) at step %d: it no longer trains "
+                "anything; its weight could go (loss_weighting='scheduled', loss_schedule='%s:0@%d')",
+                name, 100 * raw / start, start, raw, self.state.global_step, name, self.state.global_step)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         # Training logs carry "loss", evaluation logs "<prefix>loss"; both ranks log together.

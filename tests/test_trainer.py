@@ -110,6 +110,16 @@ def test_schedule_switches_a_component_off(cohort, tmp_path):
     assert [h["weight_sex"] for h in logs] == pytest.approx([0.1, 0.1, 0.1, 0, 0, 0])
     assert [h["weight_age"] for h in logs] == pytest.approx([0.1] * 5 + [0.5])
     assert all(h["loss_sex_weighted"] == 0 and h["loss_sex"] > 0 for h in logs[3:])  # raw still logged
+    assert logs[0]["loss_lm_vs_start"] == 1.0 and logs[-1]["loss_lm_vs_start"] < 1.0
+
+
+def test_dead_component_warning(cohort, tmp_path, caplog):
+    # with dead_loss_ratio=0.9 a component that lost 10% of its start counts as dead: some will
+    trainer = make_trainer(cohort, tmp_path, max_steps=8, dead_loss_ratio=0.9, w_age=1.0, learning_rate=1e-2)
+    with caplog.at_level("WARNING"):
+        trainer.train()
+    dead = [line for line in caplog.text.splitlines() if "no longer trains anything" in line]
+    assert dead and len(dead) == len(set(dead))  # warned, once per component
     with pytest.raises(ValueError, match="loss_schedule"):
         PromptEHRTrainingArguments(output_dir=str(tmp_path), loss_weighting="scheduled", loss_schedule="nope:1@2")
 
