@@ -26,7 +26,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", default="synthetic_demo", help="where to write the unconditional cohort")
     p.add_argument("--n", type=int, default=200)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (on a machine shared with other jobs, 1 can be much faster)")
     args = p.parse_args(argv)
+
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
 
     from promptehr_hf.datasets_scripts.prepare import load_prepared
     from promptehr_hf.modeling_promptehr.generation import CohortPrior, generate_patients, load_model, write_cohort

@@ -6,7 +6,10 @@ the encoder reads each patient's demographics (``x_num`` = raw age, ``x_cat`` = 
 and history (``tokenizer.encode_history(visits[:t])``); ``model.generate`` (KV cache) writes one
 visit per row under the LogitsProcessors of :mod:`.logits_processors` (grammar, stage-two code
 sampling, no repeated code, CMS age/sex edits, visit-length control), so every record is valid by
-construction.
+construction. Ancestral sampling (temperature 1 by default; top-k / top-p optional) happens at
+the end of that processor list and ``generate`` then decodes greedily over its one-hot output;
+``greedy=True`` drops the sampler (argmax decoding, for the ablation). Rounds are batched by
+target length (fewer steps spent on finished rows) and history length (less padding).
 
 Modes:
 - ``unconditional``: age, sex and number of visits drawn from the :class:`CohortPrior` stored with
@@ -448,7 +451,8 @@ def generate_patients(
         temperature, top_k, top_p: sampling warpers (transformers' own, applied after the
             validity processors; the empirical stage two is pre-scaled so temperature does not
             distort it); greedy: argmax decoding instead of ancestral sampling.
-        cms: apply the CMS age/sex edits.
+        cms: apply the CMS age/sex edits, with the patient's age (at the first admission, the
+            only age the schema keeps) for every visit.
         exclude_patients: training patients; synthetic patients whose visits (as code sets, in
             order) equal one of theirs are dropped and counted (``stats["copies_dropped"]``).
         max_history_length: encoder tokens for the history (default: the trainer's source length).
@@ -722,6 +726,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--exclude-training", default=None,
                         help="drop synthetic patients identical to one in this Parquet / prepared folder")
     parser.add_argument("--device", default=None)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: torch's; on a machine shared with other jobs, 1 can be much faster)")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
 
 
@@ -731,6 +737,8 @@ def run(args) -> int:
         raise SystemExit(f"promptehr generate: {out} exists and is not empty (use --overwrite)")
     if args.mode == "unconditional" and args.n is None:
         raise SystemExit("promptehr generate: --n is required in unconditional mode")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     model, tokenizer = load_model(args.model, args.device)
     dataset, stats = generate_patients(
         model, tokenizer, args.n, mode=args.mode, prior=args.prior or args.model,

@@ -398,7 +398,7 @@ class InverseCDFSamplingLogitsProcessor(LogitsProcessor):
         past_end = token >= cdf.shape[1]  # u rounded up to the total: take the most likely token
         if bool(past_end.any()):
             token = torch.where(past_end, probs.argmax(-1, keepdim=True), token)
-        return torch.full_like(scores, NEG_INF).scatter_(1, token, 0.0)
+        return scores.fill_(NEG_INF).scatter_(1, token, 0.0)  # generate hands each step a fresh tensor
 
 
 def sampling_processors(temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None) -> list[LogitsProcessor]:
