@@ -7,8 +7,8 @@ model's own predicted distribution over category tokens, so it moves the logits.
 Counts ``C`` [K, K] over the K category tokens of the tokenizer, from the training visits:
 ``C[s, k]`` (s != k) = number of training visits that contain both category s and category k.
 Built with sparse products: X [n_visits, n_codes] (0/1 visit x code incidence, from
-``datasets_scripts.incidence``) times the code -> category map [n_codes, K] gives N [n_visits, K], the number of distinct codes of each
-category in each visit; with B = (N > 0), ``C = Bᵀ B``.
+``datasets_scripts.incidence``) times the code -> category map [n_codes, K] gives N [n_visits, K],
+the number of distinct codes of each category in each visit; with B = (N > 0), ``C = Bᵀ B``.
 
 Diagonal: ``(Bᵀ B)[k, k]`` would be the number of visits with category k, which says nothing
 about the event the loss scores on the diagonal: category k predicted again after k in the

@@ -208,8 +208,9 @@ class PromptEHRTrainer(Trainer):
                 weights[name] = w
         return weights
 
-    def combine(self, raw: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-        """Raw component losses -> (total, weighted components, effective weights)."""
+    def combine(self, raw: dict[str, torch.Tensor]):
+        """Raw component losses -> (total, weighted components, effective weights): a scalar
+        tensor and two dicts of scalar tensors keyed by component."""
         weighted, weights = {}, {}
         total = None
         if self.loss_log_vars is not None:

@@ -54,7 +54,8 @@ def test_train_generate_evaluate_push_and_resume(train_script, tmp_path, monkeyp
     common = ["--output-dir", str(out), "--patients", "300", "--config-overrides", TINY, "--batch-size", "16",
               "--logging-steps", "2", "--eval-steps", "4", "--save-steps", "4", "--eval-examples", "32",
               "--eval-generate-patients", "8", "--max-source-length", "64", "--warmup-steps", "0"]
-    run = train_script.main(common + ["--max-steps", "4", "--generate", "40", "--push-to-hub", "someone/promptehr-tiny"])
+    run = train_script.main(common + ["--max-steps", "4", "--generate", "40",
+                                      "--push-to-hub", "someone/promptehr-tiny"])
 
     assert run["world_size"] == 1 and run["global_step"] == 4
     model_dir = out / "model"

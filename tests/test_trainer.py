@@ -161,7 +161,8 @@ def test_length_grouped_batches_and_collapse_warning(cohort, tmp_path, caplog):
         return [{"subject_id": i, "age": 60.0, "sex": "F", "visits": [["4019"]]} for i in range(n)]
 
     trainer = make_trainer(cohort, tmp_path, dict(eval_patients=patients[:50], generate_fn=collapsed), max_steps=2,
-                           eval_strategy="steps", eval_steps=2, eval_generate_patients=16, collapse_min_distinct_codes=5)
+                           eval_strategy="steps", eval_steps=2, eval_generate_patients=16,
+                           collapse_min_distinct_codes=5)
     assert isinstance(trainer._get_train_sampler(), LengthGroupedSampler)
     with caplog.at_level("WARNING"):
         trainer.train()

@@ -9,7 +9,8 @@ from promptehr_hf.modeling_promptehr.data import PromptEHRDataCollator, build_ex
 from promptehr_hf.tokenization.tokenization_promptehr import PromptEHRTokenizer
 
 PATIENTS = [
-    {"subject_id": 1, "age": 67.0, "sex": "M", "visits": [["4019", "25000", "41401"], ["4280", "42731", "5849", "4019"]]},
+    {"subject_id": 1, "age": 67.0, "sex": "M",
+     "visits": [["4019", "25000", "41401"], ["4280", "42731", "5849", "4019"]]},
     {"subject_id": 2, "age": 0.0, "sex": "F", "visits": [["V3000", "7742"]]},
     {"subject_id": 3, "age": 45.5, "sex": "F", "visits": [["486", "51881"], ["0389", "99592", "78552"], ["2724"]]},
 ]
