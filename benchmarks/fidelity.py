@@ -4,9 +4,11 @@
     python benchmarks/fidelity.py --mimic-dir DIR         # a real MIMIC-III folder, unchanged
     python benchmarks/fidelity.py --minutes 10 --long-minutes 30 --only default,greedy
 
-Every model is trained by the main job (``examples/train.py``, a subprocess, one process on the
-machine's cores) on the same deterministic split, for a fixed wall-clock budget; the trainer fits
-its learning-rate schedule into that budget. Each model then generates as many patients as the
+Every model is trained by the main job (``examples/train.py``, a subprocess) on the same
+deterministic split, for a fixed wall-clock budget into which the trainer fits its learning-rate
+schedule. ``--jobs 2`` (the default) trains two runs at a time, each pinned to its own core with
+``taskset``: on 2 cores that is about twice the throughput of one two-thread run, and every run
+gets the same compute (one core for its budget). Each model then generates as many patients as the
 test split holds, and every cohort is scored against the TRAINING split with the metric modules
 (``metrics.report.evaluate_cohorts``), beside the two references of DESIGN.md:
 
@@ -26,9 +28,11 @@ model's full report (plots) under ``--work-dir``.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import json
 import math
 import os
+import queue
 import subprocess
 import sys
 import time
@@ -85,20 +89,23 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--work-dir", default=str(HERE / "work" / "fidelity"))
     p.add_argument("--out", default=str(HERE / "results" / "fidelity.json"))
     p.add_argument("--generate-batch-size", type=int, default=256)
+    p.add_argument("--jobs", type=int, default=2, help="training runs at a time, each pinned to one core")
     p.add_argument("--retrain", action="store_true", help="train again even when a finished model exists")
     p.add_argument("--train-args", default="", help="extra examples/train.py flags for every run")
     return p.parse_args(argv)
 
 
-def train(name: str, args, flags: list[str], minutes: float) -> Path:
-    """One examples/train.py run (no generation; this script generates) -> its model folder."""
+def train(name: str, args, flags: list[str], minutes: float, core: int | None = None) -> Path:
+    """One examples/train.py run (no generation; this script generates) -> its model folder.
+    ``core``: pin the run to that CPU (taskset), so it trains with one thread."""
     out = Path(args.work_dir) / name
     model_dir = out / "model"
     if (model_dir / "model.safetensors").is_file() and not args.retrain:
         print(f"[{name}] reusing {model_dir}", flush=True)
         return model_dir
     source = ["--mimic-dir", args.mimic_dir] if args.mimic_dir else ["--patients", str(args.patients)]
-    cmd = [sys.executable, str(TRAIN_SCRIPT), "--output-dir", str(out), "--seed", str(args.seed),
+    pin = ["taskset", "-c", str(core)] if core is not None else []
+    cmd = [*pin, sys.executable, str(TRAIN_SCRIPT), "--output-dir", str(out), "--seed", str(args.seed),
            "--max-minutes", str(minutes), "--generate", "0", *source, *flags, *args.train_args.split()]
     print(f"[{name}] training: {' '.join(cmd)}", flush=True)
     log = out.parent / f"{name}.train.log"
@@ -108,6 +115,28 @@ def train(name: str, args, flags: list[str], minutes: float) -> Path:
     if proc.returncode != 0:
         raise RuntimeError(f"[{name}] training failed (exit {proc.returncode}); see {log}")
     return model_dir
+
+
+def train_all(runs: dict[str, tuple[list[str], float]], args) -> dict[str, Path]:
+    """Train ``runs`` (name -> (flags, minutes)), longest first, ``args.jobs`` at a time, each job
+    slot pinned to its own core. Every run simulates and splits the same cohort (same seed)."""
+    if args.jobs <= 1:
+        return {name: train(name, args, flags, minutes) for name, (flags, minutes) in runs.items()}
+    slots = queue.Queue()
+    for core in sorted(os.sched_getaffinity(0))[: args.jobs]:
+        slots.put(core)
+
+    def job(name: str) -> Path:
+        core = slots.get()
+        try:
+            return train(name, args, *runs[name], core=core)
+        finally:
+            slots.put(core)
+
+    order = sorted(runs, key=lambda name: -runs[name][1])
+    with concurrent.futures.ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        futures = {name: pool.submit(job, name) for name in order}
+        return {name: f.result() for name, f in futures.items()}
 
 
 def score(name: str, model_dir: Path, splits, args, gen_kwargs: dict, report_dir: Path | None) -> dict:
@@ -203,7 +232,10 @@ def main(argv=None) -> dict:
     wanted = lambda name: only is None or name in only  # noqa: E731
 
     t_start = time.perf_counter()
-    default_dir = train("default", args, [], args.minutes)
+    runs = {name: (flags or [], args.long_minutes if name == "budget_long" else args.minutes)
+            for name, flags in TRAINING.items() if name == "default" or wanted(name)}
+    model_dirs = train_all(runs, args)
+    default_dir = model_dirs["default"]
     splits = load_prepared(default_dir.parent / "data")
     result_meta = None
     work = Path(args.work_dir)
@@ -214,12 +246,9 @@ def main(argv=None) -> dict:
     for name, kwargs in GENERATION.items():
         if wanted(name):
             rows[name] = score(name, default_dir, splits, args, kwargs, None)["row"]
-    for name, flags in TRAINING.items():
-        if name == "default" or not wanted(name):
-            continue
-        minutes = args.long_minutes if name == "budget_long" else args.minutes
-        model_dir = train(name, args, flags or [], minutes)
-        rows[name] = score(name, model_dir, splits, args, {}, None)["row"]
+    for name, model_dir in model_dirs.items():
+        if name != "default":
+            rows[name] = score(name, model_dir, splits, args, {}, None)["row"]
 
     result = {
         "cohort": f"MIMIC-III folder {args.mimic_dir}" if args.mimic_dir
