@@ -480,23 +480,24 @@ class TimeBudgetCallback(TrainerCallback):
 
     After ``calibration_steps`` optimizer steps, and again after every evaluation (whose cost
     then enters the measured rate), it estimates how many steps fit in the remaining time (with
-    a 5% margin); if fewer than ``max_steps``, it shortens the run: ``state.max_steps`` and the
-    learning-rate schedule are rebuilt for the steps that fit, so the schedule still decays to
-    its end inside the budget instead of being cut half-way. The schedule is only ever
-    shortened. Whatever happens later, training stops (and saves) once the time is up. In
-    multi-process runs rank 0's clock decides for everyone (a broadcast), so all processes stop
-    at the same step.
+    a 5% margin) and re-plans the run: ``state.max_steps`` and the learning-rate schedule are
+    rebuilt for the steps that fit, so the schedule decays to its end inside the budget instead
+    of being cut half-way. A re-plan never goes beyond the ``max_steps`` the run was started
+    with, and skips changes under 2%. Whatever happens later, training stops (and saves) once
+    the time is up. In multi-process runs rank 0's clock decides for everyone (a broadcast), so
+    all processes stop at the same step.
     """
 
     def __init__(self, trainer, max_minutes: float, calibration_steps: int = 50):
         self.trainer = trainer
         self.max_seconds = 60.0 * max_minutes
         self.calibration_steps = calibration_steps
-        self.start = self.start_step = None
+        self.start = self.start_step = self.requested_steps = None
         self.replan = False
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.start, self.start_step, self.replan = time.monotonic(), state.global_step, False
+        self.requested_steps = state.max_steps
 
     def on_evaluate(self, args, state, control, **kwargs):
         self.replan = True
@@ -516,8 +517,9 @@ class TimeBudgetCallback(TrainerCallback):
         stop, fit = bool(decision[0].item()), int(decision[1].item())
         if plan:
             self.replan = False
-            if state.global_step < fit < state.max_steps:
-                self._shorten(state, fit)
+            fit = min(fit, self.requested_steps)
+            if fit > state.global_step and abs(fit - state.max_steps) > 0.02 * state.max_steps:
+                self._replan(state, fit)
         if stop:
             logger.warning("time limit of %.3g minutes reached at step %d: stopping", self.max_seconds / 60,
                            state.global_step)
@@ -525,10 +527,10 @@ class TimeBudgetCallback(TrainerCallback):
             control.should_save = True
         return control
 
-    def _shorten(self, state, max_steps: int) -> None:
+    def _replan(self, state, max_steps: int) -> None:
         trainer = self.trainer
-        logger.info("time budget of %.3g minutes: %d steps fit, not %d; the learning-rate schedule now ends there",
-                    self.max_seconds / 60, max_steps, state.max_steps)
+        logger.info("time budget of %.3g minutes: %d steps fit (planned: %d); the learning-rate schedule now ends "
+                    "there", self.max_seconds / 60, max_steps, state.max_steps)
         state.max_steps = max_steps
         trainer.lr_scheduler = None
         scheduler = trainer.create_scheduler(num_training_steps=max_steps, optimizer=trainer.optimizer)

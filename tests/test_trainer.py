@@ -187,3 +187,20 @@ def test_time_budget_shortens_the_schedule(cohort, tmp_path, monkeypatch):
     assert trainer.state.global_step == trainer.state.max_steps == 97
     lrs = [h["learning_rate"] for h in trainer.state.log_history if "learning_rate" in h]
     assert lrs[-1] < 0.1 * max(lrs)  # the schedule decayed inside the budget
+
+
+def test_time_budget_replans_after_evaluation(cohort, tmp_path, monkeypatch):
+    import types
+
+    from promptehr_hf.modeling_promptehr import trainer as trainer_module
+
+    # reading k (train begin, then one per step): 2 s per step for 50 steps, then 0.5 s per step
+    readings = iter([2.0 * k if k <= 50 else 100 + 0.5 * (k - 50) for k in range(10**4)])
+    monkeypatch.setattr(trainer_module, "time", types.SimpleNamespace(monotonic=lambda: next(readings),
+                                                                      perf_counter=lambda: 0.0))
+    trainer = make_trainer(cohort, tmp_path, max_steps=1000, max_minutes=150 / 60, logging_steps=10,
+                           eval_strategy="steps", eval_steps=60, per_device_eval_batch_size=48)
+    trainer.train()
+    # step 50: 100 s spent, 2 s/step -> 50 + 0.95 * 50 / 2 = 73 steps; after the evaluation at step 60
+    # (re-planned at step 61: 105.5 s, 1.73 s/step) -> 61 + 0.95 * 44.5 / 1.73 = 85
+    assert trainer.state.global_step == trainer.state.max_steps == 85
