@@ -18,5 +18,8 @@ PATIENT_FEATURES = Features(
     }
 )
 
+# What the metric modules take per synthetic patient (no subject_id: ids carry no meaning there).
+COHORT_FEATURES = Features({name: PATIENT_FEATURES[name] for name in ("visits", "age", "sex")})
+
 SEXES = ("F", "M")  # x_cat index: F = 0, M = 1
 AGE_CAP = 90.0  # MIMIC shifts ages over 89 to ~300; they are capped here

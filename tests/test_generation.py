@@ -30,20 +30,13 @@ from promptehr_hf.modeling_promptehr.modeling_promptehr import PromptEHRForCondi
 from promptehr_hf.tokenization import icd9
 from promptehr_hf.tokenization.tokenization_promptehr import PromptEHRTokenizer
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 # Codes carrying every kind of CMS edit, so that random scores would break them if unchecked.
 EDIT_CODES = ["V3000", "V3001", "7793", "76519", "185", "60000", "6202", "6180", "650", "64891", "V270", "V242",
               "V8402", "V8404"]  # C:V84 mixes female-only codes with sex-neutral ones (V8409, V8481)
 PLAIN_CODES = ["4019", "4011", "25000", "25001", "25060", "42731", "4280", "42832", "5849", "5845",
                "486", "51881", "5990", "2724", "2720", "0389", "99592", "2859", "2851", "41401", "V8409", "V8481"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # The test machine is shared: several torch threads on tiny ops oversubscribe it badly.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

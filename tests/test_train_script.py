@@ -9,20 +9,10 @@ import json
 
 import pytest
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 TINY = ('{"d_model": 32, "encoder_layers": 1, "decoder_layers": 1, "encoder_attention_heads": 2, '
         '"decoder_attention_heads": 2, "encoder_ffn_dim": 64, "decoder_ffn_dim": 64, "prompt_hidden_size": 16}')
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads, and on a busy 2-core machine spinning OpenMP
-    threads make each step 20x slower."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -7,6 +7,8 @@ import json
 import random
 
 import pytest
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 import torch
 from safetensors.torch import load_file
 
@@ -25,18 +27,6 @@ CODES = ["4019", "25000", "41401", "4280", "42731", "5849", "2724", "51881", "03
          "5990", "53081", "2449", "496"]
 TINY = dict(d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2, decoder_attention_heads=2,
             encoder_ffn_dim=64, decoder_ffn_dim=64, prompt_hidden_size=16, max_position_embeddings=128)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads, and on a busy 2-core machine spinning OpenMP
-    threads make each step 20x slower."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

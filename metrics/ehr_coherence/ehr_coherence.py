@@ -6,8 +6,9 @@ differs, is a keyword argument. The computation lives in `promptehr_hf.metrics.c
 description.
 """
 
-import datasets
 import evaluate
+
+from promptehr_hf.datasets_scripts.schema import COHORT_FEATURES
 
 from promptehr_hf.metrics import coherence as _coherence
 
@@ -70,13 +71,7 @@ class EhrCoherence(evaluate.Metric):
             description=_DESCRIPTION,
             citation=_CITATION,
             inputs_description=_KWARGS_DESCRIPTION,
-            features=datasets.Features(
-                {
-                    "visits": datasets.List(datasets.List(datasets.Value("string"))),
-                    "age": datasets.Value("float32"),
-                    "sex": datasets.Value("string"),
-                }
-            ),
+            features=COHORT_FEATURES,
             reference_urls=["https://arxiv.org/abs/2211.01761", "https://arxiv.org/abs/2304.02169"],
         )
 

@@ -7,8 +7,9 @@ cohorts, whose sizes differ, are keyword arguments. The computation lives in
 figure; it is this module's description.
 """
 
-import datasets
 import evaluate
+
+from promptehr_hf.datasets_scripts.schema import COHORT_FEATURES
 
 from promptehr_hf.metrics import privacy as _privacy
 
@@ -70,13 +71,7 @@ class EhrPrivacy(evaluate.Metric):
             description=_DESCRIPTION,
             citation=_CITATION,
             inputs_description=_KWARGS_DESCRIPTION,
-            features=datasets.Features(
-                {
-                    "visits": datasets.List(datasets.List(datasets.Value("string"))),
-                    "age": datasets.Value("float32"),
-                    "sex": datasets.Value("string"),
-                }
-            ),
+            features=COHORT_FEATURES,
             reference_urls=["https://arxiv.org/abs/2304.02169", "https://arxiv.org/abs/1806.01320"],
         )
 
