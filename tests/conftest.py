@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import tempfile
+import textwrap
 from pathlib import Path
 
 # Before transformers / datasets / evaluate are imported anywhere.
@@ -49,3 +52,44 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+# Prepended to every clean-process script: the package may be installed in this interpreter
+# (editable or not), and the child must not see it at all.
+_BLOCK_PACKAGE = textwrap.dedent(
+    """
+    import importlib.abc, sys
+
+    class _NoPackage(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] == "promptehr_hf":
+                raise ModuleNotFoundError(name)
+
+    sys.meta_path.insert(0, _NoPackage())
+    try:
+        import promptehr_hf  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        raise SystemExit("promptehr_hf is importable in the clean process")
+    """
+)
+
+
+@pytest.fixture
+def run_clean_python(tmp_path):
+    """Run a script in a fresh ``python -I`` process that cannot import promptehr_hf, from a
+    folder outside the repo, with its own HF_HOME and offline: what a user who only has the
+    saved checkpoint folder sees. Returns the CompletedProcess (stdout/stderr as text)."""
+
+    def run(script: str, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+        path = tmp_path / "clean_child.py"
+        path.write_text(_BLOCK_PACKAGE + textwrap.dedent(script))
+        cwd = tmp_path / "elsewhere"
+        cwd.mkdir(exist_ok=True)
+        env = {"PATH": os.environ.get("PATH", ""), "HOME": str(tmp_path), "HF_HOME": str(tmp_path / "hf_home"),
+               "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_WAIT_POLICY": "PASSIVE"}
+        return subprocess.run([sys.executable, "-I", str(path), *map(str, args)], cwd=cwd, env=env,
+                              capture_output=True, text=True, timeout=timeout)
+
+    return run

@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -228,21 +226,7 @@ def test_generate_matches_teacher_forcing_and_no_cache(model, batch):
 # --------------------------------------------------------------------------- saving, remote code
 _FRESH = textwrap.dedent(
     """
-    import importlib.abc, os, sys
-
-    class _NoPackage(importlib.abc.MetaPathFinder):
-        # The venv has promptehr_hf installed; this process must not see it at all.
-        def find_spec(self, name, path=None, target=None):
-            if name.split(".")[0] == "promptehr_hf":
-                raise ModuleNotFoundError(name)
-
-    sys.meta_path.insert(0, _NoPackage())
-    try:
-        import promptehr_hf  # noqa: F401
-    except ImportError:
-        pass
-    else:
-        raise SystemExit("promptehr_hf is importable in the fresh process")
+    import os, sys
 
     import torch
     from safetensors.torch import load_file, save_file
@@ -265,7 +249,7 @@ _FRESH = textwrap.dedent(
 )
 
 
-def test_saved_model_loads_as_remote_code_in_fresh_process(model, batch, tmp_path):
+def test_saved_model_loads_as_remote_code_in_fresh_process(model, batch, tmp_path, run_clean_python):
     folder = tmp_path / "checkpoint"
     model.save_pretrained(folder)
     files = sorted(os.listdir(folder))
@@ -282,20 +266,7 @@ def test_saved_model_loads_as_remote_code_in_fresh_process(model, batch, tmp_pat
         expected = model(**inputs).logits
     expected_generated = model.generate(**batch, max_new_tokens=4, do_sample=False)
 
-    (tmp_path / "fresh.py").write_text(_FRESH)
-    cwd = tmp_path / "elsewhere"
-    cwd.mkdir()
-    env = {
-        "PATH": os.environ.get("PATH", ""),
-        "HOME": str(tmp_path),
-        "HF_HOME": str(tmp_path / "hf_home"),
-        "HF_HUB_OFFLINE": "1",
-        "TRANSFORMERS_OFFLINE": "1",
-    }
-    proc = subprocess.run(
-        [sys.executable, "-I", str(tmp_path / "fresh.py"), str(folder)],
-        cwd=cwd, env=env, capture_output=True, text=True, timeout=120,
-    )
+    proc = run_clean_python(_FRESH, folder, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.split()[-1] == "PromptEHRForConditionalGeneration"
     assert proc.stdout.split()[-2].startswith("transformers_modules.")  # the copied remote code ran

@@ -5,9 +5,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import subprocess
-import sys
-import sysconfig
 import textwrap
 
 import pytest
@@ -195,16 +192,9 @@ def test_save_and_load_round_trip(tmp_path):
 # package is invisible); only the interpreter's site-packages is put back for transformers.
 _CHILD = textwrap.dedent("""
     import json, sys
-    sys.path.append(sys.argv[1])
-    try:
-        import promptehr_hf
-    except ImportError:
-        pass
-    else:
-        raise SystemExit("promptehr_hf is importable in the clean process: " + repr(promptehr_hf.__path__))
     from transformers import AutoTokenizer
-    tok = AutoTokenizer.from_pretrained(sys.argv[2], trust_remote_code=True)
-    patients = json.loads(open(sys.argv[3]).read())
+    tok = AutoTokenizer.from_pretrained(sys.argv[1], trust_remote_code=True)
+    patients = json.loads(open(sys.argv[2]).read())
     print(json.dumps({
         "class": type(tok).__module__ + "." + type(tok).__name__,
         "ids": [tok.encode_patient(p["visits"]) for p in patients],
@@ -213,12 +203,12 @@ _CHILD = textwrap.dedent("""
         "code_probs": {str(k): v for k, v in tok.code_probs.items()},
         "category_children": {str(k): v for k, v in tok.category_children.items()},
         "pad": tok.pad({"input_ids": [[1, 2], [1]]})["input_ids"],
-        "modules": sorted(m for m in sys.modules if "promptehr" in m),
+        "package_modules": sorted(m for m in sys.modules if m.split(".")[0] == "promptehr_hf"),
     }))
 """)
 
 
-def test_autotokenizer_in_a_clean_process(tmp_path):
+def test_autotokenizer_in_a_clean_process(tmp_path, run_clean_python):
     train, other = _cohort(60, 3), _cohort(20, 4)
     other[0]["visits"].append(["4011", "71234"])  # unseen code and unseen category
     tok = PromptEHRTokenizer.from_patients(train, min_code_count=2)
@@ -226,19 +216,11 @@ def test_autotokenizer_in_a_clean_process(tmp_path):
     tok.save_pretrained(save_dir)
     patients = train + other
     (tmp_path / "patients.json").write_text(json.dumps(patients))
-    workdir = tmp_path / "elsewhere"
-    workdir.mkdir()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "HF_", "TRANSFORMERS_"))}
-    env.update(HF_HOME=str(tmp_path / "hf_home"), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    proc = subprocess.run(
-        [sys.executable, "-I", "-S", "-c", _CHILD, sysconfig.get_paths()["purelib"], str(save_dir),
-         str(tmp_path / "patients.json")],
-        cwd=workdir, env=env, capture_output=True, text=True, timeout=300,
-    )
+    proc = run_clean_python(_CHILD, save_dir, tmp_path / "patients.json")
     assert proc.returncode == 0, proc.stderr[-3000:]
     child = json.loads(proc.stdout.strip().splitlines()[-1])
     assert child["class"].startswith("transformers_modules.") and child["class"].endswith(".PromptEHRTokenizer")
-    assert child["modules"] == [m for m in child["modules"] if m.startswith("transformers_modules")]
+    assert child["package_modules"] == []
     tok.reset_fallback_counts()
     assert child["ids"] == [tok.encode_patient(p["visits"]) for p in patients]
     assert child["visits"] == [tok.decode_visits(tok.encode_patient(p["visits"])) for p in patients]
