@@ -18,8 +18,8 @@ test split holds, and every cohort is scored against the TRAINING split with the
 Rows (each an ablation of one choice against ``default``; the defaults are examples/train.py's
 and ``generate_patients``'): training choices (co-occurrence loss off; code order seq_num /
 hierarchical against the default shuffle; the budget, ``--minutes`` vs ``--long-minutes``) and
-generation choices on the default model (stage two by the model's scores vs the training
-P(code | category); greedy decoding vs ancestral sampling at temperature 1; visit length decided
+generation choices on the default model (stage two by the model's scores vs the default, the
+training P(code | category); greedy decoding vs ancestral sampling at temperature 1; visit length decided
 by the model vs drawn from the data). Writes ``benchmarks/results/fidelity.json`` and
 ``fidelity.md`` (the table, with each DESIGN.md target marked met or missed), and the default
 model's full report (plots) under ``--work-dir``.
@@ -52,7 +52,7 @@ TRAINING = {
 }
 # Generation variants of the default model: generate_patients keyword arguments.
 GENERATION = {
-    "stage_two_empirical": {"stage_two": "empirical"},
+    "stage_two_model": {"stage_two": "model"},
     "greedy": {"greedy": True},
     "visit_length_model": {"visit_length": "model"},
 }
@@ -201,8 +201,8 @@ def markdown(result: dict) -> str:
     lines = ["# Fidelity benchmark", "",
              f"Cohort: {result['cohort']}. Split: {result['n_train']:,} train / {result['n_test']:,} test patients; "
              f"every row scored against the training split; each model generates {result['n_test']:,} patients. "
-             f"Training budget {result['minutes']} min (budget_long: {result['long_minutes']} min) on "
-             f"{result['cpus']} CPU cores.", "",
+             f"Training budget {result['minutes']} min (budget_long: {result['long_minutes']} min), each run on "
+             f"one core of {result['cpus']} (two runs at a time).", "",
              "| row | " + " | ".join(label for _, label in COLUMNS) + " | train min | steps |",
              "|---" * (len(COLUMNS) + 3) + "|"]
     for name in order:

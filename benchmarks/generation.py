@@ -159,7 +159,7 @@ def main(argv: list[str] | None = None) -> None:
         return ds, stats, time.perf_counter() - t0
 
     # 1, 2, 5 (batch 256): stage two by the model, default visit-length control.
-    ds, stats, wall = run(args.n, batch_size=args.batch_size)
+    ds, stats, wall = run(args.n, batch_size=args.batch_size, stage_two="model")
     gen = structure(ds)
     result["unconditional_model_stage_two"] = {
         "patients": len(ds), "batch_size": args.batch_size, "wall_seconds": wall, "patients_per_second": len(ds) / wall,

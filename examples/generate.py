@@ -47,7 +47,8 @@ def main(argv: list[str] | None = None) -> None:
     train = load_prepared(data_dir)["train"] if (data_dir / "train.parquet").exists() else None
 
     # 2. Unconditional: age, sex and visit counts from the prior; codes per visit from the
-    #    training distribution (visit_length="data"); codes inside a category by the model.
+    #    training distribution (visit_length="data"); codes inside a category by the training
+    #    P(code | category) (stage_two="empirical").
     #    exclude_patients drops any synthetic patient identical to a training one.
     cohort, stats = generate_patients(model, tokenizer, args.n, prior=prior, seed=args.seed, exclude_patients=train)
     print(f"unconditional: {len(cohort)} patients, {stats['mean_visits_per_patient']:.2f} visits/patient, "
@@ -55,10 +56,10 @@ def main(argv: list[str] | None = None) -> None:
           f"{stats['patients_per_second']:.1f} patients/s")
     print("first patient:", cohort[0])
 
-    # 3. Stage two by training frequencies P(code | category) instead of the model's scores.
-    empirical, _ = generate_patients(model, tokenizer, 50, prior=prior, stage_two="empirical", seed=args.seed,
-                                     progress=False)
-    print("empirical stage two:", empirical[0]["visits"])
+    # 3. Stage two by the model's scores instead of the training frequencies P(code | category).
+    by_model, _ = generate_patients(model, tokenizer, 50, prior=prior, stage_two="model", seed=args.seed,
+                                    progress=False)
+    print("stage two by the model:", by_model[0]["visits"])
 
     # 4. Conditional: given demographics (n_visits optional: drawn from the prior when absent).
     demographics = [{"age": 0.0, "sex": "F", "n_visits": 1}, {"age": 67.0, "sex": "M", "n_visits": 3},

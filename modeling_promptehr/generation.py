@@ -24,6 +24,13 @@ each visit is drawn from the training distribution given age band and visit inde
 the seed's own), and the grammar forbids ``</v>`` before it and forces it at it. ``"model"`` lets
 the model decide (capped at ``max_codes``).
 
+Stage two (``stage_two="empirical"``, the default): the code inside a sampled category is drawn
+from the training P(code | category); ``"model"`` samples it from the model's scores,
+``"uniform"`` uniformly. The fidelity benchmark chose the default: on the 46,520-patient simulated
+cohort, empirical against model gave code JS 0.021 vs 0.040, within-visit pair R² 0.888 vs 0.863
+and coverage of frequent codes 0.91 vs 0.70 (benchmarks/results/fidelity.md): a briefly trained
+model concentrates on the frequent codes of a category.
+
 Python API: :func:`generate_patients`; CLI: ``promptehr generate`` (:func:`add_arguments`, :func:`run`).
 """
 
@@ -411,7 +418,7 @@ def generate_patients(
     demographics=None,
     seed_patients=None,
     seed_visits: int = 1,
-    stage_two: str = "model",
+    stage_two: str = "empirical",
     visit_length: str = "data",
     max_codes: int | None = None,
     batch_size: int = 256,
@@ -708,7 +715,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--out", required=True, help="output folder: MIMIC-III CSVs, synthetic.parquet, generation_stats.json")
     parser.add_argument("--n", type=int, default=None, help="number of patients (unconditional; seeded: draw n seeds)")
     parser.add_argument("--mode", choices=MODES, default="unconditional")
-    parser.add_argument("--stage-two", choices=STAGE_TWO_MODES, default="model", help="code sampling after a category")
+    parser.add_argument("--stage-two", choices=STAGE_TWO_MODES, default="empirical",
+                        help="code sampling after a category (default: training P(code | category))")
     parser.add_argument("--visit-length", choices=VISIT_LENGTHS, default="data",
                         help="data: codes per visit from the training distribution; model: the model ends visits")
     parser.add_argument("--max-codes", type=int, default=None, help="cap on codes per visit with --visit-length model")

@@ -419,7 +419,7 @@ def visit_logits_processors(
     sexes: Sequence,
     n_codes=None,
     max_codes: int | None = None,
-    stage_two: str = "model",
+    stage_two: str = "empirical",
     temperature: float = 1.0,
     cms: bool = True,
     edit_table: CMSEditTable | None = None,
