@@ -227,7 +227,8 @@ def main(argv=None) -> dict:
 
     out = Path(args.out)
     previous = json.loads(out.read_text()) if out.is_file() and args.only else {}
-    rows = dict(previous.get("rows", {}))
+    known = {"floor", "baseline", *TRAINING, *GENERATION}  # rows of variants since removed are dropped
+    rows = {name: row for name, row in previous.get("rows", {}).items() if name in known}
     only = set(args.only.split(",")) if args.only else None
     wanted = lambda name: only is None or name in only  # noqa: E731
 
