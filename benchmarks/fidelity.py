@@ -260,11 +260,11 @@ def main(argv=None) -> dict:
         "meta": result_meta or previous.get("meta"),
         "rows": rows,
         "targets": targets(rows),
-        "benchmark_minutes": round((time.perf_counter() - t_start) / 60, 1) + previous.get("benchmark_minutes", 0),
+        "benchmark_minutes": round((time.perf_counter() - t_start) / 60 + previous.get("benchmark_minutes", 0), 1),
     }
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(result, indent=1, default=float, allow_nan=True) + "\n")
+    tmp.write_text(json.dumps(result, indent=1, default=float) + "\n")
     os.replace(tmp, out)
     out.with_suffix(".md").write_text(markdown(result))
     print(markdown(result))
