@@ -351,6 +351,9 @@ def _run_plan(model, tokenizer, plan: _Plan, *, index, edit_table, stage_two, ma
 
     device = next(model.parameters()).device
     gen_cfg = _generation_config(model, tokenizer)
+    # Empirical / uniform stage two never reads the model's code scores: the LM head computes
+    # only the columns the grammar offers the model (<pad>, <v>, </v>, categories).
+    columns = None if stage_two == "model" else index.head_ids
     sex_index = np.array([SEXES.index(s) for s in plan.sexes], dtype=np.int64)
     counters = {"visits_generated": 0, "ungrammatical_visits": 0, "visits_with_duplicate_code": 0,
                 "visits_short_of_target": 0, "empty_visits": 0, "generate_calls": 0}
@@ -386,6 +389,7 @@ def _run_plan(model, tokenizer, plan: _Plan, *, index, edit_table, stage_two, ma
                 x_cat=torch.tensor(sex_index[rows], dtype=torch.long, device=device)[:, None],
                 logits_processor=processors,
                 generation_config=cfg,
+                logits_columns=columns,
             )
             counters["generate_calls"] += 1
             ungrammatical, duplicate = check_visits(index, out[:, 1:])

@@ -376,6 +376,7 @@ class PromptEHRForConditionalGeneration(PromptEHRPreTrainedModel, GenerationMixi
         inputs_embeds: torch.Tensor | None = None,
         decoder_inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
+        logits_columns: torch.LongTensor | None = None,
         **kwargs,
     ) -> PromptEHRSeq2SeqLMOutput:
         """Shapes: input_ids/attention_mask [B, T_enc] (encoder history; masks cover tokens only);
@@ -383,7 +384,9 @@ class PromptEHRForConditionalGeneration(PromptEHRPreTrainedModel, GenerationMixi
         after decoder_start_token_id); x_num [B, n_num] float, raw (age in years); x_cat
         [B, n_cat] long (sex F=0, M=1). Keyword-only ``age_labels`` [B] (years) and
         ``sex_labels`` [B] default, when labels are given, to the x_num / x_cat columns named by
-        config.age/sex_feature_index.
+        config.age/sex_feature_index. ``logits_columns`` [K] long: compute the LM head for these
+        vocabulary ids only and set the other logits to -inf (generation whose processors never
+        read the other scores, e.g. PromptEHR's empirical stage two; not with ``labels``).
         Returns PromptEHRSeq2SeqLMOutput; logits [B, T_dec, vocab]."""
         # Not named parameters on purpose: Trainer treats every forward parameter containing
         # "label" as a label name and silently reports no eval_loss when one is absent.
@@ -413,7 +416,13 @@ class PromptEHRForConditionalGeneration(PromptEHRPreTrainedModel, GenerationMixi
             **kwargs,
         )
         hidden = outputs.last_hidden_state
-        logits = self.lm_head(hidden)
+        if logits_columns is None:
+            logits = self.lm_head(hidden)
+        else:
+            if labels is not None:
+                raise ValueError("logits_columns is for generation; the loss needs every logit")
+            logits = hidden.new_full((*hidden.shape[:-1], self.config.vocab_size), float("-inf"))
+            logits[..., logits_columns] = nn.functional.linear(hidden, self.lm_head.weight[logits_columns])
 
         # Masked mean over this call's decoder tokens; padding is excluded by the decoder mask
         # (its last T columns: under a cache it covers all tokens so far) or else by the labels.

@@ -139,6 +139,47 @@ def test_processors_stop_when_categories_run_out(tokenizer):
     assert all(set(tokenizer.decode_visits(row)[0]) == allowed for row in out)
 
 
+def test_chain_equals_the_processors_one_by_one(tokenizer):
+    """VisitLogitsProcessor (one gather/scatter per step) gives the scores of the same processors
+    applied one after the other to [B, V] scores, at every kind of step."""
+    g = torch.Generator().manual_seed(4)
+    index = VocabIndex(tokenizer)
+    B = 48
+    ages = [float(a) for a in np.resize([0.0, 8.0, 30.0, 60.0, 89.0], B)]
+    sexes = ["F", "M"] * (B // 2)
+    for mode in ("model", "empirical"):
+        (chain,) = visit_logits_processors(index, ages, sexes, n_codes=np.resize([1, 3, 6], B), stage_two=mode,
+                                           temperature=0.8, sample=False)
+        ids = torch.full((B, 1), tokenizer.bos_token_id)
+        for _ in range(2 * 6 + 3):
+            scores = torch.randn(B, index.size, generator=g) * 3
+            expected = scores
+            for p in chain.processors:
+                expected = p(ids, expected)
+            got = chain(ids, scores)
+            assert torch.equal(torch.isfinite(got), torch.isfinite(expected))
+            torch.testing.assert_close(got[torch.isfinite(got)], expected[torch.isfinite(expected)])
+            ids = torch.cat([ids, torch.multinomial(torch.softmax(got, -1), 1, generator=g)], 1)
+        assert not check_visits(index, ids[:, 1:])[0].any()
+
+
+def test_block_sampler_draws_categories_from_the_softmax(tokenizer):
+    """At a category step the sampler, drawing over the blocks only, follows softmax(scores)."""
+    index = VocabIndex(tokenizer)
+    reps = 20000
+    procs = visit_logits_processors(index, [40.0] * reps, ["F"] * reps, n_codes=[3] * reps, stage_two="model",
+                                    cms=False, sample=True)
+    ids = torch.tensor([[tokenizer.bos_token_id, tokenizer.visit_start_id]]).expand(reps, -1)
+    torch.manual_seed(5)
+    scores = torch.randn(1, index.size).expand(reps, -1) * 2
+    drawn = procs(ids, scores).argmax(-1)
+    p = torch.softmax(scores[0, index.category_ids], -1).numpy()  # only categories after <v>
+    counts = np.bincount(index.category_pos[drawn].numpy(), minlength=len(index.category_ids) + 1)
+    assert counts[-1] == 0  # every draw is a category
+    q = counts[:-1] / reps
+    assert _js(p, q) < 0.01
+
+
 def test_model_length_respects_cap_and_allows_early_end(tokenizer):
     index = VocabIndex(tokenizer)
     procs = visit_logits_processors(index, [50.0] * 64, ["F"] * 64, n_codes=None, max_codes=5, cms=False)
@@ -184,7 +225,7 @@ def test_stage_two_weighs_categories_by_their_allowed_mass(tokenizer, mode):
     """Rejection semantics: a man picks C:V84 only with the mass of its codes he may receive."""
     index = VocabIndex(tokenizer)
     procs = visit_logits_processors(index, [40.0, 40.0], ["M", "F"], n_codes=[3, 3], stage_two=mode)
-    stage_two = procs[0]
+    stage_two = procs[0].processors[0]
     ids = torch.tensor([[tokenizer.bos_token_id, tokenizer.visit_start_id]] * 2)
     v84 = tokenizer.convert_tokens_to_ids("C:V84")
     kids = tokenizer.category_children[v84]
@@ -198,7 +239,8 @@ def test_stage_two_weighs_categories_by_their_allowed_mass(tokenizer, mode):
     # After a V84 code is written, the category keeps only the mass of its unused codes.
     used = max(q, key=q.get)
     ids2 = torch.tensor([[tokenizer.bos_token_id, tokenizer.visit_start_id, v84, used]])
-    out2 = visit_logits_processors(index, [40.0], ["F"], n_codes=[3], stage_two=mode)[0](ids2, torch.zeros(1, index.size))
+    out2 = visit_logits_processors(index, [40.0], ["F"], n_codes=[3], stage_two=mode)[0].processors[0](
+        ids2, torch.zeros(1, index.size))
     assert out2[0, v84].item() == pytest.approx(np.log(1 - q[used]), abs=1e-5)
 
 
