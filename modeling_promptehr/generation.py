@@ -47,6 +47,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from transformers.cache_utils import Cache, DynamicCache, DynamicLayer, EncoderDecoderCache
 
 from promptehr_hf.datasets_scripts.schema import AGE_CAP, SEXES
 from promptehr_hf.modeling_promptehr.logits_processors import (
@@ -344,6 +345,38 @@ def _pad(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torc
     return ids.to(device), mask.to(device)
 
 
+class _GrowingLayer(DynamicLayer):
+    """A DynamicLayer whose key/value buffers grow by doubling, so that a step copies only its new
+    token (DynamicLayer's ``torch.cat`` copies the whole cache at every step: 5-15% of a batch-256
+    step for long visits). ``keys``/``values`` are views of the filled part of the buffers."""
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        if getattr(self, "_view", None) is not self.keys:  # first call, or keys replaced (crop, reorder)
+            self._n = self.keys.shape[-2] if self.keys.numel() else 0
+            self._k, self._v = (self.keys, self.values) if self._n else (None, None)
+        n, m = self._n, key_states.shape[-2]
+        if self._k is None or n + m > self._k.shape[-2]:
+            k = key_states.new_empty(*key_states.shape[:-2], max(16, 2 * (n + m)), key_states.shape[-1])
+            v = torch.empty_like(k)
+            if n:
+                k[..., :n, :] = self._k[..., :n, :]
+                v[..., :n, :] = self._v[..., :n, :]
+            self._k, self._v = k, v
+        self._k[..., n:n + m, :] = key_states
+        self._v[..., n:n + m, :] = value_states
+        self._n = n + m
+        self.keys, self.values = self._k[..., : self._n, :], self._v[..., : self._n, :]
+        self._view = self.keys
+        return self.keys, self.values
+
+
+def _visit_cache() -> EncoderDecoderCache:
+    """Decoder self-attention in growing buffers; cross-attention (written once) as usual."""
+    return EncoderDecoderCache(Cache(layer_class_to_replicate=_GrowingLayer), DynamicCache())
+
+
 def _run_plan(model, tokenizer, plan: _Plan, *, index, edit_table, stage_two, max_codes, batch_size,
               greedy, temperature, top_k, top_p, cms, max_history_length, progress) -> dict:
     """Generate every missing visit of ``plan`` in place; returns counters."""
@@ -354,6 +387,7 @@ def _run_plan(model, tokenizer, plan: _Plan, *, index, edit_table, stage_two, ma
     # Empirical / uniform stage two never reads the model's code scores: the LM head computes
     # only the columns the grammar offers the model (<pad>, <v>, </v>, categories).
     columns = None if stage_two == "model" else index.head_ids
+    start = torch.tensor([[model.config.decoder_start_token_id, tokenizer.visit_start_id]], device=device)
     sex_index = np.array([SEXES.index(s) for s in plan.sexes], dtype=np.int64)
     counters = {"visits_generated": 0, "ungrammatical_visits": 0, "visits_with_duplicate_code": 0,
                 "visits_short_of_target": 0, "empty_visits": 0, "generate_calls": 0}
@@ -381,14 +415,16 @@ def _run_plan(model, tokenizer, plan: _Plan, *, index, edit_table, stage_two, ma
                 sample=not greedy, top_k=top_k, top_p=top_p,
             )
             cfg = copy.copy(gen_cfg)
-            cfg.max_new_tokens = max_new_tokens_for(longest)
+            cfg.max_new_tokens = max_new_tokens_for(longest) - 1  # <v> is given
             out = model.generate(
                 input_ids=input_ids,
                 attention_mask=attention_mask,
+                decoder_input_ids=start.expand(len(rows), -1),  # the grammar would force <v> first
                 x_num=torch.tensor(plan.ages[rows], dtype=torch.float32, device=device)[:, None],
                 x_cat=torch.tensor(sex_index[rows], dtype=torch.long, device=device)[:, None],
                 logits_processor=processors,
                 generation_config=cfg,
+                past_key_values=_visit_cache(),
                 logits_columns=columns,
             )
             counters["generate_calls"] += 1

@@ -273,6 +273,25 @@ def test_cms_edit_classes_stand_for_their_codes(tokenizer):
 
 
 # ---------------------------------------------------------------------------------- prior
+def test_growing_cache_matches_the_dynamic_cache():
+    """_GrowingLayer (buffers grow by doubling) returns what DynamicLayer's torch.cat returns,
+    also after its keys were replaced from outside (as crop or beam reordering do)."""
+    from transformers.cache_utils import DynamicLayer
+
+    from promptehr_hf.modeling_promptehr.generation import _GrowingLayer
+
+    g = torch.Generator().manual_seed(0)
+    grow, plain = _GrowingLayer(), DynamicLayer()
+    for step, width in enumerate([5, 1, 1, 1, 13, 1, 1, 30, 1]):
+        k, v = torch.randn(3, 2, width, 4, generator=g), torch.randn(3, 2, width, 4, generator=g)
+        got, want = grow.update(k, v), plain.update(k, v)
+        assert all(torch.equal(a, b) for a, b in zip(got, want))
+        if step == 5:
+            grow.crop(-2)
+            plain.crop(-2)
+    assert grow.get_seq_length() == plain.get_seq_length() == 52
+
+
 def test_cohort_prior_round_trip_and_sampling(cohort, prior, tmp_path):
     path = prior.save(tmp_path)
     assert path.endswith(PRIOR_FILE)
