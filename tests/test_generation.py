@@ -292,6 +292,29 @@ def test_growing_cache_matches_the_dynamic_cache():
     assert grow.get_seq_length() == plain.get_seq_length() == 52
 
 
+def test_batch_bounds_are_the_cheapest_cuts():
+    """_batch_bounds: batches of at most batch_size rows whose summed cost is the minimum over all
+    ways to cut the sorted rows (brute force on small cases), never above fixed-size batches."""
+    import itertools
+
+    from promptehr_hf.modeling_promptehr.generation import STEP_COST_IN_ROWS, _batch_bounds
+
+    def cost(targets, bounds):
+        return sum((2 * targets[hi - 1] + 2) * (STEP_COST_IN_ROWS + hi - lo) for lo, hi in zip(bounds[:-1], bounds[1:]))
+
+    rng = np.random.default_rng(0)
+    for n, size in [(1, 3), (7, 3), (9, 4), (10, 10)]:
+        targets = np.sort(rng.integers(1, 40, n))
+        bounds = _batch_bounds(targets, size)
+        assert bounds[0] == 0 and bounds[-1] == n and max(np.diff(bounds)) <= size
+        every = [[0, *cuts, n] for k in range(n) for cuts in itertools.combinations(range(1, n), k)
+                 if max(np.diff([0, *cuts, n])) <= size]
+        assert cost(targets, bounds) == min(cost(targets, b) for b in every)
+    targets = np.sort(rng.integers(1, 40, 1000))
+    fixed = [*range(0, 1000, 256), 1000]
+    assert cost(targets, _batch_bounds(targets, 256)) < cost(targets, fixed)
+
+
 def test_cohort_prior_round_trip_and_sampling(cohort, prior, tmp_path):
     path = prior.save(tmp_path)
     assert path.endswith(PRIOR_FILE)
