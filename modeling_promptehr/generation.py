@@ -40,6 +40,7 @@ Python API: :func:`generate_patients`; CLI: ``promptehr generate`` (:func:`add_a
 from __future__ import annotations
 
 import copy
+import inspect
 import json
 import os
 import shutil
@@ -413,8 +414,10 @@ def _run_plan(model, tokenizer, plan: _Plan, *, index, edit_table, stage_two, ma
     device = next(model.parameters()).device
     gen_cfg = _generation_config(model, tokenizer)
     # Empirical / uniform stage two never reads the model's code scores: the LM head computes
-    # only the columns the grammar offers the model (<pad>, <v>, </v>, categories).
-    columns = None if stage_two == "model" else index.head_ids
+    # only the columns the grammar offers the model (<pad>, <v>, </v>, categories). Checkpoints
+    # saved with an older modeling file (remote code) do not take logits_columns.
+    accepts = "logits_columns" in inspect.signature(model.forward).parameters
+    columns = {"logits_columns": index.head_ids} if stage_two != "model" and accepts else {}
     start = torch.tensor([[model.config.decoder_start_token_id, tokenizer.visit_start_id]], device=device)
     sex_index = np.array([SEXES.index(s) for s in plan.sexes], dtype=np.int64)
     counters = {"visits_generated": 0, "ungrammatical_visits": 0, "visits_with_duplicate_code": 0,
@@ -455,7 +458,7 @@ def _run_plan(model, tokenizer, plan: _Plan, *, index, edit_table, stage_two, ma
                 logits_processor=processors,
                 generation_config=cfg,
                 past_key_values=_visit_cache(),
-                logits_columns=columns,
+                **columns,
             )
             counters["generate_calls"] += 1
             ungrammatical, duplicate = check_visits(index, out[:, 1:])
