@@ -384,6 +384,29 @@ def test_empirical_stage_two_end_to_end(model, tokenizer, prior):
     assert checked >= 3
 
 
+def test_logits_columns_only_for_models_that_take_it(model, tokenizer, prior):
+    """Empirical stage two asks the model for the non-code columns only, and leaves that out for
+    a model whose forward does not take logits_columns (remote code saved before it): same
+    patients either way, since those scores are never read."""
+    seen = []
+
+    class Older(PromptEHRForConditionalGeneration):
+        def forward(self, input_ids=None, attention_mask=None, decoder_input_ids=None, decoder_attention_mask=None,
+                    x_num=None, x_cat=None, encoder_outputs=None, past_key_values=None, use_cache=None, **kwargs):
+            seen.append("logits_columns" in kwargs)
+            return super().forward(input_ids=input_ids, attention_mask=attention_mask, decoder_input_ids=decoder_input_ids,
+                                   decoder_attention_mask=decoder_attention_mask, x_num=x_num, x_cat=x_cat,
+                                   encoder_outputs=encoder_outputs, past_key_values=past_key_values, use_cache=use_cache,
+                                   **kwargs)
+
+    older = Older(model.config).eval()
+    older.load_state_dict(model.state_dict())
+    new, _ = generate_patients(model, tokenizer, 40, prior=prior, seed=3, progress=False)
+    old, _ = generate_patients(older, tokenizer, 40, prior=prior, seed=3, progress=False)
+    assert seen and not any(seen)
+    assert new["visits"] == old["visits"]
+
+
 def test_conditional_and_model_length(model, tokenizer, prior):
     demo = [{"age": 0.0, "sex": "M", "n_visits": 2}, {"age": 34.0, "sex": "F"}, {"age": 71.5, "sex": "M", "n_visits": 3}] * 10
     ds, stats = generate_patients(model, tokenizer, mode="conditional", demographics=demo, prior=prior,
