@@ -233,6 +233,7 @@ class StageTwoLogitsProcessor(VisitBlockProcessor):
             n_kids = torch.cat([allowed_per_category(index, None)[0], torch.ones(1, device=index.device)])
             self.log_q = torch.where(index.generable, -n_kids[index.code_category_pos].log(), NEG_INF)
         self._log_q_t = self.log_q * self.temperature
+        self._q = self.log_q.exp()
         self._mass = None  # [B or 1, n_cat] stage-two mass not forbidden, on first category step
 
     def process(self, step, kid, head):
@@ -244,7 +245,7 @@ class StageTwoLogitsProcessor(VisitBlockProcessor):
             kid = torch.where(code, self._log_q_t.to(kid.dtype)[step.kids], kid)
             head = head.masked_fill(code, NEG_INF)
         if bool(step.open.any()):  # weight each category by its allowed stage-two mass
-            q = self.log_q.exp()
+            q = self._q
             if self._mass is None:
                 self._mass = allowed_per_category(index, self.codes_forbidden, weight=q)
             mass = self._mass
@@ -282,15 +283,17 @@ class CMSEditLogitsProcessor(VisitBlockProcessor):
         ages: B ages in years; sexes: B values "F"/"M" (or 0/1, F=0).
         edit_table: a :class:`CMSEditTable` built once and reused across batches.
 
-    Attributes: ``codes_forbidden`` [B, V] bool; ``categories_forbidden`` [B, n_cat] bool (in
-    ``index.category_ids`` order).
+    Attributes: ``codes_forbidden`` [B, V] bool; ``codes_allowed_per_category`` [B, n_cat] float
+    (:func:`allowed_per_category`, in ``index.category_ids`` order); ``categories_forbidden``
+    [B, n_cat] bool (no code allowed).
     """
 
     def __init__(self, index: VocabIndex, ages: Sequence[float], sexes: Sequence, edit_table: "CMSEditTable | None" = None):
         self.index = index
         table = edit_table if edit_table is not None else CMSEditTable(index)
         self.codes_forbidden = table.forbidden_codes(ages, sexes).to(index.device)
-        self.categories_forbidden = allowed_per_category(index, self.codes_forbidden) == 0
+        self.codes_allowed_per_category = allowed_per_category(index, self.codes_forbidden)
+        self.categories_forbidden = self.codes_allowed_per_category == 0
 
     def process(self, step, kid, head):
         kid = kid.masked_fill(self.codes_forbidden.gather(1, step.kids), NEG_INF)
@@ -390,10 +393,13 @@ class VisitGrammarLogitsProcessor(VisitBlockProcessor):
         codes_forbidden: [B, V] bool codes the row may never receive (the CMS processor's
             ``codes_forbidden``), or None.
         no_repeat: codes already in the visit are unavailable (NoRepeatCodeLogitsProcessor is on).
+        available: ``allowed_per_category(index, codes_forbidden)`` if already computed (the CMS
+            processor's ``codes_allowed_per_category``); computed on the first call otherwise.
     """
 
     def __init__(self, index: VocabIndex, n_codes=None, max_codes: int | None = None,
-                 codes_forbidden: torch.Tensor | None = None, no_repeat: bool = True):
+                 codes_forbidden: torch.Tensor | None = None, no_repeat: bool = True,
+                 available: torch.Tensor | None = None):
         self.index, self.no_repeat = index, no_repeat
         if n_codes is None:
             if max_codes is None or max_codes < 1:
@@ -405,7 +411,7 @@ class VisitGrammarLogitsProcessor(VisitBlockProcessor):
                 raise ValueError("VisitGrammarLogitsProcessor: every target visit length must be >= 1")
             self.min_codes = self.max_codes = n_codes
         self.codes_forbidden = codes_forbidden
-        self._available = None  # [B or 1, n_cat] statically available codes per category, on first call
+        self._available = available  # [B or 1, n_cat] statically available codes per category
 
     def process(self, step, kid, head):
         index = self.index
@@ -547,18 +553,18 @@ def visit_logits_processors(
         sample: end with :func:`sampling_processors` (use with ``generate(do_sample=False)``);
             without it, pass temperature / top_k / top_p to generate's own sampling instead.
     """
-    forbidden = None
+    forbidden = available = None
     constraints: list[LogitsProcessor] = [NoRepeatCodeLogitsProcessor(index)]
     if cms:
         cms_processor = CMSEditLogitsProcessor(index, ages, sexes, edit_table=edit_table)
         constraints.append(cms_processor)
-        forbidden = cms_processor.codes_forbidden
+        forbidden, available = cms_processor.codes_forbidden, cms_processor.codes_allowed_per_category
     processors: list[LogitsProcessor] = [
         StageTwoLogitsProcessor(index, stage_two, temperature=temperature, codes_forbidden=forbidden, no_repeat=True),
         *constraints,
     ]
     processors.append(VisitGrammarLogitsProcessor(index, n_codes=n_codes, max_codes=max_codes,
-                                                  codes_forbidden=forbidden, no_repeat=True))
+                                                  codes_forbidden=forbidden, no_repeat=True, available=available))
     if sample:
         processors += sampling_processors(temperature, top_k, top_p, index=index)
     return LogitsProcessorList([VisitLogitsProcessor(index, processors)])
