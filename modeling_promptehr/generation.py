@@ -3,16 +3,18 @@
 An outer loop writes visit t of every patient that needs one (all first visits, then all second
 visits, ...), pooling the patients of a round into batches of ``batch_size`` rows. For one batch
 the encoder reads each patient's demographics (``x_num`` = raw age, ``x_cat`` = sex, F=0/M=1)
-and history (``tokenizer.encode_history(visits[:t])``); ``model.generate`` (KV cache) writes one
-visit per row, from ``<v>`` on, under the LogitsProcessors of :mod:`.logits_processors` (grammar,
-stage-two code sampling, no repeated code, CMS age/sex edits, visit-length control), so every
-record is valid by construction. Under empirical or uniform stage two the model's code scores are
-never read, so the LM head computes only the ~1,000 non-code columns (``logits_columns``). Ancestral sampling (temperature 1 by default; top-k / top-p optional) happens at
-the end of that processor list and ``generate`` then decodes greedily over its one-hot output;
-``greedy=True`` drops the sampler (argmax decoding, for the ablation). The rows of a round are
-sorted by target length and history length (less encoder padding) and cut into batches of at
-most ``batch_size`` by :func:`_batch_bounds`, which weighs the steps a batch decodes past its
-finished rows against the cost of one more ``generate`` call.
+and history (``tokenizer.encode_history(visits[:t])``), in chunks of similar history length
+(:func:`_encode_histories`); ``model.generate`` (KV cache) then writes one visit per row, from
+``<v>`` on, under the LogitsProcessors of :mod:`.logits_processors` (grammar, stage-two code
+sampling, no repeated code, CMS age/sex edits, visit-length control), so every record is valid by
+construction. Its decoding loop is :func:`~.decoding.visit_decoding` (``custom_generate``), which
+runs the processors and the LM head on the ~1,000 columns the grammar can allow instead of the
+whole vocabulary. Ancestral sampling (temperature 1 by default; top-k / top-p optional) happens
+at the end of the processor chain, which leaves one finite score per row; ``greedy=True`` drops
+the sampler (argmax decoding, for the ablation). The rows of a round are sorted by target length
+and history length and cut into batches of at most ``batch_size`` by :func:`_batch_bounds`,
+which weighs the steps a batch decodes past its finished rows against the cost of one more
+``generate`` call.
 
 Modes:
 - ``unconditional``: age, sex and number of visits drawn from the :class:`CohortPrior` stored with
@@ -40,7 +42,6 @@ Python API: :func:`generate_patients`; CLI: ``promptehr generate`` (:func:`add_a
 from __future__ import annotations
 
 import copy
-import inspect
 import json
 import os
 import shutil
@@ -52,8 +53,10 @@ from pathlib import Path
 import numpy as np
 import torch
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer, EncoderDecoderCache
+from transformers.modeling_outputs import BaseModelOutput
 
 from promptehr_hf.datasets_scripts.schema import AGE_CAP, SEXES
+from promptehr_hf.modeling_promptehr.decoding import visit_decoding
 from promptehr_hf.modeling_promptehr.logits_processors import (
     STAGE_TWO_MODES,
     CMSEditTable,
@@ -328,9 +331,10 @@ def _generation_config(model, tokenizer):
     cfg.eos_token_id = tokenizer.visit_end_id
     cfg.pad_token_id = tokenizer.pad_token_id
     cfg.decoder_start_token_id = model.config.decoder_start_token_id
-    # The grammar already does both; naming them keeps a BART-style default from forcing </s>.
-    cfg.forced_bos_token_id = tokenizer.visit_start_id
-    cfg.forced_eos_token_id = tokenizer.visit_end_id
+    # The grammar does both; a BART-style default would force </s> (and visit_decoding runs the
+    # visit chain alone).
+    cfg.forced_bos_token_id = None
+    cfg.forced_eos_token_id = None
     cfg.no_repeat_ngram_size = 0
     cfg.repetition_penalty = 1.0
     cfg.min_length = 0
@@ -347,6 +351,42 @@ def _pad(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torc
         ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
         mask[i, : len(r)] = 1
     return ids.to(device), mask.to(device)
+
+
+# Rows per encoder call when a batch's histories differ in length (see _encode_histories).
+ENCODER_CHUNK_ROWS = 32
+
+
+@torch.no_grad()
+def _encode_histories(model, histories: list[list[int]], x_num: torch.Tensor, x_cat: torch.Tensor, pad_id: int,
+                      device) -> tuple[BaseModelOutput, torch.Tensor]:
+    """Run the encoder on ``histories`` in chunks of similar length; returns (BaseModelOutput with
+    last_hidden_state [B, num_prompts + T, d_model], token attention_mask [B, T]) for generate's
+    ``encoder_outputs``, T being the longest history.
+
+    A batch is sorted by target visit length, so its histories vary (5 to 250 tokens in later
+    rounds) and one padded encoder call would spend most of its work on padding: the encoder is
+    compute-bound at ~30 us per row-token at batch 256. Chunks of rows sorted by history length
+    pay almost none. Padded positions stay masked out of cross-attention, as in one call."""
+    lengths = np.array([len(h) for h in histories])
+    _, mask = _pad(histories, pad_id, device)
+    if lengths.min() == lengths.max():
+        chunks = [np.arange(len(histories))]
+    else:
+        order = np.argsort(lengths, kind="stable")
+        chunks = [order[i: i + ENCODER_CHUNK_ROWS] for i in range(0, len(order), ENCODER_CHUNK_ROWS)]
+    encoder = model.get_encoder()
+    hidden = None
+    for rows in chunks:
+        ids, chunk_mask = _pad([histories[j] for j in rows], pad_id, device)
+        out = encoder(input_ids=ids, attention_mask=chunk_mask, x_num=x_num[rows], x_cat=x_cat[rows]).last_hidden_state
+        if len(chunks) == 1:
+            return BaseModelOutput(last_hidden_state=out), mask
+        if hidden is None:
+            width = out.shape[1] - ids.shape[1] + mask.shape[1]  # prompts + the longest history
+            hidden = out.new_zeros(len(histories), width, out.shape[2])
+        hidden[torch.from_numpy(rows).to(device), : out.shape[1]] = out
+    return BaseModelOutput(last_hidden_state=hidden), mask
 
 
 class _GrowingLayer(DynamicLayer):
@@ -407,17 +447,12 @@ def _batch_bounds(targets: np.ndarray, batch_size: int) -> list[int]:
 
 
 def _run_plan(model, tokenizer, plan: _Plan, *, index, edit_table, stage_two, max_codes, batch_size,
-              greedy, temperature, top_k, top_p, cms, max_history_length, progress) -> dict:
+              greedy, temperature, top_k, top_p, cms, max_history_length, progress, custom_decoding) -> dict:
     """Generate every missing visit of ``plan`` in place; returns counters."""
     from tqdm.auto import tqdm
 
     device = next(model.parameters()).device
     gen_cfg = _generation_config(model, tokenizer)
-    # Empirical / uniform stage two never reads the model's code scores: the LM head computes
-    # only the columns the grammar offers the model (<pad>, <v>, </v>, categories). Checkpoints
-    # saved with an older modeling file (remote code) do not take logits_columns.
-    accepts = "logits_columns" in inspect.signature(model.forward).parameters
-    columns = {"logits_columns": index.head_ids} if stage_two != "model" and accepts else {}
     start = torch.tensor([[model.config.decoder_start_token_id, tokenizer.visit_start_id]], device=device)
     sex_index = np.array([SEXES.index(s) for s in plan.sexes], dtype=np.int64)
     counters = {"visits_generated": 0, "ungrammatical_visits": 0, "visits_with_duplicate_code": 0,
@@ -439,7 +474,11 @@ def _run_plan(model, tokenizer, plan: _Plan, *, index, edit_table, stage_two, ma
         for lo, hi in zip(bounds[:-1], bounds[1:]):
             sel = order[lo: min(hi, len(order))]
             rows = todo[sel]
-            input_ids, attention_mask = _pad([histories[j] for j in sel], tokenizer.pad_token_id, device)
+            x_num = torch.tensor(plan.ages[rows], dtype=torch.float32, device=device)[:, None]
+            x_cat = torch.tensor(sex_index[rows], dtype=torch.long, device=device)[:, None]
+            encoder_outputs, attention_mask = _encode_histories(
+                model, [histories[j] for j in sel], x_num, x_cat, tokenizer.pad_token_id, device
+            )
             n_codes = None if targets is None else torch.from_numpy(targets[sel])
             longest = max_codes if n_codes is None else int(n_codes.max())
             processors = visit_logits_processors(
@@ -450,15 +489,15 @@ def _run_plan(model, tokenizer, plan: _Plan, *, index, edit_table, stage_two, ma
             cfg = copy.copy(gen_cfg)
             cfg.max_new_tokens = max_new_tokens_for(longest) - 1  # <v> is given
             out = model.generate(
-                input_ids=input_ids,
+                encoder_outputs=encoder_outputs,
                 attention_mask=attention_mask,
                 decoder_input_ids=start.expand(len(rows), -1),  # the grammar would force <v> first
-                x_num=torch.tensor(plan.ages[rows], dtype=torch.float32, device=device)[:, None],
-                x_cat=torch.tensor(sex_index[rows], dtype=torch.long, device=device)[:, None],
+                x_num=x_num,
+                x_cat=x_cat,
                 logits_processor=processors,
                 generation_config=cfg,
                 past_key_values=_visit_cache(),
-                **columns,
+                custom_generate=visit_decoding if custom_decoding else None,
             )
             counters["generate_calls"] += 1
             ungrammatical, duplicate = check_visits(index, out[:, 1:])
@@ -505,6 +544,7 @@ def generate_patients(
     max_history_length: int | None = None,
     first_subject_id: int = 1,
     progress: bool = True,
+    custom_decoding: bool = True,
 ):
     """Generate synthetic patients.
 
@@ -537,6 +577,10 @@ def generate_patients(
             order) equal one of theirs are dropped and counted (``stats["copies_dropped"]``).
         max_history_length: encoder tokens for the history (default: the trainer's source length).
         first_subject_id: subject_id of the first output patient (ids are consecutive).
+        custom_decoding: decode with :func:`~.decoding.visit_decoding` (``generate``'s
+            ``custom_generate``: the processors and the model's LM head work on the grammar's
+            column blocks only); False runs transformers' own loop over the whole vocabulary
+            (the same patients, slower).
 
     Returns:
         (datasets.Dataset in the patient schema, stats dict).
@@ -585,6 +629,7 @@ def generate_patients(
                 model, tokenizer, plan, index=index, edit_table=edit_table, stage_two=stage_two,
                 max_codes=int(max_codes), batch_size=batch_size, greedy=greedy, temperature=temperature,
                 top_k=top_k, top_p=top_p, cms=cms, max_history_length=max_history_length, progress=progress,
+                custom_decoding=custom_decoding,
             )
     finally:
         model.train(was_training)

@@ -106,6 +106,8 @@ class VocabIndex:
         self.kid_ok[pos, rank] = True
         specials = torch.tensor([self.pad_id, self.visit_start_id, self.visit_end_id], dtype=torch.long)
         self.head_ids = torch.cat([specials, self.category_ids])
+        if not bool((self.head_ids[1:] > self.head_ids[:-1]).all()):  # VisitStep.select relies on it
+            raise ValueError("VocabIndex: expected the ids <pad> < <v> < </v> < every category (PromptEHRTokenizer's layout)")
         self.tokens = tokenizer.convert_ids_to_tokens(list(range(n_tok))) + [""] * (size - n_tok)
 
     def to(self, device) -> "VocabIndex":
@@ -168,6 +170,17 @@ class VisitStep:
         """[B, V] scores -> (kid block [B, K], padding at -inf; head block [B, H])."""
         self.index.check_width(scores)
         return scores.gather(1, self.kids).masked_fill(~self.kid_ok, NEG_INF), scores[:, self.index.head_ids]
+
+    def select(self, kid: torch.Tensor, head: torch.Tensor) -> torch.Tensor:
+        """[B] next token ids: the best-scoring block column of each row, the lowest token id on a
+        tie, as argmax over the scattered [B, V] scores would pick (both blocks are in ascending
+        token order, so each block's first maximum is its lowest id)."""
+        kid = kid.masked_fill(~self.kid_ok, NEG_INF)
+        k, h = kid.argmax(1, keepdim=True), head.argmax(1, keepdim=True)
+        kid_best, head_best = kid.gather(1, k)[:, 0], head.gather(1, h)[:, 0]
+        kid_id, head_id = self.kids.gather(1, k)[:, 0], self.index.head_ids[h[:, 0]]
+        take_kid = (kid_best > head_best) | ((kid_best == head_best) & (kid_id < head_id))
+        return torch.where(take_kid, kid_id, head_id)
 
     def scatter(self, kid: torch.Tensor, head: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         """The blocks back as [B, V] scores shaped like ``like``, -inf outside the blocks."""
@@ -502,16 +515,26 @@ class VisitLogitsProcessor(LogitsProcessor):
     def __init__(self, index: VocabIndex, processors: Sequence[LogitsProcessor]):
         self.index, self.processors = index, list(processors)
 
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        step = VisitStep(self.index, input_ids)
-        kid, head = step.gather(scores)
+    @property
+    def reads_code_scores(self) -> bool:
+        """Whether the model's scores of code tokens matter: not when the chain opens with an
+        empirical or uniform stage two, which replaces them before anything reads them."""
+        first = self.processors[0] if self.processors else None
+        return not (isinstance(first, StageTwoLogitsProcessor) and first.mode != "model")
+
+    def process(self, step: VisitStep, kid: torch.Tensor, head: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run the chain on the blocks of ``step``: (kid [B, K], head [B, H]) -> the same, processed."""
         for p in self.processors:
             if isinstance(p, VisitBlockProcessor):
                 kid, head = p.process(step, kid, head)
             else:
-                both = p(input_ids, torch.cat([kid, head], 1))
+                both = p(step.input_ids, torch.cat([kid, head], 1))
                 kid, head = both[:, : kid.shape[1]], both[:, kid.shape[1]:]
-        return step.scatter(kid, head, like=scores)
+        return kid, head
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        step = VisitStep(self.index, input_ids)
+        return step.scatter(*self.process(step, *step.gather(scores)), like=scores)
 
 
 def sampling_processors(temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,

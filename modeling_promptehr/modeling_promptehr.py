@@ -385,9 +385,10 @@ class PromptEHRForConditionalGeneration(PromptEHRPreTrainedModel, GenerationMixi
         [B, n_cat] long (sex F=0, M=1). Keyword-only ``age_labels`` [B] (years) and
         ``sex_labels`` [B] default, when labels are given, to the x_num / x_cat columns named by
         config.age/sex_feature_index. ``logits_columns`` [K] long: compute the LM head for these
-        vocabulary ids only and set the other logits to -inf (generation whose processors never
-        read the other scores, e.g. PromptEHR's empirical stage two; not with ``labels``).
-        Returns PromptEHRSeq2SeqLMOutput; logits [B, T_dec, vocab]."""
+        vocabulary ids only, as ``logits_to_keep`` does for positions: logits are then
+        [B, T_dec, K], column k scoring token ``logits_columns[k]`` (for decoding loops that read
+        only those scores; not with ``labels``).
+        Returns PromptEHRSeq2SeqLMOutput; logits [B, T_dec, vocab] (or [B, T_dec, K])."""
         # Not named parameters on purpose: Trainer treats every forward parameter containing
         # "label" as a label name and silently reports no eval_loss when one is absent.
         age_labels = kwargs.pop("age_labels", None)
@@ -421,8 +422,7 @@ class PromptEHRForConditionalGeneration(PromptEHRPreTrainedModel, GenerationMixi
         else:
             if labels is not None:
                 raise ValueError("logits_columns is for generation; the loss needs every logit")
-            logits = hidden.new_full((*hidden.shape[:-1], self.config.vocab_size), float("-inf"))
-            logits[..., logits_columns] = nn.functional.linear(hidden, self.lm_head.weight[logits_columns])
+            logits = nn.functional.linear(hidden, self.lm_head.weight[logits_columns])
 
         # Masked mean over this call's decoder tokens; padding is excluded by the decoder mask
         # (its last T columns: under a cache it covers all tokens so far) or else by the labels.

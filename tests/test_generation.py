@@ -384,27 +384,87 @@ def test_empirical_stage_two_end_to_end(model, tokenizer, prior):
     assert checked >= 3
 
 
-def test_logits_columns_only_for_models_that_take_it(model, tokenizer, prior):
-    """Empirical stage two asks the model for the non-code columns only, and leaves that out for
-    a model whose forward does not take logits_columns (remote code saved before it): same
-    patients either way, since those scores are never read."""
+@pytest.mark.parametrize("settings", [
+    dict(stage_two="empirical"),
+    dict(stage_two="model", visit_length="model", max_codes=7),
+    dict(stage_two="uniform", greedy=True),
+    dict(stage_two="empirical", temperature=0.7, top_k=5, top_p=0.9),
+])
+def test_visit_decoding_gives_what_transformers_loop_gives(model, tokenizer, prior, settings):
+    """visit_decoding (the processors and the LM head on the grammar's column blocks) writes the
+    very patients that transformers' own loop writes over the whole vocabulary, same seed."""
+    kwargs = dict(prior=prior, seed=3, batch_size=16, progress=False, **settings)
+    ours, stats = generate_patients(model, tokenizer, 40, **kwargs)
+    theirs, _ = generate_patients(model, tokenizer, 40, custom_decoding=False, **kwargs)
+    _assert_valid(ours, stats)
+    assert ours["visits"] == theirs["visits"]
+
+
+def test_visit_decoding_asks_only_for_the_columns_it_reads(model, tokenizer, prior):
+    """Under empirical stage two the LM head computes the non-code columns only; a model whose
+    forward does not take logits_columns (remote code saved before it) computes them all and
+    gives the same patients."""
     seen = []
 
     class Older(PromptEHRForConditionalGeneration):
         def forward(self, input_ids=None, attention_mask=None, decoder_input_ids=None, decoder_attention_mask=None,
                     x_num=None, x_cat=None, encoder_outputs=None, past_key_values=None, use_cache=None, **kwargs):
-            seen.append("logits_columns" in kwargs)
+            seen.append(kwargs.get("logits_columns"))
             return super().forward(input_ids=input_ids, attention_mask=attention_mask, decoder_input_ids=decoder_input_ids,
                                    decoder_attention_mask=decoder_attention_mask, x_num=x_num, x_cat=x_cat,
                                    encoder_outputs=encoder_outputs, past_key_values=past_key_values, use_cache=use_cache,
                                    **kwargs)
 
+    widths = []
+    hook = model.register_forward_hook(lambda m, a, out: widths.append(out.logits.shape[-1]))
+    try:
+        new, _ = generate_patients(model, tokenizer, 40, prior=prior, seed=3, progress=False)
+    finally:
+        hook.remove()
+    index = VocabIndex(tokenizer, size=model.config.vocab_size)
+    assert set(widths) == {len(index.head_ids)} and len(index.head_ids) < model.config.vocab_size
     older = Older(model.config).eval()
     older.load_state_dict(model.state_dict())
-    new, _ = generate_patients(model, tokenizer, 40, prior=prior, seed=3, progress=False)
     old, _ = generate_patients(older, tokenizer, 40, prior=prior, seed=3, progress=False)
-    assert seen and not any(seen)
+    assert seen and all(c is None for c in seen)
     assert new["visits"] == old["visits"]
+
+
+def test_visit_decoding_runs_only_the_visit_chain(model, tokenizer):
+    """Any other processor would be skipped silently by a loop that works on the blocks: refused."""
+    from transformers import LogitsProcessorList, MinLengthLogitsProcessor
+
+    from promptehr_hf.modeling_promptehr.decoding import visit_decoding
+
+    index = VocabIndex(tokenizer, size=model.config.vocab_size)
+    chain = visit_logits_processors(index, [50.0], ["F"], max_codes=3, sample=True)
+    extra = LogitsProcessorList([*chain, MinLengthLogitsProcessor(2, eos_token_id=tokenizer.visit_end_id)])
+    batch = dict(input_ids=torch.tensor([[tokenizer.bos_token_id, tokenizer.eos_token_id]]),
+                 x_num=torch.tensor([[50.0]]), x_cat=torch.tensor([[0]]), max_new_tokens=9, do_sample=False)
+    out = model.generate(**batch, logits_processor=chain, custom_generate=visit_decoding)
+    assert not check_visits(index, out[:, 1:])[0].any()
+    with pytest.raises(ValueError, match="one VisitLogitsProcessor"):
+        model.generate(**batch, logits_processor=extra, custom_generate=visit_decoding)
+
+
+def test_encoder_chunks_equal_one_padded_call(model, tokenizer):
+    """_encode_histories runs rows of similar length together; each row's encoder states are those
+    of one padded call over the whole batch."""
+    from promptehr_hf.modeling_promptehr import generation
+
+    g = torch.Generator().manual_seed(0)
+    lengths = torch.randint(2, 60, (45,), generator=g).tolist()
+    histories = [[tokenizer.bos_token_id] + torch.randint(10, 40, (n - 2,), generator=g).tolist()
+                 + [tokenizer.eos_token_id] for n in lengths]
+    x_num = torch.rand(45, 1, generator=g) * 90
+    x_cat = torch.randint(0, 2, (45, 1), generator=g)
+    out, mask = generation._encode_histories(model, histories, x_num, x_cat, tokenizer.pad_token_id, "cpu")
+    ids, want_mask = generation._pad(histories, tokenizer.pad_token_id, "cpu")
+    with torch.no_grad():
+        want = model.get_encoder()(input_ids=ids, attention_mask=want_mask, x_num=x_num, x_cat=x_cat).last_hidden_state
+    assert torch.equal(mask, want_mask) and out.last_hidden_state.shape == want.shape
+    keep = torch.cat([torch.ones(45, want.shape[1] - ids.shape[1], dtype=torch.long), mask], 1).bool()
+    torch.testing.assert_close(out.last_hidden_state[keep], want[keep], atol=1e-5, rtol=1e-5)
 
 
 def test_conditional_and_model_length(model, tokenizer, prior):

@@ -149,19 +149,14 @@ def test_forward_outputs_and_losses(model, tokenizer, batch):
 
 
 def test_logits_columns_computes_only_those_columns(model, tokenizer, batch):
-    """Generation under a known output vocabulary: the LM head on K columns, -inf elsewhere."""
+    """A decoding loop that reads K known columns gets the LM head on those K only, in order."""
     labels = _labels(tokenizer, [p["visits"][-1] for p in PATIENTS])
     dec = model.prepare_decoder_input_ids_from_labels(labels.clamp(min=0))
     full = model(**batch, decoder_input_ids=dec).logits
-    cols = torch.tensor(sorted(tokenizer.category_ids) + [tokenizer.visit_end_id])
+    cols = torch.tensor([tokenizer.visit_end_id] + sorted(tokenizer.category_ids, reverse=True))
     part = model(**batch, decoder_input_ids=dec, logits_columns=cols).logits
-    torch.testing.assert_close(part[..., cols], full[..., cols])
-    others = torch.ones(full.shape[-1], dtype=torch.bool)
-    others[cols] = False
-    assert torch.isneginf(part[..., others]).all()
-    # generate passes it through to every step.
-    out = model.generate(**batch, max_new_tokens=3, do_sample=False, logits_columns=cols)
-    assert set(out[:, 1:].flatten().tolist()) <= set(cols.tolist()) | {tokenizer.pad_token_id}
+    assert part.shape == (*full.shape[:-1], len(cols))
+    torch.testing.assert_close(part, full[..., cols])
     with pytest.raises(ValueError, match="logits_columns"):
         model(**batch, labels=labels, logits_columns=cols)
 
