@@ -18,7 +18,9 @@ small preset for ``--train-minutes``; then, on ``--threads`` torch threads:
    rounds only hold the patients with that many visits, so a 1,000-patient job spends half its
    time in nearly empty batches (reported too, ``--small-batched-patients``). The rate of the
    10,000-patient run of step 1 is reported beside them;
-6. (ablation) visit length decided by the model, to show why the data-driven length is default.
+6. (ablation) transformers' own decoding loop instead of ``visit_decoding``: speed, and the share of
+   identical patients (same seed);
+7. (ablation) visit length decided by the model, to show why the data-driven length is default.
 Writes benchmarks/results/generation.json.
 """
 
@@ -215,6 +217,20 @@ def main(argv: list[str] | None = None) -> None:
     }
     result["throughput"]["at_least_20x"] = result["throughput"]["speedup"] >= 20
     print(json.dumps(result["throughput"], indent=1))
+
+    # Ablation: transformers' own decoding loop (processors on [B, V] scores) instead of
+    # visit_decoding, on the patients of the first batch-256 round (same seed).
+    if args.batched_patients:
+        seed = args.seed + 100 + args.batch_size
+        ours, _, w_ours = run(args.batched_patients, batch_size=args.batch_size, progress=False, seed=seed)
+        theirs, _, w_theirs = run(args.batched_patients, batch_size=args.batch_size, progress=False, seed=seed,
+                                  custom_decoding=False)
+        same = sum(a == b for a, b in zip(ours["visits"], theirs["visits"]))
+        result["ablation_transformers_loop"] = {
+            "patients": args.batched_patients, "visit_decoding_seconds": w_ours, "transformers_loop_seconds": w_theirs,
+            "visit_decoding_speedup": w_theirs / w_ours, "identical_patients_share": same / args.batched_patients,
+        }
+        print(json.dumps(result["ablation_transformers_loop"], indent=1))
 
     # Ablation: the model decides where a visit ends.
     if args.ablation_patients:

@@ -62,7 +62,8 @@ def visit_decoding(
     if not chain.reads_code_scores and "logits_columns" in inspect.signature(model.forward).parameters:
         columns = index.head_ids
         model_kwargs["logits_columns"] = columns
-    pad = torch.tensor(generation_config.pad_token_id, device=input_ids.device)
+    pad_id = generation_config.pad_token_id
+    pad = torch.tensor(index.pad_id if pad_id is None else pad_id, device=input_ids.device)
     unfinished = torch.ones(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
     first = True
     while True:
@@ -71,6 +72,7 @@ def visit_decoding(
         )
         first = False
         outputs = model(**inputs, return_dict=True)
+        # The cache and masks move on as in transformers' own loop.
         model_kwargs = model._update_model_kwargs_for_generation(
             outputs, model_kwargs, is_encoder_decoder=model.config.is_encoder_decoder
         )

@@ -365,9 +365,10 @@ def _encode_histories(model, histories: list[list[int]], x_num: torch.Tensor, x_
     ``encoder_outputs``, T being the longest history.
 
     A batch is sorted by target visit length, so its histories vary (5 to 250 tokens in later
-    rounds) and one padded encoder call would spend most of its work on padding: the encoder is
+    rounds) and one padded encoder call would spend much of its work on padding: the encoder is
     compute-bound at ~30 us per row-token at batch 256. Chunks of rows sorted by history length
-    pay almost none. Padded positions stay masked out of cross-attention, as in one call."""
+    pay almost none (7% less wall time on a 4,096-patient job). Padded positions stay masked out
+    of cross-attention, as in one call."""
     lengths = np.array([len(h) for h in histories])
     _, mask = _pad(histories, pad_id, device)
     if lengths.min() == lengths.max():

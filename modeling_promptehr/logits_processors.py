@@ -22,7 +22,9 @@ Processors (use :func:`visit_logits_processors` to build the chain in the right 
 At any step a row can only take one of the children of its last category or one of ~1,000
 non-code tokens (:class:`VisitStep`'s two column blocks), so the processors work on those blocks
 and :class:`VisitLogitsProcessor` runs the chain with one gather and one scatter of the [B, V]
-scores per step (each [B, V] pass costs milliseconds at batch 256 on a CPU).
+scores per step (each [B, V] pass costs milliseconds at batch 256 on a CPU). Under
+:func:`~.decoding.visit_decoding` (``generate``'s ``custom_generate``) even those two passes go:
+the loop hands the chain the blocks and picks the token there (:meth:`VisitStep.select`).
 """
 
 from __future__ import annotations
