@@ -32,8 +32,8 @@ the model decide (capped at ``max_codes``).
 Stage two (``stage_two="empirical"``, the default): the code inside a sampled category is drawn
 from the training P(code | category); ``"model"`` samples it from the model's scores,
 ``"uniform"`` uniformly. The fidelity benchmark chose the default: on the 46,520-patient simulated
-cohort, empirical against model gave code JS 0.021 vs 0.040, within-visit pair R² 0.888 vs 0.863
-and coverage of frequent codes 0.91 vs 0.70 (benchmarks/results/fidelity.md): a briefly trained
+cohort, empirical against model gave code JS 0.021 vs 0.040, within-visit pair R² 0.881 vs 0.864
+and coverage of frequent codes 0.91 vs 0.69 (benchmarks/results/fidelity.md): a briefly trained
 model concentrates on the frequent codes of a category.
 
 Python API: :func:`generate_patients`; CLI: ``promptehr generate`` (:func:`add_arguments`, :func:`run`).
@@ -369,20 +369,19 @@ def _encode_histories(model, histories: list[list[int]], x_num: torch.Tensor, x_
     compute-bound at ~30 us per row-token at batch 256. Chunks of rows sorted by history length
     pay almost none (7% less wall time on a 4,096-patient job). Padded positions stay masked out
     of cross-attention, as in one call."""
-    lengths = np.array([len(h) for h in histories])
-    _, mask = _pad(histories, pad_id, device)
-    if lengths.min() == lengths.max():
-        chunks = [np.arange(len(histories))]
-    else:
-        order = np.argsort(lengths, kind="stable")
-        chunks = [order[i: i + ENCODER_CHUNK_ROWS] for i in range(0, len(order), ENCODER_CHUNK_ROWS)]
     encoder = model.get_encoder()
+    lengths = np.array([len(h) for h in histories])
+    if lengths.min() == lengths.max():  # one call, no padding
+        ids, mask = _pad(histories, pad_id, device)
+        out = encoder(input_ids=ids, attention_mask=mask, x_num=x_num, x_cat=x_cat).last_hidden_state
+        return BaseModelOutput(last_hidden_state=out), mask
+    mask = (torch.arange(lengths.max())[None, :] < torch.from_numpy(lengths)[:, None]).long().to(device)
+    order = np.argsort(lengths, kind="stable")
     hidden = None
-    for rows in chunks:
+    for lo in range(0, len(order), ENCODER_CHUNK_ROWS):
+        rows = order[lo: lo + ENCODER_CHUNK_ROWS]
         ids, chunk_mask = _pad([histories[j] for j in rows], pad_id, device)
         out = encoder(input_ids=ids, attention_mask=chunk_mask, x_num=x_num[rows], x_cat=x_cat[rows]).last_hidden_state
-        if len(chunks) == 1:
-            return BaseModelOutput(last_hidden_state=out), mask
         if hidden is None:
             width = out.shape[1] - ids.shape[1] + mask.shape[1]  # prompts + the longest history
             hidden = out.new_zeros(len(histories), width, out.shape[2])
@@ -467,7 +466,7 @@ def _run_plan(model, tokenizer, plan: _Plan, *, index, edit_table, stage_two, ma
         histories = [tokenizer.encode_history(plan.visits[i], max_history_length) for i in todo]
         targets = None if plan.lengths is None else np.array([plan.lengths[i][t] for i in todo], dtype=np.int64)
         # Rows of similar target length and history length share a batch: less decoding past
-        # finished rows, less encoder padding.
+        # finished rows, less cross-attention padding.
         hist_len = np.array([len(h) for h in histories])
         order = np.lexsort((hist_len, targets if targets is not None else np.zeros_like(hist_len)))
         bounds = (range(0, len(order) + batch_size, batch_size) if targets is None
