@@ -73,7 +73,7 @@ class PromptEHRConfig(PretrainedConfig):
     """
 
     model_type = "promptehr"
-    keys_to_ignore_at_inference = ["past_key_values"]
+    keys_to_ignore_at_inference = ["past_key_values", "cache"]
     # num_hidden_layers is what generate() sizes the decoder KV cache with.
     attribute_map = {
         "num_attention_heads": "encoder_attention_heads",

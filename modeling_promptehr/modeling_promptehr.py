@@ -21,6 +21,7 @@ Conventions that make this work inside ``generate()``:
   token positions only (``[B, T_dec, ...]``); ``*_attentions`` keep the prompt positions.
 """
 
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -37,6 +38,17 @@ from transformers.models.bart.modeling_bart import (
 from transformers.utils import can_return_tuple
 
 from .configuration_promptehr import PromptEHRConfig
+
+# transformers 5.24 renamed the KV-cache argument and output field from ``past_key_values`` to
+# ``cache`` (the old name is deprecated); the model passes its cache on under the installed name.
+CACHE_ARG = "cache" if "cache" in inspect.signature(BartDecoder.forward).parameters else "past_key_values"
+
+
+def _one_cache(cache, past_key_values):
+    """The KV cache passed under either name (``cache`` from transformers >= 5.24)."""
+    if cache is not None and past_key_values is not None and cache is not past_key_values:
+        raise ValueError("PromptEHR: pass the KV cache as `cache` or `past_key_values`, not both")
+    return cache if cache is not None else past_key_values
 
 
 def _with_prompt_mask(mask: torch.Tensor | None, n_prompts: int) -> torch.Tensor | None:
@@ -124,7 +136,7 @@ class PromptEHRPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
     _no_split_modules = ["BartEncoderLayer", "BartDecoderLayer", "DemographicPrompt"]
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = [CACHE_ARG]
     _supports_sdpa = True
     # The x_cat range check reads a tensor value (a graph break); eager/sdpa run as usual.
     _can_compile_fullgraph = False
@@ -185,7 +197,7 @@ class PromptEHREncoder(PromptEHRPreTrainedModel, BartEncoder):
 class PromptEHRDecoder(PromptEHRPreTrainedModel, BartDecoder):
     """BART decoder whose inputs are ``[decoder prompts; token embeddings]`` on the first pass.
 
-    The prompts are prepended when ``past_key_values`` holds nothing yet; a cached call only
+    The prompts are prepended when the cache (``cache`` or ``past_key_values``) holds nothing yet; a cached call only
     feeds the new tokens. ``attention_mask`` covers all tokens so far (not the prompts) and
     ``encoder_attention_mask`` the encoder positions (prompts included). Returns
     last_hidden_state [B, T_new, d_model] for the tokens of this call.
@@ -207,13 +219,15 @@ class PromptEHRDecoder(PromptEHRPreTrainedModel, BartDecoder):
         use_cache: bool | None = None,
         x_num: torch.Tensor | None = None,
         x_cat: torch.Tensor | None = None,
+        cache=None,
         **kwargs,
     ):
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("PromptEHRDecoder: pass exactly one of decoder_input_ids or decoder_inputs_embeds")
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
-        past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
+        cache = _one_cache(cache, past_key_values)
+        past_length = cache.get_seq_length() if cache is not None else 0
         n_new = 0
         if past_length == 0:
             prompts = self.prompt(x_num, x_cat, inputs_embeds.shape[0]).to(inputs_embeds.dtype)
@@ -229,8 +243,8 @@ class PromptEHRDecoder(PromptEHRPreTrainedModel, BartDecoder):
             attention_mask=_with_prompt_mask(attention_mask, self.config.num_prompts),
             encoder_hidden_states=encoder_hidden_states,
             encoder_attention_mask=encoder_attention_mask,
-            past_key_values=past_key_values,
             use_cache=use_cache,
+            **{CACHE_ARG: cache},
             **kwargs,
         )
         if n_new:
@@ -281,6 +295,7 @@ class PromptEHRModel(PromptEHRPreTrainedModel):
         inputs_embeds: torch.Tensor | None = None,
         decoder_inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
+        cache=None,
         **kwargs,
     ) -> Seq2SeqModelOutput:
         """Shapes: input_ids/attention_mask [B, T_enc]; decoder_input_ids/decoder_attention_mask
@@ -307,7 +322,7 @@ class PromptEHRModel(PromptEHRPreTrainedModel):
             attention_mask=decoder_attention_mask,
             encoder_hidden_states=encoder_outputs.last_hidden_state,
             encoder_attention_mask=_with_prompt_mask(attention_mask, self.config.num_prompts),
-            past_key_values=past_key_values,
+            cache=_one_cache(cache, past_key_values),
             inputs_embeds=decoder_inputs_embeds,
             use_cache=use_cache,
             x_num=x_num,
@@ -316,7 +331,7 @@ class PromptEHRModel(PromptEHRPreTrainedModel):
         )
         return Seq2SeqModelOutput(
             last_hidden_state=decoder_outputs.last_hidden_state,
-            past_key_values=decoder_outputs.past_key_values,
+            **{CACHE_ARG: getattr(decoder_outputs, CACHE_ARG)},
             decoder_hidden_states=decoder_outputs.hidden_states,
             decoder_attentions=decoder_outputs.attentions,
             cross_attentions=decoder_outputs.cross_attentions,
@@ -377,6 +392,7 @@ class PromptEHRForConditionalGeneration(PromptEHRPreTrainedModel, GenerationMixi
         decoder_inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
         logits_columns: torch.LongTensor | None = None,
+        cache=None,
         **kwargs,
     ) -> PromptEHRSeq2SeqLMOutput:
         """Shapes: input_ids/attention_mask [B, T_enc] (encoder history; masks cover tokens only);
@@ -410,7 +426,7 @@ class PromptEHRForConditionalGeneration(PromptEHRPreTrainedModel, GenerationMixi
             x_num=x_num,
             x_cat=x_cat,
             encoder_outputs=encoder_outputs,
-            past_key_values=past_key_values,
+            cache=_one_cache(cache, past_key_values),
             inputs_embeds=inputs_embeds,
             decoder_inputs_embeds=decoder_inputs_embeds,
             use_cache=use_cache,
@@ -459,7 +475,7 @@ class PromptEHRForConditionalGeneration(PromptEHRPreTrainedModel, GenerationMixi
         return PromptEHRSeq2SeqLMOutput(
             loss=loss,
             logits=logits,
-            past_key_values=outputs.past_key_values,
+            **{CACHE_ARG: getattr(outputs, CACHE_ARG)},
             decoder_hidden_states=outputs.decoder_hidden_states,
             decoder_attentions=outputs.decoder_attentions,
             cross_attentions=outputs.cross_attentions,
