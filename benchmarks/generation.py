@@ -57,7 +57,7 @@ def train_model(work: Path, patients: int, minutes: float, seed: int, train_core
 
 
 def cms_conflicts(ds) -> int:
-    from promptehr_hf.tokenization import icd9
+    from promptehr_hf.datasets_scripts import icd9
 
     codes, ages, sexes = [], [], []
     for age, sex, visits in zip(ds["age"], ds["sex"], ds["visits"]):

@@ -31,7 +31,7 @@ RESULTS = Path(__file__).resolve().parent / "results" / "metrics_speed.json"
 
 def random_cohort(n: int, seed: int, n_clusters: int = 40) -> list[dict]:
     """n patients with MIMIC-like shape (see module docstring); deterministic for a seed."""
-    from promptehr_hf.tokenization import icd9
+    from promptehr_hf.datasets_scripts import icd9
 
     rng = np.random.default_rng(seed)
     # The same code universe and clusters for every seed, so two cohorts share a population.

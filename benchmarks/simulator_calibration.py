@@ -63,7 +63,7 @@ REFERENCE_TOP20 = {
 
 def describe(patients: list[dict]) -> dict:
     """The reference figures of a cohort, plus patients per code."""
-    from promptehr_hf.tokenization import icd9
+    from promptehr_hf.datasets_scripts import icd9
 
     n_adm = np.array([len(p["visits"]) for p in patients])
     n_codes = np.array([len(v) for p in patients for v in p["visits"]])
@@ -130,7 +130,7 @@ def calibration_table(sim: dict) -> tuple[list[dict], dict]:
 
 
 def cms_conflicts(patients: list[dict]) -> dict:
-    from promptehr_hf.tokenization import icd9
+    from promptehr_hf.datasets_scripts import icd9
 
     codes, ages, sexes = [], [], []
     for p in patients:

@@ -27,10 +27,10 @@ import torch
 
 from promptehr_hf.datasets_scripts.simulator import simulate
 from promptehr_hf.modeling_promptehr.configuration_promptehr import PromptEHRConfig
-from promptehr_hf.modeling_promptehr.cooccurrence import category_cooccurrence, tokenizer_categories
-from promptehr_hf.modeling_promptehr.data import PromptEHRDataCollator, build_examples
 from promptehr_hf.modeling_promptehr.modeling_promptehr import PromptEHRForConditionalGeneration
-from promptehr_hf.modeling_promptehr.trainer import PromptEHRTrainer, PromptEHRTrainingArguments
+from promptehr_hf.modeling_promptehr.training.data import PromptEHRDataCollator, build_examples
+from promptehr_hf.modeling_promptehr.training.losses import category_cooccurrence, tokenizer_categories
+from promptehr_hf.modeling_promptehr.training.trainer import PromptEHRTrainer, PromptEHRTrainingArguments
 from promptehr_hf.tokenization.tokenization_promptehr import PromptEHRTokenizer
 
 OUT = Path(__file__).resolve().parent / "results" / "train_step_cost.json"

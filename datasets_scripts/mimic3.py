@@ -40,9 +40,9 @@ import datasets
 import numpy as np
 import pandas as pd
 
+from promptehr_hf.datasets_scripts import icd9
+from promptehr_hf.datasets_scripts.cohort_io import patients_to_dataset
 from promptehr_hf.datasets_scripts.schema import AGE_CAP, PATIENT_FEATURES, SEXES
-from promptehr_hf.modeling_promptehr.cohort_io import patients_to_dataset
-from promptehr_hf.tokenization import icd9
 
 logger = logging.getLogger(__name__)
 

@@ -24,9 +24,9 @@ from pathlib import Path
 import datasets
 import pyarrow.parquet as pq
 
+from promptehr_hf.datasets_scripts.cohort_io import patients_to_dataset, write_parquet
 from promptehr_hf.datasets_scripts.mimic3 import SPLITS, Mimic3Error, read_mimic3, split_patients
 from promptehr_hf.datasets_scripts.schema import PATIENT_FEATURES
-from promptehr_hf.modeling_promptehr.cohort_io import patients_to_dataset, write_parquet
 
 SUMMARY_JSON = "summary.json"
 

@@ -58,7 +58,7 @@ the random stream ``SeedSequence(seed).spawn`` child b, so ``simulate(n, seed)``
 and a smaller cohort is the start of a larger one with the same seed.
 
 CLI: ``promptehr simulate --patients N --seed S --out DIR`` writes MIMIC-III CSVs through
-``promptehr_hf.modeling_promptehr.cohort_io.write_mimic3_csvs``.
+``promptehr_hf.datasets_scripts.cohort_io.write_mimic3_csvs``.
 """
 
 from __future__ import annotations
@@ -71,7 +71,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
+from tqdm.auto import tqdm
 
+from promptehr_hf.datasets_scripts import icd9
+from promptehr_hf.datasets_scripts.cohort_io import write_mimic3_csvs
 from promptehr_hf.datasets_scripts.schema import AGE_CAP, SEXES
 
 # ======================================================================================
@@ -636,7 +639,6 @@ def _segment_cumsum(weights: np.ndarray, seg_len: np.ndarray) -> tuple[np.ndarra
 
 @functools.cache
 def _compiled() -> _Compiled:
-    from promptehr_hf.tokenization import icd9
 
     names = [ph.name for ph in PHENOTYPES]
     conds = [(p, c) for p, ph in enumerate(PHENOTYPES) for c in ph.conditions]
@@ -909,8 +911,6 @@ def simulate(n_patients: int, seed: int = 0, progress: bool = False) -> list[dic
     patients: list[dict] = []
     blocks = range(n_blocks)
     if progress:
-        from tqdm.auto import tqdm
-
         blocks = tqdm(blocks, desc="simulating", unit="block", total=n_blocks)
     for b in blocks:
         # Always a whole block (the last one cut), so a block's patients never depend on n_patients.
@@ -933,8 +933,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from promptehr_hf.modeling_promptehr.cohort_io import write_mimic3_csvs
-
     if args.patients < 1:
         print(f"promptehr simulate: error: --patients must be >= 1, got {args.patients}", file=sys.stderr)
         return 2

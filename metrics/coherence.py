@@ -63,8 +63,8 @@ import numpy as np
 import scipy.sparse as sp
 from scipy.stats import wasserstein_distance
 
+from promptehr_hf.datasets_scripts import icd9
 from promptehr_hf.datasets_scripts import incidence as inc
-from promptehr_hf.tokenization import icd9
 
 
 class Cohort:

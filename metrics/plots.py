@@ -14,16 +14,15 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from promptehr_hf.datasets_scripts import icd9  # noqa: E402
 from promptehr_hf.datasets_scripts import incidence as inc  # noqa: E402
-from promptehr_hf.metrics.coherence import safe_category, cohorts  # noqa: E402
+from promptehr_hf.metrics.coherence import cohorts, safe_category  # noqa: E402
 
 COLORS = {"real": "#333333", "synthetic": "#1f77b4", "floor": "#2ca02c", "baseline": "#ff7f0e"}
 N_TOP_CATEGORIES, N_HEATMAP = 20, 15
 
 
 def _title(code: str) -> str:
-    from promptehr_hf.tokenization import icd9
-
     try:
         t = icd9.title(code)
     except KeyError:

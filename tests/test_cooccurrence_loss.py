@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from promptehr_hf.modeling_promptehr.cooccurrence import (
+from promptehr_hf.modeling_promptehr.training.losses import (
     CooccurrenceLoss,
     load_cooccurrence,
     penalty_weights,
@@ -115,7 +115,7 @@ def test_penalty_weights_and_file_round_trip(tmp_path):
 
 
 def test_category_counts_from_visits():
-    from promptehr_hf.modeling_promptehr.cooccurrence import category_cooccurrence
+    from promptehr_hf.modeling_promptehr.training.losses import category_cooccurrence
 
     patients = [
         {"subject_id": 1, "age": 60.0, "sex": "M", "visits": [["4019", "4011", "25000"], ["4280", "25000"]]},

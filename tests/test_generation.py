@@ -13,13 +13,11 @@ import numpy as np
 import pytest
 import torch
 
+from promptehr_hf.datasets_scripts import icd9
 from promptehr_hf.modeling_promptehr.configuration_promptehr import PromptEHRConfig
-from promptehr_hf.modeling_promptehr.generation import (
-    PRIOR_FILE,
-    CohortPrior,
-    generate_patients,
-)
-from promptehr_hf.modeling_promptehr.logits_processors import (
+from promptehr_hf.modeling_promptehr.generation.pipeline import generate_patients
+from promptehr_hf.modeling_promptehr.generation.prior import PRIOR_FILE, CohortPrior
+from promptehr_hf.modeling_promptehr.generation.processors import (
     CMSEditTable,
     InverseCDFSamplingLogitsProcessor,
     VocabIndex,
@@ -27,7 +25,6 @@ from promptehr_hf.modeling_promptehr.logits_processors import (
     visit_logits_processors,
 )
 from promptehr_hf.modeling_promptehr.modeling_promptehr import PromptEHRForConditionalGeneration
-from promptehr_hf.tokenization import icd9
 from promptehr_hf.tokenization.tokenization_promptehr import PromptEHRTokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -278,7 +275,7 @@ def test_growing_cache_matches_the_dynamic_cache():
     also after its keys were replaced from outside (as crop or beam reordering do)."""
     from transformers.cache_utils import DynamicLayer
 
-    from promptehr_hf.modeling_promptehr.generation import _GrowingLayer
+    from promptehr_hf.modeling_promptehr.generation.decoding import _GrowingLayer
 
     g = torch.Generator().manual_seed(0)
     grow, plain = _GrowingLayer(), DynamicLayer()
@@ -297,7 +294,7 @@ def test_batch_bounds_are_the_cheapest_cuts():
     ways to cut the sorted rows (brute force on small cases), never above fixed-size batches."""
     import itertools
 
-    from promptehr_hf.modeling_promptehr.generation import STEP_COST_IN_ROWS, _batch_bounds
+    from promptehr_hf.modeling_promptehr.generation.pipeline import STEP_COST_IN_ROWS, _batch_bounds
 
     def cost(targets, bounds):
         return sum((2 * targets[hi - 1] + 2) * (STEP_COST_IN_ROWS + hi - lo) for lo, hi in zip(bounds[:-1], bounds[1:]))
@@ -434,7 +431,7 @@ def test_visit_decoding_runs_only_the_visit_chain(model, tokenizer):
     """Any other processor would be skipped silently by a loop that works on the blocks: refused."""
     from transformers import LogitsProcessorList, MinLengthLogitsProcessor
 
-    from promptehr_hf.modeling_promptehr.decoding import visit_decoding
+    from promptehr_hf.modeling_promptehr.generation.decoding import visit_decoding
 
     index = VocabIndex(tokenizer, size=model.config.vocab_size)
     chain = visit_logits_processors(index, [50.0], ["F"], max_codes=3, sample=True)
@@ -450,7 +447,7 @@ def test_visit_decoding_runs_only_the_visit_chain(model, tokenizer):
 def test_encoder_chunks_equal_one_padded_call(model, tokenizer):
     """_encode_histories runs rows of similar length together; each row's encoder states are those
     of one padded call over the whole batch."""
-    from promptehr_hf.modeling_promptehr import generation
+    from promptehr_hf.modeling_promptehr.generation import pipeline as generation
 
     g = torch.Generator().manual_seed(0)
     lengths = torch.randint(2, 60, (45,), generator=g).tolist()
@@ -518,8 +515,8 @@ def test_bad_arguments(model, tokenizer, prior):
 
 # ------------------------------------------------------------------------------------ CLI
 def test_cli_generate_then_prepare_gives_the_same_patients(model, tokenizer, prior, tmp_path):
+    from promptehr_hf.cli import main
     from promptehr_hf.datasets_scripts.prepare import load_prepared
-    from promptehr_hf.modeling_promptehr.cli import main
 
     ckpt = tmp_path / "ckpt"
     model.save_pretrained(ckpt)

@@ -8,7 +8,7 @@ import random
 import numpy as np
 import pytest
 
-from promptehr_hf.tokenization import icd9
+from promptehr_hf.datasets_scripts import icd9
 
 
 def test_table_figures():
@@ -147,7 +147,7 @@ def test_violations_matches_check():
 
 
 def test_data_files_are_small_json(repo_root):
-    data = repo_root / "tokenization" / "data"
+    data = repo_root / "datasets_scripts" / "data"
     files = sorted(data.glob("*.json"))
     assert [f.name for f in files] == ["icd9cm_v32.json", "icd9cm_v32_edits.json"]
     assert sum(f.stat().st_size for f in files) < 2_000_000
@@ -159,7 +159,7 @@ def test_reading_the_tables_is_lazy():
     import subprocess
     import sys
 
-    code = ("from promptehr_hf.tokenization import icd9; "
+    code = ("from promptehr_hf.datasets_scripts import icd9; "
             "assert icd9._tables.cache_info().currsize == 0; "
             "assert icd9._edit_data.cache_info().currsize == 0; "
             "icd9.is_valid('4019'); assert icd9._tables.cache_info().currsize == 1")

@@ -278,7 +278,7 @@ def _cohort(n, seed):
     rng = np.random.default_rng(seed)
     groups = [["4019", "25000", "41401", "2724", "4280", "42731"], ["486", "5990", "51881", "0389", "99592", "5849"]]
     out = []
-    for i in range(n):
+    for _ in range(n):
         g = groups[rng.integers(2)]
         visits = [[str(c) for c in rng.choice(g, size=rng.integers(1, 5), replace=False, p=ZIPF)]
                   for _ in range(rng.integers(1, 3))]
@@ -311,7 +311,7 @@ def test_report_writes_metrics_table_and_plots(tmp_path):
 def test_cli_evaluate_reads_prepared_and_generated_folders(tmp_path):
     import datasets
 
-    from promptehr_hf.modeling_promptehr.cli import main
+    from promptehr_hf.cli import main
 
     prepared, generated = tmp_path / "prepared", tmp_path / "generated"
     prepared.mkdir()

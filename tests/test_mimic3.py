@@ -17,17 +17,17 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from promptehr_hf import cli
 from promptehr_hf.datasets_scripts import prepare as prepare_mod
-from promptehr_hf.datasets_scripts.mimic3 import Mimic3Cohort, Mimic3Error, load_cohort, read_mimic3, split_patients
-from promptehr_hf.datasets_scripts.prepare import load_prepared, prepare
-from promptehr_hf.datasets_scripts.schema import PATIENT_FEATURES
-from promptehr_hf.modeling_promptehr import cli
-from promptehr_hf.modeling_promptehr.cohort_io import (
+from promptehr_hf.datasets_scripts.cohort_io import (
     dataset_to_patients,
     patients_to_dataset,
     write_mimic3_csvs,
     write_parquet,
 )
+from promptehr_hf.datasets_scripts.mimic3 import Mimic3Cohort, Mimic3Error, load_cohort, read_mimic3, split_patients
+from promptehr_hf.datasets_scripts.prepare import load_prepared, prepare
+from promptehr_hf.datasets_scripts.schema import PATIENT_FEATURES
 
 # --------------------------------------------------------------------------- a tiny folder
 
@@ -304,7 +304,7 @@ def test_cli_prepare(demo_dir, tmp_path):
     out = tmp_path / "prepared"
     env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     r = subprocess.run(
-        [sys.executable, "-m", "promptehr_hf.modeling_promptehr.cli", "prepare", "--mimic-dir", str(demo_dir),
+        [sys.executable, "-m", "promptehr_hf.cli", "prepare", "--mimic-dir", str(demo_dir),
          "--out", str(out), "--seed", "1"],
         capture_output=True, text=True, env=env, timeout=120,
     )

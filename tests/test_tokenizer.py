@@ -71,7 +71,7 @@ def test_vocabulary_layout_and_hierarchy():
 
 
 def test_category_rule_matches_the_icd9_tables():
-    icd9 = pytest.importorskip("promptehr_hf.tokenization.icd9")
+    icd9 = pytest.importorskip("promptehr_hf.datasets_scripts.icd9")
     codes = icd9.billable_codes()
     assert len(codes) > 14000
     assert [code_category(c) for c in codes] == [icd9.category(c) for c in codes]

@@ -7,21 +7,22 @@ import json
 import random
 
 import pytest
-
-pytestmark = pytest.mark.usefixtures("one_thread")
 import torch
 from safetensors.torch import load_file
 
 from promptehr_hf.modeling_promptehr.configuration_promptehr import PromptEHRConfig
-from promptehr_hf.modeling_promptehr.cooccurrence import category_cooccurrence, load_cooccurrence, tokenizer_categories
-from promptehr_hf.modeling_promptehr.data import build_examples
 from promptehr_hf.modeling_promptehr.modeling_promptehr import PromptEHRForConditionalGeneration
-from promptehr_hf.modeling_promptehr.trainer import (
-    COMPONENTS,
-    PromptEHRTrainer,
-    PromptEHRTrainingArguments,
+from promptehr_hf.modeling_promptehr.training.data import build_examples
+from promptehr_hf.modeling_promptehr.training.losses import (
+    category_cooccurrence,
+    load_cooccurrence,
+    tokenizer_categories,
 )
+from promptehr_hf.modeling_promptehr.training.trainer import PromptEHRTrainer
+from promptehr_hf.modeling_promptehr.training.training_args import COMPONENTS, PromptEHRTrainingArguments
 from promptehr_hf.tokenization.tokenization_promptehr import PromptEHRTokenizer
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 CODES = ["4019", "25000", "41401", "4280", "42731", "5849", "2724", "51881", "0389", "99592", "486", "2859",
          "5990", "53081", "2449", "496"]
@@ -165,7 +166,7 @@ def test_length_grouped_batches_and_collapse_warning(cohort, tmp_path, caplog):
 def test_time_budget_shortens_the_schedule(cohort, tmp_path, monkeypatch):
     import types
 
-    from promptehr_hf.modeling_promptehr import trainer as trainer_module
+    from promptehr_hf.modeling_promptehr.training import callbacks as trainer_module
 
     clock = iter(range(10**6))  # a fake clock: every reading is one second after the previous one
     monkeypatch.setattr(trainer_module, "time", types.SimpleNamespace(monotonic=lambda: float(next(clock)),
@@ -182,7 +183,7 @@ def test_time_budget_shortens_the_schedule(cohort, tmp_path, monkeypatch):
 def test_time_budget_replans_after_evaluation(cohort, tmp_path, monkeypatch):
     import types
 
-    from promptehr_hf.modeling_promptehr import trainer as trainer_module
+    from promptehr_hf.modeling_promptehr.training import callbacks as trainer_module
 
     # reading k (train begin, then one per step): 2 s per step for 50 steps, then 0.5 s per step
     readings = iter([2.0 * k if k <= 50 else 100 + 0.5 * (k - 50) for k in range(10**4)])

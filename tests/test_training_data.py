@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from promptehr_hf.modeling_promptehr.data import PromptEHRDataCollator, build_examples
+from promptehr_hf.modeling_promptehr.training.data import PromptEHRDataCollator, build_examples
 from promptehr_hf.tokenization.tokenization_promptehr import PromptEHRTokenizer
 
 PATIENTS = [

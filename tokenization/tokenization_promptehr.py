@@ -39,7 +39,7 @@ def code_category(code: str) -> str:
 
 
 def _normalize(code: str) -> str:
-    """Dotless upper-case form, as ``promptehr_hf.tokenization.icd9.normalize`` (which remote code
+    """Dotless upper-case form, as ``promptehr_hf.datasets_scripts.icd9.normalize`` (which remote code
     cannot import): the dot is dropped only after the category (``"401.9"``, ``"E880.0"``)."""
     c = str(code).strip().upper()
     head, dot, tail = c.partition(".")

@@ -9,7 +9,6 @@ description.
 import evaluate
 
 from promptehr_hf.datasets_scripts.schema import COHORT_FEATURES
-
 from promptehr_hf.metrics import coherence as _coherence
 
 _CITATION = """\

@@ -10,7 +10,6 @@ figure; it is this module's description.
 import evaluate
 
 from promptehr_hf.datasets_scripts.schema import COHORT_FEATURES
-
 from promptehr_hf.metrics import privacy as _privacy
 
 _CITATION = """\

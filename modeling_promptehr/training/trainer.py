@@ -28,99 +28,25 @@ from __future__ import annotations
 import logging
 import math
 import os
-import re
-import time
-from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+import torch.distributed as dist
+from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers import Trainer
 from transformers.trainer import TRAINING_ARGS_NAME
 
-from promptehr_hf.modeling_promptehr.cooccurrence import (
-    CooccurrenceLoss,
-    save_cooccurrence,
-    tokenizer_categories,
-)
-from promptehr_hf.modeling_promptehr.data import CODE_ORDERS, PromptEHRDataCollator
+from .callbacks import GenerationMonitorCallback, TimeBudgetCallback, TrainingHousekeepingCallback
+from .data import PromptEHRDataCollator
+from .losses import CooccurrenceLoss, save_cooccurrence, tokenizer_categories
+from .training_args import COMPONENTS, PromptEHRTrainingArguments
 
 logger = logging.getLogger(__name__)
 
-COMPONENTS = ("lm", "age", "sex", "cooc")
-WEIGHTING_MODES = ("fixed", "scheduled", "learned")
 LOG_VAR_BOUND = 6.0
 LOSS_WEIGHTS_FILE = "loss_weights.safetensors"
 TRAINING_ARGS_JSON = "training_args.json"
-
-
-@dataclass
-class PromptEHRTrainingArguments(TrainingArguments):
-    """TrainingArguments plus the PromptEHR loss, data and monitoring settings.
-
-    Defaults changed from TrainingArguments: ``remove_unused_columns=False`` (the collator reads
-    raw example columns), ``train_sampling_strategy="group_by_length"`` (histories range from
-    nothing to hundreds of tokens), ``prediction_loss_only=True`` (never gather [B, T, V] logits).
-    """
-
-    w_age: float = field(default=0.1, metadata={"help": "weight of the age regression loss"})
-    w_sex: float = field(default=0.1, metadata={"help": "weight of the sex classification loss"})
-    w_cooc: float = field(default=0.1, metadata={"help": "weight of the category co-occurrence loss"})
-    loss_weighting: str = field(default="fixed", metadata={"help": f"one of {WEIGHTING_MODES}"})
-    loss_schedule: str | None = field(default=None, metadata={
-        "help": "scheduled mode: comma list of component:weight@step, e.g. 'sex:0@500,cooc:0.05@1000' "
-                "(from that optimizer step on)"})
-    loss_weights_learning_rate: float = field(default=1e-2, metadata={
-        "help": "learned mode: learning rate of the log-variances"})
-    cooc_tau: float = field(default=5.0, metadata={"help": "pairs seen in fewer training visits are penalised"})
-    code_order: str = field(default="shuffle", metadata={"help": f"order of codes in a visit: {CODE_ORDERS}"})
-    mask_prob: float = field(default=0.15, metadata={"help": "BART token masking of history codes"})
-    delete_prob: float = field(default=0.1, metadata={"help": "BART span deletion share of history codes"})
-    keep_target_prob: float = field(default=0.0, metadata={
-        "help": "chance of showing part of the target visit to the encoder (PromptEHR)"})
-    max_source_length: int = field(default=256, metadata={"help": "encoder tokens (newest visits kept)"})
-    max_target_length: int = field(default=96, metadata={"help": "decoder tokens of the target visit"})
-    eval_generate_patients: int = field(default=64, metadata={
-        "help": "patients generated at each evaluation to watch diversity (0: off)"})
-    eval_generate_batch_size: int = field(default=64, metadata={"help": "batch size of that generation"})
-    collapse_min_distinct_codes: int = field(default=50, metadata={
-        "help": "warn (mode collapse) when the generated cohort has fewer distinct codes"})
-    dead_loss_ratio: float = field(default=0.01, metadata={
-        "help": "warn when a weighted loss component falls below this share of its first logged value"})
-    max_minutes: float | None = field(default=None, metadata={
-        "help": "time budget of this run in minutes: the schedule is shortened to the steps that fit "
-                "(measured after 50 steps), and training stops (saving) when the time is up"})
-    remove_unused_columns: bool = False
-    train_sampling_strategy: str = "group_by_length"
-    prediction_loss_only: bool = True
-
-    def __post_init__(self):
-        super().__post_init__()
-        if self.loss_weighting not in WEIGHTING_MODES:
-            raise ValueError(f"loss_weighting must be one of {WEIGHTING_MODES}, got {self.loss_weighting!r}")
-        if (self.loss_schedule is not None) != (self.loss_weighting == "scheduled"):
-            raise ValueError("loss_schedule is given exactly when loss_weighting='scheduled'")
-        if self.code_order not in CODE_ORDERS:
-            raise ValueError(f"code_order must be one of {CODE_ORDERS}, got {self.code_order!r}")
-        if min(self.w_age, self.w_sex, self.w_cooc) < 0:
-            raise ValueError("loss weights must be >= 0")
-        self.parsed_schedule()  # fail early on a malformed schedule
-
-    def base_weights(self) -> dict[str, float]:
-        return {"lm": 1.0, "age": self.w_age, "sex": self.w_sex, "cooc": self.w_cooc}
-
-    def parsed_schedule(self) -> list[tuple[int, str, float]]:
-        """``loss_schedule`` as (step, component, weight), sorted by step."""
-        if not self.loss_schedule:
-            return []
-        out = []
-        for item in self.loss_schedule.split(","):
-            m = re.fullmatch(r"\s*(\w+)\s*:\s*([0-9.eE+-]+)\s*@\s*(\d+)\s*", item)
-            if m is None or m.group(1) not in COMPONENTS:
-                raise ValueError(f"loss_schedule item {item!r}: expected component:weight@step with component in "
-                                 f"{COMPONENTS}")
-            out.append((int(m.group(3)), m.group(1), float(m.group(2))))
-        return sorted(out)
 
 
 class PromptEHRTrainer(Trainer):
@@ -192,7 +118,7 @@ class PromptEHRTrainer(Trainer):
         self._first_raw: dict[str, float] = {}
         self._dead: set[str] = set()
 
-        self.add_callback(_TrainingHousekeeping(self))
+        self.add_callback(TrainingHousekeepingCallback(self))
         if eval_patients is not None and args.eval_generate_patients > 0:
             self.add_callback(GenerationMonitorCallback(self, eval_patients, prior=prior, generate_fn=generate_fn))
         if args.max_minutes is not None:
@@ -347,8 +273,6 @@ class PromptEHRTrainer(Trainer):
         super()._save_optimizer_and_scheduler(output_dir)
         # Optimizer state holds the log-variances' moments, not their values: save those too.
         if self.loss_log_vars is not None and self.args.should_save:
-            from safetensors.torch import save_file
-
             save_file({"log_vars": self.loss_log_vars.detach().cpu()}, os.path.join(output_dir, LOSS_WEIGHTS_FILE),
                       metadata={"components": ",".join(COMPONENTS)})
 
@@ -356,16 +280,12 @@ class PromptEHRTrainer(Trainer):
         super()._load_optimizer_and_scheduler(checkpoint)
         path = None if checkpoint is None else os.path.join(checkpoint, LOSS_WEIGHTS_FILE)
         if self.loss_log_vars is not None and path is not None and os.path.isfile(path):
-            from safetensors.torch import load_file
-
             with torch.no_grad():
                 self.loss_log_vars.copy_(load_file(path)["log_vars"].to(self.loss_log_vars.device))
 
 
 def _all_reduce_mean(grad: torch.Tensor) -> torch.Tensor:
     """Average a non-DDP parameter's gradient over processes (DDP only syncs the model's)."""
-    import torch.distributed as dist
-
     if dist.is_available() and dist.is_initialized():
         grad = grad.clone()
         dist.all_reduce(grad)
@@ -373,171 +293,3 @@ def _all_reduce_mean(grad: torch.Tensor) -> torch.Tensor:
     return grad
 
 
-class _TrainingHousekeeping(TrainerCallback):
-    """Tells the collator the epoch (its shuffles and noise are a function of it); undoes
-    Trainer's ``align_special_tokens`` (it would set ``config.eos_token_id`` to the tokenizer's
-    ``</s>``, while the decoder writes one visit and must stop at ``</v>``); zeroes the learned
-    log-variances' gradient after each optimizer step (Trainer zeroes only the model's)."""
-
-    def __init__(self, trainer):
-        self.trainer = trainer
-        self.special = {
-            name: (getattr(trainer.model.config, name, None), getattr(trainer.model.generation_config, name, None))
-            for name in ("eos_token_id", "bos_token_id", "pad_token_id")
-        } if hasattr(trainer.model, "generation_config") else {}
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        for name, (config_value, generation_value) in self.special.items():
-            setattr(self.trainer.model.config, name, config_value)
-            setattr(self.trainer.model.generation_config, name, generation_value)
-
-    def on_optimizer_step(self, args, state, control, **kwargs):
-        if self.trainer.loss_log_vars is not None:
-            self.trainer.loss_log_vars.grad = None
-
-    def on_epoch_begin(self, args, state, control, **kwargs):
-        if hasattr(self.trainer.data_collator, "epoch"):
-            # state.epoch is the float progress (mid-epoch after a resume): its floor is the epoch
-            self.trainer.data_collator.epoch = int((state.epoch or 0.0) + 1e-9)
-
-
-def default_generate(model, tokenizer, n: int, *, prior=None, batch_size: int = 64, seed: int = 0,
-                     max_history_length: int | None = None):
-    """A small unconditional cohort through the package's generation loop (issue 7's API)."""
-    from promptehr_hf.modeling_promptehr.generation import generate_patients
-
-    cohort, _ = generate_patients(model, tokenizer, n, mode="unconditional", prior=prior, batch_size=batch_size,
-                                  seed=seed, max_history_length=max_history_length, progress=False)
-    return cohort
-
-
-class GenerationMonitorCallback(TrainerCallback):
-    """At each evaluation: generate a small cohort and log its diversity, so that mode collapse
-    shows during training (the prototype collapsed to 31 codes and nobody saw it until after).
-
-    Logs (keys ``gen_*``, beside the evaluation's): ``gen_distinct_codes``,
-    ``gen_distinct_codes_real`` (distinct codes of as many real patients), ``gen_top_code_share``
-    (share of patients holding the most common code), ``gen_code_js`` (code JS divergence vs
-    the real patients), ``gen_codes_per_visit``, ``gen_collapse`` (1 when distinct codes fall
-    below ``args.collapse_min_distinct_codes``, with a loud ``logger.warning``).
-    Runs on the main process only; the model goes back to train mode afterwards.
-
-    Args:
-        trainer: the PromptEHRTrainer (for the model, tokenizer and ``log``).
-        real_patients: patient dicts or a Dataset (validation split).
-        prior: CohortPrior of the training split (ages, sexes, visit counts and lengths).
-        generate_fn: ``fn(model, tokenizer, n, *, prior, batch_size, seed, max_history_length)``
-            -> patients; default :func:`default_generate`.
-    """
-
-    def __init__(self, trainer, real_patients, prior=None, generate_fn=None):
-        self.trainer = trainer
-        self.real = real_patients
-        self.prior = prior
-        self.generate_fn = generate_fn or default_generate
-
-    def on_evaluate(self, args, state, control, **kwargs):
-        if not state.is_world_process_zero:
-            return control
-        from promptehr_hf.metrics.coherence import coherence
-
-        model = self.trainer.model
-        was_training = model.training
-        n = args.eval_generate_patients
-        t0 = time.perf_counter()
-        try:
-            cohort = self.generate_fn(model, self.trainer.processing_class, n, prior=self.prior,
-                                      batch_size=args.eval_generate_batch_size, seed=args.seed + state.global_step,
-                                      max_history_length=args.max_source_length)
-        finally:
-            model.train(was_training)
-        real_same_n = self.real.select(range(min(n, len(self.real)))) if hasattr(self.real, "select") \
-            else list(self.real)[:n]
-        m = coherence(cohort, self.real)
-        distinct = int(m["distinct_codes"])
-        logs = {
-            "gen_distinct_codes": distinct,
-            "gen_distinct_codes_real": int(coherence(real_same_n, self.real)["distinct_codes"]),
-            "gen_top_code_share": float(m["top_code_share"]),
-            "gen_code_js": float(m["code_js"]),
-            "gen_codes_per_visit": float(m["codes_per_visit_mean"]),
-            "gen_collapse": int(distinct < args.collapse_min_distinct_codes),
-            "gen_seconds": time.perf_counter() - t0,
-        }
-        if logs["gen_collapse"]:
-            logger.warning(
-                "MODE COLLAPSE? step %d: %d generated patients use only %d distinct codes (threshold %d; %d real "
-                "patients use %d); top code %s held by %.0f%% of patients",
-                state.global_step, n, distinct, args.collapse_min_distinct_codes, n, logs["gen_distinct_codes_real"],
-                m["top_code"], 100 * logs["gen_top_code_share"],
-            )
-        self.trainer.log(logs)
-        return control
-
-
-class TimeBudgetCallback(TrainerCallback):
-    """Fit training into ``max_minutes`` of this run.
-
-    After ``calibration_steps`` optimizer steps, and again after every evaluation (whose cost
-    then enters the measured rate), it estimates how many steps fit in the remaining time (with
-    a 5% margin) and re-plans the run: ``state.max_steps`` and the learning-rate schedule are
-    rebuilt for the steps that fit, so the schedule decays to its end inside the budget instead
-    of being cut half-way. A re-plan never goes beyond the ``max_steps`` the run was started
-    with, and skips changes under 2%. Whatever happens later, training stops (and saves) once
-    the time is up. In multi-process runs rank 0's clock decides for everyone (a broadcast), so
-    all processes stop at the same step.
-    """
-
-    def __init__(self, trainer, max_minutes: float, calibration_steps: int = 50):
-        self.trainer = trainer
-        self.max_seconds = 60.0 * max_minutes
-        self.calibration_steps = calibration_steps
-        self.start = self.start_step = self.requested_steps = None
-        self.replan = False
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        self.start, self.start_step, self.replan = time.monotonic(), state.global_step, False
-        self.requested_steps = state.max_steps
-
-    def on_evaluate(self, args, state, control, **kwargs):
-        self.replan = True
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if self.start is None:
-            return control
-        elapsed = time.monotonic() - self.start
-        done = state.global_step - self.start_step
-        plan = done == self.calibration_steps or (self.replan and done > self.calibration_steps)
-        fit = state.global_step + int(0.95 * (self.max_seconds - elapsed) * done / elapsed) if plan else 0
-        decision = torch.tensor([float(elapsed > self.max_seconds), float(fit)], device=args.device)
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized():
-            dist.broadcast(decision, src=0)
-        stop, fit = bool(decision[0].item()), int(decision[1].item())
-        if plan:
-            self.replan = False
-            fit = min(fit, self.requested_steps)
-            if fit > state.global_step and abs(fit - state.max_steps) > 0.02 * state.max_steps:
-                self._replan(state, fit)
-        if stop:
-            logger.warning("time limit of %.3g minutes reached at step %d: stopping", self.max_seconds / 60,
-                           state.global_step)
-            control.should_training_stop = True
-            control.should_save = True
-        return control
-
-    def _replan(self, state, max_steps: int) -> None:
-        trainer = self.trainer
-        logger.info("time budget of %.3g minutes: %d steps fit (planned: %d); the learning-rate schedule now ends "
-                    "there", self.max_seconds / 60, max_steps, state.max_steps)
-        state.max_steps = max_steps
-        trainer.lr_scheduler = None
-        scheduler = trainer.create_scheduler(num_training_steps=max_steps, optimizer=trainer.optimizer)
-        scheduler.last_epoch = state.global_step - 1  # continue at the current step
-        scheduler.step()
-        for cb in trainer.callback_handler.callbacks:  # the progress bar's total
-            bar = getattr(cb, "training_bar", None)
-            if bar is not None:
-                bar.total = max_steps
-                bar.refresh()

@@ -40,6 +40,8 @@ from transformers import (
     TopPLogitsWarper,
 )
 
+from promptehr_hf.datasets_scripts import icd9
+
 STAGE_TWO_MODES = ("model", "empirical", "uniform")
 NEG_INF = float("-inf")
 
@@ -325,8 +327,6 @@ class CMSEditTable:
     """
 
     def __init__(self, index: VocabIndex):
-        from promptehr_hf.tokenization import icd9
-
         self._icd9 = icd9
         edits: dict[str, list[int]] = {}
         for code_id in index.code_ids.tolist():

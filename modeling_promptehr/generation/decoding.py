@@ -19,8 +19,9 @@ import inspect
 
 import torch
 from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteriaList
+from transformers.cache_utils import Cache, DynamicCache, DynamicLayer, EncoderDecoderCache
 
-from promptehr_hf.modeling_promptehr.logits_processors import NEG_INF, VisitLogitsProcessor, VisitStep
+from .processors import NEG_INF, VisitLogitsProcessor, VisitStep
 
 
 def _visit_chain(logits_processor: LogitsProcessorList | None) -> VisitLogitsProcessor:
@@ -98,4 +99,36 @@ def visit_decoding(
     return input_ids
 
 
-__all__ = ["visit_decoding"]
+class _GrowingLayer(DynamicLayer):
+    """A DynamicLayer whose key/value buffers grow by doubling, so that a step copies only its new
+    token (DynamicLayer's ``torch.cat`` copies the whole cache at every step: 5-15% of a batch-256
+    step for long visits). ``keys``/``values`` are views of the filled part of the buffers."""
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        if getattr(self, "_view", None) is not self.keys:  # first call, or keys replaced (crop, reorder)
+            self._n = self.keys.shape[-2] if self.keys.numel() else 0
+            self._k, self._v = (self.keys, self.values) if self._n else (None, None)
+        n, m = self._n, key_states.shape[-2]
+        if self._k is None or n + m > self._k.shape[-2]:
+            k = key_states.new_empty(*key_states.shape[:-2], max(16, 2 * (n + m)), key_states.shape[-1])
+            v = torch.empty_like(k)
+            if n:
+                k[..., :n, :] = self._k[..., :n, :]
+                v[..., :n, :] = self._v[..., :n, :]
+            self._k, self._v = k, v
+        self._k[..., n:n + m, :] = key_states
+        self._v[..., n:n + m, :] = value_states
+        self._n = n + m
+        self.keys, self.values = self._k[..., : self._n, :], self._v[..., : self._n, :]
+        self._view = self.keys
+        return self.keys, self.values
+
+
+def visit_cache() -> EncoderDecoderCache:
+    """Decoder self-attention in growing buffers; cross-attention (written once) as usual."""
+    return EncoderDecoderCache(Cache(layer_class_to_replicate=_GrowingLayer), DynamicCache())
+
+
+__all__ = ["visit_cache", "visit_decoding"]

@@ -35,6 +35,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from promptehr_hf.datasets_scripts.icd9 import category
+from promptehr_hf.datasets_scripts.incidence import group_columns, visit_matrix
+
 COOCCURRENCE_FILE = "cooccurrence.safetensors"
 CATEGORY_PREFIX = "C:"  # the tokenizer's category-token prefix (tokenizer contract)
 
@@ -60,8 +63,6 @@ def category_cooccurrence(patients: Iterable[dict], categories: Sequence[str]) -
         C: int64 array [K, K], symmetric; off-diagonal = visits with both categories, diagonal =
         visits with >= 2 distinct codes of that category.
     """
-    from promptehr_hf.datasets_scripts.incidence import group_columns, visit_matrix
-    from promptehr_hf.tokenization.icd9 import category
 
     X, codes = visit_matrix(patients)  # [n_visits, n_codes] 0/1
     M, groups = group_columns(codes, category)  # [n_codes, n_groups] code -> its category

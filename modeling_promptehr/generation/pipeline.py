@@ -44,20 +44,21 @@ from __future__ import annotations
 import copy
 import json
 import os
-import shutil
-import tempfile
 import time
-from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
-from transformers.cache_utils import Cache, DynamicCache, DynamicLayer, EncoderDecoderCache
+from tqdm.auto import tqdm
 from transformers.modeling_outputs import BaseModelOutput
 
+from promptehr_hf.datasets_scripts.cohort_io import patients_to_dataset
 from promptehr_hf.datasets_scripts.schema import AGE_CAP, SEXES
-from promptehr_hf.modeling_promptehr.decoding import visit_decoding
-from promptehr_hf.modeling_promptehr.logits_processors import (
+from promptehr_hf.modeling_promptehr.modeling_promptehr import CACHE_ARG
+
+from .decoding import visit_cache, visit_decoding
+from .prior import PRIOR_FILE, CohortPrior, columns
+from .processors import (
     STAGE_TWO_MODES,
     CMSEditTable,
     VocabIndex,
@@ -66,222 +67,13 @@ from promptehr_hf.modeling_promptehr.logits_processors import (
     visit_logits_processors,
 )
 
-PRIOR_FILE = "cohort_prior.json"
-PRIOR_FORMAT = "promptehr-cohort-prior"
-# Age bands for the visit-count and visit-length distributions: newborn, child, young adult,
-# adult, older, oldest (the CMS newborn/pediatric edges and MIMIC's age structure).
-AGE_BAND_EDGES = (0.0, 1.0, 18.0, 45.0, 65.0, 80.0)
-VISIT_INDEX_CAP = 3  # visit lengths are conditioned on visit index 0, 1, 2, and 3+
-AGE_RESOLUTION = 0.1  # ages are stored floored to 0.1 year (an aggregate, not per-patient ages)
 MODES = ("unconditional", "conditional", "seeded")
 VISIT_LENGTHS = ("data", "model")
+TRAINING_ARGS_JSON = "training_args.json"  # written by PromptEHRTrainer beside the checkpoint
+DEFAULT_HISTORY_LENGTH = 256  # PromptEHRTrainingArguments.max_source_length's default
 DEFAULT_MAX_CODES = 40  # cap per visit when the model decides and no prior says otherwise
 
 
-# ----------------------------------------------------------------------------- cohort prior
-class _Empirical:
-    """An empirical distribution over integer (or float) values: ``sample(rng, size)``."""
-
-    def __init__(self, counts: dict):
-        values = sorted(counts)
-        self.values = np.array(values)
-        self.counts = np.array([int(counts[v]) for v in values], dtype=np.int64)
-        self.probs = self.counts / self.counts.sum()
-
-    def sample(self, rng: np.random.Generator, size: int) -> np.ndarray:
-        return rng.choice(self.values, size=size, p=self.probs)
-
-    def mean(self) -> float:
-        return float((self.values * self.probs).sum())
-
-
-def _counts(values: np.ndarray) -> dict[str, int]:
-    """{value: count} with string keys, as JSON stores them."""
-    vals, counts = np.unique(values, return_counts=True)
-    return {str(int(v)): int(c) for v, c in zip(vals, counts)}
-
-
-class CohortPrior:
-    """Empirical distributions of a training cohort, used for unconditional generation.
-
-    - demographics: the joint distribution of (age floored to 0.1 year, sex);
-    - visits per patient given the age band;
-    - codes per visit given the age band and the visit index (capped at ``visit_index_cap``).
-
-    Empty cells back off to the pooled distribution (over bands, then over visit indices).
-    Saved as ``cohort_prior.json`` beside the checkpoint (:meth:`save` / :meth:`load`).
-    """
-
-    def __init__(self, table: dict):
-        if table.get("format") != PRIOR_FORMAT:
-            raise ValueError(f"not a PromptEHR cohort prior (format {table.get('format')!r}, expected {PRIOR_FORMAT!r})")
-        self.table = table
-        self.edges = np.array(table["age_band_edges"], dtype=np.float64)
-        self.visit_index_cap = int(table["visit_index_cap"])
-        demo = table["demographics"]
-        self._ages = np.array(demo["age"], dtype=np.float64)
-        self._sexes = np.array(demo["sex"])
-        self._demo_p = np.array(demo["count"], dtype=np.float64) / np.sum(demo["count"])
-        n_bands = len(self.edges)
-        vpp = {int(b): _Empirical({int(k): v for k, v in c.items()}) for b, c in table["visits_per_patient"].items()}
-        self._visits_pooled = _Empirical(_merge([table["visits_per_patient"][b] for b in table["visits_per_patient"]]))
-        self._visits = [vpp.get(b, self._visits_pooled) for b in range(n_bands)]
-        cpv = table["codes_per_visit"]
-        pooled_idx = {}
-        for i in range(self.visit_index_cap + 1):
-            cells = [cpv[b][str(i)] for b in cpv if str(i) in cpv[b]]
-            pooled_idx[i] = _Empirical(_merge(cells)) if cells else None
-        all_cells = [c for b in cpv for c in cpv[b].values()]
-        self._codes_pooled = _Empirical(_merge(all_cells))
-        self._codes = [
-            [
-                _Empirical({int(k): v for k, v in cpv[str(b)][str(i)].items()})
-                if str(b) in cpv and str(i) in cpv[str(b)]
-                else (pooled_idx[i] or self._codes_pooled)
-                for i in range(self.visit_index_cap + 1)
-            ]
-            for b in range(n_bands)
-        ]
-        self.max_codes_per_visit = int(self._codes_pooled.values.max())
-
-    @classmethod
-    def from_patients(cls, patients, age_band_edges: Sequence[float] = AGE_BAND_EDGES,
-                      visit_index_cap: int = VISIT_INDEX_CAP) -> "CohortPrior":
-        """Count the distributions of a training split (patient dicts or a datasets.Dataset)."""
-        ages, sexes, visits = _columns(patients)
-        if len(ages) == 0:
-            raise ValueError("CohortPrior.from_patients: no patients")
-        bad = [s for s in set(sexes) if s not in SEXES]
-        if bad:
-            raise ValueError(f"CohortPrior.from_patients: unknown sex values {bad}; expected {SEXES}")
-        n_visits = np.array([len(v) for v in visits], dtype=np.int64)
-        if (n_visits == 0).any():
-            raise ValueError(f"CohortPrior.from_patients: {int((n_visits == 0).sum())} patients have no visit")
-        edges = np.asarray(age_band_edges, dtype=np.float64)
-        floored = np.round(np.floor(np.minimum(ages, AGE_CAP) / AGE_RESOLUTION + 1e-6) * AGE_RESOLUTION, 6)
-        keys, counts = np.unique(np.stack([floored.astype(str), np.asarray(sexes)], 1), axis=0, return_counts=True)
-        bands = _band(ages, edges)
-        lengths = np.array([len(v) for vs in visits for v in vs], dtype=np.int64)
-        visit_band = np.repeat(bands, n_visits)
-        visit_index = np.minimum(np.concatenate([np.arange(k) for k in n_visits]), visit_index_cap)
-        table = {
-            "format": PRIOR_FORMAT,
-            "version": 1,
-            "n_patients": int(len(ages)),
-            "n_visits": int(n_visits.sum()),
-            "age_band_edges": [float(e) for e in edges],
-            "age_bands": _band_labels(edges),
-            "visit_index_cap": int(visit_index_cap),
-            "age_resolution": AGE_RESOLUTION,
-            "demographics": {
-                "age": [float(a) for a in keys[:, 0]],
-                "sex": [str(s) for s in keys[:, 1]],
-                "count": [int(c) for c in counts],
-            },
-            "visits_per_patient": {str(b): _counts(n_visits[bands == b]) for b in np.unique(bands)},
-            "codes_per_visit": {
-                str(b): {
-                    str(i): _counts(lengths[(visit_band == b) & (visit_index == i)])
-                    for i in np.unique(visit_index[visit_band == b])
-                }
-                for b in np.unique(visit_band)
-            },
-        }
-        return cls(table)
-
-    def save(self, directory: str | os.PathLike) -> str:
-        """Write ``directory/cohort_prior.json`` (atomically); returns its path."""
-        os.makedirs(directory, exist_ok=True)
-        path = os.path.join(directory, PRIOR_FILE)
-        tmp = f"{path}.tmp-{os.getpid()}"
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(self.table, f, indent=1)
-            f.write("\n")
-        os.replace(tmp, path)
-        return path
-
-    @classmethod
-    def load(cls, path: str | os.PathLike) -> "CohortPrior":
-        """Read a ``cohort_prior.json`` file, or the one in a checkpoint directory."""
-        path = Path(path)
-        if path.is_dir():
-            path = path / PRIOR_FILE
-        try:
-            table = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as err:
-            raise ValueError(f"cannot read the cohort prior {path}: {err}") from err
-        try:
-            return cls(table)
-        except (KeyError, ValueError, TypeError) as err:
-            raise ValueError(f"{path}: invalid cohort prior ({err})") from err
-
-    # -------------------------------------------------------------------------- sampling
-    def age_band(self, ages) -> np.ndarray:
-        """Band index of each age ([n] int)."""
-        return _band(np.asarray(ages, dtype=np.float64), self.edges)
-
-    def sample_demographics(self, n: int, rng: np.random.Generator) -> tuple[np.ndarray, list[str]]:
-        """n (age, sex) pairs from the joint training distribution."""
-        pick = rng.choice(len(self._demo_p), size=n, p=self._demo_p)
-        return self._ages[pick].copy(), [str(s) for s in self._sexes[pick]]
-
-    def sample_n_visits(self, ages, rng: np.random.Generator) -> np.ndarray:
-        """Visits per patient given each patient's age band ([n] int)."""
-        bands = self.age_band(ages)
-        out = np.zeros(len(bands), dtype=np.int64)
-        for b in np.unique(bands):
-            rows = np.nonzero(bands == b)[0]
-            out[rows] = self._visits[b].sample(rng, len(rows))
-        return out
-
-    def sample_codes_per_visit(self, ages, visit_index, rng: np.random.Generator) -> np.ndarray:
-        """Codes per visit given the patient's age band and the visit index (both [m]) -> [m] int."""
-        bands = self.age_band(ages)
-        idx = np.minimum(np.asarray(visit_index, dtype=np.int64), self.visit_index_cap)
-        out = np.zeros(len(bands), dtype=np.int64)
-        for b, i in set(zip(bands.tolist(), idx.tolist())):
-            rows = np.nonzero((bands == b) & (idx == i))[0]
-            out[rows] = self._codes[b][i].sample(rng, len(rows))
-        return out
-
-    def summary(self) -> dict:
-        """Means of the stored distributions (visits per patient, codes per visit)."""
-        return {
-            "n_patients": self.table["n_patients"],
-            "mean_visits_per_patient": self._visits_pooled.mean(),
-            "mean_codes_per_visit": self._codes_pooled.mean(),
-        }
-
-
-def _merge(cells: Iterable[dict]) -> dict[int, int]:
-    out: dict[int, int] = {}
-    for cell in cells:
-        for k, v in cell.items():
-            out[int(k)] = out.get(int(k), 0) + int(v)
-    return out
-
-
-def _band(ages: np.ndarray, edges: np.ndarray) -> np.ndarray:
-    return np.clip(np.searchsorted(edges, ages, side="right") - 1, 0, len(edges) - 1)
-
-
-def _band_labels(edges: np.ndarray) -> list[str]:
-    return [f"{lo:g}-{hi:g}" for lo, hi in zip(edges[:-1], edges[1:])] + [f"{edges[-1]:g}+"]
-
-
-def _columns(patients) -> tuple[np.ndarray, list[str], list[list[list[str]]]]:
-    """(ages [n], sexes, visits) of patient dicts or a datasets.Dataset in the patient schema."""
-    if hasattr(patients, "column_names"):
-        return np.asarray(patients["age"], dtype=np.float64), list(patients["sex"]), list(patients["visits"])
-    patients = list(patients)
-    return (
-        np.array([float(p["age"]) for p in patients], dtype=np.float64),
-        [p["sex"] for p in patients],
-        [p["visits"] for p in patients],
-    )
-
-
-# ------------------------------------------------------------------------------- the loop
 class _Plan:
     """Per-patient generation plan: demographics, visit count, given visits, target lengths."""
 
@@ -305,14 +97,10 @@ class _Plan:
 def _history_length(model) -> int:
     """Encoder tokens for the history: the source length the checkpoint was trained with
     (its training_args.json), else the trainer's default; within the model's positions."""
-    from promptehr_hf.modeling_promptehr.data import PromptEHRDataCollator
-
-    length = PromptEHRDataCollator.__dataclass_fields__["max_source_length"].default
+    length = DEFAULT_HISTORY_LENGTH
     saved = getattr(model, "name_or_path", "") or ""
     if saved and Path(saved).is_dir():
         saved = Path(saved)
-        from promptehr_hf.modeling_promptehr.trainer import TRAINING_ARGS_JSON
-
         if (saved / TRAINING_ARGS_JSON).is_file():
             length = json.loads((saved / TRAINING_ARGS_JSON).read_text()).get("max_source_length", length)
     cfg = model.config
@@ -389,38 +177,6 @@ def _encode_histories(model, histories: list[list[int]], x_num: torch.Tensor, x_
     return BaseModelOutput(last_hidden_state=hidden), mask
 
 
-class _GrowingLayer(DynamicLayer):
-    """A DynamicLayer whose key/value buffers grow by doubling, so that a step copies only its new
-    token (DynamicLayer's ``torch.cat`` copies the whole cache at every step: 5-15% of a batch-256
-    step for long visits). ``keys``/``values`` are views of the filled part of the buffers."""
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-        if getattr(self, "_view", None) is not self.keys:  # first call, or keys replaced (crop, reorder)
-            self._n = self.keys.shape[-2] if self.keys.numel() else 0
-            self._k, self._v = (self.keys, self.values) if self._n else (None, None)
-        n, m = self._n, key_states.shape[-2]
-        if self._k is None or n + m > self._k.shape[-2]:
-            k = key_states.new_empty(*key_states.shape[:-2], max(16, 2 * (n + m)), key_states.shape[-1])
-            v = torch.empty_like(k)
-            if n:
-                k[..., :n, :] = self._k[..., :n, :]
-                v[..., :n, :] = self._v[..., :n, :]
-            self._k, self._v = k, v
-        self._k[..., n:n + m, :] = key_states
-        self._v[..., n:n + m, :] = value_states
-        self._n = n + m
-        self.keys, self.values = self._k[..., : self._n, :], self._v[..., : self._n, :]
-        self._view = self.keys
-        return self.keys, self.values
-
-
-def _visit_cache() -> EncoderDecoderCache:
-    """Decoder self-attention in growing buffers; cross-attention (written once) as usual."""
-    return EncoderDecoderCache(Cache(layer_class_to_replicate=_GrowingLayer), DynamicCache())
-
-
 # A decoding step costs about as much as this many extra rows of a batch (CPU, small preset:
 # ~2.7 ms per step at batch 1, ~0.08 ms per row at batch 256); sets how _batch_bounds trades
 # more calls for fewer decoding steps past the rows that have finished.
@@ -449,8 +205,6 @@ def _batch_bounds(targets: np.ndarray, batch_size: int) -> list[int]:
 def _run_plan(model, tokenizer, plan: _Plan, *, index, edit_table, stage_two, max_codes, batch_size,
               greedy, temperature, top_k, top_p, cms, max_history_length, progress, custom_decoding) -> dict:
     """Generate every missing visit of ``plan`` in place; returns counters."""
-    from tqdm.auto import tqdm
-
     device = next(model.parameters()).device
     gen_cfg = _generation_config(model, tokenizer)
     start = torch.tensor([[model.config.decoder_start_token_id, tokenizer.visit_start_id]], device=device)
@@ -496,7 +250,7 @@ def _run_plan(model, tokenizer, plan: _Plan, *, index, edit_table, stage_two, ma
                 x_cat=x_cat,
                 logits_processor=processors,
                 generation_config=cfg,
-                past_key_values=_visit_cache(),
+                **{CACHE_ARG: visit_cache()},
                 custom_generate=visit_decoding if custom_decoding else None,
             )
             counters["generate_calls"] += 1
@@ -646,7 +400,7 @@ def generate_patients(
 
     keep = np.ones(len(plan.ages), dtype=bool)
     if exclude_patients is not None:
-        known = {_visit_key(v) for v in _columns(exclude_patients)[2]}
+        known = {_visit_key(v) for v in columns(exclude_patients)[2]}
         keep = np.array([_visit_key(v) not in known for v in plan.visits], dtype=bool)
         stats["copies_dropped"] = int((~keep).sum())
     patients = [
@@ -661,8 +415,6 @@ def generate_patients(
         mean_codes_per_visit=n_codes / max(n_visits, 1),
         seconds=seconds, patients_per_second=len(plan.ages) / seconds if seconds > 0 else None,
     )
-    from promptehr_hf.modeling_promptehr.cohort_io import patients_to_dataset
-
     return patients_to_dataset(patients), stats
 
 
@@ -753,133 +505,3 @@ def _seed_overlap(plan: _Plan) -> dict:
     }
 
 
-# ---------------------------------------------------------------------------------- CLI
-def load_model(model_dir: str | os.PathLike, device: str | None = None):
-    """(model, tokenizer) from a checkpoint directory, with this package's classes."""
-    from promptehr_hf.modeling_promptehr.modeling_promptehr import PromptEHRForConditionalGeneration
-    from promptehr_hf.tokenization.tokenization_promptehr import PromptEHRTokenizer
-
-    if not Path(model_dir, "config.json").is_file():
-        raise FileNotFoundError(f"{model_dir}: no config.json; expected a saved PromptEHR checkpoint")
-    model = PromptEHRForConditionalGeneration.from_pretrained(str(model_dir))
-    tokenizer = PromptEHRTokenizer.from_pretrained(str(model_dir))
-    if device:
-        model.to(device)
-    return model.eval(), tokenizer
-
-
-def write_cohort(patients, out_dir: str | os.PathLike, stats: dict | None = None, seed: int = 0,
-                 overwrite: bool = False) -> Path:
-    """MIMIC-III CSVs (new hadm ids, plausible dates; ``cohort_io``), ``synthetic.parquet`` and
-    ``generation_stats.json`` into out_dir, atomically (a temp dir beside it, then a rename).
-
-    Args:
-        patients: patient dicts or a datasets.Dataset in the patient schema.
-        seed: draws the dates and hadm ids.  overwrite: replace a non-empty out_dir.
-    """
-    from promptehr_hf.modeling_promptehr.cohort_io import write_mimic3_csvs, write_parquet
-
-    out = Path(out_dir)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise FileExistsError(f"{out} exists and is not empty (pass overwrite=True / --overwrite)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        write_mimic3_csvs(patients, tmp, seed=seed)
-        write_parquet(patients, tmp / "synthetic.parquet")
-        if stats is not None:
-            (tmp / "generation_stats.json").write_text(json.dumps(stats, indent=1) + "\n", encoding="utf-8")
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.replace(out, old / out.name)
-            os.replace(tmp, out)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
-
-
-def _read_patients(path: str) -> list[dict]:
-    """Patients from a Parquet file, or from a prepared folder (its train.parquet)."""
-    import datasets
-
-    p = Path(path)
-    if p.is_dir():
-        p = p / "train.parquet"
-    if not p.is_file():
-        raise FileNotFoundError(f"{path}: expected a Parquet file of patients or a prepared folder with train.parquet")
-    return datasets.Dataset.from_parquet(str(p)).to_list()
-
-
-def _read_demographics(path: str) -> list[dict]:
-    """Rows with age, sex[, n_visits] from a CSV or Parquet file."""
-    import datasets
-
-    loader = datasets.Dataset.from_csv if path.lower().endswith((".csv", ".csv.gz")) else datasets.Dataset.from_parquet
-    rows = loader(path).to_list()
-    for j, r in enumerate(rows):
-        if "age" not in r or "sex" not in r:
-            raise ValueError(f"{path}: row {j + 1} lacks an 'age' or 'sex' column")
-        if r.get("n_visits") is not None and r["n_visits"] != r["n_visits"]:  # NaN from CSV
-            r["n_visits"] = None
-    return rows
-
-
-def add_arguments(parser) -> None:
-    parser.add_argument("--model", required=True, help="checkpoint directory (model, tokenizer, cohort_prior.json)")
-    parser.add_argument("--out", required=True, help="output folder: MIMIC-III CSVs, synthetic.parquet, generation_stats.json")
-    parser.add_argument("--n", type=int, default=None, help="number of patients (unconditional; seeded: draw n seeds)")
-    parser.add_argument("--mode", choices=MODES, default="unconditional")
-    parser.add_argument("--stage-two", choices=STAGE_TWO_MODES, default="empirical",
-                        help="code sampling after a category (default: training P(code | category))")
-    parser.add_argument("--visit-length", choices=VISIT_LENGTHS, default="data",
-                        help="data: codes per visit from the training distribution; model: the model ends visits")
-    parser.add_argument("--max-codes", type=int, default=None, help="cap on codes per visit with --visit-length model")
-    parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--temperature", type=float, default=1.0)
-    parser.add_argument("--top-k", type=int, default=None)
-    parser.add_argument("--top-p", type=float, default=None)
-    parser.add_argument("--greedy", action="store_true", help="argmax decoding (ablation)")
-    parser.add_argument("--no-cms", action="store_true", help="do not apply the CMS age/sex edits")
-    parser.add_argument("--prior", default=None, help="cohort_prior.json (default: the one in --model)")
-    parser.add_argument("--demographics", default=None, help="conditional: CSV/Parquet with age, sex[, n_visits]")
-    parser.add_argument("--seed-patients", default=None, help="seeded: Parquet of real patients or a prepared folder")
-    parser.add_argument("--seed-visits", type=int, default=1, help="seeded: leading visits kept from each seed")
-    parser.add_argument("--exclude-training", default=None,
-                        help="drop synthetic patients identical to one in this Parquet / prepared folder")
-    parser.add_argument("--device", default=None)
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch CPU threads (default: torch's; on a machine shared with other jobs, 1 can be much faster)")
-    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
-
-
-def run(args) -> int:
-    out = Path(args.out)
-    if out.exists() and any(out.iterdir()) and not args.overwrite:
-        raise SystemExit(f"promptehr generate: {out} exists and is not empty (use --overwrite)")
-    if args.mode == "unconditional" and args.n is None:
-        raise SystemExit("promptehr generate: --n is required in unconditional mode")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    model, tokenizer = load_model(args.model, args.device)
-    dataset, stats = generate_patients(
-        model, tokenizer, args.n, mode=args.mode, prior=args.prior or args.model,
-        demographics=_read_demographics(args.demographics) if args.demographics else None,
-        seed_patients=_read_patients(args.seed_patients) if args.seed_patients else None,
-        seed_visits=args.seed_visits, stage_two=args.stage_two, visit_length=args.visit_length,
-        max_codes=args.max_codes, batch_size=args.batch_size, seed=args.seed, temperature=args.temperature,
-        top_k=args.top_k, top_p=args.top_p, greedy=args.greedy, cms=not args.no_cms,
-        exclude_patients=_read_patients(args.exclude_training) if args.exclude_training else None,
-    )
-    write_cohort(dataset, out, stats, seed=args.seed, overwrite=args.overwrite)
-    print(json.dumps({k: stats[k] for k in ("n_patients", "n_visits", "mean_visits_per_patient",
-                                             "mean_codes_per_visit", "seconds") if k in stats}))
-    print(f"wrote {out}")
-    return 0
-
-
-__all__ = ["CohortPrior", "generate_patients", "load_model", "write_cohort", "add_arguments", "run", "PRIOR_FILE"]

@@ -1,0 +1,141 @@
+"""``promptehr generate``: load a checkpoint, generate, write the cohort (MIMIC-III CSVs + Parquet)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import datasets
+import torch
+
+from promptehr_hf.datasets_scripts.cohort_io import write_mimic3_csvs, write_parquet
+from promptehr_hf.modeling_promptehr.modeling_promptehr import PromptEHRForConditionalGeneration
+from promptehr_hf.tokenization.tokenization_promptehr import PromptEHRTokenizer
+
+from .pipeline import MODES, VISIT_LENGTHS, generate_patients
+from .processors import STAGE_TWO_MODES
+
+
+def load_model(model_dir: str | os.PathLike, device: str | None = None):
+    """(model, tokenizer) from a checkpoint directory, with this package's classes."""
+    if not Path(model_dir, "config.json").is_file():
+        raise FileNotFoundError(f"{model_dir}: no config.json; expected a saved PromptEHR checkpoint")
+    model = PromptEHRForConditionalGeneration.from_pretrained(str(model_dir))
+    tokenizer = PromptEHRTokenizer.from_pretrained(str(model_dir))
+    if device:
+        model.to(device)
+    return model.eval(), tokenizer
+
+
+def write_cohort(patients, out_dir: str | os.PathLike, stats: dict | None = None, seed: int = 0,
+                 overwrite: bool = False) -> Path:
+    """MIMIC-III CSVs (new hadm ids, plausible dates; ``cohort_io``), ``synthetic.parquet`` and
+    ``generation_stats.json`` into out_dir, atomically (a temp dir beside it, then a rename).
+
+    Args:
+        patients: patient dicts or a datasets.Dataset in the patient schema.
+        seed: draws the dates and hadm ids.  overwrite: replace a non-empty out_dir.
+    """
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise FileExistsError(f"{out} exists and is not empty (pass overwrite=True / --overwrite)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        write_mimic3_csvs(patients, tmp, seed=seed)
+        write_parquet(patients, tmp / "synthetic.parquet")
+        if stats is not None:
+            (tmp / "generation_stats.json").write_text(json.dumps(stats, indent=1) + "\n", encoding="utf-8")
+        if out.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            os.replace(out, old / out.name)
+            os.replace(tmp, out)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _read_patients(path: str) -> list[dict]:
+    """Patients from a Parquet file, or from a prepared folder (its train.parquet)."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / "train.parquet"
+    if not p.is_file():
+        raise FileNotFoundError(f"{path}: expected a Parquet file of patients or a prepared folder with train.parquet")
+    return datasets.Dataset.from_parquet(str(p)).to_list()
+
+
+def _read_demographics(path: str) -> list[dict]:
+    """Rows with age, sex[, n_visits] from a CSV or Parquet file."""
+    loader = datasets.Dataset.from_csv if path.lower().endswith((".csv", ".csv.gz")) else datasets.Dataset.from_parquet
+    rows = loader(path).to_list()
+    for j, r in enumerate(rows):
+        if "age" not in r or "sex" not in r:
+            raise ValueError(f"{path}: row {j + 1} lacks an 'age' or 'sex' column")
+        if r.get("n_visits") is not None and r["n_visits"] != r["n_visits"]:  # NaN from CSV
+            r["n_visits"] = None
+    return rows
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--model", required=True, help="checkpoint directory (model, tokenizer, cohort_prior.json)")
+    parser.add_argument("--out", required=True, help="output folder: MIMIC-III CSVs, synthetic.parquet, generation_stats.json")
+    parser.add_argument("--n", type=int, default=None, help="number of patients (unconditional; seeded: draw n seeds)")
+    parser.add_argument("--mode", choices=MODES, default="unconditional")
+    parser.add_argument("--stage-two", choices=STAGE_TWO_MODES, default="empirical",
+                        help="code sampling after a category (default: training P(code | category))")
+    parser.add_argument("--visit-length", choices=VISIT_LENGTHS, default="data",
+                        help="data: codes per visit from the training distribution; model: the model ends visits")
+    parser.add_argument("--max-codes", type=int, default=None, help="cap on codes per visit with --visit-length model")
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--top-k", type=int, default=None)
+    parser.add_argument("--top-p", type=float, default=None)
+    parser.add_argument("--greedy", action="store_true", help="argmax decoding (ablation)")
+    parser.add_argument("--no-cms", action="store_true", help="do not apply the CMS age/sex edits")
+    parser.add_argument("--prior", default=None, help="cohort_prior.json (default: the one in --model)")
+    parser.add_argument("--demographics", default=None, help="conditional: CSV/Parquet with age, sex[, n_visits]")
+    parser.add_argument("--seed-patients", default=None, help="seeded: Parquet of real patients or a prepared folder")
+    parser.add_argument("--seed-visits", type=int, default=1, help="seeded: leading visits kept from each seed")
+    parser.add_argument("--exclude-training", default=None,
+                        help="drop synthetic patients identical to one in this Parquet / prepared folder")
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: torch's; on a machine shared with other jobs, 1 can be much faster)")
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+
+
+def run(args) -> int:
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()) and not args.overwrite:
+        raise SystemExit(f"promptehr generate: {out} exists and is not empty (use --overwrite)")
+    if args.mode == "unconditional" and args.n is None:
+        raise SystemExit("promptehr generate: --n is required in unconditional mode")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, tokenizer = load_model(args.model, args.device)
+    dataset, stats = generate_patients(
+        model, tokenizer, args.n, mode=args.mode, prior=args.prior or args.model,
+        demographics=_read_demographics(args.demographics) if args.demographics else None,
+        seed_patients=_read_patients(args.seed_patients) if args.seed_patients else None,
+        seed_visits=args.seed_visits, stage_two=args.stage_two, visit_length=args.visit_length,
+        max_codes=args.max_codes, batch_size=args.batch_size, seed=args.seed, temperature=args.temperature,
+        top_k=args.top_k, top_p=args.top_p, greedy=args.greedy, cms=not args.no_cms,
+        exclude_patients=_read_patients(args.exclude_training) if args.exclude_training else None,
+    )
+    write_cohort(dataset, out, stats, seed=args.seed, overwrite=args.overwrite)
+    print(json.dumps({k: stats[k] for k in ("n_patients", "n_visits", "mean_visits_per_patient",
+                                             "mean_codes_per_visit", "seconds") if k in stats}))
+    print(f"wrote {out}")
+    return 0
+
+
+__all__ = ["add_arguments", "load_model", "run", "write_cohort"]

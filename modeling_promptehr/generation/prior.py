@@ -1,0 +1,225 @@
+"""CohortPrior: the empirical distributions of a training cohort that unconditional generation
+draws from (demographics, visits per patient, codes per visit), saved as ``cohort_prior.json``."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from promptehr_hf.datasets_scripts.schema import AGE_CAP, SEXES
+
+PRIOR_FILE = "cohort_prior.json"
+PRIOR_FORMAT = "promptehr-cohort-prior"
+# Age bands for the visit-count and visit-length distributions: newborn, child, young adult,
+# adult, older, oldest (the CMS newborn/pediatric edges and MIMIC's age structure).
+AGE_BAND_EDGES = (0.0, 1.0, 18.0, 45.0, 65.0, 80.0)
+VISIT_INDEX_CAP = 3  # visit lengths are conditioned on visit index 0, 1, 2, and 3+
+AGE_RESOLUTION = 0.1  # ages are stored floored to 0.1 year (an aggregate, not per-patient ages)
+
+
+class _Empirical:
+    """An empirical distribution over integer (or float) values: ``sample(rng, size)``."""
+
+    def __init__(self, counts: dict):
+        values = sorted(counts)
+        self.values = np.array(values)
+        self.counts = np.array([int(counts[v]) for v in values], dtype=np.int64)
+        self.probs = self.counts / self.counts.sum()
+
+    def sample(self, rng: np.random.Generator, size: int) -> np.ndarray:
+        return rng.choice(self.values, size=size, p=self.probs)
+
+    def mean(self) -> float:
+        return float((self.values * self.probs).sum())
+
+
+def _counts(values: np.ndarray) -> dict[str, int]:
+    """{value: count} with string keys, as JSON stores them."""
+    vals, counts = np.unique(values, return_counts=True)
+    return {str(int(v)): int(c) for v, c in zip(vals, counts)}
+
+
+class CohortPrior:
+    """Empirical distributions of a training cohort, used for unconditional generation.
+
+    - demographics: the joint distribution of (age floored to 0.1 year, sex);
+    - visits per patient given the age band;
+    - codes per visit given the age band and the visit index (capped at ``visit_index_cap``).
+
+    Empty cells back off to the pooled distribution (over bands, then over visit indices).
+    Saved as ``cohort_prior.json`` beside the checkpoint (:meth:`save` / :meth:`load`).
+    """
+
+    def __init__(self, table: dict):
+        if table.get("format") != PRIOR_FORMAT:
+            raise ValueError(f"not a PromptEHR cohort prior (format {table.get('format')!r}, expected {PRIOR_FORMAT!r})")
+        self.table = table
+        self.edges = np.array(table["age_band_edges"], dtype=np.float64)
+        self.visit_index_cap = int(table["visit_index_cap"])
+        demo = table["demographics"]
+        self._ages = np.array(demo["age"], dtype=np.float64)
+        self._sexes = np.array(demo["sex"])
+        self._demo_p = np.array(demo["count"], dtype=np.float64) / np.sum(demo["count"])
+        n_bands = len(self.edges)
+        vpp = {int(b): _Empirical({int(k): v for k, v in c.items()}) for b, c in table["visits_per_patient"].items()}
+        self._visits_pooled = _Empirical(_merge([table["visits_per_patient"][b] for b in table["visits_per_patient"]]))
+        self._visits = [vpp.get(b, self._visits_pooled) for b in range(n_bands)]
+        cpv = table["codes_per_visit"]
+        pooled_idx = {}
+        for i in range(self.visit_index_cap + 1):
+            cells = [cpv[b][str(i)] for b in cpv if str(i) in cpv[b]]
+            pooled_idx[i] = _Empirical(_merge(cells)) if cells else None
+        all_cells = [c for b in cpv for c in cpv[b].values()]
+        self._codes_pooled = _Empirical(_merge(all_cells))
+        self._codes = [
+            [
+                _Empirical({int(k): v for k, v in cpv[str(b)][str(i)].items()})
+                if str(b) in cpv and str(i) in cpv[str(b)]
+                else (pooled_idx[i] or self._codes_pooled)
+                for i in range(self.visit_index_cap + 1)
+            ]
+            for b in range(n_bands)
+        ]
+        self.max_codes_per_visit = int(self._codes_pooled.values.max())
+
+    @classmethod
+    def from_patients(cls, patients, age_band_edges: Sequence[float] = AGE_BAND_EDGES,
+                      visit_index_cap: int = VISIT_INDEX_CAP) -> "CohortPrior":
+        """Count the distributions of a training split (patient dicts or a datasets.Dataset)."""
+        ages, sexes, visits = columns(patients)
+        if len(ages) == 0:
+            raise ValueError("CohortPrior.from_patients: no patients")
+        bad = [s for s in set(sexes) if s not in SEXES]
+        if bad:
+            raise ValueError(f"CohortPrior.from_patients: unknown sex values {bad}; expected {SEXES}")
+        n_visits = np.array([len(v) for v in visits], dtype=np.int64)
+        if (n_visits == 0).any():
+            raise ValueError(f"CohortPrior.from_patients: {int((n_visits == 0).sum())} patients have no visit")
+        edges = np.asarray(age_band_edges, dtype=np.float64)
+        floored = np.round(np.floor(np.minimum(ages, AGE_CAP) / AGE_RESOLUTION + 1e-6) * AGE_RESOLUTION, 6)
+        keys, counts = np.unique(np.stack([floored.astype(str), np.asarray(sexes)], 1), axis=0, return_counts=True)
+        bands = _band(ages, edges)
+        lengths = np.array([len(v) for vs in visits for v in vs], dtype=np.int64)
+        visit_band = np.repeat(bands, n_visits)
+        visit_index = np.minimum(np.concatenate([np.arange(k) for k in n_visits]), visit_index_cap)
+        table = {
+            "format": PRIOR_FORMAT,
+            "version": 1,
+            "n_patients": int(len(ages)),
+            "n_visits": int(n_visits.sum()),
+            "age_band_edges": [float(e) for e in edges],
+            "age_bands": _band_labels(edges),
+            "visit_index_cap": int(visit_index_cap),
+            "age_resolution": AGE_RESOLUTION,
+            "demographics": {
+                "age": [float(a) for a in keys[:, 0]],
+                "sex": [str(s) for s in keys[:, 1]],
+                "count": [int(c) for c in counts],
+            },
+            "visits_per_patient": {str(b): _counts(n_visits[bands == b]) for b in np.unique(bands)},
+            "codes_per_visit": {
+                str(b): {
+                    str(i): _counts(lengths[(visit_band == b) & (visit_index == i)])
+                    for i in np.unique(visit_index[visit_band == b])
+                }
+                for b in np.unique(visit_band)
+            },
+        }
+        return cls(table)
+
+    def save(self, directory: str | os.PathLike) -> str:
+        """Write ``directory/cohort_prior.json`` (atomically); returns its path."""
+        os.makedirs(directory, exist_ok=True)
+        path = os.path.join(directory, PRIOR_FILE)
+        tmp = f"{path}.tmp-{os.getpid()}"
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(self.table, f, indent=1)
+            f.write("\n")
+        os.replace(tmp, path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "CohortPrior":
+        """Read a ``cohort_prior.json`` file, or the one in a checkpoint directory."""
+        path = Path(path)
+        if path.is_dir():
+            path = path / PRIOR_FILE
+        try:
+            table = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as err:
+            raise ValueError(f"cannot read the cohort prior {path}: {err}") from err
+        try:
+            return cls(table)
+        except (KeyError, ValueError, TypeError) as err:
+            raise ValueError(f"{path}: invalid cohort prior ({err})") from err
+
+    # -------------------------------------------------------------------------- sampling
+    def age_band(self, ages) -> np.ndarray:
+        """Band index of each age ([n] int)."""
+        return _band(np.asarray(ages, dtype=np.float64), self.edges)
+
+    def sample_demographics(self, n: int, rng: np.random.Generator) -> tuple[np.ndarray, list[str]]:
+        """n (age, sex) pairs from the joint training distribution."""
+        pick = rng.choice(len(self._demo_p), size=n, p=self._demo_p)
+        return self._ages[pick].copy(), [str(s) for s in self._sexes[pick]]
+
+    def sample_n_visits(self, ages, rng: np.random.Generator) -> np.ndarray:
+        """Visits per patient given each patient's age band ([n] int)."""
+        bands = self.age_band(ages)
+        out = np.zeros(len(bands), dtype=np.int64)
+        for b in np.unique(bands):
+            rows = np.nonzero(bands == b)[0]
+            out[rows] = self._visits[b].sample(rng, len(rows))
+        return out
+
+    def sample_codes_per_visit(self, ages, visit_index, rng: np.random.Generator) -> np.ndarray:
+        """Codes per visit given the patient's age band and the visit index (both [m]) -> [m] int."""
+        bands = self.age_band(ages)
+        idx = np.minimum(np.asarray(visit_index, dtype=np.int64), self.visit_index_cap)
+        out = np.zeros(len(bands), dtype=np.int64)
+        for b, i in set(zip(bands.tolist(), idx.tolist())):
+            rows = np.nonzero((bands == b) & (idx == i))[0]
+            out[rows] = self._codes[b][i].sample(rng, len(rows))
+        return out
+
+    def summary(self) -> dict:
+        """Means of the stored distributions (visits per patient, codes per visit)."""
+        return {
+            "n_patients": self.table["n_patients"],
+            "mean_visits_per_patient": self._visits_pooled.mean(),
+            "mean_codes_per_visit": self._codes_pooled.mean(),
+        }
+
+
+def _merge(cells: Iterable[dict]) -> dict[int, int]:
+    out: dict[int, int] = {}
+    for cell in cells:
+        for k, v in cell.items():
+            out[int(k)] = out.get(int(k), 0) + int(v)
+    return out
+
+
+def _band(ages: np.ndarray, edges: np.ndarray) -> np.ndarray:
+    return np.clip(np.searchsorted(edges, ages, side="right") - 1, 0, len(edges) - 1)
+
+
+def _band_labels(edges: np.ndarray) -> list[str]:
+    return [f"{lo:g}-{hi:g}" for lo, hi in zip(edges[:-1], edges[1:])] + [f"{edges[-1]:g}+"]
+
+
+def columns(patients) -> tuple[np.ndarray, list[str], list[list[list[str]]]]:
+    """(ages [n], sexes, visits) of patient dicts or a datasets.Dataset in the patient schema."""
+    if hasattr(patients, "column_names"):
+        return np.asarray(patients["age"], dtype=np.float64), list(patients["sex"]), list(patients["visits"])
+    patients = list(patients)
+    return (
+        np.array([float(p["age"]) for p in patients], dtype=np.float64),
+        [p["sex"] for p in patients],
+        [p["visits"] for p in patients],
+    )
+
+

@@ -1,0 +1,61 @@
+"""The model folder's README.md (model card with the evaluation table) and its upload to the Hub."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from huggingface_hub import CommitOperationAdd, HfApi
+
+from promptehr_hf.metrics.report import markdown_table
+
+
+def model_card(args, run: dict, evaluation: dict | None, location: str) -> str:
+    """README.md of the model folder: what it is, how it was trained, the evaluation table."""
+    source = f"the MIMIC-III folder `{args.mimic_dir}`" if args.mimic_dir else (
+        f"the built-in simulated MIMIC-III-like cohort ({args.patients:,} patients, seed {args.seed})")
+    lines = [
+        "---",
+        "library_name: transformers",
+        "tags: [promptehr, ehr, synthetic-data, icd-9, mimic-iii, remote-code]",
+        "---",
+        "",
+        "# PromptEHR (promptehr-hf)",
+        "",
+        "A BART encoder-decoder with demographic prompts (PromptEHR, Wang & Sun 2022) that writes "
+        "synthetic patients visit by visit as hierarchical ICD-9-CM codes (category, then code).",
+        "",
+        f"Trained on {source}: {run['train_patients']:,} training patients, "
+        f"{run['train_examples']:,} (patient, visit) examples, preset `{args.preset}`, "
+        f"{run['global_step']:,} optimizer steps in {run['train_minutes']:.1f} min on {run['world_size']} "
+        f"process(es); loss = LM + {args.w_age} age + {args.w_sex} sex + {args.w_cooc} co-occurrence "
+        f"({args.loss_weighting} weighting), code order `{args.code_order}`.",
+        "",
+        "```python",
+        "from transformers import AutoModelForSeq2SeqLM, AutoTokenizer",
+        f"model = AutoModelForSeq2SeqLM.from_pretrained({location!r}, trust_remote_code=True)",
+        f"tokenizer = AutoTokenizer.from_pretrained({location!r}, trust_remote_code=True)",
+        "# with the promptehr-hf package: promptehr generate --model DIR --n 1000 --out synthetic/",
+        "```",
+        "",
+        "Files: `cooccurrence.safetensors` (category co-occurrence counts of the training split), "
+        "`cohort_prior.json` (age, sex, visit-count and visit-length distributions for unconditional "
+        "generation).",
+        "",
+    ]
+    if evaluation is not None:  # the report's table, headings one level down
+        lines += ["#" + line if line.startswith("#") else line for line in markdown_table(evaluation).splitlines()]
+    else:
+        lines += ["No evaluation was run for this model.", ""]
+    return "\n".join(lines)
+
+
+def push_to_hub(folder: Path, repo: str, private: bool) -> str:
+    """One commit of the whole model folder (config, weights, remote code, tokenizer, card),
+    through ``HfApi.create_repo`` and ``HfApi.create_commit`` (which uploads LFS/Xet content)."""
+    api = HfApi()
+    api.create_repo(repo, repo_type="model", private=private, exist_ok=True)
+    operations = [CommitOperationAdd(path_in_repo=path.relative_to(folder).as_posix(), path_or_fileobj=str(path))
+                  for path in sorted(folder.rglob("*")) if path.is_file()]
+    info = api.create_commit(repo_id=repo, repo_type="model", operations=operations,
+                             commit_message="Upload PromptEHR model, tokenizer and model card")
+    return str(getattr(info, "commit_url", info))

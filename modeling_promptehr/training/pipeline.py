@@ -1,0 +1,285 @@
+"""Train PromptEHR end to end: cohort -> prepare -> tokenizer -> model -> train -> generate -> evaluate.
+
+    promptehr train                                          # simulated cohort, small preset, ~15 min on 2 cores
+    promptehr train --mimic-dir DIR                          # a real MIMIC-III folder
+    ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes 2 examples/train.py ...   # 2 CPU processes
+
+With no ``--mimic-dir`` the built-in simulator draws the default cohort and writes it as MIMIC-III
+CSVs, which then go through ``prepare`` exactly as a real user's folder does. Everything lands in
+``--output-dir`` (default ``promptehr_run/``):
+
+    mimic3/        the simulated MIMIC-III CSVs (simulated runs only)
+    data/          prepared splits: {train,validation,test}.parquet, summary.json
+    checkpoints/   Trainer checkpoints (resume with --resume-from-checkpoint last|DIR)
+    model/         the final model: config + safetensors + remote code, tokenizer,
+                   cooccurrence.safetensors, cohort_prior.json, README.md (model card with metrics)
+    synthetic/     the generated cohort (MIMIC-III CSVs + synthetic.parquet)
+    evaluation/    metrics.json, metrics.md, PNG plots (synthetic vs the real test split,
+                   with the real floor and the independent-marginal baseline)
+    run_summary.json   world size, steps, timings, final losses, headline metrics
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+import torch
+from accelerate import PartialState
+
+from promptehr_hf.datasets_scripts.cohort_io import write_mimic3_csvs
+from promptehr_hf.datasets_scripts.prepare import load_prepared, prepare
+from promptehr_hf.datasets_scripts.simulator import simulate
+from promptehr_hf.metrics.report import evaluate_cohorts
+from promptehr_hf.modeling_promptehr.configuration_promptehr import PromptEHRConfig
+from promptehr_hf.modeling_promptehr.generation.command import write_cohort
+from promptehr_hf.modeling_promptehr.generation.pipeline import generate_patients
+from promptehr_hf.modeling_promptehr.generation.prior import CohortPrior
+from promptehr_hf.modeling_promptehr.modeling_promptehr import PromptEHRForConditionalGeneration
+from promptehr_hf.tokenization.tokenization_promptehr import PromptEHRTokenizer
+
+from .data import build_examples
+from .losses import category_cooccurrence, tokenizer_categories
+from .model_card import model_card, push_to_hub
+from .trainer import PromptEHRTrainer
+from .training_args import PromptEHRTrainingArguments
+
+DEFAULT_PATIENTS = 20_000
+DEFAULT_MAX_MINUTES = 9.0  # training budget: leaves room for data, generation and evaluation in 15 min
+UNBOUNDED_STEPS = 1_000_000  # without --max-steps the time budget sets the schedule's length
+
+logger = logging.getLogger("promptehr.train")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The flags of ``promptehr train`` (and of ``examples/train.py``)."""
+    data = p.add_argument_group("data")
+    data.add_argument("--mimic-dir", help="real MIMIC-III folder (PATIENTS, ADMISSIONS, DIAGNOSES_ICD); "
+                                          "default: simulate a cohort")
+    data.add_argument("--patients", type=int, default=DEFAULT_PATIENTS, help="size of the simulated cohort")
+    data.add_argument("--seed", type=int, default=0, help="simulation, split, training and generation seed")
+    data.add_argument("--min-code-count", type=int, default=1, help="rarer codes fold into their category token")
+    out = p.add_argument_group("output")
+    out.add_argument("--output-dir", default="promptehr_run")
+    out.add_argument("--push-to-hub", metavar="REPO", help="upload the final model folder (with its model card)")
+    out.add_argument("--hub-private", action="store_true", help="create the hub repository as private")
+    model = p.add_argument_group("model")
+    model.add_argument("--preset", default="small", choices=("small", "base"))
+    model.add_argument("--config-overrides", default=None,
+                       help='JSON of PromptEHRConfig fields, e.g. \'{"d_model": 64, "encoder_layers": 1}\'')
+    train = p.add_argument_group("training")
+    train.add_argument("--max-steps", type=int, default=None,
+                       help="optimizer steps, the learning-rate schedule's length (default: as many as fit in "
+                            "--max-minutes)")
+    train.add_argument("--max-minutes", type=float, default=DEFAULT_MAX_MINUTES,
+                       help="training time budget: the schedule is shortened to the steps that fit (measured "
+                            "as training goes) and training stops, saving a checkpoint, when it is spent; 0: none")
+    train.add_argument("--batch-size", type=int, default=32, help="per process")
+    train.add_argument("--gradient-accumulation-steps", type=int, default=1)
+    train.add_argument("--learning-rate", type=float, default=5e-4)
+    train.add_argument("--warmup-steps", type=int, default=100)
+    train.add_argument("--code-order", default="shuffle", choices=("seq_num", "shuffle", "hierarchical"))
+    train.add_argument("--w-age", type=float, default=0.1)
+    train.add_argument("--w-sex", type=float, default=0.1)
+    train.add_argument("--w-cooc", type=float, default=0.1)
+    train.add_argument("--loss-weighting", default="fixed", choices=("fixed", "scheduled", "learned"))
+    train.add_argument("--loss-schedule", default=None, help="scheduled weighting, e.g. 'sex:0@500,cooc:0.05@1000'")
+    train.add_argument("--cooc-tau", type=float, default=5.0)
+    train.add_argument("--mask-prob", type=float, default=0.15)
+    train.add_argument("--delete-prob", type=float, default=0.1)
+    train.add_argument("--max-source-length", type=int, default=256)
+    train.add_argument("--logging-steps", type=int, default=25)
+    train.add_argument("--eval-steps", type=int, default=250)
+    train.add_argument("--eval-examples", type=int, default=1000, help="validation examples per evaluation")
+    train.add_argument("--eval-generate-patients", type=int, default=64,
+                       help="patients generated at each evaluation to watch diversity (0: off)")
+    train.add_argument("--save-steps", type=int, default=250)
+    train.add_argument("--resume-from-checkpoint", default=None, help="a checkpoint folder, or 'last'")
+    gen = p.add_argument_group("generation and evaluation")
+    gen.add_argument("--generate", type=int, default=None,
+                     help="synthetic patients generated at the end (default: the test split's size; 0: skip)")
+    gen.add_argument("--generate-batch-size", type=int, default=256)
+    gen.add_argument("--no-evaluate", action="store_true", help="skip the evaluation of the generated cohort")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="promptehr train", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_arguments(parser)
+    return parser.parse_args(argv)
+
+
+def prepare_data(args, state) -> tuple[Path, dict]:
+    """Simulate (unless --mimic-dir), write MIMIC-III CSVs and prepare them; main process only,
+    reused when ``data/`` already holds the same source (e.g. on resume)."""
+    root = Path(args.output_dir)
+    data_dir = root / "data"
+    source = ({"mimic_dir": str(Path(args.mimic_dir).resolve())} if args.mimic_dir
+              else {"simulated_patients": args.patients})
+    source["seed"] = args.seed
+    marker = root / "data_source.json"
+    if state.is_main_process:
+        reuse = marker.is_file() and json.loads(marker.read_text()) == source and (data_dir / "summary.json").is_file()
+        if reuse:
+            logger.info("reusing the prepared cohort in %s", data_dir)
+        else:
+            t0 = time.perf_counter()
+            if args.mimic_dir:
+                mimic_dir = Path(args.mimic_dir)
+            else:
+                patients = simulate(args.patients, seed=args.seed, progress=True)
+                mimic_dir = root / "mimic3"
+                write_mimic3_csvs(patients, mimic_dir, seed=args.seed)
+                logger.info("simulated %d patients into %s", len(patients), mimic_dir)
+            prepare(mimic_dir, data_dir, seed=args.seed)
+            marker.write_text(json.dumps(source) + "\n")
+            logger.info("prepared %s in %.1f s", data_dir, time.perf_counter() - t0)
+    state.wait_for_everyone()
+    return data_dir, json.loads((data_dir / "summary.json").read_text())
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Parse ``argv`` and run; returns the run summary."""
+    return train(parse_args(argv))
+
+
+def run(args: argparse.Namespace) -> int:
+    """``promptehr train``."""
+    train(args)
+    return 0
+
+
+def train(args: argparse.Namespace) -> dict:
+    """Cohort -> prepare -> tokenizer -> model -> train -> generate -> evaluate; returns the run summary."""
+    if not args.max_steps and not (args.max_minutes and args.max_minutes > 0):
+        raise SystemExit("promptehr train: give --max-steps or a positive --max-minutes")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    t_start = time.perf_counter()
+
+    # cpu=True is what makes accelerate start a gloo process group on a machine without GPUs
+    # (`ACCELERATE_USE_CPU=true accelerate launch --multi_gpu ...`); otherwise every process
+    # would believe it is alone (and all of them would prepare the data).
+    use_cpu = not torch.cuda.is_available() or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
+    state = PartialState(cpu=use_cpu)
+    # 2 cores shared by the processes: one thread per process when launched on 2 processes.
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    torch.set_num_threads(max(1, cores // state.num_processes))
+    logger.info("process %d of %d (world size %d), %d torch threads", state.process_index, state.num_processes,
+                state.num_processes, torch.get_num_threads())
+
+    root = Path(args.output_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    data_dir, summary = prepare_data(args, state)
+    splits = load_prepared(data_dir)
+    train_split, val_split, test_split = splits["train"], splits["validation"], splits["test"]
+    t_data = time.perf_counter()
+
+    tokenizer = PromptEHRTokenizer.from_patients(train_split, min_code_count=args.min_code_count)
+    counts = category_cooccurrence(train_split, tokenizer_categories(tokenizer)[0])
+    prior = CohortPrior.from_patients(train_split)
+    overrides = json.loads(args.config_overrides) if args.config_overrides else {}
+    config = PromptEHRConfig.from_preset(args.preset, tokenizer=tokenizer, **overrides)
+    max_source = min(args.max_source_length, config.max_position_embeddings - config.num_prompts)
+    torch.manual_seed(args.seed)
+    model = PromptEHRForConditionalGeneration(config)
+    train_examples = build_examples(train_split, max_source_length=max_source)
+    val_examples = build_examples(val_split, max_source_length=max_source)
+    if len(val_examples) > args.eval_examples:
+        val_examples = val_examples.shuffle(seed=args.seed).select(range(args.eval_examples))
+    logger.info("vocabulary %d tokens (%d categories, %d codes); %d training examples; model %.2fM parameters",
+                len(tokenizer), len(tokenizer.category_ids), len(tokenizer.code_ids), len(train_examples),
+                model.num_parameters() / 1e6)
+
+    training_args = PromptEHRTrainingArguments(
+        output_dir=str(root / "checkpoints"),
+        use_cpu=use_cpu,
+        max_steps=args.max_steps or UNBOUNDED_STEPS,
+        max_minutes=args.max_minutes if args.max_minutes and args.max_minutes > 0 else None,
+        per_device_train_batch_size=args.batch_size,
+        per_device_eval_batch_size=2 * args.batch_size,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        learning_rate=args.learning_rate,
+        warmup_steps=args.warmup_steps,
+        lr_scheduler_type="linear",
+        weight_decay=0.01,
+        logging_steps=args.logging_steps,
+        eval_strategy="steps" if args.eval_steps > 0 else "no",
+        eval_steps=args.eval_steps if args.eval_steps > 0 else None,
+        save_strategy="steps",
+        save_steps=args.save_steps,
+        save_total_limit=2,
+        report_to=[],
+        seed=args.seed,
+        dataloader_num_workers=0,
+        ddp_find_unused_parameters=False,
+        w_age=args.w_age, w_sex=args.w_sex, w_cooc=args.w_cooc,
+        loss_weighting=args.loss_weighting, loss_schedule=args.loss_schedule, cooc_tau=args.cooc_tau,
+        code_order=args.code_order, mask_prob=args.mask_prob, delete_prob=args.delete_prob,
+        max_source_length=max_source,
+        eval_generate_patients=args.eval_generate_patients,
+    )
+    trainer = PromptEHRTrainer(
+        model=model, args=training_args, processing_class=tokenizer, cooccurrence_counts=counts,
+        train_dataset=train_examples, eval_dataset=val_examples if args.eval_steps > 0 else None,
+        eval_patients=val_split, prior=prior,
+    )
+    resume = args.resume_from_checkpoint
+    if resume == "last":
+        resume = True
+    t_train = time.perf_counter()
+    result = trainer.train(resume_from_checkpoint=resume)
+    train_minutes = (time.perf_counter() - t_train) / 60
+
+    model_dir = root / "model"
+    trainer.save_model(str(model_dir))
+    run = {
+        "world_size": trainer.args.world_size,
+        "num_processes": state.num_processes,
+        "torch_threads": torch.get_num_threads(),
+        "global_step": trainer.state.global_step,
+        "train_patients": len(train_split),
+        "train_examples": len(train_examples),
+        "parameters": model.num_parameters(),
+        "train_minutes": train_minutes,
+        "train_loss": result.training_loss,
+        "last_log": next((h for h in reversed(trainer.state.log_history) if "loss_lm" in h), None),
+        "data_minutes": (t_data - t_start) / 60,
+        "cohort": summary,
+    }
+    if not state.is_main_process:
+        return run
+    prior.save(model_dir)
+
+    evaluation = None
+    n_generate = len(test_split) if args.generate is None else args.generate
+    if n_generate > 0:
+        t0 = time.perf_counter()
+        synthetic, stats = generate_patients(trainer.model, tokenizer, n_generate, mode="unconditional", prior=prior,
+                                             batch_size=args.generate_batch_size, seed=args.seed,
+                                             max_history_length=max_source, exclude_patients=train_split)
+        write_cohort(synthetic, root / "synthetic", stats=stats, seed=args.seed, overwrite=True)
+        run["generate_minutes"] = (time.perf_counter() - t0) / 60
+        run["generated_patients"] = len(synthetic)
+        if not args.no_evaluate:
+            t0 = time.perf_counter()
+            evaluation = evaluate_cohorts(synthetic, test_split, train_split, out_dir=root / "evaluation",
+                                          seed=args.seed)
+            run["evaluate_minutes"] = (time.perf_counter() - t0) / 60
+            rows = evaluation["rows"]
+            run["metrics"] = {row: {k: rows[row][k] for k in ("code_js", "r2_pair_prevalence", "distinct_codes",
+                                                                "top_code_share", "codes_per_visit_mean")
+                                    if rows[row] is not None and k in rows[row]}
+                              for row in ("synthetic", "floor", "baseline")}
+    (model_dir / "README.md").write_text(model_card(args, run, evaluation, args.push_to_hub or str(model_dir)),
+                                         encoding="utf-8")
+    if args.push_to_hub:
+        run["hub_commit"] = push_to_hub(model_dir, args.push_to_hub, args.hub_private)
+    run["total_minutes"] = (time.perf_counter() - t_start) / 60
+    (root / "run_summary.json").write_text(json.dumps(run, indent=1, default=float) + "\n")
+    print(json.dumps({k: v for k, v in run.items() if k != "last_log"}, indent=1, default=float))
+    return run
+
