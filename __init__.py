@@ -9,7 +9,7 @@ The public API, imported on first use so that ``import promptehr_hf`` stays fast
 
 The data flow, and the only direction imports take between the sub-packages::
 
-    datasets_scripts (cohorts, ICD-9-CM) -> tokenization -> modeling_promptehr (config, model)
+    file_utils -> datasets_scripts (cohorts, ICD-9-CM) -> tokenization -> modeling_promptehr (config, model)
         -> modeling_promptehr.generation -> modeling_promptehr.training -> metrics
 
 with one exception: training may use metrics (its generation monitor scores a small cohort).

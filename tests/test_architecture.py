@@ -2,7 +2,7 @@
 the package's own modules inside a function (the usual way to dodge a cycle), and every import
 in the direction of the data flow:
 
-    datasets_scripts -> tokenization -> modeling_promptehr (config, model)
+    file_utils -> datasets_scripts -> tokenization -> modeling_promptehr (config, model)
         -> modeling_promptehr.generation -> modeling_promptehr.training -> metrics -> promptehr_hf (API, CLI)
 
 A module may import from its own layer or an earlier one; the one exception is training, whose
@@ -20,6 +20,7 @@ import pytest
 PACKAGE = "promptehr_hf"
 FOLDERS = ("datasets_scripts", "tokenization", "modeling_promptehr", "metrics")
 LAYERS = (  # longest prefix wins
+    "promptehr_hf.file_utils",
     "promptehr_hf.datasets_scripts",
     "promptehr_hf.tokenization",
     "promptehr_hf.modeling_promptehr",
