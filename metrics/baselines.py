@@ -1,4 +1,4 @@
-"""The independent-marginal baseline of DESIGN.md ("How good is good").
+"""The independent-marginal baseline: the reference a generator must beat on structure.
 
 ``IndependentMarginalSampler.fit(train).sample(n, seed)`` draws patients whose every part is
 drawn independently from the training marginals:

@@ -1,8 +1,8 @@
 """Category co-occurrence counts and the differentiable co-occurrence loss.
 
-The earlier prototype computed its co-occurrence penalty on the *labels*: a constant with no
-gradient, which sat flat at 3.66 for 30 epochs. Here the penalty is an expectation under the
-model's own predicted distribution over category tokens, so it moves the logits.
+The penalty is an expectation under the model's own predicted distribution over category tokens
+(not a function of the labels, which would be a constant with no gradient), so it moves the
+logits.
 
 Counts ``C`` [K, K] over the K category tokens of the tokenizer, from the training visits:
 ``C[s, k]`` (s != k) = number of training visits that contain both category s and category k.
@@ -15,7 +15,7 @@ about the event the loss scores on the diagonal: category k predicted again afte
 same visit (two codes of one category, e.g. 4019 and 4011). So ``C[k, k]`` = number of visits
 with at least two distinct codes of category k, ``(N >= 2).sum(0)``.
 
-Loss (DESIGN.md, "Training"): at each decoder position whose label is a category token, with
+Loss: at each decoder position whose label is a category token, with
 S = the distinct categories at earlier positions of the same visit,
 ``penalty = sum_k p(k) * mean_{s in S} W[s, k]`` where p is the softmax over the category-token
 logits only and ``W[s, k] = tau / (C[s, k] + 1)`` if ``C[s, k] < tau`` else 0. Positions with an
