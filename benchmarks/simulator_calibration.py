@@ -120,11 +120,14 @@ def calibration_table(sim: dict) -> tuple[list[dict], dict]:
     top = {
         "reference_top20": [
             {"code": c, "reference_rank": i + 1, "reference_patients": n, "simulated_rank": rank_of.get(c),
-             "simulated_patients": per_code.get(c, 0), "simulated_patients_per_reference_scale": round(per_code.get(c, 0) / scale)}
+             "simulated_patients": per_code.get(c, 0),
+             "simulated_patients_per_reference_scale": round(per_code.get(c, 0) / scale)}
             for i, (c, n) in enumerate(REFERENCE_TOP20.items())
         ],
-        "simulated_top20": [{"code": c, "patients": per_code[c], "in_reference_top20": c in REFERENCE_TOP20} for c in top20],
-        "simulated_top_v_codes": [c for c, _ in sorted(per_code.items(), key=lambda kv: -kv[1]) if c.startswith("V")][:6],
+        "simulated_top20": [{"code": c, "patients": per_code[c], "in_reference_top20": c in REFERENCE_TOP20}
+                            for c in top20],
+        "simulated_top_v_codes": [c for c, _ in sorted(per_code.items(), key=lambda kv: -kv[1])
+                                  if c.startswith("V")][:6],
     }
     return rows, top
 
@@ -210,8 +213,8 @@ def demo_reference(demo_dir: Path, simulate) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--demo-dir", type=Path,
-                        default=Path(os.environ.get("MIMIC3_DEMO_DIR", Path(__file__).resolve().parents[2] / "shared" / "mimic3demo")),
+    demo_default = Path(__file__).resolve().parents[2] / "shared" / "mimic3demo"
+    parser.add_argument("--demo-dir", type=Path, default=Path(os.environ.get("MIMIC3_DEMO_DIR", demo_default)),
                         help="the real MIMIC-III demo folder, for the pair-structure reference (skipped if absent)")
     args = parser.parse_args(argv)
     from promptehr_hf.datasets_scripts import simulator
@@ -253,7 +256,8 @@ def main(argv: list[str] | None = None) -> None:
     os.replace(tmp, RESULTS)
     for r in table:
         sim_v = r["simulated"]
-        print(f"{r['figure']:58s} ref {r['reference']!s:>10.10s}  sim {sim_v if isinstance(sim_v, int) else round(sim_v, 4)!s:>10s}"
+        sim_text = sim_v if isinstance(sim_v, int) else round(sim_v, 4)
+        print(f"{r['figure']:58s} ref {r['reference']!s:>10.10s}  sim {sim_text!s:>10s}"
               f"  {r['target'] or '':16s} {'' if r['passed'] is None else ('PASS' if r['passed'] else 'FAIL')}")
     print(f"time {result['timing']['seconds_total_cold']} s; CMS conflicts {result['cms_edits']['conflicts']}; "
           f"pair R2 B~A {result['pair_structure']['B_vs_A']['r2_pair_prevalence']:.3f}, "

@@ -113,7 +113,8 @@ def main(argv: list[str] | None = None) -> dict:
     sim = simulate(args.sim_patients, seed=args.seed)
     sim_s = time.perf_counter() - t0
     results["simulated"] = [vocab_figures(sim, k) for k in MIN_CODE_COUNTS]
-    results["simulated_meta"] = {"n_patients": args.sim_patients, "seed": args.seed, "simulate_seconds": round(sim_s, 1)}
+    results["simulated_meta"] = {"n_patients": args.sim_patients, "seed": args.seed,
+                                 "simulate_seconds": round(sim_s, 1)}
     _print(f"simulated cohort (seed {args.seed})", results["simulated"])
 
     out = Path(args.out)

@@ -8,7 +8,8 @@ held-out ``test`` splits). Without them the script runs on its own: a simulated 
 into train / test, and the independent-marginal baseline standing in for a model. The shell
 equivalent of step 3 is
 
-    promptehr evaluate --real promptehr_run/data --train promptehr_run/data --synthetic synthetic_demo/ --out evaluation/
+    promptehr evaluate --real promptehr_run/data --train promptehr_run/data \
+        --synthetic synthetic_demo/ --out evaluation/
 """
 
 from __future__ import annotations

@@ -111,7 +111,8 @@ def _top_categories(share, top, categories, names, path: Path) -> Path:
     height = 0.8 / len(names)
     y = np.arange(len(top))
     for i, name in enumerate(names):
-        ax.barh(y + (i - (len(names) - 1) / 2) * height, share[name][top], height=height, color=COLORS[name], label=name)
+        ax.barh(y + (i - (len(names) - 1) / 2) * height, share[name][top], height=height, color=COLORS[name],
+                label=name)
     ax.set_yticks(y, [_title(categories[k]) for k in top], fontsize=7)
     ax.invert_yaxis()
     ax.set(xlabel="share of all (visit, category) occurrences",

@@ -122,7 +122,8 @@ class PromptEHRConfig(PretrainedConfig):
         problems = []
         if len(self.num_feature_scales) != self.n_num_features:
             problems.append(
-                f"num_feature_scales has {len(self.num_feature_scales)} entries for n_num_features={self.n_num_features}"
+                f"num_feature_scales has {len(self.num_feature_scales)} entries for "
+                f"n_num_features={self.n_num_features}"
             )
         if any(s == 0.0 for s in self.num_feature_scales):
             problems.append(f"num_feature_scales must be non-zero, got {self.num_feature_scales}")
@@ -132,13 +133,15 @@ class PromptEHRConfig(PretrainedConfig):
             if self.d_model % heads:
                 problems.append(f"d_model={self.d_model} is not a multiple of {name}_attention_heads={heads}")
         if self.age_feature_index is not None and not 0 <= self.age_feature_index < self.n_num_features:
-            problems.append(f"age_feature_index={self.age_feature_index} is outside x_num's {self.n_num_features} columns")
+            problems.append(
+                f"age_feature_index={self.age_feature_index} is outside x_num's {self.n_num_features} columns")
         if self.sex_feature_index is not None and not 0 <= self.sex_feature_index < len(self.cat_cardinalities):
             problems.append(
                 f"sex_feature_index={self.sex_feature_index} is outside x_cat's {len(self.cat_cardinalities)} columns"
             )
         if self.num_prompts >= self.max_position_embeddings:
-            problems.append(f"{self.num_prompts} prompts leave no room in max_position_embeddings={self.max_position_embeddings}")
+            problems.append(
+                f"{self.num_prompts} prompts leave no room in max_position_embeddings={self.max_position_embeddings}")
         if problems:
             raise ValueError("PromptEHRConfig: " + "; ".join(problems))
 

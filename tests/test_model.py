@@ -132,7 +132,8 @@ def test_forward_outputs_and_losses(model, tokenizer, batch):
     lm = torch.nn.functional.cross_entropy(out.logits.reshape(-1, len(tokenizer)), labels.reshape(-1))
     torch.testing.assert_close(out.lm_loss, lm)
     cfg = model.config
-    torch.testing.assert_close(out.loss, out.lm_loss + cfg.age_loss_weight * out.age_loss + cfg.sex_loss_weight * out.sex_loss)
+    torch.testing.assert_close(
+        out.loss, out.lm_loss + cfg.age_loss_weight * out.age_loss + cfg.sex_loss_weight * out.sex_loss)
     # Aux targets default to the demographics themselves.
     explicit = model(**batch, labels=labels, age_labels=batch["x_num"][:, 0], sex_labels=batch["x_cat"][:, 0])
     torch.testing.assert_close(explicit.age_loss, out.age_loss)
@@ -141,7 +142,8 @@ def test_forward_outputs_and_losses(model, tokenizer, batch):
     # Every component reaches the parameters it should.
     model.zero_grad()
     out.loss.backward()
-    for name in ("model.encoder.prompt.num_weight", "model.decoder.prompt.cat_embed.weight", "age_head.weight", "sex_head.weight"):
+    for name in ("model.encoder.prompt.num_weight", "model.decoder.prompt.cat_embed.weight", "age_head.weight",
+                 "sex_head.weight"):
         assert model.get_parameter(name).grad.abs().sum() > 0, name
     model.zero_grad()
     # A plain tuple when asked.

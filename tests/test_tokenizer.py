@@ -49,7 +49,8 @@ def test_vocabulary_layout_and_hierarchy():
     tok = PromptEHRTokenizer.from_patients(_cohort(50, 0))
     vocab = tok.get_vocab()
     assert [vocab[t] for t in ("<pad>", "<s>", "</s>", "<unk>", "<mask>", "<v>", "</v>")] == list(range(7))
-    assert (tok.pad_token_id, tok.bos_token_id, tok.eos_token_id, tok.unk_token_id, tok.mask_token_id) == (0, 1, 2, 3, 4)
+    ids = (tok.pad_token_id, tok.bos_token_id, tok.eos_token_id, tok.unk_token_id, tok.mask_token_id)
+    assert ids == (0, 1, 2, 3, 4)
     assert (tok.visit_start_id, tok.visit_end_id) == (5, 6)
     assert len(tok) == tok.vocab_size == len(vocab)
     cats = {code_category(c) for c in CODES}
