@@ -18,7 +18,11 @@ from promptehr_hf.modeling_promptehr.training.losses import (
     load_cooccurrence,
     tokenizer_categories,
 )
-from promptehr_hf.modeling_promptehr.training.trainer import PromptEHRTrainer
+from promptehr_hf.modeling_promptehr.training.trainer import (
+    PromptEHRTrainer,
+    checkpoint_problems,
+    last_complete_checkpoint,
+)
 from promptehr_hf.modeling_promptehr.training.training_args import COMPONENTS, PromptEHRTrainingArguments
 from promptehr_hf.tokenization.tokenization_promptehr import PromptEHRTokenizer
 
@@ -141,6 +145,68 @@ def test_resume_continues_at_saved_step_with_same_state(cohort, tmp_path):
         torch.testing.assert_close(opt_a["state"][k]["exp_avg_sq"], opt_b["state"][k]["exp_avg_sq"], rtol=1e-4,
                                    atol=1e-9)
     torch.testing.assert_close(resumed.loss_log_vars.detach(), log_vars_full, rtol=0, atol=1e-6)
+
+
+def _resume_last(cohort, out, caplog, *, interrupt=False, damage=None):
+    """Train 6 steps saving at 3 and 6 (the save at 6 cut short by a SIGTERM with ``interrupt``,
+    then ``damage`` done to checkpoint-6); resume with ``True`` ('last'): from checkpoint-3, with a
+    warning naming checkpoint-6, on to step 6."""
+    common = dict(max_steps=6, save_strategy="steps", save_steps=3)
+    first = make_trainer(cohort, out, **common)
+    if interrupt:  # killed after the weights and optimizer, before the RNG and trainer state
+        save_rng_state = first._save_rng_state
+
+        def killed_at_6(output_dir):
+            if first.state.global_step == 6:
+                raise KeyboardInterrupt("SIGTERM")
+            save_rng_state(output_dir)
+
+        first._save_rng_state = killed_at_6
+        with pytest.raises(KeyboardInterrupt):
+            first.train()
+        assert (out / "checkpoint-6" / "model.safetensors").exists()
+    else:
+        first.train()
+    assert checkpoint_problems(str(out / "checkpoint-3")) == []
+    if damage is not None:
+        assert checkpoint_problems(str(out / "checkpoint-6")) == []
+        damage(out / "checkpoint-6")
+    assert checkpoint_problems(str(out / "checkpoint-6"))
+    assert last_complete_checkpoint(str(out)) == str(out / "checkpoint-3")
+
+    resumed = make_trainer(cohort, out, **common)
+    with caplog.at_level("WARNING"):
+        resumed.train(resume_from_checkpoint=True)
+    assert [h["step"] for h in resumed.state.log_history if "loss" in h and h["step"] > 3] == [4, 5, 6]
+    assert resumed.state.global_step == 6
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and "incomplete" in r.getMessage()]
+    assert any(str(out / "checkpoint-6") in line for line in warned), caplog.text
+    assert checkpoint_problems(str(out / "checkpoint-6")) == []  # saved again, complete
+
+
+def test_resume_last_skips_an_interrupted_save(cohort, tmp_path, caplog):
+    _resume_last(cohort, tmp_path, caplog, interrupt=True)
+
+
+def test_resume_last_skips_a_checkpoint_with_lost_files(cohort, tmp_path, caplog):
+    _resume_last(cohort, tmp_path, caplog, damage=lambda ckpt: (ckpt / "model.safetensors").unlink())
+
+
+def test_checkpoint_marker_written_last_and_checked(cohort, tmp_path):
+    trainer = make_trainer(cohort, tmp_path, max_steps=2, save_strategy="steps", save_steps=1, save_total_limit=1)
+    trainer.train()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-2"]  # rotation still works
+    ckpt = tmp_path / "checkpoint-2"
+    manifest = json.loads((ckpt / "checkpoint_complete.json").read_text())
+    assert manifest["global_step"] == 2
+    assert {"model.safetensors", "trainer_state.json", "optimizer.pt", "scheduler.pt", "rng_state.pth"} \
+        <= manifest["files"].keys()
+    with open(ckpt / "optimizer.pt", "ab") as f:  # a file changed since the save
+        f.write(b"x")
+    assert checkpoint_problems(str(ckpt)) == [f"optimizer.pt has {manifest['files']['optimizer.pt'] + 1} bytes, "
+                                              f"{manifest['files']['optimizer.pt']} when saved"]
+    with pytest.raises(ValueError, match="No complete checkpoint"):
+        make_trainer(cohort, tmp_path, max_steps=2).train(resume_from_checkpoint=True)
 
 
 def test_length_grouped_batches_and_collapse_warning(cohort, tmp_path, caplog):

@@ -25,9 +25,11 @@ same with the ``eval_`` prefix (without ``_vs_start``).
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
+import re
 
 import numpy as np
 import torch
@@ -35,7 +37,9 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import Trainer
-from transformers.trainer import TRAINING_ARGS_NAME
+from transformers.trainer import OPTIMIZER_NAME, SCHEDULER_NAME, TRAINER_STATE_NAME, TRAINING_ARGS_NAME
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
+from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME
 
 from .callbacks import GenerationMonitorCallback, TimeBudgetCallback, TrainingHousekeepingCallback
 from .data import PromptEHRDataCollator
@@ -47,6 +51,7 @@ logger = logging.getLogger(__name__)
 LOG_VAR_BOUND = 6.0
 LOSS_WEIGHTS_FILE = "loss_weights.safetensors"
 TRAINING_ARGS_JSON = "training_args.json"
+CHECKPOINT_COMPLETE = "checkpoint_complete.json"
 
 
 class PromptEHRTrainer(Trainer):
@@ -244,6 +249,49 @@ class PromptEHRTrainer(Trainer):
     def get_test_dataloader(self, test_dataset):
         return self._with_eval_collator(super().get_test_dataloader, test_dataset)
 
+    # --------------------------------------------------------------------------- resuming
+    def train(self, resume_from_checkpoint: str | bool | None = None, trial=None, ignore_keys_for_eval=None,
+              **kwargs):
+        """Trainer's ``train``; ``resume_from_checkpoint=True`` resumes from the newest *complete*
+        checkpoint in ``args.output_dir`` (:func:`last_complete_checkpoint`), warning about newer
+        incomplete ones (a save cut short, or files lost since), where Trainer would take the newest
+        folder whatever it holds. A checkpoint folder given by name is used as given, with a warning
+        when it is incomplete."""
+        with_optimizer = not self.args.save_only_model
+        if resume_from_checkpoint is True:
+            resume_from_checkpoint = last_complete_checkpoint(self.args.output_dir, with_optimizer=with_optimizer)
+            if resume_from_checkpoint is None:
+                raise ValueError(f"No complete checkpoint found in output directory ({self.args.output_dir})")
+            logger.info("resuming from %s", resume_from_checkpoint)
+        elif isinstance(resume_from_checkpoint, (str, os.PathLike)):
+            problems = checkpoint_problems(resume_from_checkpoint, with_optimizer=with_optimizer)
+            if problems:
+                logger.warning("checkpoint %s is incomplete (%s); resuming from it as asked", resume_from_checkpoint,
+                               "; ".join(problems))
+        return super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial,
+                             ignore_keys_for_eval=ignore_keys_for_eval, **kwargs)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        """Trainer's checkpoint, then a completion marker (:func:`checkpoint_problems`) once every
+        process has written its part; older checkpoints are rotated out only after that, so a save
+        cut short never leaves the output folder without a complete checkpoint."""
+        run_dir = self._get_output_dir(trial=trial)
+        output_dir = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+        marker = os.path.join(output_dir, CHECKPOINT_COMPLETE)
+        if self.args.should_save and os.path.exists(marker):  # saving over an earlier checkpoint of this step
+            os.remove(marker)
+        limit = self.args.save_total_limit
+        self.args.save_total_limit = None  # Trainer rotates before the marker is written: rotate here, after it
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self.args.save_total_limit = limit
+        self.accelerator.wait_for_everyone()  # every process's RNG state is in the folder
+        if self.args.should_save:
+            write_checkpoint_marker(output_dir, self.state.global_step)
+            rotate_checkpoints(output_dir=run_dir, save_total_limit=limit,
+                               best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
+
     # ------------------------------------------------------------------- optimizer / saving
     def create_optimizer(self, model=None):
         optimizer = super().create_optimizer(model)
@@ -282,6 +330,79 @@ class PromptEHRTrainer(Trainer):
         if self.loss_log_vars is not None and path is not None and os.path.isfile(path):
             with torch.no_grad():
                 self.loss_log_vars.copy_(load_file(path)["log_vars"].to(self.loss_log_vars.device))
+
+
+_CHECKPOINT_RE = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
+_RNG_STATE_RE = re.compile(r"^rng_state(_\d+)?\.pth$")
+_WEIGHTS = (SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME, WEIGHTS_NAME, WEIGHTS_INDEX_NAME)
+
+
+def write_checkpoint_marker(folder: str, global_step: int) -> None:
+    """Write ``checkpoint_complete.json`` into a checkpoint folder whose files are all written: the
+    step and every file's size (relative path -> bytes). Written to a temporary name and renamed,
+    so the marker itself is never partial."""
+    files = {}
+    for root, _, names in os.walk(folder):
+        for name in names:
+            path = os.path.join(root, name)
+            rel = os.path.relpath(path, folder).replace(os.sep, "/")
+            if not rel.startswith(CHECKPOINT_COMPLETE):  # the marker, or its temporary file
+                files[rel] = os.path.getsize(path)
+    marker = os.path.join(folder, CHECKPOINT_COMPLETE)
+    tmp = f"{marker}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump({"global_step": global_step, "files": dict(sorted(files.items()))}, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, marker)
+
+
+def checkpoint_problems(folder: str, *, with_optimizer: bool = True) -> list[str]:
+    """What keeps ``folder`` from being a complete checkpoint; an empty list when it is one.
+
+    Complete: its ``checkpoint_complete.json`` (written by PromptEHRTrainer after everything else)
+    is readable, every file it lists is there with the size it lists, and the list holds what a
+    resume needs: model weights, ``trainer_state.json`` and, with ``with_optimizer`` (unless the
+    run saves the model only), ``optimizer.pt``, ``scheduler.pt`` and an RNG state."""
+    if not os.path.isdir(folder):
+        return ["not a folder"]
+    try:
+        with open(os.path.join(folder, CHECKPOINT_COMPLETE), encoding="utf-8") as f:
+            files = dict(json.load(f)["files"])
+    except FileNotFoundError:
+        return [f"no {CHECKPOINT_COMPLETE}: its save did not finish"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return [f"unreadable {CHECKPOINT_COMPLETE} ({e})"]
+    problems = []
+    for rel, size in files.items():
+        path = os.path.join(folder, *rel.split("/"))
+        if not os.path.isfile(path):
+            problems.append(f"{rel} missing")
+        elif os.path.getsize(path) != size:
+            problems.append(f"{rel} has {os.path.getsize(path)} bytes, {size} when saved")
+    needed = {"model weights": any(name in files for name in _WEIGHTS), TRAINER_STATE_NAME: TRAINER_STATE_NAME in files}
+    if with_optimizer:
+        needed |= {OPTIMIZER_NAME: OPTIMIZER_NAME in files, SCHEDULER_NAME: SCHEDULER_NAME in files,
+                   "RNG state": any(_RNG_STATE_RE.match(name) for name in files)}
+    return problems + [f"no {what} saved" for what, saved in needed.items() if not saved]
+
+
+def last_complete_checkpoint(output_dir: str, *, with_optimizer: bool = True) -> str | None:
+    """The newest ``checkpoint-N`` folder in ``output_dir`` that is complete
+    (:func:`checkpoint_problems`), or None. Each newer, incomplete one is skipped with a
+    ``logger.warning`` naming the folder and what it lacks."""
+    if not os.path.isdir(output_dir):
+        return None
+    found = sorted(((int(m.group(1)), name) for name in os.listdir(output_dir)
+                    if (m := _CHECKPOINT_RE.match(name)) and os.path.isdir(os.path.join(output_dir, name))),
+                   reverse=True)
+    for _, name in found:
+        path = os.path.join(output_dir, name)
+        problems = checkpoint_problems(path, with_optimizer=with_optimizer)
+        if not problems:
+            return path
+        logger.warning("checkpoint %s is incomplete (%s): not resuming from it", path, "; ".join(problems))
+    return None
 
 
 def _all_reduce_mean(grad: torch.Tensor) -> torch.Tensor:
