@@ -1,5 +1,9 @@
 """CohortPrior: the empirical distributions of a training cohort that unconditional generation
-draws from (demographics, visits per patient, codes per visit), saved as ``cohort_prior.json``."""
+draws from (demographics, visits per patient, codes per visit), saved as ``cohort_prior.json``.
+
+Shipped with the checkpoint in ``custom_generate/``: imports only numpy, the standard library and
+the files beside it.
+"""
 
 from __future__ import annotations
 
@@ -10,9 +14,11 @@ from pathlib import Path
 
 import numpy as np
 
-from promptehr_hf.datasets_scripts.schema import AGE_CAP, SEXES
-
 PRIOR_FILE = "cohort_prior.json"
+# The patient schema's sexes (x_cat index: F = 0, M = 1) and age cap (datasets_scripts.schema),
+# repeated here because this file travels without the package.
+SEXES = ("F", "M")
+AGE_CAP = 90.0
 PRIOR_FORMAT = "promptehr-cohort-prior"
 # Age bands for the visit-count and visit-length distributions: newborn, child, young adult,
 # adult, older, oldest (the CMS newborn/pediatric edges and MIMIC's age structure).
@@ -56,7 +62,8 @@ class CohortPrior:
 
     def __init__(self, table: dict):
         if table.get("format") != PRIOR_FORMAT:
-            raise ValueError(f"not a PromptEHR cohort prior (format {table.get('format')!r}, expected {PRIOR_FORMAT!r})")
+            raise ValueError(f"not a PromptEHR cohort prior (format {table.get('format')!r}, "
+                             f"expected {PRIOR_FORMAT!r})")
         self.table = table
         self.edges = np.array(table["age_band_edges"], dtype=np.float64)
         self.visit_index_cap = int(table["visit_index_cap"])
@@ -133,13 +140,19 @@ class CohortPrior:
 
     def save(self, directory: str | os.PathLike) -> str:
         """Write ``directory/cohort_prior.json`` (atomically); returns its path."""
+        # A temporary file renamed onto the destination, as file_utils.write_json_atomic does:
+        # this file travels without the package, so it cannot import file_utils.
         os.makedirs(directory, exist_ok=True)
         path = os.path.join(directory, PRIOR_FILE)
         tmp = f"{path}.tmp-{os.getpid()}"
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(self.table, f, indent=1)
-            f.write("\n")
-        os.replace(tmp, path)
+        try:
+            with open(tmp, "w", encoding="utf-8") as f:
+                json.dump(self.table, f, indent=1)
+                f.write("\n")
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
         return path
 
     @classmethod
