@@ -17,15 +17,14 @@ back into the same patients (ages to 0.01 year, which is the reader's precision)
   ROW_IDs count from 1; codes are written as given (dotless), in visit order as SEQ_NUM 1..n;
   strings and headers are double-quoted and missing values left empty, as in MIMIC-III v1.4.
 
-All writes go to temporary files in the destination folder, then `os.replace`: an error never
-leaves a half-written table behind.
+All writes go through `promptehr_hf.file_utils` (a temporary file beside each table, renamed
+onto it once written): an error or interruption never leaves a half-written table behind.
 """
 
 from __future__ import annotations
 
 import os
-import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +35,7 @@ import pyarrow.parquet as pq
 from datasets import Dataset
 
 from promptehr_hf.datasets_scripts.schema import AGE_CAP, PATIENT_FEATURES, SEXES
+from promptehr_hf.file_utils import atomic_write, atomic_write_all
 
 DAYS_PER_YEAR = 365.25
 SECONDS_PER_YEAR = DAYS_PER_YEAR * 86400
@@ -61,19 +61,6 @@ def dataset_to_patients(ds: Dataset) -> list[dict]:
     return ds.select_columns(list(PATIENT_FEATURES)).to_list()
 
 
-def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    """Run write(tmp_path) on a temporary file beside `path`, then rename it onto `path`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
 def _patients_table(patients: Sequence[dict] | Dataset) -> pa.Table:
     """Patients -> one Arrow table with PATIENT_FEATURES' columns."""
     ds = patients if isinstance(patients, Dataset) else patients_to_dataset(patients)
@@ -83,9 +70,7 @@ def _patients_table(patients: Sequence[dict] | Dataset) -> pa.Table:
 def write_parquet(patients: Sequence[dict] | Dataset, path: str | os.PathLike) -> Path:
     """Write patients (list of dicts or a Dataset) to one Parquet file, atomically."""
     table = _patients_table(patients)  # carries the datasets features in its schema metadata
-    path = Path(path)
-    _atomic_write(path, lambda tmp: pq.write_table(table, tmp))
-    return path
+    return atomic_write(path, lambda tmp: pq.write_table(table, tmp))
 
 
 def _timestamps(seconds: np.ndarray) -> pa.Array:
@@ -172,18 +157,6 @@ def write_mimic3_csvs(patients: Sequence[dict] | Dataset, out_dir: str | os.Path
     tables = _tables(patients, seed)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tmps: dict[str, str] = {}
-    try:
-        for name, table in tables.items():
-            fd, tmps[name] = tempfile.mkstemp(prefix=f".{name}.", suffix=".csv.tmp", dir=out)
-            os.close(fd)
-            pa_csv.write_csv(table, tmps[name])
-        paths = {}
-        for name, tmp in tmps.items():
-            paths[name] = out / f"{name}.csv"
-            os.replace(tmp, paths[name])
-        return paths
-    finally:
-        for tmp in tmps.values():
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+    writers = {out / f"{name}.csv": (lambda tmp, table=table: pa_csv.write_csv(table, tmp))
+               for name, table in tables.items()}
+    return dict(zip(tables, atomic_write_all(writers)))

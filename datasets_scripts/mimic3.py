@@ -27,6 +27,7 @@ or `load_cohort(DIR)`, which does exactly that and also returns the summary.
 from __future__ import annotations
 
 import gc
+import gzip
 import hashlib
 import json
 import logging
@@ -107,7 +108,10 @@ def _read_table(path: Path, table: str, required: list[str | tuple[str, ...]], o
             return pd.read_csv(path, **kwargs)
         except pd.errors.EmptyDataError:
             raise Mimic3Error(f"{path}: the {table} table is empty (no header, no rows)") from None
-        except (EOFError, OSError, zlib.error, UnicodeDecodeError, pd.errors.ParserError) as e:
+        except UnicodeDecodeError as e:
+            raise Mimic3Error(f"{path}: {_first_non_utf8(path)} in the {table} table; MIMIC-III CSVs are UTF-8 "
+                              "(re-encode the file, e.g. with iconv)") from e
+        except (EOFError, OSError, zlib.error, pd.errors.ParserError) as e:
             raise Mimic3Error(f"{path}: cannot read the {table} table (truncated or corrupt file?): {e}") from e
 
     header = read(nrows=0).columns
@@ -132,12 +136,32 @@ def _read_table(path: Path, table: str, required: list[str | tuple[str, ...]], o
     return df
 
 
+def _first_non_utf8(path: Path) -> str:
+    """Where the first byte that is not UTF-8 lies in a text file (gzipped if named .gz)."""
+    try:
+        with (gzip.open if path.name.lower().endswith(".gz") else open)(path, "rb") as f:
+            for number, line in enumerate(f, 1):
+                try:
+                    line.decode("utf-8")
+                except UnicodeDecodeError as err:
+                    return (f"non-UTF-8 byte 0x{line[err.start]:02x} at line {number} (data row {number - 1}), "
+                            f"byte {err.start + 1} of the line")
+    except (EOFError, OSError, zlib.error):
+        pass
+    return "a byte that is not UTF-8"
+
+
+def _plain(value):
+    """A numpy scalar as the Python value it holds, so that messages show 10, not np.int64(10)."""
+    return value.item() if isinstance(value, np.generic) else value
+
+
 def _bad(path: Path, col: str, mask: pd.Series, values: pd.Series, what: str) -> Mimic3Error:
     """Error naming the file, column, count and first offending data row (1-based)."""
     rows = np.flatnonzero(mask.to_numpy())
     return Mimic3Error(
         f"{path}: column {col} has {len(rows)} {what} value{'s' if len(rows) > 1 else ''}, "
-        f"first at data row {rows[0] + 1}: {values.iloc[rows[0]]!r}"
+        f"first at data row {rows[0] + 1}: {_plain(values.iloc[rows[0]])!r}"
     )
 
 
@@ -198,7 +222,7 @@ def read_mimic3(mimic_dir: str | os.PathLike) -> tuple[list[dict], dict]:
         if not9.any():
             raise Mimic3Error(
                 f"{path_d}: {int(not9.sum())} rows have icd_version other than 9 (e.g. "
-                f"{diag['icd_version'][not9].iloc[0]!r} at data row {int(np.flatnonzero(not9)[0]) + 1}): "
+                f"{_plain(diag['icd_version'][not9].iloc[0])!r} at data row {int(np.flatnonzero(not9)[0]) + 1}): "
                 "ICD-10 diagnoses (a MIMIC-IV folder?) are not supported; this package reads ICD-9-CM "
                 "MIMIC-III folders"
             )

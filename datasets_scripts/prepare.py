@@ -5,20 +5,18 @@
 writes OUT/train.parquet, OUT/validation.parquet, OUT/test.parquet (schema.PATIENT_FEATURES,
 one row per patient) and OUT/summary.json (`read_mimic3`'s summary plus seed, fractions and
 split sizes), then prints the summary as a table. Everything is written to a temporary folder
-beside OUT and renamed into place at the end: on any error nothing is left behind, and an
-existing OUT stays as it was. An existing OUT is only replaced if it is empty or a previous
-`prepare` output (has summary.json).
+beside OUT and swapped in at the end (`promptehr_hf.file_utils.replace_folder`): on any error or
+interruption an existing OUT stays as it was. OUT must not be, lie inside or contain
+`--mimic-dir`, and an existing OUT is replaced only if it is empty or holds nothing but an
+earlier `prepare` output (its `.promptehr-manifest.json` lists every file); anything else is
+refused (exit code 2) before anything is read or written.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
-import shutil
-import sys
-import tempfile
 from pathlib import Path
 
 import datasets
@@ -27,55 +25,30 @@ import pyarrow.parquet as pq
 from promptehr_hf.datasets_scripts.cohort_io import patients_to_dataset, write_parquet
 from promptehr_hf.datasets_scripts.mimic3 import SPLITS, Mimic3Error, read_mimic3, split_patients
 from promptehr_hf.datasets_scripts.schema import PATIENT_FEATURES
+from promptehr_hf.file_utils import check_output, replace_folder, write_json_atomic
 
 SUMMARY_JSON = "summary.json"
-
-
-def _check_replaceable(out: Path) -> None:
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / SUMMARY_JSON).exists())):
-        raise FileExistsError(
-            f"{out}: exists and is not a folder written by `promptehr prepare`; refusing to replace it")
-
-
-def _swap_in(tmp: Path, out: Path) -> None:
-    """Rename tmp onto out; an existing out is moved aside first and restored if the rename fails."""
-    if not out.exists():
-        os.replace(tmp, out)
-        return
-    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-    os.replace(out, old / out.name)
-    try:
-        os.replace(tmp, out)
-    except BaseException:
-        os.replace(old / out.name, out)
-        raise
-    finally:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def prepare(mimic_dir: str | os.PathLike, out_dir: str | os.PathLike, seed: int = 0,
             val_frac: float = 0.1, test_frac: float = 0.1) -> dict:
     """Read `mimic_dir`, split by patient, write Parquet splits and summary.json to `out_dir`.
 
-    Returns the summary. Raises Mimic3Error (bad folder), FileExistsError (out_dir is something
-    else) or ValueError (bad fractions) before anything is written to out_dir.
+    Returns the summary. Raises Mimic3Error (bad folder), OutputFolderError (a FileExistsError:
+    out_dir is, lies inside or contains mimic_dir, or holds anything but an earlier `prepare`
+    output) or ValueError (bad fractions) before anything is written to out_dir.
     """
-    out = Path(out_dir).resolve()
-    _check_replaceable(out)
+    out = check_output(out_dir, "prepare", {"--mimic-dir": mimic_dir})
     patients, summary = read_mimic3(mimic_dir)
     splits = split_patients(patients, seed, val_frac, test_frac)
     summary.update(seed=seed, val_frac=val_frac, test_frac=test_frac,
                    splits={name: len(ps) for name, ps in splits.items()})
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    arguments = {"mimic_dir": str(Path(mimic_dir).resolve()), "seed": seed, "val_frac": val_frac,
+                 "test_frac": test_frac}
+    with replace_folder(out, "prepare", arguments) as tmp:
         for name in SPLITS:
             write_parquet(splits[name], tmp / f"{name}.parquet")
-        (tmp / SUMMARY_JSON).write_text(json.dumps(summary, indent=2) + "\n")
-        _check_replaceable(out)  # it may have appeared meanwhile
-        _swap_in(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        write_json_atomic(tmp / SUMMARY_JSON, summary, indent=2)
     return summary
 
 
@@ -119,15 +92,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--test-frac", type=float, default=0.1, help="share of patients in test (default 0.1)")
 
 
+def validate(args: argparse.Namespace) -> None:
+    """The checks `promptehr prepare` runs before reading anything (errors: ValueError, OutputFolderError)."""
+    if not (0 <= args.val_frac < 1 and 0 <= args.test_frac < 1 and args.val_frac + args.test_frac < 1):
+        raise ValueError(f"--val-frac {args.val_frac} and --test-frac {args.test_frac} must be >= 0 and sum to < 1")
+    if not Path(args.mimic_dir).is_dir():
+        raise Mimic3Error(f"--mimic-dir {args.mimic_dir}: not a folder")
+    check_output(args.out, "prepare", {"--mimic-dir": args.mimic_dir})
+
+
 def run(args: argparse.Namespace) -> int:
     # The table below prints the reader's messages; don't log them a second time.
     logging.getLogger("promptehr_hf.datasets_scripts.mimic3").setLevel(logging.ERROR)
-    try:
-        summary = prepare(args.mimic_dir, args.out, seed=args.seed,
-                          val_frac=args.val_frac, test_frac=args.test_frac)
-    except (Mimic3Error, FileExistsError, ValueError) as e:
-        print(f"promptehr prepare: error: {e}", file=sys.stderr)
-        return 2
+    summary = prepare(args.mimic_dir, args.out, seed=args.seed, val_frac=args.val_frac, test_frac=args.test_frac)
     print(format_summary(summary))
     print(f"\nwrote {Path(args.out) / 'train.parquet'} (+ validation, test) and {Path(args.out) / SUMMARY_JSON}")
     return 0

@@ -65,10 +65,10 @@ from __future__ import annotations
 
 import argparse
 import functools
-import sys
 import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -76,6 +76,7 @@ from tqdm.auto import tqdm
 from promptehr_hf.datasets_scripts import icd9
 from promptehr_hf.datasets_scripts.cohort_io import write_mimic3_csvs
 from promptehr_hf.datasets_scripts.schema import AGE_CAP, SEXES
+from promptehr_hf.file_utils import check_output, replace_folder
 
 # ======================================================================================
 # Parameters: the one place that defines the process
@@ -929,15 +930,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--patients", type=int, default=MIMIC3_PATIENTS,
                         help=f"number of patients (default {MIMIC3_PATIENTS:,}, MIMIC-III's)")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
-    parser.add_argument("--out", required=True, help="output folder for PATIENTS.csv, ADMISSIONS.csv, DIAGNOSES_ICD.csv")
+    parser.add_argument("--out", required=True,
+                        help="output folder for PATIENTS.csv, ADMISSIONS.csv, DIAGNOSES_ICD.csv (replaced as a whole; "
+                             "refused unless empty or an earlier `promptehr simulate` output)")
+
+
+def validate(args: argparse.Namespace) -> None:
+    """The checks `promptehr simulate` runs before simulating (errors: ValueError, OutputFolderError)."""
+    if args.patients < 1:
+        raise ValueError(f"--patients must be >= 1, got {args.patients}")
+    check_output(args.out, "simulate")
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.patients < 1:
-        print(f"promptehr simulate: error: --patients must be >= 1, got {args.patients}", file=sys.stderr)
-        return 2
     patients = simulate(args.patients, args.seed, progress=True)
-    paths = write_mimic3_csvs(patients, args.out, seed=args.seed)
+    with replace_folder(args.out, "simulate", {"patients": args.patients, "seed": args.seed}) as tmp:
+        written = write_mimic3_csvs(patients, tmp, seed=args.seed)
+    paths = {name: Path(args.out) / path.name for name, path in written.items()}
     n_adm = sum(len(p["visits"]) for p in patients)
     n_dx = sum(len(v) for p in patients for v in p["visits"])
     print(f"simulated {len(patients):,} patients, {n_adm:,} admissions, {n_dx:,} diagnoses (seed {args.seed})")

@@ -19,8 +19,9 @@ split, the data the generator learned from:
 Without ``--train`` the reference is ``--real``, with no floor and no privacy rows, and the
 baseline is fitted on ``--real`` (in-sample, which flatters it).
 
-Writes (atomically: a temporary folder beside DIR, then renamed; an existing DIR is replaced only
-if it is empty or an earlier report) DIR/metrics.json
+Writes (as a whole: a temporary folder beside DIR, swapped in at the end; DIR must not be, lie
+inside or contain an input, and an existing DIR is replaced only if it is empty or holds nothing
+but an earlier report, listed by its ``.promptehr-manifest.json``) DIR/metrics.json
 (``{"rows": {row: {metric: value}}, "meta": {...}}``, NaN as null), DIR/metrics.md (the table)
 and the PNGs ``code_prevalence.png``, ``visits_per_patient.png``, ``codes_per_visit.png``,
 ``top_categories.png``, ``cooccurrence_heatmap.png``.
@@ -30,11 +31,8 @@ Python: ``evaluate_cohorts(synthetic, real, train=None, out_dir=None, ...)``.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -44,6 +42,7 @@ import pyarrow.parquet as pq
 
 from promptehr_hf.datasets_scripts import incidence as inc
 from promptehr_hf.datasets_scripts.mimic3 import read_mimic3
+from promptehr_hf.file_utils import check_output, replace_folder, write_json_atomic, write_text_atomic
 from promptehr_hf.metrics.baselines import IndependentMarginalSampler
 from promptehr_hf.metrics.coherence import coherence
 from promptehr_hf.metrics.plots import write_plots
@@ -233,31 +232,17 @@ def markdown_table(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _check_replaceable(out: Path) -> None:
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "metrics.json").exists())):
-        raise FileExistsError(f"{out}: exists and is not a folder written by `promptehr evaluate`; refusing to replace it")
+def _check_replaceable(out: Path, inputs: dict | None = None) -> None:
+    """Refuse an ``out`` that is an input or holds anything but an earlier report (``file_utils.check_output``)."""
+    check_output(out, "evaluate", inputs)
 
 
 def _write(result: dict, cohort_columns: dict[str, dict], out: Path, plots: bool) -> None:
-    out = out.resolve()
-    _check_replaceable(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        (tmp / "metrics.json").write_text(json.dumps(_clean(result), indent=2, allow_nan=False) + "\n")
-        (tmp / "metrics.md").write_text(markdown_table(result))
+    with replace_folder(out, "evaluate", {"meta": _clean(result["meta"])}) as tmp:
+        write_json_atomic(tmp / "metrics.json", _clean(result), indent=2, allow_nan=False)
+        write_text_atomic(tmp / "metrics.md", markdown_table(result))
         if plots:
             write_plots(cohort_columns, result["rows"], tmp)
-        _check_replaceable(out)  # it may have appeared meanwhile
-        if out.exists():  # replace as a whole: move the old folder aside, then drop it
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.replace(out, old / out.name)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -267,7 +252,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--synthetic", required=True, help="synthetic cohort: Parquet file or folder")
     parser.add_argument("--train", help="training cohort: enables the floor row and the privacy metrics")
     parser.add_argument("--out", required=True, help="output folder (an earlier report there is replaced; any other "
-                        "non-empty folder is refused)")
+                        "non-empty folder, and any folder that is, holds or lies inside an input, is refused)")
     parser.add_argument("--real-split", default="test", help="split read from a prepared --real folder (default test)")
     parser.add_argument("--train-split", default="train", help="split read from a prepared --train folder")
     parser.add_argument("--top-k", type=int, default=100)
@@ -277,7 +262,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-plots", action="store_true")
 
 
+def _inputs(args: argparse.Namespace) -> dict[str, str | None]:
+    return {"--real": args.real, "--synthetic": args.synthetic, "--train": args.train}
+
+
+def validate(args: argparse.Namespace) -> None:
+    """The checks ``promptehr evaluate`` runs before reading any cohort: every input exists, the
+    numbers are in range, and --out is no input, lies in none, contains none, and is missing,
+    empty or an earlier report. Raises FileNotFoundError, ValueError or OutputFolderError."""
+    for flag, path in _inputs(args).items():
+        if path is not None and not Path(path).exists():
+            raise FileNotFoundError(f"{flag} {path}: no such file or folder")
+    for flag, value in (("--top-k", args.top_k), ("--n-attack", args.n_attack)):
+        if value < 1:
+            raise ValueError(f"{flag} must be >= 1, got {value}")
+    _check_replaceable(Path(args.out), _inputs(args))
+
+
 def run(args: argparse.Namespace) -> int:
+    """``promptehr evaluate`` (the CLI runs ``validate(args)`` first)."""
     real = read_cohort(args.real, args.real_split)
     synthetic = read_cohort(args.synthetic, "synthetic")
     train = read_cohort(args.train, args.train_split) if args.train else None

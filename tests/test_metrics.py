@@ -308,7 +308,7 @@ def test_report_writes_metrics_table_and_plots(tmp_path):
     assert not list(tmp_path.glob(".out.tmp-*"))
 
 
-def test_cli_evaluate_reads_prepared_and_generated_folders(tmp_path):
+def test_cli_evaluate_reads_prepared_and_generated_folders(tmp_path, capsys):
     import datasets
 
     from promptehr_hf.cli import main
@@ -324,13 +324,16 @@ def test_cli_evaluate_reads_prepared_and_generated_folders(tmp_path):
                  "--out", str(out), "--no-plots", "--n-attack", "50"]) == 0
     meta = json.loads((out / "metrics.json").read_text())["meta"]
     assert (meta["n_real"], meta["n_synthetic"], meta["n_train"]) == (100, 100, 300)
-    with pytest.raises(FileNotFoundError, match="prepared folder"):
-        main(["evaluate", "--real", str(tmp_path), "--synthetic", str(generated), "--out", str(out)])
+    (tmp_path / "empty").mkdir()
+    capsys.readouterr()
+    assert main(["evaluate", "--real", str(tmp_path / "empty"), "--synthetic", str(generated), "--out", str(out)]) == 2
+    assert "prepared folder" in capsys.readouterr().err
     # an earlier report is replaced; a folder holding anything else is not touched
     assert main(["evaluate", "--real", str(prepared), "--synthetic", str(generated), "--out", str(out),
                  "--no-plots", "--no-baseline"]) == 0
     assert json.loads((out / "metrics.json").read_text())["rows"]["baseline"] is None
-    with pytest.raises(FileExistsError, match="refusing"):
-        main(["evaluate", "--real", str(prepared), "--synthetic", str(generated), "--out", str(prepared),
-              "--no-plots"])
+    capsys.readouterr()
+    assert main(["evaluate", "--real", str(prepared), "--synthetic", str(generated), "--out", str(prepared),
+                 "--no-plots"]) == 2
+    assert "refusing" in capsys.readouterr().err
     assert sorted(f.name for f in prepared.iterdir()) == ["test.parquet", "train.parquet", "validation.parquet"]

@@ -131,7 +131,8 @@ def test_cli_prepare_round_trip(tmp_path):
     from promptehr_hf.datasets_scripts.prepare import load_prepared, prepare
 
     assert main(["simulate", "--patients", "400", "--seed", "3", "--out", str(tmp_path / "csv")]) == 0
-    assert {p.name for p in (tmp_path / "csv").iterdir()} == {"PATIENTS.csv", "ADMISSIONS.csv", "DIAGNOSES_ICD.csv"}
+    assert {p.name for p in (tmp_path / "csv").iterdir()} == {"PATIENTS.csv", "ADMISSIONS.csv", "DIAGNOSES_ICD.csv",
+                                                          ".promptehr-manifest.json"}
     summary = prepare(tmp_path / "csv", tmp_path / "prepared", seed=0)
     splits = load_prepared(tmp_path / "prepared")
     back = sorted((row for name in splits for row in splits[name].to_list()), key=lambda p: p["subject_id"])

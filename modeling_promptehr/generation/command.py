@@ -4,18 +4,18 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import datasets
 import torch
 
 from promptehr_hf.datasets_scripts.cohort_io import write_mimic3_csvs, write_parquet
+from promptehr_hf.file_utils import OutputFolderError, check_output, replace_folder, write_json_atomic
 from promptehr_hf.modeling_promptehr.modeling_promptehr import PromptEHRForConditionalGeneration
 from promptehr_hf.tokenization.tokenization_promptehr import PromptEHRTokenizer
 
 from .pipeline import MODES, VISIT_LENGTHS, generate_patients
+from .prior import PRIOR_FILE
 from .processors import STAGE_TWO_MODES
 
 
@@ -33,33 +33,28 @@ def load_model(model_dir: str | os.PathLike, device: str | None = None):
 def write_cohort(patients, out_dir: str | os.PathLike, stats: dict | None = None, seed: int = 0,
                  overwrite: bool = False) -> Path:
     """MIMIC-III CSVs (new hadm ids, plausible dates; ``cohort_io``), ``synthetic.parquet`` and
-    ``generation_stats.json`` into out_dir, atomically (a temp dir beside it, then a rename).
+    ``generation_stats.json`` into out_dir, as a whole (``file_utils.replace_folder``: a temporary
+    folder beside it, swapped in at the end; on any error or interruption out_dir is as it was).
 
     Args:
         patients: patient dicts or a datasets.Dataset in the patient schema.
-        seed: draws the dates and hadm ids.  overwrite: replace a non-empty out_dir.
+        seed: draws the dates and hadm ids.  overwrite: replace a non-empty out_dir, which must
+            hold nothing but an earlier ``promptehr generate`` output (else OutputFolderError).
     """
     out = Path(out_dir)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise FileExistsError(f"{out} exists and is not empty (pass overwrite=True / --overwrite)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    if not overwrite:
+        _check_empty(out)
+    with replace_folder(out, "generate", {"seed": seed}) as tmp:
         write_mimic3_csvs(patients, tmp, seed=seed)
         write_parquet(patients, tmp / "synthetic.parquet")
         if stats is not None:
-            (tmp / "generation_stats.json").write_text(json.dumps(stats, indent=1) + "\n", encoding="utf-8")
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.replace(out, old / out.name)
-            os.replace(tmp, out)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+            write_json_atomic(tmp / "generation_stats.json", stats, indent=1)
     return out
+
+
+def _check_empty(out: Path) -> None:
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise OutputFolderError(f"{out}: exists and is not empty (pass --overwrite, or overwrite=True in Python)")
 
 
 def _read_patients(path: str) -> list[dict]:
@@ -86,7 +81,8 @@ def _read_demographics(path: str) -> list[dict]:
 
 def add_arguments(parser) -> None:
     parser.add_argument("--model", required=True, help="checkpoint directory (model, tokenizer, cohort_prior.json)")
-    parser.add_argument("--out", required=True, help="output folder: MIMIC-III CSVs, synthetic.parquet, generation_stats.json")
+    parser.add_argument("--out", required=True,
+                        help="output folder: MIMIC-III CSVs, synthetic.parquet, generation_stats.json")
     parser.add_argument("--n", type=int, default=None, help="number of patients (unconditional; seeded: draw n seeds)")
     parser.add_argument("--mode", choices=MODES, default="unconditional")
     parser.add_argument("--stage-two", choices=STAGE_TWO_MODES, default="empirical",
@@ -109,16 +105,54 @@ def add_arguments(parser) -> None:
                         help="drop synthetic patients identical to one in this Parquet / prepared folder")
     parser.add_argument("--device", default=None)
     parser.add_argument("--threads", type=int, default=None,
-                        help="torch CPU threads (default: torch's; on a machine shared with other jobs, 1 can be much faster)")
-    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+                        help="torch CPU threads (default: torch's; on a machine shared with other jobs, 1 can be much "
+                             "faster)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace a non-empty --out that holds an earlier `promptehr generate` output")
+
+
+def _inputs(args) -> dict[str, str | None]:
+    return {"--model": args.model, "--prior": args.prior, "--demographics": args.demographics,
+            "--seed-patients": args.seed_patients, "--exclude-training": args.exclude_training}
+
+
+def validate(args) -> None:
+    """The checks ``promptehr generate`` runs before loading the model: every input exists, the
+    numbers are in range, and --out is no input, lies in none, contains none, and is empty (or,
+    with --overwrite, an earlier ``promptehr generate`` output).
+
+    Raises FileNotFoundError, ValueError or OutputFolderError (one-line messages).
+    """
+    for flag, path in _inputs(args).items():
+        if path and not Path(path).exists():
+            raise FileNotFoundError(f"{flag} {path}: no such file or folder")
+    if not Path(args.model, "config.json").is_file():
+        raise FileNotFoundError(f"--model {args.model}: no config.json; expected a saved PromptEHR checkpoint")
+    needs = {"unconditional": ("--n", args.n), "conditional": ("--demographics", args.demographics),
+             "seeded": ("--seed-patients", args.seed_patients)}
+    flag, given = needs[args.mode]
+    if given is None:
+        raise ValueError(f"{flag} is required in {args.mode} mode")
+    if args.mode == "unconditional" and not args.prior and not Path(args.model, PRIOR_FILE).is_file():
+        raise FileNotFoundError(f"--model {args.model}: no {PRIOR_FILE} (unconditional mode samples from it); "
+                                "pass --prior")
+    for flag, value, low in (("--n", args.n, 0), ("--batch-size", args.batch_size, 1),
+                             ("--seed-visits", args.seed_visits, 0), ("--max-codes", args.max_codes, 1),
+                             ("--top-k", args.top_k, 1), ("--threads", args.threads, 1)):
+        if value is not None and value < low:
+            raise ValueError(f"{flag} must be >= {low}, got {value}")
+    if not args.temperature > 0:
+        raise ValueError(f"--temperature must be > 0, got {args.temperature}")
+    if args.top_p is not None and not 0 < args.top_p <= 1:
+        raise ValueError(f"--top-p must be in (0, 1], got {args.top_p}")
+    check_output(args.out, "generate", _inputs(args), replace=args.overwrite)
+    if not args.overwrite:
+        _check_empty(Path(args.out))
 
 
 def run(args) -> int:
+    """``promptehr generate`` (the CLI runs ``validate(args)`` first)."""
     out = Path(args.out)
-    if out.exists() and any(out.iterdir()) and not args.overwrite:
-        raise SystemExit(f"promptehr generate: {out} exists and is not empty (use --overwrite)")
-    if args.mode == "unconditional" and args.n is None:
-        raise SystemExit("promptehr generate: --n is required in unconditional mode")
     if args.threads:
         torch.set_num_threads(args.threads)
     model, tokenizer = load_model(args.model, args.device)
@@ -138,4 +172,4 @@ def run(args) -> int:
     return 0
 
 
-__all__ = ["add_arguments", "load_model", "run", "write_cohort"]
+__all__ = ["add_arguments", "load_model", "run", "validate", "write_cohort"]

@@ -34,6 +34,7 @@ from accelerate import PartialState
 from promptehr_hf.datasets_scripts.cohort_io import write_mimic3_csvs
 from promptehr_hf.datasets_scripts.prepare import load_prepared, prepare
 from promptehr_hf.datasets_scripts.simulator import simulate
+from promptehr_hf.file_utils import check_replaceable, check_separate
 from promptehr_hf.metrics.report import evaluate_cohorts
 from promptehr_hf.modeling_promptehr.configuration_promptehr import PromptEHRConfig
 from promptehr_hf.modeling_promptehr.generation.command import write_cohort
@@ -157,6 +158,15 @@ def train(args: argparse.Namespace) -> dict:
     """Cohort -> prepare -> tokenizer -> model -> train -> generate -> evaluate; returns the run summary."""
     if not args.max_steps and not (args.max_minutes and args.max_minutes > 0):
         raise SystemExit("promptehr train: give --max-steps or a positive --max-minutes")
+    # The output-dir guard, before anything loads: never write inside, over or around the input,
+    # and never replace a sub-folder that the run did not write (checked again when written).
+    if args.mimic_dir and not Path(args.mimic_dir).is_dir():
+        raise FileNotFoundError(f"--mimic-dir {args.mimic_dir}: not a folder")
+    check_separate(args.output_dir, {"--mimic-dir": args.mimic_dir}, out_flag="--output-dir")
+    if args.generate != 0:
+        check_replaceable(Path(args.output_dir, "synthetic").resolve(), "generate")
+        if not args.no_evaluate:
+            check_replaceable(Path(args.output_dir, "evaluation").resolve(), "evaluate")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     t_start = time.perf_counter()
 
