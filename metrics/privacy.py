@@ -2,11 +2,14 @@
 (patients of the same population the generator never saw) as the control.
 
 Patients are compared as 0/1 vectors over codes (``incidence.patient_matrix``: every code of
-any visit; visit order, demographics and duplicates ignored) with the Hamming distance
-``|a| + |b| - 2 a.b``. HALO (Theodorou et al. 2023) aligns visits before counting; the code-set
-form is the usual simplification, and it is what a sparse dot product computes at scale. Random
-samples (``n_attack``, ``seed``) are drawn without replacement; ties in nearest neighbours go to
-the lowest index.
+any visit; visit order, demographics and duplicates ignored; codes normalised to dotless ICD-9-CM
+by ``coherence.Cohort``) with the Hamming distance ``|a| + |b| - 2 a.b``. HALO (Theodorou et al.
+2023) aligns visits before counting; the code-set form is the usual simplification, and it is
+what a sparse dot product computes at scale. Random samples (``n_attack``, ``seed``) are drawn
+without replacement and only choose the *targets* of an attack; neighbours are always searched
+in the whole synthetic, training and held-out cohorts, so that a synthetic copy of a target is
+always found. Where an attack takes its nearest neighbours, ties among them are broken by index
+(the lowest, for one neighbour): an arbitrary but fixed choice.
 
 - ``exact_copy_rate``: share of S patients identical to some T patient, patients compared as
   their ordered sequence of visit code sets (code order in a visit and demographics ignored).
@@ -14,13 +17,29 @@ the lowest index.
   this population (small patients, e.g. a newborn with two codes, recur in real data).
 - ``membership_inference_accuracy`` (HALO's nearest-Hamming attack): m = min(n_attack, |T|, |H|)
   members sampled from T and m non-members from H; each gets d = its Hamming distance to the
-  nearest S patient; the attacker says "member" iff d < median of the 2m distances. Accuracy
-  over the 2m; 0.5 is ideal (S tells nothing about who was in T), 1.0 total leakage.
-  ``membership_inference_auc``: the threshold-free version, AUC of the score -d (ties count 1/2).
-- Nearest-neighbour adversarial accuracy (Yale et al. 2020), on n = min(n_attack, |T|, |H|, |S|)
-  patients sampled from each of T, H, S: for cohorts A, B,
-  AA(A, S) = 1/2 [mean_a 1(d_S(a) > d_A(a)) + mean_s 1(d_A(s) > d_S(s))], where d_X(y) is the
-  distance from y to its nearest neighbour in X, leaving y itself out when y is in X.
+  nearest S patient. The attacker calls "member" the targets with d < c, c = median of the 2m
+  distances, or the targets with d <= c, whichever of the two sets has a size closer to m (the
+  first when both are as close). Accuracy over the 2m; 0.5 is ideal (S tells nothing about who
+  was in T), 1.0 total leakage. Why this rule: half the targets are members, and HALO's median
+  threshold means to call half of them members; Hamming distances are small integers, so many
+  targets share the median value and ``d < c`` alone may call almost nobody a member (a copy
+  of T puts every member, so more than half the targets, at d = 0 < nobody). Taking the side
+  of the median that comes closest to half keeps the rule a function of the distances only, so
+  its expected accuracy is exactly 0.5 whenever members and non-members are equally close to S,
+  however many ties there are. Held-out patients identical to a training patient are at d = 0
+  on a copy too, which caps the accuracy of a copy below 1.
+  ``membership_inference_auc``: the threshold-free version, ROC AUC of the score -d (ties count
+  1/2): the probability that a random member is closer to S than a random non-member.
+- Nearest-neighbour adversarial accuracy (Yale et al. 2020): for cohorts A and S,
+  AA(A, S) = 1/2 [mean_a w(a; A, S) + mean_s w(s; S, A)], the accuracy of the 1-nearest-neighbour
+  classifier telling A from S: w(y; Y, Z) = the share of y's nearest neighbours in the pool
+  (Y without y itself) + Z that belong to Y, i.e. 1 if y's nearest neighbour in Y is closer than
+  any in Z, 0 if one in Z is closer, and on a tie at distance d the fraction k_Y / (k_Y + k_Z) of
+  the k_Y + k_Z pool patients at distance d (a tie broken at random, in expectation). The means
+  run over n_A = min(n_attack, |A|) patients a sampled from A and n_S = min(n_attack, |S|)
+  patients s sampled from S; the pool is the whole of both cohorts. When A and S are
+  independent draws from one population, E[AA] = 1/2 - 1/(2 (|A| + |S| - 1)) whatever the sizes
+  and ties (the chosen neighbour is a uniform draw from the exchangeable pool).
   ``aa_train`` = AA(T, S), ``aa_holdout`` = AA(H, S); ``nnaar`` = aa_holdout - aa_train
   (NNAAR, the privacy loss; about 0 is ideal, positive when S sits closer to T than to H).
 - Attribute inference: the attacker knows, of a target patient, which of the ``n_known_codes``
@@ -52,14 +71,39 @@ def _sample(n: int, m: int, rng: np.random.Generator) -> np.ndarray:
     return np.sort(rng.choice(n, size=m, replace=False)) if m < n else np.arange(n)
 
 
-def _nearest_both(A: sp.csr_matrix, B: sp.csr_matrix) -> tuple[np.ndarray, np.ndarray]:
-    """(nearest distance to B for each row of A, nearest distance to A for each row of B)."""
-    row = np.empty(A.shape[0], dtype=np.int64)
-    col = np.full(B.shape[0], np.iinfo(np.int64).max)
+def _nearest_with_count(A: sp.csr_matrix, B: sp.csr_matrix, self_index: np.ndarray | None = None
+                        ) -> tuple[np.ndarray, np.ndarray]:
+    """For each row of A: (Hamming distance to its nearest row of B, number of B rows at that
+    distance). ``self_index[i]``: the row of B that is row i of A itself, left out."""
+    dist = np.empty(A.shape[0], dtype=np.int64)
+    count = np.empty(A.shape[0], dtype=np.int64)
     for rows, D in inc.hamming_blocks(A, B):
-        row[rows] = D.min(axis=1)
-        np.minimum(col, D.min(axis=0), out=col)
-    return row, col
+        if self_index is not None:
+            D[np.arange(D.shape[0]), self_index[rows]] = np.iinfo(np.int32).max
+        dist[rows] = D.min(axis=1)
+        count[rows] = (D == dist[rows, None]).sum(axis=1)
+    return dist, count
+
+
+def _own_side_share(P_own: sp.csr_matrix, P_other: sp.csr_matrix, queries: np.ndarray) -> float:
+    """mean over the query rows y of P_own of w(y; own, other) (module docstring, NNAAR): the
+    share of y's nearest neighbours in (own without y) + other that lie in own."""
+    d_own, k_own = _nearest_with_count(P_own[queries], P_own, self_index=queries)
+    d_other, k_other = _nearest_with_count(P_own[queries], P_other)
+    w = np.where(d_own < d_other, 1.0, 0.0)
+    tie = d_own == d_other
+    w[tie] = k_own[tie] / (k_own[tie] + k_other[tie])
+    return float(w.mean())
+
+
+def _membership_accuracy(dist: np.ndarray, is_member: np.ndarray) -> float:
+    """Accuracy of the median rule of the module docstring: "member" iff d < c or iff d <= c
+    (c = median of dist), whichever calls a number of targets closer to the number of members."""
+    c = np.median(dist)
+    below, at_or_below = dist < c, dist <= c
+    half = is_member.sum()
+    said = at_or_below if abs(int(at_or_below.sum()) - half) < abs(int(below.sum()) - half) else below
+    return float(np.mean(said == is_member))
 
 
 def _auc(scores: np.ndarray, labels: np.ndarray) -> float:
@@ -111,7 +155,8 @@ def privacy(synthetic: Any, train: Any, holdout: Any, *, n_attack: int = 2000, n
     Args:
         synthetic, train, holdout: cohorts (patient dicts, a ``datasets.Dataset`` or a dict of
             columns; ``visits`` needed, ``sex`` for sex inference).
-        n_attack: cap on the patients sampled per cohort for the attacks (cost ~ n_attack x |S|).
+        n_attack: cap on the target patients sampled per cohort for the attacks (cost ~
+            n_attack x (|S| + |T| + |H|) distances).
         n_known_codes: the attacker's known codes (most frequent in train).
         attribute_k: neighbours voting in attribute inference. seed: sampling seed.
     Returns:
@@ -136,25 +181,19 @@ def privacy(synthetic: Any, train: Any, holdout: Any, *, n_attack: int = 2000, n
     out["n_attack"] = m
     if m and S.n_patients:
         dist, nearest = inc.nearest_hamming(targets, PS)
-        out["membership_inference_accuracy"] = float(np.mean((dist < np.median(dist)) == is_member))
+        out["membership_inference_accuracy"] = _membership_accuracy(dist, is_member)
         out["membership_inference_auc"] = _auc(-dist.astype(np.float64), is_member)
     else:
         out["membership_inference_accuracy"] = out["membership_inference_auc"] = float("nan")
 
-    # NNAAR on equal samples of T, H, S.
-    n = min(n_attack, T.n_patients, H.n_patients, S.n_patients)
-    if n >= 2:
-        t = PT[_sample(T.n_patients, n, rng)]
-        h = PH[_sample(H.n_patients, n, rng)]
-        s = PS[_sample(S.n_patients, n, rng)]
-        d_ss, _ = inc.nearest_hamming(s, s, exclude_self=True)
-        aa = {}
-        for name, a in (("train", t), ("holdout", h)):
-            d_aa, _ = inc.nearest_hamming(a, a, exclude_self=True)
-            d_as, d_sa = _nearest_both(a, s)
-            aa[name] = 0.5 * (np.mean(d_as > d_aa) + np.mean(d_sa > d_ss))
-        out["aa_train"], out["aa_holdout"] = float(aa["train"]), float(aa["holdout"])
-        out["nnaar"] = float(aa["holdout"] - aa["train"])
+    # NNAAR: sampled query patients, neighbours in the whole cohorts.
+    if min(T.n_patients, H.n_patients, S.n_patients) >= 2:
+        queries = {name: _sample(c.n_patients, min(n_attack, c.n_patients), rng)
+                   for name, c in (("train", T), ("holdout", H), ("synthetic", S))}
+        for name, PA in (("train", PT), ("holdout", PH)):
+            out[f"aa_{name}"] = 0.5 * (_own_side_share(PA, PS, queries[name])
+                                       + _own_side_share(PS, PA, queries["synthetic"]))
+        out["nnaar"] = out["aa_holdout"] - out["aa_train"]
     else:
         out["aa_train"] = out["aa_holdout"] = out["nnaar"] = float("nan")
 
