@@ -3,7 +3,8 @@
 A *cohort* is any of: a sequence of patient dicts in the package schema, a table with those
 columns (a ``datasets.Dataset``, a dict of columns, a ``pyarrow.Table``, a pandas DataFrame), or
 (for the visit helpers) a plain sequence of per-patient visit lists ``list[list[list[str]]]``.
-Only the ``visits`` field is read here.
+Only the ``visits`` field is read here, its codes normalised to dotless ICD-9-CM
+(``icd9.normalize``, in ``cohort_visits``) so that ``"401.9"`` and ``"4019"`` are one code.
 
 Matrices are ``scipy.sparse.csr_matrix`` of dtype int32 holding 0/1: a code listed twice in one
 visit is one entry. With 0/1 entries the usual counts are matrix products:
@@ -27,13 +28,16 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 
+from promptehr_hf.datasets_scripts import icd9
+
 # Dense distance blocks hold at most this many entries (64 MB per float32 or int32 array).
 _BLOCK_ENTRIES = 16_000_000
 
 
 def cohort_column(cohort: Any, name: str) -> list:
     """One field of every patient, as a list, from a sequence of patient dicts or a table with
-    that column: a dict of columns, a ``datasets.Dataset``, a ``pyarrow.Table`` or a DataFrame."""
+    that column: a dict of columns, a ``datasets.Dataset``, a ``pyarrow.Table`` or a DataFrame
+    (an empty sequence gives an empty list for any column)."""
     if isinstance(cohort, dict) or hasattr(cohort, "column_names") or hasattr(cohort, "columns"):
         names = cohort.column_names if hasattr(cohort, "column_names") else list(cohort.keys())
         if name not in names:
@@ -43,7 +47,9 @@ def cohort_column(cohort: Any, name: str) -> list:
             if hasattr(values, to_list):
                 return getattr(values, to_list)()
         return list(values[:])
-    if len(cohort) and isinstance(cohort[0], dict):
+    if not len(cohort):  # no patient: every column is empty
+        return []
+    if isinstance(cohort[0], dict):
         return [p[name] for p in cohort]
     if name == "visits":  # a plain list of per-patient visit lists
         return list(cohort)
@@ -51,12 +57,22 @@ def cohort_column(cohort: Any, name: str) -> list:
 
 
 def cohort_visits(cohort: Any) -> list[list[list[str]]]:
-    """The visits of every patient, checked to be lists of visits (a bare string is an error)."""
+    """The visits of every patient, checked to be lists of visits of string codes (a bare string
+    or a non-string code is a TypeError), with every code in ``icd9.normalize``'s canonical
+    dotless form (``"401.9"`` -> ``"4019"``): the one code identity of every count here. The
+    input lists are returned as they are when every code is already canonical."""
     visits = cohort_column(cohort, "visits")
     for row, patient in enumerate(visits):
         if isinstance(patient, str) or any(isinstance(v, str) for v in patient):
             raise TypeError(f"patient row {row}: visits must be a list of lists of codes, got {patient!r:.80}")
-    return visits
+    codes = set(chain.from_iterable(chain.from_iterable(visits)))
+    bad = [c for c in codes if not isinstance(c, str)]
+    if bad:
+        raise TypeError(f"codes must be strings, got {bad[0]!r} ({type(bad[0]).__name__})")
+    canonical = {c: icd9.normalize(c) for c in codes}
+    if all(k == v for k, v in canonical.items()):
+        return visits
+    return [[[canonical[c] for c in visit] for visit in patient] for patient in visits]
 
 
 def visit_offsets(visits: Sequence[Sequence]) -> np.ndarray:
@@ -66,13 +82,10 @@ def visit_offsets(visits: Sequence[Sequence]) -> np.ndarray:
 
 
 def build_vocab(*cohorts: Any) -> list[str]:
-    """Sorted distinct codes of the given cohorts."""
+    """Sorted distinct codes (normalised, ``cohort_visits``) of the given cohorts."""
     codes = set()
     for cohort in cohorts:
         codes.update(chain.from_iterable(chain.from_iterable(cohort_visits(cohort))))
-    bad = [c for c in codes if not isinstance(c, str)]
-    if bad:
-        raise TypeError(f"codes must be strings, got {bad[0]!r} ({type(bad[0]).__name__})")
     return sorted(codes)
 
 

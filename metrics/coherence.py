@@ -3,7 +3,10 @@
 ``coherence(synthetic, real)`` returns a flat dict. Notation: S = synthetic, R = real (the
 reference); a *visit occurrence* of code c = a visit that lists c (a code listed twice in one
 visit counts once; duplicates are measured by ``duplicate_rate``); V_X = number of visits of
-cohort X; all code sets are dotless ICD-9-CM strings compared as given.
+cohort X. Every code is first normalised to dotless ICD-9-CM (``icd9.normalize``, applied by
+``incidence.cohort_visits``: ``"401.9"`` and ``"4019"`` are one code, in every figure here and in
+``privacy``), then compared as a string; a code outside the ICD-9-CM v32 tables is kept as
+given (normalised) and counted by ``unknown_code_rate`` (``unknown_codes`` summarises them).
 
 Fidelity
 - ``code_js``: Jensen-Shannon divergence, base 2, no smoothing, between the code distributions
@@ -35,7 +38,8 @@ cohort has no ``age``/``sex``)
   Editor age/sex edit for its patient (``icd9.check(code, age, sex)`` is not None);
   ``cms_invalid_patient_rate``: share of S patients with at least one such code;
   ``cms_invalid_patient_rate_real``: the same for R (real data is not edit-clean either).
-- ``unknown_code_rate``: share of S visit occurrences whose code is not an ICD-9-CM v32 node.
+- ``unknown_code_rate``: share of S visit occurrences whose (normalised) code is not an ICD-9-CM
+  v32 diagnosis code (``icd9.is_valid``).
 - ``duplicate_rate``: share of listed S codes that repeat a code already listed in the same visit.
 
 Diversity
@@ -118,7 +122,8 @@ class Cohort:
             cs = np.concatenate([zero, np.cumsum(w[self.X.indices], dtype=np.uint64)])
             h = cs[self.X.indptr[1:]] - cs[self.X.indptr[:-1]]
             pos = np.arange(self.n_visits) - np.repeat(self.offsets[:-1], np.diff(self.offsets))
-            h = (h ^ (pos.astype(np.uint64) + np.uint64(1)) * np.uint64(0x9E3779B97F4A7C15)) * np.uint64(0xBF58476D1CE4E5B9)
+            h = (h ^ (pos.astype(np.uint64) + np.uint64(1)) * np.uint64(0x9E3779B97F4A7C15)) \
+                * np.uint64(0xBF58476D1CE4E5B9)
             h ^= h >> np.uint64(31)
             cs = np.concatenate([zero, np.cumsum(h, dtype=np.uint64)])
             return cs[self.offsets[1:]] - cs[self.offsets[:-1]]
@@ -145,6 +150,24 @@ def cohorts(named: dict[str, Any]) -> tuple[dict[str, Cohort], list[str]]:
     ``({name: Cohort}, vocab)``."""
     vocab = inc.build_vocab(*named.values())
     return {name: Cohort(data, vocab, name) for name, data in named.items()}, vocab
+
+
+def unknown_codes(cohort: Any, n_examples: int = 5) -> dict[str, Any]:
+    """Codes of ``cohort`` (normalised) that are not ICD-9-CM v32 diagnosis codes
+    (``icd9.is_valid``): ``{"n_listed": codes listed, "n_unknown": listed codes outside the
+    tables, "n_distinct_unknown": distinct such codes, "examples": the ``n_examples`` most listed
+    of them (ties: smaller string first)}``."""
+    counts: dict[str, int] = {}
+    n_listed = 0
+    for patient in inc.cohort_visits(cohort):
+        for visit in patient:
+            n_listed += len(visit)
+            for code in visit:
+                counts[code] = counts.get(code, 0) + 1
+    unknown = {c: n for c, n in counts.items() if not icd9.is_valid(c)}
+    examples = sorted(unknown, key=lambda c: (-unknown[c], c))[:n_examples]
+    return {"n_listed": n_listed, "n_unknown": sum(unknown.values()), "n_distinct_unknown": len(unknown),
+            "examples": examples}
 
 
 def js_divergence(p: np.ndarray, q: np.ndarray) -> float:
@@ -299,7 +322,8 @@ def coherence(synthetic: Any, real: Any, *, top_k: int = 100, min_real_count: in
     out["distinct_codes"] = int(used_s.sum())
     out["distinct_codes_real"] = int(used_r.sum())
     out["code_coverage"] = float((used_s & used_r).sum() / used_r.sum()) if used_r.any() else float("nan")
-    out["code_coverage_frequent"] = float((used_s & frequent).sum() / frequent.sum()) if frequent.any() else float("nan")
+    out["code_coverage_frequent"] = (float((used_s & frequent).sum() / frequent.sum()) if frequent.any()
+                                     else float("nan"))
     pat_s = np.asarray(S.patients().sum(axis=0)).ravel()
     pat_r = np.asarray(R.patients().sum(axis=0)).ravel()
     out["top_code"] = vocab[int(pat_s.argmax())] if pat_s.any() else None

@@ -25,6 +25,10 @@ but an earlier report, listed by its ``.promptehr-manifest.json``) DIR/metrics.j
 (``{"rows": {row: {metric: value}}, "meta": {...}}``, NaN as null), DIR/metrics.md (the table)
 and the PNGs ``code_prevalence.png``, ``visits_per_patient.png``, ``codes_per_visit.png``,
 ``top_categories.png``, ``cooccurrence_heatmap.png``.
+Codes may be dotted or dotless: every figure reads them normalised (``icd9.normalize``). Codes
+outside the ICD-9-CM v32 tables are scored as given, with a warning per cohort that counts them
+and names the most listed. A cohort with no patient is refused (exit code 2; ValueError in
+Python): there is nothing to score.
 Python: ``evaluate_cohorts(synthetic, real, train=None, out_dir=None, ...)``.
 """
 
@@ -34,6 +38,7 @@ import argparse
 import math
 import os
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +49,7 @@ from promptehr_hf.datasets_scripts import incidence as inc
 from promptehr_hf.datasets_scripts.mimic3 import read_mimic3
 from promptehr_hf.file_utils import check_output, replace_folder, write_json_atomic, write_text_atomic
 from promptehr_hf.metrics.baselines import IndependentMarginalSampler
-from promptehr_hf.metrics.coherence import coherence
+from promptehr_hf.metrics.coherence import coherence, unknown_codes
 from promptehr_hf.metrics.plots import write_plots
 from promptehr_hf.metrics.privacy import privacy
 
@@ -140,6 +145,19 @@ def read_cohort(path: str | os.PathLike, split: str | None = None) -> dict[str, 
     return pq.read_table(p, columns=list(COLUMNS)).to_pydict()
 
 
+def warn_unknown_codes(name: str, cohort: Any) -> dict[str, Any]:
+    """Warn (UserWarning) when ``cohort`` lists codes outside the ICD-9-CM v32 tables: how many
+    listed codes, how many distinct, the most listed ones. Returns ``coherence.unknown_codes``."""
+    found = unknown_codes(cohort)
+    if found["n_unknown"]:
+        warnings.warn(
+            f"{name} cohort: {found['n_unknown']:,} of {found['n_listed']:,} listed codes "
+            f"({found['n_distinct_unknown']:,} distinct) are not ICD-9-CM v32 diagnosis codes, e.g. "
+            f"{', '.join(map(repr, found['examples']))}; they are scored as given (compared as strings, "
+            "counted by unknown_code_rate)", UserWarning, stacklevel=3)
+    return found
+
+
 # ----------------------------------------------------------------------------- scoring
 def evaluate_cohorts(synthetic: Any, real: Any, train: Any = None, *, out_dir: str | os.PathLike | None = None,
                      baseline: bool = True, plots: bool = True, seed: int = 0, top_k: int = 100,
@@ -155,6 +173,12 @@ def evaluate_cohorts(synthetic: Any, real: Any, train: Any = None, *, out_dir: s
     t0 = time.perf_counter()
     syn, ref = as_columns(synthetic), as_columns(real)
     tr = as_columns(train) if train is not None else None
+    for name, columns in (("synthetic", syn), ("real", ref), ("train", tr)):
+        if columns is not None and not len(columns["visits"]):
+            raise ValueError(f"the {name} cohort has no patients: nothing to score")
+    for name, columns in (("synthetic", syn), ("real", ref), ("train", tr)):
+        if columns is not None:
+            warn_unknown_codes(name, columns)
     n = len(syn["visits"])
     rng = np.random.default_rng(seed)
     reference = tr if tr is not None else ref
@@ -284,6 +308,10 @@ def run(args: argparse.Namespace) -> int:
     real = read_cohort(args.real, args.real_split)
     synthetic = read_cohort(args.synthetic, "synthetic")
     train = read_cohort(args.train, args.train_split) if args.train else None
+    for flag, path, cohort in (("--synthetic", args.synthetic, synthetic), ("--real", args.real, real),
+                               ("--train", args.train, train)):
+        if cohort is not None and not len(cohort["visits"]):
+            raise ValueError(f"{flag} {path}: no patients (0 rows); nothing to score, nothing written")
     result = evaluate_cohorts(synthetic, real, train, out_dir=args.out, baseline=not args.no_baseline,
                               plots=not args.no_plots, seed=args.seed, top_k=args.top_k, n_attack=args.n_attack)
     print(markdown_table(result))
