@@ -15,7 +15,7 @@ import torch
 
 from promptehr_hf.datasets_scripts import icd9
 from promptehr_hf.modeling_promptehr.configuration_promptehr import PromptEHRConfig
-from promptehr_hf.modeling_promptehr.generation.pipeline import generate_patients
+from promptehr_hf.modeling_promptehr.generation.pipeline import cms_edits, generate_patients
 from promptehr_hf.modeling_promptehr.generation.prior import PRIOR_FILE, CohortPrior
 from promptehr_hf.modeling_promptehr.generation.processors import (
     CMSEditTable,
@@ -90,6 +90,11 @@ def _grammatical(ids: list[int], tok) -> bool:
     return all(c in tok.category_children and x in tok.category_children[c] for c, x in zip(body[::2], body[1::2]))
 
 
+def _edit_table(index, tokenizer) -> CMSEditTable:
+    """The vocabulary's CMS edits, as a checkpoint's generation config carries them."""
+    return CMSEditTable(index, cms_edits(tokenizer))
+
+
 def _decode_with_random_scores(tok, index, processors, batch, steps, generator):
     ids = torch.full((batch, 1), tok.bos_token_id)
     for _ in range(steps):
@@ -109,7 +114,8 @@ def test_processors_grammar_length_duplicates_cms_with_random_scores(tokenizer):
     ages = [float(a) for a in np.resize([0.0, 0.5, 8.0, 16.0, 30.0, 60.0, 89.0], B)]
     sexes = ["F", "M"] * (B // 2)
     targets = torch.from_numpy(np.resize(np.arange(1, 16), B))
-    procs = visit_logits_processors(index, ages, sexes, n_codes=targets, stage_two="model", edit_table=CMSEditTable(index))
+    procs = visit_logits_processors(index, ages, sexes, n_codes=targets, stage_two="model",
+                                    edit_table=_edit_table(index, tokenizer))
     out = _decode_with_random_scores(tokenizer, index, procs, B, 2 * 15 + 3, g)
     ungrammatical, duplicate = check_visits(index, out)
     assert not ungrammatical.any() and not duplicate.any()
@@ -126,8 +132,10 @@ def test_processors_grammar_length_duplicates_cms_with_random_scores(tokenizer):
 def test_processors_stop_when_categories_run_out(tokenizer):
     """A target longer than the codes a row may receive ends the visit instead of failing."""
     index = VocabIndex(tokenizer)
-    procs = visit_logits_processors(index, [60.0] * 4, ["M"] * 4, n_codes=[500] * 4)
-    out = _decode_with_random_scores(tokenizer, index, procs, 4, 2 * len(tokenizer.code_ids) + 3, torch.Generator().manual_seed(0))
+    procs = visit_logits_processors(index, [60.0] * 4, ["M"] * 4, n_codes=[500] * 4,
+                                    edit_table=_edit_table(index, tokenizer))
+    out = _decode_with_random_scores(tokenizer, index, procs, 4, 2 * len(tokenizer.code_ids) + 3,
+                                     torch.Generator().manual_seed(0))
     ungrammatical, duplicate = check_visits(index, out)
     assert not ungrammatical.any() and not duplicate.any()
     # Every code a 60-year-old man may receive, once; never an empty catch-all (P(code | cat) = 0).
@@ -146,7 +154,7 @@ def test_chain_equals_the_processors_one_by_one(tokenizer):
     sexes = ["F", "M"] * (B // 2)
     for mode in ("model", "empirical"):
         (chain,) = visit_logits_processors(index, ages, sexes, n_codes=np.resize([1, 3, 6], B), stage_two=mode,
-                                           temperature=0.8, sample=False)
+                                           temperature=0.8, sample=False, edit_table=_edit_table(index, tokenizer))
         ids = torch.full((B, 1), tokenizer.bos_token_id)
         for _ in range(2 * 6 + 3):
             scores = torch.randn(B, index.size, generator=g) * 3
@@ -221,7 +229,8 @@ def test_stage_two_empirical_reproduces_code_probs(tokenizer, temperature):
 def test_stage_two_weighs_categories_by_their_allowed_mass(tokenizer, mode):
     """Rejection semantics: a man picks C:V84 only with the mass of its codes he may receive."""
     index = VocabIndex(tokenizer)
-    procs = visit_logits_processors(index, [40.0, 40.0], ["M", "F"], n_codes=[3, 3], stage_two=mode)
+    table = _edit_table(index, tokenizer)
+    procs = visit_logits_processors(index, [40.0, 40.0], ["M", "F"], n_codes=[3, 3], stage_two=mode, edit_table=table)
     stage_two = procs[0].processors[0]
     ids = torch.tensor([[tokenizer.bos_token_id, tokenizer.visit_start_id]] * 2)
     v84 = tokenizer.convert_tokens_to_ids("C:V84")
@@ -236,8 +245,8 @@ def test_stage_two_weighs_categories_by_their_allowed_mass(tokenizer, mode):
     # After a V84 code is written, the category keeps only the mass of its unused codes.
     used = max(q, key=q.get)
     ids2 = torch.tensor([[tokenizer.bos_token_id, tokenizer.visit_start_id, v84, used]])
-    out2 = visit_logits_processors(index, [40.0], ["F"], n_codes=[3], stage_two=mode)[0].processors[0](
-        ids2, torch.zeros(1, index.size))
+    (chain,) = visit_logits_processors(index, [40.0], ["F"], n_codes=[3], stage_two=mode, edit_table=table)
+    out2 = chain.processors[0](ids2, torch.zeros(1, index.size))
     assert out2[0, v84].item() == pytest.approx(np.log(1 - q[used]), abs=1e-5)
 
 
@@ -258,8 +267,8 @@ def test_inverse_cdf_sampler_draws_from_the_softmax():
 def test_cms_edit_classes_stand_for_their_codes(tokenizer):
     """The design relies on one code standing for its edit class: check every vocab code on a grid."""
     index = VocabIndex(tokenizer)
-    table = CMSEditTable(index)
-    assert {"age_newborn", "sex_male_only", "sex_female_only+age_maternity"} <= set(table.classes)
+    table = _edit_table(index, tokenizer)
+    assert {("age_newborn",), ("sex_male_only",), ("sex_female_only", "age_maternity")} <= set(table.classes)
     grid = [(a, s) for a in (0.0, 0.9, 1.0, 11.0, 12.0, 14.0, 15.0, 17.9, 18.0, 55.0, 56.0, 90.0) for s in "FM"]
     ages, sexes = zip(*grid)
     forbidden = table.forbidden_codes(list(ages), list(sexes))
@@ -294,7 +303,7 @@ def test_batch_bounds_are_the_cheapest_cuts():
     ways to cut the sorted rows (brute force on small cases), never above fixed-size batches."""
     import itertools
 
-    from promptehr_hf.modeling_promptehr.generation.pipeline import STEP_COST_IN_ROWS, _batch_bounds
+    from promptehr_hf.modeling_promptehr.generation.patients import STEP_COST_IN_ROWS, _batch_bounds
 
     def cost(targets, bounds):
         return sum((2 * targets[hi - 1] + 2) * (STEP_COST_IN_ROWS + hi - lo) for lo, hi in zip(bounds[:-1], bounds[1:]))
@@ -384,7 +393,7 @@ def test_empirical_stage_two_end_to_end(model, tokenizer, prior):
 @pytest.mark.parametrize("settings", [
     dict(stage_two="empirical"),
     dict(stage_two="model", visit_length="model", max_codes=7),
-    dict(stage_two="uniform", greedy=True),
+    dict(stage_two="uniform", do_sample=False),
     dict(stage_two="empirical", temperature=0.7, top_k=5, top_p=0.9),
 ])
 def test_visit_decoding_gives_what_transformers_loop_gives(model, tokenizer, prior, settings):
@@ -407,10 +416,10 @@ def test_visit_decoding_asks_only_for_the_columns_it_reads(model, tokenizer, pri
         def forward(self, input_ids=None, attention_mask=None, decoder_input_ids=None, decoder_attention_mask=None,
                     x_num=None, x_cat=None, encoder_outputs=None, past_key_values=None, use_cache=None, **kwargs):
             seen.append(kwargs.get("logits_columns"))
-            return super().forward(input_ids=input_ids, attention_mask=attention_mask, decoder_input_ids=decoder_input_ids,
-                                   decoder_attention_mask=decoder_attention_mask, x_num=x_num, x_cat=x_cat,
-                                   encoder_outputs=encoder_outputs, past_key_values=past_key_values, use_cache=use_cache,
-                                   **kwargs)
+            return super().forward(input_ids=input_ids, attention_mask=attention_mask,
+                                   decoder_input_ids=decoder_input_ids, decoder_attention_mask=decoder_attention_mask,
+                                   x_num=x_num, x_cat=x_cat, encoder_outputs=encoder_outputs,
+                                   past_key_values=past_key_values, use_cache=use_cache, **kwargs)
 
     widths = []
     hook = model.register_forward_hook(lambda m, a, out: widths.append(out.logits.shape[-1]))
@@ -434,7 +443,8 @@ def test_visit_decoding_runs_only_the_visit_chain(model, tokenizer):
     from promptehr_hf.modeling_promptehr.generation.decoding import visit_decoding
 
     index = VocabIndex(tokenizer, size=model.config.vocab_size)
-    chain = visit_logits_processors(index, [50.0], ["F"], max_codes=3, sample=True)
+    chain = visit_logits_processors(index, [50.0], ["F"], max_codes=3, sample=True,
+                                    edit_table=_edit_table(index, tokenizer))
     extra = LogitsProcessorList([*chain, MinLengthLogitsProcessor(2, eos_token_id=tokenizer.visit_end_id)])
     batch = dict(input_ids=torch.tensor([[tokenizer.bos_token_id, tokenizer.eos_token_id]]),
                  x_num=torch.tensor([[50.0]]), x_cat=torch.tensor([[0]]), max_new_tokens=9, do_sample=False)
@@ -447,7 +457,7 @@ def test_visit_decoding_runs_only_the_visit_chain(model, tokenizer):
 def test_encoder_chunks_equal_one_padded_call(model, tokenizer):
     """_encode_histories runs rows of similar length together; each row's encoder states are those
     of one padded call over the whole batch."""
-    from promptehr_hf.modeling_promptehr.generation import pipeline as generation
+    from promptehr_hf.modeling_promptehr.generation import patients as generation
 
     g = torch.Generator().manual_seed(0)
     lengths = torch.randint(2, 60, (45,), generator=g).tolist()
@@ -465,7 +475,8 @@ def test_encoder_chunks_equal_one_padded_call(model, tokenizer):
 
 
 def test_conditional_and_model_length(model, tokenizer, prior):
-    demo = [{"age": 0.0, "sex": "M", "n_visits": 2}, {"age": 34.0, "sex": "F"}, {"age": 71.5, "sex": "M", "n_visits": 3}] * 10
+    demo = [{"age": 0.0, "sex": "M", "n_visits": 2}, {"age": 34.0, "sex": "F"},
+            {"age": 71.5, "sex": "M", "n_visits": 3}] * 10
     ds, stats = generate_patients(model, tokenizer, mode="conditional", demographics=demo, prior=prior,
                                   visit_length="model", max_codes=6, batch_size=16, progress=False)
     _assert_valid(ds, stats)
@@ -492,7 +503,7 @@ def test_seeded_generation_keeps_the_seed_and_reports_copies(model, tokenizer, c
 
 def test_greedy_is_deterministic_and_copy_filter_drops(model, tokenizer, prior):
     demo = [{"age": a, "sex": s, "n_visits": k} for a, s, k in [(0.0, "F", 1), (45.0, "M", 2), (80.0, "F", 3)] * 8]
-    kwargs = dict(mode="conditional", demographics=demo, prior=prior, greedy=True, visit_length="model",
+    kwargs = dict(mode="conditional", demographics=demo, prior=prior, do_sample=False, visit_length="model",
                   max_codes=8, progress=False)
     a, _ = generate_patients(model, tokenizer, seed=0, batch_size=64, **kwargs)
     b, _ = generate_patients(model, tokenizer, seed=5, batch_size=5, **kwargs)
@@ -526,7 +537,8 @@ def test_cli_generate_then_prepare_gives_the_same_patients(model, tokenizer, pri
     assert main(["generate", "--model", str(ckpt), "--n", "60", "--out", str(out), "--seed", "3",
                  "--stage-two", "uniform", "--batch-size", "16"]) == 0
     names = {p.name for p in out.iterdir()}
-    assert {"PATIENTS.csv", "ADMISSIONS.csv", "DIAGNOSES_ICD.csv", "synthetic.parquet", "generation_stats.json"} <= names
+    assert {"PATIENTS.csv", "ADMISSIONS.csv", "DIAGNOSES_ICD.csv", "synthetic.parquet",
+            "generation_stats.json"} <= names
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp dir left behind
     capsys.readouterr()
     assert main(["generate", "--model", str(ckpt), "--n", "5", "--out", str(out)]) == 2

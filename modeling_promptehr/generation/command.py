@@ -40,7 +40,14 @@ def write_cohort(patients, out_dir: str | os.PathLike, stats: dict | None = None
         patients: patient dicts or a datasets.Dataset in the patient schema.
         seed: draws the dates and hadm ids.  overwrite: replace a non-empty out_dir, which must
             hold nothing but an earlier ``promptehr generate`` output (else OutputFolderError).
+
+    Raises ValueError, before writing anything, when there is no patient to write.
     """
+    if len(patients) == 0:
+        stats = stats or {}
+        dropped = f"; {stats['copies_dropped']} dropped as copies of training patients" \
+            if stats.get("copies_dropped") else ""
+        raise ValueError(f"no patient to write ({stats.get('n_generated', 0)} generated{dropped}); nothing written")
     out = Path(out_dir)
     if not overwrite:
         _check_empty(out)
@@ -85,14 +92,17 @@ def add_arguments(parser) -> None:
                         help="output folder: MIMIC-III CSVs, synthetic.parquet, generation_stats.json")
     parser.add_argument("--n", type=int, default=None, help="number of patients (unconditional; seeded: draw n seeds)")
     parser.add_argument("--mode", choices=MODES, default="unconditional")
-    parser.add_argument("--stage-two", choices=STAGE_TWO_MODES, default="empirical",
-                        help="code sampling after a category (default: training P(code | category))")
-    parser.add_argument("--visit-length", choices=VISIT_LENGTHS, default="data",
-                        help="data: codes per visit from the training distribution; model: the model ends visits")
+    # The generation settings default to the checkpoint's generation_config.json; a flag given overrides it.
+    parser.add_argument("--stage-two", choices=STAGE_TWO_MODES, default=None,
+                        help="code sampling after a category (default: the checkpoint's, else empirical: the "
+                             "training P(code | category))")
+    parser.add_argument("--visit-length", choices=VISIT_LENGTHS, default=None,
+                        help="data: codes per visit from the training distribution; model: the model ends visits "
+                             "(default: the checkpoint's, else data)")
     parser.add_argument("--max-codes", type=int, default=None, help="cap on codes per visit with --visit-length model")
-    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--batch-size", type=int, default=None, help="patients per decoder call (default: 256)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--temperature", type=float, default=None, help="(default: 1)")
     parser.add_argument("--top-k", type=int, default=None)
     parser.add_argument("--top-p", type=float, default=None)
     parser.add_argument("--greedy", action="store_true", help="argmax decoding (ablation)")
@@ -100,7 +110,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--prior", default=None, help="cohort_prior.json (default: the one in --model)")
     parser.add_argument("--demographics", default=None, help="conditional: CSV/Parquet with age, sex[, n_visits]")
     parser.add_argument("--seed-patients", default=None, help="seeded: Parquet of real patients or a prepared folder")
-    parser.add_argument("--seed-visits", type=int, default=1, help="seeded: leading visits kept from each seed")
+    parser.add_argument("--seed-visits", type=int, default=None,
+                        help="seeded: leading visits kept from each seed (default: 1)")
     parser.add_argument("--exclude-training", default=None,
                         help="drop synthetic patients identical to one in this Parquet / prepared folder")
     parser.add_argument("--device", default=None)
@@ -136,12 +147,12 @@ def validate(args) -> None:
     if args.mode == "unconditional" and not args.prior and not Path(args.model, PRIOR_FILE).is_file():
         raise FileNotFoundError(f"--model {args.model}: no {PRIOR_FILE} (unconditional mode samples from it); "
                                 "pass --prior")
-    for flag, value, low in (("--n", args.n, 0), ("--batch-size", args.batch_size, 1),
+    for flag, value, low in (("--n", args.n, 1), ("--batch-size", args.batch_size, 1),
                              ("--seed-visits", args.seed_visits, 0), ("--max-codes", args.max_codes, 1),
                              ("--top-k", args.top_k, 1), ("--threads", args.threads, 1)):
         if value is not None and value < low:
             raise ValueError(f"{flag} must be >= {low}, got {value}")
-    if not args.temperature > 0:
+    if args.temperature is not None and not args.temperature > 0:
         raise ValueError(f"--temperature must be > 0, got {args.temperature}")
     if args.top_p is not None and not 0 < args.top_p <= 1:
         raise ValueError(f"--top-p must be in (0, 1], got {args.top_p}")
@@ -162,7 +173,8 @@ def run(args) -> int:
         seed_patients=_read_patients(args.seed_patients) if args.seed_patients else None,
         seed_visits=args.seed_visits, stage_two=args.stage_two, visit_length=args.visit_length,
         max_codes=args.max_codes, batch_size=args.batch_size, seed=args.seed, temperature=args.temperature,
-        top_k=args.top_k, top_p=args.top_p, greedy=args.greedy, cms=not args.no_cms,
+        top_k=args.top_k, top_p=args.top_p, do_sample=False if args.greedy else None,
+        cms=False if args.no_cms else None,
         exclude_patients=_read_patients(args.exclude_training) if args.exclude_training else None,
     )
     write_cohort(dataset, out, stats, seed=args.seed, overwrite=args.overwrite)

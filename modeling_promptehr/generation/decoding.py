@@ -4,13 +4,16 @@ transformers' own loop (``GenerationMixin._sample``) hands the processors [B, V]
 the argmax of [B, V] results, so every step makes about seven passes over the whole vocabulary:
 the model's logits, generate's float32 copy, the processors' gather and scatter, the argmax. At
 batch 256 on a CPU they are ~7 of ~26 ms per step, although a visit's next token can only be one
-of ~1,000 columns (:class:`~.logits_processors.VisitStep`'s two blocks). ``generate`` still does
+of ~1,000 columns (:class:`~.processors.VisitStep`'s two blocks). ``generate`` still does
 all the input preparation (encoder, cache, stopping criteria, processors); this loop then asks the
 model for the block columns only (``logits_columns``), runs the
-:class:`~.logits_processors.VisitLogitsProcessor` chain on the blocks and picks each row's token
+:class:`~.processors.VisitLogitsProcessor` chain on the blocks and picks each row's token
 there. Given the same scores it picks the same tokens as transformers' loop with the same
 processors and seed (tested); the LM head summed over fewer columns can round a last bit
 differently (4,095 of 4,096 patients identical on the benchmark model).
+
+Shipped with the checkpoint in ``custom_generate/``: imports only torch, transformers and the
+files beside it.
 """
 
 from __future__ import annotations
@@ -50,7 +53,7 @@ def visit_decoding(
 
     Called by ``generate`` (``custom_generate=visit_decoding``) with the same arguments as its
     sampling loop. ``logits_processor`` must hold exactly one
-    :class:`~.logits_processors.VisitLogitsProcessor` (its sampler draws; the loop then takes the
+    :class:`~.processors.VisitLogitsProcessor` (its sampler draws; the loop then takes the
     best column, lowest token id on a tie, as greedy decoding would). The model computes only the
     non-code columns when the chain never reads its code scores (empirical or uniform stage two)
     and its forward takes ``logits_columns``; otherwise every column, gathered into the blocks.

@@ -1,277 +1,66 @@
-"""Generate synthetic patients with a trained PromptEHR model: visit after visit, two-stage codes.
+"""Synthetic patients as a ``datasets.Dataset`` (:func:`generate_patients`), and the files that let a
+saved checkpoint generate them by itself (:func:`save_custom_generate`).
 
-An outer loop writes visit t of every patient that needs one (all first visits, then all second
-visits, ...), pooling the patients of a round into batches of ``batch_size`` rows. For one batch
-the encoder reads each patient's demographics (``x_num`` = raw age, ``x_cat`` = sex, F=0/M=1)
-and history (``tokenizer.encode_history(visits[:t])``), in chunks of similar history length
-(:func:`_encode_histories`); ``model.generate`` (KV cache) then writes one visit per row, from
-``<v>`` on, under the LogitsProcessors of :mod:`.logits_processors` (grammar, stage-two code
-sampling, no repeated code, CMS age/sex edits, visit-length control), so every record is valid by
-construction. Its decoding loop is :func:`~.decoding.visit_decoding` (``custom_generate``), which
-runs the processors and the LM head on the ~1,000 columns the grammar can allow instead of the
-whole vocabulary. Ancestral sampling (temperature 1 by default; top-k / top-p optional) happens
-at the end of the processor chain, which leaves one finite score per row; ``greedy=True`` drops
-the sampler (argmax decoding, for the ablation). The rows of a round are sorted by target length
-and history length and cut into batches of at most ``batch_size`` by :func:`_batch_bounds`,
-which weighs the steps a batch decodes past its finished rows against the cost of one more
-``generate`` call.
+The generation core (:mod:`.config`, :mod:`.prior`, :mod:`.processors`, :mod:`.decoding`,
+:mod:`.patients`, :mod:`.generate`) imports nothing from ``promptehr_hf``: ``save_custom_generate``
+copies those very files into a checkpoint's ``custom_generate/`` folder, where transformers runs
+:func:`~.generate.generate` as the model's ``generate``. This module is the package's side of it:
+it fills in what only the package knows (the CMS edits of the vocabulary's codes, from
+:mod:`promptehr_hf.datasets_scripts.icd9`; the history length of checkpoints saved before their
+generation config carried it) and returns the patients in the patient schema.
 
-Modes:
-- ``unconditional``: age, sex and number of visits drawn from the :class:`CohortPrior` stored with
-  the checkpoint (``cohort_prior.json``);
-- ``conditional``: given demographics (age, sex, optionally the number of visits);
-- ``seeded``: warm start from real patients: the first ``seed_visits`` visits of each seed are
-  kept, the following ones generated (as many as the seed has, each as long as the seed's visit);
-  the share of output codes copied from the seed is reported.
-
-Visit length (``visit_length="data"``, the default, as PromptEHR does): the number of codes of
-each visit is drawn from the training distribution given age band and visit index (in seeded mode,
-the seed's own), and the grammar forbids ``</v>`` before it and forces it at it. ``"model"`` lets
-the model decide (capped at ``max_codes``).
-
-Stage two (``stage_two="empirical"``, the default): the code inside a sampled category is drawn
-from the training P(code | category); ``"model"`` samples it from the model's scores,
-``"uniform"`` uniformly. The fidelity benchmark chose the default: on the 46,520-patient simulated
-cohort, empirical against model gave code JS 0.021 vs 0.040, within-visit pair R² 0.881 vs 0.864
-and coverage of frequent codes 0.91 vs 0.69 (benchmarks/results/fidelity.md): a briefly trained
-model concentrates on the frequent codes of a category.
-
-Python API: :func:`generate_patients`; CLI: ``promptehr generate`` (:func:`add_arguments`, :func:`run`).
+The settings (stage two, visit length, CMS edits, sampling, batch size, ...) are a
+:class:`~.config.PromptEHRGenerationConfig`, read from the model's ``generation_config``
+(``generation_config.json`` of the checkpoint) and overridden by keyword arguments.
 """
 
 from __future__ import annotations
 
-import copy
 import json
 import os
-import time
+import shutil
 from pathlib import Path
 
-import numpy as np
-import torch
-from tqdm.auto import tqdm
-from transformers.modeling_outputs import BaseModelOutput
+from transformers import GenerationConfig
+from transformers.utils import GENERATION_CONFIG_NAME
 
+from promptehr_hf.datasets_scripts import icd9
 from promptehr_hf.datasets_scripts.cohort_io import patients_to_dataset
-from promptehr_hf.datasets_scripts.schema import AGE_CAP, SEXES
-from promptehr_hf.modeling_promptehr.modeling_promptehr import CACHE_ARG
 
-from .decoding import visit_cache, visit_decoding
-from .prior import PRIOR_FILE, CohortPrior, columns
-from .processors import (
-    STAGE_TWO_MODES,
-    CMSEditTable,
-    VocabIndex,
-    check_visits,
-    max_new_tokens_for,
-    visit_logits_processors,
-)
+from .config import MODES, VISIT_LENGTHS, PromptEHRGenerationConfig, promptehr_generation_config
+from .generate import generate
+from .prior import CohortPrior
 
-MODES = ("unconditional", "conditional", "seeded")
-VISIT_LENGTHS = ("data", "model")
+CUSTOM_GENERATE_DIR = "custom_generate"
+# The generation core, copied into custom_generate/ (generate.py is the entry transformers loads).
+SHIPPED_FILES = ("generate.py", "config.py", "patients.py", "prior.py", "processors.py", "decoding.py")
 TRAINING_ARGS_JSON = "training_args.json"  # written by PromptEHRTrainer beside the checkpoint
-DEFAULT_HISTORY_LENGTH = 256  # PromptEHRTrainingArguments.max_source_length's default
-DEFAULT_MAX_CODES = 40  # cap per visit when the model decides and no prior says otherwise
+# The sex each sex edit forbids, as datasets_scripts.icd9 defines the edits.
+SEX_CONFLICTS = {"sex_female_only": "M", "sex_male_only": "F"}
 
 
-class _Plan:
-    """Per-patient generation plan: demographics, visit count, given visits, target lengths."""
-
-    def __init__(self, ages, sexes, n_visits, lengths=None, given=None, seed_visits_all=None):
-        self.ages = np.minimum(np.asarray(ages, dtype=np.float64), AGE_CAP)
-        self.sexes = list(sexes)
-        bad = sorted({str(s) for s in self.sexes if s not in SEXES})
-        if bad:
-            raise ValueError(f"sex must be one of {SEXES}; got {bad}")
-        if np.isnan(self.ages).any() or (self.ages < 0).any():
-            raise ValueError("ages must be non-negative numbers")
-        self.n_visits = np.asarray(n_visits, dtype=np.int64)
-        if (self.n_visits < 1).any():
-            raise ValueError("every patient needs at least one visit (n_visits >= 1)")
-        self.lengths = lengths  # list of [n_visits_i] int arrays, or None (model-decided)
-        self.visits = [list(v) for v in given] if given is not None else [[] for _ in self.ages]
-        self.start = np.array([len(v) for v in self.visits], dtype=np.int64)
-        self.seed_visits_all = seed_visits_all  # seeded mode: the seeds' full visit lists
+def cms_edits(tokenizer) -> dict:
+    """The CMS age/sex edits of a tokenizer's code tokens, in the form a generation config carries
+    them (``cms_edits``; see :class:`~.processors.CMSEditTable`): each edit class present in the
+    vocabulary with its codes, and the (age, sex) each edit forbids."""
+    classes: dict[tuple[str, ...], list[str]] = {}
+    for code in tokenizer.convert_ids_to_tokens(sorted(tokenizer.code_category)):
+        edits = icd9.edits_of(code)
+        if edits:
+            classes.setdefault(edits, []).append(code)
+    return {
+        "age_ranges": {edit: list(bounds) for edit, bounds in icd9.age_ranges().items()},
+        "sex_conflicts": {edit: SEX_CONFLICTS[edit] for edit in icd9.SEX_EDITS},
+        "classes": [{"edits": list(edits), "codes": codes} for edits, codes in sorted(classes.items())],
+    }
 
 
-def _history_length(model) -> int:
-    """Encoder tokens for the history: the source length the checkpoint was trained with
-    (its training_args.json), else the trainer's default; within the model's positions."""
-    length = DEFAULT_HISTORY_LENGTH
-    saved = getattr(model, "name_or_path", "") or ""
-    if saved and Path(saved).is_dir():
-        saved = Path(saved)
-        if (saved / TRAINING_ARGS_JSON).is_file():
-            length = json.loads((saved / TRAINING_ARGS_JSON).read_text()).get("max_source_length", length)
-    cfg = model.config
-    return int(min(length, cfg.max_position_embeddings - getattr(cfg, "num_prompts", 0)))
-
-
-def _generation_config(model, tokenizer):
-    """A greedy GenerationConfig: the processor list samples (or not) and argmax follows it.
-
-    Greedy, so that generate adds no warper of its own (its global default top_k=50 would
-    silently truncate the category distribution) and does not call torch.multinomial.
-    """
-    cfg = copy.deepcopy(model.generation_config)
-    cfg.do_sample = False
-    cfg.num_beams = 1
-    cfg.eos_token_id = tokenizer.visit_end_id
-    cfg.pad_token_id = tokenizer.pad_token_id
-    cfg.decoder_start_token_id = model.config.decoder_start_token_id
-    # The grammar does both; a BART-style default would force </s> (and visit_decoding runs the
-    # visit chain alone).
-    cfg.forced_bos_token_id = None
-    cfg.forced_eos_token_id = None
-    cfg.no_repeat_ngram_size = 0
-    cfg.repetition_penalty = 1.0
-    cfg.min_length = 0
-    cfg.use_cache = True
-    cfg.max_length = None
-    return cfg
-
-
-def _pad(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(map(len, rows))
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
-        mask[i, : len(r)] = 1
-    return ids.to(device), mask.to(device)
-
-
-# Rows per encoder call when a batch's histories differ in length (see _encode_histories).
-ENCODER_CHUNK_ROWS = 32
-
-
-@torch.no_grad()
-def _encode_histories(model, histories: list[list[int]], x_num: torch.Tensor, x_cat: torch.Tensor, pad_id: int,
-                      device) -> tuple[BaseModelOutput, torch.Tensor]:
-    """Run the encoder on ``histories`` in chunks of similar length; returns (BaseModelOutput with
-    last_hidden_state [B, num_prompts + T, d_model], token attention_mask [B, T]) for generate's
-    ``encoder_outputs``, T being the longest history.
-
-    A batch is sorted by target visit length, so its histories vary (5 to 250 tokens in later
-    rounds) and one padded encoder call would spend much of its work on padding: the encoder is
-    compute-bound at ~30 us per row-token at batch 256. Chunks of rows sorted by history length
-    pay almost none (7% less wall time on a 4,096-patient job). Padded positions stay masked out
-    of cross-attention, as in one call."""
-    encoder = model.get_encoder()
-    lengths = np.array([len(h) for h in histories])
-    if lengths.min() == lengths.max():  # one call, no padding
-        ids, mask = _pad(histories, pad_id, device)
-        out = encoder(input_ids=ids, attention_mask=mask, x_num=x_num, x_cat=x_cat).last_hidden_state
-        return BaseModelOutput(last_hidden_state=out), mask
-    mask = (torch.arange(lengths.max())[None, :] < torch.from_numpy(lengths)[:, None]).long().to(device)
-    order = np.argsort(lengths, kind="stable")
-    hidden = None
-    for lo in range(0, len(order), ENCODER_CHUNK_ROWS):
-        rows = order[lo: lo + ENCODER_CHUNK_ROWS]
-        ids, chunk_mask = _pad([histories[j] for j in rows], pad_id, device)
-        out = encoder(input_ids=ids, attention_mask=chunk_mask, x_num=x_num[rows], x_cat=x_cat[rows]).last_hidden_state
-        if hidden is None:
-            width = out.shape[1] - ids.shape[1] + mask.shape[1]  # prompts + the longest history
-            hidden = out.new_zeros(len(histories), width, out.shape[2])
-        hidden[torch.from_numpy(rows).to(device), : out.shape[1]] = out
-    return BaseModelOutput(last_hidden_state=hidden), mask
-
-
-# A decoding step costs about as much as this many extra rows of a batch (CPU, small preset:
-# ~2.7 ms per step at batch 1, ~0.08 ms per row at batch 256); sets how _batch_bounds trades
-# more calls for fewer decoding steps past the rows that have finished.
-STEP_COST_IN_ROWS = 32
-
-
-def _batch_bounds(targets: np.ndarray, batch_size: int) -> list[int]:
-    """Cut rows sorted by target visit length ([n], ascending) into batches of at most
-    ``batch_size`` that minimise sum over batches of steps x (STEP_COST_IN_ROWS + rows), a batch
-    decoding 2 x (its longest target) + 2 steps. Exact dynamic programme over the cut points,
-    vectorised over the last ``batch_size`` candidates. Returns the cut points, 0 first, n last."""
-    n = len(targets)
-    best = np.zeros(n + 1)
-    cut = np.zeros(n + 1, dtype=np.int64)
-    for j in range(1, n + 1):
-        i = np.arange(max(0, j - batch_size), j)
-        cost = best[i] + (2 * targets[j - 1] + 2) * (STEP_COST_IN_ROWS + j - i)
-        k = int(np.argmin(cost))
-        best[j], cut[j] = cost[k], i[k]
-    bounds = [n]
-    while bounds[-1] > 0:
-        bounds.append(int(cut[bounds[-1]]))
-    return bounds[::-1]
-
-
-def _run_plan(model, tokenizer, plan: _Plan, *, index, edit_table, stage_two, max_codes, batch_size,
-              greedy, temperature, top_k, top_p, cms, max_history_length, progress, custom_decoding) -> dict:
-    """Generate every missing visit of ``plan`` in place; returns counters."""
-    device = next(model.parameters()).device
-    gen_cfg = _generation_config(model, tokenizer)
-    start = torch.tensor([[model.config.decoder_start_token_id, tokenizer.visit_start_id]], device=device)
-    sex_index = np.array([SEXES.index(s) for s in plan.sexes], dtype=np.int64)
-    counters = {"visits_generated": 0, "ungrammatical_visits": 0, "visits_with_duplicate_code": 0,
-                "visits_short_of_target": 0, "empty_visits": 0, "generate_calls": 0}
-    total = int((plan.n_visits - plan.start).clip(min=0).sum())
-    bar = tqdm(total=total, unit="visit", desc="generating", disable=not progress)
-    for t in range(int(plan.n_visits.max(initial=0))):
-        todo = np.nonzero((plan.start <= t) & (t < plan.n_visits))[0]
-        if len(todo) == 0:
-            continue
-        histories = [tokenizer.encode_history(plan.visits[i], max_history_length) for i in todo]
-        targets = None if plan.lengths is None else np.array([plan.lengths[i][t] for i in todo], dtype=np.int64)
-        # Rows of similar target length and history length share a batch: less decoding past
-        # finished rows, less cross-attention padding.
-        hist_len = np.array([len(h) for h in histories])
-        order = np.lexsort((hist_len, targets if targets is not None else np.zeros_like(hist_len)))
-        bounds = (range(0, len(order) + batch_size, batch_size) if targets is None
-                  else _batch_bounds(targets[order], batch_size))
-        for lo, hi in zip(bounds[:-1], bounds[1:]):
-            sel = order[lo: min(hi, len(order))]
-            rows = todo[sel]
-            x_num = torch.tensor(plan.ages[rows], dtype=torch.float32, device=device)[:, None]
-            x_cat = torch.tensor(sex_index[rows], dtype=torch.long, device=device)[:, None]
-            encoder_outputs, attention_mask = _encode_histories(
-                model, [histories[j] for j in sel], x_num, x_cat, tokenizer.pad_token_id, device
-            )
-            n_codes = None if targets is None else torch.from_numpy(targets[sel])
-            longest = max_codes if n_codes is None else int(n_codes.max())
-            processors = visit_logits_processors(
-                index, plan.ages[rows].tolist(), [plan.sexes[i] for i in rows], n_codes=n_codes,
-                max_codes=max_codes, stage_two=stage_two, temperature=temperature, cms=cms, edit_table=edit_table,
-                sample=not greedy, top_k=top_k, top_p=top_p,
-            )
-            cfg = copy.copy(gen_cfg)
-            cfg.max_new_tokens = max_new_tokens_for(longest) - 1  # <v> is given
-            out = model.generate(
-                encoder_outputs=encoder_outputs,
-                attention_mask=attention_mask,
-                decoder_input_ids=start.expand(len(rows), -1),  # the grammar would force <v> first
-                x_num=x_num,
-                x_cat=x_cat,
-                logits_processor=processors,
-                generation_config=cfg,
-                **{CACHE_ARG: visit_cache()},
-                custom_generate=visit_decoding if custom_decoding else None,
-            )
-            counters["generate_calls"] += 1
-            ungrammatical, duplicate = check_visits(index, out[:, 1:])
-            counters["ungrammatical_visits"] += int(ungrammatical.sum())
-            counters["visits_with_duplicate_code"] += int(duplicate.sum())
-            for k, (i, ids) in enumerate(zip(rows, out[:, 1:].tolist())):
-                decoded = tokenizer.decode_visits(ids)
-                visit = decoded[0] if decoded else []
-                counters["empty_visits"] += not visit
-                if n_codes is not None and len(visit) < int(n_codes[k]):
-                    counters["visits_short_of_target"] += 1
-                plan.visits[i].append(visit)
-            counters["visits_generated"] += len(rows)
-            bar.update(len(rows))
-    bar.close()
-    return counters
-
-
-def _visit_key(visits) -> tuple:
-    return tuple(tuple(sorted(v)) for v in visits)
+def _trained_history_length(checkpoint: str | os.PathLike | None) -> int | None:
+    """The source length a checkpoint was trained with (its training_args.json), or None."""
+    path = Path(checkpoint or "", TRAINING_ARGS_JSON)
+    if checkpoint and path.is_file():
+        return json.loads(path.read_text(encoding="utf-8")).get("max_source_length")
+    return None
 
 
 def generate_patients(
@@ -283,24 +72,13 @@ def generate_patients(
     prior: CohortPrior | str | os.PathLike | None = None,
     demographics=None,
     seed_patients=None,
-    seed_visits: int = 1,
-    stage_two: str = "empirical",
-    visit_length: str = "data",
-    max_codes: int | None = None,
-    batch_size: int = 256,
     seed: int = 0,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    greedy: bool = False,
-    cms: bool = True,
     exclude_patients=None,
-    max_history_length: int | None = None,
-    first_subject_id: int = 1,
     progress: bool = True,
-    custom_decoding: bool = True,
+    generation_config: GenerationConfig | None = None,
+    **overrides,
 ):
-    """Generate synthetic patients.
+    """Generate synthetic patients (the checkpoint's own :func:`~.generate.generate`, as a Dataset).
 
     Args:
         model: a PromptEHRForConditionalGeneration (run in eval mode; its mode is restored after).
@@ -315,193 +93,66 @@ def generate_patients(
         demographics: conditional mode: patient-like dicts (or a Dataset / column dict) with
             ``age`` (years), ``sex`` ("F"/"M") and optionally ``n_visits``.
         seed_patients: seeded mode: real patients (dicts or a Dataset in the patient schema).
-        seed_visits: seeded mode: leading visits of each seed kept (at most all but one, so at
-            least one visit is generated; a one-visit seed is generated from its demographics).
-        stage_two: code sampling after a category: "model" | "empirical" | "uniform".
-        visit_length: "data" (codes per visit drawn from the training distribution, or the
-            seed's) | "model" (the model ends the visit, at most ``max_codes`` codes).
-        batch_size: rows per ``generate`` call.  seed: seeds numpy and torch (the global torch
-            RNG state is restored afterwards).
-        temperature, top_k, top_p: sampling warpers (transformers' own, applied after the
-            validity processors; the empirical stage two is pre-scaled so temperature does not
-            distort it); greedy: argmax decoding instead of ancestral sampling.
-        cms: apply the CMS age/sex edits, with the patient's age (at the first admission, the
-            only age the schema keeps) for every visit.
+        seed: seeds numpy and torch (the global torch RNG state is restored afterwards).
         exclude_patients: training patients; synthetic patients whose visits (as code sets, in
             order) equal one of theirs are dropped and counted (``stats["copies_dropped"]``).
-        max_history_length: encoder tokens for the history (default: the trainer's source length).
-        first_subject_id: subject_id of the first output patient (ids are consecutive).
-        custom_decoding: decode with :func:`~.decoding.visit_decoding` (``generate``'s
-            ``custom_generate``: the processors and the model's LM head work on the grammar's
-            column blocks only); False runs transformers' own loop over the whole vocabulary
-            (the same patients, slower).
+        progress: show a progress bar over the visits.
+        generation_config: the settings (default: ``model.generation_config``); the CMS edits
+            come from ``datasets_scripts.icd9`` when it carries none, and the history length
+            from the checkpoint's ``training_args.json`` when it sets none.
+        overrides: :class:`~.config.PromptEHRGenerationConfig` fields that override the settings:
+            ``stage_two`` ("empirical" | "model" | "uniform"), ``visit_length`` ("data" |
+            "model"), ``cms``, ``do_sample`` (False: argmax decoding), ``temperature``, ``top_k``,
+            ``top_p``, ``batch_size``, ``max_codes``, ``max_history_length``, ``seed_visits``,
+            ``custom_decoding``; a value of None keeps the configured one.
 
     Returns:
         (datasets.Dataset in the patient schema, stats dict).
     """
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    if stage_two not in STAGE_TWO_MODES:
-        raise ValueError(f"stage_two must be one of {STAGE_TWO_MODES}, got {stage_two!r}")
-    if visit_length not in VISIT_LENGTHS:
-        raise ValueError(f"visit_length must be one of {VISIT_LENGTHS}, got {visit_length!r}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    rng = np.random.default_rng(seed)
-    t0 = time.perf_counter()
-
-    def need_prior() -> CohortPrior:
-        nonlocal prior
-        if isinstance(prior, CohortPrior):
-            return prior
-        source = prior if prior is not None else getattr(model, "name_or_path", None) or getattr(model.config, "_name_or_path", "")
-        if not source or not (Path(source).is_file() or (Path(source) / PRIOR_FILE).is_file()):
-            raise ValueError(
-                f"mode={mode!r} with visit_length={visit_length!r} needs a CohortPrior: pass prior= or save "
-                f"{PRIOR_FILE} in the checkpoint (CohortPrior.from_patients(train).save(dir)); looked in {source!r}"
-            )
-        prior = CohortPrior.load(source)
-        return prior
-
-    plan = _make_plan(mode, n, rng, need_prior, demographics, seed_patients, seed_visits, visit_length)
-    if max_codes is None:
-        try:  # the longest training visit, when a prior is at hand
-            max_codes = need_prior().max_codes_per_visit
-        except ValueError:
-            max_codes = DEFAULT_MAX_CODES
-    if max_history_length is None:
-        max_history_length = _history_length(model)
-
-    index = VocabIndex(tokenizer, size=model.config.vocab_size).to(next(model.parameters()).device)
-    edit_table = CMSEditTable(index) if cms else None
-    was_training = model.training  # the trainer's monitoring callback calls this mid-training
-    model.eval()
-    try:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            counters = _run_plan(
-                model, tokenizer, plan, index=index, edit_table=edit_table, stage_two=stage_two,
-                max_codes=int(max_codes), batch_size=batch_size, greedy=greedy, temperature=temperature,
-                top_k=top_k, top_p=top_p, cms=cms, max_history_length=max_history_length, progress=progress,
-                custom_decoding=custom_decoding,
-            )
-    finally:
-        model.train(was_training)
-    seconds = time.perf_counter() - t0
-
-    stats: dict = {
-        "mode": mode, "stage_two": stage_two, "visit_length": visit_length, "batch_size": batch_size,
-        "seed": seed, "temperature": temperature, "top_k": top_k, "top_p": top_p, "greedy": greedy,
-        "cms": cms, "max_codes": int(max_codes), "max_history_length": int(max_history_length),
-        "n_generated": len(plan.ages), **counters,
-    }
-    if mode == "seeded":
-        stats.update(_seed_overlap(plan))
-
-    keep = np.ones(len(plan.ages), dtype=bool)
-    if exclude_patients is not None:
-        known = {_visit_key(v) for v in columns(exclude_patients)[2]}
-        keep = np.array([_visit_key(v) not in known for v in plan.visits], dtype=bool)
-        stats["copies_dropped"] = int((~keep).sum())
-    patients = [
-        {"subject_id": first_subject_id + j, "age": float(plan.ages[i]), "sex": plan.sexes[i], "visits": plan.visits[i]}
-        for j, i in enumerate(np.nonzero(keep)[0])
-    ]
-    n_visits = sum(len(p["visits"]) for p in patients)
-    n_codes = sum(len(v) for p in patients for v in p["visits"])
-    stats.update(
-        n_patients=len(patients), n_visits=n_visits, n_codes=n_codes,
-        mean_visits_per_patient=n_visits / max(len(patients), 1),
-        mean_codes_per_visit=n_codes / max(n_visits, 1),
-        seconds=seconds, patients_per_second=len(plan.ages) / seconds if seconds > 0 else None,
-    )
+    config = promptehr_generation_config(generation_config if generation_config is not None
+                                         else model.generation_config, **overrides)
+    if config.cms and config.cms_edits is None:
+        config.cms_edits = cms_edits(tokenizer)
+    if config.max_history_length is None:
+        config.max_history_length = _trained_history_length(getattr(model, "name_or_path", None))
+    patients, stats = generate(model, tokenizer=tokenizer, n=n, mode=mode, prior=prior, demographics=demographics,
+                               seed_patients=seed_patients, seed=seed, exclude_patients=exclude_patients,
+                               generation_config=config, progress=progress)
     return patients_to_dataset(patients), stats
 
 
-def _make_plan(mode, n, rng, need_prior, demographics, seed_patients, seed_visits, visit_length) -> _Plan:
-    data_lengths = visit_length == "data"
-    if mode == "unconditional":
-        if n is None or n < 0:
-            raise ValueError("unconditional generation needs n >= 0")
-        prior = need_prior()
-        ages, sexes = prior.sample_demographics(int(n), rng)
-        n_visits = prior.sample_n_visits(ages, rng)
-        lengths = _prior_lengths(prior, ages, n_visits, rng) if data_lengths else None
-        return _Plan(ages, sexes, n_visits, lengths)
-    if mode == "conditional":
-        if demographics is None:
-            raise ValueError("conditional generation needs demographics (age, sex[, n_visits] per patient)")
-        rows = _rows(demographics)
-        if n is not None and n != len(rows):
-            raise ValueError(f"conditional generation: n={n} but {len(rows)} demographics rows")
-        try:
-            ages = np.array([float(r["age"]) for r in rows], dtype=np.float64)
-            sexes = [r["sex"] for r in rows]
-        except KeyError as err:
-            raise ValueError(f"conditional generation: demographics rows need 'age' and 'sex' (missing {err})") from err
-        given = [r.get("n_visits") for r in rows]
-        n_visits = np.array([0 if g is None else int(g) for g in given], dtype=np.int64)
-        missing = np.array([g is None for g in given])
-        if missing.any():
-            n_visits[missing] = need_prior().sample_n_visits(ages[missing], rng)
-        lengths = _prior_lengths(need_prior(), ages, n_visits, rng) if data_lengths else None
-        return _Plan(ages, sexes, n_visits, lengths)
-    # seeded
-    if seed_patients is None:
-        raise ValueError("seeded generation needs seed_patients (real patients in the patient schema)")
-    seeds = _rows(seed_patients)
-    if not seeds:
-        raise ValueError("seeded generation: no seed patients")
-    if n is not None:
-        seeds = [seeds[i] for i in rng.choice(len(seeds), size=int(n), replace=int(n) > len(seeds))]
-    if seed_visits < 0:
-        raise ValueError(f"seed_visits must be >= 0, got {seed_visits}")
-    visits = [[list(v) for v in s["visits"]] for s in seeds]
-    if any(len(v) == 0 for v in visits):
-        raise ValueError("seeded generation: a seed patient has no visit")
-    n_visits = np.array([len(v) for v in visits], dtype=np.int64)
-    given = [v[: min(seed_visits, len(v) - 1)] for v in visits]
-    lengths = [np.array([max(len(x), 1) for x in v], dtype=np.int64) for v in visits] if data_lengths else None
-    return _Plan([float(s["age"]) for s in seeds], [s["sex"] for s in seeds], n_visits, lengths, given, visits)
+def save_custom_generate(directory: str | os.PathLike, tokenizer, generation_config: GenerationConfig | None = None,
+                         **settings) -> PromptEHRGenerationConfig:
+    """Make a saved checkpoint folder generate patients by itself: write its
+    ``generation_config.json`` (a :class:`~.config.PromptEHRGenerationConfig` with the CMS edits
+    of the tokenizer's codes) and ``custom_generate/`` (the generation core, :data:`SHIPPED_FILES`).
 
+    Args:
+        directory: the checkpoint folder (``save_pretrained`` / ``Trainer.save_model`` output).
+        tokenizer: its PromptEHRTokenizer.
+        generation_config: the settings to start from (default: the folder's
+            ``generation_config.json``, PromptEHR's defaults for the fields it lacks).
+        settings: PromptEHRGenerationConfig fields that override them, e.g.
+            ``max_history_length`` (default: the folder's ``training_args.json`` source length).
 
-def _prior_lengths(prior: CohortPrior, ages: np.ndarray, n_visits: np.ndarray, rng) -> list[np.ndarray]:
-    visit_age = np.repeat(ages, n_visits)
-    visit_index = np.concatenate([np.arange(k) for k in n_visits]) if len(n_visits) else np.zeros(0, np.int64)
-    flat = prior.sample_codes_per_visit(visit_age, visit_index, rng)
-    return np.split(flat, np.cumsum(n_visits)[:-1]) if len(n_visits) else []
-
-
-def _rows(data) -> list[dict]:
-    """Patient-like rows from dicts, a datasets.Dataset or a dict of columns."""
-    if hasattr(data, "column_names"):
-        return data.to_list()
-    if isinstance(data, dict):
-        keys = list(data)
-        return [dict(zip(keys, vals)) for vals in zip(*(data[k] for k in keys))]
-    return list(data)
-
-
-def _seed_overlap(plan: _Plan) -> dict:
-    """How much of the seeded output comes from the seeds.
-
-    ``seed_copied_share``: share of all output codes that are the seeds' own (the kept visits,
-    plus generated codes that also occur in the seed's real visit at the same position);
-    ``seed_given_share``: share in the kept visits alone; ``seed_generated_overlap``: share of
-    generated codes found in the seed's same-position visit.
+    Returns:
+        The configuration written.
     """
-    given = generated = overlap = 0
-    for visits, real, k in zip(plan.visits, plan.seed_visits_all, plan.start):
-        given += sum(len(v) for v in visits[:k])
-        for v, r in zip(visits[k:], real[k:]):
-            generated += len(v)
-            overlap += len(set(v) & set(r))
-    total = given + generated
-    return {
-        "seed_visits_given": int(plan.start.sum()),
-        "seed_copied_share": (given + overlap) / total if total else 0.0,
-        "seed_given_share": given / total if total else 0.0,
-        "seed_generated_overlap": overlap / generated if generated else 0.0,
-    }
+    directory = Path(directory)
+    if generation_config is None and (directory / GENERATION_CONFIG_NAME).is_file():
+        generation_config = GenerationConfig.from_pretrained(directory)
+    if settings.get("max_history_length") is None:
+        settings["max_history_length"] = _trained_history_length(directory)
+    config = promptehr_generation_config(generation_config, **settings)
+    config.cms_edits = cms_edits(tokenizer)
+    config.save_pretrained(directory)
+    target = directory / CUSTOM_GENERATE_DIR
+    shutil.rmtree(target, ignore_errors=True)  # no file of an older core left behind
+    target.mkdir()
+    for name in SHIPPED_FILES:
+        shutil.copyfile(Path(__file__).with_name(name), target / name)
+    return config
 
 
+__all__ = ["CUSTOM_GENERATE_DIR", "MODES", "SHIPPED_FILES", "VISIT_LENGTHS", "cms_edits", "generate_patients",
+           "save_custom_generate"]

@@ -11,7 +11,8 @@ Processors (use :func:`visit_logits_processors` to build the chain in the right 
   P(code | category) (``"empirical"``: the scores are replaced by log-probabilities) or uniformly.
 - :class:`NoRepeatCodeLogitsProcessor`: a code already written in this visit is forbidden.
 - :class:`CMSEditLogitsProcessor`: the CMS Medicare Code Editor age/sex edits of each row's
-  patient; categories all of whose codes are forbidden are forbidden too.
+  patient (:class:`CMSEditTable`, from the edit data a checkpoint carries); categories all of
+  whose codes are forbidden are forbidden too.
 - :class:`VisitGrammarLogitsProcessor`: ``<v>`` first, then (category, one of its codes) pairs,
   then ``</v>``; at least one code; visit-length control (``</v>`` forbidden before the row's
   target number of codes and forced at it), or model-decided length up to a cap. It knows the
@@ -25,6 +26,8 @@ and :class:`VisitLogitsProcessor` runs the chain with one gather and one scatter
 scores per step (each [B, V] pass costs milliseconds at batch 256 on a CPU). Under
 :func:`~.decoding.visit_decoding` (``generate``'s ``custom_generate``) even those two passes go:
 the loop hands the chain the blocks and picks the token there (:meth:`VisitStep.select`).
+
+Shipped with the checkpoint in ``custom_generate/``: imports only torch and transformers.
 """
 
 from __future__ import annotations
@@ -39,8 +42,6 @@ from transformers import (
     TopKLogitsWarper,
     TopPLogitsWarper,
 )
-
-from promptehr_hf.datasets_scripts import icd9
 
 STAGE_TWO_MODES = ("model", "empirical", "uniform")
 NEG_INF = float("-inf")
@@ -111,7 +112,8 @@ class VocabIndex:
         specials = torch.tensor([self.pad_id, self.visit_start_id, self.visit_end_id], dtype=torch.long)
         self.head_ids = torch.cat([specials, self.category_ids])
         if not bool((self.head_ids[1:] > self.head_ids[:-1]).all()):  # VisitStep.select relies on it
-            raise ValueError("VocabIndex: expected the ids <pad> < <v> < </v> < every category (PromptEHRTokenizer's layout)")
+            raise ValueError("VocabIndex: expected the ids <pad> < <v> < </v> < every category "
+                             "(PromptEHRTokenizer's layout)")
         self.tokens = tokenizer.convert_ids_to_tokens(list(range(n_tok))) + [""] * (size - n_tok)
 
     def to(self, device) -> "VocabIndex":
@@ -271,7 +273,8 @@ class StageTwoLogitsProcessor(VisitBlockProcessor):
                 used = torch.zeros(ids.shape[0], mass.shape[1] + 1, device=index.device)
                 used.scatter_add_(1, index.code_category_pos[ids], q[ids] * index.is_code[ids])
                 mass = mass - used[:, :-1]
-            head = _with_categories(head, head[:, HEAD_CATS:] + (self.temperature * mass.clamp(min=0).log()).to(head.dtype))
+            weight = (self.temperature * mass.clamp(min=0).log()).to(head.dtype)
+            head = _with_categories(head, head[:, HEAD_CATS:] + weight)
         return kid, head
 
 
@@ -290,25 +293,24 @@ class NoRepeatCodeLogitsProcessor(VisitBlockProcessor):
 class CMSEditLogitsProcessor(VisitBlockProcessor):
     """The CMS Medicare Code Editor age/sex edits, per row.
 
-    A [n_edit_classes, V] mask (which code carries which edit class, from ``icd9.edit_of``) is
-    combined with a [B, n_edit_classes] matrix (which classes each row's age/sex breaks, from
-    ``icd9.check`` on one code standing for each class), once at construction. Forbids the
-    row's forbidden codes, and categories all of whose codes are forbidden for the row.
+    A [n_edit_classes, V] mask (which code carries which edit class) is combined with a
+    [B, n_edit_classes] matrix (which classes each row's age/sex breaks), once at construction
+    (:class:`CMSEditTable`). Forbids the row's forbidden codes, and categories all of whose codes
+    are forbidden for the row.
 
     Args:
         index: the VocabIndex.
         ages: B ages in years; sexes: B values "F"/"M" (or 0/1, F=0).
-        edit_table: a :class:`CMSEditTable` built once and reused across batches.
+        edit_table: the :class:`CMSEditTable` of the vocabulary, built once and reused across batches.
 
     Attributes: ``codes_forbidden`` [B, V] bool; ``codes_allowed_per_category`` [B, n_cat] float
     (:func:`allowed_per_category`, in ``index.category_ids`` order); ``categories_forbidden``
     [B, n_cat] bool (no code allowed).
     """
 
-    def __init__(self, index: VocabIndex, ages: Sequence[float], sexes: Sequence, edit_table: "CMSEditTable | None" = None):
+    def __init__(self, index: VocabIndex, ages: Sequence[float], sexes: Sequence, edit_table: "CMSEditTable"):
         self.index = index
-        table = edit_table if edit_table is not None else CMSEditTable(index)
-        self.codes_forbidden = table.forbidden_codes(ages, sexes).to(index.device)
+        self.codes_forbidden = edit_table.forbidden_codes(ages, sexes).to(index.device)
         self.codes_allowed_per_category = allowed_per_category(index, self.codes_forbidden)
         self.categories_forbidden = self.codes_allowed_per_category == 0
 
@@ -322,32 +324,59 @@ class CMSEditLogitsProcessor(VisitBlockProcessor):
 class CMSEditTable:
     """Which vocabulary codes carry which CMS edit class, and which classes an (age, sex) breaks.
 
-    ``classes``: the edit classes present in the vocabulary (``icd9.edit_of``, e.g.
-    ``"sex_female_only+age_maternity"``); ``class_mask``: [n_classes, V] bool.
+    Args:
+        index: the VocabIndex.
+        edits: the CMS edits of the vocabulary's codes, as a checkpoint's generation config carries
+            them (``cms_edits``, written from ``datasets_scripts.icd9`` at save time)::
+
+                {"age_ranges": {"age_newborn": [0, 0], ...},          # whole-year ages allowed
+                 "sex_conflicts": {"sex_female_only": "M", ...},      # the sex each sex edit forbids
+                 "classes": [{"edits": ["sex_female_only", "age_maternity"], "codes": ["650", ...]}, ...]}
+
+            A code breaks a patient's (age, sex) when one edit of its class does: a sex edit for
+            the conflicting sex, an age edit when the age, truncated to whole years, is outside
+            [lo, hi]. Codes that are not code tokens of the vocabulary are ignored.
+
+    Attributes: ``classes``: the edit classes (tuples of edit names) that hold a vocabulary code;
+    ``class_mask``: [n_classes, V] bool.
     """
 
-    def __init__(self, index: VocabIndex):
-        self._icd9 = icd9
-        edits: dict[str, list[int]] = {}
-        for code_id in index.code_ids.tolist():
-            edit = icd9.edit_of(index.tokens[code_id])
-            if edit is not None:
-                edits.setdefault(edit, []).append(code_id)
-        self.classes = sorted(edits)
+    def __init__(self, index: VocabIndex, edits: dict):
+        self.age_ranges = {name: (int(lo), int(hi)) for name, (lo, hi) in edits["age_ranges"].items()}
+        self.sex_conflicts = {name: _sex_letter(sex) for name, sex in edits["sex_conflicts"].items()}
+        code_id = {index.tokens[i]: i for i in index.code_ids.tolist()}
+        self.classes: list[tuple[str, ...]] = []
+        rows = []
+        for entry in edits["classes"]:
+            names = tuple(entry["edits"])
+            unknown = [e for e in names if e not in self.age_ranges and e not in self.sex_conflicts]
+            if unknown:
+                raise ValueError(f"CMS edits: {unknown} are neither in age_ranges nor in sex_conflicts")
+            ids = [code_id[c] for c in entry["codes"] if c in code_id]
+            if ids:
+                self.classes.append(names)
+                rows.append(ids)
         self.class_mask = torch.zeros(len(self.classes), index.size, dtype=torch.bool)
-        for k, name in enumerate(self.classes):
-            self.class_mask[k, edits[name]] = True
-        # Codes of one class break exactly the same (age, sex) pairs (icd9.edit_of), so one code
-        # stands for its class when asking icd9.check.
-        self._representative = [index.tokens[edits[name][0]] for name in self.classes]
+        for k, ids in enumerate(rows):
+            self.class_mask[k, ids] = True
         self._broken: dict[tuple[float, str], tuple[bool, ...]] = {}
 
+    def _breaks(self, edit: str, years: int, sex: str) -> bool:
+        if edit in self.sex_conflicts:
+            return sex == self.sex_conflicts[edit]
+        lo, hi = self.age_ranges[edit]
+        return not lo <= years <= hi
+
     def broken(self, age: float, sex: str) -> tuple[bool, ...]:
-        """Which edit classes a patient of this age and sex breaks (cached per (age, sex))."""
+        """Which edit classes a patient of this age (years, in [0, 125)) and sex breaks (cached
+        per (age, sex))."""
         key = (float(age), sex)
         hit = self._broken.get(key)
         if hit is None:
-            hit = tuple(self._icd9.check(code, key[0], sex) is not None for code in self._representative)
+            if not 0 <= key[0] < 125:  # NaN fails too
+                raise ValueError(f"CMS edits: age must be in [0, 125) years, got {age!r}")
+            years = int(key[0])
+            hit = tuple(any(self._breaks(e, years, sex) for e in names) for names in self.classes)
             self._broken[key] = hit
         return hit
 
@@ -574,13 +603,15 @@ def visit_logits_processors(
     Args:
         ages, sexes: per row (B).  n_codes: [B] target codes per visit, or None with max_codes.
         stage_two: "model" | "empirical" | "uniform".  cms: apply the CMS age/sex edits.
-        edit_table: a CMSEditTable reused across batches (built here if None and cms).
+        edit_table: the vocabulary's CMSEditTable, reused across batches (required with cms).
         sample: end with :func:`sampling_processors` (use with ``generate(do_sample=False)``);
             without it, pass temperature / top_k / top_p to generate's own sampling instead.
     """
     forbidden = available = None
     constraints: list[LogitsProcessor] = [NoRepeatCodeLogitsProcessor(index)]
     if cms:
+        if edit_table is None:
+            raise ValueError("cms=True needs the vocabulary's CMSEditTable (edit_table=)")
         cms_processor = CMSEditLogitsProcessor(index, ages, sexes, edit_table=edit_table)
         constraints.append(cms_processor)
         forbidden, available = cms_processor.codes_forbidden, cms_processor.codes_allowed_per_category

@@ -12,7 +12,9 @@ CSVs, which then go through ``prepare`` exactly as a real user's folder does. Ev
     data/          prepared splits: {train,validation,test}.parquet, summary.json
     checkpoints/   Trainer checkpoints (resume with --resume-from-checkpoint last|DIR)
     model/         the final model: config + safetensors + remote code, tokenizer,
-                   cooccurrence.safetensors, cohort_prior.json, README.md (model card with metrics)
+                   cooccurrence.safetensors, cohort_prior.json, generation_config.json (the generation
+                   settings and CMS edits) and custom_generate/ (the generation code: the folder
+                   generates patients without this package), README.md (model card with metrics)
     synthetic/     the generated cohort (MIMIC-III CSVs + synthetic.parquet)
     evaluation/    metrics.json, metrics.md, PNG plots (synthetic vs the real test split,
                    with the real floor and the independent-marginal baseline)
@@ -38,7 +40,7 @@ from promptehr_hf.file_utils import check_replaceable, check_separate
 from promptehr_hf.metrics.report import evaluate_cohorts
 from promptehr_hf.modeling_promptehr.configuration_promptehr import PromptEHRConfig
 from promptehr_hf.modeling_promptehr.generation.command import write_cohort
-from promptehr_hf.modeling_promptehr.generation.pipeline import generate_patients
+from promptehr_hf.modeling_promptehr.generation.pipeline import generate_patients, save_custom_generate
 from promptehr_hf.modeling_promptehr.generation.prior import CohortPrior
 from promptehr_hf.modeling_promptehr.modeling_promptehr import PromptEHRForConditionalGeneration
 from promptehr_hf.tokenization.tokenization_promptehr import PromptEHRTokenizer
@@ -263,6 +265,7 @@ def train(args: argparse.Namespace) -> dict:
     if not state.is_main_process:
         return run
     prior.save(model_dir)
+    save_custom_generate(model_dir, tokenizer, max_history_length=max_source)
 
     evaluation = None
     n_generate = len(test_split) if args.generate is None else args.generate

@@ -1,0 +1,440 @@
+"""Whole synthetic patients from a PromptEHR model: visit after visit, two-stage codes.
+
+An outer loop writes visit t of every patient that needs one (all first visits, then all second
+visits, ...), pooling the patients of a round into batches of ``batch_size`` rows. For one batch
+the encoder reads each patient's demographics (``x_num`` = raw age, ``x_cat`` = sex, F=0/M=1)
+and history (``tokenizer.encode_history(visits[:t])``), in chunks of similar history length
+(:func:`_encode_histories`); the model's ``generate`` (KV cache) then writes one visit per row,
+from ``<v>`` on, under the LogitsProcessors of :mod:`.processors` (grammar, stage-two code
+sampling, no repeated code, CMS age/sex edits, visit-length control), so every record is valid by
+construction. Its decoding loop is :func:`~.decoding.visit_decoding` (``custom_generate``), which
+runs the processors and the LM head on the ~1,000 columns the grammar can allow instead of the
+whole vocabulary. Ancestral sampling (temperature 1 by default; top-k / top-p optional) happens
+at the end of the processor chain, which leaves one finite score per row; ``do_sample=False``
+drops the sampler (argmax decoding). The rows of a round are sorted by target length and history
+length and cut into batches of at most ``batch_size`` by :func:`_batch_bounds`, which weighs the
+steps a batch decodes past its finished rows against the cost of one more ``generate`` call.
+
+Modes:
+- ``unconditional``: age, sex and number of visits drawn from the :class:`~.prior.CohortPrior`
+  stored with the checkpoint (``cohort_prior.json``);
+- ``conditional``: given demographics (age, sex, optionally the number of visits);
+- ``seeded``: warm start from real patients: the first ``seed_visits`` visits of each seed are
+  kept, the following ones generated (as many as the seed has, each as long as the seed's visit);
+  the share of output codes copied from the seed is reported.
+
+The settings (stage two, visit length, CMS edits, sampling, batch size, ...) are a
+:class:`~.config.PromptEHRGenerationConfig`. Entry points: :func:`~.generate.generate` (the
+checkpoint's ``custom_generate``) and, in the package, ``generate_patients``; both call
+:func:`sample_patients`.
+
+Shipped with the checkpoint in ``custom_generate/``: imports only torch, transformers, numpy, the
+standard library and the files beside it.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import GenerationConfig
+from transformers.modeling_outputs import BaseModelOutput
+from transformers.models.bart.modeling_bart import BartDecoder
+from transformers.utils import cached_file
+from transformers.utils.logging import tqdm
+
+from .config import DEFAULT_HISTORY_LENGTH, DEFAULT_MAX_CODES, MODES, PromptEHRGenerationConfig
+from .decoding import visit_cache, visit_decoding
+from .prior import AGE_CAP, PRIOR_FILE, SEXES, CohortPrior, columns
+from .processors import CMSEditTable, VocabIndex, check_visits, max_new_tokens_for, visit_logits_processors
+
+# The name under which the installed transformers passes the KV cache (``cache`` from 5.24,
+# ``past_key_values`` before), as the model's remote code decides it.
+CACHE_ARG = "cache" if "cache" in inspect.signature(BartDecoder.forward).parameters else "past_key_values"
+
+
+class _Plan:
+    """Per-patient generation plan: demographics, visit count, given visits, target lengths."""
+
+    def __init__(self, ages, sexes, n_visits, lengths=None, given=None, seed_visits_all=None):
+        self.ages = np.minimum(np.asarray(ages, dtype=np.float64), AGE_CAP)
+        self.sexes = list(sexes)
+        bad = sorted({str(s) for s in self.sexes if s not in SEXES})
+        if bad:
+            raise ValueError(f"sex must be one of {SEXES}; got {bad}")
+        if np.isnan(self.ages).any() or (self.ages < 0).any():
+            raise ValueError("ages must be non-negative numbers")
+        self.n_visits = np.asarray(n_visits, dtype=np.int64)
+        if (self.n_visits < 1).any():
+            raise ValueError("every patient needs at least one visit (n_visits >= 1)")
+        self.lengths = lengths  # list of [n_visits_i] int arrays, or None (model-decided)
+        self.visits = [list(v) for v in given] if given is not None else [[] for _ in self.ages]
+        self.start = np.array([len(v) for v in self.visits], dtype=np.int64)
+        self.seed_visits_all = seed_visits_all  # seeded mode: the seeds' full visit lists
+
+
+def _history_length(model, config: PromptEHRGenerationConfig) -> int:
+    """Encoder tokens for the history: the configured length (default 256), within the model's
+    positions (the prompts take some)."""
+    length = config.max_history_length or DEFAULT_HISTORY_LENGTH
+    cfg = model.config
+    return int(min(length, cfg.max_position_embeddings - getattr(cfg, "num_prompts", 0)))
+
+
+def _visit_generation_config(model, tokenizer) -> GenerationConfig:
+    """The GenerationConfig of one ``generate`` call (one visit per row): greedy, so that
+    generate adds no warper of its own (its global default top_k=50 would silently truncate the
+    category distribution) and does not call torch.multinomial; the processor chain samples.
+
+    The sampling fields are set to their neutral values so that generate does not fill them in
+    from the checkpoint's configuration (the chain already applies those).
+    """
+    return GenerationConfig(
+        do_sample=False, num_beams=1, temperature=1.0, top_k=50, top_p=1.0,
+        eos_token_id=tokenizer.visit_end_id, pad_token_id=tokenizer.pad_token_id,
+        decoder_start_token_id=model.config.decoder_start_token_id,
+        # The grammar does both; a BART-style default would force </s> (and visit_decoding runs
+        # the visit chain alone).
+        forced_bos_token_id=None, forced_eos_token_id=None, no_repeat_ngram_size=0, repetition_penalty=1.0,
+        min_length=0, use_cache=True,
+    )
+
+
+def _pad(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(map(len, rows))
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+        mask[i, : len(r)] = 1
+    return ids.to(device), mask.to(device)
+
+
+# Rows per encoder call when a batch's histories differ in length (see _encode_histories).
+ENCODER_CHUNK_ROWS = 32
+
+
+@torch.no_grad()
+def _encode_histories(model, histories: list[list[int]], x_num: torch.Tensor, x_cat: torch.Tensor, pad_id: int,
+                      device) -> tuple[BaseModelOutput, torch.Tensor]:
+    """Run the encoder on ``histories`` in chunks of similar length; returns (BaseModelOutput with
+    last_hidden_state [B, num_prompts + T, d_model], token attention_mask [B, T]) for generate's
+    ``encoder_outputs``, T being the longest history.
+
+    A batch is sorted by target visit length, so its histories vary in length and one padded
+    encoder call would spend much of its work on padding (the encoder is compute-bound at large
+    batches); chunks of rows sorted by history length pay almost none. Padded positions stay
+    masked out of cross-attention, as in one call."""
+    encoder = model.get_encoder()
+    lengths = np.array([len(h) for h in histories])
+    if lengths.min() == lengths.max():  # one call, no padding
+        ids, mask = _pad(histories, pad_id, device)
+        out = encoder(input_ids=ids, attention_mask=mask, x_num=x_num, x_cat=x_cat).last_hidden_state
+        return BaseModelOutput(last_hidden_state=out), mask
+    mask = (torch.arange(lengths.max())[None, :] < torch.from_numpy(lengths)[:, None]).long().to(device)
+    order = np.argsort(lengths, kind="stable")
+    hidden = None
+    for lo in range(0, len(order), ENCODER_CHUNK_ROWS):
+        rows = order[lo: lo + ENCODER_CHUNK_ROWS]
+        ids, chunk_mask = _pad([histories[j] for j in rows], pad_id, device)
+        out = encoder(input_ids=ids, attention_mask=chunk_mask, x_num=x_num[rows], x_cat=x_cat[rows]).last_hidden_state
+        if hidden is None:
+            width = out.shape[1] - ids.shape[1] + mask.shape[1]  # prompts + the longest history
+            hidden = out.new_zeros(len(histories), width, out.shape[2])
+        hidden[torch.from_numpy(rows).to(device), : out.shape[1]] = out
+    return BaseModelOutput(last_hidden_state=hidden), mask
+
+
+# A decoding step costs about as much as this many extra rows of a batch (CPU, small preset);
+# sets how _batch_bounds trades more calls for fewer decoding steps past the rows that have
+# finished.
+STEP_COST_IN_ROWS = 32
+
+
+def _batch_bounds(targets: np.ndarray, batch_size: int) -> list[int]:
+    """Cut rows sorted by target visit length ([n], ascending) into batches of at most
+    ``batch_size`` that minimise sum over batches of steps x (STEP_COST_IN_ROWS + rows), a batch
+    decoding 2 x (its longest target) + 2 steps. Exact dynamic programme over the cut points,
+    vectorised over the last ``batch_size`` candidates. Returns the cut points, 0 first, n last."""
+    n = len(targets)
+    best = np.zeros(n + 1)
+    cut = np.zeros(n + 1, dtype=np.int64)
+    for j in range(1, n + 1):
+        i = np.arange(max(0, j - batch_size), j)
+        cost = best[i] + (2 * targets[j - 1] + 2) * (STEP_COST_IN_ROWS + j - i)
+        k = int(np.argmin(cost))
+        best[j], cut[j] = cost[k], i[k]
+    bounds = [n]
+    while bounds[-1] > 0:
+        bounds.append(int(cut[bounds[-1]]))
+    return bounds[::-1]
+
+
+def _run_plan(model, tokenizer, plan: _Plan, config: PromptEHRGenerationConfig, *, index, edit_table, max_codes,
+              max_history_length, progress) -> dict:
+    """Generate every missing visit of ``plan`` in place; returns counters."""
+    device = next(model.parameters()).device
+    gen_cfg = _visit_generation_config(model, tokenizer)
+    # The class's generate: a checkpoint loaded with trust_remote_code=True has the custom
+    # generate (whole patients) as its instance's `generate`.
+    model_generate = type(model).generate
+    batch_size = config.batch_size
+    start = torch.tensor([[model.config.decoder_start_token_id, tokenizer.visit_start_id]], device=device)
+    sex_index = np.array([SEXES.index(s) for s in plan.sexes], dtype=np.int64)
+    counters = {"visits_generated": 0, "ungrammatical_visits": 0, "visits_with_duplicate_code": 0,
+                "visits_short_of_target": 0, "empty_visits": 0, "generate_calls": 0}
+    total = int((plan.n_visits - plan.start).clip(min=0).sum())
+    bar = tqdm(total=total, unit="visit", desc="generating", disable=not progress)
+    for t in range(int(plan.n_visits.max(initial=0))):
+        todo = np.nonzero((plan.start <= t) & (t < plan.n_visits))[0]
+        if len(todo) == 0:
+            continue
+        histories = [tokenizer.encode_history(plan.visits[i], max_history_length) for i in todo]
+        targets = None if plan.lengths is None else np.array([plan.lengths[i][t] for i in todo], dtype=np.int64)
+        # Rows of similar target length and history length share a batch: less decoding past
+        # finished rows, less cross-attention padding.
+        hist_len = np.array([len(h) for h in histories])
+        order = np.lexsort((hist_len, targets if targets is not None else np.zeros_like(hist_len)))
+        bounds = (range(0, len(order) + batch_size, batch_size) if targets is None
+                  else _batch_bounds(targets[order], batch_size))
+        for lo, hi in zip(bounds[:-1], bounds[1:]):
+            sel = order[lo: min(hi, len(order))]
+            rows = todo[sel]
+            x_num = torch.tensor(plan.ages[rows], dtype=torch.float32, device=device)[:, None]
+            x_cat = torch.tensor(sex_index[rows], dtype=torch.long, device=device)[:, None]
+            encoder_outputs, attention_mask = _encode_histories(
+                model, [histories[j] for j in sel], x_num, x_cat, tokenizer.pad_token_id, device
+            )
+            n_codes = None if targets is None else torch.from_numpy(targets[sel])
+            longest = max_codes if n_codes is None else int(n_codes.max())
+            processors = visit_logits_processors(
+                index, plan.ages[rows].tolist(), [plan.sexes[i] for i in rows], n_codes=n_codes,
+                max_codes=max_codes, stage_two=config.stage_two, temperature=config.temperature or 1.0,
+                cms=config.cms, edit_table=edit_table, sample=config.do_sample, top_k=config.top_k,
+                top_p=config.top_p,
+            )
+            gen_cfg.max_new_tokens = max_new_tokens_for(longest) - 1  # <v> is given
+            out = model_generate(
+                model,
+                encoder_outputs=encoder_outputs,
+                attention_mask=attention_mask,
+                decoder_input_ids=start.expand(len(rows), -1),  # the grammar would force <v> first
+                x_num=x_num,
+                x_cat=x_cat,
+                logits_processor=processors,
+                generation_config=gen_cfg,
+                **{CACHE_ARG: visit_cache()},
+                custom_generate=visit_decoding if config.custom_decoding else None,
+            )
+            counters["generate_calls"] += 1
+            ungrammatical, duplicate = check_visits(index, out[:, 1:])
+            counters["ungrammatical_visits"] += int(ungrammatical.sum())
+            counters["visits_with_duplicate_code"] += int(duplicate.sum())
+            for k, (i, ids) in enumerate(zip(rows, out[:, 1:].tolist())):
+                decoded = tokenizer.decode_visits(ids)
+                visit = decoded[0] if decoded else []
+                counters["empty_visits"] += not visit
+                if n_codes is not None and len(visit) < int(n_codes[k]):
+                    counters["visits_short_of_target"] += 1
+                plan.visits[i].append(visit)
+            counters["visits_generated"] += len(rows)
+            bar.update(len(rows))
+    bar.close()
+    return counters
+
+
+def _visit_key(visits) -> tuple:
+    return tuple(tuple(sorted(v)) for v in visits)
+
+
+def load_prior(source: str | os.PathLike) -> CohortPrior:
+    """The CohortPrior of ``source``: a ``cohort_prior.json`` file, a checkpoint folder holding
+    one, or a Hub model repository id (through the local Hugging Face cache)."""
+    path = Path(source)
+    if path.is_file() or (path / PRIOR_FILE).is_file():
+        return CohortPrior.load(path)
+    try:
+        resolved = cached_file(str(source), PRIOR_FILE)
+    except (OSError, ValueError) as err:  # not a repo id, no such repo or file, offline
+        raise ValueError(f"no {PRIOR_FILE} in {str(source)!r} ({err})") from err
+    return CohortPrior.load(resolved)
+
+
+def sample_patients(model, tokenizer, config: PromptEHRGenerationConfig, n: int | None = None, *,
+                    mode: str = "unconditional", prior=None, demographics=None, seed_patients=None, seed: int = 0,
+                    exclude_patients=None, progress: bool = False) -> tuple[list[dict], dict]:
+    """Generate synthetic patients under ``config``; see :func:`~.generate.generate` for the arguments.
+
+    Returns:
+        (patients, stats): patient dicts ``{"subject_id", "age", "sex", "visits"}`` (subject ids
+        1, 2, ...; visits as lists of ICD-9 codes), and the counters and settings of the run.
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    rng = np.random.default_rng(seed)
+    t0 = time.perf_counter()
+
+    def need_prior() -> CohortPrior:
+        nonlocal prior
+        if isinstance(prior, CohortPrior):
+            return prior
+        source = prior
+        if source is None:
+            source = getattr(model, "name_or_path", None) or getattr(model.config, "_name_or_path", "")
+        try:
+            prior = load_prior(source)
+        except ValueError as err:
+            raise ValueError(
+                f"mode={mode!r} with visit_length={config.visit_length!r} needs a CohortPrior: pass prior= or save "
+                f"{PRIOR_FILE} in the checkpoint (CohortPrior.from_patients(train).save(dir)); looked in {source!r}"
+            ) from err
+        return prior
+
+    plan = _make_plan(mode, n, rng, need_prior, demographics, seed_patients, config.seed_visits, config.visit_length)
+    max_codes = config.max_codes
+    if max_codes is None:
+        try:  # the longest training visit, when a prior is at hand
+            max_codes = need_prior().max_codes_per_visit
+        except ValueError:
+            max_codes = DEFAULT_MAX_CODES
+    max_history_length = _history_length(model, config)
+
+    index = VocabIndex(tokenizer, size=model.config.vocab_size).to(next(model.parameters()).device)
+    edit_table = None
+    if config.cms:
+        if config.cms_edits is None:
+            raise ValueError("cms=True needs the CMS edits of the vocabulary (the generation config's cms_edits, "
+                             "which a checkpoint saved by promptehr_hf carries); pass cms=False to generate without "
+                             "the CMS age/sex edits")
+        edit_table = CMSEditTable(index, config.cms_edits)
+    was_training = model.training  # the trainer's monitoring callback generates mid-training
+    model.eval()
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            counters = _run_plan(model, tokenizer, plan, config, index=index, edit_table=edit_table,
+                                 max_codes=int(max_codes), max_history_length=max_history_length, progress=progress)
+    finally:
+        model.train(was_training)
+    seconds = time.perf_counter() - t0
+
+    stats: dict = {
+        "mode": mode, "stage_two": config.stage_two, "visit_length": config.visit_length,
+        "batch_size": config.batch_size, "seed": seed, "do_sample": config.do_sample,
+        "temperature": config.temperature, "top_k": config.top_k, "top_p": config.top_p, "cms": config.cms,
+        "max_codes": int(max_codes), "max_history_length": int(max_history_length), "n_generated": len(plan.ages),
+        **counters,
+    }
+    if mode == "seeded":
+        stats.update(_seed_overlap(plan))
+
+    keep = np.ones(len(plan.ages), dtype=bool)
+    if exclude_patients is not None:
+        known = {_visit_key(v) for v in columns(exclude_patients)[2]}
+        keep = np.array([_visit_key(v) not in known for v in plan.visits], dtype=bool)
+        stats["copies_dropped"] = int((~keep).sum())
+    patients = [
+        {"subject_id": j + 1, "age": float(plan.ages[i]), "sex": plan.sexes[i], "visits": plan.visits[i]}
+        for j, i in enumerate(np.nonzero(keep)[0])
+    ]
+    n_visits = sum(len(p["visits"]) for p in patients)
+    n_codes = sum(len(v) for p in patients for v in p["visits"])
+    stats.update(
+        n_patients=len(patients), n_visits=n_visits, n_codes=n_codes,
+        mean_visits_per_patient=n_visits / max(len(patients), 1),
+        mean_codes_per_visit=n_codes / max(n_visits, 1),
+        seconds=seconds, patients_per_second=len(plan.ages) / seconds if seconds > 0 else None,
+    )
+    return patients, stats
+
+
+def _make_plan(mode, n, rng, need_prior, demographics, seed_patients, seed_visits, visit_length) -> _Plan:
+    data_lengths = visit_length == "data"
+    if mode == "unconditional":
+        if n is None or n < 0:
+            raise ValueError("unconditional generation needs n >= 0")
+        prior = need_prior()
+        ages, sexes = prior.sample_demographics(int(n), rng)
+        n_visits = prior.sample_n_visits(ages, rng)
+        lengths = _prior_lengths(prior, ages, n_visits, rng) if data_lengths else None
+        return _Plan(ages, sexes, n_visits, lengths)
+    if mode == "conditional":
+        if demographics is None:
+            raise ValueError("conditional generation needs demographics (age, sex[, n_visits] per patient)")
+        rows = _rows(demographics)
+        if n is not None and n != len(rows):
+            raise ValueError(f"conditional generation: n={n} but {len(rows)} demographics rows")
+        try:
+            ages = np.array([float(r["age"]) for r in rows], dtype=np.float64)
+            sexes = [r["sex"] for r in rows]
+        except KeyError as err:
+            raise ValueError(f"conditional generation: demographics rows need 'age' and 'sex' (missing {err})") from err
+        given = [r.get("n_visits") for r in rows]
+        n_visits = np.array([0 if g is None else int(g) for g in given], dtype=np.int64)
+        missing = np.array([g is None for g in given])
+        if missing.any():
+            n_visits[missing] = need_prior().sample_n_visits(ages[missing], rng)
+        lengths = _prior_lengths(need_prior(), ages, n_visits, rng) if data_lengths else None
+        return _Plan(ages, sexes, n_visits, lengths)
+    # seeded
+    if seed_patients is None:
+        raise ValueError("seeded generation needs seed_patients (real patients in the patient schema)")
+    seeds = _rows(seed_patients)
+    if not seeds:
+        raise ValueError("seeded generation: no seed patients")
+    if n is not None:
+        seeds = [seeds[i] for i in rng.choice(len(seeds), size=int(n), replace=int(n) > len(seeds))]
+    visits = [[list(v) for v in s["visits"]] for s in seeds]
+    if any(len(v) == 0 for v in visits):
+        raise ValueError("seeded generation: a seed patient has no visit")
+    n_visits = np.array([len(v) for v in visits], dtype=np.int64)
+    given = [v[: min(seed_visits, len(v) - 1)] for v in visits]
+    lengths = [np.array([max(len(x), 1) for x in v], dtype=np.int64) for v in visits] if data_lengths else None
+    return _Plan([float(s["age"]) for s in seeds], [s["sex"] for s in seeds], n_visits, lengths, given, visits)
+
+
+def _prior_lengths(prior: CohortPrior, ages: np.ndarray, n_visits: np.ndarray, rng) -> list[np.ndarray]:
+    visit_age = np.repeat(ages, n_visits)
+    visit_index = np.concatenate([np.arange(k) for k in n_visits]) if len(n_visits) else np.zeros(0, np.int64)
+    flat = prior.sample_codes_per_visit(visit_age, visit_index, rng)
+    return np.split(flat, np.cumsum(n_visits)[:-1]) if len(n_visits) else []
+
+
+def _rows(data) -> list[dict]:
+    """Patient-like rows from dicts, a datasets.Dataset or a dict of columns."""
+    if hasattr(data, "column_names"):
+        return data.to_list()
+    if isinstance(data, dict):
+        keys = list(data)
+        return [dict(zip(keys, vals)) for vals in zip(*(data[k] for k in keys))]
+    return list(data)
+
+
+def _seed_overlap(plan: _Plan) -> dict:
+    """How much of the seeded output comes from the seeds.
+
+    ``seed_copied_share``: share of all output codes that are the seeds' own (the kept visits,
+    plus generated codes that also occur in the seed's real visit at the same position);
+    ``seed_given_share``: share in the kept visits alone; ``seed_generated_overlap``: share of
+    generated codes found in the seed's same-position visit.
+    """
+    given = generated = overlap = 0
+    for visits, real, k in zip(plan.visits, plan.seed_visits_all, plan.start):
+        given += sum(len(v) for v in visits[:k])
+        for v, r in zip(visits[k:], real[k:]):
+            generated += len(v)
+            overlap += len(set(v) & set(r))
+    total = given + generated
+    return {
+        "seed_visits_given": int(plan.start.sum()),
+        "seed_copied_share": (given + overlap) / total if total else 0.0,
+        "seed_given_share": given / total if total else 0.0,
+        "seed_generated_overlap": overlap / generated if generated else 0.0,
+    }
+
+
+__all__ = ["load_prior", "sample_patients"]
