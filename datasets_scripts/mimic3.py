@@ -20,8 +20,10 @@ Rules (every departure from a clean table is counted in the summary, never dropp
   dates or sexes. Each error names the file and what is wrong.
 
 `datasets` 4+ does not run loading scripts through `load_dataset`; use the builder class:
-`Mimic3Cohort(mimic_dir=DIR, seed=0, cache_dir=...).download_and_prepare(); .as_dataset()`,
-or `load_cohort(DIR)`, which does exactly that and also returns the summary.
+`Mimic3Cohort(mimic_dir=DIR, cache_dir=CACHE, seed=0).download_and_prepare(); .as_dataset()`,
+or `load_cohort(DIR, cache_dir=CACHE)`, which does exactly that and also returns the summary
+(`promptehr prepare` reads folders this way). `cache_dir` is required: the Arrow files are
+copies of the patients' rows.
 """
 
 from __future__ import annotations
@@ -87,13 +89,31 @@ def find_tables(mimic_dir: str | os.PathLike) -> dict[str, Path]:
     return found
 
 
-def fingerprint(mimic_dir: str | os.PathLike) -> str:
-    """A short hash of the three tables' names, sizes and modification times (cache key)."""
-    h = hashlib.sha256()
+def file_fingerprints(mimic_dir: str | os.PathLike) -> dict[str, dict]:
+    """Each table of `mimic_dir` -> {"file": name, "size": bytes, "mtime_ns": int, "sha256": hex digest}.
+
+    The SHA-256 is of the file's bytes as stored (gzip included), read in 1 MiB blocks; a row
+    edited in place shows in it even when the size and modification time are unchanged.
+    """
+    out = {}
     for table, path in find_tables(mimic_dir).items():
-        st = path.stat()
-        h.update(f"{table}:{path.name}:{st.st_size}:{st.st_mtime_ns};".encode())
-    return h.hexdigest()[:16]
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            st = os.fstat(f.fileno())
+            while block := f.read(1 << 20):
+                h.update(block)
+        out[table] = {"file": path.name, "size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": h.hexdigest()}
+    return out
+
+
+def combine_fingerprints(files: dict[str, dict]) -> str:
+    """A short hash (16 hex digits) of `file_fingerprints`' output."""
+    return hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def fingerprint(mimic_dir: str | os.PathLike) -> str:
+    """A short hash of the three tables' names, sizes, modification times and contents (cache key)."""
+    return combine_fingerprints(file_fingerprints(mimic_dir))
 
 
 def _read_table(path: Path, table: str, required: list[str | tuple[str, ...]], optional: tuple[str, ...] = (),
@@ -193,7 +213,7 @@ def _unique_key(ids: pd.Series, col: str, path: Path) -> None:
 
 
 def read_mimic3(mimic_dir: str | os.PathLike) -> tuple[list[dict], dict]:
-    """Read a MIMIC-III folder into patients (schema of DESIGN.md) and a summary.
+    """Read a MIMIC-III folder into patients (the schema of `schema.PATIENT_FEATURES`) and a summary.
 
     Returns `(patients, summary)`: patients sorted by subject_id; the summary (JSON-ready) holds
     `patients`, `admissions`, `diagnosis_rows` (codes loaded), `distinct_codes`, `rows_read` per
@@ -410,6 +430,12 @@ def _mix64(x: np.ndarray) -> np.ndarray:
     return x
 
 
+def check_fractions(val_frac: float, test_frac: float) -> None:
+    """Raise ValueError unless both shares are >= 0 and sum to < 1."""
+    if not (0 <= val_frac < 1 and 0 <= test_frac < 1 and val_frac + test_frac < 1):
+        raise ValueError(f"val_frac={val_frac} and test_frac={test_frac} must be >= 0 and sum to < 1")
+
+
 def split_patients(patients: list[dict], seed: int = 0, val_frac: float = 0.1,
                    test_frac: float = 0.1) -> dict[str, list[dict]]:
     """Deterministic patient-level split: {"train", "validation", "test"} -> patients.
@@ -418,8 +444,7 @@ def split_patients(patients: list[dict], seed: int = 0, val_frac: float = 0.1,
     id and the seed, not on input order; the first round(n*test_frac) go to test, the next
     round(n*val_frac) to validation, the rest to train. Each split is sorted by subject_id.
     """
-    if not (0 <= val_frac < 1 and 0 <= test_frac < 1 and val_frac + test_frac < 1):
-        raise ValueError(f"val_frac={val_frac} and test_frac={test_frac} must be >= 0 and sum to < 1")
+    check_fractions(val_frac, test_frac)
     n = len(patients)
     ids = np.array([p["subject_id"] for p in patients], dtype=np.int64)
     if len(np.unique(ids)) != n:
@@ -449,10 +474,14 @@ class Mimic3Config(datasets.BuilderConfig):
 class Mimic3Cohort(datasets.GeneratorBasedBuilder):
     """`datasets` builder of the patient cohort of a MIMIC-III folder (train/validation/test).
 
-    `Mimic3Cohort(mimic_dir=DIR, seed=0, cache_dir=...)`; the cache key includes the size and
-    modification time of the three tables, so an edited folder is read again. After
-    `download_and_prepare()`, `builder.summary` holds the reader's summary (also when the
-    dataset came from the cache).
+    `Mimic3Cohort(mimic_dir=DIR, cache_dir=CACHE, seed=0, val_frac=0.1, test_frac=0.1)`.
+    `cache_dir` is required: the Arrow files written there are copies of the patients' rows,
+    so they go where the caller decides, never to the global datasets cache. The cache key
+    includes `file_fingerprints` (size, modification time and SHA-256 of the three tables), so
+    an edited folder is read again. After `download_and_prepare()`, `builder.summary` holds the
+    reader's summary plus `seed`, `val_frac`, `test_frac`, `splits` (patients per split),
+    `reader_version`, `input_files` (the fingerprints, taken before reading) and `fingerprint`
+    (their short hash); also when the dataset came from the cache.
     """
 
     BUILDER_CONFIG_CLASS = Mimic3Config
@@ -461,12 +490,17 @@ class Mimic3Cohort(datasets.GeneratorBasedBuilder):
     def __init__(self, *args, hash: str | None = None, **kwargs):
         if not kwargs.get("mimic_dir"):
             raise ValueError("Mimic3Cohort needs mimic_dir=<folder with PATIENTS, ADMISSIONS, DIAGNOSES_ICD>")
+        if not kwargs.get("cache_dir"):
+            raise ValueError("Mimic3Cohort needs cache_dir=<folder>: its Arrow files are copies of the patients' "
+                             "rows and are not written to the global datasets cache")
         kwargs["mimic_dir"] = str(Path(kwargs["mimic_dir"]).resolve())
         # The cache folder is named from the kwargs given: spell out the defaults so that
         # Mimic3Cohort(mimic_dir=d) and Mimic3Cohort(mimic_dir=d, seed=0) share it.
         for name in ("seed", "val_frac", "test_frac"):
             kwargs.setdefault(name, Mimic3Config.__dataclass_fields__[name].default)
-        super().__init__(*args, hash=hash or fingerprint(kwargs["mimic_dir"]), **kwargs)
+        input_files = file_fingerprints(kwargs["mimic_dir"])
+        super().__init__(*args, hash=hash or combine_fingerprints(input_files), **kwargs)
+        self._input_files = input_files
 
     def _info(self) -> datasets.DatasetInfo:
         return datasets.DatasetInfo(
@@ -481,8 +515,10 @@ class Mimic3Cohort(datasets.GeneratorBasedBuilder):
         cfg = self.config
         patients, summary = read_mimic3(cfg.mimic_dir)
         self._splits = split_patients(patients, cfg.seed, cfg.val_frac, cfg.test_frac)
-        summary["seed"] = cfg.seed
-        summary["splits"] = {name: len(ps) for name, ps in self._splits.items()}
+        summary.update(seed=cfg.seed, val_frac=cfg.val_frac, test_frac=cfg.test_frac,
+                       splits={name: len(ps) for name, ps in self._splits.items()},
+                       reader_version=str(self.VERSION), input_files=self._input_files,
+                       fingerprint=combine_fingerprints(self._input_files))
         self._summary = summary
         # Saved beside the arrow files (this is the temporary folder datasets renames on success).
         with open(os.path.join(self._output_dir, SUMMARY_FILE), "w") as f:
@@ -503,15 +539,25 @@ class Mimic3Cohort(datasets.GeneratorBasedBuilder):
         return self._summary
 
 
-def load_cohort(mimic_dir: str | os.PathLike, seed: int = 0, val_frac: float = 0.1, test_frac: float = 0.1,
-                cache_dir: str | None = None) -> tuple[datasets.DatasetDict, dict]:
-    """Build (or reuse from the datasets cache) the cohort: (DatasetDict train/validation/test, summary).
+def load_cohort(mimic_dir: str | os.PathLike, seed: int = 0, val_frac: float = 0.1, test_frac: float = 0.1, *,
+                cache_dir: str | os.PathLike) -> tuple[datasets.DatasetDict, dict]:
+    """Build (or reuse from `cache_dir`) the cohort: (DatasetDict train/validation/test, summary).
 
-    A split with no patient (e.g. val_frac=0) is an empty Dataset with PATIENT_FEATURES.
+    Runs `Mimic3Cohort`; this is how `promptehr prepare` reads a folder. The datasets are
+    memory-mapped from the Arrow files in `cache_dir`. A split with no patient (e.g. val_frac=0)
+    is an empty in-memory Dataset with PATIENT_FEATURES. Raises ValueError for bad fractions and
+    Mimic3Error for a folder that cannot be read.
     """
+    check_fractions(val_frac, test_frac)
     builder = Mimic3Cohort(mimic_dir=str(mimic_dir), seed=seed, val_frac=val_frac, test_frac=test_frac,
-                           cache_dir=cache_dir)
-    builder.download_and_prepare()
-    dsd = builder.as_dataset()
+                           cache_dir=str(cache_dir))
+    bars = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()  # "Generating train split" bars: the caller reports the summary
+    try:
+        builder.download_and_prepare()
+        dsd = builder.as_dataset()
+    finally:
+        if bars:
+            datasets.enable_progress_bars()
     splits = {name: dsd[name] if name in dsd else patients_to_dataset([]) for name in SPLITS}
     return datasets.DatasetDict(splits), builder.summary

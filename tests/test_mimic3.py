@@ -25,8 +25,16 @@ from promptehr_hf.datasets_scripts.cohort_io import (
     write_mimic3_csvs,
     write_parquet,
 )
-from promptehr_hf.datasets_scripts.mimic3 import Mimic3Cohort, Mimic3Error, load_cohort, read_mimic3, split_patients
-from promptehr_hf.datasets_scripts.prepare import load_prepared, prepare
+from promptehr_hf.datasets_scripts.mimic3 import (
+    Mimic3Cohort,
+    Mimic3Error,
+    file_fingerprints,
+    fingerprint,
+    load_cohort,
+    read_mimic3,
+    split_patients,
+)
+from promptehr_hf.datasets_scripts.prepare import load_prepared, prepare, stale_reasons
 from promptehr_hf.datasets_scripts.schema import PATIENT_FEATURES
 
 # --------------------------------------------------------------------------- a tiny folder
@@ -288,11 +296,13 @@ def test_failure_never_clobbers_a_good_output(tiny, tmp_path, monkeypatch):
 def test_prepare_and_load_prepared(tiny, tmp_path):
     out = tmp_path / "out"
     summary = prepare(tiny, out, seed=0, val_frac=0.0, test_frac=0.5)
-    assert sorted(os.listdir(out)) == ["summary.json", "test.parquet", "train.parquet", "validation.parquet"]
+    assert sorted(n for n in os.listdir(out) if not n.startswith(".")) == [  # (hidden: the output manifest)
+        "summary.json", "test.parquet", "train.parquet", "validation.parquet"]
     assert json.loads((out / "summary.json").read_text()) == summary
     assert summary["splits"] == {"train": 1, "validation": 0, "test": 1}
-    ds = load_prepared(out, cache_dir=str(tmp_path / "cache"))
+    ds = load_prepared(out)
     assert ds["train"].features == PATIENT_FEATURES
+    assert all(not ds[split].cache_files for split in ds)  # in memory: no Arrow copy anywhere
     loaded = sorted(dataset_to_patients(ds["train"]) + dataset_to_patients(ds["test"]), key=lambda p: p["subject_id"])
     assert loaded == TINY_PATIENTS
     # Replacing a previous prepare output is allowed (and complete).
@@ -377,6 +387,8 @@ def test_write_parquet_round_trip(tmp_path):
 def test_builder_needs_a_folder(tmp_path):
     with pytest.raises(ValueError, match="mimic_dir"):
         Mimic3Cohort(cache_dir=str(tmp_path))
+    with pytest.raises(ValueError, match="cache_dir"):  # never the global datasets cache
+        Mimic3Cohort(mimic_dir=str(tmp_path))
     with pytest.raises(Mimic3Error, match="not a folder"):
         Mimic3Cohort(mimic_dir=str(tmp_path / "nope"), cache_dir=str(tmp_path))
 
@@ -387,3 +399,52 @@ def test_empty_split_is_an_empty_dataset(tiny, tmp_path):
     assert len(ds["validation"]) == 0 and ds["validation"].features == PATIENT_FEATURES
     assert sorted(dataset_to_patients(ds["train"]) + dataset_to_patients(ds["test"]),
                   key=lambda p: p["subject_id"]) == TINY_PATIENTS
+
+
+# --------------------------------------------------------------------------- one path, fingerprints
+
+
+def test_prepare_reads_through_the_builder_and_leaves_no_cache(tiny, tmp_path, monkeypatch):
+    calls = []
+    real = Mimic3Cohort.download_and_prepare
+
+    def spy(self, *args, **kwargs):
+        calls.append(Path(self.cache_dir))
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Mimic3Cohort, "download_and_prepare", spy)
+    out = tmp_path / "out"
+    summary = prepare(tiny, out, seed=0, val_frac=0.0, test_frac=0.5)
+    assert len(calls) == 1
+    # the builder's Arrow cache was inside the folder being written, and is gone from the output
+    inside = calls[0].relative_to(tmp_path).parts  # (.out.tmp-..., .builder_cache, ...)
+    assert inside[0].startswith(".out.tmp-") and inside[1] == prepare_mod.BUILDER_CACHE
+    assert not calls[0].exists()
+    assert sorted(os.listdir(tmp_path)) == ["mimic", "out"]
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == [
+        "summary.json", "test.parquet", "train.parquet", "validation.parquet"]
+    assert summary["reader_version"] == str(Mimic3Cohort.VERSION)
+    assert summary["input_files"] == file_fingerprints(tiny) and summary["fingerprint"] == fingerprint(tiny)
+    assert (summary["seed"], summary["val_frac"], summary["test_frac"]) == (0, 0.0, 0.5)
+
+
+def test_fingerprint_sees_a_row_edited_in_place(tmp_path):
+    folder = write_folder(tmp_path / "mimic", tiny_tables(), gz=False)
+    out = tmp_path / "out"
+    prepare(folder, out)
+    assert stale_reasons(out, folder) == []
+    assert stale_reasons(out, folder, seed=1) == ["seed was 0, now 1"]
+    before = fingerprint(folder)
+    # One code changed, same size, modification time restored: only the content hash sees it.
+    path = folder / "DIAGNOSES_ICD.csv"
+    st = path.stat()
+    text = path.read_text()
+    assert text.count(",486") == 1
+    path.write_text(text.replace(",486", ",485"))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert (path.stat().st_size, path.stat().st_mtime_ns) == (st.st_size, st.st_mtime_ns)
+    assert fingerprint(folder) != before
+    assert stale_reasons(out, folder) == ["DIAGNOSES_ICD.csv changed (content)"]
+    os.utime(path)
+    assert stale_reasons(out, folder) == ["DIAGNOSES_ICD.csv changed (modification time, content)"]
+    assert stale_reasons(tmp_path / "nothing", folder) == [f"no prepared cohort in {tmp_path / 'nothing'}"]

@@ -1,18 +1,41 @@
 """examples/train.py end to end on a tiny model: simulate -> prepare -> train -> save -> generate ->
 evaluate -> model card -> push_to_hub (up to the network: HfApi.create_commit is captured), and
-resume from the last checkpoint."""
+resume from the last checkpoint; nothing lands in the Hugging Face caches; the prepared cohort is
+reused only while its input files and options are unchanged."""
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import json
+import logging
+import os
+import tempfile
+from pathlib import Path
 
+import datasets
 import pytest
+from accelerate import PartialState
+
+from promptehr_hf.datasets_scripts.cohort_io import dataset_to_patients, write_mimic3_csvs
+from promptehr_hf.datasets_scripts.prepare import load_prepared
+from promptehr_hf.modeling_promptehr.training import pipeline
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 TINY = ('{"d_model": 32, "encoder_layers": 1, "decoder_layers": 1, "encoder_attention_heads": 2, '
         '"decoder_attention_heads": 2, "encoder_ffn_dim": 64, "decoder_ffn_dim": 64, "prompt_hidden_size": 16}')
+
+
+def cache_entries() -> set[str]:
+    """Every file and folder under HF_HOME and the datasets cache, and datasets' temporary cache folders."""
+    roots = {Path(os.environ["HF_HOME"]), Path(datasets.config.HF_DATASETS_CACHE)}
+    found = set()
+    for root in roots:
+        for folder, dirs, files in os.walk(root):
+            found |= {os.path.join(folder, name) for name in dirs + files}
+    prefix = datasets.config.TEMP_CACHE_DIR_PREFIX
+    return found | {str(p) for p in Path(tempfile.gettempdir()).glob(f"{prefix}*")}
 
 
 @pytest.fixture(scope="module")
@@ -44,8 +67,12 @@ def test_train_generate_evaluate_push_and_resume(train_script, tmp_path, monkeyp
     common = ["--output-dir", str(out), "--patients", "300", "--config-overrides", TINY, "--batch-size", "16",
               "--logging-steps", "2", "--eval-steps", "4", "--save-steps", "4", "--eval-examples", "32",
               "--eval-generate-patients", "8", "--max-source-length", "64", "--warmup-steps", "0"]
+    before = cache_entries()
     run = train_script.main(common + ["--max-steps", "4", "--generate", "40",
                                       "--push-to-hub", "someone/promptehr-tiny"])
+    # Nothing derived from the cohort (Arrow copies of the splits, map/shuffle cache files) is
+    # left in the Hugging Face caches: every copy of the rows stays in --output-dir.
+    assert not cache_entries() - before, sorted(cache_entries() - before)
 
     assert run["world_size"] == 1 and run["global_step"] == 4
     model_dir = out / "model"
@@ -82,3 +109,58 @@ def test_train_generate_evaluate_push_and_resume(train_script, tmp_path, monkeyp
     state = json.loads((out / "checkpoints" / "checkpoint-6" / "trainer_state.json").read_text())
     steps = [h["step"] for h in state["log_history"] if "loss_cooc" in h]
     assert steps == [2, 4, 6]
+
+
+def _prepare_args(output_dir: Path, *extra: str) -> argparse.Namespace:
+    return pipeline.parse_args(["--output-dir", str(output_dir), *extra])
+
+
+def test_prepared_cohort_follows_its_input_files(tmp_path, caplog):
+    """A row edited in place (same size, same modification time) prepares the cohort again."""
+    patients = [{"subject_id": i, "age": 40.0 + i, "sex": "FM"[i % 2], "visits": [["4019", "25000"], ["486"]]}
+                for i in range(1, 21)]
+    mimic = tmp_path / "mimic"
+    write_mimic3_csvs(patients, mimic, seed=0)
+    args = _prepare_args(tmp_path / "run", "--mimic-dir", str(mimic))
+    state = PartialState(cpu=True)
+    caplog.set_level(logging.INFO, logger="promptehr.train")
+
+    data_dir, summary = pipeline.prepare_data(args, state)
+    assert summary["patients"] == 20
+    caplog.clear()
+    pipeline.prepare_data(args, state)
+    assert "reusing the prepared cohort" in caplog.text
+
+    path = mimic / "DIAGNOSES_ICD.csv"
+    st = path.stat()
+    text = path.read_text()
+    path.write_text(text.replace('"4019"', '"4011"', 1))  # one row, same size
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert (path.stat().st_size, path.stat().st_mtime_ns) == (st.st_size, st.st_mtime_ns)
+    caplog.clear()
+    pipeline.prepare_data(args, state)
+    splits = load_prepared(data_dir)
+    codes = [c for name in splits for p in dataset_to_patients(splits[name]) for v in p["visits"] for c in v]
+    assert codes.count("4011") == 1 and codes.count("4019") == 19  # the edited row, not the stale one
+    assert "reusing" not in caplog.text
+    assert "DIAGNOSES_ICD.csv changed (content)" in caplog.text
+
+    # A prepare option (the seed) changes the split: prepared again, and the log says why.
+    caplog.clear()
+    pipeline.prepare_data(_prepare_args(tmp_path / "run", "--mimic-dir", str(mimic), "--seed", "1"), state)
+    assert "seed was 0, now 1" in caplog.text
+
+
+def test_simulated_cohort_is_drawn_again_only_when_its_settings_change(tmp_path, caplog):
+    state = PartialState(cpu=True)
+    caplog.set_level(logging.INFO, logger="promptehr.train")
+    _, first = pipeline.prepare_data(_prepare_args(tmp_path, "--patients", "60"), state)
+    assert "simulated 60 patients" in caplog.text
+    caplog.clear()
+    _, again = pipeline.prepare_data(_prepare_args(tmp_path, "--patients", "60"), state)
+    assert " patients into " not in caplog.text and "reusing the prepared cohort" in caplog.text
+    assert again == first
+    caplog.clear()
+    _, other = pipeline.prepare_data(_prepare_args(tmp_path, "--patients", "80"), state)
+    assert "simulated 80 patients" in caplog.text and "preparing the cohort" in caplog.text
+    assert sum(other["splits"].values()) == other["patients"] != first["patients"]

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+
+import datasets
 import pytest
 import torch
 
@@ -31,6 +34,19 @@ def test_one_example_per_visit_with_lengths():
     assert ex["length"][:2] == [2 + 8, 10 + 10]
     capped = build_examples(PATIENTS, max_source_length=4)
     assert capped["length"][1] == 4 + 10
+
+
+def test_examples_of_a_dataset_on_disk_write_no_cache_file(tmp_path):
+    """Patients memory-mapped from Arrow files: the examples stay in memory, and nothing (no
+    cache-*.arrow of the patient rows) is written beside those files or anywhere else."""
+    folder = tmp_path / "patients"
+    datasets.Dataset.from_list(PATIENTS).save_to_disk(str(folder))
+    on_disk = datasets.load_from_disk(str(folder))
+    assert on_disk.cache_files  # file-backed: datasets would cache a map next to it
+    before = sorted(os.listdir(folder))
+    ex = build_examples(on_disk)
+    assert len(ex) == 6 and not ex.cache_files
+    assert sorted(os.listdir(folder)) == before
 
 
 def test_collator_shapes_and_demographics(tok):

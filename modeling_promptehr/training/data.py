@@ -46,7 +46,9 @@ def build_examples(patients: datasets.Dataset | Iterable[dict], max_source_lengt
         patients: a datasets.Dataset with PATIENT_FEATURES, or patient dicts.
         max_source_length / max_target_length: caps used for the length estimate.
     Returns:
-        datasets.Dataset with EXAMPLE_FEATURES, ``sum(len(p.visits))`` rows.
+        datasets.Dataset with EXAMPLE_FEATURES, ``sum(len(p.visits))`` rows, held in memory: no
+        cache file is written (patient rows stay out of the datasets cache, whatever ``patients``
+        was loaded from).
     """
     if not isinstance(patients, datasets.Dataset):
         patients = datasets.Dataset.from_list(list(patients), features=PATIENT_FEATURES)
@@ -66,7 +68,8 @@ def build_examples(patients: datasets.Dataset | Iterable[dict], max_source_lengt
         return out
 
     return patients.map(explode, batched=True, batch_size=1000, remove_columns=patients.column_names,
-                        features=EXAMPLE_FEATURES, num_proc=num_proc, desc="training examples")
+                        features=EXAMPLE_FEATURES, num_proc=num_proc, keep_in_memory=True,
+                        desc="training examples")
 
 
 @dataclass

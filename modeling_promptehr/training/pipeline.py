@@ -34,7 +34,8 @@ import torch
 from accelerate import PartialState
 
 from promptehr_hf.datasets_scripts.cohort_io import write_mimic3_csvs
-from promptehr_hf.datasets_scripts.prepare import load_prepared, prepare
+from promptehr_hf.datasets_scripts.mimic3 import find_tables
+from promptehr_hf.datasets_scripts.prepare import load_prepared, prepare, stale_reasons
 from promptehr_hf.datasets_scripts.simulator import simulate
 from promptehr_hf.file_utils import check_replaceable, check_separate
 from promptehr_hf.metrics.report import evaluate_cohorts
@@ -54,6 +55,7 @@ from .training_args import PromptEHRTrainingArguments
 DEFAULT_PATIENTS = 20_000
 DEFAULT_MAX_MINUTES = 9.0  # training budget: leaves room for data, generation and evaluation in 15 min
 UNBOUNDED_STEPS = 1_000_000  # without --max-steps the time budget sets the schedule's length
+SPLIT_FRACTIONS = (0.1, 0.1)  # validation and test shares of the prepared cohort
 
 logger = logging.getLogger("promptehr.train")
 
@@ -117,30 +119,43 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def prepare_data(args, state) -> tuple[Path, dict]:
-    """Simulate (unless --mimic-dir), write MIMIC-III CSVs and prepare them; main process only,
-    reused when ``data/`` already holds the same source (e.g. on resume)."""
+    """Simulate (unless --mimic-dir), write MIMIC-III CSVs and prepare them into ``data/``; main process only.
+
+    ``data/`` is reused (e.g. on resume) only while it matches its input: data/summary.json records
+    each table's size, modification time and SHA-256 and the split options, and any difference
+    from the tables as they are now (``prepare.stale_reasons``) prepares the cohort again, logging
+    why. The simulated cohort in ``mimic3/`` is drawn again only when --patients or --seed changed
+    (recorded in ``data_source.json``). Returns (data folder, its summary).
+    """
     root = Path(args.output_dir)
     data_dir = root / "data"
-    source = ({"mimic_dir": str(Path(args.mimic_dir).resolve())} if args.mimic_dir
-              else {"simulated_patients": args.patients})
-    source["seed"] = args.seed
-    marker = root / "data_source.json"
+    options = {"seed": args.seed, "val_frac": SPLIT_FRACTIONS[0], "test_frac": SPLIT_FRACTIONS[1]}
     if state.is_main_process:
-        reuse = marker.is_file() and json.loads(marker.read_text()) == source and (data_dir / "summary.json").is_file()
-        if reuse:
-            logger.info("reusing the prepared cohort in %s", data_dir)
+        t0 = time.perf_counter()
+        if args.mimic_dir:
+            mimic_dir = Path(args.mimic_dir)
         else:
-            t0 = time.perf_counter()
-            if args.mimic_dir:
-                mimic_dir = Path(args.mimic_dir)
-            else:
+            mimic_dir = root / "mimic3"
+            source = {"simulated_patients": args.patients, "seed": args.seed}
+            marker = root / "data_source.json"
+            try:
+                simulated = json.loads(marker.read_text()) == source
+                find_tables(mimic_dir)
+            except (OSError, ValueError):  # no marker, a torn one, or missing tables (Mimic3Error)
+                simulated = False
+            if not simulated:
+                marker.unlink(missing_ok=True)  # the CSVs are about to change
                 patients = simulate(args.patients, seed=args.seed, progress=True)
-                mimic_dir = root / "mimic3"
                 write_mimic3_csvs(patients, mimic_dir, seed=args.seed)
+                marker.write_text(json.dumps(source) + "\n")
                 logger.info("simulated %d patients into %s", len(patients), mimic_dir)
-            prepare(mimic_dir, data_dir, seed=args.seed)
-            marker.write_text(json.dumps(source) + "\n")
+        reasons = stale_reasons(data_dir, mimic_dir, **options)
+        if reasons:
+            logger.info("preparing the cohort in %s: %s", data_dir, "; ".join(reasons))
+            prepare(mimic_dir, data_dir, **options)
             logger.info("prepared %s in %.1f s", data_dir, time.perf_counter() - t0)
+        else:
+            logger.info("reusing the prepared cohort in %s (its input files and options are unchanged)", data_dir)
     state.wait_for_everyone()
     return data_dir, json.loads((data_dir / "summary.json").read_text())
 
@@ -201,7 +216,8 @@ def train(args: argparse.Namespace) -> dict:
     train_examples = build_examples(train_split, max_source_length=max_source)
     val_examples = build_examples(val_split, max_source_length=max_source)
     if len(val_examples) > args.eval_examples:
-        val_examples = val_examples.shuffle(seed=args.seed).select(range(args.eval_examples))
+        # in memory: no indices cache file (in the datasets cache or elsewhere) for patient rows
+        val_examples = val_examples.shuffle(seed=args.seed, keep_in_memory=True).select(range(args.eval_examples))
     logger.info("vocabulary %d tokens (%d categories, %d codes); %d training examples; model %.2fM parameters",
                 len(tokenizer), len(tokenizer.category_ids), len(tokenizer.code_ids), len(train_examples),
                 model.num_parameters() / 1e6)
