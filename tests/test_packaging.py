@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import configparser
 import importlib.util
+import json
 import os
 import shutil
 import subprocess
@@ -126,3 +127,60 @@ def test_installed_copy_reads_its_tables(installed):
     where, figures = proc.stdout.splitlines()
     assert Path(where).is_relative_to(installed)
     assert figures == "14567 1234 sex_female_only"
+
+
+HUB_FRONT_MATTER = {"title", "emoji", "colorFrom", "colorTo", "sdk", "sdk_version", "app_file", "pinned", "tags",
+                    "description"}
+
+
+@pytest.mark.parametrize("metric", ["ehr_coherence", "ehr_privacy"])
+def test_metric_folders_carry_what_the_hub_needs(installed, metric):
+    """Each evaluate module folder, as installed, is a Hub Space: card front matter, app, requirements."""
+    from huggingface_hub.repocard import metadata_load
+
+    folder = installed / "promptehr_hf" / "metrics" / metric
+    card = metadata_load(folder / "README.md")
+    assert HUB_FRONT_MATTER <= set(card), HUB_FRONT_MATTER - set(card)
+    assert card["sdk"] == "gradio" and {"evaluate", "metric"} <= set(card["tags"])
+    app = (folder / card["app_file"]).read_text()
+    # evaluate's own widget, on this folder's module (as evaluate's metrics do)
+    assert "launch_gradio_widget(module)" in app and f'"{metric}.py"' in app
+    requirements = (folder / "requirements.txt").read_text().split()
+    assert {"evaluate>=0.4", "promptehr-hf"} <= set(requirements)
+
+
+def test_installed_copy_trains_from_an_empty_folder(installed, tmp_path):
+    """`promptehr train` of the installed (non-editable) copy, from an empty folder: simulate,
+    prepare, train, save, generate, evaluate; nothing written to HF_HOME; the public API imports."""
+    path = os.pathsep.join([str(installed), sysconfig.get_paths()["purelib"]])
+    hf_home = tmp_path / "hf_home"
+    env = {**os.environ, "PYTHONPATH": path, "HF_HOME": str(hf_home), "HF_HUB_OFFLINE": "1",
+           "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_WAIT_POLICY": "PASSIVE"}
+    work = tmp_path / "empty"
+    work.mkdir()
+    code = ("import promptehr_hf; from promptehr_hf import PromptEHRForConditionalGeneration, generate_patients; "
+            "print(promptehr_hf.__file__)")
+    proc = subprocess.run([sys.executable, "-S", "-c", code], cwd=work, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert Path(proc.stdout.strip()).is_relative_to(installed)
+
+    tiny = ('{"d_model": 32, "encoder_layers": 1, "decoder_layers": 1, "encoder_attention_heads": 2, '
+            '"decoder_attention_heads": 2, "encoder_ffn_dim": 64, "decoder_ffn_dim": 64, "prompt_hidden_size": 16}')
+    # -S: no site, so not the editable install's finder; the console script as pip wrote it.
+    proc = subprocess.run(
+        [sys.executable, "-S", str(installed / "bin" / "promptehr"), "train", "--patients", "2000", "--max-steps",
+         "20", "--output-dir", "run", "--config-overrides", tiny, "--eval-steps", "0", "--save-steps", "20",
+         "--batch-size", "16", "--max-source-length", "64", "--warmup-steps", "0"],
+        cwd=work, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    run = work / "run"
+    assert (run / "model" / "model.safetensors").is_file() and (run / "model" / "config.json").is_file()
+    assert (run / "synthetic" / "synthetic.parquet").is_file()
+    metrics = json.loads((run / "evaluation" / "metrics.json").read_text())
+    assert metrics["rows"]["synthetic"]["n_synthetic_patients"] > 0
+    summary = json.loads((run / "run_summary.json").read_text())
+    assert summary["global_step"] == 20 and summary["cohort"]["patients"] == 2000
+    # every copy of the cohort stays in the output folder: nothing under HF_HOME
+    left = sorted(str(p.relative_to(hf_home)) for p in hf_home.rglob("*")) if hf_home.exists() else []
+    assert not [p for p in left if not Path(hf_home, p).is_dir()], left

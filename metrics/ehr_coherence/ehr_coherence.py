@@ -19,7 +19,8 @@ _CITATION = """\
   year={2022}
 }
 @article{theodorou2023halo,
-  title={Synthesize high-dimensional longitudinal electronic health records via hierarchical autoregressive language model},
+  title={Synthesize high-dimensional longitudinal electronic health records via hierarchical
+         autoregressive language model},
   author={Theodorou, Brandon and Xiao, Cao and Sun, Jimeng},
   journal={Nature Communications},
   year={2023}

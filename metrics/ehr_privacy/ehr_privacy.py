@@ -14,7 +14,8 @@ from promptehr_hf.metrics import privacy as _privacy
 
 _CITATION = """\
 @article{theodorou2023halo,
-  title={Synthesize high-dimensional longitudinal electronic health records via hierarchical autoregressive language model},
+  title={Synthesize high-dimensional longitudinal electronic health records via hierarchical
+         autoregressive language model},
   author={Theodorou, Brandon and Xiao, Cao and Sun, Jimeng},
   journal={Nature Communications},
   year={2023}
