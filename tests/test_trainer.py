@@ -3,6 +3,7 @@ moves, scheduled/learned weights, exact resume from a checkpoint."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import random
 
@@ -229,35 +230,60 @@ def test_length_grouped_batches_and_collapse_warning(cohort, tmp_path, caplog):
     assert "MODE COLLAPSE" in caplog.text
 
 
-def test_time_budget_shortens_the_schedule(cohort, tmp_path, monkeypatch):
+def _fake_clock(monkeypatch, monotonic):
     import types
 
     from promptehr_hf.modeling_promptehr.training import callbacks as trainer_module
 
+    monkeypatch.setattr(trainer_module, "time", types.SimpleNamespace(monotonic=monotonic, perf_counter=lambda: 0.0))
+
+
+def test_time_budget_shortens_the_schedule(cohort, tmp_path, monkeypatch):
     clock = iter(range(10**6))  # a fake clock: every reading is one second after the previous one
-    monkeypatch.setattr(trainer_module, "time", types.SimpleNamespace(monotonic=lambda: float(next(clock)),
-                                                                      perf_counter=lambda: 0.0))
-    # 100 s of budget at 1 s per step: after 50 steps, 50 + 0.95 * 50 = 97 steps fit, not 1000
-    trainer = make_trainer(cohort, tmp_path, max_steps=1000, max_minutes=100 / 60, logging_steps=10,
+    _fake_clock(monkeypatch, lambda: float(next(clock)))
+    # 100 s of budget at 1 s per step: after 5 warm-up steps and 20 more, 25 + 0.95 * 75 = 96 steps fit, not
+    # 1000; later plans (every 5 s) keep 5% of the remaining time in hand: 90 + 0.95 * 10 = 99 at step 90
+    trainer = make_trainer(cohort, tmp_path, max_steps=1000, max_minutes=100 / 60, logging_steps=1,
                            warmup_steps=10)
     trainer.train()
-    assert trainer.state.global_step == trainer.state.max_steps == 97
+    assert trainer.state.global_step == trainer.state.max_steps == 99
     lrs = [h["learning_rate"] for h in trainer.state.log_history if "learning_rate" in h]
     assert lrs[-1] < 0.1 * max(lrs)  # the schedule decayed inside the budget
 
 
-def test_time_budget_replans_after_evaluation(cohort, tmp_path, monkeypatch):
-    import types
-
-    from promptehr_hf.modeling_promptehr.training import callbacks as trainer_module
-
+def test_time_budget_replans_as_the_pace_changes(cohort, tmp_path, monkeypatch):
     # reading k (train begin, then one per step): 2 s per step for 50 steps, then 0.5 s per step
     readings = iter([2.0 * k if k <= 50 else 100 + 0.5 * (k - 50) for k in range(10**4)])
-    monkeypatch.setattr(trainer_module, "time", types.SimpleNamespace(monotonic=lambda: next(readings),
-                                                                      perf_counter=lambda: 0.0))
+    _fake_clock(monkeypatch, lambda: next(readings))
     trainer = make_trainer(cohort, tmp_path, max_steps=1000, max_minutes=150 / 60, logging_steps=10,
                            eval_strategy="steps", eval_steps=60, per_device_eval_batch_size=48)
     trainer.train()
-    # step 50: 100 s spent, 2 s/step -> 50 + 0.95 * 50 / 2 = 73 steps; after the evaluation at step 60
-    # (re-planned at step 61: 105.5 s, 1.73 s/step) -> 61 + 0.95 * 44.5 / 1.73 = 85
-    assert trainer.state.global_step == trainer.state.max_steps == 85
+    # first plan at step 25 (2 s/step): 25 + 0.95 * 100 / 2 = 72 steps; once the steps take 0.5 s the plans
+    # grow, to 145 steps in 147.5 s
+    assert trainer.state.global_step == trainer.state.max_steps == 145
+    lrs = [h["learning_rate"] for h in trainer.state.log_history if "learning_rate" in h]
+    assert lrs[-1] < 0.1 * max(lrs)
+
+
+@pytest.mark.parametrize("pace", ["slow_first_step", "costlier_later"])
+def test_time_budget_is_used_and_the_schedule_decays(cohort, tmp_path, monkeypatch, pace):
+    # Step costs in seconds of a fake clock read at the current step. slow_first_step: a GPU whose first step
+    # starts CUDA (a third of the budget), the rest fast. costlier_later: length-grouped batches on a CPU, cheap
+    # ones first, then groups of 25 batches from long (slow) to short.
+    rng = random.Random(0)
+    if pace == "slow_first_step":
+        costs = [20.0] + [0.2 * rng.uniform(0.7, 1.3) for _ in range(10**4)]
+    else:
+        costs = [5.0] + [0.1] * 49 + [(1.2 - 0.8 * (i % 25) / 24) * rng.uniform(0.8, 1.2) for i in range(10**4)]
+    clock = list(itertools.accumulate(costs, initial=0.0))  # clock[k]: the time at the end of step k
+    _fake_clock(monkeypatch, lambda: clock[trainer.state.global_step])
+    budget = 60.0
+    trainer = make_trainer(cohort, tmp_path, max_steps=10**4, max_minutes=budget / 60, logging_steps=1,
+                           warmup_steps=5)
+    trainer.train()
+    used = clock[trainer.state.global_step] / budget
+    lrs = [h["learning_rate"] for h in trainer.state.log_history if "learning_rate" in h]
+    print(f"{pace}: {trainer.state.global_step} steps of {trainer.state.max_steps} planned, {used:.1%} of the "
+          f"budget, last learning rate {lrs[-1] / max(lrs):.2%} of the peak")
+    assert 0.9 <= used <= 1.0 + costs[trainer.state.global_step] / budget
+    assert lrs[-1] < 0.1 * max(lrs)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 
 import torch
 import torch.distributed as dist
@@ -118,52 +119,91 @@ class GenerationMonitorCallback(TrainerCallback):
 class TimeBudgetCallback(TrainerCallback):
     """Fit training into ``max_minutes`` of this run.
 
-    After ``calibration_steps`` optimizer steps, and again after every evaluation (whose cost
-    then enters the measured rate), it estimates how many steps fit in the remaining time (with
-    a 5% margin) and re-plans the run: ``state.max_steps`` and the learning-rate schedule are
-    rebuilt for the steps that fit, so the schedule decays to its end inside the budget instead
-    of being cut half-way. A re-plan never goes beyond the ``max_steps`` the run was started
-    with, and skips changes under 2%. Whatever happens later, training stops (and saves) once
-    the time is up. In multi-process runs rank 0's clock decides for everyone (a broadcast), so
-    all processes stop at the same step.
+    The first ``warmup_steps`` optimizer steps are not measured: their time (CUDA start-up,
+    kernel selection, first allocations) counts against the budget but says nothing about the
+    pace of later steps. After them the callback plans, once ``calibration_steps`` more steps are
+    done (or a ``replan_fraction`` of the budget has gone by), then again every
+    ``replan_fraction`` of the budget and at the first step after each evaluation: it measures the
+    pace over the later half of the time since the warm-up (so that a change of pace, e.g.
+    length-grouped batches of another size, or evaluations, enters the plan while single batches
+    do not swing it), estimates the steps that fit in the remaining time with a 5% margin, and
+    re-plans the run up or down: ``state.max_steps`` and the learning-rate schedule are rebuilt for
+    the steps that fit, so the schedule decays to its end inside the budget instead of being cut
+    half-way. A re-plan never goes beyond the ``max_steps`` the run was started with, and skips
+    changes under 2%. Whatever happens, training stops (and saves) once the time is up. In
+    multi-process runs rank 0's clock decides for everyone (a broadcast), so all processes plan
+    alike and stop at the same step.
     """
 
-    def __init__(self, trainer, max_minutes: float, calibration_steps: int = 50):
+    MARGIN = 0.95  # share of the remaining time planned for
+    MIN_CHANGE = 0.02  # smaller re-plans are skipped
+
+    def __init__(self, trainer, max_minutes: float, warmup_steps: int = 5, calibration_steps: int = 20,
+                 replan_fraction: float = 0.05):
         self.trainer = trainer
         self.max_seconds = 60.0 * max_minutes
+        self.warmup_steps = warmup_steps
         self.calibration_steps = calibration_steps
+        self.replan_seconds = replan_fraction * self.max_seconds
         self.start = self.start_step = self.requested_steps = None
-        self.replan = False
 
     def on_train_begin(self, args, state, control, **kwargs):
-        self.start, self.start_step, self.replan = time.monotonic(), state.global_step, False
+        self.start, self.start_step = time.monotonic(), state.global_step
         self.requested_steps = state.max_steps
+        self.warm = None  # (time, step) at the end of the warm-up
+        self.samples = deque()  # (time, step) since then, thinned; the first one at or before the window
+        self.last_plan = None  # (time, step) of the last plan
+        self.after_evaluation = False
 
     def on_evaluate(self, args, state, control, **kwargs):
-        self.replan = True
+        self.after_evaluation = True
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.start is None:
             return control
-        elapsed = time.monotonic() - self.start
-        done = state.global_step - self.start_step
-        plan = done == self.calibration_steps or (self.replan and done > self.calibration_steps)
-        fit = state.global_step + int(0.95 * (self.max_seconds - elapsed) * done / elapsed) if plan else 0
-        decision = torch.tensor([float(elapsed > self.max_seconds), float(fit)], device=args.device)
+        now, step = time.monotonic(), state.global_step
+        if self.warm is None and step - self.start_step >= self.warmup_steps:
+            self.warm = (now, step)
+            self.samples.append(self.warm)
+        fit = self._fit(now, step) if self.warm is not None else None
+        stop = now - self.start > self.max_seconds
         if dist.is_available() and dist.is_initialized():
+            decision = torch.tensor([float(stop), -1.0 if fit is None else float(fit)], device=args.device)
             dist.broadcast(decision, src=0)
-        stop, fit = bool(decision[0].item()), int(decision[1].item())
-        if plan:
-            self.replan = False
-            fit = min(fit, self.requested_steps)
-            if fit > state.global_step and abs(fit - state.max_steps) > 0.02 * state.max_steps:
+            stop, fit = bool(decision[0].item()), (None if decision[1].item() < 0 else int(decision[1].item()))
+        if fit is not None and step < state.max_steps:  # (at max_steps Trainer's flow has already ended the run)
+            self.last_plan, self.after_evaluation = (now, step), False
+            fit = max(min(fit, self.requested_steps), step + 1)
+            if abs(fit - state.max_steps) > self.MIN_CHANGE * state.max_steps:
                 self._replan(state, fit)
         if stop:
-            logger.warning("time limit of %.3g minutes reached at step %d: stopping", self.max_seconds / 60,
-                           state.global_step)
+            logger.warning("time limit of %.3g minutes reached at step %d: stopping", self.max_seconds / 60, step)
             control.should_training_stop = True
             control.should_save = True
         return control
+
+    def _fit(self, now: float, step: int) -> int | None:
+        """When a plan is due: the step at which the run should end, at the pace of the later half
+        of the time since the warm-up; otherwise None."""
+        warm_time, warm_step = self.warm
+        samples = self.samples
+        if now - samples[-1][0] >= self.replan_seconds / 16 and step > samples[-1][1]:  # thinned: a few per plan
+            samples.append((now, step))
+        if self.last_plan is None:
+            due = step - warm_step >= self.calibration_steps or (
+                step - warm_step >= 2 and now - warm_time >= self.replan_seconds)
+        else:
+            due = step > self.last_plan[1] and (self.after_evaluation or now - self.last_plan[0] >= self.replan_seconds)
+        if not due or now <= warm_time or step <= warm_step:
+            return None
+        window_start = (now + warm_time) / 2
+        while len(samples) > 1 and samples[1][0] <= window_start:
+            samples.popleft()
+        t0, s0 = samples[0]
+        if now <= t0 or step <= s0:
+            t0, s0 = warm_time, warm_step
+        remaining = max(self.max_seconds - (now - self.start), 0.0)
+        return step + int(self.MARGIN * remaining * (step - s0) / (now - t0))
 
     def _replan(self, state, max_steps: int) -> None:
         trainer = self.trainer

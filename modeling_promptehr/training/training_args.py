@@ -47,8 +47,9 @@ class PromptEHRTrainingArguments(TrainingArguments):
     dead_loss_ratio: float = field(default=0.01, metadata={
         "help": "warn when a weighted loss component falls below this share of its first logged value"})
     max_minutes: float | None = field(default=None, metadata={
-        "help": "time budget of this run in minutes: the schedule is shortened to the steps that fit "
-                "(measured after 50 steps), and training stops (saving) when the time is up"})
+        "help": "time budget of this run in minutes: the schedule is fitted to the steps that fit (measured "
+                "after a few warm-up steps, and re-planned as the pace changes), and training stops (saving) when "
+                "the time is up"})
     remove_unused_columns: bool = False
     train_sampling_strategy: str = "group_by_length"
     prediction_loss_only: bool = True
