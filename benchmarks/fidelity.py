@@ -53,7 +53,7 @@ TRAINING = {
 # Generation variants of the default model: generate_patients keyword arguments.
 GENERATION = {
     "stage_two_model": {"stage_two": "model"},
-    "greedy": {"greedy": True},
+    "greedy": {"do_sample": False},
     "visit_length_model": {"visit_length": "model"},
 }
 # Columns of the table: (metric key, label).
@@ -141,7 +141,8 @@ def train_all(runs: dict[str, tuple[list[str], float]], args) -> dict[str, Path]
 
 def score(name: str, model_dir: Path, splits, args, gen_kwargs: dict, report_dir: Path | None) -> dict:
     from promptehr_hf.metrics.report import evaluate_cohorts
-    from promptehr_hf.modeling_promptehr.generation import generate_patients, load_model
+    from promptehr_hf.modeling_promptehr.generation.command import load_model
+    from promptehr_hf.modeling_promptehr.generation.pipeline import generate_patients
 
     model, tokenizer = load_model(model_dir)
     n = len(splits["test"])
@@ -165,7 +166,8 @@ def targets(rows: dict) -> list[dict]:
     m, floor, base = rows["default"], rows["floor"], rows["baseline"]
     checks = [
         ("code JS <= 0.1", m["code_js"] <= 0.1, m["code_js"]),
-        ("code JS <= 2x floor", m["code_js"] <= 2 * floor["code_js"], f"{m['code_js']:.4f} vs 2 x {floor['code_js']:.4f}"),
+        ("code JS <= 2x floor", m["code_js"] <= 2 * floor["code_js"],
+         f"{m['code_js']:.4f} vs 2 x {floor['code_js']:.4f}"),
         ("top-100 overlap >= 0.8", m["top_k_overlap"] >= 0.8, m["top_k_overlap"]),
         ("pair R² >= 0.8", m["r2_pair_prevalence"] >= 0.8, m["r2_pair_prevalence"]),
         ("pair R² >= baseline + 0.3", m["r2_pair_prevalence"] >= base["r2_pair_prevalence"] + 0.3,
@@ -176,7 +178,8 @@ def targets(rows: dict) -> list[dict]:
         ("top-code share within 1.5x of real", m["top_code_share"] <= 1.5 * m["top_code_share_real"]
          and m["top_code_share"] >= m["top_code_share_real"] / 1.5,
          f"{m['top_code_share']:.3f} vs real {m['top_code_share_real']:.3f}"),
-        ("membership inference <= 0.55", m["membership_inference_accuracy"] <= 0.55, m["membership_inference_accuracy"]),
+        ("membership inference <= 0.55", m["membership_inference_accuracy"] <= 0.55,
+         m["membership_inference_accuracy"]),
         ("exact copies <= floor's", m["exact_copy_rate"] <= m["holdout_exact_copy_rate"],
          f"{m['exact_copy_rate']:.4f} vs {m['holdout_exact_copy_rate']:.4f}"),
     ]
@@ -212,7 +215,8 @@ def markdown(result: dict) -> str:
         lines.append(f"| {name} | " + " | ".join(fmt(r.get(k)) for k, _ in COLUMNS)
                      + f" | {fmt(r.get('train_minutes'))} | {fmt(r.get('global_step'))} |")
     lines += ["", "## Targets (default model)", "", "| target | met | value |", "|---|---|---|"]
-    lines += [f"| {t['target']} | {'yes' if t['met'] else '**MISSED**'} | {fmt(t['value'])} |" for t in result["targets"]]
+    lines += [f"| {t['target']} | {'yes' if t['met'] else '**MISSED**'} | {fmt(t['value'])} |"
+              for t in result["targets"]]
     lines += ["", "Rows: floor = held-out real test split; baseline = independent-marginal sampler; default = "
               "examples/train.py defaults, generated with generate_patients defaults; others change one choice. "
               "Metric definitions: metrics/coherence.py and metrics/privacy.py.", ""]

@@ -131,17 +131,21 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--speed-rounds", type=int, default=3)
     p.add_argument("--ablation-patients", type=int, default=2000)
     p.add_argument("--threads", type=int, default=1,
-                   help="torch threads for generation (1: the 2 cores are shared; 2 threads on a busy machine is slower)")
+                   help="torch threads for generation (1: the 2 cores are shared; 2 threads on a busy machine is "
+                        "slower)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
 
     import torch
 
     from promptehr_hf.datasets_scripts.prepare import load_prepared
-    from promptehr_hf.modeling_promptehr.generation import CohortPrior, generate_patients, load_model
+    from promptehr_hf.modeling_promptehr.generation.command import load_model
+    from promptehr_hf.modeling_promptehr.generation.pipeline import generate_patients
+    from promptehr_hf.modeling_promptehr.generation.prior import CohortPrior
 
-    result: dict = {"machine": {"cpus": os.cpu_count(), "torch_threads": args.threads, "python": platform.python_version(),
-                                "torch": torch.__version__, "load_average_at_start": os.getloadavg()}}
+    result: dict = {"machine": {"cpus": os.cpu_count(), "torch_threads": args.threads,
+                                "python": platform.python_version(), "torch": torch.__version__,
+                                "load_average_at_start": os.getloadavg()}}
     if args.model:
         model_dir = Path(args.model)
         data_dir = Path(args.data) if args.data else model_dir.parent / "data"

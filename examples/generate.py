@@ -3,13 +3,16 @@
     python examples/generate.py --model promptehr_run/model --out synthetic_demo/
 
 The checkpoint folder is what ``examples/train.py`` writes (``promptehr_run/model``): config,
-weights and remote code, tokenizer files, and ``cohort_prior.json`` (the training cohort's age,
-sex, visit-count and visit-length distributions). The same thing from the shell:
+weights and remote code, tokenizer files, ``cohort_prior.json`` (the training cohort's age, sex,
+visit-count and visit-length distributions), ``generation_config.json`` (the generation settings,
+which keyword arguments override) and ``custom_generate/`` (the generation code, so that the
+folder generates patients without this package). The same thing from the shell:
 
     promptehr generate --model promptehr_run/model --n 1000 --out synthetic/ [--stage-two empirical]
 
-This script shows the three modes, the stage-two options and the copy filter, then writes the
-unconditional cohort as MIMIC-III CSVs + Parquet (readable again by ``promptehr prepare``).
+This script shows the three modes, the stage-two options and the copy filter, writes the
+unconditional cohort as MIMIC-III CSVs + Parquet (readable again by ``promptehr prepare``), and
+generates through the checkpoint's own code, as a process without this package would.
 """
 
 from __future__ import annotations
@@ -22,7 +25,8 @@ from pathlib import Path
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="promptehr_run/model", help="checkpoint folder (examples/train.py output)")
-    p.add_argument("--data", default=None, help="prepared data folder (default: <model>/../data), for seeds and the copy filter")
+    p.add_argument("--data", default=None,
+                   help="prepared data folder (default: <model>/../data), for seeds and the copy filter")
     p.add_argument("--out", default="synthetic_demo", help="where to write the unconditional cohort")
     p.add_argument("--n", type=int, default=200)
     p.add_argument("--seed", type=int, default=0)
@@ -35,8 +39,12 @@ def main(argv: list[str] | None = None) -> None:
 
         torch.set_num_threads(args.threads)
 
+    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+
     from promptehr_hf.datasets_scripts.prepare import load_prepared
-    from promptehr_hf.modeling_promptehr.generation import CohortPrior, generate_patients, load_model, write_cohort
+    from promptehr_hf.modeling_promptehr.generation.command import load_model, write_cohort
+    from promptehr_hf.modeling_promptehr.generation.pipeline import generate_patients
+    from promptehr_hf.modeling_promptehr.generation.prior import CohortPrior
 
     # 1. The checkpoint: model + tokenizer (this package's classes; AutoModelForSeq2SeqLM /
     #    AutoTokenizer with trust_remote_code=True load the same folder without the package).
@@ -46,9 +54,10 @@ def main(argv: list[str] | None = None) -> None:
     data_dir = Path(args.data) if args.data else Path(args.model).parent / "data"
     train = load_prepared(data_dir)["train"] if (data_dir / "train.parquet").exists() else None
 
-    # 2. Unconditional: age, sex and visit counts from the prior; codes per visit from the
-    #    training distribution (visit_length="data"); codes inside a category by the training
-    #    P(code | category) (stage_two="empirical").
+    # 2. Unconditional: age, sex and visit counts from the prior; with the default settings of
+    #    model.generation_config, codes per visit from the training distribution
+    #    (visit_length="data") and codes inside a category by the training P(code | category)
+    #    (stage_two="empirical").
     #    exclude_patients drops any synthetic patient identical to a training one.
     cohort, stats = generate_patients(model, tokenizer, args.n, prior=prior, seed=args.seed, exclude_patients=train)
     print(f"unconditional: {len(cohort)} patients, {stats['mean_visits_per_patient']:.2f} visits/patient, "
@@ -81,6 +90,15 @@ def main(argv: list[str] | None = None) -> None:
     out = write_cohort(cohort, args.out, stats=stats, seed=args.seed, overwrite=True)
     print(f"wrote {out}: {sorted(f.name for f in out.iterdir())}")
     print(json.dumps({k: stats[k] for k in ("ungrammatical_visits", "visits_with_duplicate_code", "seconds")}))
+
+    # 7. The checkpoint's own code (custom_generate/), as in a process without promptehr_hf:
+    #    from_pretrained(..., trust_remote_code=True) makes it the model's generate, which returns
+    #    patient dicts (not a Dataset) and the same stats.
+    if (Path(args.model) / "custom_generate" / "generate.py").is_file():
+        hub_model = AutoModelForSeq2SeqLM.from_pretrained(args.model, trust_remote_code=True)
+        hub_tokenizer = AutoTokenizer.from_pretrained(args.model, trust_remote_code=True)
+        patients, _ = hub_model.generate(tokenizer=hub_tokenizer, n=5, seed=args.seed)
+        print("from the checkpoint's custom_generate:", patients[0])
 
 
 if __name__ == "__main__":
