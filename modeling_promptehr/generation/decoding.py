@@ -1,16 +1,16 @@
 """The decoding loop of one visit, for ``model.generate(..., custom_generate=visit_decoding)``.
 
 transformers' own loop (``GenerationMixin._sample``) hands the processors [B, V] scores and takes
-the argmax of [B, V] results, so every step makes about seven passes over the whole vocabulary:
-the model's logits, generate's float32 copy, the processors' gather and scatter, the argmax. At
-batch 256 on a CPU they are ~7 of ~26 ms per step, although a visit's next token can only be one
-of ~1,000 columns (:class:`~.processors.VisitStep`'s two blocks). ``generate`` still does
+the argmax of [B, V] results, so every step makes about seven passes over the whole vocabulary
+(the model's logits, generate's float32 copy, the processors' gather and scatter, the argmax),
+although a visit's next token can only be one of ~1,000 columns
+(:class:`~.processors.VisitStep`'s two blocks). ``generate`` still does
 all the input preparation (encoder, cache, stopping criteria, processors); this loop then asks the
 model for the block columns only (``logits_columns``), runs the
 :class:`~.processors.VisitLogitsProcessor` chain on the blocks and picks each row's token
 there. Given the same scores it picks the same tokens as transformers' loop with the same
-processors and seed (tested); the LM head summed over fewer columns can round a last bit
-differently (4,095 of 4,096 patients identical on the benchmark model).
+processors and seed (tested); the LM head summed over fewer columns can, rarely, round a last
+bit differently and so change a draw.
 
 Shipped with the checkpoint in ``custom_generate/``: imports only torch, transformers and the
 files beside it.
@@ -104,8 +104,8 @@ def visit_decoding(
 
 class _GrowingLayer(DynamicLayer):
     """A DynamicLayer whose key/value buffers grow by doubling, so that a step copies only its new
-    token (DynamicLayer's ``torch.cat`` copies the whole cache at every step: 5-15% of a batch-256
-    step for long visits). ``keys``/``values`` are views of the filled part of the buffers."""
+    token (DynamicLayer's ``torch.cat`` copies the whole cache at every step).
+    ``keys``/``values`` are views of the filled part of the buffers."""
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:

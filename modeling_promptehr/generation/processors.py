@@ -23,7 +23,7 @@ Processors (use :func:`visit_logits_processors` to build the chain in the right 
 At any step a row can only take one of the children of its last category or one of ~1,000
 non-code tokens (:class:`VisitStep`'s two column blocks), so the processors work on those blocks
 and :class:`VisitLogitsProcessor` runs the chain with one gather and one scatter of the [B, V]
-scores per step (each [B, V] pass costs milliseconds at batch 256 on a CPU). Under
+scores per step (a [B, V] pass costs far more than the blocks at large batches). Under
 :func:`~.decoding.visit_decoding` (``generate``'s ``custom_generate``) even those two passes go:
 the loop hands the chain the blocks and picks the token there (:meth:`VisitStep.select`).
 
@@ -207,8 +207,8 @@ class VisitBlockProcessor(LogitsProcessor):
 
     Called alone on [B, V] scores, a visit processor returns scores that are -inf outside the
     blocks (no token of a visit lives there). :class:`VisitLogitsProcessor` runs a whole chain on
-    the blocks with one gather and one scatter per step: each [B, V] pass costs milliseconds at
-    batch 256, the blocks a fraction of that.
+    the blocks with one gather and one scatter per step, since a [B, V] pass costs far more than
+    the blocks.
     """
 
     index: VocabIndex
@@ -499,9 +499,9 @@ class InverseCDFSamplingLogitsProcessor(VisitBlockProcessor):
 
     Used with ``generate(do_sample=False)``: sampling happens here (inverse CDF: one uniform
     number per row against the cumulative probabilities), and greedy decoding picks the drawn
-    token. Same distribution as generate's own sampling, but ``torch.multinomial`` costs ~13 ms
-    per step on [256, 4,400] CPU scores, a quarter of the generation time. Draws from the
-    global torch RNG. Must be the last processor (after any temperature / top-k / top-p warper).
+    token. Same distribution as generate's own sampling, without ``torch.multinomial``, which is
+    slow on wide CPU scores. Draws from the global torch RNG. Must be the last processor (after
+    any temperature / top-k / top-p warper).
 
     Without ``index`` it draws over all columns of any scores; with a :class:`VocabIndex` it is
     a visit processor and draws over the blocks (the only columns the grammar leaves finite).
@@ -536,11 +536,10 @@ class InverseCDFSamplingLogitsProcessor(VisitBlockProcessor):
 class VisitLogitsProcessor(LogitsProcessor):
     """A chain of visit processors run on the blocks of one :class:`VisitStep`.
 
-    One gather before and one scatter after the chain, instead of one [B, V] pass per processor
-    (the difference between ~50 and ~25 ms per step at batch 256 on a CPU). ``processors`` holds
-    :class:`VisitBlockProcessor` s and width-agnostic warpers (transformers' temperature, top-k,
-    top-p), which see the blocks side by side ([B, K + H]; the rest of the vocabulary is -inf
-    anyway, so they select the same tokens).
+    One gather before and one scatter after the chain, instead of one [B, V] pass per processor.
+    ``processors`` holds :class:`VisitBlockProcessor` s and width-agnostic warpers (transformers'
+    temperature, top-k, top-p), which see the blocks side by side ([B, K + H]; the rest of the
+    vocabulary is -inf anyway, so they select the same tokens).
     """
 
     def __init__(self, index: VocabIndex, processors: Sequence[LogitsProcessor]):
