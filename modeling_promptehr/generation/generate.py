@@ -14,7 +14,8 @@ not have ``promptehr_hf``::
 
 ``from_pretrained(..., trust_remote_code=True)`` makes this function the model's ``generate``; a
 model loaded otherwise reaches it with ``model.generate(custom_generate="promptehr_run/model",
-trust_remote_code=True, tokenizer=tokenizer, n=1000)``. Arguments go by keyword.
+trust_remote_code=True, tokenizer=tokenizer, n=1000)``. Arguments go by keyword. transformers'
+own generate (one decoder output per input) stays reachable as ``type(model).generate(model, ...)``.
 
 Imports only torch, transformers, numpy, the standard library and the files beside it.
 """
