@@ -1,10 +1,12 @@
 """The generation settings a PromptEHR checkpoint carries in ``generation_config.json``.
 
 Shipped with the checkpoint in ``custom_generate/`` (see :mod:`.generate`): imports only
-transformers, the standard library and the files beside it.
+transformers, the standard library and the files beside it (torch through them).
 """
 
 from __future__ import annotations
+
+from numbers import Integral
 
 from transformers import GenerationConfig
 
@@ -87,7 +89,7 @@ class PromptEHRGenerationConfig(GenerationConfig):
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         for name, low in (("batch_size", 1), ("max_codes", 1), ("max_history_length", 1), ("seed_visits", 0)):
             value = getattr(self, name)
-            if value is not None and not (isinstance(value, int) and value >= low):
+            if value is not None and not (isinstance(value, Integral) and value >= low):
                 raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
         if self.temperature is not None and not self.temperature > 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
