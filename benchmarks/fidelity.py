@@ -10,7 +10,7 @@ schedule. ``--jobs 2`` (the default) trains two runs at a time, each pinned to i
 ``taskset``: on 2 cores that is about twice the throughput of one two-thread run, and every run
 gets the same compute (one core for its budget). Each model then generates as many patients as the
 test split holds, and every cohort is scored against the TRAINING split with the metric modules
-(``metrics.report.evaluate_cohorts``), beside the two references of DESIGN.md:
+(``metrics.report.evaluate_cohorts``), beside the two references:
 
 - floor: the held-out real test split (no generator can beat real data of the same population);
 - baseline: the independent-marginal sampler (code frequencies right, no co-occurrence).
@@ -21,7 +21,7 @@ hierarchical against the default shuffle; the budget, ``--minutes`` vs ``--long-
 generation choices on the default model (stage two by the model's scores vs the default, the
 training P(code | category); greedy decoding vs ancestral sampling at temperature 1; visit length decided
 by the model vs drawn from the data). Writes ``benchmarks/results/fidelity.json`` and
-``fidelity.md`` (the table, with each DESIGN.md target marked met or missed), and the default
+``fidelity.md`` (the table, with each fidelity target marked met or missed), and the default
 model's full report (plots) under ``--work-dir``.
 """
 

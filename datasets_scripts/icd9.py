@@ -268,7 +268,7 @@ def violations(codes: Sequence[str], ages, sexes):
     sexes = np.broadcast_to(np.asarray(sexes, dtype=object), (n,))
     bad_age = np.isnan(ages) | (ages < 0) | (ages >= 125)
     if bad_age.any():
-        raise ValueError(f"ages must be in [0, 125) years, got {ages[bad_age][0]!r}")
+        raise ValueError(f"ages must be in [0, 125) years, got {float(ages[bad_age][0])!r}")
     is_m, is_f = sexes == "M", sexes == "F"
     if not (is_m | is_f).all():
         raise ValueError(f"sex must be 'F' or 'M', got {sexes[~(is_m | is_f)][0]!r}")

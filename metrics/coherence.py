@@ -93,7 +93,7 @@ class Cohort:
         if bad.size:
             row = int(bad[0])
             raise ValueError(f"{name} cohort, patient row {row}: need age in [0, 125) and sex 'F' or 'M', "
-                             f"got age={self.age[row]!r}, sex={self.sex[row]!r}")
+                             f"got age={float(self.age[row])!r}, sex={self.sex[row]!r}")
 
     @property
     def n_patients(self) -> int:

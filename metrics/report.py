@@ -8,7 +8,7 @@ PATH is any of: a Parquet file of patients (the package schema); a prepared fold
 holding ``synthetic.parquet`` or exactly one Parquet file (``promptehr generate`` output); or a
 MIMIC-III CSV folder (``DIAGNOSES_ICD.csv[.gz]`` ...; read with ``read_mimic3``).
 
-With ``--train`` (DESIGN.md, "How good is good"), every row is scored against the training
+With ``--train``, every row is scored against the training
 split, the data the generator learned from:
 - ``synthetic``: the synthetic cohort (coherence, and privacy with ``--real`` as the held-out
   control);

@@ -20,7 +20,7 @@ VOCAB = 24
 
 
 def brute_force(logits, labels, counts, cat_ids, tau, visit_start_id):
-    """The DESIGN.md formula with plain Python loops."""
+    """The loss formula of the losses module docstring, with plain Python loops."""
     W = [[tau / (c + 1.0) if c < tau else 0.0 for c in row] for row in counts.tolist()]
     index = {t: i for i, t in enumerate(cat_ids)}
     penalties = []
