@@ -555,3 +555,27 @@ def test_cli_generate_then_prepare_gives_the_same_patients(model, tokenizer, pri
         g = generated[p["subject_id"]]
         assert p["sex"] == g["sex"] and p["visits"] == g["visits"]
         assert abs(p["age"] - g["age"]) <= 0.011
+
+
+def test_cli_seeded_generation_leaves_no_copy_of_the_seeds_in_the_hf_cache(model, tokenizer, prior, tmp_path):
+    """Seed patients and the copy filter are real rows: reading them must not leave Arrow copies
+    under HF_HOME (the datasets cache), where a user would not look for credentialed data."""
+    import os
+    from pathlib import Path
+
+    from promptehr_hf.cli import main
+    from promptehr_hf.datasets_scripts.cohort_io import write_parquet
+
+    ckpt = tmp_path / "ckpt"
+    model.save_pretrained(ckpt)
+    tokenizer.save_pretrained(ckpt)
+    prior.save(ckpt)
+    seeds = tmp_path / "prepared"
+    seeds.mkdir()
+    write_parquet([{"subject_id": i, "age": 40.0 + i, "sex": "FM"[i % 2], "visits": [["4019", "25000"], ["486"]]}
+                   for i in range(8)], seeds / "train.parquet")
+    hf_home = Path(os.environ["HF_HOME"])
+    before = {p for p in hf_home.rglob("*")}
+    assert main(["generate", "--model", str(ckpt), "--mode", "seeded", "--seed-patients", str(seeds),
+                 "--exclude-training", str(seeds), "--out", str(tmp_path / "out"), "--batch-size", "8"]) == 0
+    assert {p for p in hf_home.rglob("*")} == before

@@ -6,7 +6,8 @@ import json
 import os
 from pathlib import Path
 
-import datasets
+import pyarrow.csv as pa_csv
+import pyarrow.parquet as pq
 import torch
 
 from promptehr_hf.datasets_scripts.cohort_io import write_mimic3_csvs, write_parquet
@@ -64,6 +65,8 @@ def _check_empty(out: Path) -> None:
         raise OutputFolderError(f"{out}: exists and is not empty (pass --overwrite, or overwrite=True in Python)")
 
 
+# Both readers load the whole file into memory with pyarrow: no Arrow copy of real rows is
+# left in a datasets cache.
 def _read_patients(path: str) -> list[dict]:
     """Patients from a Parquet file, or from a prepared folder (its train.parquet)."""
     p = Path(path)
@@ -71,13 +74,12 @@ def _read_patients(path: str) -> list[dict]:
         p = p / "train.parquet"
     if not p.is_file():
         raise FileNotFoundError(f"{path}: expected a Parquet file of patients or a prepared folder with train.parquet")
-    return datasets.Dataset.from_parquet(str(p)).to_list()
+    return pq.read_table(p).to_pylist()
 
 
 def _read_demographics(path: str) -> list[dict]:
     """Rows with age, sex[, n_visits] from a CSV or Parquet file."""
-    loader = datasets.Dataset.from_csv if path.lower().endswith((".csv", ".csv.gz")) else datasets.Dataset.from_parquet
-    rows = loader(path).to_list()
+    rows = (pa_csv.read_csv(path) if path.lower().endswith((".csv", ".csv.gz")) else pq.read_table(path)).to_pylist()
     for j, r in enumerate(rows):
         if "age" not in r or "sex" not in r:
             raise ValueError(f"{path}: row {j + 1} lacks an 'age' or 'sex' column")

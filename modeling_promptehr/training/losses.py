@@ -37,6 +37,7 @@ from torch import nn
 
 from promptehr_hf.datasets_scripts.icd9 import category
 from promptehr_hf.datasets_scripts.incidence import group_columns, visit_matrix
+from promptehr_hf.file_utils import atomic_write
 
 COOCCURRENCE_FILE = "cooccurrence.safetensors"
 CATEGORY_PREFIX = "C:"  # the tokenizer's category-token prefix (tokenizer contract)
@@ -94,13 +95,9 @@ def save_cooccurrence(directory: str, counts: np.ndarray | torch.Tensor, categor
                          f"{k} categories")
     os.makedirs(directory, exist_ok=True)
     path = os.path.join(directory, COOCCURRENCE_FILE)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    save_file({"counts": counts, "category_token_ids": ids}, tmp, metadata={
-        "format": "pt",
-        "categories": json.dumps(list(categories)),
-        "diagonal": "visits with >= 2 distinct codes of the category",
-    })
-    os.replace(tmp, path)
+    metadata = {"format": "pt", "categories": json.dumps(list(categories)),
+                "diagonal": "visits with >= 2 distinct codes of the category"}
+    atomic_write(path, lambda tmp: save_file({"counts": counts, "category_token_ids": ids}, tmp, metadata=metadata))
     return path
 
 

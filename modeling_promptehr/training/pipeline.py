@@ -37,7 +37,7 @@ from promptehr_hf.datasets_scripts.cohort_io import write_mimic3_csvs
 from promptehr_hf.datasets_scripts.mimic3 import find_tables
 from promptehr_hf.datasets_scripts.prepare import load_prepared, prepare, stale_reasons
 from promptehr_hf.datasets_scripts.simulator import simulate
-from promptehr_hf.file_utils import check_replaceable, check_separate
+from promptehr_hf.file_utils import check_replaceable, check_separate, write_json_atomic, write_text_atomic
 from promptehr_hf.metrics.report import evaluate_cohorts
 from promptehr_hf.modeling_promptehr.configuration_promptehr import PromptEHRConfig
 from promptehr_hf.modeling_promptehr.generation.command import write_cohort
@@ -147,7 +147,7 @@ def prepare_data(args, state) -> tuple[Path, dict]:
                 marker.unlink(missing_ok=True)  # the CSVs are about to change
                 patients = simulate(args.patients, seed=args.seed, progress=True)
                 write_mimic3_csvs(patients, mimic_dir, seed=args.seed)
-                marker.write_text(json.dumps(source) + "\n")
+                write_json_atomic(marker, source)
                 logger.info("simulated %d patients into %s", len(patients), mimic_dir)
         reasons = stale_reasons(data_dir, mimic_dir, **options)
         if reasons:
@@ -303,12 +303,11 @@ def train(args: argparse.Namespace) -> dict:
                                                                 "top_code_share", "codes_per_visit_mean")
                                     if rows[row] is not None and k in rows[row]}
                               for row in ("synthetic", "floor", "baseline")}
-    (model_dir / "README.md").write_text(model_card(args, run, evaluation, args.push_to_hub or str(model_dir)),
-                                         encoding="utf-8")
+    write_text_atomic(model_dir / "README.md", model_card(args, run, evaluation, args.push_to_hub or str(model_dir)))
     if args.push_to_hub:
         run["hub_commit"] = push_to_hub(model_dir, args.push_to_hub, args.hub_private)
     run["total_minutes"] = (time.perf_counter() - t_start) / 60
-    (root / "run_summary.json").write_text(json.dumps(run, indent=1, default=float) + "\n")
+    write_json_atomic(root / "run_summary.json", run, default=float)
     print(json.dumps({k: v for k, v in run.items() if k != "last_log"}, indent=1, default=float))
     return run
 

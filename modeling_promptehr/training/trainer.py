@@ -41,6 +41,8 @@ from transformers.trainer import OPTIMIZER_NAME, SCHEDULER_NAME, TRAINER_STATE_N
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME
 
+from promptehr_hf.file_utils import write_text_atomic
+
 from .callbacks import GenerationMonitorCallback, TimeBudgetCallback, TrainingHousekeepingCallback
 from .data import PromptEHRDataCollator
 from .losses import CooccurrenceLoss, save_cooccurrence, tokenizer_categories
@@ -314,8 +316,7 @@ class PromptEHRTrainer(Trainer):
         pickled = os.path.join(output_dir, TRAINING_ARGS_NAME)
         if os.path.exists(pickled):
             os.remove(pickled)
-        with open(os.path.join(output_dir, TRAINING_ARGS_JSON), "w", encoding="utf-8") as f:
-            f.write(self.args.to_json_string())
+        write_text_atomic(os.path.join(output_dir, TRAINING_ARGS_JSON), self.args.to_json_string())
 
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
         super()._save_optimizer_and_scheduler(output_dir)
