@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -40,6 +41,24 @@ def demo_dir() -> Path:
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     return REPO
+
+
+# One tiny model for every test that trains or generates: PromptEHRConfig.from_preset("small",
+# tokenizer=..., **tiny_config), or `--config-overrides tiny_config_json` on the command line.
+TINY_CONFIG = {"d_model": 32, "encoder_layers": 1, "decoder_layers": 1, "encoder_attention_heads": 2,
+               "decoder_attention_heads": 2, "encoder_ffn_dim": 64, "decoder_ffn_dim": 64, "prompt_hidden_size": 16}
+
+
+@pytest.fixture(scope="session")
+def tiny_config() -> dict:
+    """PromptEHRConfig overrides of the tiny test model (a fresh dict each time it is requested)."""
+    return dict(TINY_CONFIG)
+
+
+@pytest.fixture(scope="session")
+def tiny_config_json() -> str:
+    """The same overrides as JSON, for ``promptehr train --config-overrides``."""
+    return json.dumps(TINY_CONFIG)
 
 
 @pytest.fixture(scope="module")

@@ -63,14 +63,11 @@ def tokenizer(cohort):
 
 
 @pytest.fixture(scope="module")
-def checkpoint(cohort, tokenizer, tmp_path_factory) -> Path:
+def checkpoint(cohort, tokenizer, tmp_path_factory, tiny_config) -> Path:
     """A saved tiny model with tokenizer, cohort prior, generation config and custom_generate/."""
     torch.manual_seed(0)
     cfg = PromptEHRConfig.from_preset(
-        "small", tokenizer=tokenizer, d_model=32, encoder_layers=1, decoder_layers=1, encoder_ffn_dim=64,
-        decoder_ffn_dim=64, encoder_attention_heads=2, decoder_attention_heads=2, prompt_hidden_size=16,
-        max_position_embeddings=128,
-    )
+        "small", tokenizer=tokenizer, **tiny_config, max_position_embeddings=128)
     path = tmp_path_factory.mktemp("checkpoint") / "model"
     PromptEHRForConditionalGeneration(cfg).save_pretrained(path)
     tokenizer.save_pretrained(path)

@@ -16,15 +16,12 @@ from promptehr_hf.tokenization.tokenization_promptehr import PromptEHRTokenizer
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
+def checkpoint(tmp_path_factory, tiny_config):
     patients = simulate(200, seed=3)
     tokenizer = PromptEHRTokenizer.from_patients(patients)
     torch.manual_seed(0)
     cfg = PromptEHRConfig.from_preset(
-        "small", tokenizer=tokenizer, d_model=32, encoder_layers=1, decoder_layers=1, encoder_ffn_dim=64,
-        decoder_ffn_dim=64, encoder_attention_heads=2, decoder_attention_heads=2, prompt_hidden_size=16,
-        max_position_embeddings=128,
-    )
+        "small", tokenizer=tokenizer, **tiny_config, max_position_embeddings=128)
     path = tmp_path_factory.mktemp("ckpt")
     PromptEHRForConditionalGeneration(cfg).save_pretrained(path)
     tokenizer.save_pretrained(path)

@@ -67,13 +67,10 @@ def prior(cohort):
 
 
 @pytest.fixture(scope="module")
-def model(tokenizer):
+def model(tokenizer, tiny_config):
     torch.manual_seed(0)
     cfg = PromptEHRConfig.from_preset(
-        "small", tokenizer=tokenizer, d_model=32, encoder_layers=1, decoder_layers=1, encoder_ffn_dim=64,
-        decoder_ffn_dim=64, encoder_attention_heads=2, decoder_attention_heads=2, prompt_hidden_size=16,
-        max_position_embeddings=128,
-    )
+        "small", tokenizer=tokenizer, **tiny_config, max_position_embeddings=128)
     return PromptEHRForConditionalGeneration(cfg).eval()
 
 

@@ -26,18 +26,9 @@ PATIENTS = [
     {"visits": [["4019", "4280"], ["V3000", "7742"], ["486", "5849", "25000"]]},
     {"visits": [["25000"], ["4019", "486", "4280", "5849"]]},
 ]
-TINY = dict(
-    d_model=32,
-    encoder_layers=2,
-    decoder_layers=2,
-    encoder_attention_heads=2,
-    decoder_attention_heads=2,
-    encoder_ffn_dim=64,
-    decoder_ffn_dim=64,
-    prompt_hidden_size=16,
-    max_position_embeddings=64,
-    dropout=0.0,
-)
+# The shared tiny model with two layers a side (cross-layer cache paths) and no dropout (exact
+# comparisons between forwards).
+MODEL_TESTS = dict(encoder_layers=2, decoder_layers=2, max_position_embeddings=64, dropout=0.0)
 
 
 @pytest.fixture(scope="module")
@@ -46,8 +37,8 @@ def tokenizer():
 
 
 @pytest.fixture(scope="module")
-def config(tokenizer):
-    return PromptEHRConfig.from_preset("small", tokenizer=tokenizer, **TINY)
+def config(tokenizer, tiny_config):
+    return PromptEHRConfig.from_preset("small", tokenizer=tokenizer, **{**tiny_config, **MODEL_TESTS})
 
 
 @pytest.fixture(scope="module")

@@ -149,7 +149,7 @@ def test_metric_folders_carry_what_the_hub_needs(installed, metric):
     assert {"evaluate>=0.4", "promptehr-hf"} <= set(requirements)
 
 
-def test_installed_copy_trains_from_an_empty_folder(installed, tmp_path):
+def test_installed_copy_trains_from_an_empty_folder(installed, tmp_path, tiny_config_json):
     """`promptehr train` of the installed (non-editable) copy, from an empty folder: simulate,
     prepare, train, save, generate, evaluate; nothing written to HF_HOME; the public API imports."""
     path = os.pathsep.join([str(installed), sysconfig.get_paths()["purelib"]])
@@ -165,12 +165,10 @@ def test_installed_copy_trains_from_an_empty_folder(installed, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert Path(proc.stdout.strip()).is_relative_to(installed)
 
-    tiny = ('{"d_model": 32, "encoder_layers": 1, "decoder_layers": 1, "encoder_attention_heads": 2, '
-            '"decoder_attention_heads": 2, "encoder_ffn_dim": 64, "decoder_ffn_dim": 64, "prompt_hidden_size": 16}')
     # -S: no site, so not the editable install's finder; the console script as pip wrote it.
     proc = subprocess.run(
         [sys.executable, "-S", str(installed / "bin" / "promptehr"), "train", "--patients", "2000", "--max-steps",
-         "20", "--output-dir", "run", "--config-overrides", tiny, "--eval-steps", "0", "--save-steps", "20",
+         "20", "--output-dir", "run", "--config-overrides", tiny_config_json, "--eval-steps", "0", "--save-steps", "20",
          "--batch-size", "16", "--max-source-length", "64", "--warmup-steps", "0"],
         cwd=work, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-5000:]

@@ -12,13 +12,11 @@ from promptehr_hf.modeling_promptehr.training import pipeline
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-TINY = ('{"d_model": 32, "encoder_layers": 1, "decoder_layers": 1, "encoder_attention_heads": 2, '
-        '"decoder_attention_heads": 2, "encoder_ffn_dim": 64, "decoder_ffn_dim": 64, "prompt_hidden_size": 16}')
 
-
-def test_resume_last_passes_over_an_incomplete_checkpoint(tmp_path, caplog):
+def test_resume_last_passes_over_an_incomplete_checkpoint(tmp_path, caplog, tiny_config_json):
     out = tmp_path / "run"
-    common = ["--output-dir", str(out), "--patients", "120", "--config-overrides", TINY, "--batch-size", "16",
+    common = ["--output-dir", str(out), "--patients", "120", "--config-overrides", tiny_config_json,
+              "--batch-size", "16",
               "--logging-steps", "1", "--eval-steps", "0", "--save-steps", "2", "--eval-generate-patients", "0",
               "--max-source-length", "64", "--warmup-steps", "0", "--generate", "0", "--max-steps", "4"]
     assert pipeline.main(common)["global_step"] == 4

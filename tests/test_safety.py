@@ -401,13 +401,10 @@ def test_a_killed_prepare_keeps_the_earlier_output_and_leaves_nothing_behind(mim
 
 # ----------------------------------------------------------------------------- generation
 @pytest.mark.parametrize("custom_decoding", [True, False])
-def test_generation_emits_no_past_key_values_deprecation(patients, custom_decoding):
+def test_generation_emits_no_past_key_values_deprecation(patients, custom_decoding, tiny_config):
     tokenizer = PromptEHRTokenizer.from_patients(patients)
     torch.manual_seed(0)
-    config = PromptEHRConfig.from_preset(
-        "small", tokenizer=tokenizer, d_model=16, encoder_layers=1, decoder_layers=1, encoder_ffn_dim=32,
-        decoder_ffn_dim=32, encoder_attention_heads=2, decoder_attention_heads=2, prompt_hidden_size=8,
-        max_position_embeddings=1024)
+    config = PromptEHRConfig.from_preset("small", tokenizer=tokenizer, **tiny_config)
     model = PromptEHRForConditionalGeneration(config).eval()
     logged: list[str] = []
     handler = logging.Handler()

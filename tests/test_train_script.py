@@ -23,9 +23,6 @@ from promptehr_hf.modeling_promptehr.training import pipeline
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-TINY = ('{"d_model": 32, "encoder_layers": 1, "decoder_layers": 1, "encoder_attention_heads": 2, '
-        '"decoder_attention_heads": 2, "encoder_ffn_dim": 64, "decoder_ffn_dim": 64, "prompt_hidden_size": 16}')
-
 
 def cache_entries() -> set[str]:
     """Every file and folder under HF_HOME and the datasets cache, and datasets' temporary cache folders."""
@@ -46,7 +43,7 @@ def train_script(repo_root):
     return module
 
 
-def test_train_generate_evaluate_push_and_resume(train_script, tmp_path, monkeypatch):
+def test_train_generate_evaluate_push_and_resume(train_script, tmp_path, monkeypatch, tiny_config_json):
     from huggingface_hub import HfApi
 
     calls = {}
@@ -64,7 +61,8 @@ def test_train_generate_evaluate_push_and_resume(train_script, tmp_path, monkeyp
     monkeypatch.setattr(HfApi, "create_repo", fake_create_repo)
     monkeypatch.setattr(HfApi, "create_commit", fake_create_commit)
     out = tmp_path / "run"
-    common = ["--output-dir", str(out), "--patients", "300", "--config-overrides", TINY, "--batch-size", "16",
+    common = ["--output-dir", str(out), "--patients", "300", "--config-overrides", tiny_config_json,
+              "--batch-size", "16",
               "--logging-steps", "2", "--eval-steps", "4", "--save-steps", "4", "--eval-examples", "32",
               "--eval-generate-patients", "8", "--max-source-length", "64", "--warmup-steps", "0"]
     before = cache_entries()

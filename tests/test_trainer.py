@@ -31,12 +31,10 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 CODES = ["4019", "25000", "41401", "4280", "42731", "5849", "2724", "51881", "0389", "99592", "486", "2859",
          "5990", "53081", "2449", "496"]
-TINY = dict(d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2, decoder_attention_heads=2,
-            encoder_ffn_dim=64, decoder_ffn_dim=64, prompt_hidden_size=16, max_position_embeddings=128)
 
 
 @pytest.fixture(scope="module")
-def cohort():
+def cohort(tiny_config):
     rng = random.Random(0)
     # Two clusters of codes that co-occur, so that some category pairs are frequent, others rare.
     groups = [CODES[:8], CODES[8:]]
@@ -49,13 +47,14 @@ def cohort():
                          "visits": visits})
     tok = PromptEHRTokenizer.from_patients(patients)
     counts = category_cooccurrence(patients, tokenizer_categories(tok)[0])
-    return patients, tok, counts, build_examples(patients, max_source_length=64)
+    return patients, tok, counts, build_examples(patients, max_source_length=64), tiny_config
 
 
 def make_trainer(cohort, out, trainer_kwargs=None, **overrides):
-    patients, tok, counts, examples = cohort
+    patients, tok, counts, examples, tiny = cohort
     torch.manual_seed(0)
-    model = PromptEHRForConditionalGeneration(PromptEHRConfig.from_preset("small", tokenizer=tok, **TINY))
+    model = PromptEHRForConditionalGeneration(
+        PromptEHRConfig.from_preset("small", tokenizer=tok, **tiny, max_position_embeddings=128))
     kwargs = dict(output_dir=str(out), max_steps=8, per_device_train_batch_size=16, per_device_eval_batch_size=32,
                   logging_steps=1, learning_rate=3e-3, report_to=[], save_strategy="no", disable_tqdm=True,
                   max_source_length=64, max_target_length=32, dataloader_num_workers=0, seed=0,
