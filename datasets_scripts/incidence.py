@@ -1,4 +1,4 @@
-"""Sparse incidence matrices of patient cohorts (shared by the metrics, the trainer, benchmarks).
+"""Sparse incidence matrices of patient cohorts (shared by the metrics and the trainer).
 
 A *cohort* is any of: a sequence of patient dicts in the package schema, a table with those
 columns (a ``datasets.Dataset``, a dict of columns, a ``pyarrow.Table``, a pandas DataFrame), or

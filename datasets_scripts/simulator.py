@@ -1,7 +1,7 @@
 """The built-in simulated cohort: a documented generative process over real ICD-9-CM codes.
 
 Nobody can ship MIMIC-III, so the default cohort is simulated. It is calibrated to the public
-MIMIC-III figures (``shared/mimic3_reference.md``: 46,520 patients, 56% male, ~17% neonates,
+MIMIC-III figures (46,520 patients, 56% male, ~17% neonates,
 ~1.27 admissions per patient, ~11.3 codes per admission, the top-20 codes) and, being a known
 process, it is also the ground truth fidelity is measured against.
 

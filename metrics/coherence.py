@@ -27,9 +27,9 @@ Fidelity
   ``r2_consecutive_prevalence``: key = ordered pair (c, c') (c = c' allowed), value = number of
   consecutive visit pairs (t, t+1) of one patient with c in t and c' in t+1 / number of such
   visit pairs in X.
-- ``cooccurrence_score`` (the prototype's score): mean, over the within-visit pair occurrences of
+- ``cooccurrence_score``: mean, over the within-visit pair occurrences of
   S (each unordered pair of distinct codes in each visit), of the number of R visits holding that
-  pair; it grows with the size of R (the prototype used its training set as R).
+  pair; it grows with the size of R, so compare it only between cohorts scored against one R.
   ``cooccurrence_seen_share``: share of those pair occurrences held by at least one R visit.
 
 Validity (``age`` = years at first admission, applied to every visit of the patient; NaN when a

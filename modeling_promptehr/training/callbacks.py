@@ -48,7 +48,7 @@ class TrainingHousekeepingCallback(TrainerCallback):
 
 def default_generate(model, tokenizer, n: int, *, prior=None, batch_size: int = 64, seed: int = 0,
                      max_history_length: int | None = None):
-    """A small unconditional cohort through the package's generation loop (issue 7's API)."""
+    """A small unconditional cohort through the package's generation loop (``generate_patients``)."""
     cohort, _ = generate_patients(model, tokenizer, n, mode="unconditional", prior=prior, batch_size=batch_size,
                                   seed=seed, max_history_length=max_history_length, progress=False)
     return cohort
@@ -56,7 +56,7 @@ def default_generate(model, tokenizer, n: int, *, prior=None, batch_size: int = 
 
 class GenerationMonitorCallback(TrainerCallback):
     """At each evaluation: generate a small cohort and log its diversity, so that mode collapse
-    shows during training (the prototype collapsed to 31 codes and nobody saw it until after).
+    shows during training rather than after it.
 
     Logs (keys ``gen_*``, beside the evaluation's): ``gen_distinct_codes``,
     ``gen_distinct_codes_real`` (distinct codes of as many real patients), ``gen_top_code_share``

@@ -1,11 +1,11 @@
 """PromptEHRTrainer: LM + age + sex + co-occurrence losses, weighted and logged one by one.
 
-The prototype this package replaces failed here three ways, each now impossible to miss:
-its co-occurrence loss had no gradient (it is computed on the predicted distribution now,
-:mod:`.cooccurrence`), its sex loss died at step 14 unseen (every component is logged raw,
-weighted and as a share of the total at every logging step, in ``trainer_state.json``), and its
-model collapsed to 31 codes (:class:`GenerationMonitorCallback` generates a small cohort at
-each evaluation and warns when the number of distinct codes falls below a threshold).
+Three failures of a multi-loss generator are made visible: a loss with no gradient (the
+co-occurrence loss is computed on the predicted distribution, :mod:`.losses`), a component that
+dies unseen (every component is logged raw, weighted and as a share of the total at every
+logging step, in ``trainer_state.json``, with a warning when one fades), and mode collapse
+(:class:`~.callbacks.GenerationMonitorCallback` generates a small cohort at each evaluation and
+warns when the number of distinct codes falls below a threshold).
 
 Total loss = sum over components c in (lm, age, sex, cooc) of weighted_c, where
 - ``fixed``: weighted_c = w_c * L_c (w_lm = 1);
@@ -214,7 +214,7 @@ class PromptEHRTrainer(Trainer):
     def _watch_dead(self, name: str, raw: float, weight: float, logs: dict) -> None:
         """Log ``loss_<c>_vs_start`` (raw / its first logged value; from the log history after a
         resume) and warn once when a weighted component has fallen below ``dead_loss_ratio`` of
-        its start: it no longer trains anything (the prototype's sex loss died at step 14 unseen)."""
+        its start: it no longer trains anything."""
         if name not in self._first_raw:
             earlier = [h[f"loss_{name}"] for h in self.state.log_history if f"loss_{name}" in h]
             self._first_raw[name] = earlier[0] if earlier else raw
