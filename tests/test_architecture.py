@@ -184,3 +184,20 @@ def test_the_checker_allows_the_flow_and_the_training_exception(tmp_path):
         "cli.py": "import importlib\n",
     })
     assert import_problems(root) == []
+
+
+def test_public_api_is_lazy_and_every_name_resolves():
+    import subprocess
+    import sys
+
+    code = ("import sys, promptehr_hf\n"
+            "heavy = sorted({'torch', 'transformers', 'datasets'} & set(sys.modules))\n"
+            "assert not heavy, f'import promptehr_hf imported {heavy}'\n"
+            "for name in promptehr_hf.__all__:\n"
+            "    getattr(promptehr_hf, name)\n"
+            "from promptehr_hf import (PromptEHRConfig, PromptEHRForConditionalGeneration, PromptEHRTokenizer,\n"
+            "                          PromptEHRTrainer, PromptEHRTrainingArguments, generate_patients)\n"
+            "print(len(promptehr_hf.__all__))\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert int(proc.stdout) >= 20
