@@ -81,9 +81,10 @@ class PromptEHRGenerationConfig(GenerationConfig):
         kwargs.pop("_from_model_config", None)
         super().__init__(**kwargs)
 
-    def validate(self, strict: bool = False, user_set_attributes: set[str] | None = None):
-        """GenerationConfig's checks, then PromptEHR's fields (ValueError on a bad value)."""
-        super().validate(strict=strict, user_set_attributes=user_set_attributes)
+    def validate(self, *args, **kwargs):
+        """GenerationConfig's checks (their arguments passed on as given: they differ between
+        transformers releases), then PromptEHR's fields (ValueError on a bad value)."""
+        super().validate(*args, **kwargs)
         for name, allowed in (("stage_two", STAGE_TWO_MODES), ("visit_length", VISIT_LENGTHS)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")

@@ -22,8 +22,13 @@ Imports only torch, transformers, numpy, the standard library and the files besi
 
 from __future__ import annotations
 
+# Loading custom_generate/ from a local folder, older transformers releases (5.4 among them) copy
+# into their module cache only the files this one imports itself: every shipped file is named.
 from .config import promptehr_generation_config
+from .decoding import visit_decoding  # noqa: F401
 from .patients import sample_patients
+from .prior import CohortPrior  # noqa: F401
+from .processors import VisitLogitsProcessor  # noqa: F401
 
 # Arguments of transformers' generate that have no meaning for whole patients; transformers
 # hands them over (as None) when it runs a custom_generate repository.
