@@ -2,6 +2,7 @@
 
     python benchmarks/fidelity.py                         # simulated cohort of 20,000 patients
     python benchmarks/fidelity.py --mimic-dir DIR         # a real MIMIC-III folder, unchanged
+    python benchmarks/fidelity.py --cohort recombined     # 12,000 patients recombined from the MIMIC-III demo
     python benchmarks/fidelity.py --minutes 10 --long-minutes 30 --only default,greedy
 
 Every model is trained by the main job (``examples/train.py``, a subprocess) on the same
@@ -23,6 +24,13 @@ training P(code | category); greedy decoding vs ancestral sampling at temperatur
 by the model vs drawn from the data). Writes ``benchmarks/results/fidelity.json`` and
 ``fidelity.md`` (the table, with each fidelity target marked met or missed), and the default
 model's full report (plots) under ``--work-dir``.
+
+``--cohort recombined`` trains on a cohort with real co-occurrence instead: patients recombined
+from the admissions of a real MIMIC-III folder (``--demo-dir``, by default the demo beside the
+repository; ``promptehr_hf.datasets_scripts.recombined``), built at run time into
+``WORK_DIR/cohort`` as MIMIC-III CSVs and read from there as ``--mimic-dir``. Its work folder
+(``benchmarks/work/fidelity_recombined``) and results (``fidelity_recombined.{json,md}``) are
+its own, and the table names the cohort.
 """
 
 from __future__ import annotations
@@ -56,6 +64,8 @@ GENERATION = {
     "greedy": {"do_sample": False},
     "visit_length_model": {"visit_length": "model"},
 }
+# Default cohort sizes of --cohort.
+PATIENTS = {"simulated": 20_000, "recombined": 12_000}
 # Columns of the table: (metric key, label).
 COLUMNS = [
     ("code_js", "code JS"),
@@ -81,18 +91,50 @@ COLUMNS = [
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--mimic-dir", help="a real MIMIC-III folder instead of the simulated cohort")
-    p.add_argument("--patients", type=int, default=20_000, help="simulated cohort size")
+    p.add_argument("--cohort", choices=("simulated", "recombined"), default="simulated",
+                   help="without --mimic-dir: the simulated cohort, or one recombined from --demo-dir's admissions")
+    p.add_argument("--demo-dir", default=os.environ.get("MIMIC3_DEMO_DIR", str(REPO.parent / "shared" / "mimic3demo")),
+                   help="the real MIMIC-III folder --cohort recombined draws from (read in place)")
+    p.add_argument("--patients", type=int, default=None,
+                   help=f"cohort size (default {PATIENTS['simulated']:,} simulated, "
+                        f"{PATIENTS['recombined']:,} recombined)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--minutes", type=float, default=10.0, help="training budget of every run but budget_long")
     p.add_argument("--long-minutes", type=float, default=30.0, help="training budget of budget_long (<= 30)")
     p.add_argument("--only", default=None, help="comma-separated rows to (re)compute; others are kept from --out")
-    p.add_argument("--work-dir", default=str(HERE / "work" / "fidelity"))
-    p.add_argument("--out", default=str(HERE / "results" / "fidelity.json"))
+    p.add_argument("--work-dir", default=None,
+                   help="default benchmarks/work/fidelity (fidelity_recombined for --cohort recombined)")
+    p.add_argument("--out", default=None,
+                   help="default benchmarks/results/fidelity.json (fidelity_recombined.json for --cohort recombined)")
     p.add_argument("--generate-batch-size", type=int, default=256)
     p.add_argument("--jobs", type=int, default=2, help="training runs at a time, each pinned to one core")
     p.add_argument("--retrain", action="store_true", help="train again even when a finished model exists")
     p.add_argument("--train-args", default="", help="extra examples/train.py flags for every run")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.mimic_dir and args.cohort != "simulated":
+        p.error("--mimic-dir and --cohort recombined exclude each other")
+    suffix = "" if args.cohort == "simulated" else f"_{args.cohort}"
+    if args.patients is None:
+        args.patients = PATIENTS[args.cohort]
+    if args.work_dir is None:
+        args.work_dir = str(HERE / "work" / f"fidelity{suffix}")
+    if args.out is None:
+        args.out = str(HERE / "results" / f"fidelity{suffix}.json")
+    return args
+
+
+def build_recombined(args) -> str:
+    """Write the recombined cohort as MIMIC-III CSVs into WORK_DIR/cohort (kept when a cohort of
+    the same source, size and seed is already there) and return that folder."""
+    from promptehr_hf.datasets_scripts.recombined import write_recombined_cohort
+
+    folder = Path(args.work_dir) / "cohort"
+    stamp = folder / "recombined.json"
+    spec = {"demo_dir": str(Path(args.demo_dir).resolve()), "patients": args.patients, "seed": args.seed}
+    if not (stamp.is_file() and json.loads(stamp.read_text()) == spec):
+        write_recombined_cohort(args.demo_dir, folder, args.patients, args.seed)
+        stamp.write_text(json.dumps(spec) + "\n")
+    return str(folder)
 
 
 def train(name: str, args, flags: list[str], minutes: float, core: int | None = None) -> Path:
@@ -201,7 +243,9 @@ def fmt(x) -> str:
 def markdown(result: dict) -> str:
     rows = result["rows"]
     order = ["floor", "baseline", "default", *[k for k in rows if k not in ("floor", "baseline", "default")]]
-    lines = ["# Fidelity benchmark", "",
+    title = "# Fidelity benchmark" if result.get("cohort_kind", "simulated") == "simulated" else \
+        f"# Fidelity benchmark: {result['cohort_kind']} cohort"
+    lines = [title, "",
              f"Cohort: {result['cohort']}. Split: {result['n_train']:,} train / {result['n_test']:,} test patients; "
              f"every row scored against the training split; each model generates {result['n_test']:,} patients. "
              f"Training budget {result['minutes']} min (budget_long: {result['long_minutes']} min), each run on "
@@ -229,6 +273,8 @@ def main(argv=None) -> dict:
         raise SystemExit("--long-minutes is at most 30 (the issue's budget)")
     from promptehr_hf.datasets_scripts.prepare import load_prepared
 
+    if args.cohort == "recombined":
+        args.mimic_dir = build_recombined(args)
     out = Path(args.out)
     previous = json.loads(out.read_text()) if out.is_file() and args.only else {}
     known = {"floor", "baseline", *TRAINING, *GENERATION}  # rows of variants since removed are dropped
@@ -255,9 +301,16 @@ def main(argv=None) -> dict:
         if name != "default":
             rows[name] = score(name, model_dir, splits, args, {}, None)["row"]
 
+    if args.cohort == "recombined":
+        cohort = (f"recombined from the admissions of the MIMIC-III folder {args.demo_dir} "
+                  f"(promptehr_hf.datasets_scripts.recombined), {args.patients:,} patients, seed {args.seed}")
+    elif args.mimic_dir:
+        cohort = f"MIMIC-III folder {args.mimic_dir}"
+    else:
+        cohort = f"simulated, {args.patients:,} patients, seed {args.seed}"
     result = {
-        "cohort": f"MIMIC-III folder {args.mimic_dir}" if args.mimic_dir
-        else f"simulated, {args.patients:,} patients, seed {args.seed}",
+        "cohort": cohort,
+        **({"cohort_kind": args.cohort} if args.cohort != "simulated" else {}),
         "n_train": len(splits["train"]), "n_test": len(splits["test"]),
         "minutes": args.minutes, "long_minutes": args.long_minutes,
         "cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
