@@ -1,7 +1,7 @@
 """Synthetic MIMIC-style patients: prepare a cohort, train, generate, evaluate.
 
-The `promptehr` console command only dispatches. Each subcommand lives in the module that owns its feature; that module exposes
-`add_arguments(parser)`, `run(args) -> int` and optionally `validate(args)`, the cheap checks
+The `promptehr` console command only dispatches. Each subcommand lives in the module that owns
+its feature; that module exposes `add_arguments(parser)`, `run(args) -> int` and optionally `validate(args)`, the cheap checks
 that run before anything heavy loads. Modules are imported only when their subcommand runs, so
 `promptehr --help` stays fast.
 
