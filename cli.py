@@ -1,9 +1,9 @@
 """Synthetic MIMIC-style patients: prepare a cohort, train, generate, evaluate.
 
 The `promptehr` console command only dispatches. Each subcommand lives in the module that owns
-its feature; that module exposes `add_arguments(parser)`, `run(args) -> int` and optionally `validate(args)`, the cheap checks
-that run before anything heavy loads. Modules are imported only when their subcommand runs, so
-`promptehr --help` stays fast.
+its feature; that module exposes `add_arguments(parser)`, `run(args) -> int` and optionally
+`validate(args)`, the cheap checks that run before anything heavy loads. Modules are imported
+only when their subcommand runs, so `promptehr --help` stays fast.
 
 User errors (a bad argument, a missing or unreadable input, a refused output folder: ValueError,
 OSError) print one line, ``promptehr COMMAND: error: ...``, on stderr and exit with code 2;
