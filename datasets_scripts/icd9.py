@@ -37,7 +37,7 @@ DATA_DIR = Path(__file__).resolve().parent / "data"
 SEX_EDITS = ("sex_female_only", "sex_male_only")
 AGE_EDITS = ("age_newborn", "age_pediatric", "age_maternity", "age_adult")
 EDITS = SEX_EDITS + AGE_EDITS  # the order check() tests them in
-_SEX_CONFLICT = {"sex_female_only": "M", "sex_male_only": "F"}
+SEX_CONFLICT = {"sex_female_only": "M", "sex_male_only": "F"}  # the sex each sex edit forbids
 
 
 class _Tables:
@@ -242,8 +242,8 @@ def check(code: str, age: float, sex: str) -> str | None:
         return None
     ranges = _edit_data()[1]
     for edit in edits:
-        if edit in _SEX_CONFLICT:
-            if sex == _SEX_CONFLICT[edit]:
+        if edit in SEX_CONFLICT:
+            if sex == SEX_CONFLICT[edit]:
                 return edit
         elif not ranges[edit][0] <= years <= ranges[edit][1]:
             return edit
@@ -280,8 +280,8 @@ def violations(codes: Sequence[str], ages, sexes):
     for k in reversed(range(len(EDITS))):
         edit = EDITS[k]
         has = (has_bits >> k) & 1 == 1
-        if edit in _SEX_CONFLICT:
-            broken = is_m if _SEX_CONFLICT[edit] == "M" else is_f
+        if edit in SEX_CONFLICT:
+            broken = is_m if SEX_CONFLICT[edit] == "M" else is_f
         else:
             lo, hi = ranges[edit]
             broken = (years < lo) | (years > hi)

@@ -169,7 +169,7 @@ def evaluate_cohorts(synthetic: Any, real: Any, train: Any = None, *, out_dir: s
     "meta": {...}}``; with ``out_dir``, also writes metrics.json, metrics.md and the PNGs there.
     """
     if out_dir is not None:
-        _check_replaceable(Path(out_dir).resolve())  # fail before the work, not after
+        check_output(Path(out_dir).resolve(), "evaluate")  # fail before the work, not after
     t0 = time.perf_counter()
     syn, ref = as_columns(synthetic), as_columns(real)
     tr = as_columns(train) if train is not None else None
@@ -256,11 +256,6 @@ def markdown_table(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _check_replaceable(out: Path, inputs: dict | None = None) -> None:
-    """Refuse an ``out`` that is an input or holds anything but an earlier report (``file_utils.check_output``)."""
-    check_output(out, "evaluate", inputs)
-
-
 def _write(result: dict, cohort_columns: dict[str, dict], out: Path, plots: bool) -> None:
     with replace_folder(out, "evaluate", {"meta": _clean(result["meta"])}) as tmp:
         write_json_atomic(tmp / "metrics.json", _clean(result), indent=2, allow_nan=False)
@@ -300,7 +295,7 @@ def validate(args: argparse.Namespace) -> None:
     for flag, value in (("--top-k", args.top_k), ("--n-attack", args.n_attack)):
         if value < 1:
             raise ValueError(f"{flag} must be >= 1, got {value}")
-    _check_replaceable(Path(args.out), _inputs(args))
+    check_output(Path(args.out), "evaluate", _inputs(args))
 
 
 def run(args: argparse.Namespace) -> int:

@@ -35,8 +35,6 @@ CUSTOM_GENERATE_DIR = "custom_generate"
 # The generation core, copied into custom_generate/ (generate.py is the entry transformers loads).
 SHIPPED_FILES = ("generate.py", "config.py", "patients.py", "prior.py", "processors.py", "decoding.py")
 TRAINING_ARGS_JSON = "training_args.json"  # written by PromptEHRTrainer beside the checkpoint
-# The sex each sex edit forbids, as datasets_scripts.icd9 defines the edits.
-SEX_CONFLICTS = {"sex_female_only": "M", "sex_male_only": "F"}
 
 
 def cms_edits(tokenizer) -> dict:
@@ -50,7 +48,7 @@ def cms_edits(tokenizer) -> dict:
             classes.setdefault(edits, []).append(code)
     return {
         "age_ranges": {edit: list(bounds) for edit, bounds in icd9.age_ranges().items()},
-        "sex_conflicts": {edit: SEX_CONFLICTS[edit] for edit in icd9.SEX_EDITS},
+        "sex_conflicts": dict(icd9.SEX_CONFLICT),
         "classes": [{"edits": list(edits), "codes": codes} for edits, codes in sorted(classes.items())],
     }
 
