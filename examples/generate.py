@@ -58,10 +58,12 @@ def main(argv: list[str] | None = None) -> None:
     #    model.generation_config, codes per visit from the training distribution
     #    (visit_length="data") and codes inside a category by the training P(code | category)
     #    (stage_two="empirical").
-    #    exclude_patients drops any synthetic patient identical to a training one.
+    #    exclude_patients redraws (same age and sex) any synthetic patient identical to a training
+    #    one, and drops one still identical after copy_redraws (default 3) rounds.
     cohort, stats = generate_patients(model, tokenizer, args.n, prior=prior, seed=args.seed, exclude_patients=train)
     print(f"unconditional: {len(cohort)} patients, {stats['mean_visits_per_patient']:.2f} visits/patient, "
-          f"{stats['mean_codes_per_visit']:.2f} codes/visit, {stats.get('copies_dropped', 0)} copies dropped, "
+          f"{stats['mean_codes_per_visit']:.2f} codes/visit, {stats.get('copies_redrawn', 0)} copies redrawn, "
+          f"{stats.get('copies_dropped', 0)} dropped, "
           f"{stats['patients_per_second']:.1f} patients/s")
     print("first patient:", cohort[0])
 

@@ -41,4 +41,6 @@ def test_write_cohort_refuses_no_patient(tmp_path):
     out = tmp_path / "synthetic"
     with pytest.raises(ValueError, match=r"no patient to write \(12 generated; 12 dropped as copies"):
         write_cohort([], out, {"n_generated": 12, "copies_dropped": 12})
+    with pytest.raises(ValueError, match=r"12 dropped as copies of training patients after 3 redraws each\)"):
+        write_cohort([], out, {"n_generated": 12, "copies_dropped": 12, "copy_redraws": 3})
     assert not out.exists() and not list(tmp_path.iterdir())

@@ -507,8 +507,70 @@ def test_greedy_is_deterministic_and_copy_filter_drops(model, tokenizer, prior):
     assert a["visits"] == b["visits"]  # argmax: no randomness, batching does not matter
     # Greedy gives equal demographics equal records: excluding the first drops its 8 twins.
     c, stats = generate_patients(model, tokenizer, seed=0, exclude_patients=a.to_list()[:1], **kwargs)
-    assert stats["copies_dropped"] == 8 and len(c) == len(demo) - 8
+    # ... after redrawing them 3 times in vain (greedy redraws are the same records).
+    assert stats["copies_dropped"] == 8 and stats["copies_redrawn"] == 0 and len(c) == len(demo) - 8
     assert c["subject_id"] == list(range(1, len(demo) - 7)) and 0.0 not in c["age"]
+
+
+def _record(visits) -> tuple:
+    return tuple(tuple(sorted(v)) for v in visits)
+
+
+@pytest.mark.parametrize("mode", ["unconditional", "conditional", "seeded"])
+def test_copy_filter_redraws_copies_with_the_same_demographics(model, tokenizer, prior, cohort, mode):
+    """Excluding a first generation of the same model and seed makes every first-round patient a
+    copy: each is redrawn (same age and sex; the given visit count; the same seed) instead of
+    dropped, so all n come back, in order, none a copy."""
+    seeds = [p for p in cohort if len(p["visits"]) >= 2][:20] + cohort[:20]
+    demo = [{"age": p["age"], "sex": p["sex"], **({"n_visits": 2} if j % 2 else {})} for j, p in enumerate(cohort[:40])]
+    kwargs = dict(mode=mode, prior=prior, seed=3, batch_size=16, progress=False,
+                  **{"unconditional": dict(n=40), "conditional": dict(demographics=demo),
+                     "seeded": dict(seed_patients=seeds)}[mode])
+    first, stats_first = generate_patients(model, tokenizer, **kwargs)
+    assert "copies_redrawn" not in stats_first and "copies_dropped" not in stats_first
+    ds, stats = generate_patients(model, tokenizer, exclude_patients=first, **kwargs)
+    n = len(first)
+    assert len(ds) == n and ds["subject_id"] == list(range(1, n + 1))
+    _assert_valid(ds, stats)
+    assert stats["copies_redrawn"] == n and stats["copies_dropped"] == 0 and stats["copy_redraws"] == 3
+    assert ds["age"] == first["age"] and ds["sex"] == first["sex"]
+    excluded = {_record(v) for v in first["visits"]}
+    assert not any(_record(v) in excluded for v in ds["visits"])
+    assert stats["visits_generated"] > stats_first["visits_generated"]  # the redraws are counted
+    if mode == "conditional":
+        assert all(len(v) == 2 for v in ds["visits"][1::2])
+    if mode == "seeded":
+        for seed, p in zip(seeds, ds):
+            assert len(p["visits"]) == len(seed["visits"])
+            assert [len(v) for v in p["visits"]] == [len(v) for v in seed["visits"]]
+            if len(seed["visits"]) > 1:
+                assert p["visits"][0] == seed["visits"][0]
+    # copy_redraws=0: the copies are dropped at once.
+    none, stats_none = generate_patients(model, tokenizer, exclude_patients=first, copy_redraws=0, **kwargs)
+    assert len(none) == 0 and stats_none["copies_dropped"] == n and stats_none["copies_redrawn"] == 0
+
+
+def test_copy_filter_without_copies_changes_nothing(model, tokenizer, prior, cohort):
+    """The first round is the plain generation: a filter that finds no copy returns the same
+    patients as no filter, and one that finds a few changes those alone."""
+    kwargs = dict(prior=prior, seed=0, batch_size=16, progress=False)
+    plain, _ = generate_patients(model, tokenizer, 40, **kwargs)
+    made = {_record(v) for v in plain["visits"]}
+    copied = [p for p in cohort if _record(p["visits"]) in made]
+    assert copied  # short real records the tiny model writes too
+    other = [p for p in cohort if _record(p["visits"]) not in made]
+    same, stats = generate_patients(model, tokenizer, 40, exclude_patients=other, **kwargs)
+    assert same.to_list() == plain.to_list()
+    assert stats["copies_redrawn"] == stats["copies_dropped"] == 0
+    filtered, stats = generate_patients(model, tokenizer, 40, exclude_patients=cohort, **kwargs)
+    assert len(filtered) == 40
+    changed = [j for j, (a, b) in enumerate(zip(plain["visits"], filtered["visits"])) if a != b]
+    assert stats["copies_redrawn"] == len(changed) > 0 and stats["copies_dropped"] == 0
+    assert {j for j, v in enumerate(plain["visits"]) if _record(v) in {_record(p["visits"]) for p in copied}} \
+        == set(changed)
+    assert filtered["age"] == plain["age"] and filtered["sex"] == plain["sex"]
+    with pytest.raises(ValueError, match="copy_redraws"):
+        generate_patients(model, tokenizer, 4, exclude_patients=cohort, copy_redraws=-1, **kwargs)
 
 
 def test_bad_arguments(model, tokenizer, prior):

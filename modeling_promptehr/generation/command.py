@@ -15,6 +15,7 @@ from promptehr_hf.file_utils import OutputFolderError, check_output, replace_fol
 from promptehr_hf.modeling_promptehr.modeling_promptehr import PromptEHRForConditionalGeneration
 from promptehr_hf.tokenization.tokenization_promptehr import PromptEHRTokenizer
 
+from .patients import DEFAULT_COPY_REDRAWS
 from .pipeline import MODES, VISIT_LENGTHS, generate_patients
 from .prior import PRIOR_FILE
 from .processors import STAGE_TWO_MODES
@@ -46,8 +47,11 @@ def write_cohort(patients, out_dir: str | os.PathLike, stats: dict | None = None
     """
     if len(patients) == 0:
         stats = stats or {}
-        dropped = f"; {stats['copies_dropped']} dropped as copies of training patients" \
-            if stats.get("copies_dropped") else ""
+        dropped = ""
+        if stats.get("copies_dropped"):
+            dropped = f"; {stats['copies_dropped']} dropped as copies of training patients"
+            if stats.get("copy_redraws"):
+                dropped += f" after {stats['copy_redraws']} redraws each"
         raise ValueError(f"no patient to write ({stats.get('n_generated', 0)} generated{dropped}); nothing written")
     out = Path(out_dir)
     if not overwrite:
@@ -115,7 +119,12 @@ def add_arguments(parser) -> None:
     parser.add_argument("--seed-visits", type=int, default=None,
                         help="seeded: leading visits kept from each seed (default: 1)")
     parser.add_argument("--exclude-training", default=None,
-                        help="drop synthetic patients identical to one in this Parquet / prepared folder")
+                        help="redraw (same age and sex; same seed in seeded mode) synthetic patients identical to "
+                             "one in this Parquet / prepared folder, and drop those still identical after "
+                             "--copy-redraws rounds")
+    parser.add_argument("--copy-redraws", type=int, default=None,
+                        help=f"with --exclude-training: rounds of redraws before a copy is dropped (default: "
+                             f"{DEFAULT_COPY_REDRAWS}; 0: drop copies at once)")
     parser.add_argument("--device", default=None)
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default: torch's; on a machine shared with other jobs, 1 can be much "
@@ -151,7 +160,8 @@ def validate(args) -> None:
                                 "pass --prior")
     for flag, value, low in (("--n", args.n, 1), ("--batch-size", args.batch_size, 1),
                              ("--seed-visits", args.seed_visits, 0), ("--max-codes", args.max_codes, 1),
-                             ("--top-k", args.top_k, 1), ("--threads", args.threads, 1)):
+                             ("--top-k", args.top_k, 1), ("--threads", args.threads, 1),
+                             ("--copy-redraws", args.copy_redraws, 0)):
         if value is not None and value < low:
             raise ValueError(f"{flag} must be >= {low}, got {value}")
     if args.temperature is not None and not args.temperature > 0:
@@ -178,10 +188,12 @@ def run(args) -> int:
         top_k=args.top_k, top_p=args.top_p, do_sample=False if args.greedy else None,
         cms=False if args.no_cms else None,
         exclude_patients=_read_patients(args.exclude_training) if args.exclude_training else None,
+        copy_redraws=args.copy_redraws,
     )
     write_cohort(dataset, out, stats, seed=args.seed, overwrite=args.overwrite)
     print(json.dumps({k: stats[k] for k in ("n_patients", "n_visits", "mean_visits_per_patient",
-                                             "mean_codes_per_visit", "seconds") if k in stats}))
+                                             "mean_codes_per_visit", "copies_redrawn", "copies_dropped",
+                                             "seconds") if k in stats}))
     print(f"wrote {out}")
     return 0
 

@@ -26,7 +26,7 @@ from __future__ import annotations
 # into their module cache only the files this one imports itself: every shipped file is named.
 from .config import promptehr_generation_config
 from .decoding import visit_decoding  # noqa: F401
-from .patients import sample_patients
+from .patients import DEFAULT_COPY_REDRAWS, sample_patients
 from .prior import CohortPrior  # noqa: F401
 from .processors import VisitLogitsProcessor  # noqa: F401
 
@@ -38,8 +38,9 @@ _TOKEN_LEVEL_ARGUMENTS = ("inputs", "logits_processor", "stopping_criteria", "pr
 
 
 def generate(model, *, tokenizer, n: int | None = None, mode: str = "unconditional", prior=None,
-             demographics=None, seed_patients=None, seed: int = 0, exclude_patients=None, generation_config=None,
-             progress: bool = False, **kwargs) -> tuple[list[dict], dict]:
+             demographics=None, seed_patients=None, seed: int = 0, exclude_patients=None,
+             copy_redraws: int | None = DEFAULT_COPY_REDRAWS, generation_config=None, progress: bool = False,
+             **kwargs) -> tuple[list[dict], dict]:
     """Generate synthetic patients, visit after visit, every visit grammatical, duplicate-free and
     within the CMS age/sex edits of its patient.
 
@@ -60,8 +61,15 @@ def generate(model, *, tokenizer, n: int | None = None, mode: str = "uncondition
             (years), ``sex`` ("F"/"M") and optionally ``n_visits``.
         seed_patients: seeded mode: real patients as dicts in the patient schema.
         seed: seeds numpy and torch (the global torch RNG state is restored afterwards).
-        exclude_patients: training patients; synthetic patients whose visits (as code sets, in
-            order) equal one of theirs are dropped and counted (``stats["copies_dropped"]``).
+        exclude_patients: training patients; a synthetic patient whose visits (as code sets, in
+            order) equal one of theirs is replaced by a fresh draw with the same demographics
+            (age and sex, the given visit count in conditional mode, the same seed in seeded
+            mode), for at most ``copy_redraws`` rounds, all the copies of a round generated
+            together with a random stream of their own; one still a copy after the last round is
+            dropped. Counted in ``stats["copies_redrawn"]`` (returned with a redrawn record) and
+            ``stats["copies_dropped"]``. Without copies the output is that of a run without it.
+        copy_redraws: rounds of redraws of the copies (default 3; 0: copies are dropped at once;
+            None: the default).
         generation_config: the settings (a GenerationConfig; default: ``model.generation_config``,
             which the checkpoint's ``generation_config.json`` sets).
         progress: show a progress bar over the visits.
@@ -84,4 +92,4 @@ def generate(model, *, tokenizer, n: int | None = None, mode: str = "uncondition
                                          else model.generation_config, **kwargs)
     return sample_patients(model, tokenizer, config, n, mode=mode, prior=prior, demographics=demographics,
                            seed_patients=seed_patients, seed=seed, exclude_patients=exclude_patients,
-                           progress=progress)
+                           copy_redraws=copy_redraws, progress=progress)

@@ -23,6 +23,13 @@ Modes:
   kept, the following ones generated (as many as the seed has, each as long as the seed's visit);
   the share of output codes copied from the seed is reported.
 
+Copy filter (``exclude_patients``): a synthetic patient whose visits (as code sets, in order)
+equal a training patient's is replaced by a fresh draw with the same demographics
+(:func:`_redraw_plan`; in seeded mode, the same seed), all the copies of a round generated
+together under a random stream of their own, for at most ``copy_redraws`` rounds; a patient
+still a copy after the last round is dropped. The first round is the plain generation, so
+a run without copies returns exactly what it returns without the filter.
+
 The settings (stage two, visit length, CMS edits, sampling, batch size, ...) are a
 :class:`~.config.PromptEHRGenerationConfig`. Entry points: :func:`~.generate.generate` (the
 checkpoint's ``custom_generate``) and, in the package, ``generate_patients``; both call
@@ -56,11 +63,14 @@ from .processors import CMSEditTable, VocabIndex, check_visits, max_new_tokens_f
 # ``past_key_values`` before), as the model's remote code decides it.
 CACHE_ARG = "cache" if "cache" in inspect.signature(BartDecoder.forward).parameters else "past_key_values"
 
+# Rounds of redraws a copy of an excluded (training) patient gets before it is dropped.
+DEFAULT_COPY_REDRAWS = 3
+
 
 class _Plan:
     """Per-patient generation plan: demographics, visit count, given visits, target lengths."""
 
-    def __init__(self, ages, sexes, n_visits, lengths=None, given=None, seed_visits_all=None):
+    def __init__(self, ages, sexes, n_visits, lengths=None, given=None, seed_visits_all=None, fixed_n_visits=None):
         self.ages = np.minimum(np.asarray(ages, dtype=np.float64), AGE_CAP)
         self.sexes = list(sexes)
         bad = sorted({str(s) for s in self.sexes if s not in SEXES})
@@ -75,6 +85,9 @@ class _Plan:
         self.visits = [list(v) for v in given] if given is not None else [[] for _ in self.ages]
         self.start = np.array([len(v) for v in self.visits], dtype=np.int64)
         self.seed_visits_all = seed_visits_all  # seeded mode: the seeds' full visit lists
+        # Whether the caller set each patient's visit count (a redraw keeps it) or the prior drew it.
+        self.fixed_n_visits = (np.zeros(len(self.ages), dtype=bool) if fixed_n_visits is None
+                               else np.asarray(fixed_n_visits, dtype=bool))
 
 
 def _history_length(model, config: PromptEHRGenerationConfig) -> int:
@@ -175,7 +188,7 @@ def _batch_bounds(targets: np.ndarray, batch_size: int) -> list[int]:
 
 
 def _run_plan(model, tokenizer, plan: _Plan, config: PromptEHRGenerationConfig, *, index, edit_table, max_codes,
-              max_history_length, progress) -> dict:
+              max_history_length, progress, desc: str = "generating") -> dict:
     """Generate every missing visit of ``plan`` in place; returns counters."""
     device = next(model.parameters()).device
     gen_cfg = _visit_generation_config(model, tokenizer)
@@ -188,7 +201,7 @@ def _run_plan(model, tokenizer, plan: _Plan, config: PromptEHRGenerationConfig, 
     counters = {"visits_generated": 0, "ungrammatical_visits": 0, "visits_with_duplicate_code": 0,
                 "visits_short_of_target": 0, "empty_visits": 0, "generate_calls": 0}
     total = int((plan.n_visits - plan.start).clip(min=0).sum())
-    bar = tqdm(total=total, unit="visit", desc="generating", disable=not progress)
+    bar = tqdm(total=total, unit="visit", desc=desc, disable=not progress)
     for t in range(int(plan.n_visits.max(initial=0))):
         todo = np.nonzero((plan.start <= t) & (t < plan.n_visits))[0]
         if len(todo) == 0:
@@ -266,15 +279,23 @@ def load_prior(source: str | os.PathLike) -> CohortPrior:
 
 def sample_patients(model, tokenizer, config: PromptEHRGenerationConfig, n: int | None = None, *,
                     mode: str = "unconditional", prior=None, demographics=None, seed_patients=None, seed: int = 0,
-                    exclude_patients=None, progress: bool = False) -> tuple[list[dict], dict]:
+                    exclude_patients=None, copy_redraws: int | None = DEFAULT_COPY_REDRAWS,
+                    progress: bool = False) -> tuple[list[dict], dict]:
     """Generate synthetic patients under ``config``; see :func:`~.generate.generate` for the arguments.
 
     Returns:
         (patients, stats): patient dicts ``{"subject_id", "age", "sex", "visits"}`` (subject ids
-        1, 2, ...; visits as lists of ICD-9 codes), and the counters and settings of the run.
+        1, 2, ...; visits as lists of ICD-9 codes), and the counters and settings of the run; with
+        ``exclude_patients``, ``copies_redrawn`` (patients returned with a redrawn record) and
+        ``copies_dropped`` (patients still copies after ``copy_redraws`` redraws, left out).
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if copy_redraws is None:
+        copy_redraws = DEFAULT_COPY_REDRAWS
+    if isinstance(copy_redraws, bool) or not isinstance(copy_redraws, (int, np.integer)) or copy_redraws < 0:
+        raise ValueError(f"copy_redraws must be an integer >= 0, got {copy_redraws!r}")
+    known = None if exclude_patients is None else {_visit_key(v) for v in columns(exclude_patients)[2]}
     rng = np.random.default_rng(seed)
     t0 = time.perf_counter()
 
@@ -313,11 +334,31 @@ def sample_patients(model, tokenizer, config: PromptEHRGenerationConfig, n: int 
         edit_table = CMSEditTable(index, config.cms_edits)
     was_training = model.training  # the trainer's monitoring callback generates mid-training
     model.eval()
+    run = dict(index=index, edit_table=edit_table, max_codes=int(max_codes), max_history_length=max_history_length,
+               progress=progress)
+    redrawn = np.zeros(len(plan.ages), dtype=bool)
+    copies = np.zeros(0, dtype=np.int64)
     try:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            counters = _run_plan(model, tokenizer, plan, config, index=index, edit_table=edit_table,
-                                 max_codes=int(max_codes), max_history_length=max_history_length, progress=progress)
+            counters = _run_plan(model, tokenizer, plan, config, **run)
+            if known is not None:
+                copies = _copies(plan, np.arange(len(plan.ages)), known)
+                for round_ in range(1, int(copy_redraws) + 1):
+                    if len(copies) == 0:
+                        break
+                    # A stream of its own per round (numpy for the plan, torch for the codes), so
+                    # a redraw does not replay the round before; the first round keeps `seed`.
+                    round_rng = np.random.default_rng([seed, round_])
+                    torch.manual_seed(int(round_rng.integers(2 ** 63)))
+                    redraw = _redraw_plan(plan, copies, mode, round_rng, need_prior, config.seed_visits,
+                                          config.visit_length)
+                    more = _run_plan(model, tokenizer, redraw, config, **run,
+                                     desc=f"redrawing copies ({round_}/{copy_redraws})")
+                    counters = {k: counters[k] + more[k] for k in counters}
+                    _replace(plan, copies, redraw)
+                    redrawn[copies] = True
+                    copies = _copies(plan, copies, known)
     finally:
         model.train(was_training)
     seconds = time.perf_counter() - t0
@@ -333,10 +374,10 @@ def sample_patients(model, tokenizer, config: PromptEHRGenerationConfig, n: int 
         stats.update(_seed_overlap(plan))
 
     keep = np.ones(len(plan.ages), dtype=bool)
-    if exclude_patients is not None:
-        known = {_visit_key(v) for v in columns(exclude_patients)[2]}
-        keep = np.array([_visit_key(v) not in known for v in plan.visits], dtype=bool)
-        stats["copies_dropped"] = int((~keep).sum())
+    keep[copies] = False
+    if known is not None:
+        stats.update(copy_redraws=int(copy_redraws), copies_redrawn=int((redrawn & keep).sum()),
+                     copies_dropped=int((~keep).sum()))
     patients = [
         {"subject_id": j + 1, "age": float(plan.ages[i]), "sex": plan.sexes[i], "visits": plan.visits[i]}
         for j, i in enumerate(np.nonzero(keep)[0])
@@ -350,6 +391,34 @@ def sample_patients(model, tokenizer, config: PromptEHRGenerationConfig, n: int 
         seconds=seconds, patients_per_second=len(plan.ages) / seconds if seconds > 0 else None,
     )
     return patients, stats
+
+
+def _copies(plan: _Plan, rows: np.ndarray, known: set) -> np.ndarray:
+    """The patients among ``rows`` whose visits equal those of an excluded patient."""
+    return np.array([i for i in rows if _visit_key(plan.visits[i]) in known], dtype=np.int64)
+
+
+def _redraw_plan(plan: _Plan, rows: np.ndarray, mode: str, rng, need_prior, seed_visits, visit_length) -> _Plan:
+    """A fresh plan for the patients ``rows`` of ``plan``, with their demographics: in seeded mode
+    the same seeds (their kept visits, visit count and lengths); otherwise the same age and sex,
+    the visit count the caller set (conditional mode's ``n_visits``) or a new one drawn from the
+    prior, and, with ``visit_length="data"``, new visit lengths."""
+    if mode == "seeded":
+        seeds = [{"age": plan.ages[i], "sex": plan.sexes[i], "visits": plan.seed_visits_all[i]} for i in rows]
+        return _make_plan("seeded", None, rng, need_prior, None, seeds, seed_visits, visit_length)
+    demographics = [{"age": plan.ages[i], "sex": plan.sexes[i],
+                     "n_visits": int(plan.n_visits[i]) if plan.fixed_n_visits[i] else None} for i in rows]
+    return _make_plan("conditional", None, rng, need_prior, demographics, None, seed_visits, visit_length)
+
+
+def _replace(plan: _Plan, rows: np.ndarray, redraw: _Plan) -> None:
+    """Put the records of ``redraw`` (one per patient of ``rows``) in place of theirs in ``plan``."""
+    for j, i in enumerate(rows):
+        plan.visits[i] = redraw.visits[j]
+        if plan.lengths is not None:
+            plan.lengths[i] = redraw.lengths[j]
+    plan.n_visits[rows] = redraw.n_visits
+    plan.start[rows] = redraw.start
 
 
 def _make_plan(mode, n, rng, need_prior, demographics, seed_patients, seed_visits, visit_length) -> _Plan:
@@ -379,7 +448,7 @@ def _make_plan(mode, n, rng, need_prior, demographics, seed_patients, seed_visit
         if missing.any():
             n_visits[missing] = need_prior().sample_n_visits(ages[missing], rng)
         lengths = _prior_lengths(need_prior(), ages, n_visits, rng) if data_lengths else None
-        return _Plan(ages, sexes, n_visits, lengths)
+        return _Plan(ages, sexes, n_visits, lengths, fixed_n_visits=~missing)
     # seeded
     if seed_patients is None:
         raise ValueError("seeded generation needs seed_patients (real patients in the patient schema)")
@@ -394,7 +463,8 @@ def _make_plan(mode, n, rng, need_prior, demographics, seed_patients, seed_visit
     n_visits = np.array([len(v) for v in visits], dtype=np.int64)
     given = [v[: min(seed_visits, len(v) - 1)] for v in visits]
     lengths = [np.array([max(len(x), 1) for x in v], dtype=np.int64) for v in visits] if data_lengths else None
-    return _Plan([float(s["age"]) for s in seeds], [s["sex"] for s in seeds], n_visits, lengths, given, visits)
+    return _Plan([float(s["age"]) for s in seeds], [s["sex"] for s in seeds], n_visits, lengths, given, visits,
+                 fixed_n_visits=np.ones(len(seeds), dtype=bool))
 
 
 def _prior_lengths(prior: CohortPrior, ages: np.ndarray, n_visits: np.ndarray, rng) -> list[np.ndarray]:
@@ -437,4 +507,4 @@ def _seed_overlap(plan: _Plan) -> dict:
     }
 
 
-__all__ = ["load_prior", "sample_patients"]
+__all__ = ["DEFAULT_COPY_REDRAWS", "load_prior", "sample_patients"]

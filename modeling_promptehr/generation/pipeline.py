@@ -29,6 +29,7 @@ from promptehr_hf.datasets_scripts.cohort_io import patients_to_dataset
 
 from .config import MODES, VISIT_LENGTHS, PromptEHRGenerationConfig, promptehr_generation_config
 from .generate import generate
+from .patients import DEFAULT_COPY_REDRAWS
 from .prior import CohortPrior
 
 CUSTOM_GENERATE_DIR = "custom_generate"
@@ -72,6 +73,7 @@ def generate_patients(
     seed_patients=None,
     seed: int = 0,
     exclude_patients=None,
+    copy_redraws: int | None = DEFAULT_COPY_REDRAWS,
     progress: bool = True,
     generation_config: GenerationConfig | None = None,
     **overrides,
@@ -92,8 +94,15 @@ def generate_patients(
             ``age`` (years), ``sex`` ("F"/"M") and optionally ``n_visits``.
         seed_patients: seeded mode: real patients (dicts or a Dataset in the patient schema).
         seed: seeds numpy and torch (the global torch RNG state is restored afterwards).
-        exclude_patients: training patients; synthetic patients whose visits (as code sets, in
-            order) equal one of theirs are dropped and counted (``stats["copies_dropped"]``).
+        exclude_patients: training patients; a synthetic patient whose visits (as code sets, in
+            order) equal one of theirs is replaced by a fresh draw with the same demographics
+            (age and sex, the given visit count in conditional mode, the same seed in seeded
+            mode), for at most ``copy_redraws`` rounds, all the copies of a round generated
+            together with a random stream of their own; one still a copy after the last round is
+            dropped. Counted in ``stats["copies_redrawn"]`` (returned with a redrawn record) and
+            ``stats["copies_dropped"]``. Without copies the output is that of a run without it.
+        copy_redraws: rounds of redraws of the copies (default 3; 0: copies are dropped at once;
+            None: the default).
         progress: show a progress bar over the visits.
         generation_config: the settings (default: ``model.generation_config``); the CMS edits
             come from ``datasets_scripts.icd9`` when it carries none, and the history length
@@ -115,7 +124,7 @@ def generate_patients(
         config.max_history_length = _trained_history_length(getattr(model, "name_or_path", None))
     patients, stats = generate(model, tokenizer=tokenizer, n=n, mode=mode, prior=prior, demographics=demographics,
                                seed_patients=seed_patients, seed=seed, exclude_patients=exclude_patients,
-                               generation_config=config, progress=progress)
+                               copy_redraws=copy_redraws, generation_config=config, progress=progress)
     return patients_to_dataset(patients), stats
 
 
