@@ -33,13 +33,34 @@ Everything that defines the process is in the tables below (``PARAMS``, ``PHENOT
      the variants the patient's age and sex allow; at each later admission a coded condition
      moves to its ``progress`` variant with probability ``p_progress`` (CKD stage 3 -> 4 -> 5 ->
      ESRD, diabetes -> diabetic nephropathy, metastases ...).
-   - the long tail: each active phenotype adds Poisson(``tail_rate``) codes drawn from its
-     ``tail`` categories (real billable v32 codes, no core code). A code of rank r inside a
-     category of rank R weighs (R + ``zipf_q``)^-``zipf_s`` * r^-``zipf_within``, both ranks
-     fixed permutations seeded by ``PARAMS.structure_seed`` and the phenotype name (not by the
-     sampling seed): the far tail leaves whole categories unused, as in MIMIC. Each tail code of
-     the previous admission returns with ``PARAMS.tail_keep``. An admission with no code gets
-     one background tail code.
+   - the long tail: each active phenotype adds *tail entries* from its ``tail`` categories (real
+     billable v32 codes, no core code); an entry writes one code, or two codes of different
+     categories. All the tail's structure is fixed by ``PARAMS.structure_seed`` and the
+     phenotype names, not by the sampling seed:
+
+     * *Category weight.* The categories of a phenotype's pool are ranked by a seeded
+       permutation; the category of rank R weighs (R + ``zipf_q``)^-``zipf_s``: the far tail
+       leaves whole categories unused, as in MIMIC.
+     * *Codes inside a category belong to phenotypes.* The n codes of a category have one seeded
+       order; the u phenotypes whose tails cover it (the background included) take consecutive
+       blocks of b = clip(n // u, 1, ``tail_codes`` + 1) codes of that order, in an order of the
+       phenotypes seeded per category (blocks wrap around when n < u). A phenotype writes the
+       first min(b, ``tail_codes``) codes of its block alone, the one at place r weighing
+       r^-``zipf_within``, together (1 - ``pair_share``) of the category's weight. So
+       P(code | category) depends on the phenotype: two phenotypes sharing a category write
+       different codes of it, wherever it has enough codes.
+     * *Code pairs.* The remaining ``pair_share`` of the category's weight is one pair entry: the
+       last code of the phenotype's block written together with a code of a partner category of
+       the same pool (drawn by category weight among the pool's other categories), taken among
+       that category's codes after all its blocks (among all its codes if it has none left).
+       The pair ties two codes, not their categories: the other codes of both categories do not
+       come with it. A pool of one category has no pair entry.
+
+     An active phenotype draws Poisson(``tail_rate`` / m) entries by weight among those the
+     patient's age and sex allow, m the mean number of codes of an entry so drawn, so
+     ``tail_rate`` is the mean number of tail codes it adds. Each tail entry of the previous
+     admission returns with ``PARAMS.tail_keep`` (a pair returns whole). An admission with no
+     code gets one tail entry of the background phenotype (of the neonatal one for a newborn).
    - codes are de-duplicated, ``EXCLUDES`` applied (e.g. hypertensive CKD 40390 replaces 4019),
      ordered like MIMIC's ``seq_num`` by ``rank`` + N(0, ``PARAMS.order_noise``) (principal acute
      diagnosis first, chronic conditions, status V codes and external-cause E codes last), and
@@ -49,9 +70,9 @@ Everything that defines the process is in the tables below (``PARAMS``, ``PHENOT
      chronic comorbidities first.
 
 Every code is a billable v32 leaf, and every record respects the CMS Medicare Code Editor age/sex
-edits by construction: variants and tail codes are drawn only among the codes that
-``icd9.violations`` allows for the patient's whole-year age and sex (one allowed set per class
-of ages and sex, precomputed).
+edits by construction: variants and tail entries are drawn only among those whose codes
+``icd9.violations`` all allows for the patient's whole-year age and sex (one allowed set per
+class of ages and sex, precomputed).
 
 Sampling is vectorised with numpy over blocks of ``PARAMS.block_size`` patients; block b uses
 the random stream ``SeedSequence(seed).spawn`` child b, so ``simulate(n, seed)`` is deterministic
@@ -129,7 +150,8 @@ class Phenotype:
     episode: (first, keep, new) probabilities of being active at an admission (see module doc).
     readmit: added to the log readmission rate of members.
     conditions: the core codes. tail: category ranges ("390-459", "V01-V91", "E800-E999") of the
-        long tail; tail_rate: mean tail codes per active admission; tail_rank: their order rank.
+        long tail; tail_rate: mean tail codes per active admission (a code pair counts two);
+        tail_rank: their order rank.
     """
 
     name: str
@@ -165,11 +187,13 @@ class CohortParams:
     capped_share: float = 0.2  # patients whose admissions keep only the first capped_codes codes
     capped_codes: int = 9
     tail_keep: float = 0.3
-    zipf_s: float = 8.0  # tail weight of a code: (category rank + zipf_q)^-zipf_s
-    zipf_q: float = 400.0  # * (rank inside the category)^-zipf_within
-    zipf_within: float = 2.0
+    zipf_s: float = 8.0  # tail weight of a category: (category rank + zipf_q)^-zipf_s
+    zipf_q: float = 400.0
+    tail_codes: int = 4  # at most this many codes of a tail category a phenotype writes alone,
+    zipf_within: float = 1.5  # the one at place r weighing r^-zipf_within
+    pair_share: float = 0.25  # share of a tail category's weight on its code-pair entry
     order_noise: float = 0.8
-    structure_seed: int = 2015  # fixes the tail ranks: part of the process, not of a sample
+    structure_seed: int = 2015  # fixes the tail entries: part of the process, not of a sample
     block_size: int = 4096
 
 
@@ -218,7 +242,7 @@ PHENOTYPES: tuple[Phenotype, ...] = (
             acute("tachycardia", "7850", 0.03, rank=2),
             acute("fever", "78060", 0.03, rank=2),
             acute("electrolytes", {"2761": 0.5, "2768": 0.35, "2752": 0.15}, 0.06, rank=2),
-            acute("uti", "5990", 0.07, rank=2),
+            acute("uti", {"5990": 0.8, "5990 04149": 0.2}, 0.07, rank=2),
             acute("thrombocytopenia", "2875", 0.04, rank=2),
             acute("hypotension", "4589", 0.025, rank=2),
             acute("pressure_ulcer", {"70703": 0.6, "70707": 0.4}, 0.02, rank=2),
@@ -232,7 +256,8 @@ PHENOTYPES: tuple[Phenotype, ...] = (
         conditions=(
             chronic("hypertension", "4019", 0.97, keep=0.97, new=0.5),
             chronic("hyperlipidemia", {"2724": 0.58, "2720": 0.42}, 0.60, keep=0.9, new=0.15),
-            chronic("diabetes", {"25000": 0.80, "25002": 0.06, "25001": 0.04, "25040 58381": 0.05, "25060 3572": 0.05},
+            chronic("diabetes", {"25000": 0.75, "25002": 0.06, "25001": 0.04, "25040 58381": 0.05, "25060 3572": 0.04,
+                                 "25060 5363": 0.02, "25050 36201": 0.02, "25070 44381": 0.02},
                     0.45, keep=0.92, new=0.06, progress={"25000": "25040 58381"}, p_progress=0.04),
             chronic("insulin", "V5867", 0.30, rank=4, requires="diabetes"),
             chronic("obesity", {"27800": 0.6, "27801": 0.4}, 0.12),
@@ -372,7 +397,7 @@ PHENOTYPES: tuple[Phenotype, ...] = (
             acute("aki", {"5849": 0.9, "5845": 0.1}, 0.75, rank=1),
             acute("respiratory_failure", "51881", 0.65, rank=1),
             acute("acidosis", "2762", 0.50, rank=2),
-            acute("uti", "5990", 0.45, rank=1),
+            acute("uti", {"5990": 0.75, "5990 04149": 0.25}, 0.45, rank=1),
             acute("pneumonia", "486", 0.40, rank=1),
             acute("aspiration", "5070", 0.06, rank=1),
             acute("thrombocytopenia", {"2875": 0.8, "2866": 0.2}, 0.10, rank=2),
@@ -576,8 +601,9 @@ def _range_mask(letters: np.ndarray, numbers: np.ndarray, ranges: tuple[str, ...
 
 @dataclass(frozen=True)
 class _Compiled:
-    """PHENOTYPES as arrays. P phenotypes, K conditions, W variants, V codes, C demographic classes
-    (distinct sets of CMS-allowed codes over whole-year ages 0-124 and both sexes)."""
+    """PHENOTYPES as arrays. P phenotypes, K conditions, W variants, E tail entries, V codes, C
+    demographic classes (distinct sets of CMS-allowed codes over whole-year ages 0-124 and both
+    sexes)."""
 
     vocab: np.ndarray  # object [V]: codes
     grid_class: np.ndarray  # int [125, 2]: class of (whole-year age, male)
@@ -604,27 +630,57 @@ class _Compiled:
     v_allowed: np.ndarray  # bool [C, W]
     v_flat: np.ndarray  # float [C * W]: (c * K + k) + cumulative weight within (c, k); see _sample_variants
     # long tail
-    tail_rate: np.ndarray  # float [C, P]: 0 where the class has no allowed tail code
-    tail_flat: np.ndarray  # float: (c * P + p) + cumulative Zipf weight, over each (c, p) pool
-    tail_code: np.ndarray  # int: code id of each tail_flat entry
+    tail_rate: np.ndarray  # float [C, P]: mean tail entries per active admission (0: no allowed entry)
+    tail_flat: np.ndarray  # float [C * E]: (c * P + p) + cumulative entry weight, over each (c, p) pool
+    tail_codes: np.ndarray  # int [E, 2]: code ids of each tail entry, -1 for a single code's second
     # exclusions: in an admission holding excl_key[j], drop excl_drop[j]
     excl_key: np.ndarray
     excl_drop: np.ndarray
 
 
-def _zipf_pool(name: str, codes: list[str], cats: list[str]) -> np.ndarray:
-    """Tail weights [n] of a phenotype's pool, Zipf-like at two levels: the code of rank r inside
-    a category of rank R (both seeded permutations) weighs (R + zipf_q)^-zipf_s * r^-zipf_within.
-    So the far tail leaves whole categories unused and uses few codes of most categories, as
-    MIMIC does."""
-    rng = np.random.default_rng([PARAMS.structure_seed, zlib.crc32(name.encode())])
-    distinct, cat_of = np.unique(np.array(cats), return_inverse=True)
-    cat_rank = 1 + rng.permutation(len(distinct))
-    grouped = np.lexsort((rng.random(len(codes)), cat_of))  # by category, shuffled inside
-    size = np.bincount(cat_of)
-    within = np.empty(len(codes))
-    within[grouped] = np.arange(len(codes)) - np.repeat(np.r_[0, np.cumsum(size)[:-1]], size) + 1.0
-    return (cat_rank[cat_of] + PARAMS.zipf_q) ** -PARAMS.zipf_s * within ** -PARAMS.zipf_within
+def _tail_pools(cat: np.ndarray, uses: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The tail entries of every phenotype (see the module docstring), from the tail codes'
+    categories ``cat`` (int [T], non-decreasing: codes grouped by category) and ``uses`` (bool
+    [P, G]: category g lies in phenotype p's tail ranges). Returns per phenotype (entries [e, 2]
+    of tail code indices, -1 for the missing second code of a single-code entry; weights [e])."""
+    G = len(uses[0])
+    size = np.bincount(cat, minlength=G)
+    block = np.clip(size // np.maximum(uses.sum(axis=0), 1), 1, PARAMS.tail_codes + 1)  # [G]: codes per user
+    start = np.r_[0, np.cumsum(size)[:-1]].astype(np.int64)
+    # Tail code indices by category, in a fixed shuffled order inside each category.
+    order = np.lexsort((np.random.default_rng(PARAMS.structure_seed).random(len(cat)), cat))
+    rngs = [np.random.default_rng([PARAMS.structure_seed, zlib.crc32(ph.name.encode())]) for ph in PHENOTYPES]
+    keys = np.where(uses, np.stack([r.random(G) for r in rngs]), np.inf)
+    slot = np.argsort(np.argsort(keys, axis=0, kind="stable"), axis=0, kind="stable")  # [P, G]: block of p in g
+    free = uses.sum(axis=0) * block  # [G]: first position after all the category's blocks
+    pools = []
+    for p, rng in enumerate(rngs):
+        g = np.flatnonzero(uses[p])
+        n_cat, n = len(g), size[g]
+        cat_w = (1.0 + rng.permutation(n_cat) + PARAMS.zipf_q) ** -PARAMS.zipf_s
+        b = block[g]
+        k = np.minimum(b, PARAMS.tail_codes)
+        share = PARAMS.pair_share if n_cat > 1 else 0.0
+        r = np.arange(PARAMS.tail_codes)
+        single = r[None, :] < k[:, None]  # [n_cat, tail_codes]
+        within = np.where(single, (r + 1.0) ** -PARAMS.zipf_within, 0.0)
+        within /= within.sum(axis=1, keepdims=True)
+        at = start[g, None] + (slot[p, g, None] * b[:, None] + r[None, :]) % n[:, None]
+        entries = [np.stack([order[at[single]], np.full(int(single.sum()), -1)], axis=1)]
+        weights = [(cat_w[:, None] * (1.0 - share) * within)[single]]
+        if share > 0:
+            gumbel = np.log(cat_w)[None, :] + rng.gumbel(size=(n_cat, n_cat))
+            np.fill_diagonal(gumbel, -np.inf)
+            y = g[gumbel.argmax(axis=1)]  # partner category of each category
+            first = start[g] + (slot[p, g] * b + b - 1) % n  # the block's last code
+            spare = size[y] - free[y]
+            u = rng.random(n_cat)
+            second = start[y] + np.where(spare > 0, free[y] + (u * np.maximum(spare, 1)).astype(np.int64),
+                                         (u * size[y]).astype(np.int64))
+            entries.append(np.stack([order[first], order[second]], axis=1))
+            weights.append(cat_w * share)
+        pools.append((np.concatenate(entries), np.concatenate(weights)))
+    return pools
 
 
 def _segment_cumsum(weights: np.ndarray, seg_len: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -649,14 +705,15 @@ def _compiled() -> _Compiled:
     if bad:
         raise ValueError(f"simulator tables: {bad} are not billable ICD-9-CM v32 codes")
     core_set = set(core)
-    tail_codes = [c for c in icd9.billable_codes() if c not in core_set]
+    tail_codes = sorted((c for c in icd9.billable_codes() if c not in core_set), key=lambda c: (icd9.category(c), c))
     cats = [icd9.category(c) for c in tail_codes]
-    letters = np.array([c[0] if c[0] in "VE" else "" for c in cats])
-    numbers = np.array([int(c[1:]) if c[0] in "VE" else int(c) for c in cats])
-    in_pool = [np.flatnonzero(_range_mask(letters, numbers, ph.tail)) for ph in PHENOTYPES]
-    pools = [[tail_codes[i] for i in ix] for ix in in_pool]
-    weights = [_zipf_pool(ph.name, pool, [cats[i] for i in ix]) for ph, pool, ix in zip(PHENOTYPES, pools, in_pool)]
-    vocab = core + sorted({c for pool in pools for c in pool})
+    distinct, cat = np.unique(np.array(cats), return_inverse=True)
+    letters = np.array([c[0] if c[0] in "VE" else "" for c in distinct])
+    numbers = np.array([int(c[1:]) if c[0] in "VE" else int(c) for c in distinct])
+    uses = np.stack([_range_mask(letters, numbers, ph.tail) for ph in PHENOTYPES])
+    pools, weights = zip(*_tail_pools(cat, uses))
+    used = np.unique(np.concatenate([e[e >= 0] for e in pools]))
+    vocab = core + sorted(tail_codes[i] for i in used)
     code_id = {c: i for i, c in enumerate(vocab)}
 
     # Demographic classes: the CMS-allowed code set for each whole-year age and sex.
@@ -701,11 +758,16 @@ def _compiled() -> _Compiled:
             depth[k] = depth[req[k]] + 1
     levels = tuple((np.flatnonzero(depth == d), req[depth == d]) for d in range(1, depth.max() + 1))
 
-    pool_ids = [np.array([code_id[c] for c in pool], dtype=np.int64) for pool in pools]
+    tail_id = np.zeros(len(tail_codes), dtype=np.int64)  # tail code index -> code id
+    tail_id[used] = [code_id[tail_codes[i]] for i in used]
+    entries = np.concatenate(pools)
+    t_codes = np.where(entries >= 0, tail_id[np.maximum(entries, 0)], -1)  # [E, 2]
     pool_w = np.concatenate(weights)
-    pool_len = np.array([len(ids) for ids in pool_ids])
-    all_pool = np.concatenate(pool_ids)
-    tcum, tsums = _segment_cumsum(pool_w[None, :] * allowed[:, all_pool], pool_len)
+    pool_len = np.array([len(w) for w in weights])
+    t_weight = pool_w[None, :] * np.where(t_codes[None] >= 0, allowed[:, np.maximum(t_codes, 0)], True).all(axis=2)
+    tcum, tsums = _segment_cumsum(t_weight, pool_len)  # [C, E], [C, P]
+    t_code_sums = _segment_cumsum(t_weight * (t_codes >= 0).sum(axis=1), pool_len)[1]
+    codes_per_entry = np.divide(t_code_sums, tsums, out=np.ones_like(tsums), where=tsums > 0)  # [C, P]
     tseg = np.arange(n_cls)[:, None] * P + np.repeat(np.arange(P), pool_len)[None, :]
 
     boost = np.zeros((P, P))
@@ -738,9 +800,9 @@ def _compiled() -> _Compiled:
         v_next=v_next,
         v_allowed=v_allowed,
         v_flat=(seg + cum).ravel(),
-        tail_rate=np.array([ph.tail_rate for ph in PHENOTYPES])[None, :] * (tsums > 0),
+        tail_rate=np.array([ph.tail_rate for ph in PHENOTYPES])[None, :] * (tsums > 0) / codes_per_entry,
         tail_flat=(tseg + tcum).ravel(),
-        tail_code=np.tile(all_pool, n_cls),
+        tail_codes=t_codes,
         excl_key=np.array([a for a, _ in excl], dtype=np.int64),
         excl_drop=np.array([b for _, b in excl], dtype=np.int64),
     )
@@ -804,9 +866,10 @@ def _sample_block(rng: np.random.Generator, n: int, first_subject_id: int) -> li
     active_prev = np.zeros((n, P), dtype=bool)
     ever_active = np.zeros((n, P), dtype=bool)
     coded_prev = np.zeros((n, K), dtype=bool)
-    tail_pat = np.zeros(0, dtype=np.int64)  # previous admission's tail codes: patient, code, rank
-    tail_code = np.zeros(0, dtype=np.int64)
+    tail_pat = np.zeros(0, dtype=np.int64)  # previous admission's tail entries: patient, entry, rank
+    tail_entry = np.zeros(0, dtype=np.int64)
     tail_rank = np.zeros(0)
+    E = len(S.tail_codes)
     out_visit, out_code, out_rank = [], [], []
     for t in range(int(n_visits.max())):
         idx = np.flatnonzero(n_visits > t)
@@ -838,7 +901,7 @@ def _sample_block(rng: np.random.Generator, n: int, first_subject_id: int) -> li
         core_code = codes[present]
         core_rank = np.broadcast_to(S.c_rank[ks][:, None], codes.shape)[present]
 
-        # Tail: the previous admission's tail codes may return; each active phenotype adds new ones.
+        # Tail: the previous admission's tail entries may return; each active phenotype adds new ones.
         keep = rng.random(len(tail_pat)) < PARAMS.tail_keep
         keep &= n_visits[tail_pat] > t
         carry_row = np.searchsorted(idx, tail_pat[keep])
@@ -850,13 +913,16 @@ def _sample_block(rng: np.random.Generator, n: int, first_subject_id: int) -> li
         draw_row, draw_p = np.repeat(draw_row, reps), np.repeat(draw_p, reps)
         pos = np.searchsorted(S.tail_flat, c[draw_row] * P + draw_p + rng.random(len(draw_row)), side="right")
         new_row = np.r_[carry_row, draw_row]
-        new_code = np.r_[tail_code[keep], S.tail_code[pos]]
+        new_entry = np.r_[tail_entry[keep], pos - c[draw_row] * E]
         new_rank = np.r_[tail_rank[keep], S.ph_tail_rank[draw_p]]
-        tail_pat, tail_code, tail_rank = idx[new_row], new_code, new_rank
+        tail_pat, tail_entry, tail_rank = idx[new_row], new_entry, new_rank
+        codes = S.tail_codes[new_entry]  # [entries, 2]
+        present = codes >= 0
+        tail_row = np.broadcast_to(new_row[:, None], codes.shape)[present]
 
-        out_visit.append(visit_start[idx[np.r_[core_row, new_row]]] + t)
-        out_code.append(np.r_[core_code, new_code])
-        out_rank.append(np.r_[core_rank, new_rank])
+        out_visit.append(visit_start[idx[np.r_[core_row, tail_row]]] + t)
+        out_code.append(np.r_[core_code, codes[present]])
+        out_rank.append(np.r_[core_rank, np.broadcast_to(new_rank[:, None], codes.shape)[present]])
 
     capped = rng.random(n) < PARAMS.capped_share
     cap = np.repeat(np.where(capped, PARAMS.capped_codes, PARAMS.max_codes), n_visits)
