@@ -3,7 +3,7 @@
     python benchmarks/fidelity.py                         # simulated cohort of 20,000 patients
     python benchmarks/fidelity.py --mimic-dir DIR         # a real MIMIC-III folder, unchanged
     python benchmarks/fidelity.py --cohort recombined     # 12,000 patients recombined from the MIMIC-III demo
-    python benchmarks/fidelity.py --minutes 10 --long-minutes 30 --only default,greedy
+    python benchmarks/fidelity.py --minutes 10 --only default,greedy,minutes_45
 
 Every model is trained by the main job (``examples/train.py``, a subprocess) on the same
 deterministic split, for a fixed wall-clock budget into which the trainer fits its learning-rate
@@ -18,7 +18,7 @@ test split holds, and every cohort is scored against the TRAINING split with the
 
 Rows (each an ablation of one choice against ``default``; the defaults are examples/train.py's
 and ``generate_patients``'): training choices (co-occurrence loss off; code order seq_num /
-hierarchical against the default shuffle; the budget, ``--minutes`` vs ``--long-minutes``) and
+hierarchical against the default shuffle; the learning rate) and
 generation choices on the default model (stage two by the model's scores vs the default, the
 training P(code | category); greedy decoding vs ancestral sampling at temperature 1; visit length decided
 by the model vs drawn from the data). Writes ``benchmarks/results/fidelity.json`` and
@@ -50,14 +50,21 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 TRAIN_SCRIPT = REPO / "examples" / "train.py"
 
-# Training runs: extra examples/train.py flags against the default run.
+# Training runs: extra examples/train.py flags against the default run, or (flags, minutes) for a
+# run with a budget of its own.
 TRAINING = {
     "default": [],
+    "no_visit_types": ["--visit-types", "0"],
+    "no_visit_types_45min": (["--visit-types", "0"], 45.0),
     "no_cooc_loss": ["--w-cooc", "0"],
     "order_seq_num": ["--code-order", "seq_num"],
     "order_hierarchical": ["--code-order", "hierarchical"],
-    "budget_long": None,  # the default flags with --long-minutes
+    "lr_2e-3": ["--learning-rate", "2e-3"],
+    "model_d128": ["--config-overrides", '{"d_model": 128, "encoder_ffn_dim": 512, "decoder_ffn_dim": 512, '
+                   '"prompt_hidden_size": 64}', "--learning-rate", "1e-3"],
 }
+# Training curve: the default flags at other budgets (minutes), beside the default row's --minutes.
+CURVE = {"minutes_5": 5.0, "minutes_15": 15.0, "minutes_45": 45.0}
 # Generation variants of the default model: generate_patients keyword arguments.
 GENERATION = {
     "stage_two_model": {"stage_two": "model"},
@@ -99,8 +106,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help=f"cohort size (default {PATIENTS['simulated']:,} simulated, "
                         f"{PATIENTS['recombined']:,} recombined)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--minutes", type=float, default=10.0, help="training budget of every run but budget_long")
-    p.add_argument("--long-minutes", type=float, default=30.0, help="training budget of budget_long (<= 30)")
+    p.add_argument("--minutes", type=float, default=10.0, help="training budget of every run but the curve's")
     p.add_argument("--only", default=None, help="comma-separated rows to (re)compute; others are kept from --out")
     p.add_argument("--work-dir", default=None,
                    help="default benchmarks/work/fidelity (fidelity_recombined for --cohort recombined)")
@@ -203,10 +209,39 @@ def score(name: str, model_dir: Path, splits, args, gen_kwargs: dict, report_dir
             "meta": result["meta"]}
 
 
-def targets(rows: dict) -> list[dict]:
-    """The issue's targets, each checked on the default model against the same run's references."""
+def closure(row: dict, floor: dict, base: dict, key: str) -> float:
+    """Share of the baseline-to-floor gap of ``key`` that ``row`` closes (1 = as good as held-out real
+    data, 0 = no better than independent sampling, negative = worse)."""
+    gap = floor[key] - base[key]
+    return (row[key] - base[key]) / gap if gap else float("nan")
+
+
+def targets(rows: dict, kind: str = "simulated") -> list[dict]:
+    """The fidelity targets, each checked on the default model against the same run's references:
+    the gap closures and the marginal checks differ by cohort (``kind``)."""
     m, floor, base = rows["default"], rows["floor"], rows["baseline"]
-    checks = [
+    within = closure(m, floor, base, "r2_pair_prevalence")
+    consec = closure(m, floor, base, "r2_consecutive_prevalence")
+    if kind == "recombined":
+        gaps = [
+            ("within-visit pair R² closes >= 50% of the gap", within >= 0.5, within),
+            ("consecutive-visit pair R² closes >= 60% of the gap", consec >= 0.6, consec),
+            ("code JS <= 1.5x floor", m["code_js"] <= 1.5 * floor["code_js"],
+             f"{m['code_js']:.4f} vs 1.5 x {floor['code_js']:.4f}"),
+        ]
+    else:
+        share, real_share = m["top_code_share"], m["top_code_share_real"]
+        gaps = [
+            ("within-visit pair R² closes >= 85% of the gap", within >= 0.85, within),
+            ("consecutive-visit pair R² closes >= 80% of the gap", consec >= 0.8, consec),
+            ("top-code share within 5% of real", abs(share - real_share) <= 0.05 * real_share,
+             f"{share:.3f} vs real {real_share:.3f}"),
+        ] + [
+            (f"{label} Wasserstein <= 1.5x floor", m[key] <= 1.5 * floor[key],
+             f"{m[key]:.3f} vs 1.5 x {floor[key]:.3f}")
+            for key, label in (("codes_per_visit_wasserstein", "codes-per-visit"), ("age_wasserstein", "age"))
+        ]
+    checks = gaps + [
         ("code JS <= 0.1", m["code_js"] <= 0.1, m["code_js"]),
         ("code JS <= 2x floor", m["code_js"] <= 2 * floor["code_js"],
          f"{m['code_js']:.4f} vs 2 x {floor['code_js']:.4f}"),
@@ -248,7 +283,7 @@ def markdown(result: dict) -> str:
     lines = [title, "",
              f"Cohort: {result['cohort']}. Split: {result['n_train']:,} train / {result['n_test']:,} test patients; "
              f"every row scored against the training split; each model generates {result['n_test']:,} patients. "
-             f"Training budget {result['minutes']} min (budget_long: {result['long_minutes']} min), each run on "
+             f"Training budget {result['minutes']} min (the curve rows: their own), each run on "
              f"one core of {result['cpus']} (two runs at a time).", "",
              "| row | " + " | ".join(label for _, label in COLUMNS) + " | train min | steps |",
              "|---" * (len(COLUMNS) + 3) + "|"]
@@ -258,6 +293,15 @@ def markdown(result: dict) -> str:
         r = rows[name]
         lines.append(f"| {name} | " + " | ".join(fmt(r.get(k)) for k, _ in COLUMNS)
                      + f" | {fmt(r.get('train_minutes'))} | {fmt(r.get('global_step'))} |")
+    curve = sorted(((result["minutes"], "default"), *((CURVE[k], k) for k in CURVE if k in rows)))
+    if len(curve) > 1:
+        lines += ["", "## Training curve (default flags; share of the baseline-to-floor gap closed)", "",
+                  "| minutes | steps | within-visit pairs | consecutive-visit pairs | code JS |",
+                  "|---|---|---|---|---|"]
+        lines += [f"| {minutes:g} | {fmt(rows[k].get('global_step'))} | "
+                  f"{closure(rows[k], rows['floor'], rows['baseline'], 'r2_pair_prevalence'):.0%} | "
+                  f"{closure(rows[k], rows['floor'], rows['baseline'], 'r2_consecutive_prevalence'):.0%} | "
+                  f"{rows[k]['code_js']:.4f} |" for minutes, k in curve]
     lines += ["", "## Targets (default model)", "", "| target | met | value |", "|---|---|---|"]
     lines += [f"| {t['target']} | {'yes' if t['met'] else '**MISSED**'} | {fmt(t['value'])} |"
               for t in result["targets"]]
@@ -269,22 +313,21 @@ def markdown(result: dict) -> str:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    if args.long_minutes > 30:
-        raise SystemExit("--long-minutes is at most 30 (the issue's budget)")
     from promptehr_hf.datasets_scripts.prepare import load_prepared
 
     if args.cohort == "recombined":
         args.mimic_dir = build_recombined(args)
     out = Path(args.out)
     previous = json.loads(out.read_text()) if out.is_file() and args.only else {}
-    known = {"floor", "baseline", *TRAINING, *GENERATION}  # rows of variants since removed are dropped
+    known = {"floor", "baseline", *TRAINING, *GENERATION, *CURVE}  # rows of variants since removed are dropped
     rows = {name: row for name, row in previous.get("rows", {}).items() if name in known}
     only = set(args.only.split(",")) if args.only else None
     wanted = lambda name: only is None or name in only  # noqa: E731
 
     t_start = time.perf_counter()
-    runs = {name: (flags or [], args.long_minutes if name == "budget_long" else args.minutes)
-            for name, flags in TRAINING.items() if name == "default" or wanted(name)}
+    runs = {name: spec if isinstance(spec, tuple) else (spec, args.minutes)
+            for name, spec in TRAINING.items() if name == "default" or wanted(name)}
+    runs.update({name: ([], minutes) for name, minutes in CURVE.items() if wanted(name)})
     model_dirs = train_all(runs, args)
     default_dir = model_dirs["default"]
     splits = load_prepared(default_dir.parent / "data")
@@ -312,11 +355,11 @@ def main(argv=None) -> dict:
         "cohort": cohort,
         **({"cohort_kind": args.cohort} if args.cohort != "simulated" else {}),
         "n_train": len(splits["train"]), "n_test": len(splits["test"]),
-        "minutes": args.minutes, "long_minutes": args.long_minutes,
+        "minutes": args.minutes,
         "cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         "meta": result_meta or previous.get("meta"),
         "rows": rows,
-        "targets": targets(rows),
+        "targets": targets(rows, args.cohort),
         "benchmark_minutes": round((time.perf_counter() - t_start) / 60 + previous.get("benchmark_minutes", 0), 1),
     }
     out.parent.mkdir(parents=True, exist_ok=True)

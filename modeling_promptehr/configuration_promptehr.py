@@ -59,7 +59,11 @@ class PromptEHRConfig(PretrainedConfig):
 
     Demographic prompts:
         n_num_features: number of numerical features in ``x_num`` (1: age).
-        cat_cardinalities: number of values of each categorical feature in ``x_cat`` ([2]: sex).
+        cat_cardinalities: number of values of each categorical feature in ``x_cat`` ([2]: sex;
+            [2, M] with M visit types).
+        visit_type_feature_index: which ``x_cat`` column holds the type of the visit being written
+            (a mixture component of the training visits, drawn before the visit at generation);
+            None: the model is not conditioned on visit types.
         num_feature_scales: the model feeds ``x_num / num_feature_scales`` to the prompts, so
             callers pass raw values (age in years; 100 maps ages to ~[0, 0.9]).
         prompt_hidden_size: width of the raw prompt vectors and of the reparameterisation MLP
@@ -112,6 +116,7 @@ class PromptEHRConfig(PretrainedConfig):
     prompt_hidden_size: int = 128
     age_feature_index: int | None = 0
     sex_feature_index: int | None = 0
+    visit_type_feature_index: int | None = None
     age_loss_weight: float = 1.0
     sex_loss_weight: float = 1.0
 
@@ -139,6 +144,11 @@ class PromptEHRConfig(PretrainedConfig):
             problems.append(
                 f"sex_feature_index={self.sex_feature_index} is outside x_cat's {len(self.cat_cardinalities)} columns"
             )
+        if self.visit_type_feature_index is not None and not (
+                0 <= self.visit_type_feature_index < len(self.cat_cardinalities)
+                and self.visit_type_feature_index != self.sex_feature_index):
+            problems.append(f"visit_type_feature_index={self.visit_type_feature_index} must be an x_cat column "
+                            f"(of {len(self.cat_cardinalities)}) other than sex's")
         if self.num_prompts >= self.max_position_embeddings:
             problems.append(
                 f"{self.num_prompts} prompts leave no room in max_position_embeddings={self.max_position_embeddings}")

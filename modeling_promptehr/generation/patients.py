@@ -2,8 +2,8 @@
 
 An outer loop writes visit t of every patient that needs one (all first visits, then all second
 visits, ...), pooling the patients of a round into batches of ``batch_size`` rows. For one batch
-the encoder reads each patient's demographics (``x_num`` = raw age, ``x_cat`` = sex, F=0/M=1)
-and history (``tokenizer.encode_history(visits[:t])``), in chunks of similar history length
+the encoder reads each patient's demographics (``x_num`` = raw age, ``x_cat`` = sex, F=0/M=1,
+then the visit's type for a model conditioned on visit types) and history (``tokenizer.encode_history(visits[:t])``), in chunks of similar history length
 (:func:`_encode_histories`); the model's ``generate`` (KV cache) then writes one visit per row,
 from ``<v>`` on, under the LogitsProcessors of :mod:`.processors` (grammar, stage-two code
 sampling, no repeated code, CMS age/sex edits, visit-length control), so every record is valid by
@@ -14,6 +14,11 @@ at the end of the processor chain, which leaves one finite score per row; ``do_s
 drops the sampler (argmax decoding). The rows of a round are sorted by target length and history
 length and cut into batches of at most ``batch_size`` by :func:`_batch_bounds`, which weighs the
 steps a batch decodes past its finished rows against the cost of one more ``generate`` call.
+
+Visit types: a model whose config has ``visit_type_feature_index`` writes each visit under a
+type drawn first from the :class:`~.prior.CohortPrior` (the first visit's type given the age
+band, each later one given the previous type); with ``visit_length="data"`` the visit lengths are
+then drawn given the types (in seeded mode the seed's own lengths are kept).
 
 Modes:
 - ``unconditional``: age, sex and number of visits drawn from the :class:`~.prior.CohortPrior`
@@ -82,6 +87,7 @@ class _Plan:
         if (self.n_visits < 1).any():
             raise ValueError("every patient needs at least one visit (n_visits >= 1)")
         self.lengths = lengths  # list of [n_visits_i] int arrays, or None (model-decided)
+        self.types = None  # list of [n_visits_i] int arrays: visit types (a model conditioned on them)
         self.visits = [list(v) for v in given] if given is not None else [[] for _ in self.ages]
         self.start = np.array([len(v) for v in self.visits], dtype=np.int64)
         self.seed_visits_all = seed_visits_all  # seeded mode: the seeds' full visit lists
@@ -218,7 +224,10 @@ def _run_plan(model, tokenizer, plan: _Plan, config: PromptEHRGenerationConfig, 
             sel = order[lo: min(hi, len(order))]
             rows = todo[sel]
             x_num = torch.tensor(plan.ages[rows], dtype=torch.float32, device=device)[:, None]
-            x_cat = torch.tensor(sex_index[rows], dtype=torch.long, device=device)[:, None]
+            cat = sex_index[rows][:, None]
+            if plan.types is not None:
+                cat = np.concatenate([cat, np.array([[plan.types[i][t]] for i in rows], dtype=np.int64)], 1)
+            x_cat = torch.tensor(cat, dtype=torch.long, device=device)
             encoder_outputs, attention_mask = _encode_histories(
                 model, [histories[j] for j in sel], x_num, x_cat, tokenizer.pad_token_id, device
             )
@@ -316,6 +325,9 @@ def sample_patients(model, tokenizer, config: PromptEHRGenerationConfig, n: int 
         return prior
 
     plan = _make_plan(mode, n, rng, need_prior, demographics, seed_patients, config.seed_visits, config.visit_length)
+    typed = getattr(model.config, "visit_type_feature_index", None) is not None
+    if typed:
+        _draw_types(plan, need_prior(), rng, retime=config.visit_length == "data" and mode != "seeded")
     max_codes = config.max_codes
     if max_codes is None:
         try:  # the longest training visit, when a prior is at hand
@@ -353,6 +365,9 @@ def sample_patients(model, tokenizer, config: PromptEHRGenerationConfig, n: int 
                     torch.manual_seed(int(round_rng.integers(2 ** 63)))
                     redraw = _redraw_plan(plan, copies, mode, round_rng, need_prior, config.seed_visits,
                                           config.visit_length)
+                    if typed:
+                        _draw_types(redraw, need_prior(), round_rng,
+                                    retime=config.visit_length == "data" and mode != "seeded")
                     more = _run_plan(model, tokenizer, redraw, config, **run,
                                      desc=f"redrawing copies ({round_}/{copy_redraws})")
                     counters = {k: counters[k] + more[k] for k in counters}
@@ -417,8 +432,20 @@ def _replace(plan: _Plan, rows: np.ndarray, redraw: _Plan) -> None:
         plan.visits[i] = redraw.visits[j]
         if plan.lengths is not None:
             plan.lengths[i] = redraw.lengths[j]
+        if plan.types is not None:
+            plan.types[i] = redraw.types[j]
     plan.n_visits[rows] = redraw.n_visits
     plan.start[rows] = redraw.start
+
+
+def _draw_types(plan: _Plan, prior: CohortPrior, rng, retime: bool) -> None:
+    """Give every visit of ``plan`` a visit type from the prior's chain (first visit given the age
+    band, then given the previous type); with ``retime``, draw the visit lengths given the types
+    instead (a type's visits have their own lengths)."""
+    plan.types = prior.sample_visit_types(plan.ages, plan.n_visits, rng)
+    if retime and plan.lengths is not None:
+        flat = prior.sample_codes_per_visit_by_type(np.concatenate(plan.types), rng)
+        plan.lengths = np.split(flat, np.cumsum(plan.n_visits)[:-1])
 
 
 def _make_plan(mode, n, rng, need_prior, demographics, seed_patients, seed_visits, visit_length) -> _Plan:

@@ -1,5 +1,6 @@
 """CohortPrior: the empirical distributions of a training cohort that unconditional generation
-draws from (demographics, visits per patient, codes per visit), saved as ``cohort_prior.json``.
+draws from (demographics, visits per patient, codes per visit, visit types), saved as
+``cohort_prior.json``.
 
 Shipped with the checkpoint in ``custom_generate/``: imports only numpy, the standard library and
 the files beside it.
@@ -54,9 +55,12 @@ class CohortPrior:
 
     - demographics: the joint distribution of (age floored to 0.1 year, sex);
     - visits per patient given the age band;
-    - codes per visit given the age band and the visit index (capped at ``visit_index_cap``).
+    - codes per visit given the age band and the visit index (capped at ``visit_index_cap``);
+    - with visit types (a model conditioned on them): the first visit's type given the age band,
+      a later visit's type given the previous visit's type, and codes per visit given the type.
 
-    Empty cells back off to the pooled distribution (over bands, then over visit indices).
+    Empty cells back off to the pooled distribution (over bands, then over visit indices; over
+    first visits, resp. later visits, for the types).
     Saved as ``cohort_prior.json`` beside the checkpoint (:meth:`save` / :meth:`load`).
     """
 
@@ -92,11 +96,29 @@ class CohortPrior:
             for b in range(n_bands)
         ]
         self.max_codes_per_visit = int(self._codes_pooled.values.max())
+        vt = table.get("visit_types")
+        self.n_types = int(vt["n_types"]) if vt else 0
+        if vt:
+            def cells(group: dict) -> dict[int, _Empirical]:
+                return {int(k): _Empirical({int(t): c for t, c in v.items()}) for k, v in group.items() if v}
+
+            first, after = cells(vt["first"]), cells(vt["transition"])
+            first_pooled = _Empirical(_merge(vt["first"].values()))
+            after_pooled = _Empirical(_merge(vt["transition"].values())) if after else first_pooled
+            self._first_type = [first.get(b, first_pooled) for b in range(n_bands)]
+            self._next_type = [after.get(m, after_pooled) for m in range(self.n_types)]
+            by_type = cells(vt["codes_per_visit"])
+            self._codes_by_type = [by_type.get(m, self._codes_pooled) for m in range(self.n_types)]
 
     @classmethod
     def from_patients(cls, patients, age_band_edges: Sequence[float] = AGE_BAND_EDGES,
-                      visit_index_cap: int = VISIT_INDEX_CAP) -> "CohortPrior":
-        """Count the distributions of a training split (patient dicts or a datasets.Dataset)."""
+                      visit_index_cap: int = VISIT_INDEX_CAP, visit_types: Sequence[Sequence[int]] | None = None,
+                      n_types: int | None = None) -> "CohortPrior":
+        """Count the distributions of a training split (patient dicts or a datasets.Dataset).
+
+        ``visit_types``: the type (0..``n_types`` - 1) of every visit of every patient, in the
+        patients' order, for a model conditioned on visit types; None: no type distributions.
+        """
         ages, sexes, visits = columns(patients)
         if len(ages) == 0:
             raise ValueError("CohortPrior.from_patients: no patients")
@@ -136,6 +158,8 @@ class CohortPrior:
                 for b in np.unique(visit_band)
             },
         }
+        if visit_types is not None:
+            table["visit_types"] = _type_counts(visits, visit_types, n_types, bands, lengths)
         return cls(table)
 
     def save(self, directory: str | os.PathLike) -> str:
@@ -199,6 +223,32 @@ class CohortPrior:
             out[rows] = self._codes[b][i].sample(rng, len(rows))
         return out
 
+    def sample_visit_types(self, ages, n_visits, rng: np.random.Generator) -> list[np.ndarray]:
+        """The type of every visit of each patient: the first given the age band, each later one
+        given the previous type (a Markov chain); ``ages`` and ``n_visits`` are [n]."""
+        if not self.n_types:
+            raise ValueError("this cohort prior has no visit types (the model is not conditioned on them)")
+        bands = self.age_band(ages)
+        n_visits = np.asarray(n_visits, dtype=np.int64)
+        out = np.zeros((len(bands), int(n_visits.max(initial=0))), dtype=np.int64)
+        for t in range(out.shape[1]):
+            rows = np.nonzero(n_visits > t)[0]
+            keys = bands[rows] if t == 0 else out[rows, t - 1]
+            cells = self._first_type if t == 0 else self._next_type
+            for k in np.unique(keys):
+                sel = rows[keys == k]
+                out[sel, t] = cells[int(k)].sample(rng, len(sel))
+        return [out[i, :k] for i, k in enumerate(n_visits)]
+
+    def sample_codes_per_visit_by_type(self, types, rng: np.random.Generator) -> np.ndarray:
+        """Codes per visit given each visit's type ([m] int) -> [m] int."""
+        types = np.asarray(types, dtype=np.int64)
+        out = np.zeros(len(types), dtype=np.int64)
+        for m in np.unique(types):
+            rows = np.nonzero(types == m)[0]
+            out[rows] = self._codes_by_type[int(m)].sample(rng, len(rows))
+        return out
+
     def summary(self) -> dict:
         """Means of the stored distributions (visits per patient, codes per visit)."""
         return {
@@ -214,6 +264,27 @@ def _merge(cells: Iterable[dict]) -> dict[int, int]:
         for k, v in cell.items():
             out[int(k)] = out.get(int(k), 0) + int(v)
     return out
+
+
+def _type_counts(visits, visit_types, n_types, bands: np.ndarray, lengths: np.ndarray) -> dict:
+    """The type tables of :meth:`CohortPrior.from_patients` (JSON-ready counts)."""
+    if n_types is None or int(n_types) < 1:
+        raise ValueError("CohortPrior.from_patients: visit_types needs n_types >= 1")
+    types = [np.asarray(t, dtype=np.int64) for t in visit_types]
+    if len(types) != len(visits) or any(len(t) != len(v) for t, v in zip(types, visits)):
+        raise ValueError("CohortPrior.from_patients: visit_types must give one type per visit of every patient")
+    flat = np.concatenate(types) if types else np.zeros(0, np.int64)
+    if len(flat) and (flat.min() < 0 or flat.max() >= n_types):
+        raise ValueError(f"CohortPrior.from_patients: visit types must be in [0, {n_types})")
+    first = np.array([t[0] for t in types], dtype=np.int64)
+    prev = np.concatenate([t[:-1] for t in types]) if types else np.zeros(0, np.int64)
+    nxt = np.concatenate([t[1:] for t in types]) if types else np.zeros(0, np.int64)
+    return {
+        "n_types": int(n_types),
+        "first": {str(b): _counts(first[bands == b]) for b in np.unique(bands)},
+        "transition": {str(m): _counts(nxt[prev == m]) for m in np.unique(prev)},
+        "codes_per_visit": {str(m): _counts(lengths[flat == m]) for m in np.unique(flat)},
+    }
 
 
 def _band(ages: np.ndarray, edges: np.ndarray) -> np.ndarray:

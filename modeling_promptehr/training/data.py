@@ -1,8 +1,9 @@
 """Training examples for PromptEHR: one per (patient, target visit), and their collator.
 
 Example t of a patient: the encoder reads the demographics (``x_num`` = [age in years],
-``x_cat`` = [sex, F=0 / M=1]) and the history ``visits[:t]`` (newest visits that fit, with BART
-noise); the decoder writes visit t, ``<v> C:cat code ... </v>``. The first visit (t = 0) has the
+``x_cat`` = [sex, F=0 / M=1], then visit t's type when the model is conditioned on visit types)
+and the history ``visits[:t]`` (newest visits that fit, with BART noise); the decoder writes
+visit t, ``<v> C:cat code ... </v>``. The first visit (t = 0) has the
 empty history ``<s> </s>``: most MIMIC patients have a single admission.
 
 Examples keep raw codes; the collator tokenizes, so that the order of codes inside a visit
@@ -30,6 +31,7 @@ EXAMPLE_FEATURES = datasets.Features({
     # visits[:t + 1] of the patient: the history, then the target visit last
     "visits": datasets.List(datasets.List(datasets.Value("string"))),
     "length": datasets.Value("int32"),  # estimated encoder + decoder tokens (for length grouping)
+    "visit_type": datasets.Value("int32"),  # type of the target visit (-1: no visit types)
 })
 
 
@@ -39,12 +41,14 @@ def visit_tokens(n_codes: np.ndarray | int) -> np.ndarray | int:
 
 
 def build_examples(patients: datasets.Dataset | Iterable[dict], max_source_length: int = 256,
-                   max_target_length: int = 96, num_proc: int | None = None) -> datasets.Dataset:
-    """Patients -> one example per (patient, visit t), with a ``length`` column.
+                   max_target_length: int = 96, num_proc: int | None = None,
+                   visit_types: Sequence[Sequence[int]] | None = None) -> datasets.Dataset:
+    """Patients -> one example per (patient, visit t), with ``length`` and ``visit_type`` columns.
 
     Args:
         patients: a datasets.Dataset with PATIENT_FEATURES, or patient dicts.
         max_source_length / max_target_length: caps used for the length estimate.
+        visit_types: the type of every visit of every patient (patients' order), or None (-1).
     Returns:
         datasets.Dataset with EXAMPLE_FEATURES, ``sum(len(p.visits))`` rows, held in memory: no
         cache file is written (patient rows stay out of the datasets cache, whatever ``patients``
@@ -53,9 +57,15 @@ def build_examples(patients: datasets.Dataset | Iterable[dict], max_source_lengt
     if not isinstance(patients, datasets.Dataset):
         patients = datasets.Dataset.from_list(list(patients), features=PATIENT_FEATURES)
 
-    def explode(batch: dict[str, list]) -> dict[str, list]:
+    if visit_types is not None and len(visit_types) != len(patients):
+        raise ValueError(f"build_examples: visit_types has {len(visit_types)} patients, the cohort {len(patients)}")
+
+    def explode(batch: dict[str, list], rows: list[int]) -> dict[str, list]:
         out: dict[str, list] = {k: [] for k in EXAMPLE_FEATURES}
-        for sid, age, sex, visits in zip(batch["subject_id"], batch["age"], batch["sex"], batch["visits"]):
+        for row, sid, age, sex, visits in zip(rows, batch["subject_id"], batch["age"], batch["sex"], batch["visits"]):
+            types = visit_types[row] if visit_types is not None else [-1] * len(visits)
+            if len(types) != len(visits):
+                raise ValueError(f"build_examples: patient {sid} has {len(visits)} visits but {len(types)} visit types")
             sizes = visit_tokens(np.array([len(v) for v in visits], dtype=np.int64))
             history = 2 + np.concatenate([[0], np.cumsum(sizes)[:-1]])  # <s> ... </s> before visit t
             lengths = np.minimum(history, max_source_length) + np.minimum(sizes, max_target_length)
@@ -65,9 +75,11 @@ def build_examples(patients: datasets.Dataset | Iterable[dict], max_source_lengt
                 out["sex"].append(sex)
                 out["visits"].append(visits[: t + 1])
                 out["length"].append(int(lengths[t]))
+                out["visit_type"].append(int(types[t]))
         return out
 
-    return patients.map(explode, batched=True, batch_size=1000, remove_columns=patients.column_names,
+    return patients.map(explode, batched=True, with_indices=True, batch_size=1000,
+                        remove_columns=patients.column_names,
                         features=EXAMPLE_FEATURES, num_proc=num_proc, keep_in_memory=True,
                         desc="training examples")
 
@@ -78,7 +90,8 @@ class PromptEHRDataCollator:
 
     Returns a dict of tensors: ``input_ids`` / ``attention_mask`` [B, S] (encoder, padded with
     ``pad_token_id``), ``labels`` [B, T] (the target visit, padded with -100), ``x_num`` [B, 1]
-    float (age in years), ``x_cat`` [B, 1] long (sex, F=0, M=1).
+    float (age in years), ``x_cat`` [B, 1] long (sex, F=0, M=1), or [B, 2] (sex, visit type)
+    with ``visit_types``.
 
     Args:
         tokenizer: a PromptEHRTokenizer.
@@ -92,6 +105,8 @@ class PromptEHRDataCollator:
             at least one, never all) of the target visit is appended to the encoder's history as
             a partial visit (PromptEHR); the decoder still writes the whole visit.
         noise: False disables masking, deletion and target keeping (evaluation).
+        visit_types: append each example's ``visit_type`` to ``x_cat`` (a model conditioned on
+            visit types, ``config.visit_type_feature_index`` = 1).
 
     Randomness (shuffles, noise) is a pure function of (``seed``, ``epoch``, the batch's
     examples): the trainer sets ``epoch`` at each epoch start, so every epoch draws anew, and a
@@ -110,6 +125,7 @@ class PromptEHRDataCollator:
     keep_target_prob: float = 0.0
     keep_target_frac: float = 0.5
     noise: bool = True
+    visit_types: bool = False
     seed: int = 0
     epoch: int = 0
 
@@ -169,6 +185,11 @@ class PromptEHRDataCollator:
             sources.append(self._noise(src, rng) if noisy else src)
             targets.append(tok.encode_visit(target))
         S, T = max(map(len, sources)), max(map(len, targets))
+        cat = [[SEXES.index(f["sex"])] for f in features]
+        if self.visit_types:
+            if any(f.get("visit_type", -1) < 0 for f in features):
+                raise ValueError("PromptEHRDataCollator: visit_types=True needs every example's visit_type")
+            cat = [[*c, int(f["visit_type"])] for c, f in zip(cat, features)]
         input_ids = torch.full((len(features), S), tok.pad_token_id, dtype=torch.long)
         attention_mask = torch.zeros((len(features), S), dtype=torch.long)
         labels = torch.full((len(features), T), IGNORE_INDEX, dtype=torch.long)
@@ -181,5 +202,5 @@ class PromptEHRDataCollator:
             "attention_mask": attention_mask,
             "labels": labels,
             "x_num": torch.tensor([[float(f["age"])] for f in features], dtype=torch.float32),
-            "x_cat": torch.tensor([[SEXES.index(f["sex"])] for f in features], dtype=torch.long),
+            "x_cat": torch.tensor(cat, dtype=torch.long),
         }

@@ -51,6 +51,7 @@ from .losses import category_cooccurrence, tokenizer_categories
 from .model_card import model_card, push_to_hub
 from .trainer import PromptEHRTrainer
 from .training_args import PromptEHRTrainingArguments
+from .visit_types import DEFAULT_MIN_VISITS, DEFAULT_TYPES, fit_visit_types
 
 DEFAULT_PATIENTS = 20_000
 DEFAULT_MAX_MINUTES = 9.0  # training budget: leaves room for data, generation and evaluation in 15 min
@@ -74,6 +75,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     out.add_argument("--hub-private", action="store_true", help="create the hub repository as private")
     model = p.add_argument_group("model")
     model.add_argument("--preset", default="small", choices=("small", "base"))
+    model.add_argument("--visit-types", type=int, default=DEFAULT_TYPES,
+                       help="visit types the model is conditioned on (a Bernoulli mixture of the training visits; "
+                            "0: none)")
+    model.add_argument("--visit-type-min-visits", type=int, default=DEFAULT_MIN_VISITS,
+                       help="a visit type must hold at least this many training visits")
     model.add_argument("--config-overrides", default=None,
                        help='JSON of PromptEHRConfig fields, e.g. \'{"d_model": 64, "encoder_layers": 1}\'')
     train = p.add_argument_group("training")
@@ -207,14 +213,26 @@ def train(args: argparse.Namespace) -> dict:
 
     tokenizer = PromptEHRTokenizer.from_patients(train_split, min_code_count=args.min_code_count)
     counts = category_cooccurrence(train_split, tokenizer_categories(tokenizer)[0])
-    prior = CohortPrior.from_patients(train_split)
+    types = {}
+    if args.visit_types > 0:
+        mixture = fit_visit_types([v for visits in train_split["visits"] for v in visits], args.visit_types,
+                                  min_visits=args.visit_type_min_visits, seed=args.seed)
+        types = {name: mixture.assign_patients(split["visits"])
+                 for name, split in (("train", train_split), ("validation", val_split))}
+        logger.info("%d visit types (of %d asked; at least %d training visits each)", mixture.n_types,
+                    args.visit_types, args.visit_type_min_visits)
+        prior = CohortPrior.from_patients(train_split, visit_types=types["train"], n_types=mixture.n_types)
+        type_config = {"cat_cardinalities": [2, mixture.n_types], "visit_type_feature_index": 1}
+    else:
+        prior = CohortPrior.from_patients(train_split)
+        type_config = {}
     overrides = json.loads(args.config_overrides) if args.config_overrides else {}
-    config = PromptEHRConfig.from_preset(args.preset, tokenizer=tokenizer, **overrides)
+    config = PromptEHRConfig.from_preset(args.preset, tokenizer=tokenizer, **{**type_config, **overrides})
     max_source = min(args.max_source_length, config.max_position_embeddings - config.num_prompts)
     torch.manual_seed(args.seed)
     model = PromptEHRForConditionalGeneration(config)
-    train_examples = build_examples(train_split, max_source_length=max_source)
-    val_examples = build_examples(val_split, max_source_length=max_source)
+    train_examples = build_examples(train_split, max_source_length=max_source, visit_types=types.get("train"))
+    val_examples = build_examples(val_split, max_source_length=max_source, visit_types=types.get("validation"))
     if len(val_examples) > args.eval_examples:
         # in memory: no indices cache file (in the datasets cache or elsewhere) for patient rows
         val_examples = val_examples.shuffle(seed=args.seed, keep_in_memory=True).select(range(args.eval_examples))

@@ -83,6 +83,7 @@ class PromptEHRTrainer(Trainer):
         collator_kwargs = dict(
             tokenizer=processing_class, code_order=args.code_order, max_source_length=args.max_source_length,
             max_target_length=args.max_target_length, seed=args.seed,
+            visit_types=getattr(getattr(model, "config", None), "visit_type_feature_index", None) is not None,
         )
         if data_collator is None:
             data_collator = PromptEHRDataCollator(

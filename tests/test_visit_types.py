@@ -1,0 +1,150 @@
+"""Visit types: the Bernoulli mixture, the prior's type chain, the collator and generation under types."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from promptehr_hf.modeling_promptehr.configuration_promptehr import PromptEHRConfig
+from promptehr_hf.modeling_promptehr.generation.pipeline import generate_patients
+from promptehr_hf.modeling_promptehr.generation.prior import CohortPrior
+from promptehr_hf.modeling_promptehr.modeling_promptehr import PromptEHRForConditionalGeneration
+from promptehr_hf.modeling_promptehr.training.data import PromptEHRDataCollator, build_examples
+from promptehr_hf.modeling_promptehr.training.visit_types import fit_visit_types
+from promptehr_hf.tokenization.tokenization_promptehr import PromptEHRTokenizer
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+# Two admission templates that share no code, plus codes both can carry.
+SEPSIS = ["0389", "99592", "78552", "5849", "2762"]
+CARDIAC = ["41401", "4280", "42731", "4240", "2724"]
+SHARED = ["4019", "25000", "5990"]
+
+
+def _visit(template: list[str], rng) -> list[str]:
+    """Most of a template's codes, plus one shared code half the time (in a random order)."""
+    kept = [c for c in template if rng.random() < 0.85] or template[:1]
+    if rng.random() < 0.5:
+        kept.append(SHARED[int(rng.integers(len(SHARED)))])
+    return [kept[i] for i in rng.permutation(len(kept))]
+
+
+@pytest.fixture(scope="module")
+def cohort() -> list[dict]:
+    """400 adults: a sepsis visit is always followed by a cardiac one and vice versa."""
+    rng = np.random.default_rng(0)
+    patients = []
+    for sid in range(400):
+        first = int(rng.integers(2))
+        n = int(rng.choice([1, 2, 3], p=[0.5, 0.3, 0.2]))
+        visits = [_visit((SEPSIS, CARDIAC)[(first + t) % 2], rng) for t in range(n)]
+        patients.append({"subject_id": sid + 1, "age": float(rng.uniform(40, 85)), "sex": "FM"[sid % 2],
+                         "visits": visits})
+    return patients
+
+
+@pytest.fixture(scope="module")
+def mixture(cohort):
+    return fit_visit_types([v for p in cohort for v in p["visits"]], n_types=6, min_visits=20, seed=0,
+                           progress=False)
+
+
+def test_mixture_separates_the_templates(cohort, mixture):
+    visits = [v for p in cohort for v in p["visits"]]
+    types = mixture.assign(visits)
+    is_sepsis = np.array([bool(set(v) & set(SEPSIS)) for v in visits])
+    # every type holds visits of one template only
+    for m in np.unique(types):
+        assert len(set(is_sepsis[types == m])) == 1
+    # P(code | type) is high for the type's own template, low for the other's
+    sepsis_type = int(types[is_sepsis][0])
+    theta = dict(zip(mixture.codes, mixture.theta[sepsis_type]))
+    assert min(theta[c] for c in SEPSIS) > 0.6
+    assert max(theta[c] for c in CARDIAC) < 0.05
+    assert np.isclose(mixture.weights.sum(), 1.0)
+
+
+def test_mixture_is_deterministic_and_prunes_small_types(cohort, mixture):
+    visits = [v for p in cohort for v in p["visits"]]
+    again = fit_visit_types(visits, n_types=6, min_visits=20, seed=0, progress=False)
+    np.testing.assert_array_equal(again.theta, mixture.theta)
+    # 6 asked, but 600-odd visits over two templates cannot keep 6 types of 200+ visits each
+    big = fit_visit_types(visits, n_types=6, min_visits=200, seed=0, progress=False)
+    assert big.n_types < 6
+    assert (np.bincount(big.assign(visits), minlength=big.n_types) > 0).all()
+    with pytest.raises(ValueError):
+        fit_visit_types([[], []], n_types=2, progress=False)
+
+
+def test_prior_type_chain_follows_the_training_transitions(cohort, mixture):
+    types = mixture.assign_patients([p["visits"] for p in cohort])
+    prior = CohortPrior.from_patients(cohort, visit_types=types, n_types=mixture.n_types)
+    sepsis_types = {t for p, ts in zip(cohort, types) for v, t in zip(p["visits"], ts) if set(v) & set(SEPSIS)}
+    rng = np.random.default_rng(1)
+    ages = np.full(500, 60.0)
+    drawn = prior.sample_visit_types(ages, np.full(500, 3), rng)
+    assert all(len(d) == 3 for d in drawn)
+    # the training chain alternates templates: so must the drawn one
+    for d in drawn:
+        kinds = [int(t) in sepsis_types for t in d]
+        assert kinds[0] != kinds[1] and kinds[1] != kinds[2]
+    # visit lengths given the type stay within the type's training lengths
+    lengths = prior.sample_codes_per_visit_by_type(np.concatenate(drawn), rng)
+    assert lengths.min() >= 1 and lengths.max() <= 6
+    # the table survives a save / load round trip
+    reloaded = CohortPrior(prior.table)
+    assert reloaded.n_types == mixture.n_types
+    with pytest.raises(ValueError, match="one type per visit"):
+        CohortPrior.from_patients(cohort, visit_types=types[:-1], n_types=mixture.n_types)
+
+
+def test_collator_appends_the_visit_type_to_x_cat(cohort, mixture):
+    types = mixture.assign_patients([p["visits"] for p in cohort])
+    tok = PromptEHRTokenizer.from_patients(cohort)
+    examples = build_examples(cohort[:20], visit_types=types[:20])
+    want = [t for ts in types[:20] for t in ts]
+    assert examples["visit_type"] == want
+    batch = PromptEHRDataCollator(tok, visit_types=True)(examples.select(range(8)).to_list())
+    assert batch["x_cat"].shape == (8, 2)
+    assert batch["x_cat"][:, 1].tolist() == want[:8]
+    plain = PromptEHRDataCollator(tok)(build_examples(cohort[:4]).to_list())
+    assert plain["x_cat"].shape[1] == 1
+    with pytest.raises(ValueError, match="visit_type"):
+        PromptEHRDataCollator(tok, visit_types=True)(build_examples(cohort[:4]).to_list())
+
+
+def test_generation_writes_each_visit_under_its_drawn_type(cohort, mixture, tiny_config):
+    """The model sees [sex, type] with the type drawn from the prior's chain: a model whose type
+    prompt decides the visit must reproduce the chain's alternation."""
+    types = mixture.assign_patients([p["visits"] for p in cohort])
+    prior = CohortPrior.from_patients(cohort, visit_types=types, n_types=mixture.n_types)
+    tok = PromptEHRTokenizer.from_patients(cohort)
+    cfg = PromptEHRConfig.from_preset("small", tokenizer=tok, **tiny_config, max_position_embeddings=128,
+                                      cat_cardinalities=[2, mixture.n_types], visit_type_feature_index=1)
+    torch.manual_seed(0)
+    model = PromptEHRForConditionalGeneration(cfg).eval()
+    seen = []
+    hook = model.get_encoder().register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(kwargs["x_cat"].clone()), with_kwargs=True)
+    try:
+        patients, stats = generate_patients(model, tok, 30, prior=prior, seed=0, progress=False)
+    finally:
+        hook.remove()
+    assert len(patients) == 30 and stats["ungrammatical_visits"] == 0
+    x_cat = torch.cat(seen)
+    assert x_cat.shape[1] == 2
+    assert set(x_cat[:, 1].tolist()) <= set(range(mixture.n_types))
+    # one encoder row per generated visit, each under a type of the chain
+    assert len(x_cat) == sum(len(p["visits"]) for p in patients)
+    again, _ = generate_patients(model, tok, 30, prior=prior, seed=0, progress=False)
+    assert again.to_list() == patients.to_list()
+    with pytest.raises(ValueError, match="no visit types"):
+        generate_patients(model, tok, 5, prior=CohortPrior.from_patients(cohort), seed=0, progress=False)
+
+
+def test_config_rejects_a_bad_type_column(tiny_config):
+    with pytest.raises(ValueError, match="visit_type_feature_index"):
+        PromptEHRConfig(**tiny_config, cat_cardinalities=[2, 4], visit_type_feature_index=0)
+    with pytest.raises(ValueError, match="visit_type_feature_index"):
+        PromptEHRConfig(**tiny_config, cat_cardinalities=[2], visit_type_feature_index=1)
