@@ -1,6 +1,6 @@
 """Fidelity benchmark: is the generator close to real data, and does it beat the baseline?
 
-    python benchmarks/fidelity.py                         # simulated cohort of 20,000 patients
+    python benchmarks/fidelity.py                         # simulated cohort of 46,520 patients (MIMIC-III)
     python benchmarks/fidelity.py --mimic-dir DIR         # a real MIMIC-III folder, unchanged
     python benchmarks/fidelity.py --cohort recombined     # 12,000 patients recombined from the MIMIC-III demo
     python benchmarks/fidelity.py --minutes 10 --only default,greedy,minutes_45
@@ -57,11 +57,16 @@ TRAINING = {
     "no_visit_types": ["--visit-types", "0"],
     "no_visit_types_45min": (["--visit-types", "0"], 45.0),
     "no_cooc_loss": ["--w-cooc", "0"],
+    "no_history_noise": ["--mask-prob", "0", "--delete-prob", "0"],
     "order_seq_num": ["--code-order", "seq_num"],
     "order_hierarchical": ["--code-order", "hierarchical"],
-    "lr_2e-3": ["--learning-rate", "2e-3"],
-    "model_d128": ["--config-overrides", '{"d_model": 128, "encoder_ffn_dim": 512, "decoder_ffn_dim": 512, '
-                   '"prompt_hidden_size": 64}', "--learning-rate", "1e-3"],
+    "visit_types_32": ["--visit-types", "32"],
+    # Ablations of the design without visit types (each against no_visit_types).
+    "no_visit_types+order_seq_num": ["--visit-types", "0", "--code-order", "seq_num"],
+    "no_visit_types+lr_2e-3": ["--visit-types", "0", "--learning-rate", "2e-3"],
+    "no_visit_types+model_d128": ["--visit-types", "0", "--config-overrides",
+                                  '{"d_model": 128, "encoder_ffn_dim": 512, "decoder_ffn_dim": 512, '
+                                  '"prompt_hidden_size": 64}', "--learning-rate", "1e-3"],
 }
 # Training curve: the default flags at other budgets (minutes), beside the default row's --minutes.
 CURVE = {"minutes_5": 5.0, "minutes_15": 15.0, "minutes_45": 45.0}
@@ -72,7 +77,7 @@ GENERATION = {
     "visit_length_model": {"visit_length": "model"},
 }
 # Default cohort sizes of --cohort.
-PATIENTS = {"simulated": 20_000, "recombined": 12_000}
+PATIENTS = {"simulated": 46_520, "recombined": 12_000}  # simulated: MIMIC-III scale
 # Columns of the table: (metric key, label).
 COLUMNS = [
     ("code_js", "code JS"),
@@ -114,6 +119,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="default benchmarks/results/fidelity.json (fidelity_recombined.json for --cohort recombined)")
     p.add_argument("--generate-batch-size", type=int, default=256)
     p.add_argument("--jobs", type=int, default=2, help="training runs at a time, each pinned to one core")
+    p.add_argument("--cores", default=None, help="comma-separated CPUs the jobs are pinned to (default: the first)")
     p.add_argument("--retrain", action="store_true", help="train again even when a finished model exists")
     p.add_argument("--train-args", default="", help="extra examples/train.py flags for every run")
     args = p.parse_args(argv)
@@ -168,10 +174,11 @@ def train(name: str, args, flags: list[str], minutes: float, core: int | None = 
 def train_all(runs: dict[str, tuple[list[str], float]], args) -> dict[str, Path]:
     """Train ``runs`` (name -> (flags, minutes)), longest first, ``args.jobs`` at a time, each job
     slot pinned to its own core. Every run simulates and splits the same cohort (same seed)."""
-    if args.jobs <= 1:
+    if args.jobs <= 1 and not args.cores:
         return {name: train(name, args, flags, minutes) for name, (flags, minutes) in runs.items()}
     slots = queue.Queue()
-    for core in sorted(os.sched_getaffinity(0))[: args.jobs]:
+    cores = [int(c) for c in args.cores.split(",")] if args.cores else sorted(os.sched_getaffinity(0))
+    for core in cores[: args.jobs]:
         slots.put(core)
 
     def job(name: str) -> Path:

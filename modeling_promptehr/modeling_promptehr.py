@@ -144,6 +144,8 @@ class PromptEHRPreTrainedModel(PreTrainedModel):
     @torch.no_grad()
     def _init_weights(self, module):
         super()._init_weights(module)
+        if isinstance(module, VisitTypeBias):
+            init.zeros_(module.weight)
         if isinstance(module, DemographicPrompt):
             # Unit-scale prompts: with BART's 0.02 the prompt would vanish under the position
             # embedding added to it, and demographics would barely move the first predictions.
@@ -341,8 +343,25 @@ class PromptEHRModel(PromptEHRPreTrainedModel):
         )
 
 
+class VisitTypeBias(nn.Module):
+    """A bias on the LM logits for each visit type: ``weight`` [n_types, vocab_size] (zeros at
+    init; the trainer may start it from the visit-type mixture's log-probabilities).
+
+    forward(types [B] long, columns [K] long or None) -> [B, vocab_size] (or [B, K]).
+    """
+
+    def __init__(self, n_types: int, vocab_size: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(n_types, vocab_size))
+
+    def forward(self, types: torch.Tensor, columns: torch.Tensor | None = None) -> torch.Tensor:
+        weight = self.weight if columns is None else self.weight[:, columns]
+        return weight[types.long()]
+
+
 class PromptEHRForConditionalGeneration(PromptEHRPreTrainedModel, GenerationMixin):
-    """PromptEHR: BART + demographic prompts + LM head + auxiliary age/sex heads.
+    """PromptEHR: BART + demographic prompts + LM head + auxiliary age/sex heads; with visit types
+    (``config.visit_type_feature_index``), a per-type bias on the LM logits (:class:`VisitTypeBias`).
 
     ``generate(input_ids=history [B, T], attention_mask=..., x_num=[B, 1] age in years,
     x_cat=[B, 1] sex, ...)`` writes one visit from ``config.decoder_start_token_id`` until
@@ -363,6 +382,10 @@ class PromptEHRForConditionalGeneration(PromptEHRPreTrainedModel, GenerationMixi
             nn.Linear(config.d_model, config.cat_cardinalities[config.sex_feature_index])
             if config.sex_feature_index is not None
             else None
+        )
+        type_index = getattr(config, "visit_type_feature_index", None)
+        self.visit_type_bias = (
+            VisitTypeBias(config.cat_cardinalities[type_index], config.vocab_size) if type_index is not None else None
         )
         self.post_init()
 
@@ -439,6 +462,11 @@ class PromptEHRForConditionalGeneration(PromptEHRPreTrainedModel, GenerationMixi
             if labels is not None:
                 raise ValueError("logits_columns is for generation; the loss needs every logit")
             logits = nn.functional.linear(hidden, self.lm_head.weight[logits_columns])
+        if self.visit_type_bias is not None:
+            if x_cat is None:
+                raise ValueError("PromptEHR: a model conditioned on visit types needs x_cat with the visit type")
+            bias = self.visit_type_bias(x_cat[:, self.config.visit_type_feature_index], logits_columns)
+            logits = logits + bias[:, None, :].to(logits.dtype)
 
         # Masked mean over this call's decoder tokens; padding is excluded by the decoder mask
         # (its last T columns: under a cache it covers all tokens so far) or else by the labels.
@@ -507,4 +535,5 @@ __all__ = [
     "PromptEHRModel",
     "PromptEHRPreTrainedModel",
     "PromptEHRSeq2SeqLMOutput",
+    "VisitTypeBias",
 ]

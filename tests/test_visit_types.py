@@ -11,7 +11,7 @@ from promptehr_hf.modeling_promptehr.generation.pipeline import generate_patient
 from promptehr_hf.modeling_promptehr.generation.prior import CohortPrior
 from promptehr_hf.modeling_promptehr.modeling_promptehr import PromptEHRForConditionalGeneration
 from promptehr_hf.modeling_promptehr.training.data import PromptEHRDataCollator, build_examples
-from promptehr_hf.modeling_promptehr.training.visit_types import fit_visit_types
+from promptehr_hf.modeling_promptehr.training.visit_types import fit_visit_types, type_logit_bias
 from promptehr_hf.tokenization.tokenization_promptehr import PromptEHRTokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -148,3 +148,33 @@ def test_config_rejects_a_bad_type_column(tiny_config):
         PromptEHRConfig(**tiny_config, cat_cardinalities=[2, 4], visit_type_feature_index=0)
     with pytest.raises(ValueError, match="visit_type_feature_index"):
         PromptEHRConfig(**tiny_config, cat_cardinalities=[2], visit_type_feature_index=1)
+
+
+def test_type_bias_starts_from_the_mixture_and_moves_the_logits(cohort, mixture, tiny_config):
+    types = mixture.assign_patients([p["visits"] for p in cohort])
+    tok = PromptEHRTokenizer.from_patients(cohort)
+    cfg = PromptEHRConfig.from_preset("small", tokenizer=tok, **tiny_config, max_position_embeddings=128,
+                                      cat_cardinalities=[2, mixture.n_types], visit_type_feature_index=1)
+    torch.manual_seed(0)
+    model = PromptEHRForConditionalGeneration(cfg).eval()
+    assert torch.count_nonzero(model.visit_type_bias.weight) == 0  # a fresh model: no bias
+    bias = type_logit_bias(mixture, tok, cfg.vocab_size)
+    assert bias.shape == (mixture.n_types, cfg.vocab_size)
+    sepsis = next(t for p, ts in zip(cohort, types) for v, t in zip(p["visits"], ts) if set(v) & set(SEPSIS))
+    ids = tok.convert_tokens_to_ids
+    # the sepsis type favours sepsis categories over cardiac ones by orders of magnitude
+    assert bias[sepsis, ids("C:038")] > np.log(0.6) and bias[sepsis, ids("C:414")] < np.log(0.05)
+    # a code alone in its category is certain given the category
+    assert abs(bias[sepsis, ids("99592")]) < 1e-6
+    with torch.no_grad():
+        model.visit_type_bias.weight.copy_(torch.from_numpy(bias))
+    batch = {"input_ids": torch.tensor([[tok.bos_token_id, tok.eos_token_id]] * 2),
+             "decoder_input_ids": torch.tensor([[tok.bos_token_id, tok.visit_start_id]] * 2),
+             "x_num": torch.tensor([[60.0], [60.0]]), "x_cat": torch.tensor([[0, sepsis], [0, 1 - sepsis % 2]])}
+    with torch.no_grad():
+        with_bias = model(**batch).logits[:, -1]
+        model.visit_type_bias.weight.zero_()
+        without = model(**batch).logits[:, -1]
+    torch.testing.assert_close(with_bias - without, torch.from_numpy(bias)[batch["x_cat"][:, 1]])
+    with pytest.raises(ValueError, match="x_cat"):
+        model(**{**batch, "x_cat": None})

@@ -3,7 +3,8 @@
 An outer loop writes visit t of every patient that needs one (all first visits, then all second
 visits, ...), pooling the patients of a round into batches of ``batch_size`` rows. For one batch
 the encoder reads each patient's demographics (``x_num`` = raw age, ``x_cat`` = sex, F=0/M=1,
-then the visit's type for a model conditioned on visit types) and history (``tokenizer.encode_history(visits[:t])``), in chunks of similar history length
+then the visit's type for a model conditioned on visit types) and history
+(``tokenizer.encode_history(visits[:t])``), in chunks of similar history length
 (:func:`_encode_histories`); the model's ``generate`` (KV cache) then writes one visit per row,
 from ``<v>`` on, under the LogitsProcessors of :mod:`.processors` (grammar, stage-two code
 sampling, no repeated code, CMS age/sex edits, visit-length control), so every record is valid by

@@ -51,7 +51,7 @@ from .losses import category_cooccurrence, tokenizer_categories
 from .model_card import model_card, push_to_hub
 from .trainer import PromptEHRTrainer
 from .training_args import PromptEHRTrainingArguments
-from .visit_types import DEFAULT_MIN_VISITS, DEFAULT_TYPES, fit_visit_types
+from .visit_types import DEFAULT_MIN_VISITS, DEFAULT_TYPES, fit_visit_types, type_logit_bias
 
 DEFAULT_PATIENTS = 20_000
 DEFAULT_MAX_MINUTES = 9.0  # training budget: leaves room for data, generation and evaluation in 15 min
@@ -231,6 +231,9 @@ def train(args: argparse.Namespace) -> dict:
     max_source = min(args.max_source_length, config.max_position_embeddings - config.num_prompts)
     torch.manual_seed(args.seed)
     model = PromptEHRForConditionalGeneration(config)
+    if types:
+        with torch.no_grad():
+            model.visit_type_bias.weight.copy_(torch.from_numpy(type_logit_bias(mixture, tokenizer, config.vocab_size)))
     train_examples = build_examples(train_split, max_source_length=max_source, visit_types=types.get("train"))
     val_examples = build_examples(val_split, max_source_length=max_source, visit_types=types.get("validation"))
     if len(val_examples) > args.eval_examples:

@@ -6,8 +6,10 @@ trained for minutes learns such higher-order structure slowly, and its visits dr
 independent codes. A mixture of ``n_types`` Bernoulli components, fitted by EM on the training
 visits, captures it in seconds: component m holds P(code c in the visit | type m) for every code,
 and each visit gets its most likely type (MAP). The model is then conditioned on the type of the
-visit it writes (a categorical prompt beside sex), and generation draws each visit's type first,
-from the training distribution of types given the age band (first visit) or the previous type.
+visit it writes (a categorical prompt beside sex, and a per-type bias on its logits that starts
+from the mixture's log-probabilities, :func:`type_logit_bias`), and generation draws each visit's
+type first, from the training distribution of types given the age band (first visit) or the
+previous type.
 
 Privacy: a component is an average over its visits; components that end with fewer than
 ``min_visits`` visits are removed while fitting (their visits go to the others), so no type
@@ -69,6 +71,31 @@ class VisitTypes:
         return out
 
 
+def type_logit_bias(mixture: VisitTypes, tokenizer, vocab_size: int | None = None) -> np.ndarray:
+    """[M, V] float32 starting values of the model's per-type logit bias, from the mixture.
+
+    A category token gets log P(some code of the category is in the visit | type) (the visit's
+    next category is drawn among those present), a code token log P(code | its category, type)
+    (what the code step chooses); codes the mixture never saw (catch-alls) get the floor, and
+    every other token (``</v>``, specials) 0.
+    """
+    V = int(vocab_size or len(tokenizer))
+    log_floor = np.log(THETA_FLOOR)
+    bias = np.zeros((mixture.n_types, V), dtype=np.float64)
+    col = {c: j for j, c in enumerate(mixture.codes)}
+    for cat_id, kids in tokenizer.category_children.items():
+        tokens = tokenizer.convert_ids_to_tokens(kids)
+        cols = [col.get(t) for t in tokens]
+        known = [j for j in cols if j is not None]
+        theta = mixture.theta[:, known] if known else np.zeros((mixture.n_types, 0))
+        present = 1.0 - np.exp(np.log1p(-theta).sum(1))
+        bias[:, cat_id] = np.log(np.clip(present, THETA_FLOOR, 1.0))
+        total = theta.sum(1)
+        for kid, j in zip(kids, cols):
+            bias[:, kid] = log_floor if j is None else np.log(mixture.theta[:, j] / total)
+    return bias.astype(np.float32)
+
+
 def visit_matrix(visits: Sequence[Sequence[str]], index: dict[str, int]) -> sp.csr_matrix:
     """[n, K] binary CSR matrix: visit i holds code index[c] (codes outside ``index`` are skipped)."""
     rows, cols = [], []
@@ -123,4 +150,4 @@ def fit_visit_types(visits: Sequence[Sequence[str]], n_types: int = DEFAULT_TYPE
     return model
 
 
-__all__ = ["DEFAULT_MIN_VISITS", "DEFAULT_TYPES", "VisitTypes", "fit_visit_types", "visit_matrix"]
+__all__ = ["DEFAULT_MIN_VISITS", "DEFAULT_TYPES", "VisitTypes", "fit_visit_types", "type_logit_bias", "visit_matrix"]
