@@ -462,9 +462,7 @@ class PromptEHRForConditionalGeneration(PromptEHRPreTrainedModel, GenerationMixi
             if labels is not None:
                 raise ValueError("logits_columns is for generation; the loss needs every logit")
             logits = nn.functional.linear(hidden, self.lm_head.weight[logits_columns])
-        if self.visit_type_bias is not None:
-            if x_cat is None:
-                raise ValueError("PromptEHR: a model conditioned on visit types needs x_cat with the visit type")
+        if self.visit_type_bias is not None:  # the prompts have checked x_cat's shape and range
             bias = self.visit_type_bias(x_cat[:, self.config.visit_type_feature_index], logits_columns)
             logits = logits + bias[:, None, :].to(logits.dtype)
 
