@@ -19,8 +19,8 @@ test split holds, and every cohort is scored against the TRAINING split with the
 Rows (each an ablation of one choice against ``default``; the defaults are examples/train.py's
 and ``generate_patients``'): training choices (co-occurrence loss off; code order seq_num /
 hierarchical against the default shuffle; the learning rate) and
-generation choices on the default model (stage two by the model's scores vs the default, the
-training P(code | category); greedy decoding vs ancestral sampling at temperature 1; visit length decided
+generation choices on the default model (stage two by the training P(code | category) vs the
+default, the model's scores; greedy decoding vs ancestral sampling at temperature 1; visit length decided
 by the model vs drawn from the data). Writes ``benchmarks/results/fidelity.json`` and
 ``fidelity.md`` (the table, with each fidelity target marked met or missed), and the default
 model's full report (plots) under ``--work-dir``.
@@ -72,7 +72,7 @@ TRAINING = {
 CURVE = {"minutes_5": 5.0, "minutes_15": 15.0, "minutes_45": 45.0}
 # Generation variants of the default model: generate_patients keyword arguments.
 GENERATION = {
-    "stage_two_model": {"stage_two": "model"},
+    "stage_two_empirical": {"stage_two": "empirical"},
     "greedy": {"do_sample": False},
     "visit_length_model": {"visit_length": "model"},
 }
