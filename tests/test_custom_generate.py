@@ -217,3 +217,34 @@ def test_shipped_code_imports_only_torch_transformers_numpy_and_itself():
             elif isinstance(node, ast.ImportFrom):
                 assert node.module.split(".")[0] in allowed, (name, node.module)
     assert (prior_module.SEXES, prior_module.AGE_CAP) == (schema.SEXES, schema.AGE_CAP)
+
+
+def test_clean_process_generates_with_visit_types(cohort, tokenizer, tiny_config, run_clean_python, tmp_path):
+    """A checkpoint conditioned on visit types (per-type logit bias, type chain in the prior)
+    generates alone too, the same patients as generate_patients."""
+    from promptehr_hf.modeling_promptehr.training.visit_types import fit_visit_types, type_logit_bias
+
+    mixture = fit_visit_types([v for p in cohort for v in p["visits"]], n_types=8, min_visits=20, progress=False)
+    types = mixture.assign_patients([p["visits"] for p in cohort])
+    cfg = PromptEHRConfig.from_preset("small", tokenizer=tokenizer, **tiny_config, max_position_embeddings=128,
+                                      cat_cardinalities=[2, mixture.n_types], visit_type_feature_index=1)
+    torch.manual_seed(0)
+    model = PromptEHRForConditionalGeneration(cfg)
+    with torch.no_grad():
+        model.visit_type_bias.weight.copy_(torch.from_numpy(type_logit_bias(mixture, tokenizer, cfg.vocab_size)))
+    path = tmp_path / "typed"
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    CohortPrior.from_patients(cohort, visit_types=types, n_types=mixture.n_types).save(path)
+    save_custom_generate(path, tokenizer, max_history_length=64, stage_two="model")
+
+    out = tmp_path / "clean.json"
+    proc = run_clean_python(CLEAN_SCRIPT, str(path), str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    patients, stats = json.loads(out.read_text())["default"]
+    assert len(patients) == 200 and stats["stage_two"] == "model"
+    _assert_valid(patients, stats, tokenizer)
+    loaded = AutoModelForSeq2SeqLM.from_pretrained(path, trust_remote_code=True)
+    torch.testing.assert_close(loaded.visit_type_bias.weight, model.visit_type_bias.weight)
+    ours, _ = generate_patients(loaded, tokenizer, 200, seed=11, progress=False)
+    _same_patients(ours.to_list(), patients)
