@@ -84,7 +84,7 @@ def test_train_generate_evaluate_push_and_resume(train_script, tmp_path, monkeyp
     n_types = json.loads((model_dir / "cohort_prior.json").read_text())["visit_types"]["n_types"]
     saved = json.loads((model_dir / "config.json").read_text())
     assert saved["visit_type_feature_index"] == 1 and saved["cat_cardinalities"] == [2, n_types]
-    assert json.loads((model_dir / "generation_config.json").read_text())["stage_two"] == "model"
+    assert json.loads((model_dir / "generation_config.json").read_text())["stage_two"] == "type"
     assert (out / "synthetic" / "synthetic.parquet").is_file()
     metrics = json.loads((out / "evaluation" / "metrics.json").read_text())
     assert metrics["rows"]["synthetic"]["n_synthetic_patients"] > 0 and metrics["rows"]["floor"] is not None

@@ -7,8 +7,10 @@ import pytest
 import torch
 
 from promptehr_hf.modeling_promptehr.configuration_promptehr import PromptEHRConfig
+from promptehr_hf.modeling_promptehr.generation.patients import type_code_log_probs
 from promptehr_hf.modeling_promptehr.generation.pipeline import generate_patients
 from promptehr_hf.modeling_promptehr.generation.prior import CohortPrior
+from promptehr_hf.modeling_promptehr.generation.processors import StageTwoLogitsProcessor, VocabIndex
 from promptehr_hf.modeling_promptehr.modeling_promptehr import PromptEHRForConditionalGeneration
 from promptehr_hf.modeling_promptehr.training.data import PromptEHRDataCollator, build_examples
 from promptehr_hf.modeling_promptehr.training.visit_types import fit_visit_types, type_logit_bias
@@ -18,7 +20,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 # Two admission templates that share no code, plus codes both can carry.
 SEPSIS = ["0389", "99592", "78552", "5849", "2762"]
-CARDIAC = ["41401", "4280", "42731", "4240", "2724"]
+CARDIAC = ["41401", "4280", "42731", "5845", "2724"]  # 5845 shares category 584 with sepsis' 5849
 SHARED = ["4019", "25000", "5990"]
 
 
@@ -178,3 +180,45 @@ def test_type_bias_starts_from_the_mixture_and_moves_the_logits(cohort, mixture,
     torch.testing.assert_close(with_bias - without, torch.from_numpy(bias)[batch["x_cat"][:, 1]])
     with pytest.raises(ValueError, match="x_cat"):
         model(**{**batch, "x_cat": None})
+
+
+def test_type_stage_two_table_and_processor(cohort, mixture):
+    types = mixture.assign_patients([p["visits"] for p in cohort])
+    prior = CohortPrior.from_patients(cohort, visit_types=types, n_types=mixture.n_types)
+    tok = PromptEHRTokenizer.from_patients(cohort)
+    index = VocabIndex(tok)
+    table = type_code_log_probs(prior, tok, index)
+    assert table.shape == (mixture.n_types, len(tok))
+    # each type's P(code | category) sums to one over every category's generable codes
+    probs = table.double().exp()
+    for kids in tok.category_children.values():
+        np.testing.assert_allclose(probs[:, kids].sum(1).numpy(), 1.0, rtol=1e-6)
+    assert torch.isinf(table[:, ~index.generable]).all()
+    # inside category 584, the sepsis type writes 5849 and the cardiac type 5845
+    sepsis = next(t for p, ts in zip(cohort, types) for v, t in zip(p["visits"], ts) if set(v) & set(SEPSIS))
+    cardiac = next(t for p, ts in zip(cohort, types) for v, t in zip(p["visits"], ts) if set(v) & set(CARDIAC))
+    code = tok.convert_tokens_to_ids("5849")
+    assert table[sepsis, code].exp() > 0.9 and table[cardiac, code].exp() < 0.1
+
+    # The processor with every row's table equal to the type-blind P(code | category) is the
+    # empirical stage two, at code steps and at category steps.
+    torch.manual_seed(0)
+    ids = torch.tensor([[tok.bos_token_id, tok.visit_start_id, tok.convert_tokens_to_ids("C:276")],
+                        [tok.bos_token_id, tok.visit_start_id, tok.visit_start_id]])
+    scores = torch.randn(2, len(tok))
+    blind = StageTwoLogitsProcessor(index, "empirical")(ids, scores.clone())
+    same = StageTwoLogitsProcessor(index, "type", code_log_probs=index.log_code_prob.expand(2, -1))(ids, scores.clone())
+    torch.testing.assert_close(same, blind)
+    typed = StageTwoLogitsProcessor(index, "type", code_log_probs=table[[sepsis, cardiac]])(ids, scores.clone())
+    kids = tok.category_children[tok.convert_tokens_to_ids("C:276")]
+    torch.testing.assert_close(typed[0, kids], table[sepsis, kids])
+    with pytest.raises(ValueError, match="code_log_probs"):
+        StageTwoLogitsProcessor(index, "type")
+
+
+def test_type_stage_two_needs_a_typed_model(cohort, tiny_config):
+    tok = PromptEHRTokenizer.from_patients(cohort)
+    cfg = PromptEHRConfig.from_preset("small", tokenizer=tok, **tiny_config, max_position_embeddings=128)
+    model = PromptEHRForConditionalGeneration(cfg).eval()
+    with pytest.raises(ValueError, match="visit types"):
+        generate_patients(model, tok, 5, prior=CohortPrior.from_patients(cohort), stage_two="type", progress=False)

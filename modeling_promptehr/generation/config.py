@@ -29,7 +29,9 @@ class PromptEHRGenerationConfig(GenerationConfig):
     Args:
         stage_two (`str`, *optional*, defaults to `"empirical"`):
             How the code inside a sampled category is chosen: `"empirical"` (the training
-            P(code | category)), `"model"` (the model's scores) or `"uniform"`.
+            P(code | category)), `"type"` (the training P(code | category, visit type), for a
+            model conditioned on visit types; what such a checkpoint saves), `"model"` (the
+            model's scores) or `"uniform"`.
         visit_length (`str`, *optional*, defaults to `"data"`):
             `"data"`: each visit's number of codes is drawn from the training distribution given
             age band and visit index (in seeded mode, the seed's own); `"model"`: the model ends

@@ -69,6 +69,8 @@ from .processors import CMSEditTable, VocabIndex, check_visits, max_new_tokens_f
 # ``past_key_values`` before), as the model's remote code decides it.
 CACHE_ARG = "cache" if "cache" in inspect.signature(BartDecoder.forward).parameters else "past_key_values"
 
+# stage_two="type": pseudo-visits of the type-blind P(code | category) added to each type's counts.
+TYPE_STAGE_TWO_PSEUDO_VISITS = 1.0
 # Rounds of redraws a copy of an excluded (training) patient gets before it is dropped.
 DEFAULT_COPY_REDRAWS = 3
 
@@ -195,7 +197,7 @@ def _batch_bounds(targets: np.ndarray, batch_size: int) -> list[int]:
 
 
 def _run_plan(model, tokenizer, plan: _Plan, config: PromptEHRGenerationConfig, *, index, edit_table, max_codes,
-              max_history_length, progress, desc: str = "generating") -> dict:
+              max_history_length, progress, type_table=None, desc: str = "generating") -> dict:
     """Generate every missing visit of ``plan`` in place; returns counters."""
     device = next(model.parameters()).device
     gen_cfg = _visit_generation_config(model, tokenizer)
@@ -234,11 +236,12 @@ def _run_plan(model, tokenizer, plan: _Plan, config: PromptEHRGenerationConfig, 
             )
             n_codes = None if targets is None else torch.from_numpy(targets[sel])
             longest = max_codes if n_codes is None else int(n_codes.max())
+            code_log_probs = None if type_table is None else type_table[torch.from_numpy(cat[:, 1]).to(device)]
             processors = visit_logits_processors(
                 index, plan.ages[rows].tolist(), [plan.sexes[i] for i in rows], n_codes=n_codes,
                 max_codes=max_codes, stage_two=config.stage_two, temperature=config.temperature or 1.0,
                 cms=config.cms, edit_table=edit_table, sample=config.do_sample, top_k=config.top_k,
-                top_p=config.top_p,
+                top_p=config.top_p, code_log_probs=code_log_probs,
             )
             gen_cfg.max_new_tokens = max_new_tokens_for(longest) - 1  # <v> is given
             out = model_generate(
@@ -345,10 +348,16 @@ def sample_patients(model, tokenizer, config: PromptEHRGenerationConfig, n: int 
                              "which a checkpoint saved by promptehr_hf carries); pass cms=False to generate without "
                              "the CMS age/sex edits")
         edit_table = CMSEditTable(index, config.cms_edits)
+    type_table = None
+    if config.stage_two == "type":
+        if not typed:
+            raise ValueError("stage_two='type' needs a model conditioned on visit types (its config's "
+                             "visit_type_feature_index); use 'empirical' or 'model'")
+        type_table = type_code_log_probs(need_prior(), tokenizer, index)
     was_training = model.training  # the trainer's monitoring callback generates mid-training
     model.eval()
     run = dict(index=index, edit_table=edit_table, max_codes=int(max_codes), max_history_length=max_history_length,
-               progress=progress)
+               progress=progress, type_table=type_table)
     redrawn = np.zeros(len(plan.ages), dtype=bool)
     copies = np.zeros(0, dtype=np.int64)
     try:
@@ -437,6 +446,27 @@ def _replace(plan: _Plan, rows: np.ndarray, redraw: _Plan) -> None:
             plan.types[i] = redraw.types[j]
     plan.n_visits[rows] = redraw.n_visits
     plan.start[rows] = redraw.start
+
+
+def type_code_log_probs(prior: CohortPrior, tokenizer, index: VocabIndex,
+                        pseudo_visits: float = TYPE_STAGE_TWO_PSEUDO_VISITS) -> torch.Tensor:
+    """[n_types, V] log P(code | category, visit type) for ``stage_two="type"``: the training
+    visits of the type that hold the code, plus ``pseudo_visits`` spread over the category's codes
+    as the type-blind training P(code | category), over the same sums for the category (so a
+    category a type never wrote still has its codes). -inf off the generable codes."""
+    vocab = tokenizer.get_vocab()
+    counts = torch.zeros(prior.n_types, index.size, dtype=torch.float64)
+    for m, cell in prior.type_code_counts.items():
+        pairs = [(vocab[c], n) for c, n in cell.items() if c in vocab]
+        if pairs:
+            ids, n = zip(*pairs)
+            counts[m, list(ids)] = torch.tensor(n, dtype=torch.float64)
+    counts = counts.to(index.device) * index.generable
+    q = index.log_code_prob.double().exp()
+    per_category = torch.zeros(prior.n_types, len(index.category_ids) + 1, dtype=torch.float64, device=index.device)
+    per_category.index_add_(1, index.code_category_pos[index.code_ids], counts[:, index.code_ids])
+    total = per_category[:, index.code_category_pos] + pseudo_visits
+    return ((counts + pseudo_visits * q) / total).log().float()
 
 
 def _draw_types(plan: _Plan, prior: CohortPrior, rng, retime: bool) -> None:

@@ -57,7 +57,8 @@ class CohortPrior:
     - visits per patient given the age band;
     - codes per visit given the age band and the visit index (capped at ``visit_index_cap``);
     - with visit types (a model conditioned on them): the first visit's type given the age band,
-      a later visit's type given the previous visit's type, and codes per visit given the type.
+      a later visit's type given the previous visit's type, codes per visit given the type, and
+      how many visits of each type hold each code (stage two given the type).
 
     Empty cells back off to the pooled distribution (over bands, then over visit indices; over
     first visits, resp. later visits, for the types).
@@ -109,6 +110,8 @@ class CohortPrior:
             self._next_type = [after.get(m, after_pooled) for m in range(self.n_types)]
             by_type = cells(vt["codes_per_visit"])
             self._codes_by_type = [by_type.get(m, self._codes_pooled) for m in range(self.n_types)]
+            # visits of each type holding each code: {type: {code: n}}
+            self.type_code_counts = {int(m): dict(c) for m, c in vt.get("code_counts", {}).items()}
 
     @classmethod
     def from_patients(cls, patients, age_band_edges: Sequence[float] = AGE_BAND_EDGES,
@@ -276,6 +279,12 @@ def _type_counts(visits, visit_types, n_types, bands: np.ndarray, lengths: np.nd
     flat = np.concatenate(types) if types else np.zeros(0, np.int64)
     if len(flat) and (flat.min() < 0 or flat.max() >= n_types):
         raise ValueError(f"CohortPrior.from_patients: visit types must be in [0, {n_types})")
+    code_counts: dict[str, dict[str, int]] = {}
+    for codes_of_patient, types_of_patient in zip(visits, types):
+        for visit, m in zip(codes_of_patient, types_of_patient.tolist()):
+            cell = code_counts.setdefault(str(m), {})
+            for code in set(visit):
+                cell[code] = cell.get(code, 0) + 1
     first = np.array([t[0] for t in types], dtype=np.int64)
     prev = np.concatenate([t[:-1] for t in types]) if types else np.zeros(0, np.int64)
     nxt = np.concatenate([t[1:] for t in types]) if types else np.zeros(0, np.int64)
@@ -284,6 +293,7 @@ def _type_counts(visits, visit_types, n_types, bands: np.ndarray, lengths: np.nd
         "first": {str(b): _counts(first[bands == b]) for b in np.unique(bands)},
         "transition": {str(m): _counts(nxt[prev == m]) for m in np.unique(prev)},
         "codes_per_visit": {str(m): _counts(lengths[flat == m]) for m in np.unique(flat)},
+        "code_counts": {m: dict(sorted(code_counts[m].items())) for m in sorted(code_counts, key=int)},
     }
 
 

@@ -8,7 +8,8 @@ Processors (use :func:`visit_logits_processors` to build the chain in the right 
 
 - :class:`StageTwoLogitsProcessor`: after a category token, the next token is one of that
   category's codes, sampled by the model's scores (``"model"``), by the training
-  P(code | category) (``"empirical"``: the scores are replaced by log-probabilities) or uniformly.
+  P(code | category) (``"empirical"``: the scores are replaced by log-probabilities), by the
+  training P(code | category, visit type) of each row (``"type"``) or uniformly.
 - :class:`NoRepeatCodeLogitsProcessor`: a code already written in this visit is forbidden.
 - :class:`CMSEditLogitsProcessor`: the CMS Medicare Code Editor age/sex edits of each row's
   patient (:class:`CMSEditTable`, from the edit data a checkpoint carries); categories all of
@@ -43,7 +44,7 @@ from transformers import (
     TopPLogitsWarper,
 )
 
-STAGE_TWO_MODES = ("model", "empirical", "uniform")
+STAGE_TWO_MODES = ("model", "empirical", "type", "uniform")
 NEG_INF = float("-inf")
 
 
@@ -225,11 +226,12 @@ class StageTwoLogitsProcessor(VisitBlockProcessor):
     """Stage two: after a category token, the next token is one of that category's codes.
 
     mode ``"model"`` keeps the model's scores (the grammar restricts them to the category's
-    children); ``"empirical"`` replaces them by log P(code | category) from training;
+    children); ``"empirical"`` replaces them by log P(code | category) from training; ``"type"``
+    by each row's own log P(code | category, visit type) (``code_log_probs`` [B, V]);
     ``"uniform"`` makes the children equally likely. Rows at a code position get -inf on the
     head block.
 
-    With ``"empirical"`` / ``"uniform"`` the code constraints (CMS ``codes_forbidden``, codes
+    With ``"empirical"`` / ``"type"`` / ``"uniform"`` the code constraints (CMS ``codes_forbidden``, codes
     already in the visit) act as rejection sampling of the (category, code) pair: at a category
     step each category's score gets + log(stage-two mass still allowed for the row). Merely
     renormalising over the allowed codes would hand a forbidden code's mass to its allowed
@@ -240,14 +242,20 @@ class StageTwoLogitsProcessor(VisitBlockProcessor):
     """
 
     def __init__(self, index: VocabIndex, mode: str = "model", temperature: float = 1.0,
-                 codes_forbidden: torch.Tensor | None = None, no_repeat: bool = True):
+                 codes_forbidden: torch.Tensor | None = None, no_repeat: bool = True,
+                 code_log_probs: torch.Tensor | None = None):
         if mode not in STAGE_TWO_MODES:
             raise ValueError(f"stage_two must be one of {STAGE_TWO_MODES}, got {mode!r}")
+        if (mode == "type") != (code_log_probs is not None):
+            raise ValueError("stage_two='type' needs code_log_probs [B, V] (each row's P(code | category, type)), "
+                             "and only it takes them")
         self.index, self.mode = index, mode
         self.temperature = float(temperature) if temperature else 1.0
         self.codes_forbidden, self.no_repeat = codes_forbidden, no_repeat
         if mode == "empirical":
             self.log_q = index.log_code_prob
+        elif mode == "type":
+            self.log_q = code_log_probs
         else:  # uniform over the generable children
             n_kids = torch.cat([allowed_per_category(index, None)[0], torch.ones(1, device=index.device)])
             self.log_q = torch.where(index.generable, -n_kids[index.code_category_pos].log(), NEG_INF)
@@ -261,7 +269,8 @@ class StageTwoLogitsProcessor(VisitBlockProcessor):
         index = self.index
         if bool(step.at_code.any()):
             code = step.at_code[:, None]
-            kid = torch.where(code, self._log_q_t.to(kid.dtype)[step.kids], kid)
+            log_q = self._log_q_t.to(kid.dtype)
+            kid = torch.where(code, log_q.gather(1, step.kids) if log_q.dim() == 2 else log_q[step.kids], kid)
             head = head.masked_fill(code, NEG_INF)
         if bool(step.open.any()):  # weight each category by its allowed stage-two mass
             q = self._q
@@ -271,7 +280,8 @@ class StageTwoLogitsProcessor(VisitBlockProcessor):
             if self.no_repeat:
                 ids = step.input_ids
                 used = torch.zeros(ids.shape[0], mass.shape[1] + 1, device=index.device)
-                used.scatter_add_(1, index.code_category_pos[ids], q[ids] * index.is_code[ids])
+                q_ids = q.gather(1, ids) if q.dim() == 2 else q[ids]
+                used.scatter_add_(1, index.code_category_pos[ids], q_ids * index.is_code[ids])
                 mass = mass - used[:, :-1]
             weight = (self.temperature * mass.clamp(min=0).log()).to(head.dtype)
             head = _with_categories(head, head[:, HEAD_CATS:] + weight)
@@ -402,12 +412,14 @@ def _sex_letter(sex) -> str:
 def allowed_per_category(index: VocabIndex, codes_forbidden: torch.Tensor | None, batch_size: int = 1,
                          weight: torch.Tensor | None = None) -> torch.Tensor:
     """[B, n_cat] float: per category, how many of its generable codes are not in ``codes_forbidden``
-    (or, with ``weight`` [V], their summed weight).
+    (or, with ``weight`` [V] or [B, V], their summed weight).
 
     ``codes_forbidden``: [B, V] bool, or None (nothing forbidden: [batch_size, n_cat]).
     """
     w = index.generable.float() if weight is None else weight * index.generable
-    ok = w[index.code_ids][None, :].expand(batch_size, -1)
+    ok = w[..., index.code_ids]
+    if ok.dim() == 1:
+        ok = ok[None, :].expand(batch_size, -1)
     if codes_forbidden is not None:
         ok = ok * ~codes_forbidden[:, index.code_ids]
     counts = torch.zeros(ok.shape[0], len(index.category_ids) + 1, device=index.device)
@@ -594,6 +606,7 @@ def visit_logits_processors(
     sample: bool = False,
     top_k: int | None = None,
     top_p: float | None = None,
+    code_log_probs: torch.Tensor | None = None,
 ) -> LogitsProcessorList:
     """The processors for one batch of visits, as one :class:`VisitLogitsProcessor` whose
     ``processors`` are, in order: stage two, no-repeat, CMS, grammar, then (``sample``)
@@ -601,7 +614,8 @@ def visit_logits_processors(
 
     Args:
         ages, sexes: per row (B).  n_codes: [B] target codes per visit, or None with max_codes.
-        stage_two: "model" | "empirical" | "uniform".  cms: apply the CMS age/sex edits.
+        stage_two: "model" | "empirical" | "type" | "uniform".  cms: apply the CMS age/sex edits.
+        code_log_probs: [B, V] each row's log P(code | category, visit type) (stage_two="type").
         edit_table: the vocabulary's CMSEditTable, reused across batches (required with cms).
         sample: end with :func:`sampling_processors` (use with ``generate(do_sample=False)``);
             without it, pass temperature / top_k / top_p to generate's own sampling instead.
@@ -615,7 +629,8 @@ def visit_logits_processors(
         constraints.append(cms_processor)
         forbidden, available = cms_processor.codes_forbidden, cms_processor.codes_allowed_per_category
     processors: list[LogitsProcessor] = [
-        StageTwoLogitsProcessor(index, stage_two, temperature=temperature, codes_forbidden=forbidden, no_repeat=True),
+        StageTwoLogitsProcessor(index, stage_two, temperature=temperature, codes_forbidden=forbidden, no_repeat=True,
+                                code_log_probs=code_log_probs),
         *constraints,
     ]
     processors.append(VisitGrammarLogitsProcessor(index, n_codes=n_codes, max_codes=max_codes,

@@ -302,10 +302,10 @@ def train(args: argparse.Namespace) -> dict:
     if not state.is_main_process:
         return run
     prior.save(model_dir)
-    # Under visit types the code inside a category comes from the model (its logits carry the
-    # per-type bias), not from the type-blind training P(code | category).
+    # Under visit types the code inside a category comes from the training P(code | category,
+    # visit type), not from the type-blind P(code | category).
     trainer.model.generation_config = save_custom_generate(
-        model_dir, tokenizer, max_history_length=max_source, **({"stage_two": "model"} if types else {}))
+        model_dir, tokenizer, max_history_length=max_source, **({"stage_two": "type"} if types else {}))
 
     evaluation = None
     n_generate = len(test_split) if args.generate is None else args.generate
