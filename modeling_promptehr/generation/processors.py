@@ -560,7 +560,7 @@ class VisitLogitsProcessor(LogitsProcessor):
     @property
     def reads_code_scores(self) -> bool:
         """Whether the model's scores of code tokens matter: not when the chain opens with an
-        empirical or uniform stage two, which replaces them before anything reads them."""
+        empirical, type or uniform stage two, which replaces them before anything reads them."""
         first = self.processors[0] if self.processors else None
         return not (isinstance(first, StageTwoLogitsProcessor) and first.mode != "model")
 
