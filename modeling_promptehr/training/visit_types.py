@@ -106,9 +106,8 @@ def visit_matrix(visits: Sequence[Sequence[str]], index: dict[str, int]) -> sp.c
                 rows.append(r)
                 cols.append(j)
     X = sp.csr_matrix((np.ones(len(rows)), (rows, cols)), shape=(len(visits), len(index)))
-    X.data[:] = 1.0  # a code listed twice in a visit counts once
     X.sum_duplicates()
-    X.data[:] = 1.0
+    X.data[:] = 1.0  # a code listed twice in a visit counts once
     return X
 
 
@@ -119,8 +118,8 @@ def fit_visit_types(visits: Sequence[Sequence[str]], n_types: int = DEFAULT_TYPE
 
     Components start from ``n_types`` training visits drawn without replacement with ``seed``
     (P(code | type) halfway between the visit's 0/1 and the code's training frequency); after
-    every M step, components
-    holding fewer than ``min_visits`` visits (posterior mass) are removed. Deterministic for a seed.
+    every M step, components holding fewer than ``min_visits`` visits (posterior mass) are
+    removed. Deterministic for a seed.
 
     Raises ValueError when there are no codes or ``n_types < 1``.
     """
