@@ -330,8 +330,9 @@ def sample_patients(model, tokenizer, config: PromptEHRGenerationConfig, n: int 
 
     plan = _make_plan(mode, n, rng, need_prior, demographics, seed_patients, config.seed_visits, config.visit_length)
     typed = getattr(model.config, "visit_type_feature_index", None) is not None
+    retime = config.visit_length == "data" and mode != "seeded"  # seeded mode keeps the seed's lengths
     if typed:
-        _draw_types(plan, need_prior(), rng, retime=config.visit_length == "data" and mode != "seeded")
+        _draw_types(plan, need_prior(), rng, retime=retime)
     max_codes = config.max_codes
     if max_codes is None:
         try:  # the longest training visit, when a prior is at hand
@@ -376,8 +377,7 @@ def sample_patients(model, tokenizer, config: PromptEHRGenerationConfig, n: int 
                     redraw = _redraw_plan(plan, copies, mode, round_rng, need_prior, config.seed_visits,
                                           config.visit_length)
                     if typed:
-                        _draw_types(redraw, need_prior(), round_rng,
-                                    retime=config.visit_length == "data" and mode != "seeded")
+                        _draw_types(redraw, need_prior(), round_rng, retime=retime)
                     more = _run_plan(model, tokenizer, redraw, config, **run,
                                      desc=f"redrawing copies ({round_}/{copy_redraws})")
                     counters = {k: counters[k] + more[k] for k in counters}
