@@ -1,4 +1,6 @@
-"""Cohort I/O: the ONE writer of MIMIC-III CSVs (simulator, generation) and Parquet helpers.
+"""Cohort I/O: the ONE place patients are laid out in time (`timeline`), the MIMIC-III CSV writer
+(simulator, generation) and Parquet helpers. The MIMIC-IV and MEDS writers take their dates
+from the same `timeline`.
 
 Patients follow `promptehr_hf.datasets_scripts.schema` (subject_id, age, sex, visits).
 
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -78,42 +81,69 @@ def _timestamps(seconds: np.ndarray) -> pa.Array:
     return pa.array(seconds.astype(np.int64), type=pa.int64()).cast(pa.timestamp("s"))
 
 
-def _tables(patients: Sequence[dict] | Dataset, seed: int) -> dict[str, pa.Table]:
-    """patients -> the three MIMIC-III tables (upper-case headers), built column-wise in Arrow."""
+@dataclass(frozen=True)
+class Timeline:
+    """Patients laid out in time, column-wise: what every table writer (MIMIC-III, MIMIC-IV,
+    MEDS) writes. Times are int64 seconds since 1970, in whole minutes (MIMIC's resolution).
+
+    Per patient [n]: ``subject``, ``age`` (float64, as given), ``sex`` (Arrow strings),
+    ``n_visits``, ``dob`` (midnight; an age of 90 is written ``MIMIC_SHIFT_YEARS`` before the first
+    admission, MIMIC-III's way). Per visit [v_total]: ``patient`` (row in the patient arrays),
+    ``admit``, ``disch``, ``hadm``, ``n_codes``. Per diagnosis row [d_total]: ``codes`` (Arrow
+    strings, visit order), ``seq_num`` (1..n within its visit).
+    """
+
+    subject: np.ndarray
+    age: np.ndarray
+    sex: pa.Array
+    n_visits: np.ndarray
+    dob: np.ndarray
+    patient: np.ndarray
+    admit: np.ndarray
+    disch: np.ndarray
+    hadm: np.ndarray
+    n_codes: np.ndarray
+    codes: pa.Array
+    seq_num: np.ndarray
+
+
+def timeline(patients: Sequence[dict] | Dataset, seed: int = 0, writer: str = "timeline") -> Timeline:
+    """Lay patients out in time (see the module docstring for the dates); ``seed`` draws the dates
+    and hadm_ids. ValueError, naming ``writer`` and the subject_id, on a patient with no visit, a
+    bad age or sex, or a repeated subject_id.
+    """
     t = _patients_table(patients)
     n = t.num_rows
     subject = t["subject_id"].to_numpy()
     if len(np.unique(subject)) != n:
-        raise ValueError("write_mimic3_csvs: subject_id values are not unique")
+        raise ValueError(f"{writer}: subject_id values are not unique")
     # From a list, the ages as given (float64): the Arrow copy is float32, which can move an age
     # across a 0.01 rounding boundary.
     age = (t["age"].to_numpy(zero_copy_only=False).astype(np.float64) if isinstance(patients, Dataset)
            else np.fromiter((float(p["age"]) for p in patients), dtype=np.float64, count=n))
-    sex = t["sex"]
+    sex = t["sex"].combine_chunks() if n else pa.array([], type=pa.string())
     bad_sex = ~np.isin(sex.to_numpy(zero_copy_only=False), SEXES)
     if bad_sex.any():
-        raise ValueError(f"write_mimic3_csvs: sex must be one of {SEXES}; subject_id {subject[bad_sex][0]} has another")
+        raise ValueError(f"{writer}: sex must be one of {SEXES}; subject_id {subject[bad_sex][0]} has another")
     visits = t["visits"].chunk(0) if n else pa.array([], type=pa.list_(pa.list_(pa.string())))
     n_visits = pc.list_value_length(visits).to_numpy(zero_copy_only=False).astype(np.int64)
     if (n_visits == 0).any():
-        raise ValueError(f"write_mimic3_csvs: subject_id {subject[n_visits == 0][0]} has no visit")
+        raise ValueError(f"{writer}: subject_id {subject[n_visits == 0][0]} has no visit")
     bad_age = (age < 0) | ~np.isfinite(age)
     if bad_age.any():
-        raise ValueError(f"write_mimic3_csvs: subject_id {subject[bad_age][0]} has a bad age")
+        raise ValueError(f"{writer}: subject_id {subject[bad_age][0]} has a bad age")
     visit_codes = visits.flatten()  # one list of codes per visit
     d_len = pc.list_value_length(visit_codes).to_numpy(zero_copy_only=False).astype(np.int64)
-    codes = visit_codes.flatten()
 
     rng = np.random.default_rng(seed)
     v_total = int(n_visits.sum())
-    v_patient = np.repeat(np.arange(n), n_visits)
     first_visit = np.r_[0, np.cumsum(n_visits)[:-1]].astype(np.int64)
     is_first = np.zeros(v_total, dtype=bool)
     is_first[first_visit] = True
 
-    # Times in whole minutes (MIMIC's resolution), as seconds since 1970. DOB is a midnight
-    # round(age * 365.25) days before the first admission's day, which starts at a random minute:
-    # off from the exact age by -0.5..+1.5 days, inside the reader's 0.01-year (3.65-day) rounding.
+    # DOB is a midnight round(age * 365.25) days before the first admission's day, which starts at
+    # a random minute: off from the exact age by -0.5..+1.5 days, inside the readers' 0.01-year
+    # (3.65-day) rounding.
     written_age = np.where(age >= AGE_CAP, MIMIC_SHIFT_YEARS, np.round(age, 2))
     first_day = np.datetime64("2100-01-01", "D").astype(np.int64) + rng.integers(0, 100 * 365, size=n)
     dob = 86400 * (first_day - np.round(written_age * DAYS_PER_YEAR).astype(np.int64))
@@ -127,23 +157,32 @@ def _tables(patients: Sequence[dict] | Dataset, seed: int) -> dict[str, pa.Table
     disch = admit + 60 * stay_min
 
     hadm = FIRST_HADM_ID + rng.permutation(v_total)
-    d_total = int(d_len.sum())
     d_first = np.r_[0, np.cumsum(d_len)[:-1]].astype(np.int64)
-    seq = np.arange(d_total) - np.repeat(d_first, d_len) + 1
+    seq = np.arange(int(d_len.sum())) - np.repeat(d_first, d_len) + 1
+    return Timeline(subject=subject, age=age, sex=sex, n_visits=n_visits, dob=dob,
+                    patient=np.repeat(np.arange(n), n_visits), admit=admit, disch=disch, hadm=hadm,
+                    n_codes=d_len, codes=visit_codes.flatten(), seq_num=seq)
+
+
+def _tables(patients: Sequence[dict] | Dataset, seed: int) -> dict[str, pa.Table]:
+    """patients -> the three MIMIC-III tables (upper-case headers), built column-wise in Arrow."""
+    tl = timeline(patients, seed, writer="write_mimic3_csvs")
+    n, v_total, d_total = len(tl.subject), len(tl.admit), len(tl.codes)
+    v_subject = tl.subject[tl.patient]
     return {
         "PATIENTS": pa.table({
-            "ROW_ID": np.arange(1, n + 1), "SUBJECT_ID": subject, "GENDER": sex, "DOB": _timestamps(dob),
+            "ROW_ID": np.arange(1, n + 1), "SUBJECT_ID": tl.subject, "GENDER": tl.sex, "DOB": _timestamps(tl.dob),
             "DOD": pa.nulls(n, pa.timestamp("s")), "DOD_HOSP": pa.nulls(n, pa.timestamp("s")),
             "DOD_SSN": pa.nulls(n, pa.timestamp("s")), "EXPIRE_FLAG": np.zeros(n, dtype=np.int64),
         }),
         "ADMISSIONS": pa.table({
-            "ROW_ID": np.arange(1, v_total + 1), "SUBJECT_ID": subject[v_patient], "HADM_ID": hadm,
-            "ADMITTIME": _timestamps(admit), "DISCHTIME": _timestamps(disch),
+            "ROW_ID": np.arange(1, v_total + 1), "SUBJECT_ID": v_subject, "HADM_ID": tl.hadm,
+            "ADMITTIME": _timestamps(tl.admit), "DISCHTIME": _timestamps(tl.disch),
             "DEATHTIME": pa.nulls(v_total, pa.timestamp("s")),
         }),
         "DIAGNOSES_ICD": pa.table({
-            "ROW_ID": np.arange(1, d_total + 1), "SUBJECT_ID": np.repeat(subject[v_patient], d_len),
-            "HADM_ID": np.repeat(hadm, d_len), "SEQ_NUM": seq, "ICD9_CODE": codes,
+            "ROW_ID": np.arange(1, d_total + 1), "SUBJECT_ID": np.repeat(v_subject, tl.n_codes),
+            "HADM_ID": np.repeat(tl.hadm, tl.n_codes), "SEQ_NUM": tl.seq_num, "ICD9_CODE": tl.codes,
         }),
     }
 
