@@ -19,6 +19,19 @@ back into the same patients (ages to 0.01 year, which is the reader's precision)
   ROW_IDs count from 1; codes are written as given (dotless), in visit order as SEQ_NUM 1..n;
   strings and headers are double-quoted and missing values left empty, as in MIMIC-III v1.4.
 
+`write_mimic4_csvs` writes a MIMIC-IV folder, `hosp/patients.csv.gz`, `hosp/admissions.csv.gz`
+and `hosp/diagnoses_icd.csv.gz`, with MIMIC-IV's columns and lower-case headers, which
+`promptehr_hf.datasets_scripts.mimic4.read_mimic4` reads back into the same patients with their
+ages floored to whole years (MIMIC-IV has no date of birth, only whole-year ages):
+
+- the admission dates and hadm_ids are `timeline`'s (the same as write_mimic3_csvs' for a seed);
+- `anchor_year` is the year of the patient's first admission and `anchor_age` the age floored
+  to whole years, 91 for an age of 90 (MIMIC-IV's "over 89"); `anchor_year_group` is one of
+  MIMIC-IV's five real periods ("2008 - 2010" ... "2020 - 2022"), chosen by subject_id;
+- codes are written with the one `icd_version` of the cohort's code system (10 for "icd10cm",
+  9 for "icd9cm"), in visit order as seq_num 1..n; `admission_type` is "EW EMER." (MIMIC-IV's
+  most frequent), `hospital_expire_flag` 0, `dod` and `deathtime` empty.
+
 All writes go through `promptehr_hf.file_utils` (a temporary file beside each table, renamed
 onto it once written): an error or interruption never leaves a half-written table behind.
 """
@@ -199,3 +212,54 @@ def write_mimic3_csvs(patients: Sequence[dict] | Dataset, out_dir: str | os.Path
     writers = {out / f"{name}.csv": (lambda tmp, table=table: pa_csv.write_csv(table, tmp))
                for name, table in tables.items()}
     return dict(zip(tables, atomic_write_all(writers)))
+
+
+MIMIC4_OVER_89 = 91  # MIMIC-IV's anchor_age of every patient over 89
+MIMIC4_ANCHOR_YEAR_GROUPS = ("2008 - 2010", "2011 - 2013", "2014 - 2016", "2017 - 2019", "2020 - 2022")
+ICD_VERSIONS = {"icd9cm": 9, "icd10cm": 10}
+
+
+def write_mimic4_csvs(patients: Sequence[dict] | Dataset, out_dir: str | os.PathLike, *, seed: int = 0,
+                      code_system: str = "icd10cm") -> dict[str, Path]:
+    """Write patients as a MIMIC-IV folder (hosp/patients, admissions, diagnoses_icd .csv.gz); return the paths
+    keyed by table name ("patients", "admissions", "diagnoses_icd").
+
+    `seed` draws the dates and hadm_ids (`timeline`); `code_system` ("icd10cm" or "icd9cm") is
+    the patients' code system, written as every row's icd_version. Other files in `out_dir` are
+    left alone; the three tables are replaced together only once all three are written.
+    """
+    if code_system not in ICD_VERSIONS:
+        raise ValueError(f"write_mimic4_csvs: code_system={code_system!r}, expected one of {', '.join(ICD_VERSIONS)}")
+    tl = timeline(patients, seed, writer="write_mimic4_csvs")
+    n, v_total, d_total = len(tl.subject), len(tl.admit), len(tl.codes)
+    v_subject = tl.subject[tl.patient]
+    first_admit = tl.admit[np.cumsum(tl.n_visits) - tl.n_visits]
+    anchor_year = first_admit.astype("datetime64[s]").astype("datetime64[Y]").astype(np.int64) + 1970
+    anchor_age = np.where(tl.age >= AGE_CAP, MIMIC4_OVER_89, np.floor(tl.age)).astype(np.int64)
+    groups = np.array(MIMIC4_ANCHOR_YEAR_GROUPS, dtype=object)[tl.subject % len(MIMIC4_ANCHOR_YEAR_GROUPS)]
+    tables = {
+        "patients": pa.table({
+            "subject_id": tl.subject, "gender": tl.sex, "anchor_age": anchor_age, "anchor_year": anchor_year,
+            "anchor_year_group": pa.array(groups, type=pa.string()), "dod": pa.nulls(n, pa.date32()),
+        }),
+        "admissions": pa.table({
+            "subject_id": v_subject, "hadm_id": tl.hadm, "admittime": _timestamps(tl.admit),
+            "dischtime": _timestamps(tl.disch), "deathtime": pa.nulls(v_total, pa.timestamp("s")),
+            "admission_type": pa.array(["EW EMER."] * v_total, type=pa.string()),
+            "hospital_expire_flag": np.zeros(v_total, dtype=np.int64),
+        }),
+        "diagnoses_icd": pa.table({
+            "subject_id": np.repeat(v_subject, tl.n_codes), "hadm_id": np.repeat(tl.hadm, tl.n_codes),
+            "seq_num": tl.seq_num, "icd_code": tl.codes,
+            "icd_version": np.full(d_total, ICD_VERSIONS[code_system], dtype=np.int64),
+        }),
+    }
+    hosp = Path(out_dir) / "hosp"
+
+    def writer(table: pa.Table):
+        def write(tmp: str) -> None:
+            with pa.CompressedOutputStream(tmp, "gzip") as stream:
+                pa_csv.write_csv(table, stream)
+        return write
+
+    return dict(zip(tables, atomic_write_all({hosp / f"{name}.csv.gz": writer(t) for name, t in tables.items()})))
