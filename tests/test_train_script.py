@@ -81,7 +81,9 @@ def test_train_generate_evaluate_push_and_resume(train_script, tmp_path, monkeyp
     assert not list(model_dir.glob("*.bin")) and not list(model_dir.glob("*.pkl"))
     # visit types by default: the model is conditioned on them, the prior draws them, and the
     # code inside a category comes from the model
-    n_types = json.loads((model_dir / "cohort_prior.json").read_text())["visit_types"]["n_types"]
+    type_tables = json.loads((model_dir / "cohort_prior.json").read_text())["visit_types"]
+    n_types = type_tables["n_types"]
+    assert type_tables["recurrence"]["categories"]  # counted with the tokenizer's categories
     saved = json.loads((model_dir / "config.json").read_text())
     assert saved["visit_type_feature_index"] == 1 and saved["cat_cardinalities"] == [2, n_types]
     assert json.loads((model_dir / "generation_config.json").read_text())["stage_two"] == "type"

@@ -36,6 +36,11 @@ class PromptEHRGenerationConfig(GenerationConfig):
             `"data"`: each visit's number of codes is drawn from the training distribution given
             age band and visit index (in seeded mode, the seed's own); `"model"`: the model ends
             the visit, after at most `max_codes` codes.
+        recurrence (`bool`, *optional*, defaults to `True`):
+            With `stage_two="type"` and a cohort prior that counted recurrences: the categories and
+            codes of a patient's previous visit are weighted by how much more often they recur in
+            the training cohort than the visit types predict (``CohortPrior.recurrence_log_lift``):
+            chronic conditions come back, with the same code. Ignored otherwise.
         cms (`bool`, *optional*, defaults to `True`):
             Apply the CMS age/sex edits of each patient (needs `cms_edits`).
         cms_edits (`dict`, *optional*):
@@ -67,8 +72,9 @@ class PromptEHRGenerationConfig(GenerationConfig):
     def __init__(self, stage_two: str = "empirical", visit_length: str = "data", cms: bool = True,
                  cms_edits: dict | None = None, batch_size: int = 256, max_codes: int | None = None,
                  max_history_length: int | None = None, seed_visits: int = 1, custom_decoding: bool = True,
-                 **kwargs):
+                 recurrence: bool = True, **kwargs):
         self.stage_two = stage_two
+        self.recurrence = recurrence
         self.visit_length = visit_length
         self.cms = cms
         self.cms_edits = cms_edits

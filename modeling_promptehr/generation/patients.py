@@ -197,8 +197,9 @@ def _batch_bounds(targets: np.ndarray, batch_size: int) -> list[int]:
 
 
 def _run_plan(model, tokenizer, plan: _Plan, config: PromptEHRGenerationConfig, *, index, edit_table, max_codes,
-              max_history_length, progress, type_table=None, desc: str = "generating") -> dict:
-    """Generate every missing visit of ``plan`` in place; returns counters."""
+              max_history_length, progress, type_table=None, recurrence=None, desc: str = "generating") -> dict:
+    """Generate every missing visit of ``plan`` in place; returns counters. ``type_table``: the
+    stage-two table per visit type; ``recurrence``: :func:`recurrence_log_lifts` (with a type table)."""
     device = next(model.parameters()).device
     gen_cfg = _visit_generation_config(model, tokenizer)
     # The class's generate: a checkpoint loaded with trust_remote_code=True has the custom
@@ -237,11 +238,15 @@ def _run_plan(model, tokenizer, plan: _Plan, config: PromptEHRGenerationConfig, 
             n_codes = None if targets is None else torch.from_numpy(targets[sel])
             longest = max_codes if n_codes is None else int(n_codes.max())
             code_log_probs = None if type_table is None else type_table[torch.from_numpy(cat[:, 1]).to(device)]
+            category_log_lift = None
+            if recurrence is not None and t > 0:
+                code_log_probs, category_log_lift = _recurrence_rows(
+                    tokenizer, index, [plan.visits[i][t - 1] for i in rows], code_log_probs, recurrence)
             processors = visit_logits_processors(
                 index, plan.ages[rows].tolist(), [plan.sexes[i] for i in rows], n_codes=n_codes,
                 max_codes=max_codes, stage_two=config.stage_two, temperature=config.temperature or 1.0,
                 cms=config.cms, edit_table=edit_table, sample=config.do_sample, top_k=config.top_k,
-                top_p=config.top_p, code_log_probs=code_log_probs,
+                top_p=config.top_p, code_log_probs=code_log_probs, category_log_lift=category_log_lift,
             )
             gen_cfg.max_new_tokens = max_new_tokens_for(longest) - 1  # <v> is given
             out = model_generate(
@@ -355,10 +360,13 @@ def sample_patients(model, tokenizer, config: PromptEHRGenerationConfig, n: int 
             raise ValueError("stage_two='type' needs a model conditioned on visit types (its config's "
                              "visit_type_feature_index); use 'empirical' or 'model'")
         type_table = type_code_log_probs(need_prior(), tokenizer, index)
+    recurrence = None
+    if type_table is not None and config.recurrence:
+        recurrence = recurrence_log_lifts(need_prior(), tokenizer, index)
     was_training = model.training  # the trainer's monitoring callback generates mid-training
     model.eval()
     run = dict(index=index, edit_table=edit_table, max_codes=int(max_codes), max_history_length=max_history_length,
-               progress=progress, type_table=type_table)
+               progress=progress, type_table=type_table, recurrence=recurrence)
     redrawn = np.zeros(len(plan.ages), dtype=bool)
     copies = np.zeros(0, dtype=np.int64)
     try:
@@ -390,7 +398,8 @@ def sample_patients(model, tokenizer, config: PromptEHRGenerationConfig, n: int 
 
     stats: dict = {
         "mode": mode, "stage_two": config.stage_two, "visit_length": config.visit_length,
-        "batch_size": config.batch_size, "seed": seed, "do_sample": config.do_sample,
+        "recurrence": recurrence is not None, "batch_size": config.batch_size, "seed": seed,
+        "do_sample": config.do_sample,
         "temperature": config.temperature, "top_k": config.top_k, "top_p": config.top_p, "cms": config.cms,
         "max_codes": int(max_codes), "max_history_length": int(max_history_length), "n_generated": len(plan.ages),
         **counters,
@@ -467,6 +476,54 @@ def type_code_log_probs(prior: CohortPrior, tokenizer, index: VocabIndex,
     per_category.index_add_(1, index.code_category_pos[index.code_ids], counts[:, index.code_ids])
     total = per_category[:, index.code_category_pos] + pseudo_visits
     return ((counts + pseudo_visits * q) / total).log().float()
+
+
+def recurrence_log_lifts(prior: CohortPrior, tokenizer, index: VocabIndex) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The prior's recurrence log-lifts over the vocabulary: ([V] per code token, [n_cat + 1] per
+    category position, 0 for a category or code the prior does not list), or None when the prior
+    counted no recurrences."""
+    cats, codes = prior.recurrence_log_lift("categories"), prior.recurrence_log_lift("codes")
+    if not cats and not codes:
+        return None
+    vocab = tokenizer.get_vocab()
+    code_lift = torch.zeros(index.size, dtype=torch.float32)
+    pairs = [(vocab[c], v) for c, v in codes.items() if c in vocab]
+    if pairs:
+        ids, values = zip(*pairs)
+        code_lift[list(ids)] = torch.tensor(values, dtype=torch.float32)
+    cat_lift = torch.zeros(len(index.category_ids) + 1, dtype=torch.float32)
+    # Every category owns a catch-all code token spelled as the category: its position is the category's.
+    pairs = [(vocab[k], v) for k, v in cats.items() if k in vocab]
+    if pairs:
+        ids, values = zip(*pairs)
+        cat_lift[index.code_category_pos[torch.tensor(ids, device=index.device)].cpu()] = torch.tensor(values)
+    code_lift = code_lift.to(index.device) * index.generable
+    return code_lift, cat_lift.to(index.device)
+
+
+def _recurrence_rows(tokenizer, index: VocabIndex, previous: list[list[str]], code_log_probs: torch.Tensor,
+                     lifts: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows' stage-two table and category scores given their previous visits (empty for a first
+    visit): a code of the previous visit gets its log-lift inside its category, renormalised so that
+    each category's codes still sum to 1; a category of it gets its log-lift. Returns
+    (code_log_probs [B, V], category_log_lift [B, n_cat])."""
+    code_lift, cat_lift = lifts
+    B = len(previous)
+    hot = torch.zeros(B, index.size, device=index.device)
+    rows = [i for i, visit in enumerate(previous) for _ in tokenizer.encode_visit(visit)]
+    ids = [t for visit in previous for t in tokenizer.encode_visit(visit)]
+    if ids:
+        hot[torch.tensor(rows, device=index.device), torch.tensor(ids, device=index.device)] = 1.0
+    codes = hot * index.is_code
+    log_w = code_log_probs + codes * code_lift
+    w = log_w.double().exp()
+    per_category = torch.zeros(B, len(index.category_ids) + 1, dtype=torch.float64, device=index.device)
+    per_category.index_add_(1, index.code_category_pos[index.code_ids], w[:, index.code_ids])
+    total = per_category[:, index.code_category_pos].clamp(min=1e-300)
+    table = torch.where(index.generable, (w / total).log(), code_log_probs.double()).float()
+    cats = torch.zeros(B, len(index.category_ids) + 1, device=index.device)
+    cats.scatter_(1, index.category_pos.expand(B, -1), hot)  # non-category tokens land in the last column
+    return table, (cats * cat_lift)[:, :-1]
 
 
 def _draw_types(plan: _Plan, prior: CohortPrior, rng, retime: bool) -> None:

@@ -24,6 +24,10 @@ PRIOR_FORMAT = "promptehr-cohort-prior"
 # Age bands for the visit-count and visit-length distributions: newborn, child, young adult,
 # adult, older, oldest (the CMS newborn/pediatric edges and MIMIC's age structure).
 AGE_BAND_EDGES = (0.0, 1.0, 18.0, 45.0, 65.0, 80.0)
+# Pseudo-pairs of the recurrence odds ratios: a category or code seen in few pairs stays near its
+# predicted rate. Predicted rates are kept inside [floor, 1 - floor].
+RECURRENCE_SMOOTHING = 1.0
+RATE_FLOOR = 1e-4
 VISIT_INDEX_CAP = 3  # visit lengths are conditioned on visit index 0, 1, 2, and 3+
 AGE_RESOLUTION = 0.1  # ages are stored floored to 0.1 year (an aggregate, not per-patient ages)
 
@@ -58,7 +62,8 @@ class CohortPrior:
     - codes per visit given the age band and the visit index (capped at ``visit_index_cap``);
     - with visit types (a model conditioned on them): the first visit's type given the age band,
       a later visit's type given the previous visit's type, codes per visit given the type, and
-      how many visits of each type hold each code (stage two given the type).
+      how many visits of each type hold each code (stage two given the type), and how often a
+      category or code of one visit recurs in the next (:meth:`recurrence_log_lift`).
 
     Empty cells back off to the pooled distribution (over bands, then over visit indices; over
     first visits, resp. later visits, for the types).
@@ -112,15 +117,20 @@ class CohortPrior:
             self._codes_by_type = [by_type.get(m, self._codes_pooled) for m in range(self.n_types)]
             # visits of each type holding each code: {type: {code: n}}
             self.type_code_counts = {int(m): dict(c) for m, c in vt.get("code_counts", {}).items()}
+            rec = vt.get("recurrence", {})
+            self._recurrence = {kind: {k: tuple(v) for k, v in rec.get(kind, {}).items()}
+                                for kind in ("categories", "codes")}
 
     @classmethod
     def from_patients(cls, patients, age_band_edges: Sequence[float] = AGE_BAND_EDGES,
                       visit_index_cap: int = VISIT_INDEX_CAP, visit_types: Sequence[Sequence[int]] | None = None,
-                      n_types: int | None = None) -> "CohortPrior":
+                      n_types: int | None = None, category=None) -> "CohortPrior":
         """Count the distributions of a training split (patient dicts or a datasets.Dataset).
 
         ``visit_types``: the type (0..``n_types`` - 1) of every visit of every patient, in the
         patients' order, for a model conditioned on visit types; None: no type distributions.
+        ``category``: code -> its category (the tokenizer's); with ``visit_types``, also count
+        how categories and codes recur from one visit to the next (none without it).
         """
         ages, sexes, visits = columns(patients)
         if len(ages) == 0:
@@ -163,6 +173,9 @@ class CohortPrior:
         }
         if visit_types is not None:
             table["visit_types"] = _type_counts(visits, visit_types, n_types, bands, lengths)
+            if category is not None:
+                table["visit_types"]["recurrence"] = _recurrence_counts(visits, visit_types, table["visit_types"],
+                                                                        category)
         return cls(table)
 
     def save(self, directory: str | os.PathLike) -> str:
@@ -243,6 +256,26 @@ class CohortPrior:
                 out[sel, t] = cells[int(k)].sample(rng, len(sel))
         return [out[i, :k] for i, k in enumerate(n_visits)]
 
+    def recurrence_log_lift(self, kind: str, smoothing: float = RECURRENCE_SMOOTHING) -> dict[str, float]:
+        """Log odds ratio of recurrence per category (``kind="categories"``) or code (``"codes"``).
+
+        Over the N training pairs of consecutive visits (t, t+1) whose visit t holds it (for a
+        code: and whose visit t+1 holds its category), O pairs hold it again in t+1, where the
+        visit types predict E (a category: P(category in a visit of type m), m the next type
+        drawn from the chain given the type of t, which is what generation knows when it writes
+        t+1; a code: P(code | category, type of t+1), what stage two draws from). With
+        p = E / N and p* = (O + s p) / (N + s) (``s`` pseudo-pairs at the predicted rate), the
+        value is log(p* (1 - p) / (p (1 - p*))): the shift of the log-odds that turns the predicted
+        rate into the observed one. Empty without visit types or recurrence counts."""
+        if not self.n_types:
+            return {}
+        out = {}
+        for key, (o, e, n) in self._recurrence[kind].items():
+            p = min(max(e / n, RATE_FLOOR), 1 - RATE_FLOOR)
+            target = (o + smoothing * p) / (n + smoothing)
+            out[key] = float(np.log(target * (1 - p) / (p * (1 - target))))
+        return out
+
     def sample_codes_per_visit_by_type(self, types, rng: np.random.Generator) -> np.ndarray:
         """Codes per visit given each visit's type ([m] int) -> [m] int."""
         types = np.asarray(types, dtype=np.int64)
@@ -295,6 +328,52 @@ def _type_counts(visits, visit_types, n_types, bands: np.ndarray, lengths: np.nd
         "codes_per_visit": {str(m): _counts(lengths[flat == m]) for m in np.unique(flat)},
         "code_counts": {m: dict(sorted(code_counts[m].items())) for m in sorted(code_counts, key=int)},
     }
+
+
+def _recurrence_counts(visits, visit_types, type_table: dict, category) -> dict:
+    """[O, E, N] per category and per code for :meth:`CohortPrior.recurrence_log_lift` (JSON-ready)."""
+    n_types = int(type_table["n_types"])
+    transition = np.zeros((n_types, n_types))
+    for m, cell in type_table["transition"].items():
+        for k, c in cell.items():
+            transition[int(m), int(k)] = c
+    transition /= np.maximum(transition.sum(1, keepdims=True), 1)
+    n_of_type = np.zeros(n_types)
+    cat_visits: dict[str, np.ndarray] = {}  # category -> [n_types] visits of each type holding it
+    for codes_of_patient, types_of_patient in zip(visits, visit_types):
+        for visit, m in zip(codes_of_patient, np.asarray(types_of_patient).tolist()):
+            n_of_type[m] += 1
+            for k in {category(c) for c in visit}:
+                cat_visits.setdefault(k, np.zeros(n_types))[m] += 1
+    cat_share = {k: v / np.maximum(n_of_type, 1) for k, v in cat_visits.items()}
+    code_counts = type_table["code_counts"]
+    cat_total: dict[tuple[str, str], int] = {}  # (type, category) -> visits-codes of the category
+    for m, cell in code_counts.items():
+        for c, n in cell.items():
+            key = (m, category(c))
+            cat_total[key] = cat_total.get(key, 0) + n
+    cats: dict[str, list[float]] = {}
+    codes: dict[str, list[float]] = {}
+    for codes_of_patient, types_of_patient in zip(visits, visit_types):
+        types_of_patient = np.asarray(types_of_patient).tolist()
+        for t in range(1, len(codes_of_patient)):
+            before, after = set(codes_of_patient[t - 1]), set(codes_of_patient[t])
+            m_prev, m = types_of_patient[t - 1], str(types_of_patient[t])
+            cats_after = {category(c) for c in after}
+            for k in {category(c) for c in before}:
+                cell = cats.setdefault(k, [0.0, 0.0, 0])
+                cell[0] += k in cats_after
+                cell[1] += float(transition[m_prev] @ cat_share[k])
+                cell[2] += 1
+            for c in before:
+                k = category(c)
+                if k in cats_after:
+                    cell = codes.setdefault(c, [0.0, 0.0, 0])
+                    cell[0] += c in after
+                    cell[1] += code_counts.get(m, {}).get(c, 0) / max(cat_total.get((m, k), 0), 1)
+                    cell[2] += 1
+    rnd = lambda cells: {k: [int(v[0]), round(v[1], 4), v[2]] for k, v in sorted(cells.items())}  # noqa: E731
+    return {"categories": rnd(cats), "codes": rnd(codes)}
 
 
 def _band(ages: np.ndarray, edges: np.ndarray) -> np.ndarray:

@@ -288,6 +288,22 @@ class StageTwoLogitsProcessor(VisitBlockProcessor):
         return kid, head
 
 
+class RecurrenceLogitsProcessor(VisitBlockProcessor):
+    """At category steps, add each row's ``category_log_lift`` [B, n_cat] (log of how much more
+    often a category of the patient's previous visit recurs than the visit types predict; 0 for
+    the others) to the category scores, times ``temperature`` so that the temperature warper
+    applied afterwards leaves it intact."""
+
+    def __init__(self, index: VocabIndex, category_log_lift: torch.Tensor, temperature: float = 1.0):
+        self.index = index
+        self.weight = category_log_lift * (float(temperature) if temperature else 1.0)
+
+    def process(self, step, kid, head):
+        if bool(step.open.any()):
+            head = _with_categories(head, head[:, HEAD_CATS:] + self.weight.to(head.dtype))
+        return kid, head
+
+
 class NoRepeatCodeLogitsProcessor(VisitBlockProcessor):
     """Forbid every code token already written in the row's visit (one visit per decoder call)."""
 
@@ -607,15 +623,18 @@ def visit_logits_processors(
     top_k: int | None = None,
     top_p: float | None = None,
     code_log_probs: torch.Tensor | None = None,
+    category_log_lift: torch.Tensor | None = None,
 ) -> LogitsProcessorList:
     """The processors for one batch of visits, as one :class:`VisitLogitsProcessor` whose
-    ``processors`` are, in order: stage two, no-repeat, CMS, grammar, then (``sample``)
+    ``processors`` are, in order: stage two, recurrence (with ``category_log_lift``), no-repeat,
+    CMS, grammar, then (``sample``)
     temperature / top-k / top-p and the sampler.
 
     Args:
         ages, sexes: per row (B).  n_codes: [B] target codes per visit, or None with max_codes.
         stage_two: "model" | "empirical" | "type" | "uniform".  cms: apply the CMS age/sex edits.
         code_log_probs: [B, V] each row's log P(code | category, visit type) (stage_two="type").
+        category_log_lift: [B, n_cat] added to the category scores (:class:`RecurrenceLogitsProcessor`).
         edit_table: the vocabulary's CMSEditTable, reused across batches (required with cms).
         sample: end with :func:`sampling_processors` (use with ``generate(do_sample=False)``);
             without it, pass temperature / top_k / top_p to generate's own sampling instead.
@@ -633,6 +652,8 @@ def visit_logits_processors(
                                 code_log_probs=code_log_probs),
         *constraints,
     ]
+    if category_log_lift is not None:
+        processors.insert(1, RecurrenceLogitsProcessor(index, category_log_lift, temperature=temperature))
     processors.append(VisitGrammarLogitsProcessor(index, n_codes=n_codes, max_codes=max_codes,
                                                   codes_forbidden=forbidden, no_repeat=True, available=available))
     if sample:
@@ -680,6 +701,7 @@ __all__ = [
     "VocabIndex",
     "StageTwoLogitsProcessor",
     "NoRepeatCodeLogitsProcessor",
+    "RecurrenceLogitsProcessor",
     "CMSEditLogitsProcessor",
     "CMSEditTable",
     "VisitGrammarLogitsProcessor",

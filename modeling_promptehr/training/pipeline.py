@@ -44,7 +44,7 @@ from promptehr_hf.modeling_promptehr.generation.command import write_cohort
 from promptehr_hf.modeling_promptehr.generation.pipeline import generate_patients, save_custom_generate
 from promptehr_hf.modeling_promptehr.generation.prior import CohortPrior
 from promptehr_hf.modeling_promptehr.modeling_promptehr import PromptEHRForConditionalGeneration
-from promptehr_hf.tokenization.tokenization_promptehr import PromptEHRTokenizer
+from promptehr_hf.tokenization.tokenization_promptehr import PromptEHRTokenizer, code_category
 
 from .data import build_examples
 from .losses import category_cooccurrence, tokenizer_categories
@@ -221,7 +221,8 @@ def train(args: argparse.Namespace) -> dict:
                  for name, split in (("train", train_split), ("validation", val_split))}
         logger.info("%d visit types (of %d asked; at least %d training visits each)", mixture.n_types,
                     args.visit_types, args.visit_type_min_visits)
-        prior = CohortPrior.from_patients(train_split, visit_types=types["train"], n_types=mixture.n_types)
+        prior = CohortPrior.from_patients(train_split, visit_types=types["train"], n_types=mixture.n_types,
+                                          category=code_category)
         type_config = {"cat_cardinalities": [2, mixture.n_types], "visit_type_feature_index": 1}
     else:
         prior = CohortPrior.from_patients(train_split)
