@@ -24,7 +24,8 @@ order, learning rate and a narrower model) and generation choices on the default
 by the type-blind training P(code | category) or by the model's scores vs the default, the
 training P(code | category, visit type); greedy decoding and
 temperature 0.9 vs ancestral sampling at temperature 1; visit length decided by the model vs
-drawn from the data). The curve rows (``minutes_5``, ``minutes_15``, ``minutes_45``) train the
+drawn from the data; no recurrence weights for the previous visit's categories and codes). The
+curve rows (``minutes_5``, ``minutes_15``, ``minutes_45``) train the
 default for those budgets; the table gives each row's share of the baseline-to-floor gap closed.
 Writes ``benchmarks/results/fidelity.json`` and
 ``fidelity.md`` (the table, with each fidelity target marked met or missed), and the default
@@ -36,6 +37,10 @@ repository; ``promptehr_hf.datasets_scripts.recombined``), built at run time int
 ``WORK_DIR/cohort`` as MIMIC-III CSVs and read from there as ``--mimic-dir``. Its work folder
 (``benchmarks/work/fidelity_recombined``) and results (``fidelity_recombined.{json,md}``) are
 its own, and the table names the cohort.
+
+``--refresh-priors`` recounts the ``cohort_prior.json`` of reused models from their training split
+with the current code (weights untouched), so that models trained before a change to the prior
+are scored with what training writes now; the refitted visit types must reproduce the stored chain.
 """
 
 from __future__ import annotations
@@ -82,6 +87,7 @@ GENERATION = {
     "greedy": {"do_sample": False},
     "temperature_0.9": {"temperature": 0.9},
     "visit_length_model": {"visit_length": "model"},
+    "no_recurrence": {"recurrence": False},
 }
 # Default cohort sizes of --cohort.
 PATIENTS = {"simulated": 46_520, "recombined": 12_000}  # simulated: MIMIC-III scale
@@ -129,6 +135,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--cores", default=None, help="comma-separated CPUs the jobs are pinned to (default: the first)")
     p.add_argument("--retrain", action="store_true", help="train again even when a finished model exists")
     p.add_argument("--train-args", default="", help="extra examples/train.py flags for every run")
+    p.add_argument("--refresh-priors", action="store_true",
+                   help="recount the cohort_prior.json of each reused model from its training split with the "
+                        "current CohortPrior (the visit types refitted with the run's seed must give back the "
+                        "stored type chain); the weights are untouched")
     args = p.parse_args(argv)
     if args.mimic_dir and args.cohort != "simulated":
         p.error("--mimic-dir and --cohort recombined exclude each other")
@@ -176,6 +186,30 @@ def train(name: str, args, flags: list[str], minutes: float, core: int | None = 
     if proc.returncode != 0:
         raise RuntimeError(f"[{name}] training failed (exit {proc.returncode}); see {log}")
     return model_dir
+
+
+def refresh_prior(name: str, model_dir: Path, flags: list[str], args) -> None:
+    """Recount ``model_dir``'s cohort prior as examples/train.py would write it now (a model trained
+    before the prior learned to count something, e.g. recurrences, gets those counts)."""
+    from promptehr_hf.datasets_scripts.prepare import load_prepared
+    from promptehr_hf.modeling_promptehr.generation.prior import CohortPrior
+    from promptehr_hf.modeling_promptehr.training.visit_types import DEFAULT_MIN_VISITS, DEFAULT_TYPES, fit_visit_types
+    from promptehr_hf.tokenization.tokenization_promptehr import code_category
+
+    old = CohortPrior.load(model_dir)
+    if not old.n_types:
+        return  # a model without visit types: its prior counts nothing type-dependent
+    n_asked = int(flags[flags.index("--visit-types") + 1]) if "--visit-types" in flags else DEFAULT_TYPES
+    train_split = load_prepared(model_dir.parent / "data")["train"]
+    visits = train_split["visits"]
+    mixture = fit_visit_types([v for vs in visits for v in vs], n_asked, min_visits=DEFAULT_MIN_VISITS,
+                              seed=args.seed, progress=False)
+    prior = CohortPrior.from_patients(train_split, visit_types=mixture.assign_patients(visits),
+                                      n_types=mixture.n_types, category=code_category)
+    if prior.table["visit_types"]["transition"] != old.table["visit_types"]["transition"]:
+        raise RuntimeError(f"[{name}] the refitted visit types differ from the stored ones: retrain instead")
+    prior.save(model_dir)
+    print(f"[{name}] cohort prior recounted", flush=True)
 
 
 def train_all(runs: dict[str, tuple[list[str], float]], args) -> dict[str, Path]:
@@ -343,6 +377,9 @@ def main(argv=None) -> dict:
             for name, spec in TRAINING.items() if name == "default" or wanted(name)}
     runs.update({name: ([], minutes) for name, minutes in CURVE.items() if wanted(name)})
     model_dirs = train_all(runs, args)
+    if args.refresh_priors:
+        for name, model_dir in model_dirs.items():
+            refresh_prior(name, model_dir, runs[name][0], args)
     default_dir = model_dirs["default"]
     splits = load_prepared(default_dir.parent / "data")
     result_meta = None
