@@ -638,3 +638,28 @@ def test_cli_seeded_generation_leaves_no_copy_of_the_seeds_in_the_hf_cache(model
     assert main(["generate", "--model", str(ckpt), "--mode", "seeded", "--seed-patients", str(seeds),
                  "--exclude-training", str(seeds), "--out", str(tmp_path / "out"), "--batch-size", "8"]) == 0
     assert {p for p in hf_home.rglob("*")} == before
+
+
+def test_cli_generate_writes_a_meds_dataset(model, tokenizer, prior, tmp_path):
+    import meds
+
+    from promptehr_hf.cli import main
+    from promptehr_hf.datasets_scripts.meds_io import read_meds
+
+    ckpt = tmp_path / "ckpt"
+    model.save_pretrained(ckpt)
+    tokenizer.save_pretrained(ckpt)
+    prior.save(ckpt)
+    out = tmp_path / "synthetic"
+    assert main(["generate", "--model", str(ckpt), "--n", "30", "--out", str(out), "--seed", "3",
+                 "--stage-two", "uniform", "--batch-size", "16", "--format", "meds"]) == 0
+    assert not (out / "DIAGNOSES_ICD.csv").exists()
+    assert (out / "meds" / meds.dataset_metadata_filepath).is_file()
+    import datasets
+
+    generated = datasets.Dataset.from_parquet(str(out / "synthetic.parquet")).to_list()
+    read, summary = read_meds(out / "meds")
+    assert summary["code_system"] == "icd9cm"
+    assert [(p["subject_id"], p["sex"], p["visits"]) for p in read] == \
+        [(p["subject_id"], p["sex"], p["visits"]) for p in generated]
+    assert all(abs(p["age"] - g["age"]) <= 0.011 for p, g in zip(read, generated))

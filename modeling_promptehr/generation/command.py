@@ -1,4 +1,5 @@
-"""``promptehr generate``: load a checkpoint, generate, write the cohort (MIMIC-III CSVs + Parquet)."""
+"""``promptehr generate``: load a checkpoint, generate, write the cohort (MIMIC-III CSVs or a MEDS
+dataset, + Parquet)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import pyarrow.parquet as pq
 import torch
 
 from promptehr_hf.datasets_scripts.cohort_io import write_mimic3_csvs, write_parquet
+from promptehr_hf.datasets_scripts.meds_io import ICD_VERSIONS, write_meds
 from promptehr_hf.file_utils import OutputFolderError, check_output, replace_folder, write_json_atomic
 from promptehr_hf.modeling_promptehr.modeling_promptehr import PromptEHRForConditionalGeneration
 from promptehr_hf.tokenization.tokenization_promptehr import PromptEHRTokenizer
@@ -32,16 +34,22 @@ def load_model(model_dir: str | os.PathLike, device: str | None = None):
     return model.eval(), tokenizer
 
 
+FORMATS = ("mimic3", "meds")
+
+
 def write_cohort(patients, out_dir: str | os.PathLike, stats: dict | None = None, seed: int = 0,
-                 overwrite: bool = False) -> Path:
-    """MIMIC-III CSVs (new hadm ids, plausible dates; ``cohort_io``), ``synthetic.parquet`` and
-    ``generation_stats.json`` into out_dir, as a whole (``file_utils.replace_folder``: a temporary
-    folder beside it, swapped in at the end; on any error or interruption out_dir is as it was).
+                 overwrite: bool = False, fmt: str = "mimic3", code_system: str = "icd9cm") -> Path:
+    """The cohort as MIMIC-III CSVs (``fmt="mimic3"``; new hadm ids, plausible dates; ``cohort_io``)
+    or as a MEDS dataset in ``meds/`` (``fmt="meds"``; ``meds_io.write_meds``, same dates), plus
+    ``synthetic.parquet`` and ``generation_stats.json``, into out_dir, as a whole
+    (``file_utils.replace_folder``: a temporary folder beside it, swapped in at the end; on any error
+    or interruption out_dir is as it was).
 
     Args:
         patients: patient dicts or a datasets.Dataset in the patient schema.
         seed: draws the dates and hadm ids.  overwrite: replace a non-empty out_dir, which must
             hold nothing but an earlier ``promptehr generate`` output (else OutputFolderError).
+        code_system: the codes' system, named in the MEDS codes (``"icd9cm"`` or ``"icd10cm"``).
 
     Raises ValueError, before writing anything, when there is no patient to write.
     """
@@ -56,8 +64,13 @@ def write_cohort(patients, out_dir: str | os.PathLike, stats: dict | None = None
     out = Path(out_dir)
     if not overwrite:
         _check_empty(out)
-    with replace_folder(out, "generate", {"seed": seed}) as tmp:
-        write_mimic3_csvs(patients, tmp, seed=seed)
+    if fmt not in FORMATS:
+        raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
+    with replace_folder(out, "generate", {"seed": seed, "format": fmt}) as tmp:
+        if fmt == "meds":
+            write_meds(patients, tmp / "meds", code_system=code_system, seed=seed, command="generate")
+        else:
+            write_mimic3_csvs(patients, tmp, seed=seed)
         write_parquet(patients, tmp / "synthetic.parquet")
         if stats is not None:
             write_json_atomic(tmp / "generation_stats.json", stats, indent=1)
@@ -95,7 +108,12 @@ def _read_demographics(path: str) -> list[dict]:
 def add_arguments(parser) -> None:
     parser.add_argument("--model", required=True, help="checkpoint directory (model, tokenizer, cohort_prior.json)")
     parser.add_argument("--out", required=True,
-                        help="output folder: MIMIC-III CSVs, synthetic.parquet, generation_stats.json")
+                        help="output folder: MIMIC-III CSVs (or meds/), synthetic.parquet, generation_stats.json")
+    parser.add_argument("--format", choices=FORMATS, default="mimic3",
+                        help="mimic3: PATIENTS/ADMISSIONS/DIAGNOSES_ICD.csv; meds: a MEDS dataset in --out/meds "
+                             "(data/, metadata/), codes named as the MIMIC-IV MEDS extraction names them")
+    parser.add_argument("--code-system", choices=tuple(ICD_VERSIONS), default="icd9cm",
+                        help="the checkpoint's code system, for the MEDS code names")
     parser.add_argument("--n", type=int, default=None, help="number of patients (unconditional; seeded: draw n seeds)")
     parser.add_argument("--mode", choices=MODES, default="unconditional")
     # The generation settings default to the checkpoint's generation_config.json; a flag given overrides it.
@@ -190,7 +208,8 @@ def run(args) -> int:
         exclude_patients=_read_patients(args.exclude_training) if args.exclude_training else None,
         copy_redraws=args.copy_redraws,
     )
-    write_cohort(dataset, out, stats, seed=args.seed, overwrite=args.overwrite)
+    write_cohort(dataset, out, stats, seed=args.seed, overwrite=args.overwrite, fmt=args.format,
+                 code_system=args.code_system)
     print(json.dumps({k: stats[k] for k in ("n_patients", "n_visits", "mean_visits_per_patient",
                                              "mean_codes_per_visit", "copies_redrawn", "copies_dropped",
                                              "seconds") if k in stats}))
