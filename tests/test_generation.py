@@ -584,14 +584,19 @@ def test_bad_arguments(model, tokenizer, prior):
 
 
 # ------------------------------------------------------------------------------------ CLI
-def test_cli_generate_then_prepare_gives_the_same_patients(model, tokenizer, prior, tmp_path, capsys):
-    from promptehr_hf.cli import main
-    from promptehr_hf.datasets_scripts.prepare import load_prepared
-
+def _checkpoint(model, tokenizer, prior, tmp_path):
     ckpt = tmp_path / "ckpt"
     model.save_pretrained(ckpt)
     tokenizer.save_pretrained(ckpt)
     prior.save(ckpt)
+    return ckpt
+
+
+def test_cli_generate_then_prepare_gives_the_same_patients(model, tokenizer, prior, tmp_path, capsys):
+    from promptehr_hf.cli import main
+    from promptehr_hf.datasets_scripts.prepare import load_prepared
+
+    ckpt = _checkpoint(model, tokenizer, prior, tmp_path)
     out = tmp_path / "synthetic"
     assert main(["generate", "--model", str(ckpt), "--n", "60", "--out", str(out), "--seed", "3",
                  "--stage-two", "uniform", "--batch-size", "16"]) == 0
@@ -646,10 +651,7 @@ def test_cli_generate_writes_a_meds_dataset(model, tokenizer, prior, tmp_path):
     from promptehr_hf.cli import main
     from promptehr_hf.datasets_scripts.meds_io import read_meds
 
-    ckpt = tmp_path / "ckpt"
-    model.save_pretrained(ckpt)
-    tokenizer.save_pretrained(ckpt)
-    prior.save(ckpt)
+    ckpt = _checkpoint(model, tokenizer, prior, tmp_path)
     out = tmp_path / "synthetic"
     assert main(["generate", "--model", str(ckpt), "--n", "30", "--out", str(out), "--seed", "3",
                  "--stage-two", "uniform", "--batch-size", "16", "--format", "meds"]) == 0
