@@ -53,6 +53,8 @@ from functools import cache
 from pathlib import Path
 from types import MappingProxyType
 
+from promptehr_hf.datasets_scripts import icd9
+
 SYSTEM = "icd10cm"
 VERSION = "FY2021"  # ICD-10-CM fiscal year (October 2020 - September 2021), January 2021 update
 FISCAL_YEAR = 2021
@@ -249,8 +251,6 @@ def from_icd9(code: str) -> tuple[str, ...]:
     codes to use together (``"0730"`` -> ``("A70", "J17")``). The ICD-9 code is normalised as
     :func:`.icd9.normalize` does (``"E880.0"`` -> ``"E8800"``).
     """
-    from . import icd9
-
     return _gem().get(icd9.normalize(code), ())
 
 
