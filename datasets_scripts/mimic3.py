@@ -19,13 +19,6 @@ Rules (every departure from a clean table is counted in the summary, never dropp
   an empty or unreadable (e.g. truncated gzip) table, duplicated keys, and unparseable ids,
   dates or sexes. Each error names the file and what is wrong.
 
-The summary says `"code_system": "icd9cm"` and `"format": "mimic3"`.
-
-The builder (`Mimic3Cohort`, `load_cohort`) also reads MIMIC-IV folders: `folder_format` tells
-them apart by the PATIENTS table (MIMIC-IV's has `anchor_age`, no `dob`), and a MIMIC-IV folder
-is read by `mimic4.read_mimic4` into an ICD-10-CM cohort. `find_tables` looks in MIMIC-IV's
-`hosp/` sub-folder when the tables are not in the folder itself.
-
 `datasets` 4+ does not run loading scripts through `load_dataset`; use the builder class:
 `Mimic3Cohort(mimic_dir=DIR, cache_dir=CACHE, seed=0).download_and_prepare(); .as_dataset()`,
 or `load_cohort(DIR, cache_dir=CACHE)`, which does exactly that and also returns the summary
@@ -62,7 +55,6 @@ AGE_DECIMALS = 2  # ages are kept to 0.01 year (~4 days), so they survive a CSV 
 SPLITS = ("train", "validation", "test")
 SUMMARY_FILE = "mimic3_summary.json"  # sidecar in the builder's cache folder
 N_EXAMPLES = 10  # examples of invalid codes shown in the summary
-ICD9_ROWS = ("map", "drop")  # what a MIMIC-IV folder's ICD-9 rows become (mimic4.read_mimic4)
 
 # Dotless ICD-9-CM: 3-5 digits, V + 2-4 digits, E000-E030 / E800-E999 (+ one digit).
 _ICD9_SHAPE = re.compile(r"^(\d{3,5}|V\d{2,4}|E(0[0-2]\d|030|[89]\d\d)\d?)$")
@@ -71,30 +63,20 @@ _ICD10_SHAPE = re.compile(r"^[A-Z]\d[0-9A-Z]{1,5}$")
 
 
 class Mimic3Error(ValueError):
-    """A MIMIC-III (or MIMIC-IV) folder that cannot be read; the message names the file and the problem."""
+    """A MIMIC-III folder that cannot be read; the message names the file and the problem."""
 
 
 # --------------------------------------------------------------------------- files and tables
 
 
-def _by_lower_name(folder: Path) -> dict[str, list[Path]]:
+def find_tables(mimic_dir: str | os.PathLike) -> dict[str, Path]:
+    """Map each of TABLES to its file in `mimic_dir` (`NAME.csv` or `NAME.csv.gz`, any case)."""
+    folder = Path(mimic_dir)
+    if not folder.is_dir():
+        raise Mimic3Error(f"{folder}: not a folder (expected a MIMIC-III folder with {', '.join(TABLES)})")
     by_name: dict[str, list[Path]] = {}
     for path in folder.iterdir():
         by_name.setdefault(path.name.lower(), []).append(path)
-    return by_name
-
-
-def find_tables(mimic_dir: str | os.PathLike) -> dict[str, Path]:
-    """Map each of TABLES to its file (`NAME.csv` or `NAME.csv.gz`, any case) in `mimic_dir` or,
-    when none of the three is there, in its `hosp/` sub-folder (MIMIC-IV's layout)."""
-    folder = Path(mimic_dir)
-    if not folder.is_dir():
-        raise Mimic3Error(f"{folder}: not a folder (expected a MIMIC-III or MIMIC-IV folder with {', '.join(TABLES)})")
-    by_name = _by_lower_name(folder)
-    hosp = [p for p in by_name.get("hosp", []) if p.is_dir()]
-    if hosp and not any(f"{t.lower()}{ext}" in by_name for t in TABLES for ext in (".csv", ".csv.gz")):
-        folder = hosp[0]
-        by_name = _by_lower_name(folder)
     found = {}
     for table in TABLES:
         candidates = by_name.get(f"{table.lower()}.csv", []) + by_name.get(f"{table.lower()}.csv.gz", [])
@@ -108,11 +90,10 @@ def find_tables(mimic_dir: str | os.PathLike) -> dict[str, Path]:
 
 
 def file_fingerprints(mimic_dir: str | os.PathLike) -> dict[str, dict]:
-    """Each table of `mimic_dir` -> {"file": path, "size": bytes, "mtime_ns": int, "sha256": hex digest}.
+    """Each table of `mimic_dir` -> {"file": name, "size": bytes, "mtime_ns": int, "sha256": hex digest}.
 
-    `file` is the path relative to `mimic_dir` (`PATIENTS.csv.gz`, `hosp/patients.csv.gz`). The
-    SHA-256 is of the file's bytes as stored (gzip included), read in 1 MiB blocks; a row edited
-    in place shows in it even when the size and modification time are unchanged.
+    The SHA-256 is of the file's bytes as stored (gzip included), read in 1 MiB blocks; a row
+    edited in place shows in it even when the size and modification time are unchanged.
     """
     out = {}
     for table, path in find_tables(mimic_dir).items():
@@ -121,8 +102,7 @@ def file_fingerprints(mimic_dir: str | os.PathLike) -> dict[str, dict]:
             st = os.fstat(f.fileno())
             while block := f.read(1 << 20):
                 h.update(block)
-        out[table] = {"file": path.relative_to(mimic_dir).as_posix(), "size": st.st_size,
-                      "mtime_ns": st.st_mtime_ns, "sha256": h.hexdigest()}
+        out[table] = {"file": path.name, "size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": h.hexdigest()}
     return out
 
 
@@ -136,34 +116,25 @@ def fingerprint(mimic_dir: str | os.PathLike) -> str:
     return combine_fingerprints(file_fingerprints(mimic_dir))
 
 
-def folder_format(mimic_dir: str | os.PathLike) -> str:
-    """"mimic4" if the PATIENTS table of `mimic_dir` has MIMIC-IV's `anchor_age` column and no `dob`,
-    else "mimic3". Reads the header only; Mimic3Error for a missing or unreadable table."""
-    path = find_tables(mimic_dir)["PATIENTS"]
-    header = {str(c).strip().lower() for c in _read_csv(path, "PATIENTS", nrows=0).columns}
-    return "mimic4" if "anchor_age" in header and "dob" not in header else "mimic3"
-
-
-def _read_csv(path: Path, table: str, **kwargs) -> pd.DataFrame:
-    """pd.read_csv(path, **kwargs), its failures (empty, not UTF-8, truncated, corrupt) as Mimic3Error."""
-    try:
-        return pd.read_csv(path, **kwargs)
-    except pd.errors.EmptyDataError:
-        raise Mimic3Error(f"{path}: the {table} table is empty (no header, no rows)") from None
-    except UnicodeDecodeError as e:
-        raise Mimic3Error(f"{path}: {_first_non_utf8(path)} in the {table} table; MIMIC CSVs are UTF-8 "
-                          "(re-encode the file, e.g. with iconv)") from e
-    except (EOFError, OSError, zlib.error, pd.errors.ParserError) as e:
-        raise Mimic3Error(f"{path}: cannot read the {table} table (truncated or corrupt file?): {e}") from e
-
-
 def _read_table(path: Path, table: str, required: list[str | tuple[str, ...]], optional: tuple[str, ...] = (),
                 str_cols: tuple[str, ...] = ()) -> pd.DataFrame:
     """Read the named columns (matched case-insensitively) of one table, renamed to lower case.
 
     A tuple in `required` lists alternative names (first = canonical name, used in errors).
     """
-    header = _read_csv(path, table, nrows=0).columns
+
+    def read(**kwargs) -> pd.DataFrame:
+        try:
+            return pd.read_csv(path, **kwargs)
+        except pd.errors.EmptyDataError:
+            raise Mimic3Error(f"{path}: the {table} table is empty (no header, no rows)") from None
+        except UnicodeDecodeError as e:
+            raise Mimic3Error(f"{path}: {_first_non_utf8(path)} in the {table} table; MIMIC-III CSVs are UTF-8 "
+                              "(re-encode the file, e.g. with iconv)") from e
+        except (EOFError, OSError, zlib.error, pd.errors.ParserError) as e:
+            raise Mimic3Error(f"{path}: cannot read the {table} table (truncated or corrupt file?): {e}") from e
+
+    header = read(nrows=0).columns
     by_lower = {str(c).strip().lower(): c for c in header}
     wanted, missing = {}, []  # canonical name -> name in the file
     for names in [(r,) if isinstance(r, str) else r for r in required]:
@@ -178,7 +149,7 @@ def _read_table(path: Path, table: str, required: list[str | tuple[str, ...]], o
             f"(found: {', '.join(map(str, header))})"
         )
     wanted.update({c: by_lower[c] for c in optional if c in by_lower})
-    df = _read_csv(path, table, usecols=list(wanted.values()), dtype={wanted[c]: str for c in str_cols if c in wanted})
+    df = read(usecols=list(wanted.values()), dtype={wanted[c]: str for c in str_cols if c in wanted})
     df = df.rename(columns={v: k for k, v in wanted.items()})
     if len(df) == 0:
         raise Mimic3Error(f"{path}: the {table} table has a header but no rows")
@@ -245,10 +216,9 @@ def read_mimic3(mimic_dir: str | os.PathLike) -> tuple[list[dict], dict]:
     """Read a MIMIC-III folder into patients (the schema of `schema.PATIENT_FEATURES`) and a summary.
 
     Returns `(patients, summary)`: patients sorted by subject_id; the summary (JSON-ready) holds
-    `format` ("mimic3"), `code_system` ("icd9cm"), `patients`, `admissions`, `diagnosis_rows`
-    (codes loaded), `distinct_codes`, `rows_read` per table, `quirks` (each count, zero
-    included), `invalid_code_examples`, `files` and `messages` (one readable line per non-zero
-    quirk, naming the file).
+    `patients`, `admissions`, `diagnosis_rows` (codes loaded), `distinct_codes`, `rows_read` per
+    table, `quirks` (each count, zero included), `invalid_code_examples`, `files` and
+    `messages` (one readable line per non-zero quirk, naming the file).
     Raises Mimic3Error for a folder that cannot be read as ICD-9-CM MIMIC-III.
     """
     files = find_tables(mimic_dir)
@@ -273,8 +243,8 @@ def read_mimic3(mimic_dir: str | os.PathLike) -> tuple[list[dict], dict]:
             raise Mimic3Error(
                 f"{path_d}: {int(not9.sum())} rows have icd_version other than 9 (e.g. "
                 f"{_plain(diag['icd_version'][not9].iloc[0])!r} at data row {int(np.flatnonzero(not9)[0]) + 1}): "
-                "ICD-10 diagnoses (a MIMIC-IV folder?) are not read as MIMIC-III; read a MIMIC-IV folder with "
-                "mimic4.read_mimic4 (its patients table has anchor_age; promptehr prepare does this)"
+                "ICD-10 diagnoses (a MIMIC-IV folder?) are not supported; this package reads ICD-9-CM "
+                "MIMIC-III folders"
             )
     diag_rows_read = len(diag)
     hadm_d = _int_column(diag, "hadm_id", path_d).to_numpy()
@@ -295,8 +265,7 @@ def read_mimic3(mimic_dir: str | os.PathLike) -> tuple[list[dict], dict]:
         n_rows = int(np.isin(code_names[code_d[~empty]], icd10).sum())
         raise Mimic3Error(
             f"{path_d}: {n_rows} rows hold ICD-10-CM codes ({len(icd10)} distinct, e.g. {', '.join(icd10[:5])}); "
-            "this looks like a MIMIC-IV folder. read_mimic3 reads ICD-9-CM (MIMIC-III) diagnoses only; a MIMIC-IV "
-            "folder (patients with anchor_age) is read by mimic4.read_mimic4"
+            "this looks like a MIMIC-IV folder. This package reads ICD-9-CM (MIMIC-III) diagnoses only"
         )
     invalid = ~empty & ~valid_name[code_d]
     quirks["invalid_codes"] = int(invalid.sum())
@@ -375,8 +344,6 @@ def read_mimic3(mimic_dir: str | os.PathLike) -> tuple[list[dict], dict]:
     distinct = code_names[np.unique(code)]
     summary = {
         "source": str(Path(mimic_dir).resolve()),
-        "format": "mimic3",
-        "code_system": "icd9cm",
         "files": {t: p.name for t, p in files.items()},
         "patients": len(patients),
         "admissions": int(has_code.sum()),
@@ -441,11 +408,10 @@ _QUIRK_TEXT = {
 }
 
 
-def _quirk_messages(quirks: dict, files: dict[str, Path], texts: dict[str, tuple[str, str]] = _QUIRK_TEXT) -> list[str]:
-    """One line per non-zero quirk: `texts` maps each quirk to (table, what happened)."""
+def _quirk_messages(quirks: dict, files: dict[str, Path]) -> list[str]:
     return [
         f"{files[table].name}: {quirks[key]} {text.format(cap=AGE_CAP)}"
-        for key, (table, text) in texts.items()
+        for key, (table, text) in _QUIRK_TEXT.items()
         if quirks[key]
     ]
 
@@ -497,24 +463,20 @@ def split_patients(patients: list[dict], seed: int = 0, val_frac: float = 0.1,
 
 @dataclass
 class Mimic3Config(datasets.BuilderConfig):
-    """mimic_dir: the MIMIC-III or MIMIC-IV folder; seed, val_frac, test_frac: the patient split;
-    icd9_rows: what a MIMIC-IV folder's ICD-9 rows become (one of ICD9_ROWS; unused for MIMIC-III)."""
+    """mimic_dir: the MIMIC-III folder; seed, val_frac, test_frac: the patient split."""
 
     mimic_dir: str | None = None
     seed: int = 0
     val_frac: float = 0.1
     test_frac: float = 0.1
-    icd9_rows: str = "map"
 
 
 class Mimic3Cohort(datasets.GeneratorBasedBuilder):
-    """`datasets` builder of the patient cohort of a MIMIC-III or MIMIC-IV folder (train/validation/test).
+    """`datasets` builder of the patient cohort of a MIMIC-III folder (train/validation/test).
 
-    `Mimic3Cohort(mimic_dir=DIR, cache_dir=CACHE, seed=0, val_frac=0.1, test_frac=0.1, icd9_rows="map")`.
-    A MIMIC-IV folder (`folder_format`) is read by `mimic4.read_mimic4(DIR, icd9_rows=...)`, a
-    MIMIC-III folder by `read_mimic3`. `cache_dir` is required: the Arrow files written there
-    are copies of the patients' rows, so they go where the caller decides, never to the global
-    datasets cache. The cache key
+    `Mimic3Cohort(mimic_dir=DIR, cache_dir=CACHE, seed=0, val_frac=0.1, test_frac=0.1)`.
+    `cache_dir` is required: the Arrow files written there are copies of the patients' rows,
+    so they go where the caller decides, never to the global datasets cache. The cache key
     includes `file_fingerprints` (size, modification time and SHA-256 of the three tables), so
     an edited folder is read again. After `download_and_prepare()`, `builder.summary` holds the
     reader's summary plus `seed`, `val_frac`, `test_frac`, `splits` (patients per split),
@@ -523,7 +485,7 @@ class Mimic3Cohort(datasets.GeneratorBasedBuilder):
     """
 
     BUILDER_CONFIG_CLASS = Mimic3Config
-    VERSION = datasets.Version("1.1.0")  # 1.1: MIMIC-IV folders; `format` and `code_system` in the summary
+    VERSION = datasets.Version("1.0.0")
 
     def __init__(self, *args, hash: str | None = None, **kwargs):
         if not kwargs.get("mimic_dir"):
@@ -534,18 +496,15 @@ class Mimic3Cohort(datasets.GeneratorBasedBuilder):
         kwargs["mimic_dir"] = str(Path(kwargs["mimic_dir"]).resolve())
         # The cache folder is named from the kwargs given: spell out the defaults so that
         # Mimic3Cohort(mimic_dir=d) and Mimic3Cohort(mimic_dir=d, seed=0) share it.
-        for name in ("seed", "val_frac", "test_frac", "icd9_rows"):
+        for name in ("seed", "val_frac", "test_frac"):
             kwargs.setdefault(name, Mimic3Config.__dataclass_fields__[name].default)
-        if kwargs["icd9_rows"] not in ICD9_ROWS:
-            raise ValueError(f"icd9_rows={kwargs['icd9_rows']!r}: expected one of {', '.join(ICD9_ROWS)}")
         input_files = file_fingerprints(kwargs["mimic_dir"])
         super().__init__(*args, hash=hash or combine_fingerprints(input_files), **kwargs)
         self._input_files = input_files
 
     def _info(self) -> datasets.DatasetInfo:
         return datasets.DatasetInfo(
-            description="Patients of a MIMIC-III (ICD-9-CM) or MIMIC-IV (ICD-10-CM) folder: age, sex and the "
-                        "diagnosis codes of each admission.",
+            description="Patients of a MIMIC-III folder: age, sex and ICD-9-CM diagnosis codes per admission.",
             features=PATIENT_FEATURES,
             homepage="https://physionet.org/content/mimiciii/",
             citation="Johnson AEW et al. MIMIC-III, a freely accessible critical care database. "
@@ -554,13 +513,7 @@ class Mimic3Cohort(datasets.GeneratorBasedBuilder):
 
     def _split_generators(self, dl_manager):
         cfg = self.config
-        if folder_format(cfg.mimic_dir) == "mimic4":
-            # mimic4 is built on this module's helpers: imported here, where it is needed, not at the top.
-            from promptehr_hf.datasets_scripts.mimic4 import read_mimic4
-
-            patients, summary = read_mimic4(cfg.mimic_dir, icd9_rows=cfg.icd9_rows)
-        else:
-            patients, summary = read_mimic3(cfg.mimic_dir)
+        patients, summary = read_mimic3(cfg.mimic_dir)
         self._splits = split_patients(patients, cfg.seed, cfg.val_frac, cfg.test_frac)
         summary.update(seed=cfg.seed, val_frac=cfg.val_frac, test_frac=cfg.test_frac,
                        splits={name: len(ps) for name, ps in self._splits.items()},
@@ -587,19 +540,17 @@ class Mimic3Cohort(datasets.GeneratorBasedBuilder):
 
 
 def load_cohort(mimic_dir: str | os.PathLike, seed: int = 0, val_frac: float = 0.1, test_frac: float = 0.1, *,
-                cache_dir: str | os.PathLike, icd9_rows: str = "map") -> tuple[datasets.DatasetDict, dict]:
-    """Build (or reuse from `cache_dir`) the cohort of a MIMIC-III or MIMIC-IV folder:
-    (DatasetDict train/validation/test, summary).
+                cache_dir: str | os.PathLike) -> tuple[datasets.DatasetDict, dict]:
+    """Build (or reuse from `cache_dir`) the cohort: (DatasetDict train/validation/test, summary).
 
-    Runs `Mimic3Cohort`; this is how `promptehr prepare` reads a folder. `icd9_rows` ("map" or
-    "drop") is passed to `mimic4.read_mimic4` for a MIMIC-IV folder and unused for MIMIC-III.
-    The datasets are memory-mapped from the Arrow files in `cache_dir`. A split with no patient
-    (e.g. val_frac=0) is an empty in-memory Dataset with PATIENT_FEATURES. Raises ValueError for
-    bad fractions or icd9_rows and Mimic3Error for a folder that cannot be read.
+    Runs `Mimic3Cohort`; this is how `promptehr prepare` reads a folder. The datasets are
+    memory-mapped from the Arrow files in `cache_dir`. A split with no patient (e.g. val_frac=0)
+    is an empty in-memory Dataset with PATIENT_FEATURES. Raises ValueError for bad fractions and
+    Mimic3Error for a folder that cannot be read.
     """
     check_fractions(val_frac, test_frac)
     builder = Mimic3Cohort(mimic_dir=str(mimic_dir), seed=seed, val_frac=val_frac, test_frac=test_frac,
-                           icd9_rows=icd9_rows, cache_dir=str(cache_dir))
+                           cache_dir=str(cache_dir))
     bars = datasets.is_progress_bar_enabled()
     datasets.disable_progress_bars()  # "Generating train split" bars: the caller reports the summary
     try:

@@ -1,16 +1,11 @@
-"""`promptehr prepare`: a MIMIC-III or MIMIC-IV folder -> Parquet splits + summary.json, written atomically.
+"""`promptehr prepare`: a MIMIC-III folder -> Parquet splits + summary.json, written atomically.
 
-    promptehr prepare --mimic-dir DIR --out OUT [--seed 0] [--val-frac 0.1] [--test-frac 0.1] [--icd9-rows map]
+    promptehr prepare --mimic-dir DIR --out OUT [--seed 0] [--val-frac 0.1] [--test-frac 0.1]
 
-A MIMIC-IV folder (its tables in `hosp/` or in DIR itself; `mimic3.folder_format`) is read by
-`mimic4.read_mimic4` into an ICD-10-CM cohort, its ICD-9 rows mapped to ICD-10-CM (`--icd9-rows
-map`, the default) or their admissions dropped (`drop`); a MIMIC-III folder is read by
-`mimic3.read_mimic3` (ICD-9-CM) and `--icd9-rows` does not apply. The summary's `code_system`
-("icd9cm" or "icd10cm") says which. The command writes OUT/train.parquet,
-OUT/validation.parquet, OUT/test.parquet (schema.PATIENT_FEATURES, one row per patient) and
-OUT/summary.json (the summary of the `Mimic3Cohort` datasets builder, which reads the folder:
-the reader's figures and quirks, seed, fractions, split sizes and the input files'
-fingerprint), then prints the summary as a table. Everything is written to a temporary folder
+writes OUT/train.parquet, OUT/validation.parquet, OUT/test.parquet (schema.PATIENT_FEATURES,
+one row per patient) and OUT/summary.json (the summary of the `Mimic3Cohort` datasets builder,
+which reads the folder: the reader's figures and quirks, seed, fractions, split sizes and the
+input files' fingerprint), then prints the summary as a table. Everything is written to a temporary folder
 beside OUT and swapped in at the end (`promptehr_hf.file_utils.replace_folder`): on any error or
 interruption an existing OUT stays as it was. OUT must not be, lie inside or contain
 `--mimic-dir`, and an existing OUT is replaced only if it is empty or holds nothing but an
@@ -33,7 +28,6 @@ from datasets.table import InMemoryTable, table_cast
 
 from promptehr_hf.datasets_scripts.cohort_io import write_parquet
 from promptehr_hf.datasets_scripts.mimic3 import (
-    ICD9_ROWS,
     SPLITS,
     Mimic3Cohort,
     Mimic3Error,
@@ -50,29 +44,24 @@ BUILDER_CACHE = ".builder_cache"  # the datasets builder's cache inside the fold
 
 
 def prepare(mimic_dir: str | os.PathLike, out_dir: str | os.PathLike, seed: int = 0,
-            val_frac: float = 0.1, test_frac: float = 0.1, icd9_rows: str = "map") -> dict:
+            val_frac: float = 0.1, test_frac: float = 0.1) -> dict:
     """Read `mimic_dir` (through the `Mimic3Cohort` builder, `load_cohort`), split by patient, write
     Parquet splits and summary.json to `out_dir`.
 
-    `icd9_rows` ("map" or "drop") is what a MIMIC-IV folder's ICD-9 rows become
-    (`mimic4.read_mimic4`); unused for MIMIC-III. Returns the summary. Raises Mimic3Error (bad
-    folder), OutputFolderError (a FileExistsError: out_dir is, lies inside or contains mimic_dir,
-    or holds anything but an earlier `prepare` output) or ValueError (bad fractions or
-    icd9_rows) before anything is written to out_dir.
+    Returns the summary. Raises Mimic3Error (bad folder), OutputFolderError (a FileExistsError:
+    out_dir is, lies inside or contains mimic_dir, or holds anything but an earlier `prepare`
+    output) or ValueError (bad fractions) before anything is written to out_dir.
     """
     out = check_output(out_dir, "prepare", {"--mimic-dir": mimic_dir})
     check_fractions(val_frac, test_frac)
-    if icd9_rows not in ICD9_ROWS:
-        raise ValueError(f"icd9_rows={icd9_rows!r}: expected one of {', '.join(ICD9_ROWS)}")
     find_tables(mimic_dir)  # a missing folder or table is refused before anything is written
     arguments = {"mimic_dir": str(Path(mimic_dir).resolve()), "seed": seed, "val_frac": val_frac,
-                 "test_frac": test_frac, "icd9_rows": icd9_rows}
+                 "test_frac": test_frac}
     with replace_folder(out, "prepare", arguments) as tmp:
         # The datasets builder reads the folder; its Arrow cache lives inside the new output
         # folder (never in the global datasets cache) and is deleted once the Parquet is written.
         builder_cache = tmp / BUILDER_CACHE
-        splits, summary = load_cohort(mimic_dir, seed, val_frac, test_frac, cache_dir=builder_cache,
-                                      icd9_rows=icd9_rows)
+        splits, summary = load_cohort(mimic_dir, seed, val_frac, test_frac, cache_dir=builder_cache)
         for name in SPLITS:
             write_parquet(splits[name], tmp / f"{name}.parquet")
         del splits
@@ -102,12 +91,11 @@ def load_prepared(out_dir: str | os.PathLike) -> datasets.DatasetDict:
 
 
 def stale_reasons(out_dir: str | os.PathLike, mimic_dir: str | os.PathLike, seed: int = 0,
-                  val_frac: float = 0.1, test_frac: float = 0.1, icd9_rows: str = "map") -> list[str]:
+                  val_frac: float = 0.1, test_frac: float = 0.1) -> list[str]:
     """Why the `prepare` output in `out_dir` is not what `prepare(mimic_dir, out_dir, ...)` would write now.
 
-    Compares out_dir/summary.json with the current `file_fingerprints(mimic_dir)` (path, size,
-    modification time and SHA-256 of each table, MIMIC-III's or MIMIC-IV's), the split options,
-    `icd9_rows` (for a MIMIC-IV output, whose summary records it) and the reader's version.
+    Compares out_dir/summary.json with the current `file_fingerprints(mimic_dir)` (size,
+    modification time and SHA-256 of each table), the split options and the reader's version.
     Returns readable reasons, one per difference; an empty list means the output is up to date.
     """
     out = Path(out_dir)
@@ -124,8 +112,6 @@ def stale_reasons(out_dir: str | os.PathLike, mimic_dir: str | os.PathLike, seed
                for key, value in (("seed", seed), ("val_frac", val_frac), ("test_frac", test_frac),
                                   ("reader_version", str(Mimic3Cohort.VERSION)))
                if summary.get(key) != value]
-    if "icd9_rows" in summary and summary["icd9_rows"] != icd9_rows:
-        reasons.append(f"icd9_rows was {summary['icd9_rows']!r}, now {icd9_rows!r}")
     before = summary.get("input_files")
     if not isinstance(before, dict):
         return reasons + [f"{out / SUMMARY_JSON} records no fingerprint of its input files"]
@@ -140,22 +126,13 @@ def stale_reasons(out_dir: str | os.PathLike, mimic_dir: str | os.PathLike, seed
 
 
 def format_summary(summary: dict) -> str:
-    """The summary as a two-column text table (figures, rows per ICD version and ICD-9 mapping for
-    MIMIC-IV, splits, then every quirk) plus messages."""
+    """The summary as a two-column text table (figures, splits, then every quirk) plus messages."""
     rows = [(key.replace("_", " "), summary[key]) for key in
             ("patients", "admissions", "diagnosis_rows", "distinct_codes", "non_billable_distinct_codes")]
-    rows += [(f"rows read with icd_version {v}", n)
-             for v, n in summary.get("diagnosis_rows_by_icd_version", {}).items()]
-    rows += [(f"icd9 {key.replace('_', ' ')}", n) for key, n in summary.get("icd9_mapping", {}).items()
-             if isinstance(n, int)]
     rows += [(f"split {name}", n) for name, n in summary.get("splits", {}).items()]
     rows += [(f"quirk: {key.replace('_', ' ')}", n) for key, n in summary["quirks"].items()]
     width = max(len(label) for label, _ in rows)
-    if summary.get("format") == "mimic4":
-        head = f"MIMIC-IV folder {summary['source']} (ICD-10-CM; ICD-9 rows: {summary['icd9_rows']})"
-    else:
-        head = f"MIMIC-III folder {summary['source']} (ICD-9-CM)"
-    lines = [head, ""]
+    lines = [f"MIMIC-III folder {summary['source']}", ""]
     lines += [f"{label:<{width}}  {value:>10,}" for label, value in rows]
     if summary["messages"]:
         lines += ["", *summary["messages"]]
@@ -164,16 +141,11 @@ def format_summary(summary: dict) -> str:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mimic-dir", required=True,
-                        help="MIMIC-III folder (PATIENTS, ADMISSIONS, DIAGNOSES_ICD) or MIMIC-IV folder (patients, "
-                             "admissions, diagnoses_icd in hosp/ or in the folder itself); .csv or .csv.gz")
+                        help="folder with PATIENTS, ADMISSIONS, DIAGNOSES_ICD (.csv or .csv.gz)")
     parser.add_argument("--out", required=True, help="output folder (train/validation/test.parquet, summary.json)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the patient split (default 0)")
     parser.add_argument("--val-frac", type=float, default=0.1, help="share of patients in validation (default 0.1)")
     parser.add_argument("--test-frac", type=float, default=0.1, help="share of patients in test (default 0.1)")
-    parser.add_argument("--icd9-rows", choices=ICD9_ROWS, default="map",
-                        help="MIMIC-IV only (read as ICD-10-CM): 'map' turns ICD-9 codes into their ICD-10-CM codes "
-                             "(CMS GEMs), 'drop' drops the admissions coded in ICD-9 (default map; no effect on a "
-                             "MIMIC-III folder)")
 
 
 def validate(args: argparse.Namespace) -> None:
@@ -187,10 +159,8 @@ def validate(args: argparse.Namespace) -> None:
 
 def run(args: argparse.Namespace) -> int:
     # The table below prints the reader's messages; don't log them a second time.
-    for reader in ("mimic3", "mimic4"):
-        logging.getLogger(f"promptehr_hf.datasets_scripts.{reader}").setLevel(logging.ERROR)
-    summary = prepare(args.mimic_dir, args.out, seed=args.seed, val_frac=args.val_frac, test_frac=args.test_frac,
-                      icd9_rows=args.icd9_rows)
+    logging.getLogger("promptehr_hf.datasets_scripts.mimic3").setLevel(logging.ERROR)
+    summary = prepare(args.mimic_dir, args.out, seed=args.seed, val_frac=args.val_frac, test_frac=args.test_frac)
     print(format_summary(summary))
     print(f"\nwrote {Path(args.out) / 'train.parquet'} (+ validation, test) and {Path(args.out) / SUMMARY_JSON}")
     return 0
