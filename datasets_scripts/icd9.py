@@ -27,54 +27,38 @@ the tokenizer folded into its category) carries an edit when every billable code
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Sequence
 from functools import cache
 from pathlib import Path
 from types import MappingProxyType
 
+from promptehr_hf.datasets_scripts import _icd_tables
+from promptehr_hf.datasets_scripts._icd_tables import (  # noqa: F401 (the edit names are this module's API)
+    AGE_EDITS,
+    EDITS,
+    SEX_CONFLICT,
+    SEX_EDITS,
+    Tables,
+    edit_bits,
+    parse_edits,
+)
+
 DATA_DIR = Path(__file__).resolve().parent / "data"
-SEX_EDITS = ("sex_female_only", "sex_male_only")
-AGE_EDITS = ("age_newborn", "age_pediatric", "age_maternity", "age_adult")
-EDITS = SEX_EDITS + AGE_EDITS  # the order check() tests them in
-SEX_CONFLICT = {"sex_female_only": "M", "sex_male_only": "F"}  # the sex each sex edit forbids
-
-
-class _Tables:
-    """The parsed hierarchy: per node its parent, billable flag, title and children."""
-
-    def __init__(self, rows: list[list]):
-        self.order = [r[0] for r in rows]  # pre-order, children in code order
-        self.parent = {r[0]: r[1] for r in rows}
-        self.billable = frozenset(r[0] for r in rows if r[2])
-        self.title = {r[0]: r[3] for r in rows}
-        self.children: dict[str, list[str]] = {c: [] for c in self.order}
-        for code, parent in self.parent.items():
-            if parent is not None:
-                self.children[parent].append(code)
 
 
 @cache
-def _tables() -> _Tables:
+def _tables() -> Tables:
     path = DATA_DIR / "icd9cm_v32.json"
     with path.open(encoding="utf-8") as f:
-        return _Tables(json.load(f)["nodes"])
+        return Tables(json.load(f)["nodes"])
 
 
 @cache
 def _edit_data() -> tuple[MappingProxyType, dict[str, tuple[int, int]]]:
     """(node -> its edits in EDITS order, age edit -> (lo, hi) allowed whole-year ages)."""
-    with (DATA_DIR / "icd9cm_v32_edits.json").open(encoding="utf-8") as f:
-        data = json.load(f)
-    unknown = set(data["edits"]) - set(EDITS)
-    if unknown:
-        raise ValueError(f"{DATA_DIR / 'icd9cm_v32_edits.json'}: unknown edits {sorted(unknown)}")
-    per_code: dict[str, list[str]] = {}
-    for edit in EDITS:  # EDITS order, so each code's tuple is in check() order
-        for code in data["edits"].get(edit, ()):
-            per_code.setdefault(code, []).append(edit)
-    table = MappingProxyType({c: tuple(es) for c, es in per_code.items()})
-    return table, {k: (int(lo), int(hi)) for k, (lo, hi) in data["age_ranges"].items()}
+    path = DATA_DIR / "icd9cm_v32_edits.json"
+    with path.open(encoding="utf-8") as f:
+        return parse_edits(json.load(f), path)
 
 
 def _is_range(code: str) -> bool:
@@ -144,11 +128,7 @@ def parent(code: str) -> str | None:
 
 def _lineage(code: str) -> list[str]:
     """[node, its parent, ..., its chapter]."""
-    par = _tables().parent
-    out = [_node(code)]
-    while par[out[-1]] is not None:
-        out.append(par[out[-1]])
-    return out
+    return _tables().lineage(_node(code))
 
 
 def chapter(code: str) -> str:
@@ -213,22 +193,6 @@ def edit_of(code: str) -> str | None:
     return "+".join(edits) if edits else None
 
 
-def _whole_years(age: float) -> int:
-    try:
-        a = float(age)
-    except (TypeError, ValueError):
-        raise TypeError(f"age must be a number of years, got {age!r}") from None
-    if math.isnan(a) or not 0 <= a < 125:
-        raise ValueError(f"age must be in [0, 125) years (the CMS range), got {age!r}")
-    return int(a)
-
-
-def _sex_letter(sex) -> str:
-    if sex in ("F", "M"):
-        return sex
-    raise ValueError(f"sex must be 'F' or 'M', got {sex!r}")
-
-
 def check(code: str, age: float, sex: str) -> str | None:
     """The CMS edit a code breaks for a patient of this age (years) and sex, or None.
 
@@ -236,18 +200,7 @@ def check(code: str, age: float, sex: str) -> str | None:
     for a 60-year-old man: ``"sex_female_only"``). Validity is not checked (see is_valid): a
     code outside v32 carries no edit and gives None.
     """
-    edits = edits_of(code)
-    sex, years = _sex_letter(sex), _whole_years(age)
-    if not edits:
-        return None
-    ranges = _edit_data()[1]
-    for edit in edits:
-        if edit in SEX_CONFLICT:
-            if sex == SEX_CONFLICT[edit]:
-                return edit
-        elif not ranges[edit][0] <= years <= ranges[edit][1]:
-            return edit
-    return None
+    return _icd_tables.check(edits_of(code), _edit_data()[1], age, sex)
 
 
 def violations(codes: Sequence[str], ages, sexes):
@@ -260,36 +213,10 @@ def violations(codes: Sequence[str], ages, sexes):
     Same answer as ``check`` per element (sex edits first); e.g. one patient against a whole
     vocabulary: ``violations(vocab, 63.5, "M") != ""`` is the [n] mask of forbidden codes.
     """
-    import numpy as np
-
-    ranges = _edit_data()[1]
-    n = len(codes)
-    ages = np.broadcast_to(np.asarray(ages, dtype=np.float64), (n,))
-    sexes = np.broadcast_to(np.asarray(sexes, dtype=object), (n,))
-    bad_age = np.isnan(ages) | (ages < 0) | (ages >= 125)
-    if bad_age.any():
-        raise ValueError(f"ages must be in [0, 125) years, got {float(ages[bad_age][0])!r}")
-    is_m, is_f = sexes == "M", sexes == "F"
-    if not (is_m | is_f).all():
-        raise ValueError(f"sex must be 'F' or 'M', got {sexes[~(is_m | is_f)][0]!r}")
-    years = np.floor(ages)
-    bits = _edit_bits()
-    has_bits = np.fromiter((bits.get(normalize(c), 0) for c in codes), dtype=np.int64, count=n)
-    out = np.full(n, "", dtype=f"<U{max(map(len, EDITS))}")
-    # Assign in reverse check() order so the first broken edit in EDITS order wins.
-    for k in reversed(range(len(EDITS))):
-        edit = EDITS[k]
-        has = (has_bits >> k) & 1 == 1
-        if edit in SEX_CONFLICT:
-            broken = is_m if SEX_CONFLICT[edit] == "M" else is_f
-        else:
-            lo, hi = ranges[edit]
-            broken = (years < lo) | (years > hi)
-        out[has & broken] = edit
-    return out
+    return _icd_tables.violations(codes, ages, sexes, _edit_bits(), _edit_data()[1], normalize)
 
 
 @cache
 def _edit_bits() -> dict[str, int]:
     """node -> bit mask of its edits (bit k = EDITS[k])."""
-    return {c: sum(1 << EDITS.index(e) for e in es) for c, es in edit_table().items()}
+    return edit_bits(edit_table())

@@ -510,8 +510,9 @@ def _recurrence_rows(tokenizer, index: VocabIndex, previous: list[list[str]], co
     code_lift, cat_lift = lifts
     B = len(previous)
     hot = torch.zeros(B, index.size, device=index.device)
-    rows = [i for i, visit in enumerate(previous) for _ in tokenizer.encode_visit(visit)]
-    ids = [t for visit in previous for t in tokenizer.encode_visit(visit)]
+    encoded = [tokenizer.encode_visit(visit) for visit in previous]
+    rows = [i for i, visit_ids in enumerate(encoded) for _ in visit_ids]
+    ids = [t for visit_ids in encoded for t in visit_ids]
     if ids:
         hot[torch.tensor(rows, device=index.device), torch.tensor(ids, device=index.device)] = 1.0
     codes = hot * index.is_code

@@ -338,12 +338,14 @@ def _recurrence_counts(visits, visit_types, type_table: dict, category) -> dict:
         for k, c in cell.items():
             transition[int(m), int(k)] = c
     transition /= np.maximum(transition.sum(1, keepdims=True), 1)
+    types = [np.asarray(t).tolist() for t in visit_types]
+    visit_cats = [[{category(c) for c in visit} for visit in codes_of_patient] for codes_of_patient in visits]
     n_of_type = np.zeros(n_types)
     cat_visits: dict[str, np.ndarray] = {}  # category -> [n_types] visits of each type holding it
-    for codes_of_patient, types_of_patient in zip(visits, visit_types):
-        for visit, m in zip(codes_of_patient, np.asarray(types_of_patient).tolist()):
+    for cats_of_patient, types_of_patient in zip(visit_cats, types):
+        for visit_categories, m in zip(cats_of_patient, types_of_patient):
             n_of_type[m] += 1
-            for k in {category(c) for c in visit}:
+            for k in visit_categories:
                 cat_visits.setdefault(k, np.zeros(n_types))[m] += 1
     cat_share = {k: v / np.maximum(n_of_type, 1) for k, v in cat_visits.items()}
     code_counts = type_table["code_counts"]
@@ -354,13 +356,12 @@ def _recurrence_counts(visits, visit_types, type_table: dict, category) -> dict:
             cat_total[key] = cat_total.get(key, 0) + n
     cats: dict[str, list[float]] = {}
     codes: dict[str, list[float]] = {}
-    for codes_of_patient, types_of_patient in zip(visits, visit_types):
-        types_of_patient = np.asarray(types_of_patient).tolist()
+    for codes_of_patient, cats_of_patient, types_of_patient in zip(visits, visit_cats, types):
         for t in range(1, len(codes_of_patient)):
             before, after = set(codes_of_patient[t - 1]), set(codes_of_patient[t])
             m_prev, m = types_of_patient[t - 1], str(types_of_patient[t])
-            cats_after = {category(c) for c in after}
-            for k in {category(c) for c in before}:
+            cats_after = cats_of_patient[t]
+            for k in cats_of_patient[t - 1]:
                 cell = cats.setdefault(k, [0.0, 0.0, 0])
                 cell[0] += k in cats_after
                 cell[1] += float(transition[m_prev] @ cat_share[k])
@@ -372,8 +373,10 @@ def _recurrence_counts(visits, visit_types, type_table: dict, category) -> dict:
                     cell[0] += c in after
                     cell[1] += code_counts.get(m, {}).get(c, 0) / max(cat_total.get((m, k), 0), 1)
                     cell[2] += 1
-    rnd = lambda cells: {k: [int(v[0]), round(v[1], 4), v[2]] for k, v in sorted(cells.items())}  # noqa: E731
-    return {"categories": rnd(cats), "codes": rnd(codes)}
+    def as_json(cells: dict[str, list[float]]) -> dict[str, list]:
+        return {k: [int(o), round(e, 4), n] for k, (o, e, n) in sorted(cells.items())}
+
+    return {"categories": as_json(cats), "codes": as_json(codes)}
 
 
 def _band(ages: np.ndarray, edges: np.ndarray) -> np.ndarray:
