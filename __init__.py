@@ -22,7 +22,10 @@ from typing import TYPE_CHECKING
 
 _EXPORTS = {
     "datasets_scripts.cohort_io": ("patients_to_dataset", "write_mimic3_csvs", "write_parquet"),
-    "datasets_scripts.mimic3": ("Mimic3Cohort", "read_mimic3"),
+    "datasets_scripts.cohort": ("CohortBuilder", "load_cohort"),
+    "datasets_scripts.meds_io": ("read_meds", "write_meds"),
+    "datasets_scripts.mimic3": ("read_mimic3",),
+    "datasets_scripts.mimic4": ("read_mimic4",),
     "datasets_scripts.prepare": ("load_prepared", "prepare"),
     "datasets_scripts.simulator": ("simulate",),
     "tokenization.tokenization_promptehr": ("PromptEHRTokenizer",),

@@ -25,7 +25,7 @@ MIN_CODE_COUNTS = (1, 5)
 
 
 def _split(patients: list[dict], seed: int = 0) -> tuple[list[dict], list[dict]]:
-    from promptehr_hf.datasets_scripts.mimic3 import split_patients
+    from promptehr_hf.datasets_scripts.cohort import split_patients
 
     split = split_patients(patients, seed=seed, val_frac=0.1, test_frac=0.1)
     return split["train"], split["test"]

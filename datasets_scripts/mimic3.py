@@ -1,4 +1,4 @@
-"""MIMIC-III folder -> patient cohort (the schema of `schema.PATIENT_FEATURES`), with splits.
+"""MIMIC-III folder -> patient cohort (the schema of `schema.PATIENT_FEATURES`).
 
 Reads `PATIENTS`, `ADMISSIONS` and `DIAGNOSES_ICD` (`.csv` or `.csv.gz`, file names and column
 headers in upper or lower case) and turns them into one record per patient::
@@ -19,11 +19,11 @@ Rules (every departure from a clean table is counted in the summary, never dropp
   an empty or unreadable (e.g. truncated gzip) table, duplicated keys, and unparseable ids,
   dates or sexes. Each error names the file and what is wrong.
 
-`datasets` 4+ does not run loading scripts through `load_dataset`; use the builder class:
-`Mimic3Cohort(mimic_dir=DIR, cache_dir=CACHE, seed=0).download_and_prepare(); .as_dataset()`,
-or `load_cohort(DIR, cache_dir=CACHE)`, which does exactly that and also returns the summary
-(`promptehr prepare` reads folders this way). `cache_dir` is required: the Arrow files are
-copies of the patients' rows.
+The summary says `"code_system": "icd9cm"` and `"format": "mimic3"`.
+
+`find_tables` also looks in MIMIC-IV's `hosp/` sub-folder when the tables are not in the folder
+itself; `mimic4.read_mimic4` reads MIMIC-IV folders with this module's table helpers, and
+`cohort.CohortBuilder` turns either (or a MEDS folder) into train/validation/test datasets.
 """
 
 from __future__ import annotations
@@ -36,24 +36,19 @@ import logging
 import os
 import re
 import zlib
-from dataclasses import dataclass
 from pathlib import Path
 
-import datasets
 import numpy as np
 import pandas as pd
 
 from promptehr_hf.datasets_scripts import icd9
-from promptehr_hf.datasets_scripts.cohort_io import patients_to_dataset
-from promptehr_hf.datasets_scripts.schema import AGE_CAP, PATIENT_FEATURES, SEXES
+from promptehr_hf.datasets_scripts.schema import AGE_CAP, SEXES
 
 logger = logging.getLogger(__name__)
 
 TABLES = ("PATIENTS", "ADMISSIONS", "DIAGNOSES_ICD")
 DAYS_PER_YEAR = 365.25
 AGE_DECIMALS = 2  # ages are kept to 0.01 year (~4 days), so they survive a CSV round trip exactly
-SPLITS = ("train", "validation", "test")
-SUMMARY_FILE = "mimic3_summary.json"  # sidecar in the builder's cache folder
 N_EXAMPLES = 10  # examples of invalid codes shown in the summary
 
 # Dotless ICD-9-CM: 3-5 digits, V + 2-4 digits, E000-E030 / E800-E999 (+ one digit).
@@ -63,20 +58,30 @@ _ICD10_SHAPE = re.compile(r"^[A-Z]\d[0-9A-Z]{1,5}$")
 
 
 class Mimic3Error(ValueError):
-    """A MIMIC-III folder that cannot be read; the message names the file and the problem."""
+    """A MIMIC-III (or MIMIC-IV) folder that cannot be read; the message names the file and the problem."""
 
 
 # --------------------------------------------------------------------------- files and tables
 
 
-def find_tables(mimic_dir: str | os.PathLike) -> dict[str, Path]:
-    """Map each of TABLES to its file in `mimic_dir` (`NAME.csv` or `NAME.csv.gz`, any case)."""
-    folder = Path(mimic_dir)
-    if not folder.is_dir():
-        raise Mimic3Error(f"{folder}: not a folder (expected a MIMIC-III folder with {', '.join(TABLES)})")
+def _by_lower_name(folder: Path) -> dict[str, list[Path]]:
     by_name: dict[str, list[Path]] = {}
     for path in folder.iterdir():
         by_name.setdefault(path.name.lower(), []).append(path)
+    return by_name
+
+
+def find_tables(mimic_dir: str | os.PathLike) -> dict[str, Path]:
+    """Map each of TABLES to its file (`NAME.csv` or `NAME.csv.gz`, any case) in `mimic_dir` or,
+    when none of the three is there, in its `hosp/` sub-folder (MIMIC-IV's layout)."""
+    folder = Path(mimic_dir)
+    if not folder.is_dir():
+        raise Mimic3Error(f"{folder}: not a folder (expected a MIMIC-III or MIMIC-IV folder with {', '.join(TABLES)})")
+    by_name = _by_lower_name(folder)
+    hosp = [p for p in by_name.get("hosp", []) if p.is_dir()]
+    if hosp and not any(f"{t.lower()}{ext}" in by_name for t in TABLES for ext in (".csv", ".csv.gz")):
+        folder = hosp[0]
+        by_name = _by_lower_name(folder)
     found = {}
     for table in TABLES:
         candidates = by_name.get(f"{table.lower()}.csv", []) + by_name.get(f"{table.lower()}.csv.gz", [])
@@ -90,10 +95,11 @@ def find_tables(mimic_dir: str | os.PathLike) -> dict[str, Path]:
 
 
 def file_fingerprints(mimic_dir: str | os.PathLike) -> dict[str, dict]:
-    """Each table of `mimic_dir` -> {"file": name, "size": bytes, "mtime_ns": int, "sha256": hex digest}.
+    """Each table of `mimic_dir` -> {"file": path, "size": bytes, "mtime_ns": int, "sha256": hex digest}.
 
-    The SHA-256 is of the file's bytes as stored (gzip included), read in 1 MiB blocks; a row
-    edited in place shows in it even when the size and modification time are unchanged.
+    `file` is the path relative to `mimic_dir` (`PATIENTS.csv.gz`, `hosp/patients.csv.gz`). The
+    SHA-256 is of the file's bytes as stored (gzip included), read in 1 MiB blocks; a row edited
+    in place shows in it even when the size and modification time are unchanged.
     """
     out = {}
     for table, path in find_tables(mimic_dir).items():
@@ -102,7 +108,8 @@ def file_fingerprints(mimic_dir: str | os.PathLike) -> dict[str, dict]:
             st = os.fstat(f.fileno())
             while block := f.read(1 << 20):
                 h.update(block)
-        out[table] = {"file": path.name, "size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": h.hexdigest()}
+        out[table] = {"file": path.relative_to(mimic_dir).as_posix(), "size": st.st_size,
+                      "mtime_ns": st.st_mtime_ns, "sha256": h.hexdigest()}
     return out
 
 
@@ -116,25 +123,26 @@ def fingerprint(mimic_dir: str | os.PathLike) -> str:
     return combine_fingerprints(file_fingerprints(mimic_dir))
 
 
+def _read_csv(path: Path, table: str, **kwargs) -> pd.DataFrame:
+    """pd.read_csv(path, **kwargs), its failures (empty, not UTF-8, truncated, corrupt) as Mimic3Error."""
+    try:
+        return pd.read_csv(path, **kwargs)
+    except pd.errors.EmptyDataError:
+        raise Mimic3Error(f"{path}: the {table} table is empty (no header, no rows)") from None
+    except UnicodeDecodeError as e:
+        raise Mimic3Error(f"{path}: {_first_non_utf8(path)} in the {table} table; MIMIC CSVs are UTF-8 "
+                          "(re-encode the file, e.g. with iconv)") from e
+    except (EOFError, OSError, zlib.error, pd.errors.ParserError) as e:
+        raise Mimic3Error(f"{path}: cannot read the {table} table (truncated or corrupt file?): {e}") from e
+
+
 def _read_table(path: Path, table: str, required: list[str | tuple[str, ...]], optional: tuple[str, ...] = (),
                 str_cols: tuple[str, ...] = ()) -> pd.DataFrame:
     """Read the named columns (matched case-insensitively) of one table, renamed to lower case.
 
     A tuple in `required` lists alternative names (first = canonical name, used in errors).
     """
-
-    def read(**kwargs) -> pd.DataFrame:
-        try:
-            return pd.read_csv(path, **kwargs)
-        except pd.errors.EmptyDataError:
-            raise Mimic3Error(f"{path}: the {table} table is empty (no header, no rows)") from None
-        except UnicodeDecodeError as e:
-            raise Mimic3Error(f"{path}: {_first_non_utf8(path)} in the {table} table; MIMIC-III CSVs are UTF-8 "
-                              "(re-encode the file, e.g. with iconv)") from e
-        except (EOFError, OSError, zlib.error, pd.errors.ParserError) as e:
-            raise Mimic3Error(f"{path}: cannot read the {table} table (truncated or corrupt file?): {e}") from e
-
-    header = read(nrows=0).columns
+    header = _read_csv(path, table, nrows=0).columns
     by_lower = {str(c).strip().lower(): c for c in header}
     wanted, missing = {}, []  # canonical name -> name in the file
     for names in [(r,) if isinstance(r, str) else r for r in required]:
@@ -149,7 +157,7 @@ def _read_table(path: Path, table: str, required: list[str | tuple[str, ...]], o
             f"(found: {', '.join(map(str, header))})"
         )
     wanted.update({c: by_lower[c] for c in optional if c in by_lower})
-    df = read(usecols=list(wanted.values()), dtype={wanted[c]: str for c in str_cols if c in wanted})
+    df = _read_csv(path, table, usecols=list(wanted.values()), dtype={wanted[c]: str for c in str_cols if c in wanted})
     df = df.rename(columns={v: k for k, v in wanted.items()})
     if len(df) == 0:
         raise Mimic3Error(f"{path}: the {table} table has a header but no rows")
@@ -216,9 +224,10 @@ def read_mimic3(mimic_dir: str | os.PathLike) -> tuple[list[dict], dict]:
     """Read a MIMIC-III folder into patients (the schema of `schema.PATIENT_FEATURES`) and a summary.
 
     Returns `(patients, summary)`: patients sorted by subject_id; the summary (JSON-ready) holds
-    `patients`, `admissions`, `diagnosis_rows` (codes loaded), `distinct_codes`, `rows_read` per
-    table, `quirks` (each count, zero included), `invalid_code_examples`, `files` and
-    `messages` (one readable line per non-zero quirk, naming the file).
+    `format` ("mimic3"), `code_system` ("icd9cm"), `patients`, `admissions`, `diagnosis_rows`
+    (codes loaded), `distinct_codes`, `rows_read` per table, `quirks` (each count, zero
+    included), `invalid_code_examples`, `files` and `messages` (one readable line per non-zero
+    quirk, naming the file).
     Raises Mimic3Error for a folder that cannot be read as ICD-9-CM MIMIC-III.
     """
     files = find_tables(mimic_dir)
@@ -243,8 +252,8 @@ def read_mimic3(mimic_dir: str | os.PathLike) -> tuple[list[dict], dict]:
             raise Mimic3Error(
                 f"{path_d}: {int(not9.sum())} rows have icd_version other than 9 (e.g. "
                 f"{_plain(diag['icd_version'][not9].iloc[0])!r} at data row {int(np.flatnonzero(not9)[0]) + 1}): "
-                "ICD-10 diagnoses (a MIMIC-IV folder?) are not supported; this package reads ICD-9-CM "
-                "MIMIC-III folders"
+                "ICD-10 diagnoses (a MIMIC-IV folder?) are not read as MIMIC-III; read a MIMIC-IV folder with "
+                "mimic4.read_mimic4 (its patients table has anchor_age; promptehr prepare does this)"
             )
     diag_rows_read = len(diag)
     hadm_d = _int_column(diag, "hadm_id", path_d).to_numpy()
@@ -265,7 +274,8 @@ def read_mimic3(mimic_dir: str | os.PathLike) -> tuple[list[dict], dict]:
         n_rows = int(np.isin(code_names[code_d[~empty]], icd10).sum())
         raise Mimic3Error(
             f"{path_d}: {n_rows} rows hold ICD-10-CM codes ({len(icd10)} distinct, e.g. {', '.join(icd10[:5])}); "
-            "this looks like a MIMIC-IV folder. This package reads ICD-9-CM (MIMIC-III) diagnoses only"
+            "this looks like a MIMIC-IV folder. read_mimic3 reads ICD-9-CM (MIMIC-III) diagnoses only; a MIMIC-IV "
+            "folder (patients with anchor_age) is read by mimic4.read_mimic4"
         )
     invalid = ~empty & ~valid_name[code_d]
     quirks["invalid_codes"] = int(invalid.sum())
@@ -344,6 +354,8 @@ def read_mimic3(mimic_dir: str | os.PathLike) -> tuple[list[dict], dict]:
     distinct = code_names[np.unique(code)]
     summary = {
         "source": str(Path(mimic_dir).resolve()),
+        "format": "mimic3",
+        "code_system": "icd9cm",
         "files": {t: p.name for t, p in files.items()},
         "patients": len(patients),
         "admissions": int(has_code.sum()),
@@ -408,156 +420,10 @@ _QUIRK_TEXT = {
 }
 
 
-def _quirk_messages(quirks: dict, files: dict[str, Path]) -> list[str]:
+def _quirk_messages(quirks: dict, files: dict[str, Path], texts: dict[str, tuple[str, str]] = _QUIRK_TEXT) -> list[str]:
+    """One line per non-zero quirk: `texts` maps each quirk to (table, what happened)."""
     return [
         f"{files[table].name}: {quirks[key]} {text.format(cap=AGE_CAP)}"
-        for key, (table, text) in _QUIRK_TEXT.items()
+        for key, (table, text) in texts.items()
         if quirks[key]
     ]
-
-
-# --------------------------------------------------------------------------- splits
-
-
-def _mix64(x: np.ndarray) -> np.ndarray:
-    """splitmix64 finaliser on uint64 arrays (wrapping arithmetic): a fixed, portable hash."""
-    x = x.astype(np.uint64)
-    x ^= x >> np.uint64(30)
-    x *= np.uint64(0xBF58476D1CE4E5B9)
-    x ^= x >> np.uint64(27)
-    x *= np.uint64(0x94D049BB133111EB)
-    x ^= x >> np.uint64(31)
-    return x
-
-
-def check_fractions(val_frac: float, test_frac: float) -> None:
-    """Raise ValueError unless both shares are >= 0 and sum to < 1."""
-    if not (0 <= val_frac < 1 and 0 <= test_frac < 1 and val_frac + test_frac < 1):
-        raise ValueError(f"val_frac={val_frac} and test_frac={test_frac} must be >= 0 and sum to < 1")
-
-
-def split_patients(patients: list[dict], seed: int = 0, val_frac: float = 0.1,
-                   test_frac: float = 0.1) -> dict[str, list[dict]]:
-    """Deterministic patient-level split: {"train", "validation", "test"} -> patients.
-
-    Patients are ranked by a hash of (subject_id, seed), so a patient's rank depends only on its
-    id and the seed, not on input order; the first round(n*test_frac) go to test, the next
-    round(n*val_frac) to validation, the rest to train. Each split is sorted by subject_id.
-    """
-    check_fractions(val_frac, test_frac)
-    n = len(patients)
-    ids = np.array([p["subject_id"] for p in patients], dtype=np.int64)
-    if len(np.unique(ids)) != n:
-        raise ValueError("split_patients: subject_id values are not unique")
-    salt = _mix64(np.array([seed & 0xFFFFFFFFFFFFFFFF], dtype=np.uint64))[0]
-    key = _mix64(ids.astype(np.uint64) ^ salt)
-    order = np.lexsort((ids, key))
-    n_test, n_val = round(n * test_frac), round(n * val_frac)
-    parts = {"test": order[:n_test], "validation": order[n_test:n_test + n_val], "train": order[n_test + n_val:]}
-    return {name: [patients[i] for i in idx[np.argsort(ids[idx], kind="stable")].tolist()]
-            for name, idx in ((s, parts[s]) for s in SPLITS)}
-
-
-# --------------------------------------------------------------------------- datasets builder
-
-
-@dataclass
-class Mimic3Config(datasets.BuilderConfig):
-    """mimic_dir: the MIMIC-III folder; seed, val_frac, test_frac: the patient split."""
-
-    mimic_dir: str | None = None
-    seed: int = 0
-    val_frac: float = 0.1
-    test_frac: float = 0.1
-
-
-class Mimic3Cohort(datasets.GeneratorBasedBuilder):
-    """`datasets` builder of the patient cohort of a MIMIC-III folder (train/validation/test).
-
-    `Mimic3Cohort(mimic_dir=DIR, cache_dir=CACHE, seed=0, val_frac=0.1, test_frac=0.1)`.
-    `cache_dir` is required: the Arrow files written there are copies of the patients' rows,
-    so they go where the caller decides, never to the global datasets cache. The cache key
-    includes `file_fingerprints` (size, modification time and SHA-256 of the three tables), so
-    an edited folder is read again. After `download_and_prepare()`, `builder.summary` holds the
-    reader's summary plus `seed`, `val_frac`, `test_frac`, `splits` (patients per split),
-    `reader_version`, `input_files` (the fingerprints, taken before reading) and `fingerprint`
-    (their short hash); also when the dataset came from the cache.
-    """
-
-    BUILDER_CONFIG_CLASS = Mimic3Config
-    VERSION = datasets.Version("1.0.0")
-
-    def __init__(self, *args, hash: str | None = None, **kwargs):
-        if not kwargs.get("mimic_dir"):
-            raise ValueError("Mimic3Cohort needs mimic_dir=<folder with PATIENTS, ADMISSIONS, DIAGNOSES_ICD>")
-        if not kwargs.get("cache_dir"):
-            raise ValueError("Mimic3Cohort needs cache_dir=<folder>: its Arrow files are copies of the patients' "
-                             "rows and are not written to the global datasets cache")
-        kwargs["mimic_dir"] = str(Path(kwargs["mimic_dir"]).resolve())
-        # The cache folder is named from the kwargs given: spell out the defaults so that
-        # Mimic3Cohort(mimic_dir=d) and Mimic3Cohort(mimic_dir=d, seed=0) share it.
-        for name in ("seed", "val_frac", "test_frac"):
-            kwargs.setdefault(name, Mimic3Config.__dataclass_fields__[name].default)
-        input_files = file_fingerprints(kwargs["mimic_dir"])
-        super().__init__(*args, hash=hash or combine_fingerprints(input_files), **kwargs)
-        self._input_files = input_files
-
-    def _info(self) -> datasets.DatasetInfo:
-        return datasets.DatasetInfo(
-            description="Patients of a MIMIC-III folder: age, sex and ICD-9-CM diagnosis codes per admission.",
-            features=PATIENT_FEATURES,
-            homepage="https://physionet.org/content/mimiciii/",
-            citation="Johnson AEW et al. MIMIC-III, a freely accessible critical care database. "
-                     "Sci Data 3, 160035 (2016).",
-        )
-
-    def _split_generators(self, dl_manager):
-        cfg = self.config
-        patients, summary = read_mimic3(cfg.mimic_dir)
-        self._splits = split_patients(patients, cfg.seed, cfg.val_frac, cfg.test_frac)
-        summary.update(seed=cfg.seed, val_frac=cfg.val_frac, test_frac=cfg.test_frac,
-                       splits={name: len(ps) for name, ps in self._splits.items()},
-                       reader_version=str(self.VERSION), input_files=self._input_files,
-                       fingerprint=combine_fingerprints(self._input_files))
-        self._summary = summary
-        # Saved beside the arrow files (this is the temporary folder datasets renames on success).
-        with open(os.path.join(self._output_dir, SUMMARY_FILE), "w") as f:
-            json.dump(summary, f, indent=2)
-        # datasets cannot read back a split with no example: such a split is not generated.
-        return [datasets.SplitGenerator(name=name, gen_kwargs={"split": name})
-                for name in SPLITS if self._splits[name]]
-
-    def _generate_examples(self, split: str):
-        for p in self._splits[split]:
-            yield p["subject_id"], p
-
-    @property
-    def summary(self) -> dict:
-        if not hasattr(self, "_summary"):
-            with open(os.path.join(self.cache_dir, SUMMARY_FILE)) as f:
-                self._summary = json.load(f)
-        return self._summary
-
-
-def load_cohort(mimic_dir: str | os.PathLike, seed: int = 0, val_frac: float = 0.1, test_frac: float = 0.1, *,
-                cache_dir: str | os.PathLike) -> tuple[datasets.DatasetDict, dict]:
-    """Build (or reuse from `cache_dir`) the cohort: (DatasetDict train/validation/test, summary).
-
-    Runs `Mimic3Cohort`; this is how `promptehr prepare` reads a folder. The datasets are
-    memory-mapped from the Arrow files in `cache_dir`. A split with no patient (e.g. val_frac=0)
-    is an empty in-memory Dataset with PATIENT_FEATURES. Raises ValueError for bad fractions and
-    Mimic3Error for a folder that cannot be read.
-    """
-    check_fractions(val_frac, test_frac)
-    builder = Mimic3Cohort(mimic_dir=str(mimic_dir), seed=seed, val_frac=val_frac, test_frac=test_frac,
-                           cache_dir=str(cache_dir))
-    bars = datasets.is_progress_bar_enabled()
-    datasets.disable_progress_bars()  # "Generating train split" bars: the caller reports the summary
-    try:
-        builder.download_and_prepare()
-        dsd = builder.as_dataset()
-    finally:
-        if bars:
-            datasets.enable_progress_bars()
-    splits = {name: dsd[name] if name in dsd else patients_to_dataset([]) for name in SPLITS}
-    return datasets.DatasetDict(splits), builder.summary

@@ -13,10 +13,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from promptehr_hf import cli
 from promptehr_hf.datasets_scripts import icd9, meds_io
+from promptehr_hf.datasets_scripts.cohort import folder_format
 from promptehr_hf.datasets_scripts.cohort_io import write_mimic3_csvs
 from promptehr_hf.datasets_scripts.meds_io import MedsError, read_meds, read_subject_splits, write_meds
 from promptehr_hf.datasets_scripts.mimic3 import read_mimic3
+from promptehr_hf.datasets_scripts.prepare import load_prepared, prepare, stale_reasons
 from promptehr_hf.datasets_scripts.simulator import simulate
 from promptehr_hf.file_utils import OutputFolderError
 
@@ -383,3 +386,62 @@ def test_invalid_metadata_is_named(name, content, match, simulated, tmp_path):
     else:
         pq.write_table(content, out / name)
     assert one_line_error(out, match).startswith(f"{out / name}: ")
+
+
+# --------------------------------------------------------------------------- prepare from a MEDS folder
+
+
+def as_read(ds) -> list[dict]:
+    """A prepared split as patient dicts, ages (float32 in Parquet) back to their 0.01 year."""
+    return [{**p, "age": round(p["age"], 2)} for p in ds.to_list()]
+
+
+def test_prepare_reads_a_meds_folder_and_keeps_its_splits(simulated, tmp_path, capsys):
+    ids = [p["subject_id"] for p in simulated]
+    split_of = {i: (meds.train_split, meds.tuning_split, meds.held_out_split)[k % 3] for k, i in enumerate(ids)}
+    folder = write_meds(simulated, tmp_path / "meds", splits=split_of, subjects_per_shard=64)
+    assert folder_format(folder) == "meds"
+    out = tmp_path / "prepared"
+    assert cli.main(["prepare", "--meds-dir", str(folder), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert f"MEDS folder {folder} (ICD-9-CM; split: meds)" in printed
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["format"], summary["code_system"], summary["split_source"]) == ("meds", "icd9cm", "meds")
+    wanted = {"train": meds.train_split, "validation": meds.tuning_split, "test": meds.held_out_split}
+    prepared = load_prepared(out)
+    for name, meds_split in wanted.items():
+        assert as_read(prepared[name]) == [p for p in by_id(simulated) if split_of[p["subject_id"]] == meds_split]
+    # Every data and metadata file is fingerprinted: an edited shard makes the output stale.
+    assert set(summary["input_files"]) == {f.relative_to(folder).as_posix() for f in data_files(folder)} | {
+        "metadata/codes.parquet", "metadata/dataset.json", "metadata/subject_splits.parquet"}
+    assert stale_reasons(out, folder) == []
+    shard = data_files(folder)[0]
+    pq.write_table(pq.read_table(shard).slice(1), shard)
+    assert any(shard.name in r and "content" in r for r in stale_reasons(out, folder))
+
+
+def test_prepare_splits_a_meds_folder_by_hash_when_its_splits_do_not_cover_it(simulated, tmp_path):
+    folder = write_meds(simulated, tmp_path / "meds")  # every subject in "train": kept as train, no validation
+    (folder / meds.subject_splits_filepath).unlink()
+    summary = prepare(folder, tmp_path / "out", seed=1)
+    assert summary["split_source"] == "hash" and summary["splits"] == {"train": 160, "validation": 20, "test": 20}
+    prepared = load_prepared(tmp_path / "out")
+    assert by_id([p for name in prepared for p in as_read(prepared[name])]) == by_id(simulated)
+
+
+def test_prepare_a_mixed_meds_folder_needs_a_code_system(tmp_path):
+    folder = write_meds(ICD10_PATIENTS, tmp_path / "meds", code_system="icd10cm")
+    extra = meds_table([(99, None, "GENDER//M"), (99, "2000-01-01 00:00", "MEDS_BIRTH"),
+                        (99, "2050-01-01 00:00", "HOSPITAL_ADMISSION//X"),
+                        (99, "2050-01-02 00:00", "DIAGNOSIS//ICD//9//4019"),
+                        (99, "2050-01-02 00:00", "HOSPITAL_DISCHARGE//X")])
+    pq.write_table(extra, folder / meds.data_subdirectory / "extra.parquet")
+    with pytest.raises(MedsError, match="both ICD-9"):
+        prepare(folder, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    summary = prepare(folder, tmp_path / "out", code_system="icd10cm", val_frac=0.0, test_frac=0.0)
+    assert (summary["code_system"], summary["patients"], summary["quirks"]["other_system_diagnoses"]) == (
+        "icd10cm", 3, 1)
+    assert stale_reasons(tmp_path / "out", folder, val_frac=0.0, test_frac=0.0, code_system="icd10cm") == []
+    assert stale_reasons(tmp_path / "out", folder, val_frac=0.0, test_frac=0.0, code_system="icd9cm") == [
+        "code_system was 'icd10cm', now 'icd9cm'"]

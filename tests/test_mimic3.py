@@ -19,21 +19,14 @@ import pytest
 
 from promptehr_hf import cli
 from promptehr_hf.datasets_scripts import prepare as prepare_mod
+from promptehr_hf.datasets_scripts.cohort import CohortBuilder, load_cohort, split_patients
 from promptehr_hf.datasets_scripts.cohort_io import (
     dataset_to_patients,
     patients_to_dataset,
     write_mimic3_csvs,
     write_parquet,
 )
-from promptehr_hf.datasets_scripts.mimic3 import (
-    Mimic3Cohort,
-    Mimic3Error,
-    file_fingerprints,
-    fingerprint,
-    load_cohort,
-    read_mimic3,
-    split_patients,
-)
+from promptehr_hf.datasets_scripts.mimic3 import Mimic3Error, file_fingerprints, fingerprint, read_mimic3
 from promptehr_hf.datasets_scripts.prepare import load_prepared, prepare, stale_reasons
 from promptehr_hf.datasets_scripts.schema import PATIENT_FEATURES
 
@@ -128,7 +121,7 @@ def test_demo_upper_case_plain_csv_is_identical_and_builder_caches(demo_dir, tmp
         assert s_lower[key] == s_upper[key]
 
     # A fresh builder on the same folder reads the cache (and still has the summary).
-    again = Mimic3Cohort(mimic_dir=str(demo_dir), cache_dir=cache)
+    again = CohortBuilder(source_dir=str(demo_dir), cache_dir=cache)
     assert os.path.isdir(again.cache_dir)
     again.download_and_prepare()
     assert again.summary["quirks"]["ages_capped"] == 9
@@ -385,12 +378,12 @@ def test_write_parquet_round_trip(tmp_path):
 
 
 def test_builder_needs_a_folder(tmp_path):
-    with pytest.raises(ValueError, match="mimic_dir"):
-        Mimic3Cohort(cache_dir=str(tmp_path))
+    with pytest.raises(ValueError, match="source_dir"):
+        CohortBuilder(cache_dir=str(tmp_path))
     with pytest.raises(ValueError, match="cache_dir"):  # never the global datasets cache
-        Mimic3Cohort(mimic_dir=str(tmp_path))
+        CohortBuilder(source_dir=str(tmp_path))
     with pytest.raises(Mimic3Error, match="not a folder"):
-        Mimic3Cohort(mimic_dir=str(tmp_path / "nope"), cache_dir=str(tmp_path))
+        CohortBuilder(source_dir=str(tmp_path / "nope"), cache_dir=str(tmp_path))
 
 
 def test_empty_split_is_an_empty_dataset(tiny, tmp_path):
@@ -406,13 +399,13 @@ def test_empty_split_is_an_empty_dataset(tiny, tmp_path):
 
 def test_prepare_reads_through_the_builder_and_leaves_no_cache(tiny, tmp_path, monkeypatch):
     calls = []
-    real = Mimic3Cohort.download_and_prepare
+    real = CohortBuilder.download_and_prepare
 
     def spy(self, *args, **kwargs):
         calls.append(Path(self.cache_dir))
         return real(self, *args, **kwargs)
 
-    monkeypatch.setattr(Mimic3Cohort, "download_and_prepare", spy)
+    monkeypatch.setattr(CohortBuilder, "download_and_prepare", spy)
     out = tmp_path / "out"
     summary = prepare(tiny, out, seed=0, val_frac=0.0, test_frac=0.5)
     assert len(calls) == 1
@@ -423,7 +416,7 @@ def test_prepare_reads_through_the_builder_and_leaves_no_cache(tiny, tmp_path, m
     assert sorted(os.listdir(tmp_path)) == ["mimic", "out"]
     assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == [
         "summary.json", "test.parquet", "train.parquet", "validation.parquet"]
-    assert summary["reader_version"] == str(Mimic3Cohort.VERSION)
+    assert summary["reader_version"] == str(CohortBuilder.VERSION)
     assert summary["input_files"] == file_fingerprints(tiny) and summary["fingerprint"] == fingerprint(tiny)
     assert (summary["seed"], summary["val_frac"], summary["test_frac"]) == (0, 0.0, 0.5)
 

@@ -244,7 +244,8 @@ def test_mimic_demo_round_trip(demo_dir):
     mimic3 = pytest.importorskip("promptehr_hf.datasets_scripts.mimic3")
     patients, _ = mimic3.read_mimic3(demo_dir)
     assert len(patients) == 100
-    train = mimic3.split_patients(patients, seed=0)["train"]
+    cohort = pytest.importorskip("promptehr_hf.datasets_scripts.cohort")
+    train = cohort.split_patients(patients, seed=0)["train"]
     tok = PromptEHRTokenizer.from_patients(train)
     exact = fallback = total_cat = 0
     for p in patients:
