@@ -43,6 +43,7 @@ from promptehr_hf.datasets_scripts._icd_tables import (  # noqa: F401 (the edit 
     parse_edits,
 )
 
+SYSTEM = "icd9cm"
 DATA_DIR = Path(__file__).resolve().parent / "data"
 
 

@@ -3,8 +3,10 @@
 A *cohort* is any of: a sequence of patient dicts in the package schema, a table with those
 columns (a ``datasets.Dataset``, a dict of columns, a ``pyarrow.Table``, a pandas DataFrame), or
 (for the visit helpers) a plain sequence of per-patient visit lists ``list[list[list[str]]]``.
-Only the ``visits`` field is read here, its codes normalised to dotless ICD-9-CM
-(``icd9.normalize``, in ``cohort_visits``) so that ``"401.9"`` and ``"4019"`` are one code.
+Only the ``visits`` field is read here, its codes normalised to the dotless form of their code
+system (``normalize`` of ``code_systems.code_system(code_system)``, in ``cohort_visits``; ICD-9-CM
+unless a helper is told ``code_system="icd10cm"``) so that ``"401.9"`` and ``"4019"`` (or
+``"E11.9"`` and ``"E119"``) are one code.
 
 Matrices are ``scipy.sparse.csr_matrix`` of dtype int32 holding 0/1: a code listed twice in one
 visit is one entry. With 0/1 entries the usual counts are matrix products:
@@ -28,7 +30,8 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 
-from promptehr_hf.datasets_scripts import icd9
+from promptehr_hf.datasets_scripts import code_systems
+from promptehr_hf.datasets_scripts.code_systems import DEFAULT_CODE_SYSTEM
 
 # Dense distance blocks hold at most this many entries (64 MB per float32 or int32 array).
 _BLOCK_ENTRIES = 16_000_000
@@ -56,11 +59,13 @@ def cohort_column(cohort: Any, name: str) -> list:
     raise TypeError(f"cannot read column {name!r} from a {type(cohort).__name__}")
 
 
-def cohort_visits(cohort: Any) -> list[list[list[str]]]:
+def cohort_visits(cohort: Any, *, code_system: str = DEFAULT_CODE_SYSTEM) -> list[list[list[str]]]:
     """The visits of every patient, checked to be lists of visits of string codes (a bare string
-    or a non-string code is a TypeError), with every code in ``icd9.normalize``'s canonical
-    dotless form (``"401.9"`` -> ``"4019"``): the one code identity of every count here. The
-    input lists are returned as they are when every code is already canonical."""
+    or a non-string code is a TypeError), with every code in the canonical dotless form of
+    ``code_system`` (``"icd9cm"``: ``"401.9"`` -> ``"4019"``; ``"icd10cm"``: ``"E11.9"`` ->
+    ``"E119"``): the one code identity of every count here. The input lists are returned as they
+    are when every code is already canonical."""
+    normalize = code_systems.code_system(code_system).normalize
     visits = cohort_column(cohort, "visits")
     for row, patient in enumerate(visits):
         if isinstance(patient, str) or any(isinstance(v, str) for v in patient):
@@ -69,7 +74,7 @@ def cohort_visits(cohort: Any) -> list[list[list[str]]]:
     bad = [c for c in codes if not isinstance(c, str)]
     if bad:
         raise TypeError(f"codes must be strings, got {bad[0]!r} ({type(bad[0]).__name__})")
-    canonical = {c: icd9.normalize(c) for c in codes}
+    canonical = {c: normalize(c) for c in codes}
     if all(k == v for k, v in canonical.items()):
         return visits
     return [[[canonical[c] for c in visit] for visit in patient] for patient in visits]
@@ -81,26 +86,27 @@ def visit_offsets(visits: Sequence[Sequence]) -> np.ndarray:
     return np.concatenate([[0], np.cumsum(counts)])
 
 
-def build_vocab(*cohorts: Any) -> list[str]:
+def build_vocab(*cohorts: Any, code_system: str = DEFAULT_CODE_SYSTEM) -> list[str]:
     """Sorted distinct codes (normalised, ``cohort_visits``) of the given cohorts."""
     codes = set()
     for cohort in cohorts:
-        codes.update(chain.from_iterable(chain.from_iterable(cohort_visits(cohort))))
+        codes.update(chain.from_iterable(chain.from_iterable(cohort_visits(cohort, code_system=code_system))))
     return sorted(codes)
 
 
-def visit_matrix(cohort: Any, vocab: Sequence[str] | None = None, *, unknown: str = "error"):
+def visit_matrix(cohort: Any, vocab: Sequence[str] | None = None, *, unknown: str = "error",
+                 code_system: str = DEFAULT_CODE_SYSTEM):
     """Visit-by-code incidence.
 
     Returns ``(X, vocab)``: ``X`` csr int32 [n_visits, len(vocab)], rows = visits in patient order
     (see ``visit_offsets``), ``X[v, j] = 1`` iff visit ``v`` lists ``vocab[j]``. ``vocab`` defaults
     to the cohort's sorted codes. ``unknown``: "error" (KeyError naming the patient row and code)
-    or "ignore" (drop codes outside ``vocab``).
+    or "ignore" (drop codes outside ``vocab``). ``code_system``: the codes' system (``cohort_visits``).
     """
-    visits = cohort_visits(cohort)
+    visits = cohort_visits(cohort, code_system=code_system)
     flat = list(chain.from_iterable(visits))  # every visit, patient after patient
     if vocab is None:
-        vocab = build_vocab(visits)
+        vocab = build_vocab(visits, code_system=code_system)
     index = {c: i for i, c in enumerate(vocab)}
     codes = list(chain.from_iterable(flat))
     cols = np.array(list(map(index.get, codes, repeat(-1))), dtype=np.int64)
@@ -119,11 +125,12 @@ def visit_matrix(cohort: Any, vocab: Sequence[str] | None = None, *, unknown: st
     return X, list(vocab)
 
 
-def patient_matrix(cohort: Any, vocab: Sequence[str] | None = None, *, unknown: str = "error"):
+def patient_matrix(cohort: Any, vocab: Sequence[str] | None = None, *, unknown: str = "error",
+                   code_system: str = DEFAULT_CODE_SYSTEM):
     """Patient-by-code incidence: ``(P, vocab)``, ``P`` csr int32 [n_patients, len(vocab)],
     ``P[p, j] = 1`` iff any visit of patient ``p`` lists ``vocab[j]``."""
-    visits = cohort_visits(cohort)
-    X, vocab = visit_matrix(visits, vocab, unknown=unknown)
+    visits = cohort_visits(cohort, code_system=code_system)
+    X, vocab = visit_matrix(visits, vocab, unknown=unknown, code_system=code_system)
     return collapse(patient_rows(visit_offsets(visits)), X), vocab
 
 

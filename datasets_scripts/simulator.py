@@ -74,12 +74,23 @@ edits by construction: variants and tail entries are drawn only among those whos
 ``icd9.violations`` all allows for the patient's whole-year age and sex (one allowed set per
 class of ages and sex, precomputed).
 
+**ICD-10-CM** (``simulate(..., code_system="icd10cm")``). The same process, written in ICD-10-CM:
+each ICD-9-CM code of the simulator's vocabulary is mapped once, when the tables are compiled,
+to the first of its CMS GEM targets (``icd10.from_icd9``) that is a billable ICD-10-CM FY2021
+code (a deterministic choice), and every draw writes that code. ICD-9-CM codes with no billable
+target are dropped from the vocabulary (a variant or tail entry left without any code is never
+drawn; :func:`vocabulary_summary` counts them); two codes mapped to one are one code of the
+visit. The CMS guarantee above holds with ``icd10``'s edits, computed on the ICD-10-CM
+vocabulary (whose maternity range, 9-64, is not ICD-9-CM's). So the cohort has the structure of
+the ICD-9-CM one, not the coding habits of a real ICD-10-CM hospital.
+
 Sampling is vectorised with numpy over blocks of ``PARAMS.block_size`` patients; block b uses
 the random stream ``SeedSequence(seed).spawn`` child b, so ``simulate(n, seed)`` is deterministic
 and a smaller cohort is the start of a larger one with the same seed.
 
 CLI: ``promptehr simulate --patients N --seed S --out DIR`` writes MIMIC-III CSVs through
-``promptehr_hf.datasets_scripts.cohort_io.write_mimic3_csvs``.
+``promptehr_hf.datasets_scripts.cohort_io.write_mimic3_csvs``; with ``--code-system icd10cm``, the
+ICD-10-CM cohort as a MIMIC-IV folder (``write_mimic4_csvs``, ``hosp/*.csv.gz``).
 """
 
 from __future__ import annotations
@@ -94,8 +105,9 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from promptehr_hf.datasets_scripts import icd9
-from promptehr_hf.datasets_scripts.cohort_io import write_mimic3_csvs
+from promptehr_hf.datasets_scripts import code_systems, icd9, icd10
+from promptehr_hf.datasets_scripts.code_systems import CODE_SYSTEMS, DEFAULT_CODE_SYSTEM
+from promptehr_hf.datasets_scripts.cohort_io import write_mimic3_csvs, write_mimic4_csvs
 from promptehr_hf.datasets_scripts.schema import AGE_CAP, SEXES
 from promptehr_hf.file_utils import check_output, replace_folder
 
@@ -605,7 +617,9 @@ class _Compiled:
     demographic classes (distinct sets of CMS-allowed codes over whole-year ages 0-124 and both
     sexes)."""
 
-    vocab: np.ndarray  # object [V]: codes
+    vocab: np.ndarray  # object [V]: codes, in the compiled code system
+    n_source: int  # codes of the process's ICD-9-CM vocabulary
+    dropped: tuple  # those with no billable code in the compiled system, sorted
     grid_class: np.ndarray  # int [125, 2]: class of (whole-year age, male)
     # phenotypes
     ph_lo: np.ndarray  # int [P]: eligible whole-year ages
@@ -694,8 +708,16 @@ def _segment_cumsum(weights: np.ndarray, seg_len: np.ndarray) -> tuple[np.ndarra
     return np.minimum(np.divide(cum, denom, out=np.ones_like(cum), where=denom > 0), 1.0), sums
 
 
+def _billable_targets(codes: list[str], code_system: str) -> list[str]:
+    """The code each ICD-9-CM code is written as in ``code_system``: itself in ICD-9-CM; in
+    ICD-10-CM the first of its GEM targets that is billable, ``""`` when none is."""
+    if code_system == icd9.SYSTEM:
+        return list(codes)
+    return [next((t for t in icd10.from_icd9(c) if icd10.is_billable(t)), "") for c in codes]
+
+
 @functools.cache
-def _compiled() -> _Compiled:
+def _compiled(code_system: str = DEFAULT_CODE_SYSTEM) -> _Compiled:
 
     names = [ph.name for ph in PHENOTYPES]
     conds = [(p, c) for p, ph in enumerate(PHENOTYPES) for c in ph.conditions]
@@ -713,18 +735,25 @@ def _compiled() -> _Compiled:
     uses = np.stack([_range_mask(letters, numbers, ph.tail) for ph in PHENOTYPES])
     pools, weights = zip(*_tail_pools(cat, uses))
     used = np.unique(np.concatenate([e[e >= 0] for e in pools]))
-    vocab = core + sorted(tail_codes[i] for i in used)
-    code_id = {c: i for i, c in enumerate(vocab)}
+    source = core + sorted(tail_codes[i] for i in used)  # the process's ICD-9-CM vocabulary
+    # Each ICD-9-CM code is mapped once here; the draws below only see code ids, -1 = dropped.
+    target = _billable_targets(source, code_system)
+    vocab = list(dict.fromkeys(t for t in target if t))  # in ICD-9-CM: the source, in its order
+    index = {c: i for i, c in enumerate(vocab)}
+    code_id = {c: index[t] if t else -1 for c, t in zip(source, target)}
+    dropped = tuple(sorted(c for c, t in zip(source, target) if not t))
 
-    # Demographic classes: the CMS-allowed code set for each whole-year age and sex.
-    edit_class = [icd9.edit_of(c) or "" for c in vocab]
+    # Demographic classes: the CMS-allowed code set for each whole-year age and sex, by the
+    # edits of the system the codes are written in.
+    icd = code_systems.code_system(code_system)
+    edit_class = [icd.edit_of(c) or "" for c in vocab]
     classes = sorted(set(edit_class) - {""})
     reps = [edit_class.index(e) for e in classes]
     ages = np.repeat(np.arange(125.0), 2)
     sexes = np.tile(np.array(SEXES, dtype=object), 125)
     ok = np.ones((250, len(classes) + 1), dtype=bool)
     for j, r in enumerate(reps):
-        ok[:, j + 1] = icd9.violations([vocab[r]] * 250, ages, sexes) == ""
+        ok[:, j + 1] = icd.violations([vocab[r]] * 250, ages, sexes) == ""
     rows, grid = np.unique(ok, axis=0, return_inverse=True)
     cls_of_code = np.array([0 if e == "" else classes.index(e) + 1 for e in edit_class])
     allowed = rows[:, cls_of_code]  # [C, V]
@@ -734,7 +763,7 @@ def _compiled() -> _Compiled:
     L = max(len(v.split()) for _, v in variants)
     v_codes = np.full((len(variants), L), -1, dtype=np.int64)
     for w, (_, v) in enumerate(variants):
-        ids = [code_id[c] for c in v.split()]
+        ids = list(dict.fromkeys(i for i in (code_id[c] for c in v.split()) if i >= 0))
         v_codes[w, : len(ids)] = ids
     n_var = np.array([len(c.variants) for _, c in conds], dtype=np.int64)
     v_start = np.r_[0, np.cumsum(n_var)[:-1]].astype(np.int64)
@@ -744,6 +773,7 @@ def _compiled() -> _Compiled:
         for a, b in c.progress.items():
             v_next[v_index[k, a]] = v_index[k, b]
     v_allowed = np.where(v_codes[None] >= 0, allowed[:, np.maximum(v_codes, 0)], True).all(axis=2)
+    v_allowed &= (v_codes >= 0).any(axis=1)  # a variant whose every code was dropped writes nothing
     v_weight = np.array([conds[k][1].variants[v] for k, v in variants]) * v_allowed
     cum, sums = _segment_cumsum(v_weight, n_var)
     seg = (np.arange(n_cls)[:, None] * K + np.repeat(np.arange(K), n_var)[None, :]).astype(np.float64)
@@ -762,9 +792,11 @@ def _compiled() -> _Compiled:
     tail_id[used] = [code_id[tail_codes[i]] for i in used]
     entries = np.concatenate(pools)
     t_codes = np.where(entries >= 0, tail_id[np.maximum(entries, 0)], -1)  # [E, 2]
+    t_codes[t_codes[:, 1] == t_codes[:, 0], 1] = -1  # a pair mapped onto one code is that code
     pool_w = np.concatenate(weights)
     pool_len = np.array([len(w) for w in weights])
     t_weight = pool_w[None, :] * np.where(t_codes[None] >= 0, allowed[:, np.maximum(t_codes, 0)], True).all(axis=2)
+    t_weight *= (t_codes >= 0).any(axis=1)  # an entry whose codes were all dropped is never drawn
     tcum, tsums = _segment_cumsum(t_weight, pool_len)  # [C, E], [C, P]
     t_code_sums = _segment_cumsum(t_weight * (t_codes >= 0).sum(axis=1), pool_len)[1]
     codes_per_entry = np.divide(t_code_sums, tsums, out=np.ones_like(tsums), where=tsums > 0)  # [C, P]
@@ -776,9 +808,13 @@ def _compiled() -> _Compiled:
             if names.index(src) >= t:
                 raise ValueError(f"phenotype {ph.name}: boost from {src}, which is not an earlier phenotype")
             boost[names.index(src), t] = b
-    excl = [(code_id[a], code_id[b]) for a, drops in EXCLUDES.items() for b in drops]
+    # An exclusion whose codes were dropped, or mapped onto one code, has nothing to exclude.
+    excl = [(code_id[a], code_id[b]) for a, drops in EXCLUDES.items() for b in drops
+            if min(code_id[a], code_id[b]) >= 0 and code_id[a] != code_id[b]]
     return _Compiled(
         vocab=np.array(vocab, dtype=object),
+        n_source=len(source),
+        dropped=dropped,
         grid_class=grid.reshape(125, 2),
         ph_lo=np.array([ph.ages[0] for ph in PHENOTYPES]),
         ph_hi=np.array([ph.ages[1] for ph in PHENOTYPES]),
@@ -830,9 +866,10 @@ def _sample_variants(S: _Compiled, rng: np.random.Generator, cls: np.ndarray) ->
     return var
 
 
-def _sample_block(rng: np.random.Generator, n: int, first_subject_id: int) -> list[dict]:
-    """n patients (see the module docstring); subject_ids first_subject_id, first_subject_id + 1, ..."""
-    S = _compiled()
+def _sample_block(rng: np.random.Generator, n: int, first_subject_id: int, code_system: str) -> list[dict]:
+    """n patients (see the module docstring) in ``code_system``; subject_ids first_subject_id,
+    first_subject_id + 1, ..."""
+    S = _compiled(code_system)
     P, K = S.ph_lin.shape[0], len(S.c_pheno)
 
     # 1. Demographics.
@@ -962,16 +999,20 @@ def _assemble(S: _Compiled, rng: np.random.Generator, visit: np.ndarray, code: n
     return [codes[a:b].tolist() for a, b in zip([0] + bounds[:-1], bounds)]
 
 
-def simulate(n_patients: int, seed: int = 0, progress: bool = False) -> list[dict]:
+def simulate(n_patients: int, seed: int = 0, progress: bool = False,
+             code_system: str = DEFAULT_CODE_SYSTEM) -> list[dict]:
     """Draw n_patients simulated patients (schema: subject_id, age, sex, visits).
 
     Deterministic for a seed; block b of PARAMS.block_size patients uses the b-th child of
     ``numpy.random.SeedSequence(seed)``, so ``simulate(n, seed)`` is the first n patients of
     ``simulate(N, seed)`` for any N >= n.
     subject_ids are 1..n_patients. ``progress`` shows a tqdm bar over the blocks.
+    ``code_system``: ``"icd9cm"`` (default) or ``"icd10cm"``, the codes written (module
+    docstring); ValueError for another name.
     """
     if n_patients < 0:
         raise ValueError(f"n_patients must be >= 0, got {n_patients}")
+    code_systems.code_system(code_system)  # an unknown name fails before the tables compile
     size = PARAMS.block_size
     n_blocks = -(-n_patients // size)
     children = np.random.SeedSequence(seed).spawn(n_blocks)
@@ -981,8 +1022,17 @@ def simulate(n_patients: int, seed: int = 0, progress: bool = False) -> list[dic
         blocks = tqdm(blocks, desc="simulating", unit="block", total=n_blocks)
     for b in blocks:
         # Always a whole block (the last one cut), so a block's patients never depend on n_patients.
-        patients.extend(_sample_block(np.random.default_rng(children[b]), size, 1 + b * size))
+        patients.extend(_sample_block(np.random.default_rng(children[b]), size, 1 + b * size, code_system))
     return patients[:n_patients]
+
+
+def vocabulary_summary(code_system: str = DEFAULT_CODE_SYSTEM) -> dict:
+    """The simulator's vocabulary in ``code_system``: ``{"code_system", "icd9_codes": codes of
+    the process (ICD-9-CM), "codes": distinct codes it writes in code_system, "dropped_icd9_codes":
+    ICD-9-CM codes with no billable code there (0 in ICD-9-CM), "dropped": those codes, sorted}``."""
+    S = _compiled(code_systems.code_system(code_system).SYSTEM)
+    return {"code_system": code_system, "icd9_codes": S.n_source, "codes": len(S.vocab),
+            "dropped_icd9_codes": len(S.dropped), "dropped": list(S.dropped)}
 
 
 # ======================================================================================
@@ -996,9 +1046,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--patients", type=int, default=MIMIC3_PATIENTS,
                         help=f"number of patients (default {MIMIC3_PATIENTS:,}, MIMIC-III's)")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    parser.add_argument("--code-system", choices=tuple(CODE_SYSTEMS), default=DEFAULT_CODE_SYSTEM,
+                        help=f"codes written (default {DEFAULT_CODE_SYSTEM}: a MIMIC-III folder; icd10cm: the ICD-9-CM "
+                             "codes mapped once through the CMS GEMs, written as a MIMIC-IV folder, hosp/*.csv.gz)")
     parser.add_argument("--out", required=True,
-                        help="output folder for PATIENTS.csv, ADMISSIONS.csv, DIAGNOSES_ICD.csv (replaced as a whole; "
-                             "refused unless empty or an earlier `promptehr simulate` output)")
+                        help="output folder for PATIENTS.csv, ADMISSIONS.csv, DIAGNOSES_ICD.csv (MIMIC-IV: "
+                             "hosp/patients, admissions, diagnoses_icd .csv.gz), replaced as a whole; refused unless "
+                             "empty or an earlier `promptehr simulate` output")
 
 
 def validate(args: argparse.Namespace) -> None:
@@ -1009,13 +1063,24 @@ def validate(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    patients = simulate(args.patients, args.seed, progress=True)
-    with replace_folder(args.out, "simulate", {"patients": args.patients, "seed": args.seed}) as tmp:
-        written = write_mimic3_csvs(patients, tmp, seed=args.seed)
-    paths = {name: Path(args.out) / path.name for name, path in written.items()}
+    patients = simulate(args.patients, args.seed, progress=True, code_system=args.code_system)
+    arguments = {"patients": args.patients, "seed": args.seed}
+    if args.code_system != DEFAULT_CODE_SYSTEM:  # earlier ICD-9-CM outputs keep their manifest
+        arguments["code_system"] = args.code_system
+    with replace_folder(args.out, "simulate", arguments) as tmp:
+        if args.code_system == icd9.SYSTEM:
+            written = write_mimic3_csvs(patients, tmp, seed=args.seed)
+        else:
+            written = write_mimic4_csvs(patients, tmp, seed=args.seed, code_system=args.code_system)
+    paths = {name: Path(args.out) / path.relative_to(tmp) for name, path in written.items()}
     n_adm = sum(len(p["visits"]) for p in patients)
     n_dx = sum(len(v) for p in patients for v in p["visits"])
-    print(f"simulated {len(patients):,} patients, {n_adm:,} admissions, {n_dx:,} diagnoses (seed {args.seed})")
+    print(f"simulated {len(patients):,} patients, {n_adm:,} admissions, {n_dx:,} diagnoses (seed {args.seed}, "
+          f"{args.code_system})")
+    if args.code_system != icd9.SYSTEM:
+        summary = vocabulary_summary(args.code_system)
+        print(f"vocabulary: {summary['codes']:,} {args.code_system} codes from {summary['icd9_codes']:,} ICD-9-CM "
+              f"codes ({summary['dropped_icd9_codes']:,} without a billable {args.code_system} target dropped)")
     for path in paths.values():
         print(f"wrote {path}")
     return 0

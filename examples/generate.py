@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> None:
               f"{seeded_stats['seed_copied_share']:.2f} (kept visits {seeded_stats['seed_given_share']:.2f})")
 
     # 6. Files: MIMIC-III CSVs (new ids, plausible dates), synthetic.parquet, generation_stats.json.
-    out = write_cohort(cohort, args.out, stats=stats, seed=args.seed, overwrite=True)
+    out = write_cohort(cohort, args.out, stats=stats, seed=args.seed, overwrite=True, code_system=tokenizer.code_system)
     print(f"wrote {out}: {sorted(f.name for f in out.iterdir())}")
     print(json.dumps({k: stats[k] for k in ("ungrammatical_visits", "visits_with_duplicate_code", "seconds")}))
 

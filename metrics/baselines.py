@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from promptehr_hf.datasets_scripts import incidence as inc
+from promptehr_hf.datasets_scripts.code_systems import DEFAULT_CODE_SYSTEM
 
 
 class IndependentMarginalSampler:
@@ -38,9 +39,10 @@ class IndependentMarginalSampler:
         self.sexes = np.asarray(sexes, dtype=object)
 
     @classmethod
-    def fit(cls, train: Any) -> "IndependentMarginalSampler":
-        """Marginals of a training cohort (patient dicts, a ``datasets.Dataset`` or columns)."""
-        visits = inc.cohort_visits(train)
+    def fit(cls, train: Any, code_system: str = DEFAULT_CODE_SYSTEM) -> "IndependentMarginalSampler":
+        """Marginals of a training cohort (patient dicts, a ``datasets.Dataset`` or columns), its
+        codes normalised in ``code_system``."""
+        visits = inc.cohort_visits(train, code_system=code_system)
         X, vocab = inc.visit_matrix(visits)
         if X.nnz == 0:
             raise ValueError("IndependentMarginalSampler.fit: the training cohort has no codes")

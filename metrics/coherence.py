@@ -3,10 +3,13 @@
 ``coherence(synthetic, real)`` returns a flat dict. Notation: S = synthetic, R = real (the
 reference); a *visit occurrence* of code c = a visit that lists c (a code listed twice in one
 visit counts once; duplicates are measured by ``duplicate_rate``); V_X = number of visits of
-cohort X. Every code is first normalised to dotless ICD-9-CM (``icd9.normalize``, applied by
-``incidence.cohort_visits``: ``"401.9"`` and ``"4019"`` are one code, in every figure here and in
-``privacy``), then compared as a string; a code outside the ICD-9-CM v32 tables is kept as
-given (normalised) and counted by ``unknown_code_rate`` (``unknown_codes`` summarises them).
+cohort X. Both cohorts are in one code system, ``code_system`` (``"icd9cm"``, the default, or
+``"icd10cm"``; its module ``icd`` = ``code_systems.code_system(code_system)``, :mod:`.icd9` or
+:mod:`.icd10`). Every code is first normalised to its dotless form (``icd.normalize``, applied
+by ``incidence.cohort_visits``: ``"401.9"`` and ``"4019"``, or ``"E11.9"`` and ``"E119"``, are
+one code, in every figure here and in ``privacy``), then compared as a string; a code outside
+the system's tables (ICD-9-CM v32, ICD-10-CM FY2021) is kept as given (normalised) and counted
+by ``unknown_code_rate`` (``unknown_codes`` summarises them).
 
 Fidelity
 - ``code_js``: Jensen-Shannon divergence, base 2, no smoothing, between the code distributions
@@ -14,7 +17,8 @@ Fidelity
   JS = 1/2 KL(p_S || m) + 1/2 KL(p_R || m), m = (p_S + p_R) / 2, 0 log 0 = 0. In [0, 1]:
   0 iff identical distributions, 1 iff disjoint supports.
 - ``category_js``: the same on category distributions, p_X(k) = sum of p_X(c) over the codes c
-  of category k (``icd9.category``: first 3 characters, 4 for E codes). Never above ``code_js``.
+  of category k (``icd.category``: ICD-9-CM the first 3 characters, 4 for E codes; ICD-10-CM
+  the first 3). Never above ``code_js``.
 - ``top_k_overlap`` = |T_S ∩ T_R| / k' and ``top_k_jaccard`` = |T_S ∩ T_R| / |T_S ∪ T_R|, where T_X
   = the k' most frequent codes of X by visit occurrences (ties: smaller code string first; T_S
   only holds codes S uses), k' = min(``top_k``, distinct codes of R).
@@ -35,11 +39,12 @@ Fidelity
 Validity (``age`` = years at first admission, applied to every visit of the patient; NaN when a
 cohort has no ``age``/``sex``)
 - ``cms_invalid_code_rate``: share of S visit occurrences whose code breaks a CMS Medicare Code
-  Editor age/sex edit for its patient (``icd9.check(code, age, sex)`` is not None);
+  Editor age/sex edit of the code system for its patient (``icd.check(code, age, sex)`` is not
+  None);
   ``cms_invalid_patient_rate``: share of S patients with at least one such code;
   ``cms_invalid_patient_rate_real``: the same for R (real data is not edit-clean either).
-- ``unknown_code_rate``: share of S visit occurrences whose (normalised) code is not an ICD-9-CM
-  v32 diagnosis code (``icd9.is_valid``).
+- ``unknown_code_rate``: share of S visit occurrences whose (normalised) code is not a diagnosis
+  code of the system's tables (``icd.is_valid``).
 - ``duplicate_rate``: share of listed S codes that repeat a code already listed in the same visit.
 
 Diversity
@@ -61,25 +66,27 @@ Structure and demographics
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 import numpy as np
 import scipy.sparse as sp
 from scipy.stats import wasserstein_distance
 
-from promptehr_hf.datasets_scripts import icd9
+from promptehr_hf.datasets_scripts import code_systems
 from promptehr_hf.datasets_scripts import incidence as inc
+from promptehr_hf.datasets_scripts.code_systems import DEFAULT_CODE_SYSTEM
 
 
 class Cohort:
     """A cohort as arrays: ``visits`` (list per patient), ``X`` csr [n_visits, len(vocab)] 0/1,
     ``offsets`` int [n_patients + 1] (visit rows of each patient), ``age`` float [n_patients] and
     ``sex`` str [n_patients] (None when the input has no such column), ``n_listed`` (codes listed,
-    duplicates included)."""
+    duplicates included). Codes are normalised in ``code_system``."""
 
-    def __init__(self, data: Any, vocab: list[str], name: str):
+    def __init__(self, data: Any, vocab: list[str], name: str, code_system: str = DEFAULT_CODE_SYSTEM):
         self.name = name
-        self.visits = inc.cohort_visits(data)
+        self.visits = inc.cohort_visits(data, code_system=code_system)
         self.X, _ = inc.visit_matrix(self.visits, vocab)
         self.offsets = inc.visit_offsets(self.visits)
         self.n_listed = int(sum(len(v) for p in self.visits for v in p))
@@ -145,26 +152,27 @@ class Cohort:
         return int((counts == 1).sum()) + len(set(self.keys(shared)))
 
 
-def cohorts(named: dict[str, Any]) -> tuple[dict[str, Cohort], list[str]]:
-    """Read several cohorts over one shared vocabulary (the sorted union of their codes):
-    ``({name: Cohort}, vocab)``."""
-    vocab = inc.build_vocab(*named.values())
-    return {name: Cohort(data, vocab, name) for name, data in named.items()}, vocab
+def cohorts(named: dict[str, Any], code_system: str = DEFAULT_CODE_SYSTEM) -> tuple[dict[str, Cohort], list[str]]:
+    """Read several cohorts of one code system over one shared vocabulary (the sorted union of
+    their codes): ``({name: Cohort}, vocab)``."""
+    vocab = inc.build_vocab(*named.values(), code_system=code_system)
+    return {name: Cohort(data, vocab, name, code_system) for name, data in named.items()}, vocab
 
 
-def unknown_codes(cohort: Any, n_examples: int = 5) -> dict[str, Any]:
-    """Codes of ``cohort`` (normalised) that are not ICD-9-CM v32 diagnosis codes
-    (``icd9.is_valid``): ``{"n_listed": codes listed, "n_unknown": listed codes outside the
+def unknown_codes(cohort: Any, n_examples: int = 5, code_system: str = DEFAULT_CODE_SYSTEM) -> dict[str, Any]:
+    """Codes of ``cohort`` (normalised) that are not diagnosis codes of ``code_system``'s tables
+    (``is_valid``): ``{"n_listed": codes listed, "n_unknown": listed codes outside the
     tables, "n_distinct_unknown": distinct such codes, "examples": the ``n_examples`` most listed
     of them (ties: smaller string first)}``."""
+    is_valid = code_systems.code_system(code_system).is_valid
     counts: dict[str, int] = {}
     n_listed = 0
-    for patient in inc.cohort_visits(cohort):
+    for patient in inc.cohort_visits(cohort, code_system=code_system):
         for visit in patient:
             n_listed += len(visit)
             for code in visit:
                 counts[code] = counts.get(code, 0) + 1
-    unknown = {c: n for c, n in counts.items() if not icd9.is_valid(c)}
+    unknown = {c: n for c, n in counts.items() if not is_valid(c)}
     examples = sorted(unknown, key=lambda c: (-unknown[c], c))[:n_examples]
     return {"n_listed": n_listed, "n_unknown": sum(unknown.values()), "n_distinct_unknown": len(unknown),
             "examples": examples}
@@ -223,16 +231,17 @@ def _wasserstein(a: np.ndarray, b: np.ndarray) -> float:
     return float(wasserstein_distance(a, b)) if len(a) and len(b) else float("nan")
 
 
-def _cms_invalid(c: Cohort, vocab: list[str]) -> tuple[np.ndarray, np.ndarray] | None:
+def _cms_invalid(c: Cohort, vocab: list[str], icd) -> tuple[np.ndarray, np.ndarray] | None:
     """(invalid flag per visit occurrence in ``c.X.data`` order, patient row of each occurrence),
     or None without demographics. Only codes that carry an edit are checked, once per distinct
-    (code, age, sex), with ``icd9.violations`` (the vectorised ``icd9.check``)."""
+    (code, age, sex), with ``icd.violations`` (the vectorised ``icd.check``; ``icd`` the code
+    system's module)."""
     if c.age is None or c.sex is None:
         return None
     visit_of = np.repeat(np.arange(c.n_visits), np.diff(c.X.indptr))
     patient_of = np.repeat(np.arange(c.n_patients), np.diff(c.offsets))[visit_of]
     bad = np.zeros(c.X.nnz, dtype=bool)
-    has_edit = np.array([icd9.edit_of(code) is not None for code in vocab], dtype=bool)
+    has_edit = np.array([icd.edit_of(code) is not None for code in vocab], dtype=bool)
     at = np.flatnonzero(has_edit[c.X.indices])
     if at.size:
         owner = patient_of[at]
@@ -241,15 +250,16 @@ def _cms_invalid(c: Cohort, vocab: list[str]) -> tuple[np.ndarray, np.ndarray] |
                                      axis=0, return_inverse=True)
         codes = [vocab[j] for j in triples[:, 0].astype(np.int64)]
         sexes = np.where(triples[:, 2] == 1, "M", "F")
-        broken = icd9.violations(codes, triples[:, 1], sexes) != ""
+        broken = icd.violations(codes, triples[:, 1], sexes) != ""
         bad[at] = broken[inverse.ravel()]
     return bad, patient_of
 
 
-def safe_category(code: str) -> str:
-    # A malformed synthetic code must not crash the report: it stays its own "category".
+def safe_category(code: str, code_system: str = DEFAULT_CODE_SYSTEM) -> str:
+    """The code's category in ``code_system``; a code too malformed to have one is its own."""
+    # A malformed synthetic code must not crash the report.
     try:
-        return icd9.category(code)
+        return code_systems.code_system(code_system).category(code)
     except ValueError:
         return code
 
@@ -263,24 +273,28 @@ def _rates(flags, n_patients: int) -> tuple[float, float]:
             len(np.unique(owner[bad])) / n_patients if n_patients else float("nan"))
 
 
-def coherence(synthetic: Any, real: Any, *, top_k: int = 100, min_real_count: int = 10) -> dict[str, Any]:
+def coherence(synthetic: Any, real: Any, *, top_k: int = 100, min_real_count: int = 10,
+              code_system: str = DEFAULT_CODE_SYSTEM) -> dict[str, Any]:
     """All metrics of the module docstring, synthetic vs real.
 
     Args:
         synthetic, real: cohorts (patient dicts, a ``datasets.Dataset`` or a dict of columns with
             ``visits``, ``age``, ``sex``; see ``incidence.cohort_column``).
         top_k: k of the top-k overlap. min_real_count: threshold of ``code_coverage_frequent``.
+        code_system: ``"icd9cm"`` or ``"icd10cm"``, the cohorts' codes: their normalisation,
+            categories, validity and CMS edits. ValueError for another name.
     Returns:
         dict of floats (and ``top_code``: str, counts: int), keys as documented above.
     """
-    cs, vocab = cohorts({"synthetic": synthetic, "real": real})
+    icd = code_systems.code_system(code_system)
+    cs, vocab = cohorts({"synthetic": synthetic, "real": real}, code_system)
     S, R = cs["synthetic"], cs["real"]
     out: dict[str, Any] = {"n_synthetic_patients": S.n_patients, "n_real_patients": R.n_patients}
 
     # Code and category distributions.
     cnt_s = np.asarray(S.X.sum(axis=0)).ravel()
     cnt_r = np.asarray(R.X.sum(axis=0)).ravel()
-    M, _ = inc.group_columns(vocab, safe_category)
+    M, _ = inc.group_columns(vocab, partial(safe_category, code_system=code_system))
     out["code_js"] = js_divergence(cnt_s, cnt_r)
     out["category_js"] = js_divergence(M.T @ cnt_s, M.T @ cnt_r)
     k = min(top_k, int((cnt_r > 0).sum()))
@@ -310,9 +324,9 @@ def coherence(synthetic: Any, real: Any, *, top_k: int = 100, min_real_count: in
         out["cooccurrence_score"] = out["cooccurrence_seen_share"] = float("nan")
 
     # Validity.
-    out["cms_invalid_code_rate"], out["cms_invalid_patient_rate"] = _rates(_cms_invalid(S, vocab), S.n_patients)
-    out["cms_invalid_patient_rate_real"] = _rates(_cms_invalid(R, vocab), R.n_patients)[1]
-    known = np.array([icd9.is_valid(code) for code in vocab], dtype=bool)
+    out["cms_invalid_code_rate"], out["cms_invalid_patient_rate"] = _rates(_cms_invalid(S, vocab, icd), S.n_patients)
+    out["cms_invalid_patient_rate_real"] = _rates(_cms_invalid(R, vocab, icd), R.n_patients)[1]
+    known = np.array([icd.is_valid(code) for code in vocab], dtype=bool)
     out["unknown_code_rate"] = float((~known[S.X.indices]).mean()) if S.X.nnz else float("nan")
     out["duplicate_rate"] = (S.n_listed - S.X.nnz) / S.n_listed if S.n_listed else float("nan")
 

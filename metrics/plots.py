@@ -1,12 +1,15 @@
 """The report's PNG figures (matplotlib, Agg backend), from the cohorts and their scores.
 
-``write_plots(cohorts, rows, out)``: ``cohorts`` maps "real" and the scored rows ("synthetic",
-"floor", "baseline", those present) to cohort columns; ``rows`` holds their metrics.
+``write_plots(cohorts, rows, out, code_system)``: ``cohorts`` maps "real" and the scored rows
+("synthetic", "floor", "baseline", those present) to cohort columns; ``rows`` holds their
+metrics; ``code_system`` ("icd9cm" or "icd10cm") names the categories and their titles.
 """
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
+from types import ModuleType
 
 import matplotlib
 
@@ -14,27 +17,30 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from promptehr_hf.datasets_scripts import icd9  # noqa: E402
+from promptehr_hf.datasets_scripts import code_systems  # noqa: E402
 from promptehr_hf.datasets_scripts import incidence as inc  # noqa: E402
+from promptehr_hf.datasets_scripts.code_systems import DEFAULT_CODE_SYSTEM  # noqa: E402
 from promptehr_hf.metrics.coherence import cohorts, safe_category  # noqa: E402
 
 COLORS = {"real": "#333333", "synthetic": "#1f77b4", "floor": "#2ca02c", "baseline": "#ff7f0e"}
 N_TOP_CATEGORIES, N_HEATMAP = 20, 15
 
 
-def _title(code: str) -> str:
+def _title(code: str, icd: ModuleType) -> str:
     try:
-        t = icd9.title(code)
+        t = icd.title(code)
     except KeyError:
         return code
     return f"{code} {t[:28]}…" if len(t) > 29 else f"{code} {t}"
 
 
-def write_plots(cohort_columns: dict[str, dict], rows: dict, out: Path) -> list[Path]:
+def write_plots(cohort_columns: dict[str, dict], rows: dict, out: Path,
+                code_system: str = DEFAULT_CODE_SYSTEM) -> list[Path]:
     """Write the five PNGs into ``out``; returns their paths."""
-    cs, vocab = cohorts(cohort_columns)
+    icd = code_systems.code_system(code_system)
+    cs, vocab = cohorts(cohort_columns, code_system)
     names = [n for n in ("synthetic", "floor", "baseline") if n in cs]
-    M, categories = inc.group_columns(vocab, safe_category)
+    M, categories = inc.group_columns(vocab, partial(safe_category, code_system=code_system))
     cat = {n: inc.collapse(c.X, M) for n, c in cs.items()}
     paths = [
         _code_prevalence(cs, names, rows, out / "code_prevalence.png"),
@@ -45,7 +51,8 @@ def write_plots(cohort_columns: dict[str, dict], rows: dict, out: Path) -> list[
     ]
     share = {n: np.asarray(x.sum(axis=0)).ravel() / max(x.sum(), 1) for n, x in cat.items()}
     top = np.argsort(-share["real"], kind="stable")[:N_TOP_CATEGORIES]
-    paths.append(_top_categories(share, top, categories, ["real", *names], out / "top_categories.png"))
+    paths.append(_top_categories(share, top, [_title(categories[k], icd) for k in top], ["real", *names],
+                                 out / "top_categories.png"))
     top = np.argsort(-share["real"], kind="stable")[:N_HEATMAP]
     paths.append(_heatmap(cat, top, categories, ["real", *[n for n in names if n != "floor"]],
                           out / "cooccurrence_heatmap.png"))
@@ -106,14 +113,15 @@ def _distribution(values: dict[str, np.ndarray], names, label: str, path: Path, 
     return _save(fig, path)
 
 
-def _top_categories(share, top, categories, names, path: Path) -> Path:
+def _top_categories(share, top, labels, names, path: Path) -> Path:
+    """Horizontal bars of the ``top`` categories' shares, labelled ``labels`` (one per top category)."""
     fig, ax = plt.subplots(figsize=(8, 0.38 * len(top) + 1.2))
     height = 0.8 / len(names)
     y = np.arange(len(top))
     for i, name in enumerate(names):
         ax.barh(y + (i - (len(names) - 1) / 2) * height, share[name][top], height=height, color=COLORS[name],
                 label=name)
-    ax.set_yticks(y, [_title(categories[k]) for k in top], fontsize=7)
+    ax.set_yticks(y, labels, fontsize=7)
     ax.invert_yaxis()
     ax.set(xlabel="share of all (visit, category) occurrences",
            title=f"The {len(top)} most common categories of the real cohort")

@@ -2,14 +2,15 @@
 (patients of the same population the generator never saw) as the control.
 
 Patients are compared as 0/1 vectors over codes (``incidence.patient_matrix``: every code of
-any visit; visit order, demographics and duplicates ignored; codes normalised to dotless ICD-9-CM
-by ``coherence.Cohort``) with the Hamming distance ``|a| + |b| - 2 a.b``. HALO (Theodorou et al.
-2023) aligns visits before counting; the code-set form is the usual simplification, and it is
-what a sparse dot product computes at scale. Random samples (``n_attack``, ``seed``) are drawn
-without replacement and only choose the *targets* of an attack; neighbours are always searched
-in the whole synthetic, training and held-out cohorts, so that a synthetic copy of a target is
-always found. Where an attack takes its nearest neighbours, ties among them are broken by index
-(the lowest, for one neighbour): an arbitrary but fixed choice.
+any visit; visit order, demographics and duplicates ignored; codes normalised to the dotless
+form of their code system, ``code_system``, by ``coherence.Cohort``) with the Hamming distance
+``|a| + |b| - 2 a.b``. HALO (Theodorou et al. 2023) aligns visits before counting; the code-set
+form is the usual simplification, and it is what a sparse dot product computes at scale. Random
+samples (``n_attack``, ``seed``) are drawn without replacement and only choose the *targets* of
+an attack; neighbours are always searched in the whole synthetic, training and held-out cohorts,
+so that a synthetic copy of a target is always found. Where an attack takes its nearest
+neighbours, ties among them are broken by index (the lowest, for one neighbour): an arbitrary
+but fixed choice.
 
 - ``exact_copy_rate``: share of S patients identical to some T patient, patients compared as
   their ordered sequence of visit code sets (code order in a visit and demographics ignored).
@@ -64,6 +65,7 @@ import scipy.sparse as sp
 from scipy.stats import rankdata
 
 from promptehr_hf.datasets_scripts import incidence as inc
+from promptehr_hf.datasets_scripts.code_systems import DEFAULT_CODE_SYSTEM
 from promptehr_hf.metrics.coherence import cohorts
 
 
@@ -149,7 +151,7 @@ def _knn_vote(A: sp.csr_matrix, B: sp.csr_matrix, values: sp.csr_matrix, k: int)
 
 
 def privacy(synthetic: Any, train: Any, holdout: Any, *, n_attack: int = 2000, n_known_codes: int = 100,
-            attribute_k: int = 1, seed: int = 0) -> dict[str, Any]:
+            attribute_k: int = 1, seed: int = 0, code_system: str = DEFAULT_CODE_SYSTEM) -> dict[str, Any]:
     """All metrics of the module docstring.
 
     Args:
@@ -159,10 +161,11 @@ def privacy(synthetic: Any, train: Any, holdout: Any, *, n_attack: int = 2000, n
             n_attack x (|S| + |T| + |H|) distances).
         n_known_codes: the attacker's known codes (most frequent in train).
         attribute_k: neighbours voting in attribute inference. seed: sampling seed.
+        code_system: ``"icd9cm"`` or ``"icd10cm"``, the cohorts' codes (their normalisation).
     Returns:
         dict of floats (and sample sizes as ints), keys as documented above.
     """
-    cs, vocab = cohorts({"synthetic": synthetic, "train": train, "holdout": holdout})
+    cs, vocab = cohorts({"synthetic": synthetic, "train": train, "holdout": holdout}, code_system)
     S, T, H = cs["synthetic"], cs["train"], cs["holdout"]
     rng = np.random.default_rng(seed)
     out: dict[str, Any] = {"n_synthetic_patients": S.n_patients, "n_train_patients": T.n_patients,

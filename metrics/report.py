@@ -6,7 +6,16 @@ PATH is any of: a Parquet file of patients (the package schema); a prepared fold
 (`promptehr prepare`: ``{train,validation,test}.parquet``; ``--real`` reads its ``test`` split,
 ``--train`` its ``train`` split, change with ``--real-split`` / ``--train-split``); a folder
 holding ``synthetic.parquet`` or exactly one Parquet file (``promptehr generate`` output); or a
-MIMIC-III CSV folder (``DIAGNOSES_ICD.csv[.gz]`` ...; read with ``read_mimic3``).
+MIMIC-III CSV folder (``DIAGNOSES_ICD.csv[.gz]`` ...; read with ``read_mimic3``) or MIMIC-IV one
+(``hosp/diagnoses_icd.csv.gz`` ...; read with ``read_mimic4``, as ``promptehr prepare`` tells them
+apart: ``cohort.folder_format``).
+
+The cohorts are in one code system, ICD-9-CM (``icd9cm``) or ICD-10-CM (``icd10cm``), which sets
+how codes are normalised, their categories, their validity and the CMS age/sex edits they are
+checked against. ``--code-system`` names it; by default it is the one the inputs record (the
+``code_system`` of a prepared folder's ``summary.json`` or of a ``promptehr generate`` folder's
+``generation_stats.json``, ICD-10-CM for a MIMIC-IV folder; inputs recording different systems
+are refused), else ICD-9-CM.
 
 With ``--train``, every row is scored against the training
 split, the data the generator learned from:
@@ -25,16 +34,17 @@ but an earlier report, listed by its ``.promptehr-manifest.json``) DIR/metrics.j
 (``{"rows": {row: {metric: value}}, "meta": {...}}``, NaN as null), DIR/metrics.md (the table)
 and the PNGs ``code_prevalence.png``, ``visits_per_patient.png``, ``codes_per_visit.png``,
 ``top_categories.png``, ``cooccurrence_heatmap.png``.
-Codes may be dotted or dotless: every figure reads them normalised (``icd9.normalize``). Codes
-outside the ICD-9-CM v32 tables are scored as given, with a warning per cohort that counts them
-and names the most listed. A cohort with no patient is refused (exit code 2; ValueError in
-Python): there is nothing to score.
-Python: ``evaluate_cohorts(synthetic, real, train=None, out_dir=None, ...)``.
+Codes may be dotted or dotless: every figure reads them normalised (``normalize`` of the code
+system). Codes outside the system's tables (ICD-9-CM v32, ICD-10-CM FY2021) are scored as given,
+with a warning per cohort that counts them and names the most listed. A cohort with no patient
+is refused (exit code 2; ValueError in Python): there is nothing to score.
+Python: ``evaluate_cohorts(synthetic, real, train=None, out_dir=None, code_system="icd9cm", ...)``.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import time
@@ -45,8 +55,12 @@ from typing import Any
 import numpy as np
 import pyarrow.parquet as pq
 
+from promptehr_hf.datasets_scripts import code_systems
 from promptehr_hf.datasets_scripts import incidence as inc
-from promptehr_hf.datasets_scripts.mimic3 import read_mimic3
+from promptehr_hf.datasets_scripts.code_systems import CODE_SYSTEMS, DEFAULT_CODE_SYSTEM, LABELS
+from promptehr_hf.datasets_scripts.cohort import folder_format
+from promptehr_hf.datasets_scripts.mimic3 import Mimic3Error, find_tables, read_mimic3
+from promptehr_hf.datasets_scripts.mimic4 import read_mimic4
 from promptehr_hf.file_utils import check_output, replace_folder, write_json_atomic, write_text_atomic
 from promptehr_hf.metrics.baselines import IndependentMarginalSampler
 from promptehr_hf.metrics.coherence import coherence, unknown_codes
@@ -71,7 +85,7 @@ TABLE = {
     "Validity": [
         ("cms_invalid_code_rate", "CMS age/sex conflicts, share of codes", "low"),
         ("cms_invalid_patient_rate", "CMS age/sex conflicts, share of patients", "real"),
-        ("unknown_code_rate", "codes outside ICD-9-CM v32", "low"),
+        ("unknown_code_rate", "codes outside {system}", "low"),  # {system}: LABELS of the report's system
         ("duplicate_rate", "duplicate codes within a visit", "low"),
     ],
     "Diversity": [
@@ -120,6 +134,14 @@ def _take(columns: dict[str, list], rows: np.ndarray) -> dict[str, list]:
     return {name: [values[i] for i in rows] for name, values in columns.items()}
 
 
+def _is_mimic_folder(folder: Path) -> bool:
+    try:
+        find_tables(folder)
+    except Mimic3Error:
+        return False
+    return True
+
+
 def read_cohort(path: str | os.PathLike, split: str | None = None) -> dict[str, list]:
     """Columns {"visits", "age", "sex"} of the cohort at ``path`` (forms: module docstring)."""
     p = Path(path)
@@ -129,13 +151,14 @@ def read_cohort(path: str | os.PathLike, split: str | None = None) -> dict[str, 
             p = p / f"{split}.parquet"
         elif len(parquet) == 1:
             p = parquet[0]
-        elif any((p / f"DIAGNOSES_ICD.{ext}").exists() for ext in ("csv", "csv.gz", "CSV", "CSV.GZ")) or any(
-                (p / f"diagnoses_icd.{ext}").exists() for ext in ("csv", "csv.gz")):
-            return as_columns(read_mimic3(p)[0])
+        elif _is_mimic_folder(p):
+            reader = read_mimic4 if folder_format(p) == "mimic4" else read_mimic3
+            return as_columns(reader(p)[0])
         else:
             raise FileNotFoundError(
                 f"{path}: expected a Parquet file, a prepared folder with {split or '<split>'}.parquet, a folder with "
-                f"one Parquet file, or a MIMIC-III CSV folder; found {[f.name for f in parquet] or 'no Parquet file'}")
+                f"one Parquet file, or a MIMIC-III or MIMIC-IV CSV folder; found "
+                f"{[f.name for f in parquet] or 'no Parquet file'}")
     if not p.exists():
         raise FileNotFoundError(f"{p}: no such file")
     schema_names = pq.read_schema(p).names
@@ -145,14 +168,33 @@ def read_cohort(path: str | os.PathLike, split: str | None = None) -> dict[str, 
     return pq.read_table(p, columns=list(COLUMNS)).to_pydict()
 
 
-def warn_unknown_codes(name: str, cohort: Any) -> dict[str, Any]:
-    """Warn (UserWarning) when ``cohort`` lists codes outside the ICD-9-CM v32 tables: how many
-    listed codes, how many distinct, the most listed ones. Returns ``coherence.unknown_codes``."""
-    found = unknown_codes(cohort)
+def recorded_code_system(path: str | os.PathLike) -> str | None:
+    """The code system the cohort at ``path`` records: ``code_system`` of the ``summary.json``
+    (``promptehr prepare``) or ``generation_stats.json`` (``promptehr generate``) in the folder (of
+    a file: in its folder), else that of a MIMIC folder's format (MIMIC-IV: ``"icd10cm"``,
+    MIMIC-III: ``"icd9cm"``); None when there is none of them."""
+    p = Path(path)
+    folder = p if p.is_dir() else p.parent
+    for name in ("summary.json", "generation_stats.json"):
+        try:
+            value = json.loads((folder / name).read_text(encoding="utf-8")).get("code_system")
+        except (OSError, ValueError, AttributeError):  # missing, unreadable or not a JSON object
+            continue
+        if value is not None:
+            return value
+    if p.is_dir() and _is_mimic_folder(p):
+        return "icd10cm" if folder_format(p) == "mimic4" else "icd9cm"
+    return None
+
+
+def warn_unknown_codes(name: str, cohort: Any, code_system: str = DEFAULT_CODE_SYSTEM) -> dict[str, Any]:
+    """Warn (UserWarning) when ``cohort`` lists codes outside the tables of ``code_system``: how
+    many listed codes, how many distinct, the most listed ones. Returns ``coherence.unknown_codes``."""
+    found = unknown_codes(cohort, code_system=code_system)
     if found["n_unknown"]:
         warnings.warn(
             f"{name} cohort: {found['n_unknown']:,} of {found['n_listed']:,} listed codes "
-            f"({found['n_distinct_unknown']:,} distinct) are not ICD-9-CM v32 diagnosis codes, e.g. "
+            f"({found['n_distinct_unknown']:,} distinct) are not {LABELS[code_system]} diagnosis codes, e.g. "
             f"{', '.join(map(repr, found['examples']))}; they are scored as given (compared as strings, "
             "counted by unknown_code_rate)", UserWarning, stacklevel=3)
     return found
@@ -161,13 +203,16 @@ def warn_unknown_codes(name: str, cohort: Any) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- scoring
 def evaluate_cohorts(synthetic: Any, real: Any, train: Any = None, *, out_dir: str | os.PathLike | None = None,
                      baseline: bool = True, plots: bool = True, seed: int = 0, top_k: int = 100,
-                     n_attack: int = 2000) -> dict:
+                     n_attack: int = 2000, code_system: str = DEFAULT_CODE_SYSTEM) -> dict:
     """Score ``synthetic`` (and the floor and baseline rows, see the module docstring) against
-    ``real``. Cohorts: patient dicts, a ``datasets.Dataset`` or dicts of columns.
+    ``real``. Cohorts: patient dicts, a ``datasets.Dataset`` or dicts of columns, all in
+    ``code_system`` (``"icd9cm"`` or ``"icd10cm"``; a trained model's is its tokenizer's
+    ``code_system``, a prepared cohort's the ``code_system`` of its summary).
 
     Returns ``{"rows": {"synthetic": {...}, "floor": {...} | None, "baseline": {...} | None},
     "meta": {...}}``; with ``out_dir``, also writes metrics.json, metrics.md and the PNGs there.
     """
+    code_systems.code_system(code_system)  # an unknown name fails before the work
     if out_dir is not None:
         check_output(Path(out_dir).resolve(), "evaluate")  # fail before the work, not after
     t0 = time.perf_counter()
@@ -178,7 +223,7 @@ def evaluate_cohorts(synthetic: Any, real: Any, train: Any = None, *, out_dir: s
             raise ValueError(f"the {name} cohort has no patients: nothing to score")
     for name, columns in (("synthetic", syn), ("real", ref), ("train", tr)):
         if columns is not None:
-            warn_unknown_codes(name, columns)
+            warn_unknown_codes(name, columns, code_system)
     n = len(syn["visits"])
     rng = np.random.default_rng(seed)
     reference = tr if tr is not None else ref
@@ -187,15 +232,16 @@ def evaluate_cohorts(synthetic: Any, real: Any, train: Any = None, *, out_dir: s
         size = min(n, len(ref["visits"]))
         candidates["floor"] = _take(ref, np.sort(rng.choice(len(ref["visits"]), size=size, replace=False)))
     if baseline:
-        sampler = IndependentMarginalSampler.fit(reference)
+        sampler = IndependentMarginalSampler.fit(reference, code_system)
         candidates["baseline"] = as_columns(sampler.sample(n, seed=seed))
 
     rows: dict[str, dict | None] = {name: None for name in ROWS}
     for name, cand in candidates.items():
-        rows[name] = coherence(cand, reference, top_k=top_k)
+        rows[name] = coherence(cand, reference, top_k=top_k, code_system=code_system)
         if tr is not None and name != "floor":
-            rows[name] |= privacy(cand, tr, ref, n_attack=n_attack, seed=seed)
+            rows[name] |= privacy(cand, tr, ref, n_attack=n_attack, seed=seed, code_system=code_system)
     meta = {
+        "code_system": code_system,
         "reference": "train" if tr is not None else "real", "n_real": len(ref["visits"]), "n_synthetic": n,
         "n_train": len(tr["visits"]) if tr is not None else None,
         "floor": "held-out real patients (sampled to the synthetic size), scored against train" if "floor" in candidates
@@ -208,7 +254,7 @@ def evaluate_cohorts(synthetic: Any, real: Any, train: Any = None, *, out_dir: s
     meta["scoring_seconds"] = round(time.perf_counter() - t0, 2)
     result = {"rows": rows, "meta": meta}
     if out_dir is not None:
-        _write(result, {**candidates, "real": reference}, Path(out_dir), plots)
+        _write(result, {**candidates, "real": reference}, Path(out_dir), plots, code_system)
     return result
 
 
@@ -243,6 +289,7 @@ def markdown_table(result: dict) -> str:
              f"Reference: the {meta['reference']} cohort. Floor: {meta['floor']}. Baseline: {meta['baseline']}. "
              f"Privacy: {meta['privacy']}. Column *real*: the reference cohort's own value (privacy: the same "
              "attack on held-out real patients, the control).", ""]
+    system = LABELS[meta.get("code_system", DEFAULT_CODE_SYSTEM)]  # reports written before it was recorded
     for section, items in TABLE.items():
         lines += [f"## {section}", "", "| metric | synthetic | floor | baseline | real | better |",
                   "|---|---|---|---|---|---|"]
@@ -250,18 +297,19 @@ def markdown_table(result: dict) -> str:
             cells = [_fmt(rows[r].get(key)) if rows.get(r) else "–" for r in ROWS]
             real_key = REAL_KEYS.get(key)
             real_value = rows["synthetic"].get(real_key) if real_key else None
-            lines.append(f"| {label} | " + " | ".join(cells) + f" | {_fmt(real_value)} | {better[direction]} |")
+            lines.append(f"| {label.format(system=system)} | " + " | ".join(cells)
+                         + f" | {_fmt(real_value)} | {better[direction]} |")
         lines.append("")
     lines.append("Definitions: `promptehr_hf.metrics.coherence` and `promptehr_hf.metrics.privacy` docstrings.")
     return "\n".join(lines) + "\n"
 
 
-def _write(result: dict, cohort_columns: dict[str, dict], out: Path, plots: bool) -> None:
+def _write(result: dict, cohort_columns: dict[str, dict], out: Path, plots: bool, code_system: str) -> None:
     with replace_folder(out, "evaluate", {"meta": _clean(result["meta"])}) as tmp:
         write_json_atomic(tmp / "metrics.json", _clean(result), indent=2, allow_nan=False)
         write_text_atomic(tmp / "metrics.md", markdown_table(result))
         if plots:
-            write_plots(cohort_columns, result["rows"], tmp)
+            write_plots(cohort_columns, result["rows"], tmp, code_system)
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -274,6 +322,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "non-empty folder, and any folder that is, holds or lies inside an input, is refused)")
     parser.add_argument("--real-split", default="test", help="split read from a prepared --real folder (default test)")
     parser.add_argument("--train-split", default="train", help="split read from a prepared --train folder")
+    parser.add_argument("--code-system", choices=tuple(CODE_SYSTEMS), default=None,
+                        help="the cohorts' code system (default: the one the inputs record in summary.json or "
+                             f"generation_stats.json, else {DEFAULT_CODE_SYSTEM})")
     parser.add_argument("--top-k", type=int, default=100)
     parser.add_argument("--n-attack", type=int, default=2000, help="patients sampled per cohort for the attacks")
     parser.add_argument("--seed", type=int, default=0)
@@ -298,8 +349,22 @@ def validate(args: argparse.Namespace) -> None:
     check_output(Path(args.out), "evaluate", _inputs(args))
 
 
+def _code_system(args: argparse.Namespace) -> str:
+    """``--code-system``, else the one system the inputs record (ValueError when they record
+    several), else ICD-9-CM."""
+    if args.code_system:
+        return args.code_system
+    recorded = {flag: recorded_code_system(path) for flag, path in _inputs(args).items() if path is not None}
+    found = {flag: system for flag, system in recorded.items() if system is not None}
+    if len(set(found.values())) > 1:
+        raise ValueError("the inputs record different code systems (" + ", ".join(
+            f"{flag}: {system}" for flag, system in found.items()) + "); pass --code-system")
+    return next(iter(found.values()), DEFAULT_CODE_SYSTEM)
+
+
 def run(args: argparse.Namespace) -> int:
     """``promptehr evaluate`` (the CLI runs ``validate(args)`` first)."""
+    code_system = _code_system(args)
     real = read_cohort(args.real, args.real_split)
     synthetic = read_cohort(args.synthetic, "synthetic")
     train = read_cohort(args.train, args.train_split) if args.train else None
@@ -308,7 +373,8 @@ def run(args: argparse.Namespace) -> int:
         if cohort is not None and not len(cohort["visits"]):
             raise ValueError(f"{flag} {path}: no patients (0 rows); nothing to score, nothing written")
     result = evaluate_cohorts(synthetic, real, train, out_dir=args.out, baseline=not args.no_baseline,
-                              plots=not args.no_plots, seed=args.seed, top_k=args.top_k, n_attack=args.n_attack)
+                              plots=not args.no_plots, seed=args.seed, top_k=args.top_k, n_attack=args.n_attack,
+                              code_system=code_system)
     print(markdown_table(result))
     print(f"wrote {args.out}/metrics.json, metrics.md" + ("" if args.no_plots else " and plots"))
     return 0

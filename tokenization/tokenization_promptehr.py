@@ -1,11 +1,20 @@
-"""Hierarchical ICD-9 tokenizer for PromptEHR (remote code: imports only stdlib and transformers).
+"""Hierarchical ICD tokenizer for PromptEHR (remote code: imports only stdlib and transformers).
 
 A patient reads ``<s> <v> C:401 4019 C:250 25000 </v> <v> ... </v> </s>``: every diagnosis code is
 preceded by its category token. Category tokens (``"C:<cat>"``) and code tokens (the dotless code)
 have distinct strings because a category such as ``486`` is also a leaf code.
 
+The codes are in one code system, ``code_system`` (saved in ``tokenizer_config.json``; a
+checkpoint without it is ICD-9-CM), which sets the category of a code and where a dotted code's
+dot may sit:
+
+- ``"icd9cm"`` (ICD-9-CM): the first 3 characters, 4 for E codes (external causes):
+  ``"25000"`` -> ``"250"``, ``"E8800"`` -> ``"E880"``; ``"E880.0"`` -> ``"E8800"``.
+- ``"icd10cm"`` (ICD-10-CM): always the first 3 characters (ICD-10 E codes are endocrine
+  diseases): ``"E119"`` -> ``"E11"``, ``"S72001A"`` -> ``"S72"``; ``"E11.9"`` -> ``"E119"``.
+
 Every category seen in training also owns a catch-all code token equal to the category string
-(``"401"``, a valid non-billable ICD-9-CM node). It receives (a) codes rarer than
+(``"401"``, ``"E11"``: a valid non-billable node of either system). It receives (a) codes rarer than
 ``min_code_count`` in training ("folded"), (b) the bare category code when MIMIC uses it, and
 (c) at encode time any code absent from the vocabulary whose category is known. A code whose
 category is unknown too becomes ``<unk>``. Neither case raises; both are counted in
@@ -31,19 +40,37 @@ VISIT_START, VISIT_END = "<v>", "</v>"
 # pad first so that zero-filled buffers read as padding; then BART's <s> </s> <unk> and <mask>.
 SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<unk>", "<mask>")
 HIERARCHY_FORMAT = 1
+# The code systems whose category rule this file knows (the names of
+# promptehr_hf.datasets_scripts.code_systems, which remote code cannot import).
+CODE_SYSTEMS = ("icd9cm", "icd10cm")
+DEFAULT_CODE_SYSTEM = "icd9cm"
 
 
-def code_category(code: str) -> str:
-    """Category of a dotless ICD-9-CM code: its first 3 characters, 4 for E codes."""
-    return code[:4] if code.startswith("E") else code[:3]
+def _check_code_system(code_system: str) -> str:
+    if code_system not in CODE_SYSTEMS:
+        raise ValueError(f"unknown code system {code_system!r}; expected one of {', '.join(map(repr, CODE_SYSTEMS))}")
+    return code_system
 
 
-def _normalize(code: str) -> str:
-    """Dotless upper-case form, as ``promptehr_hf.datasets_scripts.icd9.normalize`` (which remote code
-    cannot import): the dot is dropped only after the category (``"401.9"``, ``"E880.0"``)."""
+def _category_length(code: str, code_system: str) -> int:
+    # ICD-9-CM E codes (external causes) have 4-character categories; ICD-10-CM E codes
+    # (endocrine) have 3, like every other ICD-10-CM code.
+    return 4 if code_system == "icd9cm" and code.startswith("E") else 3
+
+
+def code_category(code: str, code_system: str = DEFAULT_CODE_SYSTEM) -> str:
+    """Category of a dotless code: ICD-9-CM its first 3 characters, 4 for E codes; ICD-10-CM its
+    first 3 characters (``"E119"`` -> ``"E11"``). ValueError for an unknown code system."""
+    return code[:_category_length(code, _check_code_system(code_system))]
+
+
+def _normalize(code: str, code_system: str = DEFAULT_CODE_SYSTEM) -> str:
+    """Dotless upper-case form, as ``normalize`` of ``promptehr_hf.datasets_scripts.icd9`` / ``icd10``
+    (which remote code cannot import): the dot is dropped only right after the category
+    (ICD-9-CM ``"401.9"``, ``"E880.0"``; ICD-10-CM ``"E11.9"``, ``"S72.001A"``)."""
     c = str(code).strip().upper()
     head, dot, tail = c.partition(".")
-    if dot and len(head) == (4 if head.startswith("E") else 3) and "." not in tail:
+    if dot and len(head) == _category_length(head, _check_code_system(code_system)) and "." not in tail:
         return head + tail
     return c
 
@@ -58,10 +85,15 @@ def _write_json_atomic(path: str, obj) -> None:
 
 
 class PromptEHRTokenizer(PreTrainedTokenizer):
-    """Word-level tokenizer over ICD-9 category and code tokens, built from a training split.
+    """Word-level tokenizer over ICD category and code tokens, built from a training split.
 
     Build with :meth:`from_patients`; reload with ``from_pretrained`` or
     ``AutoTokenizer.from_pretrained(dir, trust_remote_code=True)``.
+
+    Args:
+        code_system: ``"icd9cm"`` (default) or ``"icd10cm"``, the system of the codes: sets each
+            code's category (:meth:`category_of`) and dotted-code normalisation
+            (:meth:`normalize_code`); saved in ``tokenizer_config.json``.
 
     Attributes (ids are ints):
         category_ids: ids of the category tokens, ascending.
@@ -86,8 +118,10 @@ class PromptEHRTokenizer(PreTrainedTokenizer):
         eos_token: str = "</s>",
         unk_token: str = "<unk>",
         mask_token: str = "<mask>",
+        code_system: str = DEFAULT_CODE_SYSTEM,
         **kwargs,
     ):
+        self.code_system: str = _check_code_system(code_system)
         # from_patients hands the state over in memory; it must not reach init_kwargs (which
         # save_pretrained writes to tokenizer_config.json).
         state = kwargs.pop("_state", None)
@@ -105,13 +139,15 @@ class PromptEHRTokenizer(PreTrainedTokenizer):
             eos_token=eos_token,
             unk_token=unk_token,
             mask_token=mask_token,
+            code_system=code_system,  # into init_kwargs, so tokenizer_config.json records it
             **kwargs,
         )
         self.reset_fallback_counts()
 
     # ----------------------------------------------------------------------------- building
     @classmethod
-    def from_patients(cls, patients: Iterable, min_code_count: int = 1, **kwargs) -> "PromptEHRTokenizer":
+    def from_patients(cls, patients: Iterable, min_code_count: int = 1, code_system: str = DEFAULT_CODE_SYSTEM,
+                      **kwargs) -> "PromptEHRTokenizer":
         """Build the vocabulary from training patients.
 
         Args:
@@ -119,10 +155,13 @@ class PromptEHRTokenizer(PreTrainedTokenizer):
                 visit lists; dotless codes (dotted ones are normalised).
             min_code_count: a code seen fewer times than this in training is folded into its
                 category's catch-all token (counted in ``folded_codes``).
+            code_system: ``"icd9cm"`` or ``"icd10cm"``, the system of the patients' codes (the
+                cohort summary's ``code_system``): sets the categories.
         """
         if int(min_code_count) < 1:
             raise ValueError(f"min_code_count must be >= 1, got {min_code_count}")
         min_code_count = int(min_code_count)
+        _check_code_system(code_system)
         counts: Counter = Counter()
         n_patients = n_visits = 0
         for patient in patients:
@@ -131,10 +170,10 @@ class PromptEHRTokenizer(PreTrainedTokenizer):
             n_visits += len(visits)
             for visit in visits:
                 counts.update(visit)
-        if any(_normalize(c) != c for c in counts):
+        if any(_normalize(c, code_system) != c for c in counts):
             merged: Counter = Counter()
             for code, n in counts.items():
-                merged[_normalize(code)] += n
+                merged[_normalize(code, code_system)] += n
             counts = merged
         counts.pop("", None)
         if not counts:
@@ -143,21 +182,21 @@ class PromptEHRTokenizer(PreTrainedTokenizer):
         code_counts: dict[str, int] = {}
         folded: dict[str, int] = {}
         for code, n in counts.items():
-            cat = code_category(code)
+            cat = code_category(code, code_system)
             code_counts.setdefault(cat, 0)  # every category owns its catch-all token
             if n >= min_code_count or code == cat:
                 code_counts[code] = code_counts.get(code, 0) + n
             else:
                 folded[code] = n
                 code_counts[cat] += n
-        categories = sorted({code_category(c) for c in code_counts})
+        categories = sorted({code_category(c, code_system) for c in code_counts})
         codes = sorted(code_counts)
         vocab = {tok: i for i, tok in enumerate(
             [*SPECIAL_TOKENS, VISIT_START, VISIT_END, *(CATEGORY_PREFIX + c for c in categories), *codes]
         )}
         children: dict[str, list[str]] = {CATEGORY_PREFIX + c: [] for c in categories}
         for code in codes:
-            children[CATEGORY_PREFIX + code_category(code)].append(code)
+            children[CATEGORY_PREFIX + code_category(code, code_system)].append(code)
         hierarchy = {
             "format": HIERARCHY_FORMAT,
             "min_code_count": min_code_count,
@@ -167,7 +206,7 @@ class PromptEHRTokenizer(PreTrainedTokenizer):
             "code_counts": {c: code_counts[c] for c in codes},
             "folded_codes": dict(sorted(folded.items())),
         }
-        return cls(_state={"vocab": vocab, "hierarchy": hierarchy}, **kwargs)
+        return cls(_state={"vocab": vocab, "hierarchy": hierarchy}, code_system=code_system, **kwargs)
 
     def _set_state(self, vocab: dict, hierarchy: dict, source: str) -> None:
         missing = [t for t in (*SPECIAL_TOKENS, VISIT_START, VISIT_END) if t not in vocab]
@@ -231,7 +270,7 @@ class PromptEHRTokenizer(PreTrainedTokenizer):
         # A raw code string outside the vocabulary: same fallback as encode_visit.
         if token.startswith(CATEGORY_PREFIX):
             return self._count_fallback(token, "unk")
-        pair = self._catch_all.get(code_category(_normalize(token)))
+        pair = self._catch_all.get(self.category_of(self.normalize_code(token)))
         if pair is None:
             return self._count_fallback(token, "unk")
         self._count_fallback(token, "category")
@@ -262,6 +301,17 @@ class PromptEHRTokenizer(PreTrainedTokenizer):
         return vocab_path, hierarchy_path
 
     # ------------------------------------------------------------------------- EHR encoding
+    def category_of(self, code: str) -> str:
+        """The category of a dotless code under the tokenizer's code system (ICD-9-CM
+        ``"E8800"`` -> ``"E880"``; ICD-10-CM ``"E119"`` -> ``"E11"``), whether or not the code
+        is in the vocabulary."""
+        return code_category(code, self.code_system)
+
+    def normalize_code(self, code: str) -> str:
+        """A code's dotless upper-case form under the tokenizer's code system (``"E11.9"`` ->
+        ``"E119"`` in ICD-10-CM)."""
+        return _normalize(code, self.code_system)
+
     @property
     def visit_start_id(self) -> int:
         return self.vocab[VISIT_START]
@@ -285,11 +335,11 @@ class PromptEHRTokenizer(PreTrainedTokenizer):
         pair = self._pair.get(code)
         if pair is not None:
             return pair
-        norm = _normalize(code)
+        norm = self.normalize_code(code)
         pair = self._pair.get(norm)
         if pair is not None:
             return pair
-        pair = self._catch_all.get(code_category(norm))
+        pair = self._catch_all.get(self.category_of(norm))
         self._count_fallback(code, "unk" if pair is None else "category")
         return pair
 

@@ -32,7 +32,7 @@ _DESCRIPTION = _coherence.__doc__
 _KWARGS_DESCRIPTION = """
 Args:
     visits (`list[list[list[str]]]`): per synthetic patient, its visits in order, each a list of
-        dotless ICD-9-CM codes.
+        dotless codes of `code_system`.
     age (`list[float]`): per synthetic patient, age in years at the first visit.
     sex (`list[str]`): per synthetic patient, "F" or "M".
     real: the real (reference) cohort, any size: a list of patient dicts
@@ -41,6 +41,8 @@ Args:
     top_k (`int`, default 100): k of the top-k code overlap.
     min_real_count (`int`, default 10): real visit occurrences for a code to count in
         `code_coverage_frequent`.
+    code_system (`str`, default "icd9cm"): the cohorts' code system, "icd9cm" (ICD-9-CM) or
+        "icd10cm" (ICD-10-CM): their normalisation, categories, validity and CMS edits.
 Returns:
     A flat dict: code_js, category_js, top_k, top_k_overlap, top_k_jaccard, r2_code_prevalence,
     r2_pair_prevalence, r2_consecutive_prevalence, cooccurrence_score, cooccurrence_seen_share,
@@ -75,8 +77,9 @@ class EhrCoherence(evaluate.Metric):
             reference_urls=["https://arxiv.org/abs/2211.01761", "https://arxiv.org/abs/2304.02169"],
         )
 
-    def _compute(self, visits, age, sex, real=None, top_k=100, min_real_count=10):
+    def _compute(self, visits, age, sex, real=None, top_k=100, min_real_count=10, code_system="icd9cm"):
         if real is None:
             raise ValueError("ehr_coherence needs the real cohort: compute(..., real=<patients>)")
         synthetic = {"visits": visits, "age": age, "sex": sex}
-        return _coherence.coherence(synthetic, real, top_k=top_k, min_real_count=min_real_count)
+        return _coherence.coherence(synthetic, real, top_k=top_k, min_real_count=min_real_count,
+                                    code_system=code_system)

@@ -33,7 +33,7 @@ _DESCRIPTION = _privacy.__doc__
 _KWARGS_DESCRIPTION = """
 Args:
     visits (`list[list[list[str]]]`): per synthetic patient, its visits in order, each a list of
-        dotless ICD-9-CM codes.
+        dotless codes of `code_system`.
     age (`list[float]`): per synthetic patient, age in years at the first visit.
     sex (`list[str]`): per synthetic patient, "F" or "M".
     train: the cohort the generator was trained on (required); a list of patient dicts
@@ -43,6 +43,8 @@ Args:
     n_known_codes (`int`, default 100): codes the attribute-inference attacker knows.
     attribute_k (`int`, default 1): neighbours voting in attribute inference.
     seed (`int`, default 0): sampling seed.
+    code_system (`str`, default "icd9cm"): the cohorts' code system, "icd9cm" or "icd10cm" (how
+        their codes are normalised).
 Returns:
     A flat dict: exact_copy_rate, holdout_exact_copy_rate, membership_inference_accuracy,
     membership_inference_auc, aa_train, aa_holdout, nnaar, attribute_inference_f1,
@@ -76,9 +78,9 @@ class EhrPrivacy(evaluate.Metric):
         )
 
     def _compute(self, visits, age, sex, train=None, holdout=None, n_attack=2000, n_known_codes=100,
-                 attribute_k=1, seed=0):
+                 attribute_k=1, seed=0, code_system="icd9cm"):
         if train is None or holdout is None:
             raise ValueError("ehr_privacy needs compute(..., train=<patients>, holdout=<patients>)")
         synthetic = {"visits": visits, "age": age, "sex": sex}
         return _privacy.privacy(synthetic, train, holdout, n_attack=n_attack, n_known_codes=n_known_codes,
-                                attribute_k=attribute_k, seed=seed)
+                                attribute_k=attribute_k, seed=seed, code_system=code_system)

@@ -41,7 +41,8 @@ def write_cohort(patients, out_dir: str | os.PathLike, stats: dict | None = None
                  overwrite: bool = False, fmt: str = "mimic3", code_system: str = "icd9cm") -> Path:
     """The cohort as MIMIC-III CSVs (``fmt="mimic3"``; new hadm ids, plausible dates; ``cohort_io``)
     or as a MEDS dataset in ``meds/`` (``fmt="meds"``; ``meds_io.write_meds``, same dates), plus
-    ``synthetic.parquet`` and ``generation_stats.json``, into out_dir, as a whole
+    ``synthetic.parquet`` and ``generation_stats.json`` (the stats and the ``code_system``), into
+    out_dir, as a whole
     (``file_utils.replace_folder``: a temporary folder beside it, swapped in at the end; on any error
     or interruption out_dir is as it was).
 
@@ -49,7 +50,8 @@ def write_cohort(patients, out_dir: str | os.PathLike, stats: dict | None = None
         patients: patient dicts or a datasets.Dataset in the patient schema.
         seed: draws the dates and hadm ids.  overwrite: replace a non-empty out_dir, which must
             hold nothing but an earlier ``promptehr generate`` output (else OutputFolderError).
-        code_system: the codes' system, named in the MEDS codes (``"icd9cm"`` or ``"icd10cm"``).
+        code_system: the codes' system (``"icd9cm"`` or ``"icd10cm"``, the tokenizer's), named in the
+            MEDS codes and recorded in ``generation_stats.json`` (``promptehr evaluate`` reads it).
 
     Raises ValueError, before writing anything, when there is no patient to write.
     """
@@ -73,7 +75,7 @@ def write_cohort(patients, out_dir: str | os.PathLike, stats: dict | None = None
             write_mimic3_csvs(patients, tmp, seed=seed)
         write_parquet(patients, tmp / "synthetic.parquet")
         if stats is not None:
-            write_json_atomic(tmp / "generation_stats.json", stats, indent=1)
+            write_json_atomic(tmp / "generation_stats.json", {**stats, "code_system": code_system}, indent=1)
     return out
 
 
@@ -112,8 +114,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--format", choices=FORMATS, default="mimic3",
                         help="mimic3: PATIENTS/ADMISSIONS/DIAGNOSES_ICD.csv; meds: a MEDS dataset in --out/meds "
                              "(data/, metadata/), codes named as the MIMIC-IV MEDS extraction names them")
-    parser.add_argument("--code-system", choices=tuple(ICD_VERSIONS), default="icd9cm",
-                        help="the checkpoint's code system, for the MEDS code names")
+    parser.add_argument("--code-system", choices=tuple(ICD_VERSIONS), default=None,
+                        help="the checkpoint's code system, for the MEDS code names (default: its tokenizer's; "
+                             "another one is refused)")
     parser.add_argument("--n", type=int, default=None, help="number of patients (unconditional; seeded: draw n seeds)")
     parser.add_argument("--mode", choices=MODES, default="unconditional")
     # The generation settings default to the checkpoint's generation_config.json; a flag given overrides it.
@@ -197,6 +200,8 @@ def run(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     model, tokenizer = load_model(args.model, args.device)
+    if args.code_system not in (None, tokenizer.code_system):
+        raise ValueError(f"--code-system {args.code_system}: the checkpoint's tokenizer is {tokenizer.code_system}")
     dataset, stats = generate_patients(
         model, tokenizer, args.n, mode=args.mode, prior=args.prior or args.model,
         demographics=_read_demographics(args.demographics) if args.demographics else None,
@@ -209,7 +214,7 @@ def run(args) -> int:
         copy_redraws=args.copy_redraws,
     )
     write_cohort(dataset, out, stats, seed=args.seed, overwrite=args.overwrite, fmt=args.format,
-                 code_system=args.code_system)
+                 code_system=tokenizer.code_system)
     print(json.dumps({k: stats[k] for k in ("n_patients", "n_visits", "mean_visits_per_patient",
                                              "mean_codes_per_visit", "copies_redrawn", "copies_dropped",
                                              "seconds") if k in stats}))

@@ -80,7 +80,7 @@ def generate(model, *, tokenizer, n: int | None = None, mode: str = "uncondition
 
     Returns:
         (patients, stats): patient dicts ``{"subject_id": 1.., "age": float, "sex": "F" | "M",
-        "visits": [[ICD-9 code, ...], ...]}`` and a dict of the run's settings and counters
+        "visits": [[code, ...], ...]}`` and a dict of the run's settings and counters
         (``ungrammatical_visits``, ``visits_with_duplicate_code``, ``empty_visits``: 0 by
         construction).
     """

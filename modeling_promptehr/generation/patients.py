@@ -303,7 +303,7 @@ def sample_patients(model, tokenizer, config: PromptEHRGenerationConfig, n: int 
 
     Returns:
         (patients, stats): patient dicts ``{"subject_id", "age", "sex", "visits"}`` (subject ids
-        1, 2, ...; visits as lists of ICD-9 codes), and the counters and settings of the run; with
+        1, 2, ...; visits as lists of the tokenizer's codes), and the counters and settings of the run; with
         ``exclude_patients``, ``copies_redrawn`` (patients returned with a redrawn record) and
         ``copies_dropped`` (patients still copies after ``copy_redraws`` redraws, left out).
     """

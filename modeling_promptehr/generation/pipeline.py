@@ -5,9 +5,10 @@ The generation core (:mod:`.config`, :mod:`.prior`, :mod:`.processors`, :mod:`.d
 :mod:`.patients`, :mod:`.generate`) imports nothing from ``promptehr_hf``: ``save_custom_generate``
 copies those very files into a checkpoint's ``custom_generate/`` folder, where transformers runs
 :func:`~.generate.generate` as the model's ``generate``. This module is the package's side of it:
-it fills in what only the package knows (the CMS edits of the vocabulary's codes, from
-:mod:`promptehr_hf.datasets_scripts.icd9`; the history length of checkpoints saved before their
-generation config carried it) and returns the patients in the patient schema.
+it fills in what only the package knows (the CMS edits of the vocabulary's codes, from the tables
+of the tokenizer's code system, :mod:`promptehr_hf.datasets_scripts.code_systems`; the history
+length of checkpoints saved before their generation config carried it) and returns the patients
+in the patient schema.
 
 The settings (stage two, visit length, CMS edits, sampling, batch size, ...) are a
 :class:`~.config.PromptEHRGenerationConfig`, read from the model's ``generation_config``
@@ -24,7 +25,8 @@ from pathlib import Path
 from transformers import GenerationConfig
 from transformers.utils import GENERATION_CONFIG_NAME
 
-from promptehr_hf.datasets_scripts import icd9
+from promptehr_hf.datasets_scripts import code_systems
+from promptehr_hf.datasets_scripts.code_systems import DEFAULT_CODE_SYSTEM
 from promptehr_hf.datasets_scripts.cohort_io import patients_to_dataset
 
 from .config import MODES, VISIT_LENGTHS, PromptEHRGenerationConfig, promptehr_generation_config
@@ -41,15 +43,19 @@ TRAINING_ARGS_JSON = "training_args.json"  # written by PromptEHRTrainer beside 
 def cms_edits(tokenizer) -> dict:
     """The CMS age/sex edits of a tokenizer's code tokens, in the form a generation config carries
     them (``cms_edits``; see :class:`~.processors.CMSEditTable`): each edit class present in the
-    vocabulary with its codes, and the (age, sex) each edit forbids."""
+    vocabulary with its codes, and the (age, sex) each edit forbids, from the tables of the
+    tokenizer's ``code_system`` (ICD-9-CM for a tokenizer that names none). ICD-10-CM has its
+    own edits and ranges (maternity 9-64, not ICD-9-CM's 12-55)."""
+    # A tokenizer saved before it recorded its code system is ICD-9-CM.
+    icd = code_systems.code_system(getattr(tokenizer, "code_system", DEFAULT_CODE_SYSTEM))
     classes: dict[tuple[str, ...], list[str]] = {}
     for code in tokenizer.convert_ids_to_tokens(sorted(tokenizer.code_category)):
-        edits = icd9.edits_of(code)
+        edits = icd.edits_of(code)
         if edits:
             classes.setdefault(edits, []).append(code)
     return {
-        "age_ranges": {edit: list(bounds) for edit, bounds in icd9.age_ranges().items()},
-        "sex_conflicts": dict(icd9.SEX_CONFLICT),
+        "age_ranges": {edit: list(bounds) for edit, bounds in icd.age_ranges().items()},
+        "sex_conflicts": dict(icd.SEX_CONFLICT),
         "classes": [{"edits": list(edits), "codes": codes} for edits, codes in sorted(classes.items())],
     }
 
@@ -105,7 +111,7 @@ def generate_patients(
             None: the default).
         progress: show a progress bar over the visits.
         generation_config: the settings (default: ``model.generation_config``); the CMS edits
-            come from ``datasets_scripts.icd9`` when it carries none, and the history length
+            come from the tokenizer's code system (:func:`cms_edits`) when it carries none, and the history length
             from the checkpoint's ``training_args.json`` when it sets none.
         overrides: :class:`~.config.PromptEHRGenerationConfig` fields that override the settings:
             ``stage_two`` ("empirical" | "model" | "uniform"), ``visit_length`` ("data" |

@@ -353,7 +353,7 @@ class CMSEditTable:
     Args:
         index: the VocabIndex.
         edits: the CMS edits of the vocabulary's codes, as a checkpoint's generation config carries
-            them (``cms_edits``, written from ``datasets_scripts.icd9`` at save time)::
+            them (``cms_edits``, written at save time from the tables of the tokenizer's code system)::
 
                 {"age_ranges": {"age_newborn": [0, 0], ...},          # whole-year ages allowed
                  "sex_conflicts": {"sex_female_only": "M", ...},      # the sex each sex edit forbids

@@ -35,7 +35,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from promptehr_hf.datasets_scripts.icd9 import category
+from promptehr_hf.datasets_scripts import code_systems
+from promptehr_hf.datasets_scripts.code_systems import DEFAULT_CODE_SYSTEM
 from promptehr_hf.datasets_scripts.incidence import group_columns, visit_matrix
 from promptehr_hf.file_utils import atomic_write
 
@@ -53,19 +54,22 @@ def tokenizer_categories(tokenizer) -> tuple[list[str], list[int]]:
     return [t[len(CATEGORY_PREFIX):] for t in tokens], ids
 
 
-def category_cooccurrence(patients: Iterable[dict], categories: Sequence[str]) -> np.ndarray:
+def category_cooccurrence(patients: Iterable[dict], categories: Sequence[str],
+                          code_system: str = DEFAULT_CODE_SYSTEM) -> np.ndarray:
     """Category co-occurrence counts from training visits (see the module docstring).
 
     Args:
         patients: patient dicts (schema of CONTRACTS.md) or a datasets.Dataset of them.
         categories: the K category strings ("401", "E880", ...) indexing the result; codes of
             other categories are ignored (the model cannot predict them).
+        code_system: the codes' system ("icd9cm" or "icd10cm", the tokenizer's
+            ``code_system``), whose ``category`` maps a code to its category.
     Returns:
         C: int64 array [K, K], symmetric; off-diagonal = visits with both categories, diagonal =
         visits with >= 2 distinct codes of that category.
     """
-
-    X, codes = visit_matrix(patients)  # [n_visits, n_codes] 0/1
+    category = code_systems.code_system(code_system).category
+    X, codes = visit_matrix(patients, code_system=code_system)  # [n_visits, n_codes] 0/1
     M, groups = group_columns(codes, category)  # [n_codes, n_groups] code -> its category
     col = {g: i for i, g in enumerate(groups)}
     # groups -> the requested categories, in their order (groups the caller lacks are dropped)

@@ -8,21 +8,24 @@ from huggingface_hub import CommitOperationAdd, HfApi
 
 from promptehr_hf.metrics.report import markdown_table
 
+SYSTEM_NAMES = {"icd9cm": ("ICD-9-CM", "icd-9"), "icd10cm": ("ICD-10-CM", "icd-10")}  # (prose, hub tag)
+
 
 def model_card(args, run: dict, evaluation: dict | None, location: str) -> str:
     """README.md of the model folder: what it is, how it was trained, the evaluation table."""
-    source = f"the MIMIC-III folder `{args.mimic_dir}`" if args.mimic_dir else (
-        f"the built-in simulated MIMIC-III-like cohort ({args.patients:,} patients, seed {args.seed})")
+    name, tag = SYSTEM_NAMES[run.get("code_system", "icd9cm")]
+    source = f"the MIMIC folder `{args.mimic_dir}`" if args.mimic_dir else (
+        f"the built-in simulated MIMIC-III-like cohort in {name} ({args.patients:,} patients, seed {args.seed})")
     lines = [
         "---",
         "library_name: transformers",
-        "tags: [promptehr, ehr, synthetic-data, icd-9, mimic-iii, remote-code]",
+        f"tags: [promptehr, ehr, synthetic-data, {tag}, mimic-iii, remote-code]",
         "---",
         "",
         "# PromptEHR (promptehr-hf)",
         "",
         "A BART encoder-decoder with demographic prompts (PromptEHR, Wang & Sun 2022) that writes "
-        "synthetic patients visit by visit as hierarchical ICD-9-CM codes (category, then code).",
+        f"synthetic patients visit by visit as hierarchical {name} codes (category, then code).",
         "",
         f"Trained on {source}: {run['train_patients']:,} training patients, "
         f"{run['train_examples']:,} (patient, visit) examples, preset `{args.preset}`, "

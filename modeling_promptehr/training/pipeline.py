@@ -1,14 +1,19 @@
 """Train PromptEHR end to end: cohort -> prepare -> tokenizer -> model -> train -> generate -> evaluate.
 
     promptehr train                                          # simulated cohort, small preset, ~15 min on 2 cores
-    promptehr train --mimic-dir DIR                          # a real MIMIC-III folder
+    promptehr train --mimic-dir DIR                          # a real MIMIC-III or MIMIC-IV folder
+    promptehr train --code-system icd10cm                    # the simulated cohort in ICD-10-CM
     ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes 2 examples/train.py ...   # 2 CPU processes
 
 With no ``--mimic-dir`` the built-in simulator draws the default cohort and writes it as MIMIC-III
-CSVs, which then go through ``prepare`` exactly as a real user's folder does. Everything lands in
-``--output-dir`` (default ``promptehr_run/``):
+CSVs (ICD-9-CM), or with ``--code-system icd10cm`` its ICD-10-CM version as a MIMIC-IV folder,
+which then go through ``prepare`` exactly as a real user's folder does. The cohort's code system
+(``code_system`` of data/summary.json; ICD-9-CM when absent) is the tokenizer's, and sets the
+categories, the CMS edits written into the model and the tables the evaluation scores against.
+Everything lands in ``--output-dir`` (default ``promptehr_run/``):
 
-    mimic3/        the simulated MIMIC-III CSVs (simulated runs only)
+    mimic3/        the simulated MIMIC-III CSVs (simulated ICD-9-CM runs only)
+    mimic4/        the simulated MIMIC-IV folder, hosp/*.csv.gz (simulated ICD-10-CM runs only)
     data/          prepared splits: {train,validation,test}.parquet, summary.json
     checkpoints/   Trainer checkpoints (resume with --resume-from-checkpoint last|DIR)
     model/         the final model: config + safetensors + remote code, tokenizer,
@@ -33,7 +38,8 @@ from pathlib import Path
 import torch
 from accelerate import PartialState
 
-from promptehr_hf.datasets_scripts.cohort_io import write_mimic3_csvs
+from promptehr_hf.datasets_scripts.code_systems import CODE_SYSTEMS, DEFAULT_CODE_SYSTEM
+from promptehr_hf.datasets_scripts.cohort_io import write_mimic3_csvs, write_mimic4_csvs
 from promptehr_hf.datasets_scripts.mimic3 import find_tables
 from promptehr_hf.datasets_scripts.prepare import load_prepared, prepare, stale_reasons
 from promptehr_hf.datasets_scripts.simulator import simulate
@@ -44,7 +50,7 @@ from promptehr_hf.modeling_promptehr.generation.command import write_cohort
 from promptehr_hf.modeling_promptehr.generation.pipeline import generate_patients, save_custom_generate
 from promptehr_hf.modeling_promptehr.generation.prior import CohortPrior
 from promptehr_hf.modeling_promptehr.modeling_promptehr import PromptEHRForConditionalGeneration
-from promptehr_hf.tokenization.tokenization_promptehr import PromptEHRTokenizer, code_category
+from promptehr_hf.tokenization.tokenization_promptehr import PromptEHRTokenizer
 
 from .data import build_examples
 from .losses import category_cooccurrence, tokenizer_categories
@@ -64,8 +70,11 @@ logger = logging.getLogger("promptehr.train")
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The flags of ``promptehr train`` (and of ``examples/train.py``)."""
     data = p.add_argument_group("data")
-    data.add_argument("--mimic-dir", help="real MIMIC-III folder (PATIENTS, ADMISSIONS, DIAGNOSES_ICD); "
+    data.add_argument("--mimic-dir", help="real MIMIC-III or MIMIC-IV folder (PATIENTS, ADMISSIONS, DIAGNOSES_ICD); "
                                           "default: simulate a cohort")
+    data.add_argument("--code-system", choices=tuple(CODE_SYSTEMS), default=None,
+                      help=f"code system of the simulated cohort (default {DEFAULT_CODE_SYSTEM}; icd10cm: its codes "
+                           "mapped through the CMS GEMs); a --mimic-dir folder's is read from the folder")
     data.add_argument("--patients", type=int, default=DEFAULT_PATIENTS, help="size of the simulated cohort")
     data.add_argument("--seed", type=int, default=0, help="simulation, split, training and generation seed")
     data.add_argument("--min-code-count", type=int, default=1, help="rarer codes fold into their category token")
@@ -125,13 +134,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def prepare_data(args, state) -> tuple[Path, dict]:
-    """Simulate (unless --mimic-dir), write MIMIC-III CSVs and prepare them into ``data/``; main process only.
+    """Simulate (unless --mimic-dir), write MIMIC-III CSVs (MIMIC-IV for ``--code-system icd10cm``)
+    and prepare them into ``data/``; main process only.
 
     ``data/`` is reused (e.g. on resume) only while it matches its input: data/summary.json records
     each table's size, modification time and SHA-256 and the split options, and any difference
     from the tables as they are now (``prepare.stale_reasons``) prepares the cohort again, logging
     why. The simulated cohort in ``mimic3/`` is drawn again only when --patients or --seed changed
-    (recorded in ``data_source.json``). Returns (data folder, its summary).
+    or --code-system changed (recorded in ``data_source.json``). Returns (data folder, its summary).
     """
     root = Path(args.output_dir)
     data_dir = root / "data"
@@ -141,8 +151,11 @@ def prepare_data(args, state) -> tuple[Path, dict]:
         if args.mimic_dir:
             mimic_dir = Path(args.mimic_dir)
         else:
-            mimic_dir = root / "mimic3"
+            system = args.code_system or DEFAULT_CODE_SYSTEM
+            mimic_dir = root / ("mimic3" if system == "icd9cm" else "mimic4")
             source = {"simulated_patients": args.patients, "seed": args.seed}
+            if system != DEFAULT_CODE_SYSTEM:  # the markers of ICD-9-CM runs stay as they were
+                source["code_system"] = system
             marker = root / "data_source.json"
             try:
                 simulated = json.loads(marker.read_text()) == source
@@ -151,8 +164,11 @@ def prepare_data(args, state) -> tuple[Path, dict]:
                 simulated = False
             if not simulated:
                 marker.unlink(missing_ok=True)  # the CSVs are about to change
-                patients = simulate(args.patients, seed=args.seed, progress=True)
-                write_mimic3_csvs(patients, mimic_dir, seed=args.seed)
+                patients = simulate(args.patients, seed=args.seed, progress=True, code_system=system)
+                if system == "icd9cm":
+                    write_mimic3_csvs(patients, mimic_dir, seed=args.seed)
+                else:
+                    write_mimic4_csvs(patients, mimic_dir, seed=args.seed, code_system=system)
                 write_json_atomic(marker, source)
                 logger.info("simulated %d patients into %s", len(patients), mimic_dir)
         reasons = stale_reasons(data_dir, mimic_dir, **options)
@@ -185,6 +201,9 @@ def train(args: argparse.Namespace) -> dict:
     # and never replace a sub-folder that the run did not write (checked again when written).
     if args.mimic_dir and not Path(args.mimic_dir).is_dir():
         raise FileNotFoundError(f"--mimic-dir {args.mimic_dir}: not a folder")
+    if args.mimic_dir and args.code_system:
+        raise SystemExit("promptehr train: --code-system applies to the simulated cohort; a --mimic-dir folder's code "
+                         "system is read from the folder")
     check_separate(args.output_dir, {"--mimic-dir": args.mimic_dir}, out_flag="--output-dir")
     if args.generate != 0:
         check_replaceable(Path(args.output_dir, "synthetic").resolve(), "generate")
@@ -211,8 +230,11 @@ def train(args: argparse.Namespace) -> dict:
     train_split, val_split, test_split = splits["train"], splits["validation"], splits["test"]
     t_data = time.perf_counter()
 
-    tokenizer = PromptEHRTokenizer.from_patients(train_split, min_code_count=args.min_code_count)
-    counts = category_cooccurrence(train_split, tokenizer_categories(tokenizer)[0])
+    # A summary written before prepare recorded the code system is a MIMIC-III (ICD-9-CM) cohort.
+    code_system = summary.get("code_system", DEFAULT_CODE_SYSTEM)
+    tokenizer = PromptEHRTokenizer.from_patients(train_split, min_code_count=args.min_code_count,
+                                                 code_system=code_system)
+    counts = category_cooccurrence(train_split, tokenizer_categories(tokenizer)[0], code_system=code_system)
     types = {}
     if args.visit_types > 0:
         mixture = fit_visit_types([v for visits in train_split["visits"] for v in visits], args.visit_types,
@@ -222,7 +244,7 @@ def train(args: argparse.Namespace) -> dict:
         logger.info("%d visit types (of %d asked; at least %d training visits each)", mixture.n_types,
                     args.visit_types, args.visit_type_min_visits)
         prior = CohortPrior.from_patients(train_split, visit_types=types["train"], n_types=mixture.n_types,
-                                          category=code_category)
+                                          category=tokenizer.category_of)
         type_config = {"cat_cardinalities": [2, mixture.n_types], "visit_type_feature_index": 1}
     else:
         prior = CohortPrior.from_patients(train_split)
@@ -287,6 +309,7 @@ def train(args: argparse.Namespace) -> dict:
     model_dir = root / "model"
     trainer.save_model(str(model_dir))
     run = {
+        "code_system": code_system,
         "world_size": trainer.args.world_size,
         "num_processes": state.num_processes,
         "torch_threads": torch.get_num_threads(),
@@ -315,13 +338,14 @@ def train(args: argparse.Namespace) -> dict:
         synthetic, stats = generate_patients(trainer.model, tokenizer, n_generate, mode="unconditional", prior=prior,
                                              batch_size=args.generate_batch_size, seed=args.seed,
                                              max_history_length=max_source, exclude_patients=train_split)
-        write_cohort(synthetic, root / "synthetic", stats=stats, seed=args.seed, overwrite=True)
+        write_cohort(synthetic, root / "synthetic", stats=stats, seed=args.seed, overwrite=True,
+                     code_system=code_system)
         run["generate_minutes"] = (time.perf_counter() - t0) / 60
         run["generated_patients"] = len(synthetic)
         if not args.no_evaluate:
             t0 = time.perf_counter()
             evaluation = evaluate_cohorts(synthetic, test_split, train_split, out_dir=root / "evaluation",
-                                          seed=args.seed)
+                                          seed=args.seed, code_system=code_system)
             run["evaluate_minutes"] = (time.perf_counter() - t0) / 60
             rows = evaluation["rows"]
             run["metrics"] = {row: {k: rows[row][k] for k in ("code_js", "r2_pair_prevalence", "distinct_codes",
