@@ -177,6 +177,27 @@ def children(code: str) -> list[str]:
     return list(_tables().children[_node(code)])
 
 
+def billable_form(code: str) -> str | None:
+    """``code`` if it is billable; else the billable code under it that reads as its unspecified form
+    (title with "unspecified" or "not specified", else "other", else the first in tabular order):
+    ``"E784"`` (a header since FY2019) -> ``"E7849"`` (Other hyperlipidemia). None when no billable
+    code lies under it (or it is not a node of the tables)."""
+    if not is_valid(code):
+        return None
+    billable = _tables().billable
+    leaves, todo = [], [_node(code)]
+    while todo:
+        node = todo.pop(0)
+        if node in billable:
+            leaves.append(node)
+        todo.extend(_tables().children[node])
+    for words in (("unspecified", "not specified"), ("other",)):
+        found = [c for c in leaves if any(w in title(c).lower() for w in words)]
+        if found:
+            return found[0]
+    return leaves[0] if leaves else None
+
+
 def title(code: str) -> str:
     """The title: the CDC long description for codes, the tabular heading for chapters and blocks."""
     return _tables().title[_node(code)]

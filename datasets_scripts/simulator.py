@@ -74,15 +74,17 @@ edits by construction: variants and tail entries are drawn only among those whos
 ``icd9.violations`` all allows for the patient's whole-year age and sex (one allowed set per
 class of ages and sex, precomputed).
 
-**ICD-10-CM** (``simulate(..., code_system="icd10cm")``). The same process, written in ICD-10-CM:
-each ICD-9-CM code of the simulator's vocabulary is mapped once, when the tables are compiled,
-to the first of its CMS GEM targets (``icd10.from_icd9``) that is a billable ICD-10-CM FY2021
-code (a deterministic choice), and every draw writes that code. ICD-9-CM codes with no billable
-target are dropped from the vocabulary (a variant or tail entry left without any code is never
-drawn; :func:`vocabulary_summary` counts them); two codes mapped to one are one code of the
-visit. The CMS guarantee above holds with ``icd10``'s edits, computed on the ICD-10-CM
-vocabulary (whose maternity range, 9-64, is not ICD-9-CM's). So the cohort has the structure of
-the ICD-9-CM one, not the coding habits of a real ICD-10-CM hospital.
+**ICD-10-CM** (``simulate(..., code_system="icd10cm")``). The same process, written in
+ICD-10-CM: each ICD-9-CM code of the simulator's vocabulary is mapped once, when the tables are
+compiled, to the first of its CMS GEM targets (``icd10.from_icd9``) that is a billable ICD-10-CM
+FY2021 code, else to the unspecified billable code under its first target that has one (the GEMs
+predate FY2021, which split some targets: 2724 -> E784 -> E7849, ``icd10.billable_form``), and
+every draw writes that code. ICD-9-CM codes with no target of either kind are dropped from the
+vocabulary (a variant or tail entry left without any code is never drawn;
+:func:`vocabulary_summary` counts them); two codes mapped to one are one code of the visit. The
+CMS guarantee above holds with ``icd10``'s edits, computed on the ICD-10-CM vocabulary (whose
+maternity range, 9-64, is not ICD-9-CM's). So the cohort has the structure of the ICD-9-CM one,
+not the coding habits of a real ICD-10-CM hospital.
 
 Sampling is vectorised with numpy over blocks of ``PARAMS.block_size`` patients; block b uses
 the random stream ``SeedSequence(seed).spawn`` child b, so ``simulate(n, seed)`` is deterministic
@@ -710,10 +712,16 @@ def _segment_cumsum(weights: np.ndarray, seg_len: np.ndarray) -> tuple[np.ndarra
 
 def _billable_targets(codes: list[str], code_system: str) -> list[str]:
     """The code each ICD-9-CM code is written as in ``code_system``: itself in ICD-9-CM; in
-    ICD-10-CM the first of its GEM targets that is billable, ``""`` when none is."""
+    ICD-10-CM the first of its GEM targets that is billable, else the billable form
+    (``icd10.billable_form``) of the first target that has one, ``""`` when none has."""
     if code_system == icd9.SYSTEM:
         return list(codes)
-    return [next((t for t in icd10.from_icd9(c) if icd10.is_billable(t)), "") for c in codes]
+    out = []
+    for c in codes:
+        targets = icd10.from_icd9(c)
+        billable = next((t for t in targets if icd10.is_billable(t)), None)
+        out.append(billable or next(filter(None, map(icd10.billable_form, targets)), ""))
+    return out
 
 
 @functools.cache

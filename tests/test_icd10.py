@@ -224,3 +224,11 @@ def test_reading_the_tables_is_lazy():
             "icd10.is_valid('E119'); assert icd10._tables.cache_info().currsize == 1; "
             "assert icd10._gem.cache_info().currsize == 0")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_billable_form():
+    assert icd10.billable_form("E119") == "E119"  # billable already
+    assert icd10.billable_form("E784") == "E7849"  # "Other hyperlipidemia" (E7841 is Lp(a))
+    assert icd10.billable_form("A047") == "A0472"  # "not specified as recurrent"
+    assert icd10.billable_form("N183") == "N1830"  # "stage 3 unspecified"
+    assert icd10.billable_form("E7") is None and icd10.billable_form("9999") is None

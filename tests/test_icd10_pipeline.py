@@ -126,7 +126,10 @@ def test_simulated_icd10_cohort_is_billable_and_cms_clean(simulated10):
     summary = simulator.vocabulary_summary("icd10cm")
     assert summary["codes"] + summary["dropped_icd9_codes"] <= summary["icd9_codes"]
     assert 0 < summary["dropped_icd9_codes"] == len(summary["dropped"])
-    assert "2724" in summary["dropped"] and icd10.from_icd9("2724") == ("E784",)  # a header since FY2019
+    # 2724's only GEM target, E784, is a header since FY2019: written as its unspecified form.
+    assert icd10.from_icd9("2724") == ("E784",) and "2724" not in summary["dropped"]
+    assert simulator._billable_targets(["2724", "4019", "E9300"], "icd10cm") == ["E7849", "I10", ""]
+    assert "E9300" in summary["dropped"]  # ICD-10-CM has no external-cause code for it
     assert simulator.vocabulary_summary("icd9cm")["dropped_icd9_codes"] == 0
 
 
