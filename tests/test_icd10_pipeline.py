@@ -13,8 +13,10 @@ import pytest
 
 from promptehr_hf.cli import main as cli_main
 from promptehr_hf.datasets_scripts import code_systems, icd9, icd10, simulator
+from promptehr_hf.datasets_scripts.mimic4 import read_mimic4
 from promptehr_hf.metrics.coherence import coherence
 from promptehr_hf.metrics.report import _code_system, evaluate_cohorts, recorded_code_system
+from promptehr_hf.modeling_promptehr.generation.command import write_cohort
 from promptehr_hf.modeling_promptehr.generation.pipeline import cms_edits
 from promptehr_hf.modeling_promptehr.generation.processors import CMSEditTable, VocabIndex
 from promptehr_hf.modeling_promptehr.training import pipeline
@@ -177,6 +179,13 @@ def test_train_on_a_simulated_icd10_cohort(tmp_path, tiny_config_json):
     ages = [p["age"] for p in generated for v in p["visits"] for _ in v]
     sexes = [p["sex"] for p in generated for v in p["visits"] for _ in v]
     assert (icd10.violations(codes, ages, sexes) == "").all()
+    # written in the MIMIC-IV layout (MIMIC-III tables cannot hold ICD-10-CM) and read back as such
+    assert not (out / "synthetic" / "DIAGNOSES_ICD.csv").exists()
+    back, summary = read_mimic4(out / "synthetic")
+    assert summary["code_system"] == "icd10cm"
+    assert [v for p in back for v in p["visits"]] == [v for p in generated for v in p["visits"]]
+    with pytest.raises(ValueError, match="format mimic3 holds ICD-9-CM codes only"):
+        write_cohort(generated, tmp_path / "as_mimic3", fmt="mimic3", code_system="icd10cm")
 
     metrics = json.loads((out / "evaluation" / "metrics.json").read_text())
     assert metrics["meta"]["code_system"] == "icd10cm"

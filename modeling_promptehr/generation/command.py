@@ -1,5 +1,5 @@
-"""``promptehr generate``: load a checkpoint, generate, write the cohort (MIMIC-III CSVs or a MEDS
-dataset, + Parquet)."""
+"""``promptehr generate``: load a checkpoint, generate, write the cohort (MIMIC-III or MIMIC-IV CSVs or
+a MEDS dataset, + Parquet)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 import torch
 
-from promptehr_hf.datasets_scripts.cohort_io import write_mimic3_csvs, write_parquet
+from promptehr_hf.datasets_scripts.cohort_io import write_mimic3_csvs, write_mimic4_csvs, write_parquet
 from promptehr_hf.datasets_scripts.meds_io import ICD_VERSIONS, write_meds
 from promptehr_hf.file_utils import OutputFolderError, check_output, replace_folder, write_json_atomic
 from promptehr_hf.modeling_promptehr.modeling_promptehr import PromptEHRForConditionalGeneration
@@ -34,13 +34,17 @@ def load_model(model_dir: str | os.PathLike, device: str | None = None):
     return model.eval(), tokenizer
 
 
-FORMATS = ("mimic3", "meds")
+FORMATS = ("mimic3", "mimic4", "meds")
+DEFAULT_FORMATS = {"icd9cm": "mimic3", "icd10cm": "mimic4"}  # code system -> the MIMIC layout that holds it
 
 
 def write_cohort(patients, out_dir: str | os.PathLike, stats: dict | None = None, seed: int = 0,
-                 overwrite: bool = False, fmt: str = "mimic3", code_system: str = "icd9cm") -> Path:
-    """The cohort as MIMIC-III CSVs (``fmt="mimic3"``; new hadm ids, plausible dates; ``cohort_io``)
-    or as a MEDS dataset in ``meds/`` (``fmt="meds"``; ``meds_io.write_meds``, same dates), plus
+                 overwrite: bool = False, fmt: str | None = None, code_system: str = "icd9cm") -> Path:
+    """The cohort as MIMIC-III CSVs (``fmt="mimic3"``; new hadm ids, plausible dates; ``cohort_io``),
+    as a MIMIC-IV folder (``fmt="mimic4"``: ``hosp/*.csv.gz`` with anchor ages and ``icd_version``;
+    same dates) or as a MEDS dataset in ``meds/`` (``fmt="meds"``; ``meds_io.write_meds``, same
+    dates); ``fmt=None`` is the MIMIC layout of ``code_system`` (MIMIC-III for ICD-9-CM, MIMIC-IV
+    for ICD-10-CM, whose codes MIMIC-III tables cannot hold). Plus
     ``synthetic.parquet`` and ``generation_stats.json`` (the stats and the ``code_system``), into
     out_dir, as a whole
     (``file_utils.replace_folder``: a temporary folder beside it, swapped in at the end; on any error
@@ -53,7 +57,8 @@ def write_cohort(patients, out_dir: str | os.PathLike, stats: dict | None = None
         code_system: the codes' system (``"icd9cm"`` or ``"icd10cm"``, the tokenizer's), named in the
             MEDS codes and recorded in ``generation_stats.json`` (``promptehr evaluate`` reads it).
 
-    Raises ValueError, before writing anything, when there is no patient to write.
+    Raises ValueError, before writing anything, when there is no patient to write or ``fmt`` is
+    unknown or "mimic3" with ICD-10-CM codes.
     """
     if len(patients) == 0:
         stats = stats or {}
@@ -66,11 +71,17 @@ def write_cohort(patients, out_dir: str | os.PathLike, stats: dict | None = None
     out = Path(out_dir)
     if not overwrite:
         _check_empty(out)
+    fmt = fmt or DEFAULT_FORMATS[code_system]
     if fmt not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
+    if fmt == "mimic3" and code_system != "icd9cm":
+        raise ValueError(f"format mimic3 holds ICD-9-CM codes only (MIMIC-III has no icd_version), not {code_system}: "
+                         "use mimic4 or meds")
     with replace_folder(out, "generate", {"seed": seed, "format": fmt}) as tmp:
         if fmt == "meds":
             write_meds(patients, tmp / "meds", code_system=code_system, seed=seed, command="generate")
+        elif fmt == "mimic4":
+            write_mimic4_csvs(patients, tmp, seed=seed, code_system=code_system)
         else:
             write_mimic3_csvs(patients, tmp, seed=seed)
         write_parquet(patients, tmp / "synthetic.parquet")
@@ -110,10 +121,12 @@ def _read_demographics(path: str) -> list[dict]:
 def add_arguments(parser) -> None:
     parser.add_argument("--model", required=True, help="checkpoint directory (model, tokenizer, cohort_prior.json)")
     parser.add_argument("--out", required=True,
-                        help="output folder: MIMIC-III CSVs (or meds/), synthetic.parquet, generation_stats.json")
-    parser.add_argument("--format", choices=FORMATS, default="mimic3",
-                        help="mimic3: PATIENTS/ADMISSIONS/DIAGNOSES_ICD.csv; meds: a MEDS dataset in --out/meds "
-                             "(data/, metadata/), codes named as the MIMIC-IV MEDS extraction names them")
+                        help="output folder: MIMIC CSVs (or meds/), synthetic.parquet, generation_stats.json")
+    parser.add_argument("--format", choices=FORMATS, default=None,
+                        help="mimic3: PATIENTS/ADMISSIONS/DIAGNOSES_ICD.csv (ICD-9-CM only); mimic4: hosp/patients, "
+                             "admissions, diagnoses_icd .csv.gz; meds: a MEDS dataset in --out/meds (data/, "
+                             "metadata/), codes named as the MIMIC-IV MEDS extraction names them (default: mimic3 "
+                             "for an ICD-9-CM checkpoint, mimic4 for ICD-10-CM)")
     parser.add_argument("--code-system", choices=tuple(ICD_VERSIONS), default=None,
                         help="the checkpoint's code system, for the MEDS code names (default: its tokenizer's; "
                              "another one is refused)")
