@@ -1,7 +1,7 @@
 """Train PromptEHR end to end: cohort -> prepare -> tokenizer -> model -> train -> generate -> evaluate.
 
     promptehr train                                          # simulated cohort, small preset, ~15 min on 2 cores
-    promptehr train --mimic-dir DIR                          # a real MIMIC-III or MIMIC-IV folder
+    promptehr train --mimic-dir DIR                          # a real MIMIC-III, MIMIC-IV or MEDS folder
     promptehr train --code-system icd10cm                    # the simulated cohort in ICD-10-CM
     ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes 2 examples/train.py ...   # 2 CPU processes
 
@@ -70,8 +70,8 @@ logger = logging.getLogger("promptehr.train")
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The flags of ``promptehr train`` (and of ``examples/train.py``)."""
     data = p.add_argument_group("data")
-    data.add_argument("--mimic-dir", help="real MIMIC-III or MIMIC-IV folder (PATIENTS, ADMISSIONS, DIAGNOSES_ICD); "
-                                          "default: simulate a cohort")
+    data.add_argument("--mimic-dir", help="real MIMIC-III, MIMIC-IV or MEDS folder, read as `promptehr prepare` reads "
+                                          "it (MIMIC-IV ICD-9 rows mapped to ICD-10-CM); default: simulate a cohort")
     data.add_argument("--code-system", choices=tuple(CODE_SYSTEMS), default=None,
                       help=f"code system of the simulated cohort (default {DEFAULT_CODE_SYSTEM}; icd10cm: its codes "
                            "mapped through the CMS GEMs); a --mimic-dir folder's is read from the folder")
