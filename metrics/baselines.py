@@ -11,8 +11,22 @@ drawn independently from the training marginals:
   visit occurrences among the codes not yet in the visit (draws with replacement, repeats
   discarded: the same law). No duplicates inside a visit.
 
+When the training cohort has times (``time_outcome.has_times``), each patient also gets them,
+independently of its codes, visits and demographics (the independent baseline of the time and
+outcome metrics):
+
+- ``stay_days``: each visit's stay drawn from the training stays (finite values, all visits);
+- ``gap_days``: 0.0 for the first visit, each later visit's gap drawn from the training gaps of
+  visits after the first (finite values; 0.0 when there is none);
+- (``hospital_death``, ``death_days``): jointly, copied from a training patient with a visit
+  drawn uniformly (``hospital_death`` is False for a drawn patient with no visit).
+
+Without times the patients and their draws are exactly those of a sampler without them (the
+time draws come after all others).
+
 It matches code frequencies by construction but has no co-occurrence structure (and ignores
-the CMS age/sex edits), so a useful model must beat it clearly on the pair metrics.
+the CMS age/sex edits), so a useful model must beat it clearly on the pair metrics; its
+outcomes are tied to no diagnosis, so its mortality-by-category R² is about 0 or below.
 """
 
 from __future__ import annotations
@@ -23,13 +37,16 @@ import numpy as np
 
 from promptehr_hf.datasets_scripts import incidence as inc
 from promptehr_hf.datasets_scripts.code_systems import DEFAULT_CODE_SYSTEM
+from promptehr_hf.metrics.time_outcome import Times, has_times
 
 
 class IndependentMarginalSampler:
     """Fitted marginals: ``codes`` [K] with ``code_cdf`` [K], visit sizes, visits per patient,
-    (age, sex) pairs."""
+    (age, sex) pairs; with times, ``stays``, ``gaps`` (of later visits) and the per-patient
+    ``hospital_death`` [m] and ``death_days`` [m] (NaN: None) pairs (``stays`` None: no times)."""
 
-    def __init__(self, codes, code_counts, visit_sizes, visits_per_patient, ages, sexes):
+    def __init__(self, codes, code_counts, visit_sizes, visits_per_patient, ages, sexes, *, stays=None,
+                 gaps=None, hospital_death=None, death_days=None):
         self.codes = np.asarray(codes, dtype=object)
         counts = np.asarray(code_counts, dtype=np.float64)
         self.code_cdf = np.cumsum(counts) / counts.sum()
@@ -37,6 +54,10 @@ class IndependentMarginalSampler:
         self.visits_per_patient = np.asarray(visits_per_patient, dtype=np.int64)
         self.ages = np.asarray(ages, dtype=np.float64)
         self.sexes = np.asarray(sexes, dtype=object)
+        self.stays = None if stays is None else np.asarray(stays, dtype=np.float64)
+        self.gaps = np.asarray([] if gaps is None else gaps, dtype=np.float64)
+        self.hospital_death = np.asarray([False] if hospital_death is None else hospital_death, dtype=bool)
+        self.death_days = np.asarray([np.nan] if death_days is None else death_days, dtype=np.float64)
 
     @classmethod
     def fit(cls, train: Any, code_system: str = DEFAULT_CODE_SYSTEM) -> "IndependentMarginalSampler":
@@ -47,6 +68,13 @@ class IndependentMarginalSampler:
         if X.nnz == 0:
             raise ValueError("IndependentMarginalSampler.fit: the training cohort has no codes")
         keep = np.flatnonzero(np.asarray(X.sum(axis=0)).ravel())
+        times = {}
+        if has_times(train):
+            t = Times(train)
+            if t.stays().size:
+                with_visit = t.n_visits > 0
+                times = {"stays": t.stays(), "gaps": t.gaps(), "hospital_death": t.hospital_death[with_visit],
+                         "death_days": t.death_days[with_visit]}
         return cls(
             codes=[vocab[i] for i in keep],
             code_counts=np.asarray(X.sum(axis=0)).ravel()[keep],
@@ -54,6 +82,7 @@ class IndependentMarginalSampler:
             visits_per_patient=np.diff(inc.visit_offsets(visits)),
             ages=inc.cohort_column(train, "age"),
             sexes=inc.cohort_column(train, "sex"),
+            **times,
         )
 
     def _visit_codes(self, sizes: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
@@ -93,5 +122,25 @@ class IndependentMarginalSampler:
         bounds = np.searchsorted(v, np.arange(len(sizes) + 1))
         visits = [codes[bounds[i]:bounds[i + 1]] for i in range(len(sizes))]
         first = np.r_[0, np.cumsum(n_visits)]
-        return [{"subject_id": first_subject_id + i, "age": float(self.ages[who[i]]), "sex": str(self.sexes[who[i]]),
-                 "visits": visits[first[i]:first[i + 1]]} for i in range(n)]
+        patients = [{"subject_id": first_subject_id + i, "age": float(self.ages[who[i]]),
+                     "sex": str(self.sexes[who[i]]), "visits": visits[first[i]:first[i + 1]]} for i in range(n)]
+        if self.stays is not None:
+            self._add_times(patients, n_visits, first, rng)
+        return patients
+
+    def _add_times(self, patients: list[dict], n_visits: np.ndarray, first: np.ndarray,
+                   rng: np.random.Generator) -> None:
+        """Draw the time fields of ``patients`` (class docstring), after every other draw."""
+        V = int(first[-1])
+        stays = rng.choice(self.stays, size=V).tolist()
+        gaps = rng.choice(self.gaps, size=V) if self.gaps.size else np.zeros(V)
+        gaps[first[:-1][n_visits > 0]] = 0.0
+        gaps = gaps.tolist()
+        outcome = rng.integers(len(self.hospital_death), size=len(patients))
+        dead = self.hospital_death[outcome] & (n_visits > 0)
+        days = self.death_days[outcome]
+        for i, p in enumerate(patients):
+            p["stay_days"] = stays[first[i]:first[i + 1]]
+            p["gap_days"] = gaps[first[i]:first[i + 1]]
+            p["hospital_death"] = bool(dead[i])
+            p["death_days"] = None if np.isnan(days[i]) else float(days[i])

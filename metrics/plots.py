@@ -3,6 +3,10 @@
 ``write_plots(cohorts, rows, out, code_system)``: ``cohorts`` maps "real" and the scored rows
 ("synthetic", "floor", "baseline", those present) to cohort columns; ``rows`` holds their
 metrics; ``code_system`` ("icd9cm" or "icd10cm") names the categories and their titles.
+When the real cohort has times (``time_outcome.has_times``) it also draws ``gap_days.png`` and
+``stay_days.png`` (histograms of real, synthetic and baseline, those with times; log-x for gaps)
+and, when a generated row has times, ``mortality_by_category.png`` (real vs generated in-hospital
+death rate per category).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from promptehr_hf.datasets_scripts import code_systems  # noqa: E402
 from promptehr_hf.datasets_scripts import incidence as inc  # noqa: E402
 from promptehr_hf.datasets_scripts.code_systems import DEFAULT_CODE_SYSTEM  # noqa: E402
 from promptehr_hf.metrics.coherence import cohorts, safe_category  # noqa: E402
+from promptehr_hf.metrics.time_outcome import Times, has_times, mortality_by_category  # noqa: E402
 
 COLORS = {"real": "#333333", "synthetic": "#1f77b4", "floor": "#2ca02c", "baseline": "#ff7f0e"}
 N_TOP_CATEGORIES, N_HEATMAP = 20, 15
@@ -36,7 +41,7 @@ def _title(code: str, icd: ModuleType) -> str:
 
 def write_plots(cohort_columns: dict[str, dict], rows: dict, out: Path,
                 code_system: str = DEFAULT_CODE_SYSTEM) -> list[Path]:
-    """Write the five PNGs into ``out``; returns their paths."""
+    """Write the five PNGs (eight with times) into ``out``; returns their paths."""
     icd = code_systems.code_system(code_system)
     cs, vocab = cohorts(cohort_columns, code_system)
     names = [n for n in ("synthetic", "floor", "baseline") if n in cs]
@@ -56,7 +61,76 @@ def write_plots(cohort_columns: dict[str, dict], rows: dict, out: Path,
     top = np.argsort(-share["real"], kind="stable")[:N_HEATMAP]
     paths.append(_heatmap(cat, top, categories, ["real", *[n for n in names if n != "floor"]],
                           out / "cooccurrence_heatmap.png"))
+    if has_times(cohort_columns["real"]):
+        paths += _time_plots(cohort_columns, [n for n in names if has_times(cohort_columns[n])], rows, out,
+                             code_system)
     return paths
+
+
+def _time_plots(cohort_columns: dict[str, dict], names: list[str], rows: dict, out: Path,
+                code_system: str) -> list[Path]:
+    times = {n: Times(cohort_columns[n]) for n in ("real", *names)}
+    shown = ["real", *[n for n in names if n != "floor"]]
+    paths = [
+        _histogram({n: times[n].gaps() for n in shown}, "days from discharge to the next admission",
+                   out / "gap_days.png", log_x=True),
+        _histogram({n: times[n].stays() for n in shown}, "length of stay (days)", out / "stay_days.png",
+                   log_x=False),
+    ]
+    if names:  # a generated row to compare with
+        paths.append(_mortality(cohort_columns, times, names, rows, out / "mortality_by_category.png", code_system))
+    return paths
+
+
+def _histogram(values: dict[str, np.ndarray], label: str, path: Path, log_x: bool) -> Path:
+    """Step histograms, share of values per bin. ``log_x``: log-spaced bins from 0.1 (smaller
+    values, 0 included, fall in the first bin); else linear bins up to the 99th percentile of
+    the real values (larger ones in the last bin)."""
+    fig, ax = plt.subplots(figsize=(8, 4))
+    pooled = np.concatenate([v for v in values.values()] + [np.zeros(1)])
+    if log_x:
+        lo, hi = 0.1, max(float(pooled.max()), 1.0)
+        edges = np.geomspace(lo, hi * 1.01, 41)
+        clip = (lo, edges[-1] * 0.999)
+    else:
+        ref = values["real"] if len(values["real"]) else pooled
+        hi = max(float(np.percentile(ref, 99)), 1.0)
+        edges = np.linspace(min(float(pooled.min()), 0.0), hi, 41)
+        clip = (edges[0], hi)
+    for name, v in values.items():
+        if not len(v):
+            continue
+        p, _ = np.histogram(np.clip(v, *clip), bins=edges)
+        ax.stairs(p / len(v), edges, color=COLORS[name], lw=1.6 if name == "real" else 1.1,
+                  label=f"{name} (n {len(v):,}, median {np.median(v):.3g})")
+    if log_x:
+        ax.set_xscale("log")
+    ax.set(xlabel=label + (" (log scale; below 0.1 in the first bin)" if log_x else
+                           f" (above {hi:.3g} in the last bin)"), ylabel="share", title=f"Distribution of {label}")
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def _mortality(cohort_columns, times, names, rows, path: Path, code_system: str) -> Path:
+    """Per row, the in-hospital death rate of the visits holding each of the most common real
+    categories: real (x) vs the row (y), one dot per category, size by real visits."""
+    fig, axes = plt.subplots(1, len(names), figsize=(4.6 * len(names), 4.6), squeeze=False)
+    for ax, name in zip(axes[0], names):
+        by = mortality_by_category(cohort_columns[name], cohort_columns["real"], code_system=code_system,
+                                   times=(times[name], times["real"]))
+        held = np.isfinite(by["rate"])
+        x, y = by["rate_real"][held], by["rate"][held]
+        size = 8 + 60 * by["visits_real"][held] / max(int(by["visits_real"].max(initial=1)), 1)
+        ax.scatter(x, y, s=size, alpha=0.6, color=COLORS[name], linewidths=0)
+        hi = max(float(x.max(initial=0)), float(y.max(initial=0)), 0.01) * 1.1
+        ax.plot([0, hi], [0, hi], color="grey", lw=0.8, ls="--")
+        ax.set(xlim=(0, hi), ylim=(0, hi), xlabel="real: in-hospital death rate of the visits with the category",
+               ylabel=f"{name}: the same")
+        r2 = (rows.get(name) or {}).get("mortality_by_category_r2", float("nan"))
+        ax.set_title(f"{name}: R² = {r2:.3f} over {int(held.sum())} categories", fontsize=10)
+    fig.suptitle(f"In-hospital mortality by category (the {len(by['categories'])} most common "
+                 "real categories; dot size: real visits)", fontsize=10)
+    return _save(fig, path)
 
 
 def _save(fig, path: Path) -> Path:

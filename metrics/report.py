@@ -34,6 +34,15 @@ but an earlier report, listed by its ``.promptehr-manifest.json``) DIR/metrics.j
 (``{"rows": {row: {metric: value}}, "meta": {...}}``, NaN as null), DIR/metrics.md (the table)
 and the PNGs ``code_prevalence.png``, ``visits_per_patient.png``, ``codes_per_visit.png``,
 ``top_categories.png``, ``cooccurrence_heatmap.png``.
+
+Times and outcomes: when the reference cohort has times (the optional fields ``stay_days``,
+``gap_days``, ``hospital_death``, ``death_days``; ``time_outcome.has_times``), the cohorts carry
+them (``read_cohort`` reads them from Parquet files and MIMIC folders), the baseline draws them
+from their marginals, every row whose cohort has them gains the figures of
+``metrics.time_outcome`` (scored against the same reference), the meta gains ``time_outcome``,
+metrics.md a section "Time and outcome", and the plots ``gap_days.png``, ``stay_days.png`` and
+``mortality_by_category.png``. Without times in the reference, all of it is exactly as without
+the fields.
 Codes may be dotted or dotless: every figure reads them normalised (``normalize`` of the code
 system). Codes outside the system's tables (ICD-9-CM v32, ICD-10-CM FY2021) are scored as given,
 with a warning per cohort that counts them and names the most listed. A cohort with no patient
@@ -66,11 +75,13 @@ from promptehr_hf.metrics.baselines import IndependentMarginalSampler
 from promptehr_hf.metrics.coherence import coherence, unknown_codes
 from promptehr_hf.metrics.plots import write_plots
 from promptehr_hf.metrics.privacy import privacy
+from promptehr_hf.metrics.time_outcome import TIME_FIELDS, VIOLATIONS, has_times, optional_column, time_outcome
 
 COLUMNS = ("visits", "age", "sex")
 ROWS = ("synthetic", "floor", "baseline")
 PLOTS = ("code_prevalence.png", "visits_per_patient.png", "codes_per_visit.png", "top_categories.png",
          "cooccurrence_heatmap.png")
+TIME_PLOTS = ("gap_days.png", "stay_days.png", "mortality_by_category.png")  # when the reference has times
 # (key, label, better): better is "low", "high", "0.5", "0", "real" (close to the real value) or "".
 TABLE = {
     "Fidelity": [
@@ -113,21 +124,64 @@ TABLE = {
         ("sex_inference_f1", "sex inference F1 (members)", "real"),
     ],
 }
+VIOLATION_LABELS = {  # metrics.time_outcome's VIOLATIONS, for the table
+    "times_missing": "stay/gap lists missing (patients)",
+    "length_mismatch": "stay/gap list length ≠ visits (patients)",
+    "nonfinite_time": "NaN or infinite stay or gap (visits)",
+    "negative_stay": "negative stay (visits)", "negative_gap": "negative gap (visits)",
+    "first_gap_nonzero": "first gap not 0 (patients)",
+    "death_and_death_days": "in-hospital death with death_days set (patients)",
+    "bad_death_days": "death_days negative or infinite (patients)",
+    "death_without_visit": "in-hospital death without a visit (patients)",
+    "age_over_cap": "age at first admission over 90 (patients)",
+    "age_implausible": "age at admission 125 or more (visits)",
+}
+# The section metrics.md adds when some row has these figures (metrics.time_outcome).
+TIME_TABLE = {
+    "Time and outcome": [
+        ("gap_days_mean", "gap between visits, mean (days)", "real"),
+        ("gap_days_median", "gap between visits, median (days)", "real"),
+        ("gap_days_wasserstein", "gap, Wasserstein (days)", "low"), ("gap_days_ks", "gap, KS statistic", "low"),
+        ("stay_days_mean", "length of stay, mean (days)", "real"),
+        ("stay_days_wasserstein", "length of stay, Wasserstein (days)", "low"),
+        ("stay_days_ks", "length of stay, KS statistic", "low"),
+        ("admission_age_wasserstein", "age at admission, Wasserstein (years)", "low"),
+        ("admission_age_ks", "age at admission, KS statistic", "low"),
+        ("readmission_30d_rate", "30-day readmission rate", "real"),
+        ("hospital_mortality_patient_rate", "in-hospital mortality, per patient", "real"),
+        ("hospital_mortality_admission_rate", "in-hospital mortality, per admission", "real"),
+        ("mortality_by_category_r2", "R² in-hospital mortality by category", "high"),
+        ("mortality_by_category_n", "categories compared", ""),
+        ("out_of_hospital_death_rate", "death after discharge, share of patients", "real"),
+        ("death_days_wasserstein", "days to death after discharge, Wasserstein", "low"),
+        ("time_violation_patient_rate", "time/outcome violations, share of patients", "low"),
+        *((f"violations_{name}", f"violations: {VIOLATION_LABELS[name]}", "low") for name in VIOLATIONS),
+    ],
+}
 # Real-cohort values shown in the "real" column (coherence returns them as <key>_real).
 REAL_KEYS = {"cms_invalid_patient_rate": "cms_invalid_patient_rate_real", "distinct_codes": "distinct_codes_real",
              "top_code_share": "top_code_share_real", "visits_per_patient_mean": "visits_per_patient_mean_real",
              "codes_per_visit_mean": "codes_per_visit_mean_real", "female_share": "female_share_real",
              "exact_copy_rate": "holdout_exact_copy_rate",
              "attribute_inference_f1": "attribute_inference_f1_holdout", "sex_inference_f1": "sex_inference_f1_holdout"}
+REAL_KEYS |= {key: f"{key}_real" for key in (
+    "gap_days_mean", "gap_days_median", "stay_days_mean", "readmission_30d_rate", "hospital_mortality_patient_rate",
+    "hospital_mortality_admission_rate", "out_of_hospital_death_rate", "time_violation_patient_rate")}
 
 
 # ----------------------------------------------------------------------------- reading cohorts
-def as_columns(cohort: Any) -> dict[str, list]:
-    """Any cohort form -> {"visits", "age", "sex"} lists."""
+def as_columns(cohort: Any, times: bool = False) -> dict[str, list]:
+    """Any cohort form -> {"visits", "age", "sex"} lists; with ``times``, also the time fields
+    (``TIME_FIELDS``) the cohort has, when it has times (``time_outcome.has_times``)."""
     try:
-        return {name: inc.cohort_column(cohort, name) for name in COLUMNS}
+        columns = {name: inc.cohort_column(cohort, name) for name in COLUMNS}
     except KeyError as err:
         raise ValueError(f"a cohort needs the columns {COLUMNS}: {err}") from None
+    if times and has_times(cohort):
+        for name in TIME_FIELDS:
+            values = optional_column(cohort, name)
+            columns[name] = values if values is not None else [None] * len(columns["visits"])
+    return columns
 
 
 def _take(columns: dict[str, list], rows: np.ndarray) -> dict[str, list]:
@@ -143,7 +197,8 @@ def _is_mimic_folder(folder: Path) -> bool:
 
 
 def read_cohort(path: str | os.PathLike, split: str | None = None) -> dict[str, list]:
-    """Columns {"visits", "age", "sex"} of the cohort at ``path`` (forms: module docstring)."""
+    """Columns {"visits", "age", "sex"} of the cohort at ``path`` (forms: module docstring), and
+    its time fields when it has times (``as_columns(..., times=True)``)."""
     p = Path(path)
     if p.is_dir():
         parquet = sorted(p.glob("*.parquet"))
@@ -153,7 +208,7 @@ def read_cohort(path: str | os.PathLike, split: str | None = None) -> dict[str, 
             p = parquet[0]
         elif _is_mimic_folder(p):
             reader = read_mimic4 if folder_format(p) == "mimic4" else read_mimic3
-            return as_columns(reader(p)[0])
+            return as_columns(reader(p)[0], times=True)
         else:
             raise FileNotFoundError(
                 f"{path}: expected a Parquet file, a prepared folder with {split or '<split>'}.parquet, a folder with "
@@ -165,7 +220,8 @@ def read_cohort(path: str | os.PathLike, split: str | None = None) -> dict[str, 
     missing = [c for c in COLUMNS if c not in schema_names]
     if missing:
         raise ValueError(f"{p}: missing column(s) {missing} (patient schema: subject_id, age, sex, visits)")
-    return pq.read_table(p, columns=list(COLUMNS)).to_pydict()
+    present = [c for c in TIME_FIELDS if c in schema_names]
+    return as_columns(pq.read_table(p, columns=[*COLUMNS, *present]).to_pydict(), times=True)
 
 
 def recorded_code_system(path: str | os.PathLike) -> str | None:
@@ -216,8 +272,8 @@ def evaluate_cohorts(synthetic: Any, real: Any, train: Any = None, *, out_dir: s
     if out_dir is not None:
         check_output(Path(out_dir).resolve(), "evaluate")  # fail before the work, not after
     t0 = time.perf_counter()
-    syn, ref = as_columns(synthetic), as_columns(real)
-    tr = as_columns(train) if train is not None else None
+    syn, ref = as_columns(synthetic, times=True), as_columns(real, times=True)
+    tr = as_columns(train, times=True) if train is not None else None
     for name, columns in (("synthetic", syn), ("real", ref), ("train", tr)):
         if columns is not None and not len(columns["visits"]):
             raise ValueError(f"the {name} cohort has no patients: nothing to score")
@@ -233,13 +289,16 @@ def evaluate_cohorts(synthetic: Any, real: Any, train: Any = None, *, out_dir: s
         candidates["floor"] = _take(ref, np.sort(rng.choice(len(ref["visits"]), size=size, replace=False)))
     if baseline:
         sampler = IndependentMarginalSampler.fit(reference, code_system)
-        candidates["baseline"] = as_columns(sampler.sample(n, seed=seed))
+        candidates["baseline"] = as_columns(sampler.sample(n, seed=seed), times=True)
+    timed = has_times(reference)
 
     rows: dict[str, dict | None] = {name: None for name in ROWS}
     for name, cand in candidates.items():
         rows[name] = coherence(cand, reference, top_k=top_k, code_system=code_system)
         if tr is not None and name != "floor":
             rows[name] |= privacy(cand, tr, ref, n_attack=n_attack, seed=seed, code_system=code_system)
+        if timed:
+            rows[name] |= time_outcome(cand, reference, code_system=code_system)  # {} when cand has no times
     meta = {
         "code_system": code_system,
         "reference": "train" if tr is not None else "real", "n_real": len(ref["visits"]), "n_synthetic": n,
@@ -251,6 +310,10 @@ def evaluate_cohorts(synthetic: Any, real: Any, train: Any = None, *, out_dir: s
         "privacy": "train = train, holdout = real" if tr is not None else "not computed (needs train)",
         "seed": seed, "top_k": top_k, "n_attack": n_attack,
     }
+    if timed:
+        scored = [name for name in candidates if has_times(candidates[name])]
+        meta["time_outcome"] = ("rows whose cohort has times, scored against the reference: "
+                                + (", ".join(scored) or "none"))
     meta["scoring_seconds"] = round(time.perf_counter() - t0, 2)
     result = {"rows": rows, "meta": meta}
     if out_dir is not None:
@@ -290,7 +353,8 @@ def markdown_table(result: dict) -> str:
              f"Privacy: {meta['privacy']}. Column *real*: the reference cohort's own value (privacy: the same "
              "attack on held-out real patients, the control).", ""]
     system = LABELS[meta.get("code_system", DEFAULT_CODE_SYSTEM)]  # reports written before it was recorded
-    for section, items in TABLE.items():
+    timed = any(key in row for row in rows.values() if row for items in TIME_TABLE.values() for key, _, _ in items)
+    for section, items in (TABLE | TIME_TABLE if timed else TABLE).items():
         lines += [f"## {section}", "", "| metric | synthetic | floor | baseline | real | better |",
                   "|---|---|---|---|---|---|"]
         for key, label, direction in items:
@@ -300,7 +364,11 @@ def markdown_table(result: dict) -> str:
             lines.append(f"| {label.format(system=system)} | " + " | ".join(cells)
                          + f" | {_fmt(real_value)} | {better[direction]} |")
         lines.append("")
-    lines.append("Definitions: `promptehr_hf.metrics.coherence` and `promptehr_hf.metrics.privacy` docstrings.")
+    if timed:
+        lines.append("Definitions: `promptehr_hf.metrics.coherence`, `promptehr_hf.metrics.privacy` and "
+                     "`promptehr_hf.metrics.time_outcome` docstrings.")
+    else:
+        lines.append("Definitions: `promptehr_hf.metrics.coherence` and `promptehr_hf.metrics.privacy` docstrings.")
     return "\n".join(lines) + "\n"
 
 
