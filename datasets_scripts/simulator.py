@@ -2,7 +2,8 @@
 
 Nobody can ship MIMIC-III, so the default cohort is simulated. It is calibrated to the public
 MIMIC-III figures (46,520 patients, 56% male, ~17% neonates,
-~1.27 admissions per patient, ~11.3 codes per admission, the top-20 codes) and, being a known
+~1.27 admissions per patient, ~11.3 codes per admission, the top-20 codes; in-hospital mortality
+~10% of admissions and a median stay of ~6.6 days) and, being a known
 process, it is also the ground truth fidelity is measured against.
 
 Everything that defines the process is in the tables below (``PARAMS``, ``PHENOTYPES``,
@@ -69,6 +70,39 @@ Everything that defines the process is in the tables below (``PARAMS``, ``PHENOT
      MIMIC-III demo has 20 of its 129 admissions at exactly 9 codes): such admissions lose their
      chronic comorbidities first.
 
+5. **Times** (``simulate(..., times=True)``, the default; tables ``TIMES``, ``TIME_PARAMS``). Each
+   admission gets a length of stay, each readmission a gap since the previous discharge, each
+   patient possibly a death, from the phenotypes:
+
+   - *Linear predictors of an admission.* At the first admission, the sum of the ``TIMES``
+     effects (``death``, ``stay``) of the phenotypes active there plus the ``conditions``
+     effects of the conditions that happened there (drawn, whether or not the code system can
+     write them). At a later admission, the phenotypes' *expected* effects: each member
+     phenotype's effect times its long-run probability of being active (the stationary
+     probability of its ``episode`` chain), its conditions' effects times their long-run
+     probability of being coded (requirements multiplied in). The later admissions' codes are
+     drawn from a stream that differs between code systems after the first admission, so they
+     cannot drive times that both code systems share.
+   - *Stay* (days) = exp(log ``stay_median`` + predictor + ``stay_sigma`` * N(0, 1)), adult or
+     neonate, at least ``stay_min``, rounded to 0.01 day.
+   - *In-hospital death*, admission by admission in order: Bernoulli(sigmoid(``death_logit`` +
+     ``death_age`` * (age - 65) / 10 for adults + predictor)); the first admission where it is
+     drawn is the patient's last: the later admissions are dropped (their codes were drawn, so
+     the kept ones are exactly those of ``times=False``), and ``hospital_death`` is True.
+   - *Gap* before each readmission (days; 0 for the first admission) = exp(log ``gap_median``
+     + the members' ``gap`` effects - ``gap_intensity`` * log(lambda / ``readmit_rate``) +
+     ``gap_sigma`` * N(0, 1)), at most ``gap_max``: chronic phenotypes come back sooner, and
+     so does a patient whose readmission rate (step 3, over-dispersion included) is high.
+   - *Death after discharge*, for a patient who did not die in hospital: Bernoulli(sigmoid(
+     ``after_logit`` + ``after_age`` * (age - 65) / 10 + the members' ``after`` effects)), after
+     ``death_days`` = exp(log ``after_median`` + the members' ``after_days`` + ``after_sigma`` *
+     N(0, 1)) days (at least 0.01); else ``death_days`` is None.
+
+   The times come from their own random stream (child 0 of the block's SeedSequence), so the
+   codes' stream is untouched, and they depend on nothing the code system changes: an ICD-10-CM
+   cohort has the ICD-9-CM cohort's times and admissions. ``benchmarks/simulator_calibration.py``
+   compares them with MIMIC-III's published figures and the demo.
+
 Every code is a billable v32 leaf, and every record respects the CMS Medicare Code Editor age/sex
 edits by construction: variants and tail entries are drawn only among those whose codes
 ``icd9.violations`` all allows for the patient's whole-year age and sex (one allowed set per
@@ -98,7 +132,9 @@ ICD-10-CM cohort as a MIMIC-IV folder (``write_mimic4_csvs``, ``hosp/*.csv.gz``)
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
+import gc
 import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -599,6 +635,89 @@ EXCLUDES: dict[str, tuple[str, ...]] = {
 }
 
 # ======================================================================================
+# Times: length of stay, gaps between admissions, in-hospital and later death
+# ======================================================================================
+
+
+@dataclass(frozen=True)
+class TimeEffects:
+    """How a phenotype moves its patients' times (all additive; 0 = no effect).
+
+    death / stay: logit of in-hospital death / log length of stay of an admission where the
+        phenotype is active (see the module docstring for admissions after the first).
+    conditions: ``{condition name: (death, stay)}``, added when that condition of the phenotype
+        happens at the admission.
+    gap: log of every gap before a readmission of a member (negative: back sooner).
+    after / after_days: logit of a death after the last discharge / log of its delay, for a member.
+    """
+
+    death: float = 0.0
+    stay: float = 0.0
+    conditions: Mapping[str, tuple[float, float]] = field(default_factory=dict)
+    gap: float = 0.0
+    after: float = 0.0
+    after_days: float = 0.0
+
+
+@dataclass(frozen=True)
+class TimeParams:
+    """Global parameters of the times; (adult, neonate) pairs where the two differ. Calibrated by
+    benchmarks/simulator_calibration.py (targets there)."""
+
+    stay_median: tuple[float, float] = (5.9, 2.6)  # days, before the effects
+    stay_sigma: tuple[float, float] = (0.72, 0.55)  # lognormal sd of log stay
+    stay_min: float = 0.04  # one hour: MIMIC's shortest admissions
+    death_logit: tuple[float, float] = (-2.97, -6.6)
+    death_age: float = 0.25  # per decade from 65 (adults)
+    gap_median: float = 400.0  # days, before the effects
+    gap_sigma: float = 1.35
+    gap_intensity: float = 0.5  # gaps scale as (readmission intensity / its base) ** -gap_intensity
+    gap_max: float = 4018.0  # 11 years: MIMIC-III spans 2001-2012
+    after_logit: tuple[float, float] = (-1.85, -6.0)
+    after_age: float = 0.5  # per decade from 65 (adults)
+    after_median: float = 300.0  # days from the last discharge, before the effects
+    after_sigma: float = 1.4
+
+
+TIME_PARAMS = TimeParams()
+
+# Phenotypes absent here have no effect on the times.
+TIMES: dict[str, TimeEffects] = {
+    "general": TimeEffects(conditions={"dnr": (1.6, 0.0), "delirium": (0.2, 0.2), "pressure_ulcer": (0.4, 0.4)},
+                           after=0.2),
+    "cardiometabolic": TimeEffects(gap=-0.2, after=0.1),
+    "coronary": TimeEffects(death=-0.2, gap=-0.1),
+    "heart": TimeEffects(death=0.2, gap=-0.45, after=0.6,
+                         conditions={"cardiogenic_shock": (1.8, 0.3), "ventricular_tachycardia": (0.5, 0.1)}),
+    "cardiac_surgery": TimeEffects(death=-1.0, stay=0.25, after=-0.4),
+    "renal": TimeEffects(death=0.1, stay=0.1, gap=-0.6, after=0.6, conditions={"aki": (0.4, 0.2)}),
+    "respiratory": TimeEffects(gap=-0.4, after=0.4,
+                               conditions={"respiratory_failure": (1.2, 0.45), "aspiration": (0.5, 0.2),
+                                           "pneumonia": (0.3, 0.1), "pulmonary_embolism": (0.5, 0.1)}),
+    "liver_gi": TimeEffects(death=0.3, gap=-0.6, after=0.9,
+                            conditions={"hepatorenal": (1.5, 0.3), "encephalopathy": (0.5, 0.2), "sbp": (0.8, 0.2),
+                                        "gi_bleed": (0.2, 0.0)}),
+    "sepsis": TimeEffects(death=0.9, stay=0.3, gap=-0.2, after=0.5,
+                          conditions={"severe_sepsis": (0.3, 0.1), "septic_shock": (1.0, 0.2),
+                                      "respiratory_failure": (0.5, 0.3), "ards": (0.8, 0.3)}),
+    "oncology": TimeEffects(death=0.6, stay=0.2, gap=-0.7, after=1.6, after_days=-0.8,
+                            conditions={"metastasis": (0.5, 0.1)}),
+    "trauma": TimeEffects(death=-0.3, stay=0.15, gap=0.3, after=-0.8,
+                          conditions={"brain_injury": (0.8, 0.2), "spine_fracture": (0.3, 0.3),
+                                      "respiratory_failure": (0.8, 0.3)}),
+    "falls": TimeEffects(after=0.3, conditions={"subdural": (0.5, 0.1), "hip_fracture": (0.2, 0.2)}),
+    "substance": TimeEffects(death=-0.5, stay=-0.3, gap=-0.4),
+    "psychiatric": TimeEffects(death=-0.8, stay=-0.2, conditions={"self_poisoning": (0.0, -0.5)}),
+    "neuro": TimeEffects(death=0.3, stay=0.1, after=0.4,
+                         conditions={"brain_swelling": (1.2, 0.2), "aspiration": (0.4, 0.2)}),
+    "obstetric": TimeEffects(death=-2.5, stay=-0.6, gap=0.6, after=-3.0),
+    "neonatal": TimeEffects(gap=-1.2, conditions={"newborn_sepsis": (1.5, 0.5)}),
+    "preterm": TimeEffects(death=1.6, stay=1.4,
+                           conditions={"respiratory_distress": (0.6, 0.4), "bpd": (0.6, 0.7), "rop": (0.0, 0.5),
+                                       "ivh": (1.2, 0.4), "nec": (1.5, 0.7)}),
+}
+
+# ======================================================================================
 # The tables compiled to arrays (independent of the sampling seed; built once per process)
 # ======================================================================================
 
@@ -852,6 +971,64 @@ def _compiled(code_system: str = DEFAULT_CODE_SYSTEM) -> _Compiled:
     )
 
 
+@dataclass(frozen=True)
+class _TimeTables:
+    """TIMES as arrays over PHENOTYPES [P] and their conditions [K] (the order of _compiled's
+    conditions); independent of the code system, so both code systems draw the same times."""
+
+    ph_effects: np.ndarray  # float [P, 2]: (death, stay) of an active phenotype
+    c_effects: np.ndarray  # float [K, 2]: (death, stay) of a condition that happened
+    later_effects: np.ndarray  # float [P, 2]: a member's expected (death, stay) at an admission after the first
+    ph_gap: np.ndarray  # float [P]
+    ph_after: np.ndarray
+    ph_after_days: np.ndarray
+
+
+def _stationary(first: np.ndarray, keep: np.ndarray, new: np.ndarray) -> np.ndarray:
+    """Long-run P(on) of the two-state chain P(on | on) = keep, P(on | off) = new (first if it
+    never switches)."""
+    denom = 1.0 - keep + new
+    return np.where(denom > 0, new / np.where(denom > 0, denom, 1.0), first)
+
+
+@functools.cache
+def _time_tables() -> _TimeTables:
+    names = [ph.name for ph in PHENOTYPES]
+    conds = [(p, c) for p, ph in enumerate(PHENOTYPES) for c in ph.conditions]
+    cond_index = {(p, c.name): k for k, (p, c) in enumerate(conds)}
+    P, K = len(PHENOTYPES), len(conds)
+    ph = {key: np.zeros(P) for key in ("death", "stay", "gap", "after", "after_days")}
+    c_death, c_stay = np.zeros(K), np.zeros(K)
+    for name, eff in TIMES.items():
+        if name not in names:
+            raise ValueError(f"TIMES: unknown phenotype {name}")
+        p = names.index(name)
+        for key in ph:
+            ph[key][p] = getattr(eff, key)
+        for cname, (d, st) in eff.conditions.items():
+            if (p, cname) not in cond_index:
+                raise ValueError(f"TIMES[{name}]: {name} has no condition {cname}")
+            c_death[cond_index[p, cname]], c_stay[cond_index[p, cname]] = d, st
+    # A later admission: its phenotypes and conditions are not known code-system-free (see the
+    # module docstring), so it takes their expected effect: P(active) and P(coded | active) at
+    # their long-run level, a required condition's probability multiplied in.
+    episode = np.array([ph_.episode for ph_ in PHENOTYPES])
+    on = _stationary(*episode.T)
+    c_on = _stationary(*np.array([[c.p_first, c.p_keep, c.p_new] for _, c in conds]).T)
+    req = [cond_index[p, c.requires] if c.requires else -1 for p, c in conds]
+    for k in range(K):  # requirements name earlier conditions
+        if req[k] >= 0:
+            c_on[k] *= c_on[req[k]]
+    c_pheno = np.array([p for p, _ in conds], dtype=np.int64)
+    later = {}
+    for key, c_eff in (("death", c_death), ("stay", c_stay)):
+        later[key] = on * (ph[key] + np.bincount(c_pheno, weights=c_on * c_eff, minlength=P))
+    return _TimeTables(ph_effects=np.stack([ph["death"], ph["stay"]], axis=1),
+                       c_effects=np.stack([c_death, c_stay], axis=1),
+                       later_effects=np.stack([later["death"], later["stay"]], axis=1),
+                       ph_gap=ph["gap"], ph_after=ph["after"], ph_after_days=ph["after_days"])
+
+
 # ======================================================================================
 # Sampling
 # ======================================================================================
@@ -874,9 +1051,11 @@ def _sample_variants(S: _Compiled, rng: np.random.Generator, cls: np.ndarray) ->
     return var
 
 
-def _sample_block(rng: np.random.Generator, n: int, first_subject_id: int, code_system: str) -> list[dict]:
+def _sample_block(rng: np.random.Generator, n: int, first_subject_id: int, code_system: str,
+                  times_rng: np.random.Generator | None = None) -> list[dict]:
     """n patients (see the module docstring) in ``code_system``; subject_ids first_subject_id,
-    first_subject_id + 1, ..."""
+    first_subject_id + 1, ... With ``times_rng``, their times too (drawn from that stream only:
+    ``rng`` draws exactly what it draws without times)."""
     S = _compiled(code_system)
     P, K = S.ph_lin.shape[0], len(S.c_pheno)
 
@@ -900,8 +1079,8 @@ def _sample_block(rng: np.random.Generator, n: int, first_subject_id: int, code_
         member[:, p] = eligible[:, p] & (u[:, p] < _sigmoid(logit))
 
     # 3. Number of admissions.
-    lam = np.where(neonate, PARAMS.readmit_rate[1], PARAMS.readmit_rate[0])
-    lam = lam * np.exp(member @ S.ph_readmit)
+    base_rate = np.where(neonate, PARAMS.readmit_rate[1], PARAMS.readmit_rate[0])
+    lam = base_rate * np.exp(member @ S.ph_readmit)
     lam *= rng.gamma(PARAMS.readmit_shape, 1.0 / PARAMS.readmit_shape, n)
     n_visits = 1 + np.minimum(rng.poisson(lam), PARAMS.max_visits - 1)
     visit_start = np.r_[0, np.cumsum(n_visits)[:-1]]
@@ -926,9 +1105,16 @@ def _sample_block(rng: np.random.Generator, n: int, first_subject_id: int, code_
         cond_active = active[:, S.c_pheno]
         was_coded = coded_prev[idx]
         prob = np.where(first, S.c_prob[0], np.where(was_coded, S.c_prob[1], S.c_prob[2]))
-        coded = cond_active & S.c_possible[c] & (rng.random((m, K)) < prob)
+        draw = rng.random((m, K)) < prob
+        coded = cond_active & S.c_possible[c] & draw
         for ks, required in S.req_levels:
             coded[:, ks] &= coded[:, required]
+        if t == 0 and times_rng is not None:
+            # The first admission's events, whether or not the code system can write them (idx is
+            # every patient, and these draws are the same in both code systems).
+            active0, happened0 = active, cond_active & draw
+            for ks, required in S.req_levels:
+                happened0[:, ks] &= happened0[:, required]
         v = var[idx]
         if t:
             step = coded & was_coded & ~first & (rng.random((m, K)) < S.c_progress)
@@ -973,10 +1159,68 @@ def _sample_block(rng: np.random.Generator, n: int, first_subject_id: int, code_
     cap = np.repeat(np.where(capped, PARAMS.capped_codes, PARAMS.max_codes), n_visits)
     visits = _assemble(S, rng, np.concatenate(out_visit), np.concatenate(out_code), np.concatenate(out_rank), cap)
     sex = np.array(SEXES, dtype=object)[male.astype(np.int64)]
+    if times_rng is None:
+        return [
+            {"subject_id": first_subject_id + i, "age": a, "sex": s, "visits": visits[b: b + k]}
+            for i, (a, s, b, k) in enumerate(zip(age.tolist(), sex.tolist(), visit_start.tolist(), n_visits.tolist()))
+        ]
+    stay, gap, died_at, after = _sample_times(times_rng, age, neonate, member, lam / base_rate, n_visits,
+                                              active0, happened0)
+    n_kept = np.where(died_at >= 0, died_at + 1, n_visits)  # an in-hospital death ends the record
+    stay, gap = stay.tolist(), gap.tolist()
+    after = [None if np.isnan(d) else d for d in after.tolist()]
     return [
-        {"subject_id": first_subject_id + i, "age": a, "sex": s, "visits": visits[b: b + k]}
-        for i, (a, s, b, k) in enumerate(zip(age.tolist(), sex.tolist(), visit_start.tolist(), n_visits.tolist()))
+        {"subject_id": first_subject_id + i, "age": a, "sex": s, "visits": visits[b: b + k],
+         "stay_days": stay[b: b + k], "gap_days": gap[b: b + k], "hospital_death": d >= 0, "death_days": dd}
+        for i, (a, s, b, k, d, dd) in enumerate(zip(age.tolist(), sex.tolist(), visit_start.tolist(),
+                                                    n_kept.tolist(), died_at.tolist(), after))
     ]
+
+
+def _sample_times(rng: np.random.Generator, age: np.ndarray, neonate: np.ndarray, member: np.ndarray,
+                  intensity: np.ndarray, n_visits: np.ndarray, active0: np.ndarray,
+                  happened0: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The times of n patients (module docstring, "Times") over all their drawn admissions:
+    stay and gap (float [V], days, rounded to 0.01; gap 0 at each first admission), the
+    admission (0-based) of the in-hospital death (int [n], -1 if none; the first admission where
+    the draw says so) and the days from the last discharge to a later death (float [n], NaN if
+    none or in hospital)."""
+    T, TP = _time_tables(), TIME_PARAMS
+    n, V = len(age), int(n_visits.sum())
+    grp = neonate.astype(np.int64)
+    pat = np.repeat(np.arange(n), n_visits)
+    start = np.r_[0, np.cumsum(n_visits)[:-1]]
+    first = np.zeros(V, dtype=bool)
+    first[start] = True
+    decades = np.where(neonate, 0.0, (age - 65.0) / 10.0)
+    z_stay, u_death, z_gap = rng.standard_normal(V), rng.random(V), rng.standard_normal(V)
+    u_after, z_after = rng.random(n), rng.standard_normal(n)
+
+    # Predictors (death, stay) of every admission: the first's from its events, later ones expected.
+    at_first = active0.astype(np.float64) @ T.ph_effects + happened0.astype(np.float64) @ T.c_effects  # [n, 2]
+    later = member.astype(np.float64) @ T.later_effects
+    death_pred, stay_pred = np.where(first[:, None], at_first[pat], later[pat]).T
+    member = member.astype(np.float64)
+
+    log_stay = stay_pred + np.log(np.array(TP.stay_median))[grp][pat]
+    stay = np.exp(log_stay + np.array(TP.stay_sigma)[grp][pat] * z_stay)
+    stay = np.round(np.maximum(stay, TP.stay_min), 2)
+
+    death_logit = death_pred + (np.array(TP.death_logit)[grp] + TP.death_age * decades)[pat]
+    dies = np.flatnonzero(u_death < _sigmoid(death_logit))
+    died_at = np.full(n, -1, dtype=np.int64)
+    who, at = np.unique(pat[dies], return_index=True)  # each patient's first death (visits are in order)
+    died_at[who] = dies[at] - start[who]
+
+    log_gap = np.log(TP.gap_median) + member @ T.ph_gap - TP.gap_intensity * np.log(intensity)
+    gap = np.exp(log_gap[pat] + TP.gap_sigma * z_gap)
+    gap = np.where(first, 0.0, np.round(np.minimum(gap, TP.gap_max), 2))
+
+    after_logit = np.array(TP.after_logit)[grp] + TP.after_age * decades + member @ T.ph_after
+    later = (died_at < 0) & (u_after < _sigmoid(after_logit))
+    days = np.exp(np.log(TP.after_median) + member @ T.ph_after_days + TP.after_sigma * z_after)
+    after = np.where(later, np.maximum(np.round(days, 2), 0.01), np.nan)
+    return stay, gap, died_at, after
 
 
 def _assemble(S: _Compiled, rng: np.random.Generator, visit: np.ndarray, code: np.ndarray, rank: np.ndarray,
@@ -1007,9 +1251,21 @@ def _assemble(S: _Compiled, rng: np.random.Generator, visit: np.ndarray, code: n
     return [codes[a:b].tolist() for a, b in zip([0] + bounds[:-1], bounds)]
 
 
+@contextlib.contextmanager
+def _gc_paused():
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
 def simulate(n_patients: int, seed: int = 0, progress: bool = False,
-             code_system: str = DEFAULT_CODE_SYSTEM) -> list[dict]:
-    """Draw n_patients simulated patients (schema: subject_id, age, sex, visits).
+             code_system: str = DEFAULT_CODE_SYSTEM, times: bool = True) -> list[dict]:
+    """Draw n_patients simulated patients (schema: subject_id, age, sex, visits, and with
+    ``times`` stay_days, gap_days, hospital_death, death_days).
 
     Deterministic for a seed; block b of PARAMS.block_size patients uses the b-th child of
     ``numpy.random.SeedSequence(seed)``, so ``simulate(n, seed)`` is the first n patients of
@@ -1017,6 +1273,11 @@ def simulate(n_patients: int, seed: int = 0, progress: bool = False,
     subject_ids are 1..n_patients. ``progress`` shows a tqdm bar over the blocks.
     ``code_system``: ``"icd9cm"`` (default) or ``"icd10cm"``, the codes written (module
     docstring); ValueError for another name.
+    ``times`` (default): each patient also gets ``stay_days`` and ``gap_days`` (float per visit;
+    gap 0.0 at the first), ``hospital_death`` (died during the last visit) and ``death_days``
+    (days from the last discharge to a death outside hospital, else None), drawn from a stream
+    of their own (child 0 of block b's SeedSequence): the codes are those of ``times=False``, the
+    visits after an in-hospital death dropped. ``times=False``: the four keys are absent.
     """
     if n_patients < 0:
         raise ValueError(f"n_patients must be >= 0, got {n_patients}")
@@ -1028,9 +1289,16 @@ def simulate(n_patients: int, seed: int = 0, progress: bool = False,
     blocks = range(n_blocks)
     if progress:
         blocks = tqdm(blocks, desc="simulating", unit="block", total=n_blocks)
-    for b in blocks:
-        # Always a whole block (the last one cut), so a block's patients never depend on n_patients.
-        patients.extend(_sample_block(np.random.default_rng(children[b]), size, 1 + b * size, code_system))
+    # Building ~10 Python objects per patient triggers the cyclic garbage collector over all the
+    # patients built so far again and again (none of them is garbage): paused while sampling.
+    with _gc_paused():
+        for b in blocks:
+            # Always a whole block (the last one cut), so a block's patients never depend on n_patients.
+            child, times_rng = children[b], None
+            if times:  # a stream of its own (child 0 of the block's), so the codes' stream is untouched
+                times_rng = np.random.default_rng(np.random.SeedSequence(child.entropy,
+                                                                         spawn_key=(*child.spawn_key, 0)))
+            patients.extend(_sample_block(np.random.default_rng(child), size, 1 + b * size, code_system, times_rng))
     return patients[:n_patients]
 
 

@@ -41,7 +41,8 @@ def _rows(patients):
 def test_schema(cohort):
     assert [p["subject_id"] for p in cohort] == list(range(1, N + 1))
     for p in cohort:
-        assert set(p) == {"subject_id", "age", "sex", "visits"}
+        assert set(p) == {"subject_id", "age", "sex", "visits", "stay_days", "gap_days", "hospital_death",
+                          "death_days"}  # times: tests/test_simulator_times.py
         assert p["sex"] in ("F", "M")
         assert isinstance(p["age"], float) and 0.0 <= p["age"] <= 90.0 and round(p["age"], 2) == p["age"]
         assert 1 <= len(p["visits"]) <= simulator.PARAMS.max_visits
