@@ -178,7 +178,9 @@ class CohortBuilder(datasets.GeneratorBasedBuilder):
     """
 
     BUILDER_CONFIG_CLASS = CohortConfig
-    VERSION = datasets.Version("1.2.0")  # 1.1: MIMIC-IV folders; 1.2: MEDS folders
+    # 1.1: MIMIC-IV folders; 1.2: MEDS folders; 1.3: the time fields (stay_days, gap_days,
+    # hospital_death, death_days) and their quirks
+    VERSION = datasets.Version("1.3.0")
 
     def __init__(self, *args, hash: str | None = None, **kwargs):
         if not kwargs.get("source_dir"):
@@ -202,8 +204,8 @@ class CohortBuilder(datasets.GeneratorBasedBuilder):
 
     def _info(self) -> datasets.DatasetInfo:
         return datasets.DatasetInfo(
-            description="Patients of a MIMIC-III (ICD-9-CM), MIMIC-IV (ICD-10-CM) or MEDS folder: age, sex and the "
-                        "diagnosis codes of each admission.",
+            description="Patients of a MIMIC-III (ICD-9-CM), MIMIC-IV (ICD-10-CM) or MEDS folder: age, sex, the "
+                        "diagnosis codes of each admission, stays, gaps and deaths.",
             features=PATIENT_FEATURES,
         )
 

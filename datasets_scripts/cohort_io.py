@@ -2,7 +2,8 @@
 (simulator, generation) and Parquet helpers. The MIMIC-IV and MEDS writers take their dates
 from the same `timeline`.
 
-Patients follow `promptehr_hf.datasets_scripts.schema` (subject_id, age, sex, visits).
+Patients follow `promptehr_hf.datasets_scripts.schema` (subject_id, age, sex, visits and the
+optional time fields stay_days, gap_days, hospital_death, death_days).
 
 `write_mimic3_csvs` writes `PATIENTS.csv`, `ADMISSIONS.csv` and `DIAGNOSES_ICD.csv` with the
 upper-case MIMIC-III headers, so `promptehr_hf.datasets_scripts.mimic3.read_mimic3` reads them
@@ -10,8 +11,16 @@ back into the same patients (ages to 0.01 year, which is the reader's precision)
 
 - each patient's first admission falls on a random minute in 2100-2200 (MIMIC's shifted
   years), with the DOB at midnight round(age * 365.25) days earlier; later admissions follow,
-  each after the previous discharge (stay 1-15 days, then a gap of 1 day to 2 years), so
-  admittime order is visit order;
+  each after the previous discharge, so admittime order is visit order. A patient with
+  `stay_days` and `gap_days` gets its own stays and gaps (to the second); one without (null)
+  gets random ones (stay 1-15 days, then a gap of 1 day to 2 years, whole minutes), drawn as
+  before the time fields existed (a time-free cohort gets the same dates for a seed);
+- deaths: `hospital_death` -> DEATHTIME = the last DISCHTIME and HOSPITAL_EXPIRE_FLAG 1 on the
+  last admission (0 elsewhere); the death, in hospital or `death_days` after the last discharge
+  (to the second), is dated DOD (a midnight: the day of the death), with DOD_HOSP for a death in
+  hospital, DOD_SSN for one outside, EXPIRE_FLAG 1; nobody else has a DOD. By construction no
+  admission follows a death in hospital, no discharge precedes its admission and no stays
+  overlap;
 - an age of 90 (the cap) is written the way MIMIC-III writes patients over 89: DOB 300 years
   before the first admission, so the reader caps it back to 90 and counts it like a real record
   (a patient who turns 90 in a later admission is also counted by the reader's `ages_capped`);
@@ -30,7 +39,19 @@ ages floored to whole years (MIMIC-IV has no date of birth, only whole-year ages
   MIMIC-IV's five real periods ("2008 - 2010" ... "2020 - 2022"), chosen by subject_id;
 - codes are written with the one `icd_version` of the cohort's code system (10 for "icd10cm",
   9 for "icd9cm"), in visit order as seq_num 1..n; `admission_type` is "EW EMER." (MIMIC-IV's
-  most frequent), `hospital_expire_flag` 0, `dod` and `deathtime` empty.
+  most frequent); `deathtime`, `hospital_expire_flag` and `dod` (a date) as the MIMIC-III
+  writer's DEATHTIME, HOSPITAL_EXPIRE_FLAG and DOD.
+
+Round trips (write, then read with the format's reader) give the same patients back to what the
+layout holds: MIMIC CSVs and MEDS hold times to the second, so stays and gaps come back as the
+float32 of their whole seconds (exactly the values given when those came from a reader; a
+value read as float32 from a long gap, e.g. 21750 days, is written within 0.5 s of it and read
+back equal); MIMIC's DOD / dod hold a date, so `death_days` comes back as whole days between
+the last discharge's date and the date of death (exact for values read from MIMIC); MEDS holds
+MEDS_DEATH's time (to the second), except that a death outside hospital at the discharge itself
+(death_days < 1 s) is written a second after it, since at the discharge it reads as a death in
+hospital. Ages: MIMIC-III and MEDS to 0.01 year, MIMIC-IV whole years. A patient without times
+comes back with the random stays and gaps it was written with, and no death.
 
 All writes go through `promptehr_hf.file_utils` (a temporary file beside each table, renamed
 onto it once written): an error or interruption never leaves a half-written table behind.
@@ -50,7 +71,7 @@ import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 from datasets import Dataset
 
-from promptehr_hf.datasets_scripts.schema import AGE_CAP, PATIENT_FEATURES, SEXES
+from promptehr_hf.datasets_scripts.schema import AGE_CAP, PATIENT_FEATURES, SEXES, TIME_FIELDS, with_times
 from promptehr_hf.file_utils import atomic_write, atomic_write_all
 
 DAYS_PER_YEAR = 365.25
@@ -60,27 +81,43 @@ FIRST_HADM_ID = 100000
 
 
 def patients_to_dataset(patients: Sequence[dict]) -> Dataset:
-    """list of patient dicts -> `datasets.Dataset` with PATIENT_FEATURES (n_patients rows)."""
+    """list of patient dicts -> `datasets.Dataset` with PATIENT_FEATURES (n_patients rows); a dict
+    without the time fields (`schema.TIME_FIELDS`) gets them null."""
     return Dataset.from_dict(
         {
             "subject_id": [int(p["subject_id"]) for p in patients],
             "age": [float(p["age"]) for p in patients],
             "sex": [p["sex"] for p in patients],
             "visits": [p["visits"] for p in patients],
+            **{name: [p.get(name) for p in patients] for name in TIME_FIELDS},
         },
         features=PATIENT_FEATURES,
     )
 
 
+def with_time_columns(table: pa.Table) -> pa.Table:
+    """An Arrow table of patients (e.g. a Parquet file written before the time fields existed) with
+    PATIENT_FEATURES' columns in order, a missing time column added as nulls. Other columns are
+    dropped."""
+    schema = PATIENT_FEATURES.arrow_schema
+    for name in TIME_FIELDS:
+        if name not in table.column_names:
+            table = table.append_column(name, pa.nulls(table.num_rows, schema.field(name).type))
+    return table.select(list(PATIENT_FEATURES))
+
+
 def dataset_to_patients(ds: Dataset) -> list[dict]:
-    """`datasets.Dataset` with PATIENT_FEATURES -> list of patient dicts (age as a Python float)."""
-    return ds.select_columns(list(PATIENT_FEATURES)).to_list()
+    """`datasets.Dataset` with PATIENT_FEATURES -> list of patient dicts (age as a Python float); a
+    dataset without the time columns gives them as None."""
+    return [with_times(p) for p in ds.select_columns([c for c in PATIENT_FEATURES if c in ds.column_names]).to_list()]
 
 
 def _patients_table(patients: Sequence[dict] | Dataset) -> pa.Table:
-    """Patients -> one Arrow table with PATIENT_FEATURES' columns."""
-    ds = patients if isinstance(patients, Dataset) else patients_to_dataset(patients)
-    return ds.select_columns(list(PATIENT_FEATURES)).with_format("arrow")[:].combine_chunks()
+    """Patients -> one Arrow table with PATIENT_FEATURES' columns (time columns null where absent)."""
+    if not isinstance(patients, Dataset):
+        patients = patients_to_dataset(patients)
+    present = [c for c in PATIENT_FEATURES if c in patients.column_names]
+    return with_time_columns(patients.select_columns(present).with_format("arrow")[:].combine_chunks())
 
 
 def write_parquet(patients: Sequence[dict] | Dataset, path: str | os.PathLike) -> Path:
@@ -89,9 +126,17 @@ def write_parquet(patients: Sequence[dict] | Dataset, path: str | os.PathLike) -
     return atomic_write(path, lambda tmp: pq.write_table(table, tmp))
 
 
-def _timestamps(seconds: np.ndarray) -> pa.Array:
-    """int64 seconds since 1970 -> Arrow timestamps (written as 'YYYY-MM-DD HH:MM:SS', MIMIC's format)."""
-    return pa.array(seconds.astype(np.int64), type=pa.int64()).cast(pa.timestamp("s"))
+def _timestamps(seconds: np.ndarray, null: np.ndarray | None = None) -> pa.Array:
+    """int64 seconds since 1970 -> Arrow timestamps (written as 'YYYY-MM-DD HH:MM:SS', MIMIC's format);
+    null where `null` is True (written empty)."""
+    return pa.array(seconds.astype(np.int64), type=pa.int64(), mask=null).cast(pa.timestamp("s"))
+
+
+def _death_visits(tl: Timeline) -> np.ndarray:
+    """[v_total] the visits at which the patient died in hospital (their last ones)."""
+    last = np.zeros(len(tl.admit), dtype=bool)
+    last[np.cumsum(tl.n_visits) - 1] = True
+    return last & tl.hospital_death[tl.patient]
 
 
 @dataclass(frozen=True)
@@ -101,9 +146,12 @@ class Timeline:
 
     Per patient [n]: ``subject``, ``age`` (float64, as given), ``sex`` (Arrow strings),
     ``n_visits``, ``dob`` (midnight; an age of 90 is written ``MIMIC_SHIFT_YEARS`` before the first
-    admission, MIMIC-III's way). Per visit [v_total]: ``patient`` (row in the patient arrays),
-    ``admit``, ``disch``, ``hadm``, ``n_codes``. Per diagnosis row [d_total]: ``codes`` (Arrow
-    strings, visit order), ``seq_num`` (1..n within its visit).
+    admission, MIMIC-III's way), ``hospital_death`` (died at the last discharge), ``has_death``
+    (a death is known: in hospital or with death_days), ``death`` (its time; 0 where none) and
+    ``dod_day`` (days since 1970 of the date of death written as DOD / dod; 0 where none). Per
+    visit [v_total]: ``patient`` (row in the patient arrays), ``admit``, ``disch``, ``hadm``,
+    ``n_codes``. Per diagnosis row [d_total]: ``codes`` (Arrow strings, visit order),
+    ``seq_num`` (1..n within its visit).
     """
 
     subject: np.ndarray
@@ -118,12 +166,18 @@ class Timeline:
     n_codes: np.ndarray
     codes: pa.Array
     seq_num: np.ndarray
+    hospital_death: np.ndarray
+    has_death: np.ndarray
+    death: np.ndarray
+    dod_day: np.ndarray
 
 
 def timeline(patients: Sequence[dict] | Dataset, seed: int = 0, writer: str = "timeline") -> Timeline:
     """Lay patients out in time (see the module docstring for the dates); ``seed`` draws the dates
     and hadm_ids. ValueError, naming ``writer`` and the subject_id, on a patient with no visit, a
-    bad age or sex, or a repeated subject_id.
+    bad age or sex, a repeated subject_id, only one of stay_days / gap_days, one whose length is
+    not the number of visits, a negative or NaN stay, gap or death_days, or both hospital_death
+    and death_days.
     """
     t = _patients_table(patients)
     n = t.num_rows
@@ -161,20 +215,80 @@ def timeline(patients: Sequence[dict] | Dataset, seed: int = 0, writer: str = "t
     first_day = np.datetime64("2100-01-01", "D").astype(np.int64) + rng.integers(0, 100 * 365, size=n)
     dob = 86400 * (first_day - np.round(written_age * DAYS_PER_YEAR).astype(np.int64))
     first_admit = 86400 * first_day + 60 * rng.integers(0, 1440, size=n)
-    stay_min = rng.integers(1 * 1440, 15 * 1440, size=v_total)
+    # Random stays and gaps (whole minutes), replaced by the patient's own where it has them (seconds).
+    stay = 60 * rng.integers(1 * 1440, 15 * 1440, size=v_total)
     gap_min = 1440 + rng.exponential(180 * 1440, size=v_total).astype(np.int64).clip(0, 730 * 1440)
-    step = np.where(is_first, 0, np.r_[0, (stay_min + gap_min)[:-1]])  # after the previous discharge
+    gap = 60 * np.r_[0, gap_min[:-1]]  # gap before each visit
+    own, own_stay, own_gap = _own_times(t, subject, n_visits, writer)
+    own_visit = np.repeat(own, n_visits)
+    stay[own_visit], gap[own_visit] = own_stay, own_gap
+    step = np.where(is_first, 0, np.r_[0, stay[:-1]] + gap)  # from the previous admission
     offset = np.cumsum(step)
     offset -= np.repeat(offset[first_visit], n_visits)  # restart at each patient's first visit
-    admit = np.repeat(first_admit, n_visits) + 60 * offset
-    disch = admit + 60 * stay_min
+    admit = np.repeat(first_admit, n_visits) + offset
+    disch = admit + stay
+    hospital_death, has_death, death, dod_day = _deaths(t, subject, disch[first_visit + n_visits - 1], writer)
 
     hadm = FIRST_HADM_ID + rng.permutation(v_total)
     d_first = np.r_[0, np.cumsum(d_len)[:-1]].astype(np.int64)
     seq = np.arange(int(d_len.sum())) - np.repeat(d_first, d_len) + 1
     return Timeline(subject=subject, age=age, sex=sex, n_visits=n_visits, dob=dob,
                     patient=np.repeat(np.arange(n), n_visits), admit=admit, disch=disch, hadm=hadm,
-                    n_codes=d_len, codes=visit_codes.flatten(), seq_num=seq)
+                    n_codes=d_len, codes=visit_codes.flatten(), seq_num=seq, hospital_death=hospital_death,
+                    has_death=has_death, death=death, dod_day=dod_day)
+
+
+def _seconds(days: np.ndarray) -> np.ndarray:
+    """float days -> int64 whole seconds (nearest)."""
+    return np.round(days.astype(np.float64) * 86400).astype(np.int64)
+
+
+def _own_times(t: pa.Table, subject: np.ndarray, n_visits: np.ndarray,
+               writer: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Patients with stay_days and gap_days ([n] bool) and their stays and gaps in whole seconds
+    (one per visit of those patients, the first visit's gap unused). ValueError, naming the
+    subject_id, for only one of the two, a length other than the visits', or a value < 0 or NaN."""
+    cols = {name: t[name].combine_chunks() for name in ("stay_days", "gap_days")}
+    valid = {name: col.is_valid().to_numpy(zero_copy_only=False) for name, col in cols.items()}
+    half = valid["stay_days"] != valid["gap_days"]
+    if half.any():
+        raise ValueError(f"{writer}: subject_id {subject[half][0]} has only one of stay_days and gap_days")
+    own = valid["stay_days"]
+    out = []
+    for name, col in cols.items():
+        length = pc.list_value_length(col).to_numpy(zero_copy_only=False)
+        bad = own & (np.nan_to_num(length, nan=-1) != n_visits)
+        if bad.any():
+            raise ValueError(f"{writer}: subject_id {subject[bad][0]} has {int(length[bad][0])} {name} for "
+                             f"{int(n_visits[bad][0])} visits")
+        values = col.flatten().to_numpy(zero_copy_only=False).astype(np.float64)
+        bad_value = ~(values >= 0) | ~np.isfinite(values)
+        if bad_value.any():
+            owner = np.repeat(subject[own], n_visits[own])[bad_value][0]
+            raise ValueError(f"{writer}: subject_id {owner} has a {name} value that is negative, NaN or infinite")
+        out.append(_seconds(values))
+    return own, out[0], out[1]
+
+
+def _deaths(t: pa.Table, subject: np.ndarray, last_disch: np.ndarray,
+            writer: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(hospital_death, has_death, death time, dod_day) per patient: a death in hospital at the last
+    discharge, one death_days after it. ValueError, naming the subject_id, for both at once or a
+    death_days < 0 or NaN."""
+    hospital = t["hospital_death"].combine_chunks()
+    hospital = pc.fill_null(hospital, False).to_numpy(zero_copy_only=False).astype(bool)
+    days = t["death_days"].combine_chunks()
+    outside = days.is_valid().to_numpy(zero_copy_only=False)
+    days = pc.fill_null(days, 0.0).to_numpy(zero_copy_only=False).astype(np.float64)
+    both = hospital & outside
+    if both.any():
+        raise ValueError(f"{writer}: subject_id {subject[both][0]} has both hospital_death and death_days "
+                         "(death_days is for a death outside hospital)")
+    bad = outside & (~(days >= 0) | ~np.isfinite(days))
+    if bad.any():
+        raise ValueError(f"{writer}: subject_id {subject[bad][0]} has a death_days that is negative, NaN or infinite")
+    death = np.where(hospital | outside, last_disch + np.where(outside, _seconds(days), 0), 0)
+    return hospital, hospital | outside, death, death // 86400
 
 
 def _tables(patients: Sequence[dict] | Dataset, seed: int) -> dict[str, pa.Table]:
@@ -182,16 +296,19 @@ def _tables(patients: Sequence[dict] | Dataset, seed: int) -> dict[str, pa.Table
     tl = timeline(patients, seed, writer="write_mimic3_csvs")
     n, v_total, d_total = len(tl.subject), len(tl.admit), len(tl.codes)
     v_subject = tl.subject[tl.patient]
+    dod = _timestamps(86400 * tl.dod_day, ~tl.has_death)
+    outside = tl.has_death & ~tl.hospital_death
+    died_here = _death_visits(tl)
     return {
         "PATIENTS": pa.table({
             "ROW_ID": np.arange(1, n + 1), "SUBJECT_ID": tl.subject, "GENDER": tl.sex, "DOB": _timestamps(tl.dob),
-            "DOD": pa.nulls(n, pa.timestamp("s")), "DOD_HOSP": pa.nulls(n, pa.timestamp("s")),
-            "DOD_SSN": pa.nulls(n, pa.timestamp("s")), "EXPIRE_FLAG": np.zeros(n, dtype=np.int64),
+            "DOD": dod, "DOD_HOSP": _timestamps(86400 * tl.dod_day, ~tl.hospital_death),
+            "DOD_SSN": _timestamps(86400 * tl.dod_day, ~outside), "EXPIRE_FLAG": tl.has_death.astype(np.int64),
         }),
         "ADMISSIONS": pa.table({
             "ROW_ID": np.arange(1, v_total + 1), "SUBJECT_ID": v_subject, "HADM_ID": tl.hadm,
             "ADMITTIME": _timestamps(tl.admit), "DISCHTIME": _timestamps(tl.disch),
-            "DEATHTIME": pa.nulls(v_total, pa.timestamp("s")),
+            "DEATHTIME": _timestamps(tl.disch, ~died_here), "HOSPITAL_EXPIRE_FLAG": died_here.astype(np.int64),
         }),
         "DIAGNOSES_ICD": pa.table({
             "ROW_ID": np.arange(1, d_total + 1), "SUBJECT_ID": np.repeat(v_subject, tl.n_codes),
@@ -231,8 +348,9 @@ def write_mimic4_csvs(patients: Sequence[dict] | Dataset, out_dir: str | os.Path
     if code_system not in ICD_VERSIONS:
         raise ValueError(f"write_mimic4_csvs: code_system={code_system!r}, expected one of {', '.join(ICD_VERSIONS)}")
     tl = timeline(patients, seed, writer="write_mimic4_csvs")
-    n, v_total, d_total = len(tl.subject), len(tl.admit), len(tl.codes)
+    v_total, d_total = len(tl.admit), len(tl.codes)
     v_subject = tl.subject[tl.patient]
+    died_here = _death_visits(tl)
     first_admit = tl.admit[np.cumsum(tl.n_visits) - tl.n_visits]
     anchor_year = first_admit.astype("datetime64[s]").astype("datetime64[Y]").astype(np.int64) + 1970
     anchor_age = np.where(tl.age >= AGE_CAP, MIMIC4_OVER_89, np.floor(tl.age)).astype(np.int64)
@@ -240,13 +358,14 @@ def write_mimic4_csvs(patients: Sequence[dict] | Dataset, out_dir: str | os.Path
     tables = {
         "patients": pa.table({
             "subject_id": tl.subject, "gender": tl.sex, "anchor_age": anchor_age, "anchor_year": anchor_year,
-            "anchor_year_group": pa.array(groups, type=pa.string()), "dod": pa.nulls(n, pa.date32()),
+            "anchor_year_group": pa.array(groups, type=pa.string()),
+            "dod": pa.array(tl.dod_day.astype(np.int32), type=pa.int32(), mask=~tl.has_death).cast(pa.date32()),
         }),
         "admissions": pa.table({
             "subject_id": v_subject, "hadm_id": tl.hadm, "admittime": _timestamps(tl.admit),
-            "dischtime": _timestamps(tl.disch), "deathtime": pa.nulls(v_total, pa.timestamp("s")),
+            "dischtime": _timestamps(tl.disch), "deathtime": _timestamps(tl.disch, ~died_here),
             "admission_type": pa.array(["EW EMER."] * v_total, type=pa.string()),
-            "hospital_expire_flag": np.zeros(v_total, dtype=np.int64),
+            "hospital_expire_flag": died_here.astype(np.int64),
         }),
         "diagnoses_icd": pa.table({
             "subject_id": np.repeat(v_subject, tl.n_codes), "hadm_id": np.repeat(tl.hadm, tl.n_codes),

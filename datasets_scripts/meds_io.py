@@ -2,7 +2,7 @@
 
 `write_meds(patients, out_dir)` writes a MEDS folder; `read_meds(meds_dir)` reads one back into
 patients (`schema.PATIENT_FEATURES`) and a summary. `read_meds(write_meds(patients))` gives the same
-patients (ages to the readers' 0.01 year; 90 stays 90).
+patients (ages to the readers' 0.01 year; 90 stays 90; times: see `cohort_io`).
 
 Layout written (paths and split names are the `meds` package's constants)::
 
@@ -23,7 +23,11 @@ as the MIMIC-III CSV writer for the same seed):
   `DIAGNOSIS//ICD//9//4019` (`//10//I10` for ICD-10-CM) row per code at the discharge time in
   `seq_num` order (the ETL times diagnoses at discharge), then `HOSPITAL_DISCHARGE//UNK` at the
   discharge time. The ETL writes `HOSPITAL_ADMISSION//<admission_type>//<admission_location>` and
-  `HOSPITAL_DISCHARGE//<discharge_location>`, rendering a missing component as `UNK`: we have none.
+  `HOSPITAL_DISCHARGE//<discharge_location>`, rendering a missing component as `UNK`: we have none;
+- `MEDS_DEATH` (`meds.death_code`) at the time of death (no hadm_id): the last discharge for a
+  death in hospital, `death_days` after it for one outside (a second after it at least: at the
+  discharge itself it would read as a death in hospital). A patient's own stays and gaps are
+  `timeline`'s, to the second (see `cohort_io` for what a round trip keeps).
 
 Rows are sorted by subject, then time (static rows first); within one time: birth, admission,
 diagnoses, discharge. `hadm_id` (an extra column, as in the ETL; listed in the dataset metadata's
@@ -49,7 +53,13 @@ are then read as they would be from a MIMIC-IV extraction:
 - `code_system=None` infers the system from the diagnosis codes and refuses a dataset holding both
   ICD-9 and ICD-10 diagnoses (MIMIC-IV does); `code_system="icd9cm"` / `"icd10cm"` keeps that
   system's rows and counts the others;
-- every other code (labs, medications, `MEDS_DEATH`, `GENDER//UNK`, ...) is ignored and counted by
+- times: stay = discharge - admission of each visit, gap = admission - the previous visit's
+  discharge (0 for the first; an overlap gives 0, counted `overlapping_stays`), in float32 days;
+- the earliest `MEDS_DEATH` (several: counted `several_deaths`) inside the last visit's stay
+  (admission <= time <= discharge) is a death in hospital (`hospital_death`); after the last
+  discharge, `death_days` = its time - that discharge; before the last admission, death_days 0
+  (`deaths_before_last_visit`). No MEDS_DEATH: hospital_death false, death_days null;
+- every other code (labs, medications, `GENDER//UNK`, ...) is ignored and counted by
   its first `//` component; time-less birth, admission, discharge or diagnosis rows are dropped and
   counted;
 - `metadata/dataset.json`, `codes.parquet` and `subject_splits.parquet` are validated with their
@@ -81,7 +91,7 @@ from datasets import Dataset
 
 from promptehr_hf.datasets_scripts import icd9
 from promptehr_hf.datasets_scripts.cohort_io import SECONDS_PER_YEAR, Timeline, timeline
-from promptehr_hf.datasets_scripts.mimic3 import AGE_DECIMALS, _assemble
+from promptehr_hf.datasets_scripts.mimic3 import AGE_DECIMALS, _assemble, visit_times
 from promptehr_hf.datasets_scripts.schema import AGE_CAP
 from promptehr_hf.file_utils import replace_folder
 
@@ -99,7 +109,8 @@ US_PER_SECOND = 1_000_000
 _CODE_SHAPES = {"icd9cm": re.compile(r"[0-9VE]\d{2,4}"), "icd10cm": re.compile(r"[A-Z]\d[0-9A-Z]{1,5}")}
 _BATCH_ROWS = 1 << 20  # rows read at a time: MIMIC-IV shards hold tens of millions of lab rows
 # Row kinds the reader uses; anything else is OTHER (ignored, counted).
-BIRTH, FEMALE, MALE, ADMISSION, DISCHARGE, DIAG9, DIAG10, OTHER = range(8)
+BIRTH, FEMALE, MALE, ADMISSION, DISCHARGE, DIAG9, DIAG10, DEATH, OTHER = range(9)
+US_PER_DAY = 86400 * US_PER_SECOND
 _DIAG_KIND = {"9": DIAG9, "10": DIAG10}
 
 
@@ -243,11 +254,18 @@ def _events(tl: Timeline, prefix: str, split_rank: np.ndarray) -> tuple[pa.Table
     """
     n, v = len(tl.subject), len(tl.admit)
     code_visit = np.repeat(np.arange(v), tl.n_codes)
-    # Blocks: gender, birth, admissions, diagnoses, discharges; `rank` orders rows of one time.
-    sizes = [n, n, v, len(code_visit), v]
-    patient = np.concatenate([np.arange(n), np.arange(n), tl.patient, tl.patient[code_visit], tl.patient])
-    time = np.concatenate([np.zeros(n, np.int64), tl.dob, tl.admit, tl.disch[code_visit], tl.disch]) * US_PER_SECOND
-    hadm = np.concatenate([np.zeros(2 * n, np.int64), tl.hadm, tl.hadm[code_visit], tl.hadm])
+    dead = np.flatnonzero(tl.has_death)
+    # A death outside hospital at the discharge itself is written a second after it (at the
+    # discharge time it would read as a death in hospital).
+    last_disch = tl.disch[np.cumsum(tl.n_visits) - 1]
+    death = np.where(tl.hospital_death, tl.death, np.maximum(tl.death, last_disch + 1))[dead]
+    # Blocks: gender, birth, admissions, diagnoses, discharges, deaths; `rank` orders rows of one time.
+    sizes = [n, n, v, len(code_visit), v, len(dead)]
+    patient = np.concatenate([np.arange(n), np.arange(n), tl.patient, tl.patient[code_visit], tl.patient, dead])
+    time = np.concatenate([np.zeros(n, np.int64), tl.dob, tl.admit, tl.disch[code_visit], tl.disch,
+                           death]) * US_PER_SECOND
+    hadm = np.concatenate([np.zeros(2 * n, np.int64), tl.hadm, tl.hadm[code_visit], tl.hadm,
+                           np.zeros(len(dead), np.int64)])
     rank = np.repeat(np.arange(len(sizes)), sizes)
     code = pa.concat_arrays([
         pc.binary_join_element_wise(GENDER_PREFIX, tl.sex, ""),
@@ -255,6 +273,7 @@ def _events(tl: Timeline, prefix: str, split_rank: np.ndarray) -> tuple[pa.Table
         pa.repeat(ADMISSION_CODE, v),
         pc.binary_join_element_wise(prefix, tl.codes, ""),
         pa.repeat(DISCHARGE_CODE, v),
+        pa.repeat(meds.death_code, len(dead)),
     ])
     static = rank == 0
     row_subject = tl.subject[patient]
@@ -265,7 +284,7 @@ def _events(tl: Timeline, prefix: str, split_rank: np.ndarray) -> tuple[pa.Table
         "time": pa.array(time[order], pa.int64(), mask=static[order]).cast(pa.timestamp("us")),
         "code": code.take(pa.array(order)),
         "numeric_value": pa.nulls(len(order), pa.float32()),
-        "hadm_id": pa.array(hadm[order], pa.int64(), mask=rank[order] < 2),
+        "hadm_id": pa.array(hadm[order], pa.int64(), mask=(rank[order] < 2) | (rank[order] == 5)),
     })
     p_order = np.lexsort((tl.subject, split_rank))
     rows = np.bincount(patient, minlength=n)
@@ -327,6 +346,8 @@ def _classify(name: str, code_ids: dict[str, int]) -> tuple[int, int]:
     """A code string -> (kind, id in `code_ids` of its ICD code, else -1); new ICD codes are added."""
     if name == meds.birth_code:
         return BIRTH, -1
+    if name == meds.death_code:
+        return DEATH, -1
     if name in (GENDER_PREFIX + "F", GENDER_PREFIX + "M"):
         return (FEMALE if name.endswith("F") else MALE), -1
     parts = name.split("//")
@@ -475,7 +496,8 @@ def read_meds(meds_dir: str | os.PathLike, *, code_system: str | None = None) ->
     code_names = np.array(list(code_ids), dtype=object)
     quirks = dict.fromkeys(("untimed_events", "other_system_diagnoses", "diagnoses_outside_admissions",
                             "duplicate_codes", "admissions_without_diagnoses", "overlapping_admissions",
-                            "several_births", "ages_capped", "ages_negative"), 0)
+                            "several_births", "ages_capped", "ages_negative", "overlapping_stays",
+                            "several_deaths", "deaths_before_last_visit"), 0)
 
     untimed = ev["untimed"].to_numpy() & ~ev["kind"].isin([FEMALE, MALE]).to_numpy()
     quirks["untimed_events"] = int(untimed.sum())
@@ -531,9 +553,15 @@ def read_meds(meds_dir: str | os.PathLike, *, code_system: str | None = None) ->
     first_visit = np.flatnonzero(has_code)[np.unique(v_subject[has_code], return_index=True)[1]]
     quirks["ages_capped"] = int((age[first_visit] > AGE_CAP).sum())
     quirks["ages_negative"] = int((age[first_visit] < 0).sum())
-    visits = pd.DataFrame({"subject_id": v_subject, "age": np.round(np.clip(age, 0.0, AGE_CAP), AGE_DECIMALS)})
+    scratch = dict(quirks)  # missing and inverted discharges cannot occur here (unpaired subjects are dropped)
+    stay, gap, _, last = visit_times(v_subject, v_admit, v_disch, np.zeros(len(v_subject), dtype=bool), has_code,
+                                     scratch, per_day=US_PER_DAY)
+    quirks["overlapping_stays"] = scratch["overlapping_stays"]
+    outcomes = _deaths(ev.loc[kind == DEATH], v_subject, v_admit, v_disch, last, quirks)
+    visits = pd.DataFrame({"subject_id": v_subject, "age": np.round(np.clip(age, 0.0, AGE_CAP), AGE_DECIMALS),
+                           "stay_days": stay, "gap_days": gap})
     sexes = pd.DataFrame({"subject_id": eligible, "sex": np.where(female[~dropped], "F", "M")})
-    patients = _assemble(pos, code_names[code], visits, sexes)
+    patients = _assemble(pos, code_names[code], visits, sexes, outcomes)
 
     splits = None
     if split_of is not None:
@@ -549,6 +577,9 @@ def read_meds(meds_dir: str | os.PathLike, *, code_system: str | None = None) ->
         "subjects_read": len(subjects),
         "patients": len(patients),
         "admissions": int(has_code.sum()),
+        "times": True,
+        "hospital_deaths": sum(p["hospital_death"] for p in patients),
+        "deaths_after_discharge": sum(p["death_days"] is not None for p in patients),
         "diagnosis_rows": len(code),
         "distinct_codes": len(np.unique(code)),
         "subjects_dropped": subjects_dropped,
@@ -561,6 +592,24 @@ def read_meds(meds_dir: str | os.PathLike, *, code_system: str | None = None) ->
     for line in summary["messages"]:
         logger.warning(line)
     return patients, summary
+
+
+def _deaths(deaths: pd.DataFrame, v_subject: np.ndarray, v_admit: np.ndarray, v_disch: np.ndarray,
+            last: np.ndarray, quirks: dict) -> pd.DataFrame:
+    """Per patient (indexed by subject_id): hospital_death, death_days (NaN: none), from its
+    earliest MEDS_DEATH: in hospital inside its last visit's stay, else days after its discharge;
+    a death before the last admission is counted (`deaths_before_last_visit`), death_days 0.
+    `several_deaths` counts patients with more than one MEDS_DEATH."""
+    p_subject = v_subject[last]
+    first = deaths.groupby("subject")["time"].agg(["min", "size"]).reindex(p_subject)
+    quirks["several_deaths"] = int((first["size"] > 1).sum())
+    t = first["min"].to_numpy(dtype=np.float64)
+    known = ~np.isnan(t)
+    hospital = known & (t >= v_admit[last]) & (t <= v_disch[last])
+    before = known & (t < v_admit[last])
+    quirks["deaths_before_last_visit"] = int(before.sum())
+    days = np.where(known & ~hospital, np.clip(t - v_disch[last], 0, None) / US_PER_DAY, np.nan)
+    return pd.DataFrame({"hospital_death": hospital, "death_days": days.astype(np.float32)}, index=p_subject)
 
 
 def _read_dataset_metadata(folder: Path) -> dict | None:
@@ -591,6 +640,9 @@ _TEXT = {
     "several_births": "subjects have several MEDS_BIRTH rows (the earliest kept)",
     "ages_capped": "patients over {cap:g} at their first visit were capped at {cap:g}",
     "ages_negative": "patients whose first visit precedes their birth got age 0",
+    "overlapping_stays": "visits start before the previous visit's discharge: gap set to 0",
+    "several_deaths": "patients have several MEDS_DEATH rows (the earliest kept)",
+    "deaths_before_last_visit": "patients have a MEDS_DEATH before their last admission: death_days set to 0",
 }
 
 

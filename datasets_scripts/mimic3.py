@@ -3,7 +3,8 @@
 Reads `PATIENTS`, `ADMISSIONS` and `DIAGNOSES_ICD` (`.csv` or `.csv.gz`, file names and column
 headers in upper or lower case) and turns them into one record per patient::
 
-    {"subject_id": int, "age": float, "sex": "F" | "M", "visits": list[list[str]]}
+    {"subject_id": int, "age": float, "sex": "F" | "M", "visits": list[list[str]],
+     "stay_days": list[float], "gap_days": list[float], "hospital_death": bool, "death_days": float | None}
 
 Rules (every departure from a clean table is counted in the summary, never dropped silently):
 
@@ -18,6 +19,41 @@ Rules (every departure from a clean table is counted in the summary, never dropp
   ICD-10-CM such as `I10`, `E119`) are refused with an error; so are a missing file or column,
   an empty or unreadable (e.g. truncated gzip) table, duplicated keys, and unparseable ids,
   dates or sexes. Each error names the file and what is wrong.
+
+Times and deaths (`read_times`, shared with `mimic4.read_mimic4`; the fields of `schema`). They
+are read from ADMISSIONS' `dischtime`, `deathtime`, `hospital_expire_flag` and PATIENTS' `dod`,
+`expire_flag`; without a `dischtime` column the cohort has no times (the four fields null, the
+summary's `times` false) and a missing death column counts as empty (both listed in
+`time_columns_missing`). An empty cell is "none"; a non-empty cell that does not parse is an
+error. Only the visits (admissions kept for their codes) are laid out:
+
+- stay = dischtime - admittime. No dischtime: stay 0 (`missing_dischtimes`); dischtime before
+  admittime: stay 0 (`inverted_stays`); the discharge is then taken at the admission.
+- gap = admittime - the previous visit's (effective) discharge, 0 for the first visit; an
+  admission before that discharge gets gap 0 (`overlapping_stays`; later visits move with it).
+  The three count visits.
+- an admission is a death in hospital when hospital_expire_flag = 1 or it has a deathtime (the
+  two disagree: `expire_flag_without_deathtime`, `deathtime_without_expire_flag`, counted over
+  ADMISSIONS rows of known patients; only when both columns exist). The stay still ends at the
+  dischtime; a deathtime more than `DEATHTIME_SLACK_HOURS` (6) hours before or after it is
+  counted (`deathtime_before_discharge`, `deathtime_after_discharge`).
+- hospital_death = the patient's last visit is a death in hospital. A death in hospital at an
+  earlier visit is ignored, the later visits kept (`hospital_deaths_before_last_visit`, counting
+  such visits). A death at an admission dropped for having no code
+  (`deaths_at_dropped_admissions`) is, when it is after the last visit, the patient's death
+  outside the visits, timed at its deathtime (else its dischtime): death_days = that time - the
+  last discharge (>= 0); one before the last visit is ignored.
+- otherwise death_days comes from `dod`, which is a date: the whole days from the last
+  discharge's date to the dod (0 for the same day). A dod on a day before the last discharge's
+  gives 0 (`dod_before_last_discharge`). No dod: death_days null (also for expire_flag = 1).
+- counted over PATIENTS rows, nothing changed: `expire_flag_without_dod`,
+  `dod_without_expire_flag` (the dod is used); over patients who died in hospital:
+  `dod_not_at_hospital_death` (no dod, or a dod on another day than the deathtime's, else the
+  dischtime's).
+
+Stays, gaps and death_days are float32 days (a dict holds the float32 value as a Python float,
+so a Dataset round trip gives the same value). The summary adds `times`, `hospital_deaths`,
+`deaths_after_discharge` (patients with a death_days) and `time_columns_missing`.
 
 The summary says `"code_system": "icd9cm"` and `"format": "mimic3"`.
 
@@ -42,11 +78,12 @@ import numpy as np
 import pandas as pd
 
 from promptehr_hf.datasets_scripts import icd9
-from promptehr_hf.datasets_scripts.schema import AGE_CAP, SEXES
+from promptehr_hf.datasets_scripts.schema import AGE_CAP, NO_TIMES, SEXES
 
 logger = logging.getLogger(__name__)
 
 TABLES = ("PATIENTS", "ADMISSIONS", "DIAGNOSES_ICD")
+ADMISSION_TIME_COLUMNS = ("dischtime", "deathtime", "hospital_expire_flag")
 DAYS_PER_YEAR = 365.25
 AGE_DECIMALS = 2  # ages are kept to 0.01 year (~4 days), so they survive a CSV round trip exactly
 N_EXAMPLES = 10  # examples of invalid codes shown in the summary
@@ -217,6 +254,168 @@ def _unique_key(ids: pd.Series, col: str, path: Path) -> None:
         raise _bad(path, col, dup, ids, "duplicated")
 
 
+def _optional_date_column(df: pd.DataFrame, col: str, path: Path) -> pd.Series:
+    """An optional date column (all NaT when absent): empty cells are NaT, anything else must parse."""
+    if col not in df.columns:
+        return pd.Series(pd.NaT, index=df.index, dtype="datetime64[ns]")
+    raw = df[col]
+    parsed = pd.to_datetime(raw, format="ISO8601", errors="coerce")
+    bad = parsed.isna() & raw.notna() & (raw.astype(str).str.strip() != "")
+    if bad.any():
+        raise _bad(path, col, bad, raw, "unparseable (not ISO 8601) date")
+    return parsed.astype("datetime64[ns]")
+
+
+def _flag_column(df: pd.DataFrame, col: str, path: Path) -> np.ndarray | None:
+    """An optional 0/1 column as a bool array (a missing cell is 0); None when the column is absent."""
+    if col not in df.columns:
+        return None
+    num = _int_column(df, col, path, allow_missing=True)
+    bad = num.notna() & ~num.isin((0, 1))
+    if bad.any():
+        raise _bad(path, col, bad, df[col], "non-0/1")
+    return (num == 1).to_numpy()
+
+
+# --------------------------------------------------------------------------- times and deaths
+
+DAY_NS = 86400 * 10**9
+DEATHTIME_SLACK_HOURS = 6  # a deathtime further than this from its dischtime is counted
+TIME_QUIRKS = ("missing_dischtimes", "inverted_stays", "overlapping_stays", "expire_flag_without_deathtime",
+               "deathtime_without_expire_flag", "deathtime_before_discharge", "deathtime_after_discharge",
+               "hospital_deaths_before_last_visit", "deaths_at_dropped_admissions", "dod_before_last_discharge",
+               "dod_not_at_hospital_death", "expire_flag_without_dod", "dod_without_expire_flag")
+_TIME_QUIRK_TEXT = {
+    "missing_dischtimes": ("ADMISSIONS", "visits without a dischtime: stay set to 0"),
+    "inverted_stays": ("ADMISSIONS", "visits discharged before their admission: stay set to 0"),
+    "overlapping_stays": ("ADMISSIONS", "visits admitted before the previous visit's discharge: gap set to 0"),
+    "expire_flag_without_deathtime": ("ADMISSIONS", "admissions with hospital_expire_flag 1 but no deathtime "
+                                                    "(taken as deaths in hospital)"),
+    "deathtime_without_expire_flag": ("ADMISSIONS", "admissions with a deathtime but hospital_expire_flag 0 "
+                                                    "(taken as deaths in hospital)"),
+    "deathtime_before_discharge": ("ADMISSIONS", f"admissions with a deathtime over {DEATHTIME_SLACK_HOURS} h "
+                                                 "before the dischtime (the stay ends at the dischtime)"),
+    "deathtime_after_discharge": ("ADMISSIONS", f"admissions with a deathtime over {DEATHTIME_SLACK_HOURS} h "
+                                                "after the dischtime (the stay ends at the dischtime)"),
+    "hospital_deaths_before_last_visit": ("ADMISSIONS", "deaths in hospital at a visit that is not the patient's "
+                                                        "last were ignored (the later visits kept)"),
+    "deaths_at_dropped_admissions": ("ADMISSIONS", "deaths in hospital at an admission dropped for having no "
+                                                   "code (after the last visit: a death outside the visits at "
+                                                   "its deathtime; else ignored)"),
+    "dod_before_last_discharge": ("PATIENTS", "patients whose dod is a day before their last discharge: "
+                                              "death_days set to 0"),
+    "dod_not_at_hospital_death": ("PATIENTS", "patients who died in hospital with no dod or a dod on another "
+                                              "day (the hospital death kept)"),
+    "expire_flag_without_dod": ("PATIENTS", "patients with expire_flag 1 but no dod (no time of death known)"),
+    "dod_without_expire_flag": ("PATIENTS", "patients with a dod but expire_flag 0 (the dod kept)"),
+}
+
+
+def _ns(times: pd.Series) -> tuple[np.ndarray, np.ndarray]:
+    """datetime64 Series -> (int64 nanoseconds since 1970, NaT mask)."""
+    values = times.to_numpy(dtype="datetime64[ns]")
+    return values.view(np.int64), np.isnat(values)
+
+
+def visit_times(subject: np.ndarray, admit: np.ndarray, disch: np.ndarray, missing: np.ndarray,
+                has_code: np.ndarray, quirks: dict,
+                per_day: int = DAY_NS) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Stays and gaps of the kept admissions (`has_code`) of admissions sorted by (subject, admittime).
+
+    admit, disch: [n] int64 times, `per_day` units a day (ns by default; disch meaningless where
+    `missing`). A missing or inverted
+    discharge is taken at the admission (stay 0); a gap < 0 (overlap) is set to 0. Counts
+    `missing_dischtimes`, `inverted_stays`, `overlapping_stays` over the kept admissions.
+    Returns (stay days [n] float32, gap days [n] float32, NaN where not kept; the effective
+    discharge [n] int64 ns; last [n_patients]: position of each patient's last kept admission).
+    """
+    inverted = ~missing & (disch < admit)
+    quirks["missing_dischtimes"] = int((missing & has_code).sum())
+    quirks["inverted_stays"] = int((inverted & has_code).sum())
+    disch = np.where(missing | inverted, admit, disch)
+    k = np.flatnonzero(has_code)
+    sk = subject[k]
+    new = np.r_[True, sk[1:] != sk[:-1]] if len(k) else np.zeros(0, dtype=bool)
+    gap = np.where(new, 0, admit[k] - np.r_[0, disch[k][:-1]])
+    quirks["overlapping_stays"] = int((gap < 0).sum())
+    stay_days = np.full(len(admit), np.nan, dtype=np.float32)
+    gap_days = np.full(len(admit), np.nan, dtype=np.float32)
+    stay_days[k] = (disch[k] - admit[k]) / per_day
+    gap_days[k] = np.clip(gap, 0, None) / per_day
+    last = k[np.r_[new[1:], True]] if len(k) else k
+    return stay_days, gap_days, disch, last
+
+
+def read_times(adm: pd.DataFrame, has_code: np.ndarray, expire: np.ndarray | None, pat: pd.DataFrame,
+               expire_flag: np.ndarray | None, quirks: dict, *, deathtimes: bool = True,
+               dods: bool = True) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The time fields of a MIMIC cohort (rules: module docstring), counting `TIME_QUIRKS` in `quirks`.
+
+    adm: admissions sorted by (subject_id, admittime, hadm_id) with datetime64 columns admittime,
+    dischtime, deathtime (NaT: none); has_code [n_adm]: the admissions kept as visits; expire
+    [n_adm]: hospital_expire_flag == 1 (None: no such column); pat: PATIENTS rows with
+    subject_id and dod (NaT: none); expire_flag [n_pat]: expire_flag == 1 (None: no column);
+    deathtimes / dods: whether the tables have those columns (else nothing is compared with them).
+    Returns (adm with float32 columns stay_days and gap_days, per-patient outcomes indexed by
+    subject_id: hospital_death, death_days (NaN: none)).
+    """
+    subject = adm["subject_id"].to_numpy()
+    admit, _ = _ns(adm["admittime"])
+    disch_raw, missing = _ns(adm["dischtime"])
+    death_raw, no_deathtime = _ns(adm["deathtime"])
+    stay, gap, disch, last = visit_times(subject, admit, disch_raw, missing, has_code, quirks)
+    adm = adm.assign(stay_days=stay, gap_days=gap)
+
+    has_deathtime = ~no_deathtime
+    died = has_deathtime if expire is None else has_deathtime | expire
+    if expire is not None and deathtimes:
+        quirks["expire_flag_without_deathtime"] = int((expire & no_deathtime).sum())
+        quirks["deathtime_without_expire_flag"] = int((has_deathtime & ~expire).sum())
+    slack = DEATHTIME_SLACK_HOURS * 3600 * 10**9
+    both = has_deathtime & ~missing
+    quirks["deathtime_before_discharge"] = int((both & (death_raw < disch_raw - slack)).sum())
+    quirks["deathtime_after_discharge"] = int((both & (death_raw > disch_raw + slack)).sum())
+
+    # Per patient with a visit: the last kept admission, a death there, after it, or a dod.
+    is_last = np.zeros(len(adm), dtype=bool)
+    is_last[last] = True
+    quirks["hospital_deaths_before_last_visit"] = int((died & has_code & ~is_last).sum())
+    p_subject = subject[last]
+    last_of = pd.Series(last, index=p_subject)
+    in_cohort = np.isin(subject, p_subject)
+    dropped_death = died & ~has_code & in_cohort
+    quirks["deaths_at_dropped_admissions"] = int(dropped_death.sum())
+    hospital = died[last]
+    death_time = np.where(has_deathtime, death_raw, np.where(missing, admit, disch_raw))
+    after = np.flatnonzero(dropped_death)
+    after = after[after > last_of.reindex(subject[after]).to_numpy()]  # first one per subject: sorted by time
+    later = pd.Series(death_time[after], index=subject[after])
+    later = later[~later.index.duplicated()].reindex(p_subject)
+    last_disch = disch[last]
+    death_ns = np.where(later.notna().to_numpy(), later.fillna(0).to_numpy(np.int64) - last_disch, np.nan)
+    death_ns = np.clip(death_ns, 0, None)
+
+    dod_ns, no_dod = _ns(pat["dod"])
+    dod = pd.Series(np.where(no_dod, np.nan, dod_ns.astype(np.float64)), index=pat["subject_id"].to_numpy())
+    p_dod = dod.reindex(p_subject).to_numpy()
+    has_dod = ~np.isnan(p_dod)
+    use_dod = ~hospital & np.isnan(death_ns) & has_dod
+    # A dod is a date: whole days from the last discharge's date to it.
+    dod_day = np.floor(np.where(has_dod, p_dod, 0) / DAY_NS)
+    dod_days = dod_day - np.floor(last_disch / DAY_NS)
+    quirks["dod_before_last_discharge"] = int((use_dod & (dod_days < 0)).sum())
+    death_ns = np.where(use_dod, np.clip(dod_days, 0, None) * DAY_NS, death_ns)
+    if dods:
+        death_day = np.floor(np.where(has_deathtime, death_raw, disch)[last] / DAY_NS)
+        quirks["dod_not_at_hospital_death"] = int((hospital & (~has_dod | (dod_day != death_day))).sum())
+    if expire_flag is not None and dods:
+        quirks["expire_flag_without_dod"] = int((expire_flag & no_dod).sum())
+        quirks["dod_without_expire_flag"] = int((~expire_flag & ~no_dod).sum())
+    outcomes = pd.DataFrame({"hospital_death": hospital,
+                             "death_days": (death_ns / DAY_NS).astype(np.float32)}, index=p_subject)
+    return adm, outcomes
+
+
 # --------------------------------------------------------------------------- the reader
 
 
@@ -296,19 +495,27 @@ def read_mimic3(mimic_dir: str | os.PathLike) -> tuple[list[dict], dict]:
     keep = np.flatnonzero(~empty & ~invalid)  # data rows still in play, in file order
 
     path_a = files["ADMISSIONS"]
-    adm = _read_table(path_a, "ADMISSIONS", ["subject_id", "hadm_id", "admittime"])
+    adm = _read_table(path_a, "ADMISSIONS", ["subject_id", "hadm_id", "admittime"], optional=ADMISSION_TIME_COLUMNS)
     adm_rows_read = len(adm)
     adm["subject_id"] = _int_column(adm, "subject_id", path_a)
     adm["hadm_id"] = _int_column(adm, "hadm_id", path_a)
     _unique_key(adm["hadm_id"], "hadm_id", path_a)
     adm["admittime"] = _date_column(adm, "admittime", path_a)
+    absent = [c for c in ADMISSION_TIME_COLUMNS if c not in adm.columns]
+    expire = _flag_column(adm, "hospital_expire_flag", path_a)
+    adm["expire"] = False if expire is None else expire
+    for col in ("dischtime", "deathtime"):
+        adm[col] = _optional_date_column(adm, col, path_a)
 
     path_p = files["PATIENTS"]
-    pat = _read_table(path_p, "PATIENTS", ["subject_id", "gender", "dob"])
+    pat = _read_table(path_p, "PATIENTS", ["subject_id", "gender", "dob"], optional=("dod", "expire_flag"))
     pat_rows_read = len(pat)
     pat["subject_id"] = _int_column(pat, "subject_id", path_p)
     _unique_key(pat["subject_id"], "subject_id", path_p)
     pat["dob"] = _date_column(pat, "dob", path_p)
+    absent_p = [c for c in ("dod", "expire_flag") if c not in pat.columns]
+    expire_flag = _flag_column(pat, "expire_flag", path_p)
+    pat["dod"] = _optional_date_column(pat, "dod", path_p)
     sex = pat["gender"].str.strip().str.upper()
     bad_sex = ~sex.isin(SEXES)
     if bad_sex.any():
@@ -350,7 +557,15 @@ def read_mimic3(mimic_dir: str | os.PathLike) -> tuple[list[dict], dict]:
     subj = adm["subject_id"].to_numpy()
     quirks["patients_without_diagnoses"] = int(len(np.setdiff1d(subj, subj[has_code])))
 
-    patients = _assemble(pos, code_names[code], adm, pat)
+    times = "dischtime" not in absent
+    quirks.update(dict.fromkeys(TIME_QUIRKS, 0))
+    outcomes = None
+    if times:
+        adm, outcomes = read_times(adm, has_code, None if expire is None else adm["expire"].to_numpy(), pat,
+                                   expire_flag, quirks, deathtimes="deathtime" not in absent,
+                                   dods="dod" not in absent_p)
+    patients = _assemble(pos, code_names[code], adm, pat, outcomes)
+    missing_cols = {t: cols for t, cols in (("ADMISSIONS", absent), ("PATIENTS", absent_p)) if cols}
     distinct = code_names[np.unique(code)]
     summary = {
         "source": str(Path(mimic_dir).resolve()),
@@ -359,24 +574,46 @@ def read_mimic3(mimic_dir: str | os.PathLike) -> tuple[list[dict], dict]:
         "files": {t: p.name for t, p in files.items()},
         "patients": len(patients),
         "admissions": int(has_code.sum()),
+        **time_summary(patients, times, missing_cols),
         "diagnosis_rows": len(code),
         "distinct_codes": len(distinct),
         "non_billable_distinct_codes": int(sum(not icd9.is_billable(c) for c in distinct)),
         "rows_read": {"PATIENTS": pat_rows_read, "ADMISSIONS": adm_rows_read, "DIAGNOSES_ICD": diag_rows_read},
         "quirks": quirks,
         "invalid_code_examples": invalid_examples,
-        "messages": messages + _quirk_messages(quirks, files),
+        "messages": messages + _quirk_messages(quirks, files) + _quirk_messages(quirks, files, _TIME_QUIRK_TEXT)
+                    + _time_messages(missing_cols, files),
     }
     for line in summary["messages"]:
         logger.warning(line)
     return patients, summary
 
 
-def _assemble(pos: np.ndarray, codes: np.ndarray, adm: pd.DataFrame, pat: pd.DataFrame) -> list[dict]:
+def time_summary(patients: list[dict], times: bool, absent: dict[str, list[str]]) -> dict:
+    """The summary's time figures: `times` (the cohort has the time fields), `hospital_deaths`,
+    `deaths_after_discharge` (patients with death_days) and `time_columns_missing` (table -> columns)."""
+    return {"times": times,
+            "hospital_deaths": sum(bool(p["hospital_death"]) for p in patients),
+            "deaths_after_discharge": sum(p["death_days"] is not None for p in patients),
+            "time_columns_missing": absent}
+
+
+def _time_messages(absent: dict[str, list[str]], files: dict[str, Path]) -> list[str]:
+    """One line per table with time columns missing."""
+    return [f"{files[t].name}: no {', '.join(cols)} column{'s' if len(cols) > 1 else ''}"
+           + ("" if t != "ADMISSIONS" or "dischtime" not in cols
+              else ": the cohort has no times (stay_days, gap_days, hospital_death, death_days are null)")
+           for t, cols in absent.items()]
+
+
+def _assemble(pos: np.ndarray, codes: np.ndarray, adm: pd.DataFrame, pat: pd.DataFrame,
+              outcomes: pd.DataFrame | None = None) -> list[dict]:
     """Diagnosis rows sorted in visit order -> one patient dict per subject.
 
     pos: [n_rows] position in `adm` (sorted by subject, admittime) of each row's admission;
-    codes: [n_rows] object array of dotless codes. Boundaries are found with numpy.
+    codes: [n_rows] object array of dotless codes. Boundaries are found with numpy. With
+    `outcomes` (indexed by subject_id: hospital_death, death_days, NaN for none), the time
+    fields come from it and from adm's stay_days / gap_days columns; without, they are None.
     """
     if len(pos) == 0:
         return []
@@ -395,9 +632,23 @@ def _assemble(pos: np.ndarray, codes: np.ndarray, adm: pd.DataFrame, pat: pd.Dat
     gc.disable()
     try:
         visits = [code_list[s:e] for s, e in zip(v_start.tolist(), v_end.tolist())]
+        if outcomes is None:
+            return [
+                {"subject_id": s, "age": a, "sex": x, "visits": visits[b:e], **NO_TIMES}
+                for s, a, x, b, e in zip(subjects.tolist(), ages.tolist(), sexes, p_start.tolist(), p_end.tolist())
+            ]
+        # float32 values as Python floats: a Dataset (float32) round trip gives them back equal.
+        stays = adm["stay_days"].to_numpy(np.float32)[v_adm].tolist()
+        gaps = adm["gap_days"].to_numpy(np.float32)[v_adm].tolist()
+        out = outcomes.reindex(subjects)
+        deaths = out["hospital_death"].to_numpy(bool).tolist()
+        days = out["death_days"].to_numpy(np.float32)
+        days = [None if d != d else d for d in days.tolist()]
         return [
-            {"subject_id": s, "age": a, "sex": x, "visits": visits[b:e]}
-            for s, a, x, b, e in zip(subjects.tolist(), ages.tolist(), sexes, p_start.tolist(), p_end.tolist())
+            {"subject_id": s, "age": a, "sex": x, "visits": visits[b:e], "stay_days": stays[b:e],
+             "gap_days": gaps[b:e], "hospital_death": h, "death_days": d}
+            for s, a, x, b, e, h, d in zip(subjects.tolist(), ages.tolist(), sexes, p_start.tolist(), p_end.tolist(),
+                                           deaths, days)
         ]
     finally:
         if gc_was_enabled:

@@ -4,7 +4,8 @@ Reads `patients`, `admissions` and `diagnoses_icd` of MIMIC-IV's hospital module
 sub-folder or from the folder itself (`.csv` or `.csv.gz`, file names and headers in any case;
 `mimic3.find_tables`), into one record per patient::
 
-    {"subject_id": int, "age": float, "sex": "F" | "M", "visits": list[list[str]]}
+    {"subject_id": int, "age": float, "sex": "F" | "M", "visits": list[list[str]], "stay_days": [...],
+     "gap_days": [...], "hospital_death": bool, "death_days": float | None}
 
 The cohort is in one code system, ICD-10-CM (`code_system` "icd10cm" in the summary). Rules
 (every departure from a clean table is counted in the summary, never dropped silently):
@@ -29,6 +30,9 @@ The cohort is in one code system, ICD-10-CM (`code_system` "icd10cm" in the summ
 - empty codes, admissions without any diagnosis row or left without a code, patients without
   admissions or left without a visit, admissions of unknown patients and diagnoses of unknown
   admissions are dropped and counted.
+- times and deaths: as `mimic3.read_mimic3` (its rules, its quirks but the PATIENTS
+  expire_flag ones: MIMIC-IV has no expire_flag), from admissions' `dischtime`, `deathtime`,
+  `hospital_expire_flag` and patients' `dod` (a date).
 - a missing file or column, an empty or unreadable table, duplicated `subject_id` or `hadm_id`,
   and an unparseable id, year, age, date, sex or `icd_version` (other than 9 or 10) raise
   Mimic3Error, one line naming the file, the column and the first bad data row.
@@ -49,15 +53,23 @@ import pandas as pd
 from promptehr_hf.datasets_scripts import icd9, icd10
 from promptehr_hf.datasets_scripts.mimic3 import (
     _QUIRK_TEXT,
+    _TIME_QUIRK_TEXT,
+    ADMISSION_TIME_COLUMNS,
     N_EXAMPLES,
+    TIME_QUIRKS,
     _assemble,
     _bad,
     _date_column,
+    _flag_column,
     _int_column,
+    _optional_date_column,
     _quirk_messages,
     _read_table,
+    _time_messages,
     _unique_key,
     find_tables,
+    read_times,
+    time_summary,
 )
 from promptehr_hf.datasets_scripts.schema import AGE_CAP, SEXES
 
@@ -89,7 +101,9 @@ _DROPPED_CODES = {
 QUIRKS = ("ages_capped", "ages_negative", "admissions_without_diagnoses", "admissions_without_valid_codes",
           "empty_codes", "invalid_codes", "duplicate_codes", "icd9_codes_unmapped", "icd9_mapping_duplicates",
           "icd9_admissions_dropped", "patients_without_admissions", "patients_without_diagnoses",
-          "admissions_without_patient", "diagnoses_without_admission")
+          "admissions_without_patient", "diagnoses_without_admission",
+          *(q for q in TIME_QUIRKS if "expire_flag_" not in q and "_expire_flag" not in q))
+_MIMIC4_TIME_QUIRK_TEXT = {k: v for k, v in _TIME_QUIRK_TEXT.items() if k in QUIRKS}
 
 
 def read_mimic4(mimic_dir: str | os.PathLike, *, icd9_rows: str = "map") -> tuple[list[dict], dict]:
@@ -113,8 +127,10 @@ def read_mimic4(mimic_dir: str | os.PathLike, *, icd9_rows: str = "map") -> tupl
     quirks = dict.fromkeys(QUIRKS, 0)
 
     path_p = files["PATIENTS"]
-    pat = _read_table(path_p, "PATIENTS", ["subject_id", "gender", "anchor_age", "anchor_year"])
+    pat = _read_table(path_p, "PATIENTS", ["subject_id", "gender", "anchor_age", "anchor_year"], optional=("dod",))
     pat_rows_read = len(pat)
+    absent_p = [] if "dod" in pat.columns else ["dod"]
+    pat["dod"] = _optional_date_column(pat, "dod", path_p)
     for col in ("subject_id", "anchor_age", "anchor_year"):
         pat[col] = _int_column(pat, col, path_p)
     _unique_key(pat["subject_id"], "subject_id", path_p)
@@ -127,12 +143,17 @@ def read_mimic4(mimic_dir: str | os.PathLike, *, icd9_rows: str = "map") -> tupl
     pat["sex"] = sex
 
     path_a = files["ADMISSIONS"]
-    adm = _read_table(path_a, "ADMISSIONS", ["subject_id", "hadm_id", "admittime"])
+    adm = _read_table(path_a, "ADMISSIONS", ["subject_id", "hadm_id", "admittime"], optional=ADMISSION_TIME_COLUMNS)
     adm_rows_read = len(adm)
     adm["subject_id"] = _int_column(adm, "subject_id", path_a)
     adm["hadm_id"] = _int_column(adm, "hadm_id", path_a)
     _unique_key(adm["hadm_id"], "hadm_id", path_a)
     adm["admittime"] = _date_column(adm, "admittime", path_a)
+    absent = [c for c in ADMISSION_TIME_COLUMNS if c not in adm.columns]
+    expire = _flag_column(adm, "hospital_expire_flag", path_a)
+    adm["expire"] = False if expire is None else expire
+    for col in ("dischtime", "deathtime"):
+        adm[col] = _optional_date_column(adm, col, path_a)
 
     path_d = files["DIAGNOSES_ICD"]
     diag = _read_table(path_d, "DIAGNOSES_ICD", ["hadm_id", "seq_num", "icd_code", "icd_version"],
@@ -211,7 +232,13 @@ def read_mimic4(mimic_dir: str | os.PathLike, *, icd9_rows: str = "map") -> tupl
     subj = adm["subject_id"].to_numpy()
     quirks["patients_without_diagnoses"] = int(len(np.setdiff1d(subj, subj[has_code])))
 
-    patients = _assemble(pos, table.names[code], adm, pat)
+    times = "dischtime" not in absent
+    outcomes = None
+    if times:
+        adm, outcomes = read_times(adm, has_code, None if expire is None else adm["expire"].to_numpy(), pat, None,
+                                   quirks, deathtimes="deathtime" not in absent, dods=not absent_p)
+    patients = _assemble(pos, table.names[code], adm, pat, outcomes)
+    missing_cols = {t: cols for t, cols in (("ADMISSIONS", absent), ("PATIENTS", absent_p)) if cols}
     distinct = table.names[np.unique(code)]
     messages = [
         f"{path_d.name}: {_DROPPED_CODES[key].format(rows=quirks[key], distinct=len(np.unique(ids)))}, e.g. "
@@ -228,6 +255,7 @@ def read_mimic4(mimic_dir: str | os.PathLike, *, icd9_rows: str = "map") -> tupl
         "files": {t: path.relative_to(mimic_dir).as_posix() for t, path in files.items()},
         "patients": len(patients),
         "admissions": int(has_code.sum()),
+        **time_summary(patients, times, missing_cols),
         "diagnosis_rows": len(code),
         "distinct_codes": len(distinct),
         "non_billable_distinct_codes": int(sum(not icd10.is_billable(c) for c in distinct)),
@@ -242,7 +270,8 @@ def read_mimic4(mimic_dir: str | os.PathLike, *, icd9_rows: str = "map") -> tupl
         },
         "quirks": quirks,
         "invalid_code_examples": invalid_examples,
-        "messages": messages + _quirk_messages(quirks, files, _MIMIC4_QUIRK_TEXT),
+        "messages": messages + _quirk_messages(quirks, files, _MIMIC4_QUIRK_TEXT)
+                    + _quirk_messages(quirks, files, _MIMIC4_TIME_QUIRK_TEXT) + _time_messages(missing_cols, files),
     }
     for line in summary["messages"]:
         logger.warning(line)

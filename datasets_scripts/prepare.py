@@ -41,7 +41,7 @@ from promptehr_hf.datasets_scripts.cohort import (
     input_fingerprints,
     load_cohort,
 )
-from promptehr_hf.datasets_scripts.cohort_io import write_parquet
+from promptehr_hf.datasets_scripts.cohort_io import with_time_columns, write_parquet
 from promptehr_hf.datasets_scripts.meds_io import ICD_VERSIONS
 from promptehr_hf.datasets_scripts.mimic3 import Mimic3Error
 from promptehr_hf.datasets_scripts.mimic4 import ICD9_ROWS
@@ -95,7 +95,8 @@ def load_prepared(out_dir: str | os.PathLike) -> datasets.DatasetDict:
 
     The Parquet files are read into memory (datasets' in-memory tables): no Arrow copy of the
     rows is written anywhere, the datasets cache included, and `.map`/`.shuffle` on these
-    datasets keep their results in memory too. A split with no patient is an empty Dataset.
+    datasets keep their results in memory too. A split with no patient is an empty Dataset. A
+    folder written before the time fields existed reads with them null.
     """
     out = Path(out_dir)
     files = {name: out / f"{name}.parquet" for name in SPLITS}
@@ -103,9 +104,14 @@ def load_prepared(out_dir: str | os.PathLike) -> datasets.DatasetDict:
     if missing:
         raise FileNotFoundError(f"{out}: not a prepared cohort, missing {', '.join(missing)}")
     schema = PATIENT_FEATURES.arrow_schema
+
+    def read(path: Path):
+        # A folder prepared before the time fields existed reads with them null.
+        present = [c for c in PATIENT_FEATURES if c in pq.read_schema(path).names]
+        return table_cast(with_time_columns(pq.read_table(path, columns=present)), schema)
+
     return datasets.DatasetDict({
-        name: datasets.Dataset(InMemoryTable(table_cast(pq.read_table(f, columns=list(PATIENT_FEATURES)), schema)),
-                               info=datasets.DatasetInfo(features=PATIENT_FEATURES), split=name)
+        name: datasets.Dataset(InMemoryTable(read(f)), info=datasets.DatasetInfo(features=PATIENT_FEATURES), split=name)
         for name, f in files.items()
     })
 

@@ -20,6 +20,7 @@ from promptehr_hf.datasets_scripts.cohort_io import write_mimic3_csvs
 from promptehr_hf.datasets_scripts.meds_io import MedsError, read_meds, read_subject_splits, write_meds
 from promptehr_hf.datasets_scripts.mimic3 import read_mimic3
 from promptehr_hf.datasets_scripts.prepare import load_prepared, prepare, stale_reasons
+from promptehr_hf.datasets_scripts.schema import TIME_FIELDS, float32_times
 from promptehr_hf.datasets_scripts.simulator import simulate
 from promptehr_hf.file_utils import OutputFolderError
 
@@ -32,6 +33,26 @@ ICD10_PATIENTS = [
 
 def by_id(patients: list[dict]) -> list[dict]:
     return sorted(patients, key=lambda p: p["subject_id"])
+
+
+def comparable(back: list[dict], given: list[dict]) -> tuple[list[dict], list[dict]]:
+    """(back, given sorted by subject_id) as a round trip must match them: times in float32 (what
+    the readers return); a given patient without times is compared without them (the writer draws
+    its stays and gaps, see test_time_outcome_data)."""
+    given = by_id(given)
+
+    def view(p: dict, ref: dict) -> dict:
+        if ref.get("stay_days") is None:
+            return {k: v for k, v in p.items() if k not in TIME_FIELDS}
+        return float32_times(p)
+
+    return [view(b, g) for b, g in zip(back, given)], [view(g, g) for g in given]
+
+
+def assert_same(back: list[dict], given: list[dict]) -> None:
+    assert len(back) == len(given)
+    got, want = comparable(back, given)
+    assert got == want
 
 
 def data_files(folder: Path) -> list[Path]:
@@ -70,7 +91,7 @@ def test_simulated_cohort_round_trip(simulated, tmp_path):
     out = write_meds(simulated, tmp_path / "meds", seed=3)
     assert out == (tmp_path / "meds").resolve()
     back, s = read_meds(out)
-    assert back == by_id(simulated)  # subject_id, sex, visits exactly; ages at 0.01 as given; 90 stays 90
+    assert_same(back, simulated)  # subject_id, sex, visits, times exactly; ages at 0.01 as given; 90 stays 90
     assert (s["code_system"], s["patients"], s["subjects_read"], s["rows_ignored"]) == ("icd9cm", 200, 200, 0)
     assert s["diagnosis_rows"] == sum(len(v) for p in simulated for v in p["visits"])
     assert not any(s["subjects_dropped"].values())
@@ -78,13 +99,15 @@ def test_simulated_cohort_round_trip(simulated, tmp_path):
     assert not any(v for k, v in s["quirks"].items() if k != "ages_capped")
     assert s["splits"] == {meds.train_split: 200}
     assert s["dataset"]["meds_version"] == meds.__version__
-    assert s["code_metadata_rows"] == s["distinct_codes"] + 5  # + GENDER//F, GENDER//M, birth, admission, discharge
+    # + GENDER//F, GENDER//M, birth, admission, discharge (and MEDS_DEATH when someone died)
+    assert s["code_metadata_rows"] == s["distinct_codes"] + 5 + (s["hospital_deaths"] + s["deaths_after_discharge"] > 0)
 
 
 def test_icd10_round_trip_and_code_system(tmp_path):
     out = write_meds(ICD10_PATIENTS, tmp_path / "meds", code_system="icd10cm")
     back, s = read_meds(out)  # inferred from the codes
-    assert back == by_id(ICD10_PATIENTS) and s["code_system"] == "icd10cm"
+    assert_same(back, ICD10_PATIENTS)
+    assert s["code_system"] == "icd10cm"
     codes = set(pq.read_table(data_files(out)[0])["code"].to_pylist())
     assert {"DIAGNOSIS//ICD//10//I10", "DIAGNOSIS//ICD//10//E119", "DIAGNOSIS//ICD//10//Z3800"} <= codes
     assert pq.read_table(out / meds.code_metadata_filepath)["description"].null_count == len(codes)
@@ -169,7 +192,8 @@ def test_written_folder_passes_the_meds_schemas(simulated, tmp_path):
     assert dataset["dataset_name"] == "sim" and dataset["meds_version"] == meds.__version__
     assert datetime.fromisoformat(dataset["created_at"]).tzinfo is not None
     back, s = read_meds(out)
-    assert back == by_id(cohort) and s["splits"] == {name: 20 for name in names} and s["data_files"] == 9
+    assert_same(back, cohort)
+    assert s["splits"] == {name: 20 for name in names} and s["data_files"] == 9
 
 
 # --------------------------------------------------------------------------- atomic writes
@@ -194,7 +218,7 @@ def test_a_failed_write_leaves_the_old_folder(simulated, tmp_path, monkeypatch):
     assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
     assert [p.name for p in tmp_path.iterdir()] == ["meds"]  # no temporary left beside it
     write_meds(simulated[30:60], out)
-    assert read_meds(out)[0] == by_id(simulated[30:60])
+    assert_same(read_meds(out)[0], simulated[30:60])
     # A folder holding other files is never replaced.
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "notes.txt").write_text("mine")
@@ -273,14 +297,19 @@ def test_reader_rules_and_counts(tmp_path):
         ],
     })
     patients, s = read_meds(folder)
-    assert patients == [{"subject_id": 10, "age": 50.0, "sex": "F", "visits": [["486", "4019", "25000"]]},
-                        {"subject_id": 16, "age": 90.0, "sex": "M", "visits": [["V3000"]]}]
+    # 10: its first admission (01-01 08:00 -> 01-05 12:00) is its visit; MEDS_DEATH 360.5 days after it.
+    assert patients == [{"subject_id": 10, "age": 50.0, "sex": "F", "visits": [["486", "4019", "25000"]],
+                         "stay_days": [float(np.float32(4 + 4 / 24))], "gap_days": [0.0], "hospital_death": False,
+                         "death_days": 360.5},
+                        {"subject_id": 16, "age": 90.0, "sex": "M", "visits": [["V3000"]], "stay_days": [4.0],
+                         "gap_days": [0.0], "hospital_death": False, "death_days": None}]
     assert s["subjects_dropped"] == {"no_birth": 1, "no_sex": 1, "conflicting_sex": 1, "unpaired_admissions": 1,
                                      "no_admission_with_diagnosis": 1}
     assert s["quirks"] == {"untimed_events": 1, "other_system_diagnoses": 0, "diagnoses_outside_admissions": 1,
                            "duplicate_codes": 1, "admissions_without_diagnoses": 1, "overlapping_admissions": 0,
-                           "several_births": 0, "ages_capped": 1, "ages_negative": 0}
-    assert s["ignored_codes"] == {"LAB": 2, "MEDS_DEATH": 1, "GENDER": 1} and s["rows_ignored"] == 4
+                           "several_births": 0, "ages_capped": 1, "ages_negative": 0, "overlapping_stays": 0,
+                           "several_deaths": 0, "deaths_before_last_visit": 0}
+    assert s["ignored_codes"] == {"LAB": 2, "GENDER": 1} and s["rows_ignored"] == 3  # MEDS_DEATH is read
     assert (s["rows_read"], s["subjects_read"], s["admissions"], s["diagnosis_rows"]) == (35, 7, 2, 4)
     assert (s["splits"], s["dataset"], s["code_metadata_rows"]) == (None, None, None)  # no metadata/
     assert len(s["messages"]) == 11 and all("\n" not in m for m in s["messages"])
@@ -307,10 +336,14 @@ def test_overlapping_stays_several_births_negative_ages_and_no_admissions(tmp_pa
         (22, "2050-01-02 00:00", "DIAGNOSIS//ICD//9//650"),
     ]})
     patients, s = read_meds(folder)
-    assert patients == [{"subject_id": 20, "age": 50.0, "sex": "M", "visits": [["486"], ["4019"]]},
-                        {"subject_id": 21, "age": 0.0, "sex": "F", "visits": [["650"]]}]
+    no_death = {"hospital_death": False, "death_days": None}
+    assert patients == [{"subject_id": 20, "age": 50.0, "sex": "M", "visits": [["486"], ["4019"]],
+                         "stay_days": [9.0, 15.0], "gap_days": [0.0, 0.0], **no_death},  # B began 5 days before A ended
+                        {"subject_id": 21, "age": 0.0, "sex": "F", "visits": [["650"]], "stay_days": [1.0],
+                         "gap_days": [0.0], **no_death}]
     q = s["quirks"]
     assert (q["overlapping_admissions"], q["several_births"], q["ages_negative"]) == (1, 1, 1)
+    assert q["overlapping_stays"] == 1
     assert q["diagnoses_outside_admissions"] == 1 and s["subjects_dropped"]["no_admission_with_diagnosis"] == 1
 
 
@@ -410,7 +443,7 @@ def test_prepare_reads_a_meds_folder_and_keeps_its_splits(simulated, tmp_path, c
     wanted = {"train": meds.train_split, "validation": meds.tuning_split, "test": meds.held_out_split}
     prepared = load_prepared(out)
     for name, meds_split in wanted.items():
-        assert as_read(prepared[name]) == [p for p in by_id(simulated) if split_of[p["subject_id"]] == meds_split]
+        assert_same(as_read(prepared[name]), [p for p in simulated if split_of[p["subject_id"]] == meds_split])
     # Every data and metadata file is fingerprinted: an edited shard makes the output stale.
     assert set(summary["input_files"]) == {f.relative_to(folder).as_posix() for f in data_files(folder)} | {
         "metadata/codes.parquet", "metadata/dataset.json", "metadata/subject_splits.parquet"}
@@ -426,7 +459,7 @@ def test_prepare_splits_a_meds_folder_by_hash_when_its_splits_do_not_cover_it(si
     summary = prepare(folder, tmp_path / "out", seed=1)
     assert summary["split_source"] == "hash" and summary["splits"] == {"train": 160, "validation": 20, "test": 20}
     prepared = load_prepared(tmp_path / "out")
-    assert by_id([p for name in prepared for p in as_read(prepared[name])]) == by_id(simulated)
+    assert_same(by_id([p for name in prepared for p in as_read(prepared[name])]), simulated)
 
 
 def test_prepare_a_mixed_meds_folder_needs_a_code_system(tmp_path):

@@ -28,7 +28,7 @@ from promptehr_hf.datasets_scripts.cohort_io import (
 )
 from promptehr_hf.datasets_scripts.mimic3 import Mimic3Error, file_fingerprints, fingerprint, read_mimic3
 from promptehr_hf.datasets_scripts.prepare import load_prepared, prepare, stale_reasons
-from promptehr_hf.datasets_scripts.schema import PATIENT_FEATURES
+from promptehr_hf.datasets_scripts.schema import NO_TIMES, PATIENT_FEATURES, TIME_FIELDS, with_times
 
 # --------------------------------------------------------------------------- a tiny folder
 
@@ -58,10 +58,16 @@ def tiny_tables() -> dict[str, pd.DataFrame]:
     return {"PATIENTS": patients, "ADMISSIONS": admissions, "DIAGNOSES_ICD": diagnoses}
 
 
+# The tiny ADMISSIONS has no dischtime: a cohort without times (the time fields null).
 TINY_PATIENTS = [
-    {"subject_id": 1, "age": 50.0, "sex": "F", "visits": [["4019", "25000"], ["486"]]},
-    {"subject_id": 2, "age": 90.0, "sex": "M", "visits": [["V3000", "E8800"]]},
+    {"subject_id": 1, "age": 50.0, "sex": "F", "visits": [["4019", "25000"], ["486"]], **NO_TIMES},
+    {"subject_id": 2, "age": 90.0, "sex": "M", "visits": [["V3000", "E8800"]], **NO_TIMES},
 ]
+
+
+def without_times(patients: list[dict]) -> list[dict]:
+    """The patients without their time fields (a time-free cohort is written with drawn times)."""
+    return [{k: v for k, v in p.items() if k not in TIME_FIELDS} for p in patients]
 
 
 def write_folder(folder: Path, tables: dict[str, pd.DataFrame], upper: bool = False, gz: bool = True) -> Path:
@@ -89,7 +95,8 @@ def test_demo_figures(demo_dir):
     # All other quirks are counted (as zero), not absent.
     assert set(s["quirks"]) >= {"admissions_without_diagnoses", "empty_codes", "invalid_codes", "duplicate_codes",
                                 "patients_without_admissions"}
-    assert all(v == 0 for k, v in s["quirks"].items() if k != "ages_capped")
+    assert s["quirks"]["deathtime_after_discharge"] == 1  # the demo's one deathtime a day after its dischtime
+    assert all(v == 0 for k, v in s["quirks"].items() if k not in ("ages_capped", "deathtime_after_discharge"))
     ages = np.array([p["age"] for p in patients])
     assert ages.max() == 90.0 and ages.min() >= 0
     assert {p["sex"] for p in patients} == {"F", "M"}
@@ -158,6 +165,9 @@ def test_tiny_folder_quirks_are_counted(tiny):
     text = "\n".join(s["messages"])
     assert "PATIENTS.csv.gz: 1 patients without any admission" in text
     assert "DIAGNOSES_ICD.csv.gz: 1 repeated codes" in text
+    assert s["times"] is False and s["time_columns_missing"] == {
+        "ADMISSIONS": ["dischtime", "deathtime", "hospital_expire_flag"], "PATIENTS": ["dod", "expire_flag"]}
+    assert "ADMISSIONS.csv.gz: no dischtime, deathtime, hospital_expire_flag columns: the cohort has no times" in text
 
 
 def test_invalid_codes_are_counted_reported_and_the_rest_loaded(tmp_path):
@@ -353,6 +363,12 @@ def test_writer_ages_visits_and_dataset_input(tmp_path):
     assert [p["age"] for p in back] == [0.0, 45.68, 90.0, 89.99]  # to the reader's 0.01 year
     assert [p["visits"] for p in back] == [p["visits"] for p in patients]
     assert s["quirks"]["ages_negative"] == 0
+    # A cohort without times is written with drawn stays (1-15 days) and gaps (>= 1 day), no death.
+    assert all(len(p["stay_days"]) == len(p["visits"]) and p["gap_days"][0] == 0 for p in back)
+    assert all(1 <= d < 15 for p in back for d in p["stay_days"])
+    assert all(g >= 1 for p in back for g in p["gap_days"][1:])
+    assert not any(p["hospital_death"] for p in back) and all(p["death_days"] is None for p in back)
+    assert all(v == 0 for k, v in s["quirks"].items() if k != "ages_capped")
     adm = pd.read_csv(tmp_path / "a" / "ADMISSIONS.csv")
     times = pd.to_datetime(adm["ADMITTIME"])
     assert (pd.to_datetime(adm["DISCHTIME"]) > times).all()
@@ -361,7 +377,7 @@ def test_writer_ages_visits_and_dataset_input(tmp_path):
     assert pats["DOB"].str.endswith("00:00:00").all()
     # A different seed gives different dates, the same patients.
     write_mimic3_csvs(patients, tmp_path / "b", seed=2)
-    assert read_mimic3(tmp_path / "b")[0] == back
+    assert without_times(read_mimic3(tmp_path / "b")[0]) == without_times(back)
     assert (tmp_path / "a" / "ADMISSIONS.csv").read_text() != (tmp_path / "b" / "ADMISSIONS.csv").read_text()
     with pytest.raises(ValueError, match="no visit"):
         write_mimic3_csvs([{"subject_id": 1, "age": 3.0, "sex": "F", "visits": []}], tmp_path / "c")
@@ -372,7 +388,7 @@ def test_write_parquet_round_trip(tmp_path):
     patients = [{"subject_id": 1, "age": 33.5, "sex": "F", "visits": [["650"], ["V270", "64891"]]}]
     path = write_parquet(patients, tmp_path / "x" / "p.parquet")
     assert [f.name for f in path.parent.iterdir()] == ["p.parquet"]
-    assert dataset_to_patients(patients_to_dataset(patients)) == patients
+    assert dataset_to_patients(patients_to_dataset(patients)) == [with_times(p) for p in patients]  # None
     table = pd.read_parquet(path)
     assert table["visits"].iloc[0][1].tolist() == ["V270", "64891"]
 

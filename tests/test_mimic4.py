@@ -93,7 +93,9 @@ def expected(demo_dir: Path, icd9_rows: str) -> dict:
     e = {"rows9": 0, "rows10": 0, "rows_mapped": 0, "from_mapping": 0, "unmapped": 0, "dup10": 0, "dup_mapping": 0,
          "adm9": 0, "adm10": 0, "adm_no_rows": 0, "adm_no_codes": 0, "capped": 0, "mapped9": set(), "unmapped9": set()}
     visits: dict[str, list] = {}
-    for s, h, t in zip(adm["subject_id"], adm["hadm_id"], adm["t"]):
+    died_after: dict[str, pd.Timestamp] = {}  # a death at an admission dropped after the last visit
+    for s, h, t, out, death, flag in zip(adm["subject_id"], adm["hadm_id"], adm["t"], adm["dischtime"],
+                                         adm["deathtime"], adm["hospital_expire_flag"]):
         a = anc.loc[s]
         age = a["anchor_age"] + t.year - a["anchor_year"]
         capped = a["anchor_age"] == 91 or age > 90
@@ -119,11 +121,34 @@ def expected(demo_dir: Path, icd9_rows: str) -> dict:
             e["dup_mapping"] += len(written) - len(set(written))
             e["adm_no_codes"] += not written
         visit = list(dict.fromkeys(written))
+        died = flag == "1" or death != ""
         if visit:
-            visits.setdefault(s, []).append((90.0 if capped else float(max(age, 0)), visit))
+            visits.setdefault(s, []).append((90.0 if capped else float(max(age, 0)), visit, t,
+                                             pd.Timestamp(out), died))
+            died_after.pop(s, None)
+        elif died and s not in died_after:
+            died_after[s] = pd.Timestamp(death or out)
+    if icd9_rows == "drop":
+        e["dropped_deaths"] = sum(s in visits for s in died_after)  # deaths at dropped admissions, after the visits
     sexes = demo["patients"].set_index("subject_id")["gender"]
-    e["patients"] = [{"subject_id": int(s), "age": v[0][0], "sex": sexes[s], "visits": [codes for _, codes in v]}
-                     for s, v in sorted(visits.items(), key=lambda kv: int(kv[0]))]
+    dod = demo["patients"].set_index("subject_id")["dod"]
+    e["patients"] = []
+    for s, v in sorted(visits.items(), key=lambda kv: int(kv[0])):
+        day = pd.Timedelta(days=1)
+        stays = [float(np.float32((out - t) / day)) for _, _, t, out, _ in v]
+        gaps = [0.0] + [float(np.float32((t - prev[3]) / day)) for prev, (_, _, t, _, _) in zip(v, v[1:])]
+        last_out, hospital = v[-1][3], v[-1][4]
+        if hospital:
+            death_days = None
+        elif s in died_after:
+            death_days = float(np.float32((died_after[s] - last_out) / day))
+        elif dod[s]:
+            death_days = float((pd.Timestamp(dod[s]).normalize() - last_out.normalize()).days)
+        else:
+            death_days = None
+        e["patients"].append({"subject_id": int(s), "age": v[0][0], "sex": sexes[s], "visits": [x[1] for x in v],
+                              "stay_days": stays, "gap_days": gaps, "hospital_death": hospital,
+                              "death_days": death_days})
     e["n_subjects"] = len(demo["patients"])
     return e
 
@@ -339,11 +364,17 @@ def tiny4(tmp_path) -> Path:
 
 def test_tiny_folder_quirks_are_counted(tiny4):
     patients, s = read_mimic4(tiny4)
+    no_death = {"hospital_death": False, "death_days": None}
+    gap = float(np.float32(787 + 2 / 24))  # 2149-01-03 08:00 -> 2151-03-01 10:00
     assert patients == [
-        {"subject_id": 1, "age": 49.0, "sex": "F", "visits": [["E119", "I10"], ["I10", "E119", "A70", "J17"]]},
-        {"subject_id": 2, "age": 90.0, "sex": "M", "visits": [["Z66"]]},
-        {"subject_id": 4, "age": 0.0, "sex": "M", "visits": [["P0700"]]},
+        {"subject_id": 1, "age": 49.0, "sex": "F", "visits": [["E119", "I10"], ["I10", "E119", "A70", "J17"]],
+         "stay_days": [2.0, 4.0], "gap_days": [0.0, gap], **no_death},
+        {"subject_id": 2, "age": 90.0, "sex": "M", "visits": [["Z66"]], "stay_days": [4.0], "gap_days": [0.0],
+         **no_death},
+        {"subject_id": 4, "age": 0.0, "sex": "M", "visits": [["P0700"]], "stay_days": [1.0], "gap_days": [0.0],
+         **no_death},
     ]
+    assert s["time_columns_missing"] == {"ADMISSIONS": ["deathtime", "hospital_expire_flag"]}
     q = s["quirks"]
     assert q == {**q, "ages_capped": 1, "ages_negative": 1, "empty_codes": 1, "invalid_codes": 1,
                  "duplicate_codes": 2, "icd9_codes_unmapped": 1, "icd9_mapping_duplicates": 1,

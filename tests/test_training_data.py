@@ -8,14 +8,18 @@ import datasets
 import pytest
 import torch
 
+from promptehr_hf.datasets_scripts.schema import NO_TIMES
 from promptehr_hf.modeling_promptehr.training.data import PromptEHRDataCollator, build_examples
 from promptehr_hf.tokenization.tokenization_promptehr import PromptEHRTokenizer
 
+# Full schema dicts (time fields null): build_examples builds its Dataset with PATIENT_FEATURES,
+# which now lists the time fields.
 PATIENTS = [
     {"subject_id": 1, "age": 67.0, "sex": "M",
-     "visits": [["4019", "25000", "41401"], ["4280", "42731", "5849", "4019"]]},
-    {"subject_id": 2, "age": 0.0, "sex": "F", "visits": [["V3000", "7742"]]},
-    {"subject_id": 3, "age": 45.5, "sex": "F", "visits": [["486", "51881"], ["0389", "99592", "78552"], ["2724"]]},
+     "visits": [["4019", "25000", "41401"], ["4280", "42731", "5849", "4019"]], **NO_TIMES},
+    {"subject_id": 2, "age": 0.0, "sex": "F", "visits": [["V3000", "7742"]], **NO_TIMES},
+    {"subject_id": 3, "age": 45.5, "sex": "F", "visits": [["486", "51881"], ["0389", "99592", "78552"], ["2724"]],
+     **NO_TIMES},
 ]
 
 
