@@ -57,6 +57,11 @@ class PromptEHRGenerationConfig(GenerationConfig):
             length), within the model's positions.
         seed_visits (`int`, *optional*, defaults to 1):
             Seeded mode: leading visits of each seed patient kept (at most all but one).
+        times (`bool`, *optional*, defaults to `True`):
+            With a time model (the checkpoint's ``time_model.safetensors``, fitted on a cohort read
+            with its times): draw each patient's stays, gaps and death from its codes
+            (:class:`~.times.VisitTimeModel`), after the codes, from a random stream of their own.
+            `False`, or a checkpoint without a time model: patients without times.
         custom_decoding (`bool`, *optional*, defaults to `True`):
             Decode with :func:`~.decoding.visit_decoding` (the processors and the LM head on the
             grammar's columns only); `False` runs transformers' own loop over the whole
@@ -72,9 +77,10 @@ class PromptEHRGenerationConfig(GenerationConfig):
     def __init__(self, stage_two: str = "empirical", visit_length: str = "data", cms: bool = True,
                  cms_edits: dict | None = None, batch_size: int = 256, max_codes: int | None = None,
                  max_history_length: int | None = None, seed_visits: int = 1, custom_decoding: bool = True,
-                 recurrence: bool = True, **kwargs):
+                 recurrence: bool = True, times: bool = True, **kwargs):
         self.stage_two = stage_two
         self.recurrence = recurrence
+        self.times = times
         self.visit_length = visit_length
         self.cms = cms
         self.cms_edits = cms_edits

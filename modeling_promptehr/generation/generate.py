@@ -29,6 +29,7 @@ from .decoding import visit_decoding  # noqa: F401
 from .patients import DEFAULT_COPY_REDRAWS, sample_patients
 from .prior import CohortPrior  # noqa: F401
 from .processors import VisitLogitsProcessor  # noqa: F401
+from .times import VisitTimeModel  # noqa: F401
 
 # Arguments of transformers' generate that have no meaning for whole patients; transformers
 # hands them over (as None) when it runs a custom_generate repository.
@@ -40,7 +41,7 @@ _TOKEN_LEVEL_ARGUMENTS = ("inputs", "logits_processor", "stopping_criteria", "pr
 def generate(model, *, tokenizer, n: int | None = None, mode: str = "unconditional", prior=None,
              demographics=None, seed_patients=None, seed: int = 0, exclude_patients=None,
              copy_redraws: int | None = DEFAULT_COPY_REDRAWS, generation_config=None, progress: bool = False,
-             **kwargs) -> tuple[list[dict], dict]:
+             time_model=None, **kwargs) -> tuple[list[dict], dict]:
     """Generate synthetic patients, visit after visit, every visit grammatical, duplicate-free and
     within the CMS age/sex edits of its patient.
 
@@ -73,14 +74,18 @@ def generate(model, *, tokenizer, n: int | None = None, mode: str = "uncondition
         generation_config: the settings (a GenerationConfig; default: ``model.generation_config``,
             which the checkpoint's ``generation_config.json`` sets).
         progress: show a progress bar over the visits.
+        time_model: a VisitTimeModel, or the path of one (file, checkpoint folder or Hub id);
+            default: the checkpoint's ``time_model.safetensors`` when it has one. With it (and
+            ``times=True``) every patient also gets its stays, gaps and death, drawn from its codes.
         kwargs: fields of :class:`~.config.PromptEHRGenerationConfig` that override the settings
             (``stage_two``, ``visit_length``, ``cms``, ``do_sample``, ``temperature``, ``top_k``,
             ``top_p``, ``batch_size``, ``max_codes``, ``max_history_length``, ``seed_visits``,
-            ``custom_decoding``); a value of None keeps the configured one.
+            ``custom_decoding``, ``times``); a value of None keeps the configured one.
 
     Returns:
         (patients, stats): patient dicts ``{"subject_id": 1.., "age": float, "sex": "F" | "M",
-        "visits": [[code, ...], ...]}`` and a dict of the run's settings and counters
+        "visits": [[code, ...], ...]}`` (with times: also ``stay_days``, ``gap_days``,
+        ``hospital_death``, ``death_days``) and a dict of the run's settings and counters
         (``ungrammatical_visits``, ``visits_with_duplicate_code``, ``empty_visits``: 0 by
         construction).
     """
@@ -92,4 +97,4 @@ def generate(model, *, tokenizer, n: int | None = None, mode: str = "uncondition
                                          else model.generation_config, **kwargs)
     return sample_patients(model, tokenizer, config, n, mode=mode, prior=prior, demographics=demographics,
                            seed_patients=seed_patients, seed=seed, exclude_patients=exclude_patients,
-                           copy_redraws=copy_redraws, progress=progress)
+                           copy_redraws=copy_redraws, progress=progress, time_model=time_model)

@@ -64,6 +64,7 @@ from .config import DEFAULT_HISTORY_LENGTH, DEFAULT_MAX_CODES, MODES, PromptEHRG
 from .decoding import visit_cache, visit_decoding
 from .prior import AGE_CAP, PRIOR_FILE, SEXES, CohortPrior, columns
 from .processors import CMSEditTable, VocabIndex, check_visits, max_new_tokens_for, visit_logits_processors
+from .times import TIME_MODEL_FILE, VisitTimeModel
 
 # The name under which the installed transformers passes the KV cache (``cache`` from 5.24,
 # ``past_key_values`` before), as the model's remote code decides it.
@@ -295,15 +296,52 @@ def load_prior(source: str | os.PathLike) -> CohortPrior:
     return CohortPrior.load(resolved)
 
 
+def load_time_model(source: str | os.PathLike | None) -> VisitTimeModel | None:
+    """The VisitTimeModel of ``source`` (a ``time_model.safetensors`` file, a checkpoint folder
+    holding one, or a Hub model repository id through the local cache); None where there is none
+    (a checkpoint trained without times)."""
+    if not source:
+        return None
+    path = Path(source)
+    if path.is_file() or (path / TIME_MODEL_FILE).is_file():
+        return VisitTimeModel.load(path)
+    if path.is_dir():
+        return None
+    try:
+        resolved = cached_file(str(source), TIME_MODEL_FILE, _raise_exceptions_for_missing_entries=False)
+    except (OSError, ValueError):  # not a repo id, no such repo, offline
+        return None
+    return VisitTimeModel.load(resolved) if resolved else None
+
+
+def _age_caps(cms_edits: dict | None):
+    """visit codes -> the highest whole-year age the CMS age edits of its codes allow (inf: none)."""
+    if not cms_edits:
+        return None
+    ranges = cms_edits["age_ranges"]
+    cap = {}
+    for cls in cms_edits["classes"]:
+        highs = [ranges[e][1] for e in cls["edits"] if e in ranges]
+        if highs:
+            cap.update(dict.fromkeys(cls["codes"], float(min(highs))))
+    return lambda visit: min((cap.get(code, np.inf) for code in visit), default=np.inf)
+
+
+TIME_STREAM = 1  # the times' random stream: np.random.default_rng([seed, TIME_STREAM])
+
+
 def sample_patients(model, tokenizer, config: PromptEHRGenerationConfig, n: int | None = None, *,
                     mode: str = "unconditional", prior=None, demographics=None, seed_patients=None, seed: int = 0,
                     exclude_patients=None, copy_redraws: int | None = DEFAULT_COPY_REDRAWS,
-                    progress: bool = False) -> tuple[list[dict], dict]:
+                    progress: bool = False, time_model=None) -> tuple[list[dict], dict]:
     """Generate synthetic patients under ``config``; see :func:`~.generate.generate` for the arguments.
 
     Returns:
         (patients, stats): patient dicts ``{"subject_id", "age", "sex", "visits"}`` (subject ids
-        1, 2, ...; visits as lists of the tokenizer's codes), and the counters and settings of the run; with
+        1, 2, ...; visits as lists of the tokenizer's codes), plus ``stay_days``, ``gap_days``,
+        ``hospital_death`` and ``death_days`` when ``config.times`` and a time model is at hand
+        (``time_model``: a VisitTimeModel or its path; default: the checkpoint's), and the
+        counters and settings of the run; with
         ``exclude_patients``, ``copies_redrawn`` (patients returned with a redrawn record) and
         ``copies_dropped`` (patients still copies after ``copy_redraws`` redraws, left out).
     """
@@ -416,6 +454,15 @@ def sample_patients(model, tokenizer, config: PromptEHRGenerationConfig, n: int 
         {"subject_id": j + 1, "age": float(plan.ages[i]), "sex": plan.sexes[i], "visits": plan.visits[i]}
         for j, i in enumerate(np.nonzero(keep)[0])
     ]
+    stats["times"] = False
+    if getattr(config, "times", True):
+        if not isinstance(time_model, VisitTimeModel):
+            time_model = load_time_model(time_model or getattr(model, "name_or_path", None))
+        if time_model is not None:
+            patients, time_stats = time_model.sample(patients, np.random.default_rng([seed, TIME_STREAM]),
+                                                     tokenizer.category_of,
+                                                     _age_caps(config.cms_edits if config.cms else None))
+            stats.update(times=True, **time_stats)
     n_visits = sum(len(p["visits"]) for p in patients)
     n_codes = sum(len(v) for p in patients for v in p["visits"])
     stats.update(

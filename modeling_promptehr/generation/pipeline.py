@@ -22,6 +22,7 @@ import os
 import shutil
 from pathlib import Path
 
+import numpy as np
 from transformers import GenerationConfig
 from transformers.utils import GENERATION_CONFIG_NAME
 
@@ -33,11 +34,18 @@ from .config import MODES, VISIT_LENGTHS, PromptEHRGenerationConfig, promptehr_g
 from .generate import generate
 from .patients import DEFAULT_COPY_REDRAWS
 from .prior import CohortPrior
+from .times import VisitTimeModel
 
 CUSTOM_GENERATE_DIR = "custom_generate"
 # The generation core, copied into custom_generate/ (generate.py is the entry transformers loads).
-SHIPPED_FILES = ("generate.py", "config.py", "patients.py", "prior.py", "processors.py", "decoding.py")
+SHIPPED_FILES = ("generate.py", "config.py", "patients.py", "prior.py", "processors.py", "decoding.py", "times.py")
 TRAINING_ARGS_JSON = "training_args.json"  # written by PromptEHRTrainer beside the checkpoint
+# Outcome-conditioned generation (hospital_death=): rounds of draws, the rate assumed at least
+# this, a round at most this many times n, and each round's seed this far from the last.
+OUTCOME_ROUNDS = 20
+MIN_OUTCOME_RATE = 0.01
+OUTCOME_BATCH_CAP = 50
+OUTCOME_SEED_STEP = 1_000_003
 
 
 def cms_edits(tokenizer) -> dict:
@@ -82,6 +90,8 @@ def generate_patients(
     copy_redraws: int | None = DEFAULT_COPY_REDRAWS,
     progress: bool = True,
     generation_config: GenerationConfig | None = None,
+    time_model: VisitTimeModel | str | os.PathLike | None = None,
+    hospital_death: bool | None = None,
     **overrides,
 ):
     """Generate synthetic patients (the checkpoint's own :func:`~.generate.generate`, as a Dataset).
@@ -110,6 +120,12 @@ def generate_patients(
         copy_redraws: rounds of redraws of the copies (default 3; 0: copies are dropped at once;
             None: the default).
         progress: show a progress bar over the visits.
+        time_model: a VisitTimeModel or the path of one; default: the checkpoint's
+            ``time_model.safetensors``, when it has one (see ``times`` below).
+        hospital_death: unconditional mode only: True keeps only patients who die in hospital,
+            False only those who do not (rejection: rounds of draws under the time model, each
+            with a seed of its own, until ``n`` are kept; ``stats["outcome_generated"]`` counts
+            the patients drawn). Exactly the model's patients given the outcome; needs a time model.
         generation_config: the settings (default: ``model.generation_config``); the CMS edits
             come from the tokenizer's code system (:func:`cms_edits`) when it carries none, and the history length
             from the checkpoint's ``training_args.json`` when it sets none.
@@ -117,7 +133,8 @@ def generate_patients(
             ``stage_two`` ("empirical" | "model" | "uniform"), ``visit_length`` ("data" |
             "model"), ``cms``, ``do_sample`` (False: argmax decoding), ``temperature``, ``top_k``,
             ``top_p``, ``batch_size``, ``max_codes``, ``max_history_length``, ``seed_visits``,
-            ``custom_decoding``; a value of None keeps the configured one.
+            ``custom_decoding``, ``times`` (False: no stays, gaps or deaths even with a time
+            model); a value of None keeps the configured one.
 
     Returns:
         (datasets.Dataset in the patient schema, stats dict).
@@ -128,10 +145,38 @@ def generate_patients(
         config.cms_edits = cms_edits(tokenizer)
     if config.max_history_length is None:
         config.max_history_length = _trained_history_length(getattr(model, "name_or_path", None))
-    patients, stats = generate(model, tokenizer=tokenizer, n=n, mode=mode, prior=prior, demographics=demographics,
-                               seed_patients=seed_patients, seed=seed, exclude_patients=exclude_patients,
-                               copy_redraws=copy_redraws, generation_config=config, progress=progress)
-    return patients_to_dataset(patients), stats
+    run = dict(tokenizer=tokenizer, mode=mode, prior=prior, demographics=demographics, seed_patients=seed_patients,
+               exclude_patients=exclude_patients, copy_redraws=copy_redraws, generation_config=config,
+               progress=progress, time_model=time_model)
+    if hospital_death is None:
+        patients, stats = generate(model, n=n, seed=seed, **run)
+        return patients_to_dataset(patients), stats
+    if mode != "unconditional" or not n:
+        raise ValueError("hospital_death= fixes the outcome of unconditional generation: mode='unconditional' and n")
+    if not config.times:
+        raise ValueError("hospital_death= needs the times (times=True and a time model)")
+    kept, drawn, rate = [], 0, 0.5
+    for round_ in range(OUTCOME_ROUNDS):
+        want = n - len(kept)
+        batch = min(int(np.ceil(want / max(rate, MIN_OUTCOME_RATE) * 1.2)) + 8, OUTCOME_BATCH_CAP * n)
+        patients, stats = generate(model, n=batch, seed=seed + OUTCOME_SEED_STEP * round_, **run)
+        if not stats.get("times"):
+            raise ValueError("hospital_death= needs a time model: this checkpoint has no time_model.safetensors "
+                             "(trained on a cohort without times, or with --no-time)")
+        match = [p for p in patients if p["hospital_death"] == hospital_death]
+        drawn += len(patients)
+        rate = max(len(match), 1) / max(len(patients), 1)
+        kept += match[:want]
+        if len(kept) == n:
+            break
+    else:
+        raise ValueError(f"hospital_death={hospital_death}: {len(kept)} of {n} patients after {drawn} draws "
+                         f"({OUTCOME_ROUNDS} rounds); the model rarely gives this outcome")
+    for j, p in enumerate(kept):
+        p["subject_id"] = j + 1
+    stats.update(n_patients=n, outcome={"hospital_death": hospital_death}, outcome_generated=drawn,
+                 outcome_rounds=round_ + 1)
+    return patients_to_dataset(kept), stats
 
 
 def save_custom_generate(directory: str | os.PathLike, tokenizer, generation_config: GenerationConfig | None = None,

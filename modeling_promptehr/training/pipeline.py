@@ -17,10 +17,12 @@ Everything lands in ``--output-dir`` (default ``promptehr_run/``):
     data/          prepared splits: {train,validation,test}.parquet, summary.json
     checkpoints/   Trainer checkpoints (resume with --resume-from-checkpoint last|DIR)
     model/         the final model: config + safetensors + remote code, tokenizer,
-                   cooccurrence.safetensors, cohort_prior.json, generation_config.json (the generation
-                   settings and CMS edits) and custom_generate/ (the generation code: the folder
-                   generates patients without this package), README.md (model card with metrics)
-    synthetic/     the generated cohort (MIMIC-III CSVs + synthetic.parquet)
+                   cooccurrence.safetensors, cohort_prior.json, time_model.safetensors (stays, gaps
+                   and deaths from the codes; when the cohort has times and no --no-time),
+                   generation_config.json (the generation settings and CMS edits) and
+                   custom_generate/ (the generation code: the folder generates patients without
+                   this package), README.md (model card with metrics)
+    synthetic/     the generated cohort (MIMIC CSVs + synthetic.parquet)
     evaluation/    metrics.json, metrics.md, PNG plots (synthetic vs the real test split,
                    with the real floor and the independent-marginal baseline)
     run_summary.json   world size, steps, timings, final losses, headline metrics
@@ -49,12 +51,14 @@ from promptehr_hf.modeling_promptehr.configuration_promptehr import PromptEHRCon
 from promptehr_hf.modeling_promptehr.generation.command import write_cohort
 from promptehr_hf.modeling_promptehr.generation.pipeline import generate_patients, save_custom_generate
 from promptehr_hf.modeling_promptehr.generation.prior import CohortPrior
+from promptehr_hf.modeling_promptehr.generation.times import TIME_MODEL_FILE, has_times
 from promptehr_hf.modeling_promptehr.modeling_promptehr import PromptEHRForConditionalGeneration
 from promptehr_hf.tokenization.tokenization_promptehr import PromptEHRTokenizer
 
 from .data import build_examples
 from .losses import category_cooccurrence, tokenizer_categories
 from .model_card import model_card, push_to_hub
+from .time_model import fit_time_model
 from .trainer import PromptEHRTrainer
 from .training_args import PromptEHRTrainingArguments
 from .visit_types import DEFAULT_MIN_VISITS, DEFAULT_TYPES, fit_visit_types, type_logit_bias
@@ -75,6 +79,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     data.add_argument("--code-system", choices=tuple(CODE_SYSTEMS), default=None,
                       help=f"code system of the simulated cohort (default {DEFAULT_CODE_SYSTEM}; icd10cm: its codes "
                            "mapped through the CMS GEMs); a --mimic-dir folder's is read from the folder")
+    data.add_argument("--no-time", action="store_true",
+                      help="diagnoses only: fit no time model, so the generated patients have no stays, gaps or "
+                           "deaths (a cohort read without times trains this way anyway)")
     data.add_argument("--patients", type=int, default=DEFAULT_PATIENTS, help="size of the simulated cohort")
     data.add_argument("--seed", type=int, default=0, help="simulation, split, training and generation seed")
     data.add_argument("--min-code-count", type=int, default=1, help="rarer codes fold into their category token")
@@ -326,6 +333,15 @@ def train(args: argparse.Namespace) -> dict:
     if not state.is_main_process:
         return run
     prior.save(model_dir)
+    time_model = None
+    if not args.no_time and has_times(train_patients := train_split.to_list()):
+        t0 = time.perf_counter()
+        time_model = fit_time_model(train_patients, tokenizer.category_of, seed=args.seed)
+        time_model.save(model_dir)
+        run["time_model_minutes"] = (time.perf_counter() - t0) / 60
+    else:  # no stale time model of an earlier run in this folder
+        (model_dir / TIME_MODEL_FILE).unlink(missing_ok=True)
+    run["times"] = time_model is not None
     # Under visit types the code inside a category comes from the training P(code | category,
     # visit type), not from the type-blind P(code | category).
     trainer.model.generation_config = save_custom_generate(
@@ -337,7 +353,8 @@ def train(args: argparse.Namespace) -> dict:
         t0 = time.perf_counter()
         synthetic, stats = generate_patients(trainer.model, tokenizer, n_generate, mode="unconditional", prior=prior,
                                              batch_size=args.generate_batch_size, seed=args.seed,
-                                             max_history_length=max_source, exclude_patients=train_split)
+                                             max_history_length=max_source, exclude_patients=train_split,
+                                             time_model=time_model, times=time_model is not None)
         write_cohort(synthetic, root / "synthetic", stats=stats, seed=args.seed, overwrite=True,
                      code_system=code_system)
         run["generate_minutes"] = (time.perf_counter() - t0) / 60

@@ -1,0 +1,282 @@
+"""VisitTimeModel: the length of each stay, the gap before each readmission and the patient's death,
+drawn for generated patients from their codes (``time_model.safetensors``).
+
+Four heads, each a multinomial logistic regression over the visit's diagnosis categories (a
+multi-hot vector), the patient's age band, sex and the visit's index, fitted on the training
+cohort (``promptehr_hf.modeling_promptehr.training.time_model``):
+
+- ``stay``: the stay's length, one of ``n`` quantile bins of the training stays, over the visit's
+  categories;
+- ``gap``: the days from a discharge to the next admission (visits after the first), quantile
+  bins, over the previous visit's categories and the current one's;
+- ``death``: whether the patient died in hospital, at the last visit (MIMIC's
+  ``HOSPITAL_EXPIRE_FLAG``; an in-hospital death ends the record), over the last visit's
+  categories and the number of visits;
+- ``after``: for the others, the days from the last discharge to a death outside hospital in
+  quantile bins, or no known death (the last class).
+
+A value is drawn uniformly inside its bin (on a log scale for gaps and days to death). The codes
+are drawn first and are not changed: a cohort generated without times has the same codes.
+
+Ages: the patient's age is its age at the first admission; later admissions are older by the
+stays and gaps before them. Where a later visit holds a code whose CMS age edit caps the age
+(newborn, pediatric, maternity), that visit and the ones before it are moved earlier so that its
+age stays inside the edit (gaps, then stays, shortened); counted in ``stats["time_capped_visits"]``.
+
+Shipped with the checkpoint in ``custom_generate/``: imports only numpy, safetensors (a dependency of
+transformers), the standard library and the files beside it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+from safetensors import safe_open
+from safetensors.numpy import load_file, save_file
+
+from .prior import AGE_BAND_EDGES, SEXES
+
+TIME_MODEL_FILE = "time_model.safetensors"
+TIME_MODEL_FORMAT = "promptehr-time-model"
+HEADS = ("stay", "gap", "death", "after")
+INDEX_BUCKETS = 4  # visit index (or number of visits - 1) 0, 1, 2, 3+
+DAYS_PER_YEAR = 365.25
+TIME_FIELDS = ("stay_days", "gap_days", "hospital_death", "death_days")
+
+
+def has_times(patients: Sequence[dict]) -> bool:
+    """Whether every patient carries stays and gaps (a cohort read with its times)."""
+    return bool(patients) and all(p.get("stay_days") is not None and p.get("gap_days") is not None
+                                  for p in patients)
+
+
+class BinaryRows:
+    """Rows of a 0/1 matrix as CSR arrays (``indptr`` [n + 1], ``indices``): the heads' inputs,
+    without scipy (which a checkpoint's remote code may not have)."""
+
+    def __init__(self, indptr: np.ndarray, indices: np.ndarray, width: int):
+        self.indptr, self.indices, self.width = indptr, indices, width
+
+    def __len__(self) -> int:
+        return len(self.indptr) - 1
+
+    def take(self, rows: np.ndarray) -> "BinaryRows":
+        lengths = np.diff(self.indptr)[rows]
+        starts = self.indptr[rows]
+        pos = np.repeat(starts - np.r_[0, np.cumsum(lengths)[:-1]], lengths) + np.arange(lengths.sum())
+        return BinaryRows(np.r_[0, np.cumsum(lengths)], self.indices[pos], self.width)
+
+    @staticmethod
+    def hstack(parts: Sequence["BinaryRows"]) -> "BinaryRows":
+        """Columns side by side (every part has the same rows)."""
+        lengths = sum(np.diff(p.indptr) for p in parts)
+        offsets = np.cumsum([0] + [p.width for p in parts[:-1]])
+        owner = np.concatenate([np.repeat(np.arange(len(p)), np.diff(p.indptr)) for p in parts])
+        cols = np.concatenate([p.indices + off for p, off in zip(parts, offsets)])
+        order = np.argsort(owner, kind="stable")
+        return BinaryRows(np.r_[0, np.cumsum(lengths)], cols[order], int(sum(p.width for p in parts)))
+
+    @staticmethod
+    def one_hot(columns: np.ndarray, width: int) -> "BinaryRows":
+        return BinaryRows(np.arange(len(columns) + 1), np.asarray(columns, dtype=np.int64), width)
+
+    def dot(self, weight: np.ndarray) -> np.ndarray:
+        """[n, K] = rows @ weight.T for ``weight`` [K, width]."""
+        out = np.zeros((len(self), weight.shape[0]))
+        filled = np.diff(self.indptr) > 0
+        if filled.any():
+            sums = np.add.reduceat(weight.T[self.indices].astype(np.float64), self.indptr[:-1][filled], axis=0)
+            out[filled] = sums
+        return out
+
+
+class VisitFeatures:
+    """The heads' inputs: rows of [categories of one or two visits | age band | male | index bucket].
+
+    ``categories``: the category of each column (the training cohort's); ``category_of`` maps a
+    code to its category (the tokenizer's ``category_of``); codes of unknown categories add nothing.
+    """
+
+    def __init__(self, categories: Sequence[str], category_of: Callable[[str], str]):
+        self.categories = list(categories)
+        self.column = {c: i for i, c in enumerate(self.categories)}
+        self.category_of = category_of
+        self.n_bands = len(AGE_BAND_EDGES)
+
+    def visits(self, visits: Sequence[Sequence[str]]) -> BinaryRows:
+        """The categories of each visit (one row per visit)."""
+        cols = [sorted({self.column.get(self.category_of(code)) for code in visit} - {None}) for visit in visits]
+        lengths = np.fromiter(map(len, cols), dtype=np.int64, count=len(cols))
+        flat = np.fromiter((c for row in cols for c in row), dtype=np.int64, count=int(lengths.sum()))
+        return BinaryRows(np.r_[0, np.cumsum(lengths)], flat, len(self.categories))
+
+    def rows(self, blocks: Sequence[BinaryRows], ages: np.ndarray, sexes: Sequence[str],
+             index: np.ndarray) -> BinaryRows:
+        """``[*blocks | age band | male | index bucket]`` (ages in years, index 0-based)."""
+        band = np.clip(np.searchsorted(AGE_BAND_EDGES, np.asarray(ages, dtype=np.float64), side="right") - 1,
+                       0, self.n_bands - 1)
+        male = np.asarray(sexes, dtype=object) == SEXES[1]
+        sex = BinaryRows(np.r_[0, np.cumsum(male)], np.zeros(int(male.sum()), dtype=np.int64), 1)
+        bucket = np.minimum(np.asarray(index, dtype=np.int64), INDEX_BUCKETS - 1)
+        return BinaryRows.hstack([*blocks, BinaryRows.one_hot(band, self.n_bands), sex,
+                                  BinaryRows.one_hot(bucket, INDEX_BUCKETS)])
+
+
+class VisitTimeModel:
+    """The four heads' weights and bins (see the module docstring); ``sample`` draws the times."""
+
+    def __init__(self, categories: Sequence[str], weights: dict[str, np.ndarray], biases: dict[str, np.ndarray],
+                 edges: dict[str, np.ndarray]):
+        self.categories = list(categories)
+        self.weights = {h: np.asarray(weights[h], dtype=np.float32) for h in HEADS}
+        self.biases = {h: np.asarray(biases[h], dtype=np.float32) for h in HEADS}
+        self.edges = {h: np.asarray(edges[h], dtype=np.float64) for h in ("stay", "gap", "after")}
+
+    # ------------------------------------------------------------------ files
+    def save(self, directory: str | os.PathLike) -> str:
+        """Write ``time_model.safetensors`` into ``directory`` (bins and categories in its metadata)."""
+        path = Path(directory) / TIME_MODEL_FILE
+        tensors = {f"{h}.weight": np.ascontiguousarray(self.weights[h]) for h in HEADS}
+        tensors |= {f"{h}.bias": np.ascontiguousarray(self.biases[h]) for h in HEADS}
+        metadata = {"format": TIME_MODEL_FORMAT, "categories": json.dumps(self.categories),
+                    "edges": json.dumps({h: e.tolist() for h, e in self.edges.items()})}
+        tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+        save_file(tensors, str(tmp), metadata=metadata)
+        os.replace(tmp, path)  # never a torn file beside a valid checkpoint
+        return str(path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "VisitTimeModel":
+        """Read a ``time_model.safetensors`` file, or the one in a checkpoint directory."""
+        path = Path(path)
+        if path.is_dir():
+            path = path / TIME_MODEL_FILE
+        try:
+            with safe_open(str(path), framework="numpy") as f:  # load_file drops the metadata
+                metadata = f.metadata() or {}
+            tensors = load_file(str(path))
+            if metadata.get("format") != TIME_MODEL_FORMAT:
+                raise ValueError(f"not a {TIME_MODEL_FORMAT} file")
+            edges = {h: np.array(e) for h, e in json.loads(metadata["edges"]).items()}
+            return cls(json.loads(metadata["categories"]), {h: tensors[f"{h}.weight"] for h in HEADS},
+                       {h: tensors[f"{h}.bias"] for h in HEADS}, edges)
+        except (OSError, KeyError, ValueError) as err:
+            raise ValueError(f"cannot read the time model {path}: {err}") from err
+
+    # ------------------------------------------------------------------ sampling
+    def _probs(self, head: str, X: BinaryRows) -> np.ndarray:
+        logits = X.dot(self.weights[head]) + self.biases[head]
+        if head == "death":  # the binary head: the logit of class 1
+            p = 1.0 / (1.0 + np.exp(-logits))
+            return np.hstack([1.0 - p, p])
+        logits -= logits.max(axis=1, keepdims=True)
+        p = np.exp(logits)
+        return p / p.sum(axis=1, keepdims=True)
+
+    @staticmethod
+    def _draw(probs: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """One class per row of ``probs`` (inverse CDF, vectorised)."""
+        cum = np.cumsum(probs, axis=1)
+        u = rng.random(len(probs))[:, None] * cum[:, -1:]
+        return np.minimum((cum < u).sum(axis=1), probs.shape[1] - 1)
+
+    def _values(self, head: str, bins: np.ndarray, rng: np.random.Generator, log: bool) -> np.ndarray:
+        lo, hi = self.edges[head][bins], self.edges[head][bins + 1]
+        u = rng.random(len(bins))
+        if log:
+            return np.expm1(np.log1p(lo) + u * (np.log1p(hi) - np.log1p(lo)))
+        return lo + u * (hi - lo)
+
+    def sample(self, patients: Sequence[dict], rng: np.random.Generator, category_of: Callable[[str], str],
+               age_caps: Callable[[Sequence[str]], float] | None = None) -> tuple[list[dict], dict]:
+        """The patients with ``stay_days``, ``gap_days``, ``hospital_death`` and ``death_days`` drawn.
+
+        Args:
+            patients: [n] dicts with ``age``, ``sex`` and ``visits`` (their codes are kept as they are).
+            rng: the random stream of the times (the codes' stream is not touched).
+            category_of: code -> category (the tokenizer's ``category_of``).
+            age_caps: visit codes -> the highest whole-year age their CMS edits allow (``inf`` for
+                none); None: no cap.
+        Returns:
+            (patients, stats): new dicts; stats ``time_capped_visits``, ``hospital_deaths``.
+        """
+        feats = VisitFeatures(self.categories, category_of)
+        n = len(patients)
+        if n == 0:
+            return [], {"time_capped_visits": 0, "hospital_deaths": 0}
+        n_visits = np.array([len(p["visits"]) for p in patients], dtype=np.int64)
+        ages = np.array([float(p["age"]) for p in patients])
+        sexes = [p["sex"] for p in patients]
+        owner = np.repeat(np.arange(n), n_visits)
+        start = np.r_[0, np.cumsum(n_visits)[:-1]]
+        index = np.arange(len(owner)) - start[owner]
+        visits = [v for p in patients for v in p["visits"]]
+        V = feats.visits(visits)
+        v_sexes = [sexes[i] for i in owner]
+
+        stay_bins = self._draw(self._probs("stay", feats.rows([V], ages[owner], v_sexes, index)), rng)
+        stays = self._values("stay", stay_bins, rng, log=False)
+        gaps = np.zeros(len(owner))
+        later = np.flatnonzero(index > 0)
+        if len(later):
+            X = feats.rows([V.take(later - 1), V.take(later)], ages[owner[later]], [v_sexes[i] for i in later],
+                           index[later])
+            gaps[later] = self._values("gap", self._draw(self._probs("gap", X), rng), rng, log=True)
+        last = start + n_visits - 1
+        X_last = feats.rows([V.take(last)], ages, sexes, n_visits - 1)
+        died = self._draw(self._probs("death", X_last), rng) == 1
+        after_bins = self._draw(self._probs("after", X_last), rng)
+        none = len(self.edges["after"]) - 1  # the last class: no known death
+        known = ~died & (after_bins < none)
+        after = np.full(n, np.nan)
+        after[known] = self._values("after", after_bins[known], rng, log=True)
+
+        capped = 0
+        if age_caps is not None:
+            caps = np.array([age_caps(v) for v in visits], dtype=np.float64)
+            stays, gaps, capped = _cap_ages(ages, n_visits, stays, gaps, caps)
+        out = []
+        for i, p in enumerate(patients):
+            s, e = start[i], start[i] + n_visits[i]
+            out.append({**p, "stay_days": stays[s:e].tolist(), "gap_days": gaps[s:e].tolist(),
+                        "hospital_death": bool(died[i]),
+                        "death_days": None if np.isnan(after[i]) else float(after[i])})
+        return out, {"time_capped_visits": int(capped), "hospital_deaths": int(died.sum())}
+
+
+def _cap_ages(ages: np.ndarray, n_visits: np.ndarray, stays: np.ndarray, gaps: np.ndarray,
+              caps: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+    """Move admissions earlier so that the whole-year age at each admission is at most its cap.
+
+    ``caps``: per visit, the highest whole-year age its codes allow. A later admission must be at
+    most (cap + 1 - age) years after the first (less a day); every earlier admission then also
+    moves, keeping the order; a stay longer than the time left before the next admission is
+    shortened. Returns (stays, gaps, visits moved)."""
+    n, width = len(n_visits), int(n_visits.max())
+    mask = np.arange(width)[None, :] < n_visits[:, None]
+    S, G, C = _pad(stays, mask, 0.0), _pad(gaps, mask, 0.0), _pad(caps, mask, np.inf)
+    admit = np.cumsum(G, axis=1) + np.concatenate([np.zeros((n, 1)), np.cumsum(S, axis=1)[:, :-1]], axis=1)
+    limit = (C + 1.0 - ages[:, None]) * DAYS_PER_YEAR - 1.0
+    limit = np.minimum.accumulate(limit[:, ::-1], axis=1)[:, ::-1]  # a later cap binds the earlier visits
+    limit = np.where(mask, np.maximum(limit, 0.0), np.inf)
+    moved = mask & (admit > limit)
+    if not moved.any():
+        return stays, gaps, 0
+    admit = np.where(moved, limit, admit)
+    admit[:, 0] = 0.0
+    nxt = np.concatenate([admit[:, 1:], np.full((n, 1), np.inf)], axis=1)
+    S = np.where(mask, np.minimum(S, nxt - admit), 0.0)
+    prev_end = np.concatenate([np.zeros((n, 1)), (admit + S)[:, :-1]], axis=1)
+    G = np.where(mask, np.maximum(admit - prev_end, 0.0), 0.0)
+    G[:, 0] = 0.0
+    return S[mask], G[mask], int(moved.sum())
+
+
+def _pad(values: np.ndarray, mask: np.ndarray, fill: float) -> np.ndarray:
+    out = np.full(mask.shape, fill, dtype=np.float64)
+    out[mask] = values
+    return out

@@ -1,0 +1,135 @@
+"""Fit the :class:`~promptehr_hf.modeling_promptehr.generation.times.VisitTimeModel` on a training
+cohort that carries times (``stay_days``, ``gap_days``, ``hospital_death``, ``death_days``).
+
+Each head is scikit-learn's multinomial ``LogisticRegression`` (L2, lbfgs) on the sparse features
+of :class:`~promptehr_hf.modeling_promptehr.generation.times.VisitFeatures`; the weights are
+copied into the time model, which generation applies with numpy alone. Bins are quantiles of the
+training values; the outer edges are the 0.5% and 99.5% quantiles (values beyond them fall in the
+outer bins), so no single patient's extreme stay or gap is written into the checkpoint.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import scipy.sparse as sp
+from sklearn.linear_model import LogisticRegression
+
+from ..generation.times import HEADS, INDEX_BUCKETS, BinaryRows, VisitFeatures, VisitTimeModel, has_times
+
+DEFAULT_BINS = {"stay": 16, "gap": 16, "after": 12}
+OUTER_QUANTILE = 0.005
+ABSENT_CLASS_BIAS = -30.0  # a bin no training row fell into is never drawn
+DEFAULT_C = 1.0
+
+
+def quantile_edges(values: np.ndarray, n_bins: int) -> np.ndarray:
+    """Distinct quantile edges of ``values`` (at most ``n_bins`` bins), outer edges at the 0.5% and
+    99.5% quantiles."""
+    qs = np.quantile(values, np.linspace(OUTER_QUANTILE, 1 - OUTER_QUANTILE, n_bins + 1))
+    edges = np.unique(qs)
+    return edges if len(edges) >= 2 else np.array([edges[0], edges[0] + 1.0])
+
+
+def bin_of(values: np.ndarray, edges: np.ndarray) -> np.ndarray:
+    """The bin of each value (outer values in the outer bins)."""
+    return np.clip(np.searchsorted(edges, values, side="right") - 1, 0, len(edges) - 2)
+
+
+def _csr(rows: BinaryRows) -> sp.csr_matrix:
+    data = np.ones(len(rows.indices), dtype=np.float64)
+    return sp.csr_matrix((data, rows.indices, rows.indptr), shape=(len(rows), rows.width))
+
+
+def _fit_head(X: BinaryRows, y: np.ndarray, n_classes: int, C: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(weight [K, F], bias [K]) of a multinomial logistic regression; K = 1 (the logit of class 1)
+    for a binary head. A class absent from ``y`` gets zero weight and a bias that never draws it;
+    a head whose rows all share one class predicts it."""
+    present = np.unique(y)
+    width = X.width
+    if len(present) == 1:
+        if n_classes == 2:
+            return np.zeros((1, width), np.float32), np.array([30.0 if present[0] == 1 else -30.0], np.float32)
+        bias = np.full(n_classes, ABSENT_CLASS_BIAS, np.float32)
+        bias[present[0]] = 0.0
+        return np.zeros((n_classes, width), np.float32), bias
+    clf = LogisticRegression(C=C, max_iter=300, random_state=seed)
+    clf.fit(_csr(X), y)
+    if n_classes == 2:
+        return clf.coef_.astype(np.float32), clf.intercept_.astype(np.float32)
+    weight = np.zeros((n_classes, width), np.float32)
+    bias = np.full(n_classes, ABSENT_CLASS_BIAS, np.float32)
+    if len(clf.classes_) == 2:  # sklearn fits two present classes as one logit
+        weight[clf.classes_[1]], bias[clf.classes_[1]] = clf.coef_[0], clf.intercept_[0]
+        bias[clf.classes_[0]] = 0.0
+    else:
+        weight[clf.classes_], bias[clf.classes_] = clf.coef_, clf.intercept_
+    return weight, bias
+
+
+def fit_time_model(patients: Sequence[dict], category_of: Callable[[str], str], *,
+                   bins: dict[str, int] | None = None, C: float = DEFAULT_C, seed: int = 0) -> VisitTimeModel:
+    """Fit the four heads on ``patients`` (every one with times; see ``generation.times.has_times``).
+
+    Args:
+        patients: [n] patient dicts with ``age``, ``sex``, ``visits`` and the four time fields.
+        category_of: code -> category (the tokenizer's ``category_of``); the heads' columns are
+            the categories seen here.
+        bins: bins per head (``stay``, ``gap``, ``after``); default :data:`DEFAULT_BINS`.
+        C: inverse L2 strength of every head.
+    Raises:
+        ValueError: a patient without times, or no patient.
+    """
+    patients = list(patients)
+    if not has_times(patients):
+        raise ValueError("fit_time_model needs patients with stay_days and gap_days (a cohort read with its times)")
+    bins = {**DEFAULT_BINS, **(bins or {})}
+    visits = [v for p in patients for v in p["visits"]]
+    categories = sorted({category_of(code) for v in visits for code in v})
+    feats = VisitFeatures(categories, category_of)
+    n_visits = np.array([len(p["visits"]) for p in patients], dtype=np.int64)
+    ages = np.array([float(p["age"]) for p in patients])
+    sexes = [p["sex"] for p in patients]
+    owner = np.repeat(np.arange(len(patients)), n_visits)
+    start = np.r_[0, np.cumsum(n_visits)[:-1]]
+    index = np.arange(len(owner)) - start[owner]
+    v_sexes = [sexes[i] for i in owner]
+    stays = np.array([s for p in patients for s in p["stay_days"]], dtype=np.float64)
+    gaps = np.array([g for p in patients for g in p["gap_days"]], dtype=np.float64)
+    if len(stays) != len(owner) or len(gaps) != len(owner):
+        raise ValueError("fit_time_model: stay_days and gap_days must hold one value per visit")
+    died = np.array([bool(p.get("hospital_death")) for p in patients])
+    after = np.array([np.nan if p.get("death_days") is None else float(p["death_days"]) for p in patients])
+    V = feats.visits(visits)
+
+    edges, weights, biases = {}, {}, {}
+    edges["stay"] = quantile_edges(stays, bins["stay"])
+    X = feats.rows([V], ages[owner], v_sexes, index)
+    weights["stay"], biases["stay"] = _fit_head(X, bin_of(stays, edges["stay"]), len(edges["stay"]) - 1, C, seed)
+
+    later = np.flatnonzero(index > 0)
+    if len(later):
+        edges["gap"] = quantile_edges(gaps[later], bins["gap"])
+        X = feats.rows([V.take(later - 1), V.take(later)], ages[owner[later]], [v_sexes[i] for i in later],
+                       index[later])
+        weights["gap"], biases["gap"] = _fit_head(X, bin_of(gaps[later], edges["gap"]), len(edges["gap"]) - 1,
+                                                  C, seed)
+    else:  # no readmission in the cohort: a head the sampler never calls
+        edges["gap"] = np.array([0.0, 1.0])
+        width = 2 * len(categories) + feats.n_bands + 1 + INDEX_BUCKETS
+        weights["gap"], biases["gap"] = np.zeros((1, width), np.float32), np.zeros(1, np.float32)
+
+    last = start + n_visits - 1
+    X_last = feats.rows([V.take(last)], ages, sexes, n_visits - 1)
+    weights["death"], biases["death"] = _fit_head(X_last, died.astype(np.int64), 2, C, seed)
+
+    alive = ~died
+    known = alive & ~np.isnan(after)
+    edges["after"] = quantile_edges(after[known], bins["after"]) if known.any() else np.array([0.0, 1.0])
+    none = len(edges["after"]) - 1
+    y = np.full(len(patients), none, dtype=np.int64)
+    y[known] = bin_of(after[known], edges["after"])
+    rows = np.flatnonzero(alive)
+    weights["after"], biases["after"] = _fit_head(X_last.take(rows), y[rows], none + 1, C, seed)
+    return VisitTimeModel(categories, {h: weights[h] for h in HEADS}, {h: biases[h] for h in HEADS}, edges)

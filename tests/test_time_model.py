@@ -1,0 +1,173 @@
+"""The time model: heads fitted on a cohort's stays, gaps and deaths, drawn for generated patients
+from their codes (generation/times.py, training/time_model.py, generate_patients(times=, hospital_death=))."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+import torch
+
+from promptehr_hf.modeling_promptehr.configuration_promptehr import PromptEHRConfig
+from promptehr_hf.modeling_promptehr.generation.pipeline import generate_patients, save_custom_generate
+from promptehr_hf.modeling_promptehr.generation.prior import CohortPrior
+from promptehr_hf.modeling_promptehr.generation.times import BinaryRows, VisitTimeModel, _cap_ages, has_times
+from promptehr_hf.modeling_promptehr.modeling_promptehr import PromptEHRForConditionalGeneration
+from promptehr_hf.modeling_promptehr.training.time_model import fit_time_model, quantile_edges
+from promptehr_hf.tokenization.tokenization_promptehr import PromptEHRTokenizer, code_category
+
+CODES = ["99591", "4019", "V3000", "25000", "4280", "486", "5849"]
+
+
+def timed_cohort(n: int, seed: int = 0) -> list[dict]:
+    """Sepsis (995) at the last visit dies half the time (others 5%); newborns (V30) stay ~4x
+    longer; after a heart-failure visit (428) the next admission comes ~10x sooner."""
+    rng = np.random.default_rng(seed)
+    patients = []
+    for i in range(n):
+        visits = [list(rng.choice(CODES, size=2, replace=False)) for _ in range(int(rng.integers(1, 4)))]
+        stays = [float(rng.gamma(2.0, 10.0 if any(c.startswith("V30") for c in v) else 2.5)) for v in visits]
+        gaps = [0.0] + [float(rng.exponential(30.0 if any(c.startswith("428") for c in visits[k - 1]) else 300.0))
+                        for k in range(1, len(visits))]
+        died = bool(rng.random() < (0.5 if any(c.startswith("995") for c in visits[-1]) else 0.05))
+        after = None if died or rng.random() < 0.7 else float(rng.exponential(400.0))
+        patients.append({"subject_id": i + 1, "age": float(rng.uniform(20, 90)), "sex": "FM"[i % 2],
+                         "visits": visits, "stay_days": stays, "gap_days": gaps, "hospital_death": died,
+                         "death_days": after})
+    return patients
+
+
+def codes_only(patients: list[dict]) -> list[dict]:
+    return [{k: p[k] for k in ("subject_id", "age", "sex", "visits")} for p in patients]
+
+
+@pytest.fixture(scope="module")
+def cohort() -> list[dict]:
+    return timed_cohort(3000)
+
+
+@pytest.fixture(scope="module")
+def time_model(cohort) -> VisitTimeModel:
+    return fit_time_model(cohort, code_category)
+
+
+def mortality(patients, prefix):
+    return np.mean([p["hospital_death"] for p in patients if any(c.startswith(prefix) for c in p["visits"][-1])])
+
+
+def median_stay(patients, prefix):
+    return np.median([s for p in patients for v, s in zip(p["visits"], p["stay_days"])
+                      if any(c.startswith(prefix) for c in v)])
+
+
+def median_gap_after(patients, prefix):
+    return np.median([g for p in patients for k, g in enumerate(p["gap_days"])
+                      if k and any(c.startswith(prefix) for c in p["visits"][k - 1])])
+
+
+def test_binary_rows_match_scipy():
+    rng = np.random.default_rng(0)
+    dense = (rng.random((7, 5)) < 0.4).astype(np.float64)
+    dense[3] = 0  # an empty row
+    m = sp.csr_matrix(dense)
+    rows = BinaryRows(m.indptr.astype(np.int64), m.indices.astype(np.int64), 5)
+    w = rng.normal(size=(3, 5))
+    np.testing.assert_allclose(rows.dot(w), dense @ w.T)
+    picked = np.array([4, 3, 0, 4])
+    np.testing.assert_allclose(rows.take(picked).dot(w), dense[picked] @ w.T)
+    both = BinaryRows.hstack([rows, BinaryRows.one_hot(np.arange(7) % 2, 2)])
+    w2 = rng.normal(size=(3, 7))
+    np.testing.assert_allclose(both.dot(w2), np.hstack([dense, np.eye(2)[np.arange(7) % 2]]) @ w2.T)
+
+
+def test_heads_learn_the_dependence_on_codes(cohort, time_model):
+    out, stats = time_model.sample(codes_only(cohort), np.random.default_rng(1), code_category)
+    assert [p["visits"] for p in out] == [p["visits"] for p in cohort]  # codes untouched
+    assert has_times(out) and stats["hospital_deaths"] == sum(p["hospital_death"] for p in out)
+    assert abs(mortality(out, "995") - mortality(cohort, "995")) < 0.06
+    assert abs(mortality(out, "401") - mortality(cohort, "401")) < 0.05
+    assert mortality(out, "995") > 2 * mortality(out, "401")
+    assert median_stay(out, "V30") > 3 * median_stay(out, "401")
+    assert median_gap_after(out, "428") < 0.3 * median_gap_after(out, "401")
+    assert abs(np.mean([p["death_days"] is not None for p in out])
+               - np.mean([p["death_days"] is not None for p in cohort])) < 0.04
+    for p in out:  # consistent by construction
+        assert len(p["stay_days"]) == len(p["gap_days"]) == len(p["visits"]) and p["gap_days"][0] == 0.0
+        assert min(p["stay_days"]) >= 0 and min(p["gap_days"]) >= 0
+        assert not (p["hospital_death"] and p["death_days"] is not None)
+
+
+def test_marginals_without_codes_lose_the_dependence(cohort):
+    """The ablation: heads that see no category (every code unknown) fall back to the marginals."""
+    blind = fit_time_model(cohort, lambda code: "?")
+    out, _ = blind.sample(codes_only(cohort), np.random.default_rng(1), code_category)
+    assert abs(mortality(out, "995") - mortality(out, "401")) < 0.06
+
+
+def test_save_load_and_the_values_stay_inside_the_bins(cohort, time_model, tmp_path):
+    time_model.save(tmp_path)
+    back = VisitTimeModel.load(tmp_path)
+    a, _ = time_model.sample(codes_only(cohort[:200]), np.random.default_rng(5), code_category)
+    b, _ = back.sample(codes_only(cohort[:200]), np.random.default_rng(5), code_category)
+    assert a == b
+    stays = np.array([s for p in a for s in p["stay_days"]])
+    edges = time_model.edges["stay"]
+    assert stays.min() >= edges[0] and stays.max() <= edges[-1]
+    all_stays = np.array([s for p in cohort for s in p["stay_days"]])
+    assert edges[0] > all_stays.min() and edges[-1] < all_stays.max()  # no patient's extreme in the file
+    with pytest.raises(ValueError, match="cannot read the time model"):
+        VisitTimeModel.load(tmp_path / "nope.safetensors")
+
+
+def test_fit_refuses_a_cohort_without_times(cohort):
+    with pytest.raises(ValueError, match="needs patients with stay_days"):
+        fit_time_model(codes_only(cohort), code_category)
+    assert len(quantile_edges(np.zeros(10), 4)) == 2  # a constant value still makes one bin
+
+
+def test_cms_age_caps_move_admissions_earlier():
+    # age 0.5, a newborn-capped (age 0) code at the third visit, far in time: it and the visits
+    # before it are pulled back inside the first year, in order, without overlap.
+    stays, gaps = np.array([10.0, 5.0, 3.0, 2.0]), np.array([0.0, 400.0, 300.0, 50.0])
+    caps = np.array([np.inf, np.inf, 0.0, np.inf])
+    s, g, moved = _cap_ages(np.array([0.5]), np.array([4]), stays, gaps, caps)
+    admit = np.cumsum(g) + np.r_[0, np.cumsum(s)[:-1]]
+    assert moved == 2 and np.all(g >= 0) and np.all(s >= 0)
+    assert 0.5 + admit[2] / 365.25 < 1.0  # whole-year age 0 at the capped visit
+    assert np.all(np.diff(admit) >= s[:-1] - 1e-9)  # no overlapping stays
+    s2, g2, moved2 = _cap_ages(np.array([30.0]), np.array([4]), stays, gaps, np.full(4, np.inf))
+    assert moved2 == 0 and np.array_equal(s2, stays) and np.array_equal(g2, gaps)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(cohort, time_model, tiny_config, tmp_path_factory):
+    """A tiny untrained model saved with its prior and time model."""
+    directory = tmp_path_factory.mktemp("timed")
+    tok = PromptEHRTokenizer.from_patients(cohort)
+    torch.manual_seed(0)
+    model = PromptEHRForConditionalGeneration(
+        PromptEHRConfig.from_preset("small", tokenizer=tok, **tiny_config, max_position_embeddings=128))
+    model.save_pretrained(directory)
+    tok.save_pretrained(directory)
+    CohortPrior.from_patients(cohort).save(directory)
+    time_model.save(directory)
+    save_custom_generate(directory, tok)
+    return PromptEHRForConditionalGeneration.from_pretrained(directory).eval(), tok
+
+
+def test_generated_patients_get_times_and_the_same_codes_without(checkpoint):
+    model, tok = checkpoint
+    timed, stats = generate_patients(model, tok, 40, seed=3, batch_size=40, progress=False)
+    plain, plain_stats = generate_patients(model, tok, 40, seed=3, batch_size=40, progress=False, times=False)
+    assert stats["times"] and not plain_stats["times"]
+    assert timed["visits"] == plain["visits"] and timed["age"] == plain["age"]
+    assert all(s is not None for s in timed["stay_days"]) and all(s is None for s in plain["stay_days"])
+
+
+def test_outcome_conditioned_generation(checkpoint):
+    model, tok = checkpoint
+    died, stats = generate_patients(model, tok, 12, seed=0, batch_size=64, progress=False, hospital_death=True)
+    assert len(died) == 12 and all(died["hospital_death"]) and stats["outcome_generated"] >= 12
+    assert died["subject_id"] == list(range(1, 13))
+    with pytest.raises(ValueError, match="needs the times"):
+        generate_patients(model, tok, 5, progress=False, hospital_death=True, times=False)
