@@ -24,7 +24,8 @@ back into the same patients (ages to 0.01 year, which is the reader's precision)
 - an age of 90 (the cap) is written the way MIMIC-III writes patients over 89: DOB 300 years
   before the first admission, so the reader caps it back to 90 and counts it like a real record
   (a patient who turns 90 in a later admission is also counted by the reader's `ages_capped`);
-- hadm_ids are a random permutation of 100000.. (not in time order, like MIMIC);
+- hadm_ids are a random permutation of 100000.. (not in time order, like MIMIC), but increasing
+  among a patient's visits admitted at the same time;
   ROW_IDs count from 1; codes are written as given (dotless), in visit order as SEQ_NUM 1..n;
   strings and headers are double-quoted and missing values left empty, as in MIMIC-III v1.4.
 
@@ -230,6 +231,10 @@ def timeline(patients: Sequence[dict] | Dataset, seed: int = 0, writer: str = "t
     hospital_death, has_death, death, dod_day = _deaths(t, subject, disch[first_visit + n_visits - 1], writer)
 
     hadm = FIRST_HADM_ID + rng.permutation(v_total)
+    # Visits admitted at the same time (own times: a stay of 0, then a gap of 0) get increasing
+    # hadm_ids, so that the readers' (admittime, hadm_id) order is still visit order.
+    run = np.cumsum(is_first | np.r_[True, np.diff(admit) != 0])
+    hadm = hadm[np.lexsort((hadm, run))]
     d_first = np.r_[0, np.cumsum(d_len)[:-1]].astype(np.int64)
     seq = np.arange(int(d_len.sum())) - np.repeat(d_first, d_len) + 1
     return Timeline(subject=subject, age=age, sex=sex, n_visits=n_visits, dob=dob,

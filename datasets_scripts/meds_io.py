@@ -27,7 +27,10 @@ as the MIMIC-III CSV writer for the same seed):
 - `MEDS_DEATH` (`meds.death_code`) at the time of death (no hadm_id): the last discharge for a
   death in hospital, `death_days` after it for one outside (a second after it at least: at the
   discharge itself it would read as a death in hospital). A patient's own stays and gaps are
-  `timeline`'s, to the second (see `cohort_io` for what a round trip keeps).
+  `timeline`'s, to the second (see `cohort_io` for what a round trip keeps). MEDS holds times
+  only: a visit of no length (stay 0) admitted at the previous discharge (gap 0) has every event
+  at that time, and the reader gives its codes to the previous visit (counted as an admission
+  without diagnoses); the MIMIC writers keep it apart by hadm_id.
 
 Rows are sorted by subject, then time (static rows first); within one time: birth, admission,
 diagnoses, discharge. `hadm_id` (an extra column, as in the ETL; listed in the dataset metadata's

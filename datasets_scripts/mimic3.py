@@ -41,11 +41,13 @@ error. Only the visits (admissions kept for their codes) are laid out:
   earlier visit is ignored, the later visits kept (`hospital_deaths_before_last_visit`, counting
   such visits). A death at an admission dropped for having no code
   (`deaths_at_dropped_admissions`) is, when it is after the last visit, the patient's death
-  outside the visits, timed at its deathtime (else its dischtime): death_days = that time - the
-  last discharge (>= 0); one before the last visit is ignored.
-- otherwise death_days comes from `dod`, which is a date: the whole days from the last
-  discharge's date to the dod (0 for the same day). A dod on a day before the last discharge's
-  gives 0 (`dod_before_last_discharge`). No dod: death_days null (also for expire_flag = 1).
+  outside the visits, on the day of its deathtime (else its dischtime); one before the last
+  visit is ignored.
+- otherwise the death outside is the `dod`, which is a date. Either way death_days is the whole
+  days from the last discharge's date to the day of death (0 for the same day, never < 0), so
+  that a MIMIC round trip (which writes that death as a DOD) gives it back exactly. A dod on a
+  day before the last discharge's gives 0 (`dod_before_last_discharge`). No dod: death_days
+  null (also for expire_flag = 1).
 - counted over PATIENTS rows, nothing changed: `expire_flag_without_dod`,
   `dod_without_expire_flag` (the dod is used); over patients who died in hospital:
   `dod_not_at_hospital_death` (no dod, or a dod on another day than the deathtime's, else the
@@ -392,8 +394,11 @@ def read_times(adm: pd.DataFrame, has_code: np.ndarray, expire: np.ndarray | Non
     later = pd.Series(death_time[after], index=subject[after])
     later = later[~later.index.duplicated()].reindex(p_subject)
     last_disch = disch[last]
-    death_ns = np.where(later.notna().to_numpy(), later.fillna(0).to_numpy(np.int64) - last_disch, np.nan)
-    death_ns = np.clip(death_ns, 0, None)
+    # Deaths outside the visits are counted in whole days between dates, as a dod is.
+    last_day = np.floor(last_disch / DAY_NS)
+    death_ns = np.where(later.notna().to_numpy(), np.floor(later.fillna(0).to_numpy(np.int64) / DAY_NS) - last_day,
+                        np.nan)
+    death_ns = np.clip(death_ns, 0, None) * DAY_NS
 
     dod_ns, no_dod = _ns(pat["dod"])
     dod = pd.Series(np.where(no_dod, np.nan, dod_ns.astype(np.float64)), index=pat["subject_id"].to_numpy())
@@ -402,7 +407,7 @@ def read_times(adm: pd.DataFrame, has_code: np.ndarray, expire: np.ndarray | Non
     use_dod = ~hospital & np.isnan(death_ns) & has_dod
     # A dod is a date: whole days from the last discharge's date to it.
     dod_day = np.floor(np.where(has_dod, p_dod, 0) / DAY_NS)
-    dod_days = dod_day - np.floor(last_disch / DAY_NS)
+    dod_days = dod_day - last_day
     quirks["dod_before_last_discharge"] = int((use_dod & (dod_days < 0)).sum())
     death_ns = np.where(use_dod, np.clip(dod_days, 0, None) * DAY_NS, death_ns)
     if dods:

@@ -94,6 +94,7 @@ def expected(demo_dir: Path, icd9_rows: str) -> dict:
          "adm9": 0, "adm10": 0, "adm_no_rows": 0, "adm_no_codes": 0, "capped": 0, "mapped9": set(), "unmapped9": set()}
     visits: dict[str, list] = {}
     died_after: dict[str, pd.Timestamp] = {}  # a death at an admission dropped after the last visit
+    dropped_deaths: list[str] = []  # subjects of deaths at dropped admissions
     for s, h, t, out, death, flag in zip(adm["subject_id"], adm["hadm_id"], adm["t"], adm["dischtime"],
                                          adm["deathtime"], adm["hospital_expire_flag"]):
         a = anc.loc[s]
@@ -126,10 +127,10 @@ def expected(demo_dir: Path, icd9_rows: str) -> dict:
             visits.setdefault(s, []).append((90.0 if capped else float(max(age, 0)), visit, t,
                                              pd.Timestamp(out), died))
             died_after.pop(s, None)
-        elif died and s not in died_after:
-            died_after[s] = pd.Timestamp(death or out)
-    if icd9_rows == "drop":
-        e["dropped_deaths"] = sum(s in visits for s in died_after)  # deaths at dropped admissions, after the visits
+        elif died:
+            dropped_deaths.append(s)
+            died_after.setdefault(s, pd.Timestamp(death or out))
+    e["dropped_deaths"] = sum(s in visits for s in dropped_deaths)
     sexes = demo["patients"].set_index("subject_id")["gender"]
     dod = demo["patients"].set_index("subject_id")["dod"]
     e["patients"] = []
@@ -141,7 +142,7 @@ def expected(demo_dir: Path, icd9_rows: str) -> dict:
         if hospital:
             death_days = None
         elif s in died_after:
-            death_days = float(np.float32((died_after[s] - last_out) / day))
+            death_days = float((died_after[s].normalize() - last_out.normalize()).days)  # whole days, as a dod
         elif dod[s]:
             death_days = float((pd.Timestamp(dod[s]).normalize() - last_out.normalize()).days)
         else:
@@ -219,6 +220,7 @@ def test_demo_as_mimic4_drop(demo_dir, demo4):
     assert q["admissions_without_diagnoses"] == e["adm_no_rows"]
     assert q["ages_capped"] == e["capped"]  # counted over every admission, as in read_mimic3
     assert q["patients_without_diagnoses"] == e["n_subjects"] - len(e["patients"])
+    assert q["deaths_at_dropped_admissions"] == e["dropped_deaths"] == 0
     assert patients == e["patients"]
     # Only the ICD-10 admissions remain.
     assert s["admissions"] == e["adm10"] - e["adm_no_rows"]
