@@ -158,11 +158,14 @@ def stale_reasons(out_dir: str | os.PathLike, source_dir: str | os.PathLike, see
 
 
 def format_summary(summary: dict) -> str:
-    """The summary as a two-column text table (figures, rows per ICD version and ICD-9 mapping for
-    MIMIC-IV, subjects dropped for MEDS, splits, then every quirk) plus messages."""
+    """The summary as a two-column text table (figures, deaths when the cohort has times, rows per
+    ICD version and ICD-9 mapping for MIMIC-IV, subjects dropped for MEDS, splits, then every
+    quirk) plus messages."""
     rows = [(key.replace("_", " "), summary[key]) for key in
             ("patients", "admissions", "diagnosis_rows", "distinct_codes", "non_billable_distinct_codes")
             if key in summary]
+    if summary.get("times"):
+        rows += [(key.replace("_", " "), summary[key]) for key in ("hospital_deaths", "deaths_after_discharge")]
     rows += [(f"rows read with icd_version {v}", n)
              for v, n in summary.get("diagnosis_rows_by_icd_version", {}).items()]
     rows += [(f"icd9 {key.replace('_', ' ')}", n) for key, n in summary.get("icd9_mapping", {}).items()

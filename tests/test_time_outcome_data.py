@@ -29,7 +29,7 @@ from promptehr_hf.datasets_scripts.cohort_io import (
 from promptehr_hf.datasets_scripts.meds_io import read_meds, write_meds
 from promptehr_hf.datasets_scripts.mimic3 import TIME_QUIRKS, read_mimic3
 from promptehr_hf.datasets_scripts.mimic4 import read_mimic4
-from promptehr_hf.datasets_scripts.prepare import load_prepared, prepare
+from promptehr_hf.datasets_scripts.prepare import format_summary, load_prepared, prepare
 from promptehr_hf.datasets_scripts.schema import NO_TIMES, PATIENT_FEATURES, TIME_FIELDS, float32_times, with_times
 
 DAY = pd.Timedelta(days=1)
@@ -444,6 +444,8 @@ def test_old_parquet_and_prepared_folders_read_with_null_times(tmp_path):
     assert times_of(dataset_to_patients(load_parquet(path))) == times_of(patients)
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["hospital_deaths"] == 5 and summary["quirks"]["overlapping_stays"] == 1
+    text = format_summary(summary)
+    assert "hospital deaths" in text and "quirk: overlapping stays" in text
 
 
 def load_parquet(path) -> datasets.Dataset:
