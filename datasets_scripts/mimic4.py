@@ -98,11 +98,12 @@ _DROPPED_CODES = {
     "icd9_codes_unmapped": "{rows} ICD-9 rows ({distinct} distinct codes) with no ICD-10-CM mapping (CMS GEMs) "
                            "were dropped",
 }
+PATIENTS_EXPIRE_FLAG_QUIRKS = ("expire_flag_without_dod", "dod_without_expire_flag")  # MIMIC-IV has no expire_flag
 QUIRKS = ("ages_capped", "ages_negative", "admissions_without_diagnoses", "admissions_without_valid_codes",
           "empty_codes", "invalid_codes", "duplicate_codes", "icd9_codes_unmapped", "icd9_mapping_duplicates",
           "icd9_admissions_dropped", "patients_without_admissions", "patients_without_diagnoses",
           "admissions_without_patient", "diagnoses_without_admission",
-          *(q for q in TIME_QUIRKS if "expire_flag_" not in q and "_expire_flag" not in q))
+          *(q for q in TIME_QUIRKS if q not in PATIENTS_EXPIRE_FLAG_QUIRKS))
 _MIMIC4_TIME_QUIRK_TEXT = {k: v for k, v in _TIME_QUIRK_TEXT.items() if k in QUIRKS}
 
 

@@ -279,7 +279,8 @@ def test_mimic4_reads_deaths_and_dod_dates(tmp_path):
         df.to_csv(hosp / f"{name}.csv.gz", index=False)
     patients, s = read_mimic4(tmp_path / "m4")
     assert {p["subject_id"]: tuple(p[k] for k in TIMES) for p in patients} == QUIRK_TIMES
-    mimic4_quirks = [k for k in TIME_QUIRKS if "expire_flag_" not in k and "_expire_flag" not in k]
+    mimic4_quirks = [k for k in TIME_QUIRKS if k not in ("expire_flag_without_dod", "dod_without_expire_flag")]
+    assert len(mimic4_quirks) == 11
     assert {k: s["quirks"][k] for k in mimic4_quirks} == dict.fromkeys(mimic4_quirks, 1)
     assert "expire_flag_without_dod" not in s["quirks"]  # MIMIC-IV has no expire_flag
     # Its writer's folder reads back the same times (ages: whole years).
