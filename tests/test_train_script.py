@@ -14,6 +14,7 @@ import tempfile
 from pathlib import Path
 
 import datasets
+import pyarrow.parquet as pq
 import pytest
 from accelerate import PartialState
 
@@ -90,6 +91,11 @@ def test_train_generate_evaluate_push_and_resume(train_script, tmp_path, monkeyp
     assert (out / "synthetic" / "synthetic.parquet").is_file()
     metrics = json.loads((out / "evaluation" / "metrics.json").read_text())
     assert metrics["rows"]["synthetic"]["n_synthetic_patients"] > 0 and metrics["rows"]["floor"] is not None
+    # the simulated cohort has times: a time model is fitted, shipped and used by generation
+    assert run["times"] and (model_dir / "time_model.safetensors").is_file()
+    assert (model_dir / "custom_generate" / "times.py").is_file()
+    synthetic = pq.read_table(out / "synthetic" / "synthetic.parquet").to_pylist()
+    assert all(p["stay_days"] is not None and len(p["stay_days"]) == len(p["visits"]) for p in synthetic)
     # the generation monitor ran at the evaluation
     state = json.loads((out / "checkpoints" / "checkpoint-4" / "trainer_state.json").read_text())
     assert any("gen_distinct_codes" in h for h in state["log_history"])
@@ -110,8 +116,9 @@ def test_train_generate_evaluate_push_and_resume(train_script, tmp_path, monkeyp
 
     # resume: continues at step 4 with the saved state, on to step 6
     resumed = train_script.main(common + ["--max-steps", "6", "--generate", "0",
-                                          "--resume-from-checkpoint", "last"])
+                                          "--resume-from-checkpoint", "last", "--no-time"])
     assert resumed["global_step"] == 6
+    assert not resumed["times"] and not (model_dir / "time_model.safetensors").exists()  # no stale time model
     state = json.loads((out / "checkpoints" / "checkpoint-6" / "trainer_state.json").read_text())
     steps = [h["step"] for h in state["log_history"] if "loss_cooc" in h]
     assert steps == [2, 4, 6]
