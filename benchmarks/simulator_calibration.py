@@ -16,6 +16,14 @@
    seen in a fraction r of N visits has variance r(1 - r)/N, which inflates both sums of
    squares of R²), beside the same estimator on 100-patient samples of the simulator against
    the simulator's full-size figure (how far the correction is off at that size).
+4. Times (``simulate(..., times=True)``, the default): in-hospital mortality, hospital stays,
+   readmission gaps and deaths after discharge of the full cohort against MIMIC-III's published
+   figures (``TIMES_REFERENCE``, each with its source) and the real demo's (computed at run time
+   from its ADMISSIONS and PATIENTS; the demo's 100 patients all died, so it is a reference for
+   the shapes of stays, gaps and delays to death, not for mortality), with a tolerance each;
+   the dependence on the phenotypes (sepsis and respiratory failure die more, older adults die
+   more, preterm newborns stay longer, chronic patients come back sooner); the cost of the times
+   (best of 3 warm runs with and without).
 
 Writes benchmarks/results/simulator_calibration.json. Run on 2 cores:
 
@@ -36,6 +44,25 @@ import numpy as np
 from scipy.stats import spearmanr
 
 RESULTS = Path(__file__).resolve().parent / "results" / "simulator_calibration.json"
+# In-hospital death, stay: Johnson et al., "MIMIC-III, a freely accessible critical care database",
+# Scientific Data 3:160035 (2016), Table 2 (by first care unit; 57,786 hospital admissions):
+# hospital mortality 5,813 (10.1%), NICU 64 of 7,992 (0.8%); hospital length of stay median 6.6
+# days (IQR 3.8-11.9), NICU 4.1 (2.3-10.3). Adults: the same table without the NICU column.
+# Deaths: about 33% of MIMIC-III patients have a date of death (PATIENTS.DOD, in hospital or from
+# the Social Security death records; a public SQL note over mimiciii.patients).
+PAPER = "Johnson et al. 2016, Sci. Data 3:160035, Table 2"
+TIMES_REFERENCE = {
+    "in_hospital_mortality_per_admission": (5_813 / 57_786, PAPER, 0.015),
+    "adult_in_hospital_mortality_per_admission": ((5_813 - 64) / (57_786 - 7_992), PAPER + " without the NICU", 0.015),
+    "neonatal_in_hospital_mortality_per_admission": (64 / 7_992, PAPER + ", NICU", 0.01),
+    "stay_median_days": (6.6, PAPER, 0.7),
+    "stay_q1_days": (3.8, PAPER, 0.7),
+    "stay_q3_days": (11.9, PAPER, 1.5),
+    "neonatal_stay_median_days": (4.1, PAPER + ", NICU", 0.8),
+    "neonatal_stay_q1_days": (2.3, PAPER + ", NICU", 0.6),
+    "neonatal_stay_q3_days": (10.3, PAPER + ", NICU", 2.5),
+    "patients_with_a_death": (0.33, "~33% of MIMIC-III patients have PATIENTS.DOD (public SQL note)", 0.04),
+}
 N_FULL = 46_520
 N_PAIR = 20_000
 
@@ -211,6 +238,157 @@ def demo_reference(demo_dir: Path, simulate) -> dict:
                                        "sd": float(np.std(small)), "samples": len(small)}}
 
 
+SEPSIS = {"0389", "99592", "78552"}  # septicemia, severe sepsis, septic shock
+CHRONIC = ("4280", "496", "491", "585", "250", "5712", "5715")  # CHF, COPD, CKD, diabetes, cirrhosis
+
+
+def describe_times(patients: list[dict]) -> dict:
+    """The times of a simulated cohort (per admission, per readmission, per patient)."""
+    died, neonate, age, preterm, sepsis, resp, stay, gap, chronic, r30 = ([] for _ in range(10))
+    for p in patients:
+        k = len(p["visits"])
+        pre = p["age"] == 0 and any(c.startswith("765") for c in p["visits"][0])  # newborn weight/gestation
+        chr_ = any(c.startswith(CHRONIC) for c in p["visits"][0])
+        for i, v in enumerate(p["visits"]):
+            died.append(p["hospital_death"] and i == k - 1)
+            neonate.append(p["age"] == 0)
+            age.append(p["age"])
+            preterm.append(pre)
+            sepsis.append(bool(SEPSIS & set(v)))
+            resp.append("51881" in v)
+            stay.append(p["stay_days"][i])
+            if i:
+                gap.append(p["gap_days"][i])
+                chronic.append(chr_)
+        if p["age"] > 0:
+            r30.append(any(g <= 30 for g in p["gap_days"][1:]))
+    died, neonate, age, preterm, sepsis, resp, stay, gap, chronic, r30 = (
+        np.array(x) for x in (died, neonate, age, preterm, sepsis, resp, stay, gap, chronic, r30))
+    adult = ~neonate
+    hosp = np.array([p["hospital_death"] for p in patients])
+    later = np.array([p["death_days"] for p in patients if p["death_days"] is not None])
+    n_adult_alive_discharges = sum(len(p["visits"]) - p["hospital_death"] for p in patients if p["age"] > 0)
+    adult_gaps = [g for p in patients if p["age"] > 0 for g in p["gap_days"][1:]]
+
+    def q(x, f):
+        return float(np.quantile(x, f))
+
+    return {
+        "admissions": len(stay),
+        "in_hospital_mortality_per_admission": float(died.mean()),
+        "adult_in_hospital_mortality_per_admission": float(died[adult].mean()),
+        "neonatal_in_hospital_mortality_per_admission": float(died[neonate].mean()),
+        "stay_median_days": q(stay, 0.5), "stay_q1_days": q(stay, 0.25), "stay_q3_days": q(stay, 0.75),
+        "adult_stay_median_days": q(stay[adult], 0.5),
+        "neonatal_stay_median_days": q(stay[neonate], 0.5), "neonatal_stay_q1_days": q(stay[neonate], 0.25),
+        "neonatal_stay_q3_days": q(stay[neonate], 0.75),
+        "preterm_stay_median_days": q(stay[preterm], 0.5),
+        "term_newborn_stay_median_days": q(stay[neonate & ~preterm], 0.5),
+        "readmissions": len(gap),
+        "gap_median_days": q(gap, 0.5), "gap_q1_days": q(gap, 0.25), "gap_q3_days": q(gap, 0.75),
+        "readmissions_within_30_days_share": float((gap <= 30).mean()),
+        "gap_median_days_chronic_patients": q(gap[chronic], 0.5),
+        "gap_median_days_other_patients": q(gap[~chronic], 0.5),
+        "adult_patients_readmitted_within_30_days": float(r30.mean()),
+        "adult_alive_discharges_followed_by_a_readmission_within_30_days":
+            sum(g <= 30 for g in adult_gaps) / n_adult_alive_discharges,
+        "patients_with_an_in_hospital_death": float(hosp.mean()),
+        "patients_with_a_death_after_discharge": len(later) / len(patients),
+        "patients_with_a_death": float(hosp.mean() + len(later) / len(patients)),
+        "death_after_discharge_median_days": float(np.median(later)),
+        "death_after_discharge_within_30_days_share": float((later <= 30).mean()),
+        "sepsis_coded_admission_mortality": float(died[sepsis].mean()), "sepsis_coded_admissions": int(sepsis.sum()),
+        "respiratory_failure_51881_admission_mortality": float(died[resp].mean()),
+        "adult_mortality_age_under_50": float(died[adult & (age < 50)].mean()),
+        "adult_mortality_age_75_plus": float(died[adult & (age >= 75)].mean()),
+    }
+
+
+def demo_times(demo_dir: Path) -> dict:
+    """The same figures of the real MIMIC-III demo (ADMISSIONS, PATIENTS), computed here."""
+    import pandas as pd
+
+    def read(name):
+        path = next(p for p in (demo_dir / f"{name}.csv.gz", demo_dir / f"{name}.csv") if p.exists())
+        df = pd.read_csv(path)
+        df.columns = [c.lower() for c in df.columns]
+        return df
+
+    adm = read("ADMISSIONS")
+    for col in ("admittime", "dischtime"):
+        adm[col] = pd.to_datetime(adm[col])
+    pat = read("PATIENTS")
+    pat["dod"] = pd.to_datetime(pat["dod"])
+    adm = adm.sort_values(["subject_id", "admittime"])
+    stay = (adm.dischtime - adm.admittime).dt.total_seconds() / 86400
+    gap = ((adm.admittime - adm.groupby("subject_id").dischtime.shift()).dt.total_seconds() / 86400).dropna()
+    last = adm.groupby("subject_id").tail(1).merge(pat[["subject_id", "dod"]], on="subject_id")
+    alive = last[last.hospital_expire_flag == 0]
+    later = ((alive.dod - alive.dischtime).dt.total_seconds() / 86400).dropna()
+    return {
+        "patients": int(len(pat)), "admissions": int(len(adm)),
+        "patients_with_a_death": float(pat.dod.notna().mean()),
+        "in_hospital_mortality_per_admission": float(adm.hospital_expire_flag.mean()),
+        "stay_median_days": float(stay.median()), "stay_q1_days": float(stay.quantile(0.25)),
+        "stay_q3_days": float(stay.quantile(0.75)),
+        "readmissions": int(len(gap)), "readmissions_within_30_days": int((gap <= 30).sum()),
+        "readmissions_within_30_days_share": float((gap <= 30).mean()), "gap_median_days": float(gap.median()),
+        "deaths_after_discharge": int(len(later)), "death_after_discharge_median_days": float(later.median()),
+    }
+
+
+def times_table(sim: dict, demo: dict | None) -> list[dict]:
+    """Rows (figure, reference, source, simulated, target, passed): the published figures, the
+    demo's shapes, and the dependence on the phenotypes."""
+    rows = []
+    for name, (ref, source, tol) in TIMES_REFERENCE.items():
+        rows.append({"figure": name, "reference": ref, "source": source, "simulated": sim[name],
+                     "target": f"within {tol:g}", "passed": bool(abs(sim[name] - ref) <= tol)})
+    if demo is not None:
+        share, n = demo["readmissions_within_30_days_share"], demo["readmissions"]
+        rows.append({"figure": "readmissions_within_30_days_share", "reference": share,
+                     "source": f"MIMIC-III demo: {demo['readmissions_within_30_days']} of {n} readmissions",
+                     "simulated": sim["readmissions_within_30_days_share"], "target": "0.20-0.50 (demo, n small)",
+                     "passed": bool(0.2 <= sim["readmissions_within_30_days_share"] <= 0.5)})
+        ref = demo["death_after_discharge_median_days"]
+        rows.append({"figure": "death_after_discharge_median_days", "reference": ref,
+                     "source": f"MIMIC-III demo: {demo['deaths_after_discharge']} deaths after the last discharge",
+                     "simulated": sim["death_after_discharge_median_days"], "target": "within x2 of the demo",
+                     "passed": bool(ref / 2 <= sim["death_after_discharge_median_days"] <= ref * 2)})
+        for name in ("stay_median_days", "gap_median_days", "in_hospital_mortality_per_admission"):
+            rows.append({"figure": name, "reference": demo[name],
+                         "source": "MIMIC-III demo (100 patients who all died: sicker than MIMIC-III)",
+                         "simulated": sim[name], "target": None, "passed": None})
+    overall = sim["in_hospital_mortality_per_admission"]
+    checks = (
+        ("sepsis_coded_admission_mortality", "> 2 x overall", sim["sepsis_coded_admission_mortality"] > 2 * overall),
+        ("respiratory_failure_51881_admission_mortality", "> 2 x overall",
+         sim["respiratory_failure_51881_admission_mortality"] > 2 * overall),
+        ("adult_mortality_age_75_plus", "> 3 x under 50",
+         sim["adult_mortality_age_75_plus"] > 3 * sim["adult_mortality_age_under_50"]),
+        ("preterm_stay_median_days", "> 1.5 x adult median",
+         sim["preterm_stay_median_days"] > 1.5 * sim["adult_stay_median_days"]),
+        ("gap_median_days_chronic_patients", "< 0.75 x other patients'",
+         sim["gap_median_days_chronic_patients"] < 0.75 * sim["gap_median_days_other_patients"]),
+    )
+    for name, target, passed in checks:
+        rows.append({"figure": name, "reference": None, "source": "dependence on the phenotypes",
+                     "simulated": sim[name], "target": target, "passed": bool(passed)})
+    return rows
+
+
+def times_cost(simulate) -> dict:
+    """Best of 3 warm runs of the full cohort with and without times (interleaved)."""
+    best = {True: np.inf, False: np.inf}
+    for _ in range(3):
+        for times in (False, True):
+            t0 = time.perf_counter()
+            simulate(N_FULL, seed=0, times=times)
+            best[times] = min(best[times], time.perf_counter() - t0)
+    return {"patients": N_FULL, "seconds_without_times": round(best[False], 2),
+            "seconds_with_times": round(best[True], 2), "extra_share": round(best[True] / best[False] - 1, 3)}
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     demo_default = Path(__file__).resolve().parents[2] / "shared" / "mimic3demo"
@@ -246,9 +424,21 @@ def main(argv: list[str] | None = None) -> None:
     result["pair_structure"]["real_mimic3_demo_reference"] = (
         demo_reference(args.demo_dir, simulator.simulate) if args.demo_dir.is_dir()
         else f"skipped: no demo folder at {args.demo_dir}")
+    demo = demo_times(args.demo_dir) if args.demo_dir.is_dir() else None
+    sim_times = describe_times(patients)
+    t_table = times_table(sim_times, demo)
+    result["times"] = {
+        "table": t_table, "simulated": sim_times,
+        "demo": demo if demo is not None else f"skipped: no demo folder at {args.demo_dir}",
+        "cost": times_cost(simulator.simulate),
+        "admissions_without_times": sum(len(p["visits"]) for p in simulator.simulate(N_FULL, seed=0, times=False)),
+        "note": "the admissions drawn after an in-hospital death are dropped; admissions_per_patient above is "
+                "with times",
+    }
     result["all_targets_passed"] = bool(
         all(r["passed"] for r in table if r["passed"] is not None)
         and result["timing"]["passed"] and result["cms_edits"]["passed"] and result["pair_structure"]["passed"]
+        and all(r["passed"] for r in t_table if r["passed"] is not None)
     )
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     tmp = RESULTS.with_suffix(".json.tmp")
@@ -259,6 +449,12 @@ def main(argv: list[str] | None = None) -> None:
         sim_text = sim_v if isinstance(sim_v, int) else round(sim_v, 4)
         print(f"{r['figure']:58s} ref {r['reference']!s:>10.10s}  sim {sim_text!s:>10s}"
               f"  {r['target'] or '':16s} {'' if r['passed'] is None else ('PASS' if r['passed'] else 'FAIL')}")
+    for r in t_table:
+        ref = "" if r["reference"] is None else f"{r['reference']:.4g}"
+        print(f"{r['figure']:58s} ref {ref:>10s}  sim {r['simulated']:10.4g}  {r['target'] or '':24s} "
+              f"{'' if r['passed'] is None else ('PASS' if r['passed'] else 'FAIL')}")
+    cost = result["times"]["cost"]
+    print(f"times cost: {cost['seconds_without_times']} s -> {cost['seconds_with_times']} s for {N_FULL:,} patients")
     print(f"time {result['timing']['seconds_total_cold']} s; CMS conflicts {result['cms_edits']['conflicts']}; "
           f"pair R2 B~A {result['pair_structure']['B_vs_A']['r2_pair_prevalence']:.3f}, "
           f"independent~B {result['pair_structure']['independent_resample_of_A_vs_B']['r2_pair_prevalence']:.3f}")

@@ -667,7 +667,7 @@ class TimeParams:
     stay_median: tuple[float, float] = (5.9, 2.6)  # days, before the effects
     stay_sigma: tuple[float, float] = (0.72, 0.55)  # lognormal sd of log stay
     stay_min: float = 0.04  # one hour: MIMIC's shortest admissions
-    death_logit: tuple[float, float] = (-2.97, -6.6)
+    death_logit: tuple[float, float] = (-2.97, -6.15)
     death_age: float = 0.25  # per decade from 65 (adults)
     gap_median: float = 400.0  # days, before the effects
     gap_sigma: float = 1.35
@@ -1217,9 +1217,9 @@ def _sample_times(rng: np.random.Generator, age: np.ndarray, neonate: np.ndarray
     gap = np.where(first, 0.0, np.round(np.minimum(gap, TP.gap_max), 2))
 
     after_logit = np.array(TP.after_logit)[grp] + TP.after_age * decades + member @ T.ph_after
-    later = (died_at < 0) & (u_after < _sigmoid(after_logit))
+    dies_later = (died_at < 0) & (u_after < _sigmoid(after_logit))
     days = np.exp(np.log(TP.after_median) + member @ T.ph_after_days + TP.after_sigma * z_after)
-    after = np.where(later, np.maximum(np.round(days, 2), 0.01), np.nan)
+    after = np.where(dies_later, np.maximum(np.round(days, 2), 0.01), np.nan)
     return stay, gap, died_at, after
 
 
