@@ -3,6 +3,7 @@
     python benchmarks/fidelity.py                         # simulated cohort of 46,520 patients (MIMIC-III)
     python benchmarks/fidelity.py --mimic-dir DIR         # a real MIMIC-III folder, unchanged
     python benchmarks/fidelity.py --cohort recombined     # 12,000 patients recombined from the MIMIC-III demo
+    python benchmarks/fidelity.py --cohort simulated_icd10  # the simulated cohort in ICD-10-CM (a MIMIC-IV folder)
     python benchmarks/fidelity.py --minutes 10 --only default,greedy,minutes_45
 
 Every model is trained by the main job (``examples/train.py``, a subprocess) on the same
@@ -25,8 +26,12 @@ by the type-blind training P(code | category) or by the model's scores vs the de
 training P(code | category, visit type); greedy decoding and
 temperature 0.9 vs ancestral sampling at temperature 1; visit length decided by the model vs
 drawn from the data; no recurrence weights for the previous visit's categories and codes). The
-curve rows (``minutes_5``, ``minutes_15``, ``minutes_45``) train the
-default for those budgets; the table gives each row's share of the baseline-to-floor gap closed.
+curve rows (``minutes_5``, ``minutes_45``) train the default for those budgets, beside the
+default's own (``--minutes``, 15 by default: the main job's budget); the table gives each row's
+share of the baseline-to-floor gap closed. When the cohort has times (the simulated one does),
+every row is also scored on time and outcome (``metrics.time_outcome``: gaps, stays and ages at
+admission, 30-day readmission, in-hospital mortality overall and by category, consistency
+violations) and the table gains a section with each figure's share of the gap closed.
 Writes ``benchmarks/results/fidelity.json`` and
 ``fidelity.md`` (the table, with each fidelity target marked met or missed), and the default
 model's full report (plots) under ``--work-dir``.
@@ -37,6 +42,11 @@ repository; ``promptehr_hf.datasets_scripts.recombined``), built at run time int
 ``WORK_DIR/cohort`` as MIMIC-III CSVs and read from there as ``--mimic-dir``. Its work folder
 (``benchmarks/work/fidelity_recombined``) and results (``fidelity_recombined.{json,md}``) are
 its own, and the table names the cohort.
+
+``--cohort simulated_icd10`` trains on the simulated cohort written in ICD-10-CM (``examples/train.py
+--code-system icd10cm``: the same patients, each code mapped through the CMS GEMs, read back through
+the MIMIC-IV reader) and scores it with the ICD-10-CM tables and CMS edits, against the simulated
+cohort's targets; its work folder and results are ``*_simulated_icd10``.
 
 ``--refresh-priors`` recounts the ``cohort_prior.json`` of reused models from their training split
 with the current code (weights untouched), so that models trained before a change to the prior
@@ -71,6 +81,7 @@ TRAINING = {
     "order_seq_num": ["--code-order", "seq_num"],
     "order_hierarchical": ["--code-order", "hierarchical"],
     "visit_types_32": ["--visit-types", "32"],
+    "visit_types_128": ["--visit-types", "128"],
     # Ablations of the design without visit types (each against no_visit_types).
     "no_visit_types+order_seq_num": ["--visit-types", "0", "--code-order", "seq_num"],
     "no_visit_types+lr_2e-3": ["--visit-types", "0", "--learning-rate", "2e-3"],
@@ -79,7 +90,7 @@ TRAINING = {
                                   '"prompt_hidden_size": 64}', "--learning-rate", "1e-3"],
 }
 # Training curve: the default flags at other budgets (minutes), beside the default row's --minutes.
-CURVE = {"minutes_5": 5.0, "minutes_15": 15.0, "minutes_45": 45.0}
+CURVE = {"minutes_5": 5.0, "minutes_45": 45.0}  # the default row is the third point (--minutes, 15)
 # Generation variants of the default model: generate_patients keyword arguments.
 GENERATION = {
     "stage_two_empirical": {"stage_two": "empirical"},
@@ -90,7 +101,10 @@ GENERATION = {
     "no_recurrence": {"recurrence": False},
 }
 # Default cohort sizes of --cohort.
-PATIENTS = {"simulated": 46_520, "recombined": 12_000}  # simulated: MIMIC-III scale
+PATIENTS = {"simulated": 46_520, "recombined": 12_000, "simulated_icd10": 46_520}  # simulated: MIMIC-III scale
+# Extra examples/train.py flags and the code system of each --cohort.
+COHORT_FLAGS = {"simulated_icd10": ["--code-system", "icd10cm"]}
+CODE_SYSTEM = {"simulated_icd10": "icd10cm"}
 # Columns of the table: (metric key, label).
 COLUMNS = [
     ("code_js", "code JS"),
@@ -116,7 +130,7 @@ COLUMNS = [
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--mimic-dir", help="a real MIMIC-III folder instead of the simulated cohort")
-    p.add_argument("--cohort", choices=("simulated", "recombined"), default="simulated",
+    p.add_argument("--cohort", choices=tuple(PATIENTS), default="simulated",
                    help="without --mimic-dir: the simulated cohort, or one recombined from --demo-dir's admissions")
     p.add_argument("--demo-dir", default=os.environ.get("MIMIC3_DEMO_DIR", str(REPO.parent / "shared" / "mimic3demo")),
                    help="the real MIMIC-III folder --cohort recombined draws from (read in place)")
@@ -124,7 +138,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help=f"cohort size (default {PATIENTS['simulated']:,} simulated, "
                         f"{PATIENTS['recombined']:,} recombined)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--minutes", type=float, default=10.0, help="training budget of every run but the curve's")
+    p.add_argument("--minutes", type=float, default=15.0,
+                   help="training budget of every run but the curve's (default 15: the main job's)")
     p.add_argument("--only", default=None, help="comma-separated rows to (re)compute; others are kept from --out")
     p.add_argument("--work-dir", default=None,
                    help="default benchmarks/work/fidelity (fidelity_recombined for --cohort recombined)")
@@ -141,7 +156,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "stored type chain); the weights are untouched")
     args = p.parse_args(argv)
     if args.mimic_dir and args.cohort != "simulated":
-        p.error("--mimic-dir and --cohort recombined exclude each other")
+        p.error(f"--mimic-dir and --cohort {args.cohort} exclude each other")
     suffix = "" if args.cohort == "simulated" else f"_{args.cohort}"
     if args.patients is None:
         args.patients = PATIENTS[args.cohort]
@@ -177,7 +192,8 @@ def train(name: str, args, flags: list[str], minutes: float, core: int | None = 
     source = ["--mimic-dir", args.mimic_dir] if args.mimic_dir else ["--patients", str(args.patients)]
     pin = ["taskset", "-c", str(core)] if core is not None else []
     cmd = [*pin, sys.executable, str(TRAIN_SCRIPT), "--output-dir", str(out), "--seed", str(args.seed),
-           "--max-minutes", str(minutes), "--generate", "0", *source, *flags, *args.train_args.split()]
+           "--max-minutes", str(minutes), "--generate", "0", *source, *COHORT_FLAGS.get(args.cohort, []), *flags,
+           *args.train_args.split()]
     print(f"[{name}] training: {' '.join(cmd)}", flush=True)
     log = out.parent / f"{name}.train.log"
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -194,7 +210,7 @@ def refresh_prior(name: str, model_dir: Path, flags: list[str], args) -> None:
     from promptehr_hf.datasets_scripts.prepare import load_prepared
     from promptehr_hf.modeling_promptehr.generation.prior import CohortPrior
     from promptehr_hf.modeling_promptehr.training.visit_types import DEFAULT_MIN_VISITS, DEFAULT_TYPES, fit_visit_types
-    from promptehr_hf.tokenization.tokenization_promptehr import code_category
+    from promptehr_hf.tokenization.tokenization_promptehr import PromptEHRTokenizer
 
     old = CohortPrior.load(model_dir)
     if not old.n_types:
@@ -205,7 +221,8 @@ def refresh_prior(name: str, model_dir: Path, flags: list[str], args) -> None:
     mixture = fit_visit_types([v for vs in visits for v in vs], n_asked, min_visits=DEFAULT_MIN_VISITS,
                               seed=args.seed, progress=False)
     prior = CohortPrior.from_patients(train_split, visit_types=mixture.assign_patients(visits),
-                                      n_types=mixture.n_types, category=code_category)
+                                      n_types=mixture.n_types,
+                                      category=PromptEHRTokenizer.from_pretrained(model_dir).category_of)
     if prior.table["visit_types"]["transition"] != old.table["visit_types"]["transition"]:
         raise RuntimeError(f"[{name}] the refitted visit types differ from the stored ones: retrain instead")
     prior.save(model_dir)
@@ -247,7 +264,7 @@ def score(name: str, model_dir: Path, splits, args, gen_kwargs: dict, report_dir
                                          batch_size=args.generate_batch_size, seed=args.seed, **gen_kwargs)
     generate_seconds = time.perf_counter() - t0
     result = evaluate_cohorts(synthetic, splits["test"], splits["train"], out_dir=report_dir,
-                              plots=report_dir is not None, seed=args.seed)
+                              plots=report_dir is not None, seed=args.seed, code_system=tokenizer.code_system)
     run = json.loads((model_dir.parent / "run_summary.json").read_text())
     row = dict(result["rows"]["synthetic"])
     row.update(generate_seconds=round(generate_seconds, 1), train_minutes=round(run["train_minutes"], 2),
@@ -270,7 +287,7 @@ def targets(rows: dict, kind: str = "simulated") -> list[dict]:
     m, floor, base = rows["default"], rows["floor"], rows["baseline"]
     within = closure(m, floor, base, "r2_pair_prevalence")
     consec = closure(m, floor, base, "r2_consecutive_prevalence")
-    if kind == "recombined":
+    if kind == "recombined":  # simulated and simulated_icd10 share the simulated targets
         gaps = [
             ("within-visit pair R² closes >= 50% of the gap", within >= 0.5, within),
             ("consecutive-visit pair R² closes >= 60% of the gap", consec >= 0.6, consec),
@@ -308,6 +325,15 @@ def targets(rows: dict, kind: str = "simulated") -> list[dict]:
         ("exact copies <= floor's", m["exact_copy_rate"] <= m["holdout_exact_copy_rate"],
          f"{m['exact_copy_rate']:.4f} vs {m['holdout_exact_copy_rate']:.4f}"),
     ]
+    if all("stay_days_wasserstein" in r for r in (m, floor, base)):  # issue 17's targets, with times
+        for key, label, kind in TIME_COLUMNS:
+            if kind == "r2":
+                checks.append((f"{label} >= 0.8", m[key] >= 0.8, m[key]))
+            else:
+                share = time_closure(m, floor, base, key, kind)
+                checks.append((f"{label} closes >= 80% of the gap", share >= 0.8, share))
+        bad = sum(v for k, v in m.items() if k.startswith("violations_") and isinstance(v, int))
+        checks.append(("zero time and outcome violations", bad == 0, bad))
     return [{"target": t, "met": bool(ok), "value": v} for t, ok, v in checks]
 
 
@@ -321,6 +347,55 @@ def fmt(x) -> str:
     if isinstance(x, float):
         return f"{x:.4f}" if abs(x) < 10 else f"{x:,.1f}"
     return str(x)
+
+
+# Time and outcome figures of the table: (key, label, kind); "distance": lower is better (the
+# floor's is the target), "rate": the real value is ``key + "_real"``, "r2": higher is better.
+TIME_COLUMNS = [
+    ("gap_days_wasserstein", "gap W (days)", "distance"),
+    ("stay_days_wasserstein", "stay W (days)", "distance"),
+    ("admission_age_wasserstein", "admission age W (years)", "distance"),
+    ("readmission_30d_rate", "30-day readmission", "rate"),
+    ("hospital_mortality_admission_rate", "in-hospital mortality / admission", "rate"),
+    ("out_of_hospital_death_rate", "later deaths / patient", "rate"),
+    ("mortality_by_category_r2", "mortality by category R²", "r2"),
+]
+
+
+def time_closure(row: dict, floor: dict, base: dict, key: str, kind: str) -> float:
+    """Share of the baseline-to-floor gap of a time figure that ``row`` closes: for a distance or
+    R², as :func:`closure`; for a rate, of the gap in |rate - real rate|."""
+    if kind == "rate":
+        err = lambda r: abs(r[key] - r[key + "_real"])  # noqa: E731
+        gap = err(base) - err(floor)
+        return (err(base) - err(row)) / gap if gap else float("nan")
+    return closure(row, floor, base, key)
+
+
+def time_section(rows: dict) -> list[str]:
+    """The time and outcome table (rows scored with times), each figure with its closure."""
+    named = [n for n in ("floor", "baseline", "default", *rows) if n in rows and "stay_days_wasserstein" in rows[n]]
+    named = list(dict.fromkeys(named))
+    if "default" not in named or "floor" not in named or "baseline" not in named:
+        return []
+    floor, base = rows["floor"], rows["baseline"]
+    lines = ["", "## Time and outcome (share of the baseline-to-floor gap closed)", "",
+             "| row | " + " | ".join(label for _, label, _ in TIME_COLUMNS) + " | violations |",
+             "|---" * (len(TIME_COLUMNS) + 2) + "|"]
+    real = {k: floor.get(k + "_real") for k, _, kind in TIME_COLUMNS if kind == "rate"}
+    lines.append("| real (training) | " + " | ".join(fmt(real.get(k)) if kind == "rate" else "–"
+                                                   for k, _, kind in TIME_COLUMNS) + " | – |")
+    for name in named:
+        r = rows[name]
+        cells = []
+        for key, _, kind in TIME_COLUMNS:
+            value = fmt(r.get(key))
+            if name not in ("floor", "baseline") and key in r:
+                value += f" ({time_closure(r, floor, base, key, kind):.0%})"
+            cells.append(value)
+        bad = sum(v for k, v in r.items() if k.startswith("violations_") and isinstance(v, int))
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {bad:,} |")
+    return lines
 
 
 def markdown(result: dict) -> str:
@@ -350,6 +425,7 @@ def markdown(result: dict) -> str:
                   f"{closure(rows[k], rows['floor'], rows['baseline'], 'r2_pair_prevalence'):.0%} | "
                   f"{closure(rows[k], rows['floor'], rows['baseline'], 'r2_consecutive_prevalence'):.0%} | "
                   f"{rows[k]['code_js']:.4f} |" for minutes, k in curve]
+    lines += time_section(rows)
     lines += ["", "## Targets (default model)", "", "| target | met | value |", "|---|---|---|"]
     lines += [f"| {t['target']} | {'yes' if t['met'] else '**MISSED**'} | {fmt(t['value'])} |"
               for t in result["targets"]]
@@ -400,6 +476,8 @@ def main(argv=None) -> dict:
                   f"(promptehr_hf.datasets_scripts.recombined), {args.patients:,} patients, seed {args.seed}")
     elif args.mimic_dir:
         cohort = f"MIMIC-III folder {args.mimic_dir}"
+    elif args.cohort == "simulated_icd10":
+        cohort = f"simulated in ICD-10-CM (GEM-mapped), {args.patients:,} patients, seed {args.seed}"
     else:
         cohort = f"simulated, {args.patients:,} patients, seed {args.seed}"
     result = {

@@ -28,7 +28,7 @@ import numpy as np
 import scipy.sparse as sp
 from tqdm.auto import tqdm
 
-DEFAULT_TYPES = 128
+DEFAULT_TYPES = 256
 DEFAULT_MIN_VISITS = 20
 DEFAULT_ITERATIONS = 40
 THETA_FLOOR = 1e-4  # P(code | type) is kept in [floor, 1 - floor]: no log(0)
