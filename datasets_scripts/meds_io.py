@@ -61,7 +61,9 @@ are then read as they would be from a MIMIC-IV extraction:
 - the earliest `MEDS_DEATH` (several: counted `several_deaths`) inside the last visit's stay
   (admission <= time <= discharge) is a death in hospital (`hospital_death`); after the last
   discharge, `death_days` = its time - that discharge; before the last admission, death_days 0
-  (`deaths_before_last_visit`). No MEDS_DEATH: hospital_death false, death_days null;
+  (`deaths_before_last_visit`). No MEDS_DEATH: hospital_death false, death_days null. A death
+  recorded as a date (at midnight, as an ETL writing a date of death does) on the last
+  discharge's day falls inside that stay and reads as a death in hospital;
 - every other code (labs, medications, `GENDER//UNK`, ...) is ignored and counted by
   its first `//` component; time-less birth, admission, discharge or diagnosis rows are dropped and
   counted;

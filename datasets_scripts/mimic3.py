@@ -24,8 +24,9 @@ Times and deaths (`read_times`, shared with `mimic4.read_mimic4`; the fields of 
 are read from ADMISSIONS' `dischtime`, `deathtime`, `hospital_expire_flag` and PATIENTS' `dod`,
 `expire_flag`; without a `dischtime` column the cohort has no times (the four fields null, the
 summary's `times` false) and a missing death column counts as empty (both listed in
-`time_columns_missing`). An empty cell is "none"; a non-empty cell that does not parse is an
-error. Only the visits (admissions kept for their codes) are laid out:
+`time_columns_missing`). An empty cell is "none" (an empty flag is 0); a non-empty cell that
+does not parse (a time, or a flag other than 0 or 1) is an error naming the file, column and
+row. Only the visits (admissions kept for their codes) are laid out:
 
 - stay = dischtime - admittime. No dischtime: stay 0 (`missing_dischtimes`); dischtime before
   admittime: stay 0 (`inverted_stays`); the discharge is then taken at the admission.
