@@ -93,6 +93,11 @@ Everything that defines the process is in the tables below (``PARAMS``, ``PHENOT
      + the members' ``gap`` effects - ``gap_intensity`` * log(lambda / ``readmit_rate``) +
      ``gap_sigma`` * N(0, 1)), at most ``gap_max``: chronic phenotypes come back sooner, and
      so does a patient whose readmission rate (step 3, over-dispersion included) is high.
+   - *Ages stay in their CMS class.* The codes were drawn for the age at the first admission; a
+     patient whose later admissions (age + days before them / 365.25) would reach the next
+     whole year where an age edit starts or ends (``AGE_EDIT_BOUNDARIES``: a newborn's first
+     birthday, 18, and for women 56 and 65) has their gaps shrunk by one factor to stay under it
+     (their earlier stays too, should those alone reach it).
    - *Death after discharge*, for a patient who did not die in hospital: Bernoulli(sigmoid(
      ``after_logit`` + ``after_age`` * (age - 65) / 10 + the members' ``after`` effects)), after
      ``death_days`` = exp(log ``after_median`` + the members' ``after_days`` + ``after_sigma`` *
@@ -1164,11 +1169,11 @@ def _sample_block(rng: np.random.Generator, n: int, first_subject_id: int, code_
             {"subject_id": first_subject_id + i, "age": a, "sex": s, "visits": visits[b: b + k]}
             for i, (a, s, b, k) in enumerate(zip(age.tolist(), sex.tolist(), visit_start.tolist(), n_visits.tolist()))
         ]
-    stay, gap, died_at, after = _sample_times(times_rng, age, neonate, member, lam / base_rate, n_visits,
+    stay, gap, died_at, after = _sample_times(times_rng, age, neonate, male, member, lam / base_rate, n_visits,
                                               active0, happened0)
     n_kept = np.where(died_at >= 0, died_at + 1, n_visits)  # an in-hospital death ends the record
     stay, gap = stay.tolist(), gap.tolist()
-    after = [None if np.isnan(d) else d for d in after.tolist()]
+    after = [d if d == d else None for d in after.tolist()]  # NaN (no later death) -> None
     return [
         {"subject_id": first_subject_id + i, "age": a, "sex": s, "visits": visits[b: b + k],
          "stay_days": stay[b: b + k], "gap_days": gap[b: b + k], "hospital_death": d >= 0, "death_days": dd}
@@ -1177,7 +1182,43 @@ def _sample_block(rng: np.random.Generator, n: int, first_subject_id: int, code_
     ]
 
 
-def _sample_times(rng: np.random.Generator, age: np.ndarray, neonate: np.ndarray, member: np.ndarray,
+# Whole years of age where a CMS age edit of ICD-9-CM or ICD-10-CM starts or ends (newborn 0,
+# pediatric 0-17, adult 15-124; maternity, female codes only: 12-55 in ICD-9-CM, 9-64 in ICD-10-CM).
+AGE_EDIT_BOUNDARIES = {False: np.array([1, 15, 18]), True: np.array([1, 9, 12, 15, 18, 56, 65])}  # by female
+
+
+def _keep_age_class(age: np.ndarray, male: np.ndarray, n_visits: np.ndarray, n_kept: np.ndarray, stay: np.ndarray,
+                    gap: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Keep every kept admission's age (age + days before it / 365.25, the schema's) under the
+    next ``AGE_EDIT_BOUNDARIES`` year above the patient's whole-year age, so that the codes, drawn
+    for that age, meet the CMS edits at every admission: a patient whose admissions would cross it
+    has their gaps shrunk by one factor (and their stays before the last admission too, if those
+    alone cross it), floored to 0.01 day."""
+    n = len(age)
+    pat = np.repeat(np.arange(n), n_visits)
+    pos = np.arange(len(pat)) - np.repeat(np.r_[0, np.cumsum(n_visits)[:-1]], n_visits)
+    kept, last = pos < n_kept[pat], pos == n_kept[pat] - 1
+    gaps = np.bincount(pat, weights=np.where(kept, gap, 0.0), minlength=n)
+    stays = np.bincount(pat, weights=np.where(kept & ~last, stay, 0.0), minlength=n)
+    room = np.full(n, np.inf)
+    for female in (False, True):
+        sel = np.flatnonzero(male != female)
+        bounds = AGE_EDIT_BOUNDARIES[female]
+        at = np.searchsorted(bounds, np.floor(age[sel]), side="right")
+        room[sel] = np.where(at < len(bounds), (bounds[np.minimum(at, len(bounds) - 1)] - age[sel]) * 365.25 - 1.0,
+                             np.inf)
+    over = np.flatnonzero(gaps + stays > room)
+    if len(over):
+        g_scale, s_scale = np.ones(n), np.ones(n)
+        g_scale[over] = np.clip((room[over] - stays[over]) / np.maximum(gaps[over], 1e-9), 0.0, 1.0)
+        s_scale[over] = np.clip(room[over] / np.maximum(stays[over], 1e-9), 0.0, 1.0)
+        gap = np.floor(gap * g_scale[pat] * 100.0) / 100.0
+        stay = np.where(last, stay, np.floor(stay * s_scale[pat] * 100.0) / 100.0)
+    return stay, gap
+
+
+def _sample_times(rng: np.random.Generator, age: np.ndarray, neonate: np.ndarray, male: np.ndarray,
+                  member: np.ndarray,
                   intensity: np.ndarray, n_visits: np.ndarray, active0: np.ndarray,
                   happened0: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """The times of n patients (module docstring, "Times") over all their drawn admissions:
@@ -1215,6 +1256,7 @@ def _sample_times(rng: np.random.Generator, age: np.ndarray, neonate: np.ndarray
     log_gap = np.log(TP.gap_median) + member @ T.ph_gap - TP.gap_intensity * np.log(intensity)
     gap = np.exp(log_gap[pat] + TP.gap_sigma * z_gap)
     gap = np.where(first, 0.0, np.round(np.minimum(gap, TP.gap_max), 2))
+    stay, gap = _keep_age_class(age, male, n_visits, np.where(died_at >= 0, died_at + 1, n_visits), stay, gap)
 
     after_logit = np.array(TP.after_logit)[grp] + TP.after_age * decades + member @ T.ph_after
     dies_later = (died_at < 0) & (u_after < _sigmoid(after_logit))

@@ -9,7 +9,7 @@ import math
 import numpy as np
 import pytest
 
-from promptehr_hf.datasets_scripts import simulator
+from promptehr_hf.datasets_scripts import code_systems, simulator
 from promptehr_hf.datasets_scripts.simulator import simulate
 
 N = 4000
@@ -141,3 +141,32 @@ def test_calibration(cohort, admissions):
     assert abs(died - 0.33) < 0.05  # ~33% of MIMIC-III patients have a date of death
     later = [p["death_days"] for p in cohort if p["death_days"] is not None]
     assert 100 < np.median(later) < 600 and not any(math.isnan(d) for d in later)
+
+
+def _visit_rows(patients):
+    """(codes, ages at their admission, sexes) of every diagnosis row, the age at admission k
+    being age + (days before it) / 365.25 (the schema's)."""
+    codes, ages, sexes = [], [], []
+    for p in patients:
+        elapsed = 0.0
+        for k, v in enumerate(p["visits"]):
+            elapsed += p["gap_days"][k]
+            codes += v
+            ages += [min(p["age"] + elapsed / 365.25, 90.0)] * len(v)
+            sexes += [p["sex"]] * len(v)
+            elapsed += p["stay_days"][k]
+    return codes, ages, sexes
+
+
+@pytest.mark.parametrize(("code_system", "n"), [("icd9cm", 20_000), ("icd10cm", 5000)])
+def test_no_cms_age_conflict_at_any_admission(code_system, n):
+    """The codes are drawn for the age at the first admission; the times keep every later
+    admission's age in the same CMS age class (without that, 73 newborn-code rows of 46,520
+    ICD-9-CM patients fell on a readmission after the first birthday)."""
+    patients = simulate(n, seed=0, code_system=code_system)
+    codes, ages, sexes = _visit_rows(patients)
+    broken = code_systems.code_system(code_system).violations(codes, ages, sexes)
+    assert (broken == "").all(), sorted(set(broken[broken != ""]))
+    # The neonates' readmissions do happen, all in the first year.
+    later = [sum(p["gap_days"]) + sum(p["stay_days"][:-1]) for p in patients if p["age"] == 0 and len(p["visits"]) > 1]
+    assert later and max(later) < 365.25
