@@ -152,6 +152,14 @@ def test_cli_prepare_round_trip(tmp_path):
         assert got["subject_id"] == want["subject_id"] and got["sex"] == want["sex"]
         assert got["visits"] == want["visits"]
         assert np.float32(got["age"]) == np.float32(want["age"])
+        # The times come back: stays and gaps to the second (float32), deaths exactly, a death after
+        # discharge to the day (MIMIC-III's DOD is a date).
+        for key in ("stay_days", "gap_days"):
+            assert np.allclose(got[key], want[key], rtol=0, atol=1e-3)
+        assert got["hospital_death"] == want["hospital_death"]
+        assert (got["death_days"] is None) == (want["death_days"] is None)
+        if want["death_days"] is not None:
+            assert abs(got["death_days"] - want["death_days"]) < 1.0
     # A clean folder: nothing to repair except MIMIC's >89 age shift, which the writer reproduces.
     assert summary["admissions"] == sum(len(p["visits"]) for p in expected)
     assert summary["diagnosis_rows"] == sum(len(v) for p in expected for v in p["visits"])
