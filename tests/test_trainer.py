@@ -11,6 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from promptehr_hf.datasets_scripts.schema import NO_TIMES
 from promptehr_hf.modeling_promptehr.configuration_promptehr import PromptEHRConfig
 from promptehr_hf.modeling_promptehr.modeling_promptehr import PromptEHRForConditionalGeneration
 from promptehr_hf.modeling_promptehr.training.data import build_examples
@@ -43,8 +44,9 @@ def cohort(tiny_config):
         g = groups[i % 2]
         visits = [rng.sample(g, rng.randint(2, 5)) + ([rng.choice(groups[1 - i % 2])] if rng.random() < 0.1 else [])
                   for _ in range(rng.randint(1, 3))]
+        # Full schema dicts (time fields null): build_examples builds its Dataset with PATIENT_FEATURES.
         patients.append({"subject_id": i, "age": float(rng.randint(20, 90)), "sex": rng.choice("FM"),
-                         "visits": visits})
+                         "visits": visits, **NO_TIMES})
     tok = PromptEHRTokenizer.from_patients(patients)
     counts = category_cooccurrence(patients, tokenizer_categories(tok)[0])
     return patients, tok, counts, build_examples(patients, max_source_length=64), tiny_config

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from promptehr_hf.datasets_scripts.schema import NO_TIMES
 from promptehr_hf.modeling_promptehr.configuration_promptehr import PromptEHRConfig
 from promptehr_hf.modeling_promptehr.generation.patients import type_code_log_probs
 from promptehr_hf.modeling_promptehr.generation.pipeline import generate_patients
@@ -41,8 +42,9 @@ def cohort() -> list[dict]:
         first = int(rng.integers(2))
         n = int(rng.choice([1, 2, 3], p=[0.5, 0.3, 0.2]))
         visits = [_visit((SEPSIS, CARDIAC)[(first + t) % 2], rng) for t in range(n)]
+        # Full schema dicts (time fields null): build_examples builds its Dataset with PATIENT_FEATURES.
         patients.append({"subject_id": sid + 1, "age": float(rng.uniform(40, 85)), "sex": "FM"[sid % 2],
-                         "visits": visits})
+                         "visits": visits, **NO_TIMES})
     return patients
 
 
