@@ -4,10 +4,13 @@ from their codes (generation/times.py, training/time_model.py, generate_patients
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
 import pytest
 import scipy.sparse as sp
 import torch
 
+from promptehr_hf import cli
 from promptehr_hf.modeling_promptehr.configuration_promptehr import PromptEHRConfig
 from promptehr_hf.modeling_promptehr.generation.pipeline import generate_patients, save_custom_generate
 from promptehr_hf.modeling_promptehr.generation.prior import CohortPrior
@@ -152,11 +155,11 @@ def checkpoint(cohort, time_model, tiny_config, tmp_path_factory):
     CohortPrior.from_patients(cohort).save(directory)
     time_model.save(directory)
     save_custom_generate(directory, tok)
-    return PromptEHRForConditionalGeneration.from_pretrained(directory).eval(), tok
+    return PromptEHRForConditionalGeneration.from_pretrained(directory).eval(), tok, directory
 
 
 def test_generated_patients_get_times_and_the_same_codes_without(checkpoint):
-    model, tok = checkpoint
+    model, tok, _ = checkpoint
     timed, stats = generate_patients(model, tok, 40, seed=3, batch_size=40, progress=False)
     plain, plain_stats = generate_patients(model, tok, 40, seed=3, batch_size=40, progress=False, times=False)
     assert stats["times"] and not plain_stats["times"]
@@ -165,9 +168,25 @@ def test_generated_patients_get_times_and_the_same_codes_without(checkpoint):
 
 
 def test_outcome_conditioned_generation(checkpoint):
-    model, tok = checkpoint
+    model, tok, _ = checkpoint
     died, stats = generate_patients(model, tok, 12, seed=0, batch_size=64, progress=False, hospital_death=True)
     assert len(died) == 12 and all(died["hospital_death"]) and stats["outcome_generated"] >= 12
     assert died["subject_id"] == list(range(1, 13))
     with pytest.raises(ValueError, match="needs the times"):
         generate_patients(model, tok, 5, progress=False, hospital_death=True, times=False)
+
+
+def test_generate_cli_writes_the_outcome_into_the_mimic_tables(checkpoint, tmp_path, capsys):
+    _, _, directory = checkpoint
+    out = tmp_path / "died"
+    assert cli.main(["generate", "--model", str(directory), "--n", "6", "--out", str(out), "--outcome", "died",
+                     "--batch-size", "64"]) == 0
+    patients = pq.read_table(out / "synthetic.parquet").to_pylist()
+    assert len(patients) == 6 and all(p["hospital_death"] and p["death_days"] is None for p in patients)
+    admissions = pd.read_csv(out / "ADMISSIONS.csv")
+    last = admissions.sort_values("ADMITTIME").groupby("SUBJECT_ID").tail(1)
+    assert (last["HOSPITAL_EXPIRE_FLAG"] == 1).all() and admissions["HOSPITAL_EXPIRE_FLAG"].sum() == 6
+    assert (pd.read_csv(out / "PATIENTS.csv")["EXPIRE_FLAG"] == 1).all()
+    assert cli.main(["generate", "--model", str(directory), "--n", "3", "--out", str(tmp_path / "x"),
+                     "--outcome", "died", "--no-time"]) == 2
+    assert "--outcome fixes the outcome" in capsys.readouterr().err

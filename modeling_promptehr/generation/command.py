@@ -21,6 +21,7 @@ from .patients import DEFAULT_COPY_REDRAWS
 from .pipeline import MODES, VISIT_LENGTHS, generate_patients
 from .prior import PRIOR_FILE
 from .processors import STAGE_TWO_MODES
+from .times import TIME_MODEL_FILE
 
 
 def load_model(model_dir: str | os.PathLike, device: str | None = None):
@@ -35,6 +36,7 @@ def load_model(model_dir: str | os.PathLike, device: str | None = None):
 
 
 FORMATS = ("mimic3", "mimic4", "meds")
+OUTCOMES = {"died": True, "survived": False}  # --outcome -> generate_patients(hospital_death=)
 DEFAULT_FORMATS = {"icd9cm": "mimic3", "icd10cm": "mimic4"}  # code system -> the MIMIC layout that holds it
 
 
@@ -159,6 +161,11 @@ def add_arguments(parser) -> None:
     parser.add_argument("--copy-redraws", type=int, default=None,
                         help=f"with --exclude-training: rounds of redraws before a copy is dropped (default: "
                              f"{DEFAULT_COPY_REDRAWS}; 0: drop copies at once)")
+    parser.add_argument("--no-time", action="store_true",
+                        help="no stays, gaps or deaths, even when the checkpoint has a time model")
+    parser.add_argument("--outcome", choices=tuple(OUTCOMES), default=None,
+                        help="unconditional: only patients who die in hospital (died) or who do not (survived), "
+                             "drawn by rejection under the checkpoint's time model")
     parser.add_argument("--device", default=None)
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default: torch's; on a machine shared with other jobs, 1 can be much "
@@ -189,6 +196,11 @@ def validate(args) -> None:
     flag, given = needs[args.mode]
     if given is None:
         raise ValueError(f"{flag} is required in {args.mode} mode")
+    if args.outcome is not None and (args.mode != "unconditional" or args.no_time):
+        raise ValueError("--outcome fixes the outcome of unconditional generation, with times (no --no-time)")
+    if args.outcome is not None and not Path(args.model, TIME_MODEL_FILE).is_file():
+        raise FileNotFoundError(f"--model {args.model}: no {TIME_MODEL_FILE} (--outcome draws deaths from it; the "
+                                "model was trained on a cohort without times, or with --no-time)")
     if args.mode == "unconditional" and not args.prior and not Path(args.model, PRIOR_FILE).is_file():
         raise FileNotFoundError(f"--model {args.model}: no {PRIOR_FILE} (unconditional mode samples from it); "
                                 "pass --prior")
@@ -224,7 +236,8 @@ def run(args) -> int:
         top_k=args.top_k, top_p=args.top_p, do_sample=False if args.greedy else None,
         cms=False if args.no_cms else None,
         exclude_patients=_read_patients(args.exclude_training) if args.exclude_training else None,
-        copy_redraws=args.copy_redraws,
+        copy_redraws=args.copy_redraws, times=False if args.no_time else None,
+        hospital_death=None if args.outcome is None else OUTCOMES[args.outcome],
     )
     write_cohort(dataset, out, stats, seed=args.seed, overwrite=args.overwrite, fmt=args.format,
                  code_system=tokenizer.code_system)

@@ -20,7 +20,8 @@ import datasets
 import numpy as np
 import torch
 
-from promptehr_hf.datasets_scripts.schema import PATIENT_FEATURES, SEXES
+from promptehr_hf.datasets_scripts.cohort_io import patients_to_dataset
+from promptehr_hf.datasets_scripts.schema import SEXES
 
 CODE_ORDERS = ("seq_num", "shuffle", "hierarchical")
 IGNORE_INDEX = -100
@@ -55,7 +56,7 @@ def build_examples(patients: datasets.Dataset | Iterable[dict], max_source_lengt
         was loaded from).
     """
     if not isinstance(patients, datasets.Dataset):
-        patients = datasets.Dataset.from_list(list(patients), features=PATIENT_FEATURES)
+        patients = patients_to_dataset(list(patients))  # dicts without times read as null times
 
     if visit_types is not None and len(visit_types) != len(patients):
         raise ValueError(f"build_examples: visit_types has {len(visit_types)} patients, the cohort {len(patients)}")
