@@ -10,7 +10,8 @@ upper-case MIMIC-III headers, so `promptehr_hf.datasets_scripts.mimic3.read_mimi
 back into the same patients (ages to 0.01 year, which is the reader's precision):
 
 - each patient's first admission falls on a random minute in 2100-2200 (MIMIC's shifted
-  years), with the DOB at midnight round(age * 365.25) days earlier; later admissions follow,
+  years; earlier, by whole days, for a history that would otherwise run past 2250), with the
+  DOB at midnight round(age * 365.25) days earlier; later admissions follow,
   each after the previous discharge, so admittime order is visit order. A patient with
   `stay_days` and `gap_days` gets its own stays and gaps (to the second); one without (null)
   gets random ones (stay 1-15 days, then a gap of 1 day to 2 years, whole minutes), drawn as
@@ -139,6 +140,9 @@ def _death_visits(tl: Timeline) -> np.ndarray:
     last[np.cumsum(tl.n_visits) - 1] = True
     return last & tl.hospital_death[tl.patient]
 
+# Nothing is written after this time (seconds since 1970): pandas parses dates up to 2262.
+LATEST_TIME = int(np.datetime64("2250-01-01T00:00:00", "s").astype(np.int64))
+
 
 @dataclass(frozen=True)
 class Timeline:
@@ -229,6 +233,14 @@ def timeline(patients: Sequence[dict] | Dataset, seed: int = 0, writer: str = "t
     admit = np.repeat(first_admit, n_visits) + offset
     disch = admit + stay
     hospital_death, has_death, death, dod_day = _deaths(t, subject, disch[first_visit + n_visits - 1], writer)
+    # A history of decades (a newborn readmitted for sixty years) must end before the last date
+    # pandas can parse (2262): such a patient starts earlier, by whole days.
+    end = np.maximum(disch[first_visit + n_visits - 1], death)
+    shift = np.ceil(np.maximum(end - LATEST_TIME, 0) / 86400).astype(np.int64)
+    if shift.any():
+        dob = dob - 86400 * shift
+        admit, disch = admit - 86400 * np.repeat(shift, n_visits), disch - 86400 * np.repeat(shift, n_visits)
+        death, dod_day = np.where(has_death, death - 86400 * shift, 0), np.where(has_death, dod_day - shift, 0)
 
     hadm = FIRST_HADM_ID + rng.permutation(v_total)
     # Visits admitted at the same time (own times: a stay of 0, then a gap of 0) get increasing

@@ -451,3 +451,21 @@ def test_old_parquet_and_prepared_folders_read_with_null_times(tmp_path):
 
 def load_parquet(path) -> datasets.Dataset:
     return datasets.Dataset(InMemoryTable(pq.read_table(path)))
+
+
+def test_a_history_of_decades_is_written_before_2250(tmp_path):
+    """A newborn readmitted 70 and 85 years later would run past the last date pandas parses
+    (2262) from a first admission in 2200: the patient starts earlier, and reads back the same."""
+    long = [{"subject_id": 1, "age": 0.0, "sex": "F", "visits": [["V3000"], ["4019"], ["4280"]],
+             "stay_days": [3.0, 5.0, 7.0], "gap_days": [0.0, 70 * 365.25, 15 * 365.25],
+             "hospital_death": False, "death_days": 400.0}] + [
+        {"subject_id": k, "age": 40.0, "sex": "M", "visits": [["4019"]], "stay_days": [2.0], "gap_days": [0.0],
+         "hospital_death": False, "death_days": None} for k in range(2, 200)]
+    for seed in range(8):  # first admissions fall in 2100-2200: most seeds put this one past 2165
+        write_mimic3_csvs(long, tmp_path / f"m3_{seed}", seed=seed)
+        admissions = pd.read_csv(tmp_path / f"m3_{seed}" / "ADMISSIONS.csv", parse_dates=["ADMITTIME", "DISCHTIME"])
+        assert admissions["DISCHTIME"].max() < pd.Timestamp("2250-01-01")
+    back, summary = read_mimic3(tmp_path / "m3_7")
+    assert back[0]["gap_days"] == [0.0, pytest.approx(70 * 365.25), pytest.approx(15 * 365.25)]
+    assert back[0]["death_days"] in (400.0, 401.0)
+    assert not any(summary["quirks"][k] for k in TIME_QUIRKS)
