@@ -112,6 +112,7 @@ def test_train_generate_evaluate_push_and_resume(train_script, tmp_path, monkeyp
     assert json.loads(files["tokenizer_config.json"])["auto_map"]["AutoTokenizer"][0].startswith("tokenization_")
     card = files["README.md"].decode()
     assert "code JS divergence" in card and "| synthetic | floor | baseline |" in card
+    assert "`time_model.safetensors` (stays, gaps and deaths" in card
     assert f"{metrics['rows']['synthetic']['code_js']:.4g}" in card
 
     # resume: continues at step 4 with the saved state, on to step 6

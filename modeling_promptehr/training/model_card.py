@@ -42,7 +42,11 @@ def model_card(args, run: dict, evaluation: dict | None, location: str) -> str:
         "",
         "Files: `cooccurrence.safetensors` (category co-occurrence counts of the training split), "
         "`cohort_prior.json` (age, sex, visit-count and visit-length distributions for unconditional "
-        "generation).",
+        "generation)" + (", `time_model.safetensors` (stays, gaps and deaths drawn from each patient's codes: "
+                         "four logistic heads fitted on the training split; `--outcome died` generates "
+                         "in-hospital deaths only)." if run.get("times") else
+                         "; no time model (the cohort had no times, or --no-time): the patients generated "
+                         "carry no stays, gaps or deaths."),
         "",
     ]
     if evaluation is not None:  # the report's table, headings one level down
