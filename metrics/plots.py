@@ -6,7 +6,10 @@ metrics; ``code_system`` ("icd9cm" or "icd10cm") names the categories and their 
 When the real cohort has times (``time_outcome.has_times``) it also draws ``gap_days.png`` and
 ``stay_days.png`` (histograms of real, synthetic and baseline, those with times; log-x for gaps)
 and, when a generated row has times, ``mortality_by_category.png`` (real vs generated in-hospital
-death rate per category).
+death rate per category). Given ``utility`` (``{row: metrics.utility result}``, the report's
+train-on-synthetic figures) it also draws ``utility.png``: per task, the AUROC of the model
+trained on each row's cohort against the real-trained one, and the group means with their 95%
+bootstrap intervals.
 """
 
 from __future__ import annotations
@@ -40,8 +43,9 @@ def _title(code: str, icd: ModuleType) -> str:
 
 
 def write_plots(cohort_columns: dict[str, dict], rows: dict, out: Path,
-                code_system: str = DEFAULT_CODE_SYSTEM) -> list[Path]:
-    """Write the five PNGs (eight with times) into ``out``; returns their paths."""
+                code_system: str = DEFAULT_CODE_SYSTEM, utility: dict | None = None) -> list[Path]:
+    """Write the five PNGs (eight with times, one more with ``utility``) into ``out``; returns
+    their paths."""
     icd = code_systems.code_system(code_system)
     cs, vocab = cohorts(cohort_columns, code_system)
     names = [n for n in ("synthetic", "floor", "baseline") if n in cs]
@@ -64,7 +68,55 @@ def write_plots(cohort_columns: dict[str, dict], rows: dict, out: Path,
     if has_times(cohort_columns["real"]):
         paths += _time_plots(cohort_columns, [n for n in names if has_times(cohort_columns[n])], rows, out,
                              code_system)
+    if utility:
+        paths.append(_utility(utility, out / "utility.png"))
     return paths
+
+
+UTILITY_GROUPS = {"mortality": ("in-hospital mortality", "o"), "next_admission": ("next-admission category", "s"),
+                  "phenotype": ("chronic phenotype", "^")}
+
+
+def _utility(utility: dict, path: Path) -> Path:
+    """Left: one dot per task and trained row, x = AUROC of the real-trained model, y = that of
+    the model trained on the row's cohort (both tested on the held-out real patients). Right: per
+    task group, the mean AUROC of the real-trained model and of each row's, with their 95%
+    bootstrap intervals."""
+    names = list(utility)
+    lowest = 0.3
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.8), gridspec_kw={"width_ratios": [1, 1.15]})
+    for name in names:
+        for group, (label, marker) in UTILITY_GROUPS.items():
+            done = [t for t in utility[name]["tasks"].values() if t["group"] == group and t["status"] == "ok"]
+            if done:
+                lowest = min(lowest, *(min(t["real"]["auroc"], t["synthetic"]["auroc"]) for t in done))
+                left.scatter([t["real"]["auroc"] for t in done], [t["synthetic"]["auroc"] for t in done], s=22,
+                             marker=marker, color=COLORS[name], alpha=0.7, linewidths=0, label=f"{name}: {label}")
+    lowest = max(0.0, lowest - 0.02)
+    left.plot([0, 1], [0, 1], color="grey", lw=0.8, ls="--")
+    left.axhline(0.5, color="grey", lw=0.5, ls=":")
+    left.set(xlim=(lowest, 1.01), ylim=(lowest, 1.01), xlabel="AUROC, trained on real (train split)",
+             ylabel="AUROC, trained on the row's cohort", title="Per task, tested on held-out real patients")
+    left.legend(fontsize=7, loc="upper left")
+    groups = [g for g in UTILITY_GROUPS if np.isfinite(utility[names[0]].get(f"{g}_auroc_real", np.nan))]
+    bars = [("real-trained", "floor", names[0], "_real")] + [(f"{n}-trained", n, n, "") for n in names]
+    width = 0.8 / len(bars)
+    x = np.arange(len(groups))
+    for i, (label, color, name, suffix) in enumerate(bars):
+        res = utility[name]
+        mean = np.array([res[f"{g}_auroc{suffix}"] for g in groups], dtype=float)
+        low = np.array([res[f"{g}_auroc{suffix}_ci_low"] for g in groups], dtype=float)
+        high = np.array([res[f"{g}_auroc{suffix}_ci_high"] for g in groups], dtype=float)
+        err = np.nan_to_num(np.vstack([mean - low, high - mean]), nan=0.0)
+        right.bar(x + (i - (len(bars) - 1) / 2) * width, mean, width=width, color=COLORS[color], label=label,
+                  yerr=err, capsize=3, error_kw={"lw": 0.8})
+    right.axhline(0.5, color="grey", lw=0.5, ls=":")
+    right.set_xticks(x, [f"{UTILITY_GROUPS[g][0]}\n({utility[names[0]][f'{g}_tasks']} tasks)" for g in groups],
+                     fontsize=8)
+    right.set(ylim=(0, 1.05), ylabel="mean AUROC (95% bootstrap interval)", title="Per task group")
+    right.legend(fontsize=8, loc="lower right")
+    fig.suptitle("Utility: train on each cohort, test on held-out real patients (logistic regression)", fontsize=10)
+    return _save(fig, path)
 
 
 def _time_plots(cohort_columns: dict[str, dict], names: list[str], rows: dict, out: Path,

@@ -43,6 +43,19 @@ from their marginals, every row whose cohort has them gains the figures of
 metrics.md a section "Time and outcome", and the plots ``gap_days.png``, ``stay_days.png`` and
 ``mortality_by_category.png``. Without times in the reference, all of it is exactly as without
 the fields.
+
+Utility (train on synthetic, test on real; ``metrics.utility``): with ``--train`` (and unless
+``--no-utility``; Python: ``utility=False``), the same logistic regressions are fitted on the
+training split (the floor row's figures: "real-trained"), on the synthetic cohort (the synthetic
+row) and on the baseline's sample (the baseline row), and tested on the held-out real cohort
+(``--real``, all of it, not the floor's sample): in-hospital mortality (when the cohorts carry
+``hospital_death``), next-admission categories and chronic phenotypes; AUROC and AUPRC per task
+group with 95% bootstrap intervals over the test patients, and the synthetic / real ratios. The
+rows gain ``utility_*``, metrics.json a top-level ``"utility"`` (per row: every task's figures,
+the skipped tasks with their reasons, the settings), metrics.md a section "Utility (train on
+synthetic, test on real)" and the plot ``utility.png`` (per-task AUROC, real-trained vs
+synthetic- and baseline-trained; group means with their intervals). Without them, the report is
+exactly as before.
 Codes may be dotted or dotless: every figure reads them normalised (``normalize`` of the code
 system). Codes outside the system's tables (ICD-9-CM v32, ICD-10-CM FY2021) are scored as given,
 with a warning per cohort that counts them and names the most listed. A cohort with no patient
@@ -76,12 +89,14 @@ from promptehr_hf.metrics.coherence import coherence, unknown_codes
 from promptehr_hf.metrics.plots import write_plots
 from promptehr_hf.metrics.privacy import privacy
 from promptehr_hf.metrics.time_outcome import TIME_FIELDS, VIOLATIONS, has_times, optional_column, time_outcome
+from promptehr_hf.metrics.utility import flat_figures, utility_rows
 
 COLUMNS = ("visits", "age", "sex")
 ROWS = ("synthetic", "floor", "baseline")
 PLOTS = ("code_prevalence.png", "visits_per_patient.png", "codes_per_visit.png", "top_categories.png",
          "cooccurrence_heatmap.png")
 TIME_PLOTS = ("gap_days.png", "stay_days.png", "mortality_by_category.png")  # when the reference has times
+UTILITY_PLOTS = ("utility.png",)  # when the utility figures are computed (train given)
 # (key, label, better): better is "low", "high", "0.5", "0", "real" (close to the real value) or "".
 TABLE = {
     "Fidelity": [
@@ -164,6 +179,23 @@ REAL_KEYS = {"cms_invalid_patient_rate": "cms_invalid_patient_rate_real", "disti
              "codes_per_visit_mean": "codes_per_visit_mean_real", "female_share": "female_share_real",
              "exact_copy_rate": "holdout_exact_copy_rate",
              "attribute_inference_f1": "attribute_inference_f1_holdout", "sex_inference_f1": "sex_inference_f1_holdout"}
+# The section metrics.md adds when some row has the utility figures (metrics.utility); the floor
+# column holds the real-trained figures. Cells show the 95% bootstrap interval where the row has it.
+UTILITY_TABLE = {
+    "Utility (train on synthetic, test on real)": [
+        ("utility_mortality_auroc", "in-hospital mortality, AUROC", "floor"),
+        ("utility_mortality_auprc", "in-hospital mortality, AUPRC", "floor"),
+        ("utility_mortality_auroc_ratio", "in-hospital mortality, AUROC / real-trained", "1"),
+        ("utility_next_admission_auroc", "next-admission categories, mean AUROC", "floor"),
+        ("utility_next_admission_auprc", "next-admission categories, mean AUPRC", "floor"),
+        ("utility_next_admission_auroc_ratio", "next-admission categories, AUROC / real-trained", "1"),
+        ("utility_next_admission_tasks", "next-admission categories compared", ""),
+        ("utility_phenotype_auroc", "chronic phenotypes, mean AUROC", "floor"),
+        ("utility_phenotype_auprc", "chronic phenotypes, mean AUPRC", "floor"),
+        ("utility_phenotype_auroc_ratio", "chronic phenotypes, AUROC / real-trained", "1"),
+        ("utility_phenotype_tasks", "chronic phenotypes compared", ""),
+    ],
+}
 REAL_KEYS |= {key: f"{key}_real" for key in (
     "gap_days_mean", "gap_days_median", "stay_days_mean", "readmission_30d_rate", "hospital_mortality_patient_rate",
     "hospital_mortality_admission_rate", "out_of_hospital_death_rate", "time_violation_patient_rate")}
@@ -259,14 +291,18 @@ def warn_unknown_codes(name: str, cohort: Any, code_system: str = DEFAULT_CODE_S
 # ----------------------------------------------------------------------------- scoring
 def evaluate_cohorts(synthetic: Any, real: Any, train: Any = None, *, out_dir: str | os.PathLike | None = None,
                      baseline: bool = True, plots: bool = True, seed: int = 0, top_k: int = 100,
-                     n_attack: int = 2000, code_system: str = DEFAULT_CODE_SYSTEM) -> dict:
+                     n_attack: int = 2000, code_system: str = DEFAULT_CODE_SYSTEM, utility: bool = True) -> dict:
     """Score ``synthetic`` (and the floor and baseline rows, see the module docstring) against
     ``real``. Cohorts: patient dicts, a ``datasets.Dataset`` or dicts of columns, all in
     ``code_system`` (``"icd9cm"`` or ``"icd10cm"``; a trained model's is its tokenizer's
     ``code_system``, a prepared cohort's the ``code_system`` of its summary).
 
+    ``utility``: with ``train``, also the train-on-synthetic, test-on-real figures (module
+    docstring; ``metrics.utility``).
+
     Returns ``{"rows": {"synthetic": {...}, "floor": {...} | None, "baseline": {...} | None},
-    "meta": {...}}``; with ``out_dir``, also writes metrics.json, metrics.md and the PNGs there.
+    "meta": {...}}`` (and ``"utility"``: per row, the full ``metrics.utility`` result, when
+    computed); with ``out_dir``, also writes metrics.json, metrics.md and the PNGs there.
     """
     code_systems.code_system(code_system)  # an unknown name fails before the work
     if out_dir is not None:
@@ -299,6 +335,14 @@ def evaluate_cohorts(synthetic: Any, real: Any, train: Any = None, *, out_dir: s
             rows[name] |= privacy(cand, tr, ref, n_attack=n_attack, seed=seed, code_system=code_system)
         if timed:
             rows[name] |= time_outcome(cand, reference, code_system=code_system)  # {} when cand has no times
+    useful = None
+    if utility and tr is not None and len(ref["visits"]):
+        useful = utility_rows({name: candidates[name] for name in ("synthetic", "baseline") if name in candidates},
+                              tr, ref, code_system=code_system, seed=seed)
+        for name, res in useful.items():
+            rows[name] |= flat_figures(res)
+        if rows["floor"] is not None:
+            rows["floor"] |= flat_figures(useful["synthetic"], "real")
     meta = {
         "code_system": code_system,
         "reference": "train" if tr is not None else "real", "n_real": len(ref["visits"]), "n_synthetic": n,
@@ -314,8 +358,13 @@ def evaluate_cohorts(synthetic: Any, real: Any, train: Any = None, *, out_dir: s
         scored = [name for name in candidates if has_times(candidates[name])]
         meta["time_outcome"] = ("rows whose cohort has times, scored against the reference: "
                                 + (", ".join(scored) or "none"))
+    if useful is not None:
+        meta["utility"] = ("logistic regressions trained on each row's cohort (floor: the train split), tested on "
+                           "the real cohort: " + ", ".join(useful))
     meta["scoring_seconds"] = round(time.perf_counter() - t0, 2)
     result = {"rows": rows, "meta": meta}
+    if useful is not None:
+        result["utility"] = useful
     if out_dir is not None:
         _write(result, {**candidates, "real": reference}, Path(out_dir), plots, code_system)
     return result
@@ -325,6 +374,8 @@ def evaluate_cohorts(synthetic: Any, real: Any, train: Any = None, *, out_dir: s
 def _clean(x):
     if isinstance(x, dict):
         return {k: _clean(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_clean(v) for v in x]
     if isinstance(x, (float, np.floating)):
         return None if math.isnan(x) else float(x)
     if isinstance(x, np.integer):
@@ -345,7 +396,8 @@ def _fmt(x) -> str:
 def markdown_table(result: dict) -> str:
     """The metrics as one Markdown table per section: synthetic, floor, baseline, real values."""
     rows, meta = result["rows"], result["meta"]
-    better = {"low": "lower", "high": "higher", "0.5": "≈ 0.5", "0": "≈ 0", "real": "≈ real", "": ""}
+    better = {"low": "lower", "high": "higher", "0.5": "≈ 0.5", "0": "≈ 0", "real": "≈ real", "": "",
+              "floor": "≈ floor", "1": "≈ 1"}
     n_reference = meta["n_train"] if meta["reference"] == "train" else meta["n_real"]
     lines = [f"# Evaluation: {meta['n_synthetic']:,} synthetic patients vs {n_reference:,} real "
              f"({meta['reference']}) patients", "",
@@ -364,6 +416,8 @@ def markdown_table(result: dict) -> str:
             lines.append(f"| {label.format(system=system)} | " + " | ".join(cells)
                          + f" | {_fmt(real_value)} | {better[direction]} |")
         lines.append("")
+    if any(key in row for row in rows.values() if row for items in UTILITY_TABLE.values() for key, _, _ in items):
+        lines += _utility_lines(rows)
     if timed:
         lines.append("Definitions: `promptehr_hf.metrics.coherence`, `promptehr_hf.metrics.privacy` and "
                      "`promptehr_hf.metrics.time_outcome` docstrings.")
@@ -372,12 +426,39 @@ def markdown_table(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _with_ci(row: dict | None, key: str) -> str:
+    """The value, and its 95% interval ``[low, high]`` when the row has one (``<key>_ci_low``)."""
+    if not row:
+        return "–"
+    text = _fmt(row.get(key))
+    low, high = row.get(f"{key}_ci_low"), row.get(f"{key}_ci_high")
+    if text != "–" and low is not None and high is not None and math.isfinite(low) and math.isfinite(high):
+        text += f" [{low:.3f}, {high:.3f}]"
+    return text
+
+
+def _utility_lines(rows: dict) -> list[str]:
+    better = {"floor": "≈ floor", "1": "≈ 1", "": ""}
+    lines = []
+    for section, items in UTILITY_TABLE.items():
+        lines += [f"## {section}", "",
+                  "The same logistic regression per task, trained on each row's cohort (floor: the real training "
+                  "split, i.e. real-trained) and tested on the held-out real patients; [low, high]: 95% bootstrap "
+                  "interval over the test patients. Tasks, model and intervals: `promptehr_hf.metrics.utility`.", "",
+                  "| metric | synthetic | floor | baseline | real | better |", "|---|---|---|---|---|---|"]
+        for key, label, direction in items:
+            cells = [_with_ci(rows.get(r), key) for r in ROWS]
+            lines.append(f"| {label} | " + " | ".join(cells) + f" | – | {better[direction]} |")
+        lines.append("")
+    return lines
+
+
 def _write(result: dict, cohort_columns: dict[str, dict], out: Path, plots: bool, code_system: str) -> None:
     with replace_folder(out, "evaluate", {"meta": _clean(result["meta"])}) as tmp:
         write_json_atomic(tmp / "metrics.json", _clean(result), indent=2, allow_nan=False)
         write_text_atomic(tmp / "metrics.md", markdown_table(result))
         if plots:
-            write_plots(cohort_columns, result["rows"], tmp, code_system)
+            write_plots(cohort_columns, result["rows"], tmp, code_system, utility=result.get("utility"))
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -398,6 +479,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-baseline", action="store_true")
     parser.add_argument("--no-plots", action="store_true")
+    parser.add_argument("--no-utility", action="store_true",
+                        help="skip the train-on-synthetic, test-on-real figures (computed when --train is given)")
 
 
 def _inputs(args: argparse.Namespace) -> dict[str, str | None]:
@@ -442,7 +525,7 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"{flag} {path}: no patients (0 rows); nothing to score, nothing written")
     result = evaluate_cohorts(synthetic, real, train, out_dir=args.out, baseline=not args.no_baseline,
                               plots=not args.no_plots, seed=args.seed, top_k=args.top_k, n_attack=args.n_attack,
-                              code_system=code_system)
+                              code_system=code_system, utility=not args.no_utility)
     print(markdown_table(result))
     print(f"wrote {args.out}/metrics.json, metrics.md" + ("" if args.no_plots else " and plots"))
     return 0

@@ -46,7 +46,9 @@ Figures, on H, per task and per training cohort (``real``: trained on T; ``synth
   resamples of the H *patients* with replacement (a patient's rows, visits or visit pairs, enter
   together, weighted by how often the patient is drawn); one resample set serves every task,
   both training cohorts and the ratios (paired), and the per-group means. A resample where a
-  side has one class gives NaN and is left out of the percentiles.
+  side has one class gives NaN and is left out of the percentiles. The intervals measure the
+  test sample only: the training cohort and the fit are held fixed, so a model trained on noise
+  can land away from 0.5 with an interval that excludes it.
 
 Groups (``mortality``, ``next_admission``, ``phenotype``): ``<group>_auroc`` / ``_auprc`` is
 the mean over the group's tasks where both sides have a figure (``<group>_tasks`` of them;

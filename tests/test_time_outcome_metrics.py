@@ -15,6 +15,7 @@ from promptehr_hf.metrics.baselines import IndependentMarginalSampler
 from promptehr_hf.metrics.report import (
     PLOTS,
     TIME_PLOTS,
+    UTILITY_PLOTS,
     VIOLATION_LABELS,
     evaluate_cohorts,
     markdown_table,
@@ -238,7 +239,7 @@ def test_report_without_times_is_unchanged(tmp_path):
     table = (tmp_path / "a" / "metrics.md").read_text()
     assert table == (tmp_path / "b" / "metrics.md").read_text()
     assert "Time and outcome" not in table and "time_outcome" not in table
-    assert sorted(f.name for f in (tmp_path / "a").glob("*.png")) == sorted(PLOTS)
+    assert sorted(f.name for f in (tmp_path / "a").glob("*.png")) == sorted(PLOTS + UTILITY_PLOTS)
     assert set(saved[0]["rows"]["baseline"]) == set(result["rows"]["baseline"])
 
 

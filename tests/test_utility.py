@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import average_precision_score, roc_auc_score
 
+from promptehr_hf.metrics.report import PLOTS, TIME_PLOTS, UTILITY_PLOTS, evaluate_cohorts
 from promptehr_hf.metrics.utility import CHRONIC_ICD9, flat_figures, utility, utility_rows, weighted_auc
 
 FILLERS = [f"{c}0" for c in range(800, 830)]  # 30 categories (injuries), none of them chronic
@@ -185,3 +186,44 @@ def test_evaluate_module_loads_by_path_and_computes(repo_root, tmp_path):
     assert out["a"] == 1.0 and "synthetic" in out["m"]  # no hospital_death given: the synthetic side is skipped
     assert out["b"] == 1.0 and np.isnan(out["ci"])  # no resample: no interval
     assert "real_train" in out["err"] and out["doc"]
+
+
+def test_report_gains_the_utility_section_and_nothing_else_changes(tmp_path):
+    train, real, syn = _cohort(300, 30), _cohort(150, 31), _cohort(150, 32)
+    with_u = evaluate_cohorts(syn, real, train, out_dir=tmp_path / "a", n_attack=50)
+    evaluate_cohorts(syn, real, train, out_dir=tmp_path / "b", n_attack=50, utility=False)
+    rows = with_u["rows"]
+    assert rows["synthetic"]["utility_next_admission_auroc"] == 1.0
+    assert rows["floor"]["utility_next_admission_auroc"] == with_u["utility"]["synthetic"]["next_admission_auroc_real"]
+    assert "utility_next_admission_auroc_ratio" in rows["baseline"]
+    assert rows["baseline"]["utility_mortality_auroc"] < 0.9  # the sampler's deaths ignore the codes
+    a, b = (tmp_path / "a" / "metrics.md").read_text(), (tmp_path / "b" / "metrics.md").read_text()
+    start, end = a.index("## Utility"), a.index("Definitions:")
+    assert a[:start] + a[end:] == b and "| chronic phenotypes, mean AUROC | 1 [1.000, 1.000] |" in a
+    saved = [json.loads((tmp_path / f / "metrics.json").read_text()) for f in "ab"]
+    for name in ("synthetic", "floor", "baseline"):
+        assert {k: v for k, v in saved[0]["rows"][name].items() if not k.startswith("utility_")} == \
+            saved[1]["rows"][name]
+    assert "utility" not in saved[1] and set(saved[0]["utility"]) == {"synthetic", "baseline"}
+    assert "utility" in saved[0]["meta"] and "utility" not in saved[1]["meta"]
+    pngs = {p.name for p in (tmp_path / "a").glob("*.png")}
+    assert pngs == set(PLOTS + TIME_PLOTS + UTILITY_PLOTS)
+    assert {p.name for p in (tmp_path / "b").glob("*.png")} == set(PLOTS + TIME_PLOTS)
+    # without a training split there is nothing to compare with: no utility
+    bare = evaluate_cohorts(syn, real, plots=False)
+    assert "utility" not in bare and not any(k.startswith("utility_") for k in bare["rows"]["synthetic"])
+
+
+def test_cli_no_utility(tmp_path):
+    import datasets
+
+    from promptehr_hf.cli import main
+
+    for name, cohort in (("train", _cohort(200, 40)), ("real", _cohort(80, 41)), ("syn", _cohort(80, 42))):
+        datasets.Dataset.from_list(cohort).to_parquet(str(tmp_path / f"{name}.parquet"))
+    args = ["evaluate", "--real", str(tmp_path / "real.parquet"), "--synthetic", str(tmp_path / "syn.parquet"),
+            "--train", str(tmp_path / "train.parquet"), "--no-plots", "--n-attack", "30"]
+    assert main([*args, "--out", str(tmp_path / "a")]) == 0
+    assert main([*args, "--out", str(tmp_path / "b"), "--no-utility"]) == 0
+    assert "## Utility" in (tmp_path / "a" / "metrics.md").read_text()
+    assert "## Utility" not in (tmp_path / "b" / "metrics.md").read_text()
