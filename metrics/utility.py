@@ -25,9 +25,11 @@ Tasks (``TASKS``; one binary problem each, rows built the same way in S, T and H
   visit, the features of the last visit, label ``hospital_death``. Only when the training cohort
   and H both carry the outcome (``has_outcome``: some patient has times or a non-null
   ``hospital_death``); otherwise skipped, with the reason.
-- ``next_admission_<k>``: for each of the ``n_next`` (20) categories k held by the most T visits
-  (ties: smaller category string first): one row per pair of consecutive visits (t, t+1) of a
-  patient (patients with 2+ visits), the features of visit t, label "visit t+1 holds k".
+- ``next_admission_<k>``: for each of the ``n_next`` (20) categories k most common among the T
+  visits that follow another visit of their patient (the visits t+1 below, i.e. the labels; not
+  all visits, whose top categories include newborn codes that no later visit holds; ties:
+  smaller category string first): one row per pair of consecutive visits (t, t+1) of a patient
+  (patients with 2+ visits), the features of visit t, label "visit t+1 holds k".
 - ``phenotype_<k>``: for each of the ``n_phenotype`` (25) categories k of the chronic list of
   the code system (``CHRONIC[code_system]``) held by the most T visits (held by at least one):
   one row per visit, the features of the visit with category k removed (its codes, i.e. its
@@ -403,7 +405,9 @@ def utility_rows(synthetic: dict[str, Any], real_train: Any, real_test: Any, *,
     if "mortality" in tasks:
         defined.append(_Task("mortality", "mortality", None, "in-hospital death at the last admission", None))
     if "next_admission" in tasks:
-        for k in order[held[order] > 0][:n_next]:
+        following = np.asarray(train.C[train.prev + 1].sum(axis=0)).ravel()
+        after = np.argsort(-following, kind="stable")
+        for k in after[following[after] > 0][:n_next]:
             defined.append(_Task(f"next_admission_{categories[k]}", "next_admission", categories[k],
                                  _title(icd, categories[k]), None))
     if "phenotype" in tasks:

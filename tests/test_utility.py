@@ -63,9 +63,10 @@ def test_perfectly_predictable_tasks_score_one_both_ways():
     # phenotype: the chronic categories present (401, 250), each predicted from the rest of its visit
     assert set(k for k, t in out["tasks"].items() if t["group"] == "phenotype") == {"phenotype_401", "phenotype_250"}
     assert {"401", "250"} <= set(CHRONIC_ICD9)
-    # categories absent from visit 2 of every test patient: skipped with the reason
-    assert "one class" in out["skipped"]["next_admission_401"]
-    assert out["next_admission_tasks"] == 2 and out["next_admission_skipped"] == 2
+    # next-admission targets: the categories of the visits that follow another (401 and 486 never do)
+    assert {k for k, t in out["tasks"].items() if t["group"] == "next_admission"} == \
+        {"next_admission_250", "next_admission_599"}
+    assert out["next_admission_tasks"] == 2 and out["next_admission_skipped"] == 0 and not out["skipped"]
 
 
 def test_noise_synthetic_cohort_trains_a_chance_model():
@@ -106,6 +107,12 @@ def test_single_class_training_side_is_skipped():
     task = out["tasks"]["next_admission_250"]
     assert task["status"] == "skipped" and "one class" in task["synthetic"]["skipped"]
     assert task["real"]["auroc"] == 1.0 and "next_admission_250" in out["skipped"]
+    # test labels of one class: the whole task is skipped
+    only_250 = [p for p in test if p["visits"][1] == ["25000"]]
+    out = utility(train, train, only_250, n_bootstrap=20)
+    assert out["tasks"]["next_admission_250"]["status"] == "skipped"
+    assert out["skipped"]["next_admission_250"] == "real_test labels: one class only (all 1)"
+    assert "real" not in out["tasks"]["next_admission_250"]
 
 
 def test_bootstrap_intervals_hold_the_point_estimate():
