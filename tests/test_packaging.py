@@ -107,7 +107,8 @@ def test_every_module_and_package_data_file_is_installed(installed, repo_root):
     # the tables are always there; the metric modules once their helper has written them
     assert {"promptehr_hf/datasets_scripts/data/icd9cm_v32.json",
             "promptehr_hf/datasets_scripts/data/icd9cm_v32_edits.json"} <= expected
-    for metric in ("metrics/ehr_coherence/ehr_coherence.py", "metrics/ehr_privacy/ehr_privacy.py"):
+    for metric in ("metrics/ehr_coherence/ehr_coherence.py", "metrics/ehr_privacy/ehr_privacy.py",
+                   "metrics/ehr_utility/ehr_utility.py"):
         if (repo_root / metric).exists():
             assert f"promptehr_hf/{metric}" in expected, f"{metric} is not matched by setup.cfg package_data"
 
@@ -133,7 +134,7 @@ HUB_FRONT_MATTER = {"title", "emoji", "colorFrom", "colorTo", "sdk", "sdk_versio
                     "description"}
 
 
-@pytest.mark.parametrize("metric", ["ehr_coherence", "ehr_privacy"])
+@pytest.mark.parametrize("metric", ["ehr_coherence", "ehr_privacy", "ehr_utility"])
 def test_metric_folders_carry_what_the_hub_needs(installed, metric):
     """Each evaluate module folder, as installed, is a Hub Space: card front matter, app, requirements."""
     from huggingface_hub.repocard import metadata_load
