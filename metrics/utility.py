@@ -320,8 +320,9 @@ def _ci(values: np.ndarray) -> list[float]:
 
 # ----------------------------------------------------------------------------- tasks
 class _Task:
-    """One binary task: ``rows`` of each design (visit indices into ``F``), labels, and the
-    feature column dropped (phenotype) or None."""
+    """One binary task: its name, group, target category (None for mortality), the target's
+    title, and the feature column removed from every row (phenotype: the target's) or None.
+    ``_rows`` gives its rows and labels in a cohort."""
 
     def __init__(self, name: str, group: str, target: str | None, title: str | None, drop: int | None):
         self.name, self.group, self.target, self.title, self.drop = name, group, target, title, drop
