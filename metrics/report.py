@@ -43,6 +43,11 @@ from their marginals, every row whose cohort has them gains the figures of
 metrics.md a section "Time and outcome", and the plots ``gap_days.png``, ``stay_days.png`` and
 ``mortality_by_category.png``. Without times in the reference, all of it is exactly as without
 the fields.
+Codes may be dotted or dotless: every figure reads them normalised (``normalize`` of the code
+system). Codes outside the system's tables (ICD-9-CM v32, ICD-10-CM FY2021) are scored as given,
+with a warning per cohort that counts them and names the most listed. A cohort with no patient
+is refused (exit code 2; ValueError in Python): there is nothing to score.
+Python: ``evaluate_cohorts(synthetic, real, train=None, out_dir=None, code_system="icd9cm", ...)``.
 
 Utility (train on synthetic, test on real; ``metrics.utility``): with ``--train`` (and unless
 ``--no-utility``; Python: ``utility=False``), the same logistic regressions are fitted on the
@@ -56,11 +61,6 @@ the skipped tasks with their reasons, the settings), metrics.md a section "Utili
 synthetic, test on real)" and the plot ``utility.png`` (per-task AUROC, real-trained vs
 synthetic- and baseline-trained; group means with their intervals). Without them, the report is
 exactly as before.
-Codes may be dotted or dotless: every figure reads them normalised (``normalize`` of the code
-system). Codes outside the system's tables (ICD-9-CM v32, ICD-10-CM FY2021) are scored as given,
-with a warning per cohort that counts them and names the most listed. A cohort with no patient
-is refused (exit code 2; ValueError in Python): there is nothing to score.
-Python: ``evaluate_cohorts(synthetic, real, train=None, out_dir=None, code_system="icd9cm", ...)``.
 """
 
 from __future__ import annotations
@@ -396,8 +396,7 @@ def _fmt(x) -> str:
 def markdown_table(result: dict) -> str:
     """The metrics as one Markdown table per section: synthetic, floor, baseline, real values."""
     rows, meta = result["rows"], result["meta"]
-    better = {"low": "lower", "high": "higher", "0.5": "≈ 0.5", "0": "≈ 0", "real": "≈ real", "": "",
-              "floor": "≈ floor", "1": "≈ 1"}
+    better = {"low": "lower", "high": "higher", "0.5": "≈ 0.5", "0": "≈ 0", "real": "≈ real", "": ""}
     n_reference = meta["n_train"] if meta["reference"] == "train" else meta["n_real"]
     lines = [f"# Evaluation: {meta['n_synthetic']:,} synthetic patients vs {n_reference:,} real "
              f"({meta['reference']}) patients", "",
