@@ -122,6 +122,14 @@ def test_save_load_and_the_values_stay_inside_the_bins(cohort, time_model, tmp_p
         VisitTimeModel.load(tmp_path / "nope.safetensors")
 
 
+def test_a_cohort_without_deaths_gets_none(cohort):
+    """No death in the training cohort (in hospital or later): none is drawn."""
+    alive = [{**p, "hospital_death": False, "death_days": None} for p in cohort[:500]]
+    out, stats = fit_time_model(alive, code_category).sample(codes_only(alive), np.random.default_rng(0),
+                                                             code_category)
+    assert stats["hospital_deaths"] == 0 and all(p["death_days"] is None for p in out)
+
+
 def test_fit_refuses_a_cohort_without_times(cohort):
     with pytest.raises(ValueError, match="needs patients with stay_days"):
         fit_time_model(codes_only(cohort), code_category)

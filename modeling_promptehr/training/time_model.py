@@ -42,21 +42,23 @@ def _csr(rows: BinaryRows) -> sp.csr_matrix:
     return sp.csr_matrix((data, rows.indices, rows.indptr), shape=(len(rows), rows.width))
 
 
-def _fit_head(X: BinaryRows, y: np.ndarray, n_classes: int, C: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """(weight [K, F], bias [K]) of a multinomial logistic regression; K = 1 (the logit of class 1)
-    for a binary head. A class absent from ``y`` gets zero weight and a bias that never draws it;
-    a head whose rows all share one class predicts it."""
+def _fit_head(X: BinaryRows, y: np.ndarray, n_classes: int, C: float, seed: int,
+              binary: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """(weight [K, F], bias [K]) of a multinomial logistic regression over ``n_classes`` classes,
+    or, ``binary``, of a logistic one (K = 1: the logit of class 1). A class absent from ``y``
+    gets zero weight and a bias that never draws it; a head whose rows all share one class
+    predicts it."""
     present = np.unique(y)
     width = X.width
     if len(present) == 1:
-        if n_classes == 2:
+        if binary:
             return np.zeros((1, width), np.float32), np.array([30.0 if present[0] == 1 else -30.0], np.float32)
         bias = np.full(n_classes, ABSENT_CLASS_BIAS, np.float32)
         bias[present[0]] = 0.0
         return np.zeros((n_classes, width), np.float32), bias
     clf = LogisticRegression(C=C, max_iter=300, random_state=seed)
     clf.fit(_csr(X), y)
-    if n_classes == 2:
+    if binary:
         return clf.coef_.astype(np.float32), clf.intercept_.astype(np.float32)
     weight = np.zeros((n_classes, width), np.float32)
     bias = np.full(n_classes, ABSENT_CLASS_BIAS, np.float32)
@@ -122,7 +124,7 @@ def fit_time_model(patients: Sequence[dict], category_of: Callable[[str], str], 
 
     last = start + n_visits - 1
     X_last = feats.rows([V.take(last)], ages, sexes, n_visits - 1)
-    weights["death"], biases["death"] = _fit_head(X_last, died.astype(np.int64), 2, C, seed)
+    weights["death"], biases["death"] = _fit_head(X_last, died.astype(np.int64), 2, C, seed, binary=True)
 
     alive = ~died
     known = alive & ~np.isnan(after)
