@@ -325,7 +325,9 @@ def targets(rows: dict, kind: str = "simulated") -> list[dict]:
         ("exact copies <= floor's", m["exact_copy_rate"] <= m["holdout_exact_copy_rate"],
          f"{m['exact_copy_rate']:.4f} vs {m['holdout_exact_copy_rate']:.4f}"),
     ]
-    if all("stay_days_wasserstein" in r for r in (m, floor, base)):  # issue 17's targets, with times
+    # Time and outcome targets where the cohort's times are drawn to be real-like: the recombined
+    # cohort's are its demo patients' recombined (no deaths), not something to reproduce.
+    if kind != "recombined" and all("stay_days_wasserstein" in r for r in (m, floor, base)):
         for key, label, kind in TIME_COLUMNS:
             if kind == "r2":
                 checks.append((f"{label} >= 0.8", m[key] >= 0.8, m[key]))
@@ -425,7 +427,8 @@ def markdown(result: dict) -> str:
                   f"{closure(rows[k], rows['floor'], rows['baseline'], 'r2_pair_prevalence'):.0%} | "
                   f"{closure(rows[k], rows['floor'], rows['baseline'], 'r2_consecutive_prevalence'):.0%} | "
                   f"{rows[k]['code_js']:.4f} |" for minutes, k in curve]
-    lines += time_section(rows)
+    if result.get("cohort_kind") != "recombined":
+        lines += time_section(rows)
     lines += ["", "## Targets (default model)", "", "| target | met | value |", "|---|---|---|"]
     lines += [f"| {t['target']} | {'yes' if t['met'] else '**MISSED**'} | {fmt(t['value'])} |"
               for t in result["targets"]]
