@@ -82,6 +82,7 @@ TRAINING = {
     "order_hierarchical": ["--code-order", "hierarchical"],
     "visit_types_32": ["--visit-types", "32"],
     "visit_types_128": ["--visit-types", "128"],
+    "visit_types_256": ["--visit-types", "256"],
     # Ablations of the design without visit types (each against no_visit_types).
     "no_visit_types+order_seq_num": ["--visit-types", "0", "--code-order", "seq_num"],
     "no_visit_types+lr_2e-3": ["--visit-types", "0", "--learning-rate", "2e-3"],
@@ -209,15 +210,16 @@ def refresh_prior(name: str, model_dir: Path, flags: list[str], args) -> None:
     before the prior learned to count something, e.g. recurrences, gets those counts)."""
     from promptehr_hf.datasets_scripts.prepare import load_prepared
     from promptehr_hf.modeling_promptehr.generation.prior import CohortPrior
-    from promptehr_hf.modeling_promptehr.training.visit_types import DEFAULT_MIN_VISITS, DEFAULT_TYPES, fit_visit_types
+    from promptehr_hf.modeling_promptehr.training.visit_types import DEFAULT_MIN_VISITS, auto_types, fit_visit_types
     from promptehr_hf.tokenization.tokenization_promptehr import PromptEHRTokenizer
 
     old = CohortPrior.load(model_dir)
     if not old.n_types:
         return  # a model without visit types: its prior counts nothing type-dependent
-    n_asked = int(flags[flags.index("--visit-types") + 1]) if "--visit-types" in flags else DEFAULT_TYPES
     train_split = load_prepared(model_dir.parent / "data")["train"]
     visits = train_split["visits"]
+    n_asked = (int(flags[flags.index("--visit-types") + 1]) if "--visit-types" in flags
+               else auto_types(sum(len(v) for v in visits)))
     mixture = fit_visit_types([v for vs in visits for v in vs], n_asked, min_visits=DEFAULT_MIN_VISITS,
                               seed=args.seed, progress=False)
     prior = CohortPrior.from_patients(train_split, visit_types=mixture.assign_patients(visits),

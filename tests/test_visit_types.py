@@ -14,7 +14,7 @@ from promptehr_hf.modeling_promptehr.generation.prior import CohortPrior
 from promptehr_hf.modeling_promptehr.generation.processors import StageTwoLogitsProcessor, VocabIndex
 from promptehr_hf.modeling_promptehr.modeling_promptehr import PromptEHRForConditionalGeneration
 from promptehr_hf.modeling_promptehr.training.data import PromptEHRDataCollator, build_examples
-from promptehr_hf.modeling_promptehr.training.visit_types import fit_visit_types, type_logit_bias
+from promptehr_hf.modeling_promptehr.training.visit_types import auto_types, fit_visit_types, type_logit_bias
 from promptehr_hf.tokenization.tokenization_promptehr import PromptEHRTokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -224,3 +224,7 @@ def test_type_stage_two_needs_a_typed_model(cohort, tiny_config):
     model = PromptEHRForConditionalGeneration(cfg).eval()
     with pytest.raises(ValueError, match="visit types"):
         generate_patients(model, tok, 5, prior=CohortPrior.from_patients(cohort), stage_two="type", progress=False)
+
+
+def test_auto_types_scale_with_the_training_visits():
+    assert [auto_types(n) for n in (10, 5_000, 12_445, 44_000, 10**6)] == [32, 64, 128, 256, 256]

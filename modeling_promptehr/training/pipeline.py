@@ -61,7 +61,7 @@ from .model_card import model_card, push_to_hub
 from .time_model import fit_time_model
 from .trainer import PromptEHRTrainer
 from .training_args import PromptEHRTrainingArguments
-from .visit_types import DEFAULT_MIN_VISITS, DEFAULT_TYPES, fit_visit_types, type_logit_bias
+from .visit_types import DEFAULT_MIN_VISITS, auto_types, fit_visit_types, type_logit_bias
 
 DEFAULT_PATIENTS = 20_000
 DEFAULT_MAX_MINUTES = 9.0  # training budget: leaves room for data, generation and evaluation in 15 min
@@ -91,9 +91,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     out.add_argument("--hub-private", action="store_true", help="create the hub repository as private")
     model = p.add_argument_group("model")
     model.add_argument("--preset", default="small", choices=("small", "base"))
-    model.add_argument("--visit-types", type=int, default=DEFAULT_TYPES,
+    model.add_argument("--visit-types", type=int, default=None,
                        help="visit types the model is conditioned on (a Bernoulli mixture of the training visits; "
-                            "0: none)")
+                            "0: none; default: about one per 100 training visits, a power of two in [32, 256])")
     model.add_argument("--visit-type-min-visits", type=int, default=DEFAULT_MIN_VISITS,
                        help="a visit type must hold at least this many training visits")
     model.add_argument("--config-overrides", default=None,
@@ -243,13 +243,15 @@ def train(args: argparse.Namespace) -> dict:
                                                  code_system=code_system)
     counts = category_cooccurrence(train_split, tokenizer_categories(tokenizer)[0], code_system=code_system)
     types = {}
-    if args.visit_types > 0:
-        mixture = fit_visit_types([v for visits in train_split["visits"] for v in visits], args.visit_types,
+    train_visits = [v for visits in train_split["visits"] for v in visits]
+    n_types = auto_types(len(train_visits)) if args.visit_types is None else args.visit_types
+    if n_types > 0:
+        mixture = fit_visit_types(train_visits, n_types,
                                   min_visits=args.visit_type_min_visits, seed=args.seed)
         types = {name: mixture.assign_patients(split["visits"])
                  for name, split in (("train", train_split), ("validation", val_split))}
         logger.info("%d visit types (of %d asked; at least %d training visits each)", mixture.n_types,
-                    args.visit_types, args.visit_type_min_visits)
+                    n_types, args.visit_type_min_visits)
         prior = CohortPrior.from_patients(train_split, visit_types=types["train"], n_types=mixture.n_types,
                                           category=tokenizer.category_of)
         type_config = {"cat_cardinalities": [2, mixture.n_types], "visit_type_feature_index": 1}
@@ -323,6 +325,7 @@ def train(args: argparse.Namespace) -> dict:
         "global_step": trainer.state.global_step,
         "train_patients": len(train_split),
         "train_examples": len(train_examples),
+        "visit_types": {"asked": n_types, "fitted": type_config.get("cat_cardinalities", [0, 0])[1]},
         "parameters": model.num_parameters(),
         "train_minutes": train_minutes,
         "train_loss": result.training_loss,

@@ -28,7 +28,9 @@ import numpy as np
 import scipy.sparse as sp
 from tqdm.auto import tqdm
 
-DEFAULT_TYPES = 256
+DEFAULT_TYPES = 256  # the most types auto_types gives
+MIN_AUTO_TYPES = 32
+VISITS_PER_TYPE = 100  # auto_types: about this many training visits per type
 DEFAULT_MIN_VISITS = 20
 DEFAULT_ITERATIONS = 40
 THETA_FLOOR = 1e-4  # P(code | type) is kept in [floor, 1 - floor]: no log(0)
@@ -111,6 +113,15 @@ def visit_matrix(visits: Sequence[Sequence[str]], index: dict[str, int]) -> sp.c
     return X
 
 
+def auto_types(n_visits: int) -> int:
+    """The number of visit types for a cohort of ``n_visits`` training visits: the power of two
+    nearest to n_visits / 100, within [32, 256]. Types are averages over their visits: on a small
+    cohort, many types would each hold few visits, and the model conditioned on them overfits
+    them as it trains longer."""
+    nearest = 2 ** int(np.round(np.log2(max(n_visits, 1) / VISITS_PER_TYPE)))
+    return int(min(max(nearest, MIN_AUTO_TYPES), DEFAULT_TYPES))
+
+
 def fit_visit_types(visits: Sequence[Sequence[str]], n_types: int = DEFAULT_TYPES, *,
                     min_visits: int = DEFAULT_MIN_VISITS, iterations: int = DEFAULT_ITERATIONS, seed: int = 0,
                     progress: bool = True) -> VisitTypes:
@@ -149,4 +160,5 @@ def fit_visit_types(visits: Sequence[Sequence[str]], n_types: int = DEFAULT_TYPE
     return model
 
 
-__all__ = ["DEFAULT_MIN_VISITS", "DEFAULT_TYPES", "VisitTypes", "fit_visit_types", "type_logit_bias", "visit_matrix"]
+__all__ = ["DEFAULT_MIN_VISITS", "DEFAULT_TYPES", "VisitTypes", "auto_types", "fit_visit_types", "type_logit_bias",
+           "visit_matrix"]
