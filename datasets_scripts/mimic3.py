@@ -425,6 +425,24 @@ def read_times(adm: pd.DataFrame, has_code: np.ndarray, expire: np.ndarray | Non
 # --------------------------------------------------------------------------- the reader
 
 
+def _read_admissions(path: Path) -> tuple[pd.DataFrame, int, list[str]]:
+    """The ADMISSIONS table (MIMIC-III's or MIMIC-IV's: the same columns, in any case) with parsed ids,
+    admittime, dischtime, deathtime and ``expire`` (hospital_expire_flag, False when absent):
+    (table, rows read, the optional time columns the file lacks)."""
+    adm = _read_table(path, "ADMISSIONS", ["subject_id", "hadm_id", "admittime"], optional=ADMISSION_TIME_COLUMNS)
+    rows_read = len(adm)
+    adm["subject_id"] = _int_column(adm, "subject_id", path)
+    adm["hadm_id"] = _int_column(adm, "hadm_id", path)
+    _unique_key(adm["hadm_id"], "hadm_id", path)
+    adm["admittime"] = _date_column(adm, "admittime", path)
+    absent = [c for c in ADMISSION_TIME_COLUMNS if c not in adm.columns]
+    expire = _flag_column(adm, "hospital_expire_flag", path)
+    adm["expire"] = False if expire is None else expire
+    for col in ("dischtime", "deathtime"):
+        adm[col] = _optional_date_column(adm, col, path)
+    return adm, rows_read, absent
+
+
 def read_mimic3(mimic_dir: str | os.PathLike) -> tuple[list[dict], dict]:
     """Read a MIMIC-III folder into patients (the schema of `schema.PATIENT_FEATURES`) and a summary.
 
@@ -501,17 +519,7 @@ def read_mimic3(mimic_dir: str | os.PathLike) -> tuple[list[dict], dict]:
     keep = np.flatnonzero(~empty & ~invalid)  # data rows still in play, in file order
 
     path_a = files["ADMISSIONS"]
-    adm = _read_table(path_a, "ADMISSIONS", ["subject_id", "hadm_id", "admittime"], optional=ADMISSION_TIME_COLUMNS)
-    adm_rows_read = len(adm)
-    adm["subject_id"] = _int_column(adm, "subject_id", path_a)
-    adm["hadm_id"] = _int_column(adm, "hadm_id", path_a)
-    _unique_key(adm["hadm_id"], "hadm_id", path_a)
-    adm["admittime"] = _date_column(adm, "admittime", path_a)
-    absent = [c for c in ADMISSION_TIME_COLUMNS if c not in adm.columns]
-    expire = _flag_column(adm, "hospital_expire_flag", path_a)
-    adm["expire"] = False if expire is None else expire
-    for col in ("dischtime", "deathtime"):
-        adm[col] = _optional_date_column(adm, col, path_a)
+    adm, adm_rows_read, absent = _read_admissions(path_a)
 
     path_p = files["PATIENTS"]
     pat = _read_table(path_p, "PATIENTS", ["subject_id", "gender", "dob"], optional=("dod", "expire_flag"))
@@ -567,8 +575,8 @@ def read_mimic3(mimic_dir: str | os.PathLike) -> tuple[list[dict], dict]:
     quirks.update(dict.fromkeys(TIME_QUIRKS, 0))
     outcomes = None
     if times:
-        adm, outcomes = read_times(adm, has_code, None if expire is None else adm["expire"].to_numpy(), pat,
-                                   expire_flag, quirks, deathtimes="deathtime" not in absent,
+        flags = None if "hospital_expire_flag" in absent else adm["expire"].to_numpy()
+        adm, outcomes = read_times(adm, has_code, flags, pat, expire_flag, quirks, deathtimes="deathtime" not in absent,
                                    dods="dod" not in absent_p)
     patients = _assemble(pos, code_names[code], adm, pat, outcomes)
     missing_cols = {t: cols for t, cols in (("ADMISSIONS", absent), ("PATIENTS", absent_p)) if cols}

@@ -54,16 +54,14 @@ from promptehr_hf.datasets_scripts import icd9, icd10
 from promptehr_hf.datasets_scripts.mimic3 import (
     _QUIRK_TEXT,
     _TIME_QUIRK_TEXT,
-    ADMISSION_TIME_COLUMNS,
     N_EXAMPLES,
     TIME_QUIRKS,
     _assemble,
     _bad,
-    _date_column,
-    _flag_column,
     _int_column,
     _optional_date_column,
     _quirk_messages,
+    _read_admissions,
     _read_table,
     _time_messages,
     _unique_key,
@@ -144,17 +142,7 @@ def read_mimic4(mimic_dir: str | os.PathLike, *, icd9_rows: str = "map") -> tupl
     pat["sex"] = sex
 
     path_a = files["ADMISSIONS"]
-    adm = _read_table(path_a, "ADMISSIONS", ["subject_id", "hadm_id", "admittime"], optional=ADMISSION_TIME_COLUMNS)
-    adm_rows_read = len(adm)
-    adm["subject_id"] = _int_column(adm, "subject_id", path_a)
-    adm["hadm_id"] = _int_column(adm, "hadm_id", path_a)
-    _unique_key(adm["hadm_id"], "hadm_id", path_a)
-    adm["admittime"] = _date_column(adm, "admittime", path_a)
-    absent = [c for c in ADMISSION_TIME_COLUMNS if c not in adm.columns]
-    expire = _flag_column(adm, "hospital_expire_flag", path_a)
-    adm["expire"] = False if expire is None else expire
-    for col in ("dischtime", "deathtime"):
-        adm[col] = _optional_date_column(adm, col, path_a)
+    adm, adm_rows_read, absent = _read_admissions(path_a)
 
     path_d = files["DIAGNOSES_ICD"]
     diag = _read_table(path_d, "DIAGNOSES_ICD", ["hadm_id", "seq_num", "icd_code", "icd_version"],
@@ -236,8 +224,9 @@ def read_mimic4(mimic_dir: str | os.PathLike, *, icd9_rows: str = "map") -> tupl
     times = "dischtime" not in absent
     outcomes = None
     if times:
-        adm, outcomes = read_times(adm, has_code, None if expire is None else adm["expire"].to_numpy(), pat, None,
-                                   quirks, deathtimes="deathtime" not in absent, dods=not absent_p)
+        flags = None if "hospital_expire_flag" in absent else adm["expire"].to_numpy()
+        adm, outcomes = read_times(adm, has_code, flags, pat, None, quirks, deathtimes="deathtime" not in absent,
+                                   dods=not absent_p)
     patients = _assemble(pos, table.names[code], adm, pat, outcomes)
     missing_cols = {t: cols for t, cols in (("ADMISSIONS", absent), ("PATIENTS", absent_p)) if cols}
     distinct = table.names[np.unique(code)]
