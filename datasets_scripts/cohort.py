@@ -24,7 +24,6 @@ copies of the patients' rows.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -39,6 +38,7 @@ from promptehr_hf.datasets_scripts.meds_io import ICD_VERSIONS, read_meds, read_
 from promptehr_hf.datasets_scripts.mimic3 import (
     _read_csv,
     combine_fingerprints,
+    file_fingerprint,
     file_fingerprints,
     find_tables,
     read_mimic3,
@@ -81,16 +81,8 @@ def input_fingerprints(source_dir: str | os.PathLike) -> dict[str, dict]:
     folder = Path(source_dir)
     if folder_format(folder) != "meds":
         return file_fingerprints(folder)
-    out = {}
-    for path in _meds_files(folder):
-        name = path.relative_to(folder).as_posix()
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            st = os.fstat(f.fileno())
-            while block := f.read(1 << 20):
-                h.update(block)
-        out[name] = {"file": name, "size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": h.hexdigest()}
-    return out
+    prints = [file_fingerprint(path, folder) for path in _meds_files(folder)]
+    return {fp["file"]: fp for fp in prints}
 
 
 # --------------------------------------------------------------------------- splits

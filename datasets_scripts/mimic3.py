@@ -141,16 +141,18 @@ def file_fingerprints(mimic_dir: str | os.PathLike) -> dict[str, dict]:
     SHA-256 is of the file's bytes as stored (gzip included), read in 1 MiB blocks; a row edited
     in place shows in it even when the size and modification time are unchanged.
     """
-    out = {}
-    for table, path in find_tables(mimic_dir).items():
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            st = os.fstat(f.fileno())
-            while block := f.read(1 << 20):
-                h.update(block)
-        out[table] = {"file": path.relative_to(mimic_dir).as_posix(), "size": st.st_size,
-                      "mtime_ns": st.st_mtime_ns, "sha256": h.hexdigest()}
-    return out
+    return {table: file_fingerprint(path, mimic_dir) for table, path in find_tables(mimic_dir).items()}
+
+
+def file_fingerprint(path: Path, root: str | os.PathLike) -> dict:
+    """{"file": path relative to `root`, "size", "mtime_ns", "sha256"} of one file, read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        st = os.fstat(f.fileno())
+        while block := f.read(1 << 20):
+            h.update(block)
+    return {"file": Path(path).relative_to(root).as_posix(), "size": st.st_size, "mtime_ns": st.st_mtime_ns,
+            "sha256": h.hexdigest()}
 
 
 def combine_fingerprints(files: dict[str, dict]) -> str:

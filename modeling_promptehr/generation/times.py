@@ -109,7 +109,9 @@ class VisitFeatures:
 
     def visits(self, visits: Sequence[Sequence[str]]) -> BinaryRows:
         """The categories of each visit (one row per visit)."""
-        cols = [sorted({self.column.get(self.category_of(code)) for code in visit} - {None}) for visit in visits]
+        # One category lookup per distinct code, not per code of every visit.
+        column = {code: self.column.get(self.category_of(code)) for code in {c for v in visits for c in v}}
+        cols = [sorted({column[code] for code in visit} - {None}) for visit in visits]
         lengths = np.fromiter(map(len, cols), dtype=np.int64, count=len(cols))
         flat = np.fromiter((c for row in cols for c in row), dtype=np.int64, count=int(lengths.sum()))
         return BinaryRows(np.r_[0, np.cumsum(lengths)], flat, len(self.categories))
