@@ -137,5 +137,5 @@ def test_generation_brings_the_previous_visit_back(chronic_cohort, tiny_config):
     assert stats_on["ungrammatical_visits"] == 0 and stats_on["visits_with_duplicate_code"] == 0
     real, with_rec, without = _repeat_rate(chronic_cohort), _repeat_rate(on), _repeat_rate(off)
     assert real == pytest.approx(0.6, abs=0.05)  # the 2 chronic codes, and 2 x 2/10 acute ones by chance
-    print(real, with_rec, without)
-    assert without < 0.3 and with_rec > without + 0.1, (real, with_rec, without)
+    # without the weights, repeats are near chance (a code drawn anew: about 1 in 4 inside its category)
+    assert without < 0.35 and with_rec > without + 0.2, (real, with_rec, without)

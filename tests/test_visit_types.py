@@ -94,7 +94,7 @@ def test_prior_type_chain_follows_the_training_transitions(cohort, mixture):
         kinds = [int(t) in sepsis_types for t in d]
         assert kinds[0] != kinds[1] and kinds[1] != kinds[2]
     # visit lengths given the type stay within the type's training lengths
-    lengths = prior.sample_codes_per_visit_by_type(np.concatenate(drawn), rng)
+    lengths = prior.sample_codes_per_visit_by_type(np.concatenate(drawn), np.tile(np.arange(3), 500), rng)
     assert lengths.min() >= 1 and lengths.max() <= 6
     # the table survives a save / load round trip
     reloaded = CohortPrior(prior.table)
@@ -228,3 +228,37 @@ def test_type_stage_two_needs_a_typed_model(cohort, tiny_config):
 
 def test_auto_types_scale_with_the_training_visits():
     assert [auto_types(n) for n in (10, 5_000, 12_445, 44_000, 10**6)] == [32, 64, 128, 256, 256]
+
+
+def _one_type_cohort():
+    """One visit type; returning patients' first visits are of a second type, and every type's later
+    visits are longer than its first ones (as chronic patients' are)."""
+    patients, types = [], []
+    for i in range(300):
+        n = 1 + i % 3  # 1, 2 or 3 visits
+        first_type = 0 if n == 1 else 1
+        visits = [["4019"] * 1 if n == 1 else ["25000", "4019"]] + [["25000", "4019", "5849", "2724"]] * (n - 1)
+        patients.append({"subject_id": i, "age": 60.0, "sex": "F", "visits": [list(dict.fromkeys(v)) for v in visits]})
+        types.append([first_type] + [1] * (n - 1))
+    return patients, types
+
+
+def test_prior_draws_first_types_given_visit_count_and_lengths_given_index():
+    patients, types = _one_type_cohort()
+    prior = CohortPrior.from_patients(patients, visit_types=types, n_types=2)
+    rng = np.random.default_rng(0)
+    n_visits = np.tile([1, 2, 3], 400)
+    drawn = prior.sample_visit_types(np.full(len(n_visits), 60.0), n_visits, rng)
+    first = np.array([d[0] for d in drawn])
+    # single-visit patients start in type 0, returning ones in type 1: as in training
+    assert (first[n_visits == 1] == 0).all() and (first[n_visits > 1] == 1).all()
+    flat = np.concatenate(drawn)
+    index = np.concatenate([np.arange(k) for k in n_visits])
+    lengths = prior.sample_codes_per_visit_by_type(flat, index, rng)
+    # type 1 holds 2 codes at a first visit and 4 at a later one
+    assert (lengths[(flat == 1) & (index == 0)] == 2).all() and (lengths[index > 0] == 4).all()
+    # a prior counted before these tables existed falls back to the band and the type alone
+    old = {**prior.table, "visit_types": {k: v for k, v in prior.table["visit_types"].items()
+                                          if k not in ("first_by_visits", "codes_per_visit_by_index")}}
+    again = CohortPrior(old).sample_visit_types(np.full(3000, 60.0), np.full(3000, 1), rng)
+    assert 0 < np.mean([d[0] == 1 for d in again]) < 1

@@ -576,11 +576,12 @@ def _recurrence_rows(tokenizer, index: VocabIndex, previous: list[list[str]], co
 
 def _draw_types(plan: _Plan, prior: CohortPrior, rng, retime: bool) -> None:
     """Give every visit of ``plan`` a visit type from the prior's chain (first visit given the age
-    band, then given the previous type); with ``retime``, draw the visit lengths given the types
-    instead (a type's visits have their own lengths)."""
+    band and the number of visits, then given the previous type); with ``retime``, draw the visit
+    lengths given the types and visit indices instead (a type's visits have their own lengths)."""
     plan.types = prior.sample_visit_types(plan.ages, plan.n_visits, rng)
     if retime and plan.lengths is not None:
-        flat = prior.sample_codes_per_visit_by_type(np.concatenate(plan.types), rng)
+        index = np.concatenate([np.arange(k) for k in plan.n_visits])
+        flat = prior.sample_codes_per_visit_by_type(np.concatenate(plan.types), index, rng)
         plan.lengths = np.split(flat, np.cumsum(plan.n_visits)[:-1])
 
 

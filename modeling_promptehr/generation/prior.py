@@ -29,6 +29,7 @@ AGE_BAND_EDGES = (0.0, 1.0, 18.0, 45.0, 65.0, 80.0)
 RECURRENCE_SMOOTHING = 1.0
 RATE_FLOOR = 1e-4
 VISIT_INDEX_CAP = 3  # visit lengths are conditioned on visit index 0, 1, 2, and 3+
+VISIT_COUNT_CAP = 3  # the first visit's type is conditioned on the patient having 1, 2, or 3+ visits
 AGE_RESOLUTION = 0.1  # ages are stored floored to 0.1 year (an aggregate, not per-patient ages)
 
 
@@ -60,13 +61,18 @@ class CohortPrior:
     - demographics: the joint distribution of (age floored to 0.1 year, sex);
     - visits per patient given the age band;
     - codes per visit given the age band and the visit index (capped at ``visit_index_cap``);
-    - with visit types (a model conditioned on them): the first visit's type given the age band,
-      a later visit's type given the previous visit's type, codes per visit given the type, and
-      how many visits of each type hold each code (stage two given the type), and how often a
-      category or code of one visit recurs in the next (:meth:`recurrence_log_lift`).
+    - with visit types (a model conditioned on them): the first visit's type given the age band
+      and the number of visits (1, 2, ``VISIT_COUNT_CAP`` or more), a later visit's type given the
+      previous visit's type, codes per visit given the type and the visit index (capped at
+      ``visit_index_cap``), how many visits of each type hold each code (stage two given the
+      type), and how often a category or code of one visit recurs in the next
+      (:meth:`recurrence_log_lift`). Patients who come back differ from those who do not in their
+      first visit, and a type's later visits are longer than its first ones: drawing the first
+      type without the visit count, or lengths without the index, shortens later visits.
 
     Empty cells back off to the pooled distribution (over bands, then over visit indices; over
-    first visits, resp. later visits, for the types).
+    first visits, resp. later visits, for the types; to the age band alone for a first type, to the
+    type alone for a length).
     Saved as ``cohort_prior.json`` beside the checkpoint (:meth:`save` / :meth:`load`).
     """
 
@@ -115,6 +121,13 @@ class CohortPrior:
             self._next_type = [after.get(m, after_pooled) for m in range(self.n_types)]
             by_type = cells(vt["codes_per_visit"])
             self._codes_by_type = [by_type.get(m, self._codes_pooled) for m in range(self.n_types)]
+            # Tables counted before these two existed: the first type by band alone, lengths by type alone.
+            self._first_type_by_visits = {
+                (int(b), int(k)): _Empirical({int(t): c for t, c in cell.items()})
+                for b, group in vt.get("first_by_visits", {}).items() for k, cell in group.items() if cell}
+            self._codes_by_type_index = {
+                (int(m), int(i)): _Empirical({int(n): c for n, c in cell.items()})
+                for m, group in vt.get("codes_per_visit_by_index", {}).items() for i, cell in group.items() if cell}
             # visits of each type holding each code: {type: {code: n}}
             self.type_code_counts = {int(m): dict(c) for m, c in vt.get("code_counts", {}).items()}
             rec = vt.get("recurrence", {})
@@ -172,7 +185,7 @@ class CohortPrior:
             },
         }
         if visit_types is not None:
-            table["visit_types"] = _type_counts(visits, visit_types, n_types, bands, lengths)
+            table["visit_types"] = _type_counts(visits, visit_types, n_types, bands, lengths, visit_index)
             if category is not None:
                 table["visit_types"]["recurrence"] = _recurrence_counts(visits, visit_types, table["visit_types"],
                                                                         category)
@@ -240,20 +253,25 @@ class CohortPrior:
         return out
 
     def sample_visit_types(self, ages, n_visits, rng: np.random.Generator) -> list[np.ndarray]:
-        """The type of every visit of each patient: the first given the age band, each later one
-        given the previous type (a Markov chain); ``ages`` and ``n_visits`` are [n]."""
+        """The type of every visit of each patient: the first given the age band and the number of
+        visits, each later one given the previous type (a Markov chain); ``ages`` and ``n_visits``
+        are [n]."""
         if not self.n_types:
             raise ValueError("this cohort prior has no visit types (the model is not conditioned on them)")
         bands = self.age_band(ages)
         n_visits = np.asarray(n_visits, dtype=np.int64)
+        count = np.minimum(n_visits, VISIT_COUNT_CAP)
         out = np.zeros((len(bands), int(n_visits.max(initial=0))), dtype=np.int64)
-        for t in range(out.shape[1]):
+        first = np.nonzero(n_visits > 0)[0]
+        for b, k in sorted(set(zip(bands[first].tolist(), count[first].tolist()))):
+            sel = first[(bands[first] == b) & (count[first] == k)]
+            out[sel, 0] = self._first_type_by_visits.get((b, k), self._first_type[b]).sample(rng, len(sel))
+        for t in range(1, out.shape[1]):
             rows = np.nonzero(n_visits > t)[0]
-            keys = bands[rows] if t == 0 else out[rows, t - 1]
-            cells = self._first_type if t == 0 else self._next_type
+            keys = out[rows, t - 1]
             for k in np.unique(keys):
                 sel = rows[keys == k]
-                out[sel, t] = cells[int(k)].sample(rng, len(sel))
+                out[sel, t] = self._next_type[int(k)].sample(rng, len(sel))
         return [out[i, :k] for i, k in enumerate(n_visits)]
 
     def recurrence_log_lift(self, kind: str, smoothing: float = RECURRENCE_SMOOTHING) -> dict[str, float]:
@@ -276,13 +294,14 @@ class CohortPrior:
             out[key] = float(np.log(target * (1 - p) / (p * (1 - target))))
         return out
 
-    def sample_codes_per_visit_by_type(self, types, rng: np.random.Generator) -> np.ndarray:
-        """Codes per visit given each visit's type ([m] int) -> [m] int."""
+    def sample_codes_per_visit_by_type(self, types, visit_index, rng: np.random.Generator) -> np.ndarray:
+        """Codes per visit given each visit's type and index in its patient (both [m] int) -> [m] int."""
         types = np.asarray(types, dtype=np.int64)
+        idx = np.minimum(np.asarray(visit_index, dtype=np.int64), self.visit_index_cap)
         out = np.zeros(len(types), dtype=np.int64)
-        for m in np.unique(types):
-            rows = np.nonzero(types == m)[0]
-            out[rows] = self._codes_by_type[int(m)].sample(rng, len(rows))
+        for m, i in sorted(set(zip(types.tolist(), idx.tolist()))):
+            rows = np.nonzero((types == m) & (idx == i))[0]
+            out[rows] = self._codes_by_type_index.get((m, i), self._codes_by_type[m]).sample(rng, len(rows))
         return out
 
     def summary(self) -> dict:
@@ -302,7 +321,8 @@ def _merge(cells: Iterable[dict]) -> dict[int, int]:
     return out
 
 
-def _type_counts(visits, visit_types, n_types, bands: np.ndarray, lengths: np.ndarray) -> dict:
+def _type_counts(visits, visit_types, n_types, bands: np.ndarray, lengths: np.ndarray,
+                 visit_index: np.ndarray) -> dict:
     """The type tables of :meth:`CohortPrior.from_patients` (JSON-ready counts)."""
     if n_types is None or int(n_types) < 1:
         raise ValueError("CohortPrior.from_patients: visit_types needs n_types >= 1")
@@ -319,13 +339,18 @@ def _type_counts(visits, visit_types, n_types, bands: np.ndarray, lengths: np.nd
             for code in set(visit):
                 cell[code] = cell.get(code, 0) + 1
     first = np.array([t[0] for t in types], dtype=np.int64)
+    count = np.minimum([len(t) for t in types], VISIT_COUNT_CAP)
     prev = np.concatenate([t[:-1] for t in types]) if types else np.zeros(0, np.int64)
     nxt = np.concatenate([t[1:] for t in types]) if types else np.zeros(0, np.int64)
     return {
         "n_types": int(n_types),
         "first": {str(b): _counts(first[bands == b]) for b in np.unique(bands)},
+        "first_by_visits": {str(b): {str(k): _counts(first[(bands == b) & (count == k)])
+                                     for k in np.unique(count[bands == b])} for b in np.unique(bands)},
         "transition": {str(m): _counts(nxt[prev == m]) for m in np.unique(prev)},
         "codes_per_visit": {str(m): _counts(lengths[flat == m]) for m in np.unique(flat)},
+        "codes_per_visit_by_index": {str(m): {str(i): _counts(lengths[(flat == m) & (visit_index == i)])
+                                              for i in np.unique(visit_index[flat == m])} for m in np.unique(flat)},
         "code_counts": {m: dict(sorted(code_counts[m].items())) for m in sorted(code_counts, key=int)},
     }
 
