@@ -113,6 +113,8 @@ def violations(codes: Sequence[str], ages, sexes, bits: Mapping[str, int], range
     for k in reversed(range(len(EDITS))):
         edit = EDITS[k]
         has = (has_bits >> k) & 1 == 1
+        if not has.any():  # also: a system without age edits (procedures) has no range for them
+            continue
         if edit in SEX_CONFLICT:
             broken = is_m if SEX_CONFLICT[edit] == "M" else is_f
         else:

@@ -44,7 +44,7 @@ from promptehr_hf.datasets_scripts.mimic3 import (
     read_mimic3,
 )
 from promptehr_hf.datasets_scripts.mimic4 import ICD9_ROWS, read_mimic4
-from promptehr_hf.datasets_scripts.schema import PATIENT_FEATURES
+from promptehr_hf.datasets_scripts.schema import PATIENT_FEATURES, with_modalities
 
 SPLITS = ("train", "validation", "test")
 FORMATS = ("mimic3", "mimic4", "meds")
@@ -75,7 +75,8 @@ def _meds_files(folder: Path) -> list[Path]:
 def input_fingerprints(source_dir: str | os.PathLike) -> dict[str, dict]:
     """The input files of `source_dir` -> {"file", "size", "mtime_ns", "sha256"} (`mimic3.file_fingerprints`).
 
-    MIMIC folders: their three tables, keyed by table name. MEDS folders: every file under `data/`
+    MIMIC folders: their three tables and the optional PROCEDURES_ICD / PRESCRIPTIONS, keyed by
+    table name. MEDS folders: every file under `data/`
     and `metadata/`, keyed by its path relative to the folder. Raises Mimic3Error for a folder
     that is none of the formats."""
     folder = Path(source_dir)
@@ -171,8 +172,8 @@ class CohortBuilder(datasets.GeneratorBasedBuilder):
 
     BUILDER_CONFIG_CLASS = CohortConfig
     # 1.1: MIMIC-IV folders; 1.2: MEDS folders; 1.3: the time fields (stay_days, gap_days,
-    # hospital_death, death_days) and their quirks
-    VERSION = datasets.Version("1.3.0")
+    # hospital_death, death_days) and their quirks; 1.4: procedures and medications
+    VERSION = datasets.Version("1.4.0")
 
     def __init__(self, *args, hash: str | None = None, **kwargs):
         if not kwargs.get("source_dir"):
@@ -197,7 +198,8 @@ class CohortBuilder(datasets.GeneratorBasedBuilder):
     def _info(self) -> datasets.DatasetInfo:
         return datasets.DatasetInfo(
             description="Patients of a MIMIC-III (ICD-9-CM), MIMIC-IV (ICD-10-CM) or MEDS folder: age, sex, the "
-                        "diagnosis codes of each admission, stays, gaps and deaths.",
+                        "diagnosis codes of each admission (and its procedures and medications when the folder "
+                        "has them), stays, gaps and deaths.",
             features=PATIENT_FEATURES,
         )
 
@@ -229,7 +231,7 @@ class CohortBuilder(datasets.GeneratorBasedBuilder):
 
     def _generate_examples(self, split: str):
         for p in self._splits[split]:
-            yield p["subject_id"], p
+            yield p["subject_id"], with_modalities(p)
 
     @property
     def summary(self) -> dict:

@@ -73,7 +73,16 @@ import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 from datasets import Dataset
 
-from promptehr_hf.datasets_scripts.schema import AGE_CAP, PATIENT_FEATURES, SEXES, TIME_FIELDS, with_times
+from promptehr_hf.datasets_scripts.medications import SEPARATOR, UNKNOWN
+from promptehr_hf.datasets_scripts.schema import (
+    AGE_CAP,
+    MODALITY_FIELDS,
+    PATIENT_FEATURES,
+    SEXES,
+    TIME_FIELDS,
+    with_times,
+    without_null_modalities,
+)
 from promptehr_hf.file_utils import atomic_write, atomic_write_all
 
 DAYS_PER_YEAR = 365.25
@@ -84,25 +93,26 @@ FIRST_HADM_ID = 100000
 
 def patients_to_dataset(patients: Sequence[dict]) -> Dataset:
     """list of patient dicts -> `datasets.Dataset` with PATIENT_FEATURES (n_patients rows); a dict
-    without the time fields (`schema.TIME_FIELDS`) gets them null."""
+    without the time fields (`schema.TIME_FIELDS`) or the modality fields (`schema.MODALITY_FIELDS`)
+    gets them null."""
     return Dataset.from_dict(
         {
             "subject_id": [int(p["subject_id"]) for p in patients],
             "age": [float(p["age"]) for p in patients],
             "sex": [p["sex"] for p in patients],
             "visits": [p["visits"] for p in patients],
-            **{name: [p.get(name) for p in patients] for name in TIME_FIELDS},
+            **{name: [p.get(name) for p in patients] for name in (*TIME_FIELDS, *MODALITY_FIELDS)},
         },
         features=PATIENT_FEATURES,
     )
 
 
 def with_time_columns(table: pa.Table) -> pa.Table:
-    """An Arrow table of patients (e.g. a Parquet file written before the time fields existed) with
-    PATIENT_FEATURES' columns in order, a missing time column added as nulls. Other columns are
-    dropped."""
+    """An Arrow table of patients (e.g. a Parquet file written before the time or modality fields
+    existed) with PATIENT_FEATURES' columns in order, a missing time or modality column added as
+    nulls. Other columns are dropped."""
     schema = PATIENT_FEATURES.arrow_schema
-    for name in TIME_FIELDS:
+    for name in (*TIME_FIELDS, *MODALITY_FIELDS):
         if name not in table.column_names:
             table = table.append_column(name, pa.nulls(table.num_rows, schema.field(name).type))
     return table.select(list(PATIENT_FEATURES))
@@ -110,12 +120,14 @@ def with_time_columns(table: pa.Table) -> pa.Table:
 
 def dataset_to_patients(ds: Dataset) -> list[dict]:
     """`datasets.Dataset` with PATIENT_FEATURES -> list of patient dicts (age as a Python float); a
-    dataset without the time columns gives them as None."""
-    return [with_times(p) for p in ds.select_columns([c for c in PATIENT_FEATURES if c in ds.column_names]).to_list()]
+    dataset without the time columns gives them as None; a null procedures or medications value is
+    left out of the dict, as the readers give a cohort without that table."""
+    rows = ds.select_columns([c for c in PATIENT_FEATURES if c in ds.column_names]).to_list()
+    return [without_null_modalities(with_times(p)) for p in rows]
 
 
 def _patients_table(patients: Sequence[dict] | Dataset) -> pa.Table:
-    """Patients -> one Arrow table with PATIENT_FEATURES' columns (time columns null where absent)."""
+    """Patients -> one Arrow table with PATIENT_FEATURES' columns (time and modality columns null where absent)."""
     if not isinstance(patients, Dataset):
         patients = patients_to_dataset(patients)
     present = [c for c in PATIENT_FEATURES if c in patients.column_names]
@@ -156,7 +168,8 @@ class Timeline:
     ``dod_day`` (days since 1970 of the date of death written as DOD / dod; 0 where none). Per
     visit [v_total]: ``patient`` (row in the patient arrays), ``admit``, ``disch``, ``hadm``,
     ``n_codes``. Per diagnosis row [d_total]: ``codes`` (Arrow strings, visit order),
-    ``seq_num`` (1..n within its visit).
+    ``seq_num`` (1..n within its visit). ``procedures`` / ``medications``: the cohort's
+    :class:`Modality` of that name, None when no patient has it.
     """
 
     subject: np.ndarray
@@ -175,14 +188,61 @@ class Timeline:
     has_death: np.ndarray
     death: np.ndarray
     dod_day: np.ndarray
+    procedures: Modality | None = None
+    medications: Modality | None = None
+
+
+@dataclass(frozen=True)
+class Modality:
+    """One per-visit code list field of a cohort, column-wise: ``n_codes`` [v_total] codes per
+    visit (0 for every visit of a patient whose field is null), ``codes`` (Arrow strings, visit
+    order), ``seq_num`` (1..n within its visit)."""
+
+    n_codes: np.ndarray
+    codes: pa.Array
+    seq_num: np.ndarray
+
+
+def _seq_num(n_codes: np.ndarray) -> np.ndarray:
+    """1..n within each visit of [v] counts."""
+    first = np.r_[0, np.cumsum(n_codes)[:-1]].astype(np.int64)
+    return np.arange(int(n_codes.sum())) - np.repeat(first, n_codes) + 1
+
+
+def _modality(t: pa.Table, name: str, subject: np.ndarray, n_visits: np.ndarray, writer: str) -> Modality | None:
+    """The cohort's `name` field (procedures or medications) column-wise; None when every patient's
+    is null. ValueError, naming the subject_id, for a list whose length is not the number of
+    visits, or a null or empty code."""
+    col = t[name].combine_chunks() if t.num_rows else pa.nulls(0, pa.list_(pa.list_(pa.string())))
+    own = col.is_valid().to_numpy(zero_copy_only=False)
+    if not own.any():
+        return None
+    length = pc.fill_null(pc.list_value_length(col), 0).to_numpy(zero_copy_only=False)
+    bad = own & (length != n_visits)
+    if bad.any():
+        raise ValueError(f"{writer}: subject_id {subject[bad][0]} has {int(length[bad][0])} {name} lists for "
+                         f"{int(n_visits[bad][0])} visits")
+    visit_lists = pc.list_flatten(col)  # the visits of the patients that have the field
+    per_visit = np.zeros(int(n_visits.sum()), dtype=np.int64)
+    per_visit[np.repeat(own, n_visits)] = pc.fill_null(pc.list_value_length(visit_lists), 0).to_numpy(
+        zero_copy_only=False)
+    codes = pc.list_flatten(visit_lists)
+    empty = pc.fill_null(pc.equal(codes, ""), True).to_numpy(zero_copy_only=False)
+    if empty.any():
+        row = int(np.flatnonzero(empty)[0])
+        visit = int(np.searchsorted(np.cumsum(per_visit), row, side="right"))
+        owner = subject[np.repeat(np.arange(len(subject)), n_visits)[visit]]
+        raise ValueError(f"{writer}: subject_id {owner} has a null or empty code in {name}")
+    return Modality(n_codes=per_visit, codes=codes, seq_num=_seq_num(per_visit))
 
 
 def timeline(patients: Sequence[dict] | Dataset, seed: int = 0, writer: str = "timeline") -> Timeline:
     """Lay patients out in time (see the module docstring for the dates); ``seed`` draws the dates
     and hadm_ids. ValueError, naming ``writer`` and the subject_id, on a patient with no visit, a
     bad age or sex, a repeated subject_id, only one of stay_days / gap_days, one whose length is
-    not the number of visits, a negative or NaN stay, gap or death_days, or both hospital_death
-    and death_days.
+    not the number of visits, a negative or NaN stay, gap or death_days, both hospital_death
+    and death_days, or procedures / medications with a list count other than the number of
+    visits or a null or empty code.
     """
     t = _patients_table(patients)
     n = t.num_rows
@@ -247,12 +307,12 @@ def timeline(patients: Sequence[dict] | Dataset, seed: int = 0, writer: str = "t
     # hadm_ids, so that the readers' (admittime, hadm_id) order is still visit order.
     run = np.cumsum(is_first | np.r_[True, np.diff(admit) != 0])
     hadm = hadm[np.lexsort((hadm, run))]
-    d_first = np.r_[0, np.cumsum(d_len)[:-1]].astype(np.int64)
-    seq = np.arange(int(d_len.sum())) - np.repeat(d_first, d_len) + 1
     return Timeline(subject=subject, age=age, sex=sex, n_visits=n_visits, dob=dob,
                     patient=np.repeat(np.arange(n), n_visits), admit=admit, disch=disch, hadm=hadm,
-                    n_codes=d_len, codes=visit_codes.flatten(), seq_num=seq, hospital_death=hospital_death,
-                    has_death=has_death, death=death, dod_day=dod_day)
+                    n_codes=d_len, codes=visit_codes.flatten(), seq_num=_seq_num(d_len),
+                    hospital_death=hospital_death, has_death=has_death, death=death, dod_day=dod_day,
+                    procedures=_modality(t, "procedures", subject, n_visits, writer),
+                    medications=_modality(t, "medications", subject, n_visits, writer))
 
 
 def _seconds(days: np.ndarray) -> np.ndarray:
@@ -331,21 +391,70 @@ def _tables(patients: Sequence[dict] | Dataset, seed: int) -> dict[str, pa.Table
             "ROW_ID": np.arange(1, d_total + 1), "SUBJECT_ID": np.repeat(v_subject, tl.n_codes),
             "HADM_ID": np.repeat(tl.hadm, tl.n_codes), "SEQ_NUM": tl.seq_num, "ICD9_CODE": tl.codes,
         }),
+        **({} if tl.procedures is None else {"PROCEDURES_ICD": pa.table({
+            "ROW_ID": np.arange(1, len(tl.procedures.codes) + 1),
+            "SUBJECT_ID": np.repeat(v_subject, tl.procedures.n_codes),
+            "HADM_ID": np.repeat(tl.hadm, tl.procedures.n_codes), "SEQ_NUM": tl.procedures.seq_num,
+            "ICD9_CODE": tl.procedures.codes,
+        })}),
+        **({} if tl.medications is None else {"PRESCRIPTIONS": _prescriptions(tl, upper=True)}),
     }
 
 
-def write_mimic3_csvs(patients: Sequence[dict] | Dataset, out_dir: str | os.PathLike, seed: int = 0) -> dict[str, Path]:
-    """Write patients as a MIMIC-III folder (PATIENTS/ADMISSIONS/DIAGNOSES_ICD.csv); return the paths.
+def _prescriptions(tl: Timeline, upper: bool) -> pa.Table:
+    """The prescriptions table of a timeline with medications: one MAIN row per code, dated at its
+    visit's admission and discharge (MIMIC-III: STARTDATE / ENDDATE, midnights; MIMIC-IV: starttime /
+    stoptime), the drug name and formulary code split from the code ("UNK" written empty)."""
+    med = tl.medications
+    parts = pc.split_pattern(med.codes, SEPARATOR, max_splits=1)
+    formulary = pc.list_element(parts, 1)
+    formulary = pc.if_else(pc.equal(formulary, UNKNOWN), pa.scalar(None, pa.string()), formulary)
+    v_subject = tl.subject[tl.patient]
+    start, stop = np.repeat(tl.admit, med.n_codes), np.repeat(tl.disch, med.n_codes)
+    if upper:
+        start, stop = start // 86400 * 86400, stop // 86400 * 86400
+    n = len(med.codes)
+    columns = {
+        "row_id": np.arange(1, n + 1), "subject_id": np.repeat(v_subject, med.n_codes),
+        "hadm_id": np.repeat(tl.hadm, med.n_codes),
+        "startdate" if upper else "starttime": _timestamps(start),
+        "enddate" if upper else "stoptime": _timestamps(stop),
+        "drug_type": pa.array(["MAIN"] * n, type=pa.string()), "drug": pc.list_element(parts, 0),
+        "formulary_drug_cd": formulary,
+    }
+    if not upper:
+        del columns["row_id"]  # MIMIC-IV's prescriptions have no row_id
+    return pa.table({(k.upper() if upper else k): v for k, v in columns.items()})
 
-    `seed` draws the dates and hadm_ids. Other files in `out_dir` are left alone; the three
-    tables are replaced together only once all three are written.
+
+def write_mimic3_csvs(patients: Sequence[dict] | Dataset, out_dir: str | os.PathLike, seed: int = 0) -> dict[str, Path]:
+    """Write patients as a MIMIC-III folder (PATIENTS/ADMISSIONS/DIAGNOSES_ICD.csv, and
+    PROCEDURES_ICD.csv / PRESCRIPTIONS.csv when some patient has procedures / medications); return
+    the paths keyed by table name.
+
+    `seed` draws the dates and hadm_ids. The tables are replaced together only once all are
+    written; then a PROCEDURES_ICD.csv or PRESCRIPTIONS.csv left in `out_dir` by an earlier write
+    whose cohort had that field, and this one has not, is removed (the reader would take it for
+    this cohort's). Other files in `out_dir` are left alone.
     """
     tables = _tables(patients, seed)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     writers = {out / f"{name}.csv": (lambda tmp, table=table: pa_csv.write_csv(table, tmp))
                for name, table in tables.items()}
-    return dict(zip(tables, atomic_write_all(writers)))
+    written = dict(zip(tables, atomic_write_all(writers)))
+    _remove_unwritten(out, [f"{t}.csv" for t in MODALITY_TABLES["mimic3"] if t not in tables])
+    return written
+
+
+# The optional tables of each layout, in the order of schema.MODALITY_FIELDS.
+MODALITY_TABLES = {"mimic3": ("PROCEDURES_ICD", "PRESCRIPTIONS"), "mimic4": ("procedures_icd", "prescriptions")}
+
+
+def _remove_unwritten(folder: Path, names: list[str]) -> None:
+    """Remove the files `names` from `folder` if there: optional tables of an earlier cohort."""
+    for name in names:
+        (folder / name).unlink(missing_ok=True)
 
 
 MIMIC4_OVER_89 = 91  # MIMIC-IV's anchor_age of every patient over 89
@@ -355,12 +464,16 @@ ICD_VERSIONS = {"icd9cm": 9, "icd10cm": 10}
 
 def write_mimic4_csvs(patients: Sequence[dict] | Dataset, out_dir: str | os.PathLike, *, seed: int = 0,
                       code_system: str = "icd10cm") -> dict[str, Path]:
-    """Write patients as a MIMIC-IV folder (hosp/patients, admissions, diagnoses_icd .csv.gz); return the paths
-    keyed by table name ("patients", "admissions", "diagnoses_icd").
+    """Write patients as a MIMIC-IV folder (hosp/patients, admissions, diagnoses_icd .csv.gz, and
+    procedures_icd / prescriptions when some patient has procedures / medications); return the
+    paths keyed by table name ("patients", "admissions", "diagnoses_icd", ...).
 
     `seed` draws the dates and hadm_ids (`timeline`); `code_system` ("icd10cm" or "icd9cm") is
-    the patients' code system, written as every row's icd_version. Other files in `out_dir` are
-    left alone; the three tables are replaced together only once all three are written.
+    the patients' code system, written as every diagnosis and procedure row's icd_version
+    (ICD-10-PCS procedures with ICD-10-CM, ICD-9 procedures with ICD-9-CM). The tables are
+    replaced together only once all are written; a procedures_icd or prescriptions table left in
+    hosp/ by an earlier write is then removed when this cohort has no such field. Other files
+    are left alone.
     """
     if code_system not in ICD_VERSIONS:
         raise ValueError(f"write_mimic4_csvs: code_system={code_system!r}, expected one of {', '.join(ICD_VERSIONS)}")
@@ -390,6 +503,17 @@ def write_mimic4_csvs(patients: Sequence[dict] | Dataset, out_dir: str | os.Path
             "icd_version": np.full(d_total, ICD_VERSIONS[code_system], dtype=np.int64),
         }),
     }
+    if tl.procedures is not None:
+        proc = tl.procedures
+        tables["procedures_icd"] = pa.table({
+            "subject_id": np.repeat(v_subject, proc.n_codes), "hadm_id": np.repeat(tl.hadm, proc.n_codes),
+            "seq_num": proc.seq_num,
+            "chartdate": _timestamps(np.repeat(tl.admit, proc.n_codes) // 86400 * 86400).cast(pa.date32()),
+            "icd_code": proc.codes,
+            "icd_version": np.full(len(proc.codes), ICD_VERSIONS[code_system], dtype=np.int64),
+        })
+    if tl.medications is not None:
+        tables["prescriptions"] = _prescriptions(tl, upper=False)
     hosp = Path(out_dir) / "hosp"
 
     def writer(table: pa.Table):
@@ -398,4 +522,6 @@ def write_mimic4_csvs(patients: Sequence[dict] | Dataset, out_dir: str | os.Path
                 pa_csv.write_csv(table, stream)
         return write
 
-    return dict(zip(tables, atomic_write_all({hosp / f"{name}.csv.gz": writer(t) for name, t in tables.items()})))
+    written = dict(zip(tables, atomic_write_all({hosp / f"{name}.csv.gz": writer(t) for name, t in tables.items()})))
+    _remove_unwritten(hosp, [f"{t}.csv.gz" for t in MODALITY_TABLES["mimic4"] if t not in tables])
+    return written

@@ -94,9 +94,10 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from datasets import Dataset
 
-from promptehr_hf.datasets_scripts import icd9
+from promptehr_hf.datasets_scripts import icd9, medications, modalities
 from promptehr_hf.datasets_scripts.cohort_io import SECONDS_PER_YEAR, Timeline, timeline
 from promptehr_hf.datasets_scripts.mimic3 import AGE_DECIMALS, _assemble, visit_times
+from promptehr_hf.datasets_scripts.procedures import FOR_DIAGNOSES, PROCEDURE_SYSTEMS
 from promptehr_hf.datasets_scripts.schema import AGE_CAP
 from promptehr_hf.file_utils import replace_folder
 
@@ -114,9 +115,12 @@ US_PER_SECOND = 1_000_000
 _CODE_SHAPES = {"icd9cm": re.compile(r"[0-9VE]\d{2,4}"), "icd10cm": re.compile(r"[A-Z]\d[0-9A-Z]{1,5}")}
 _BATCH_ROWS = 1 << 20  # rows read at a time: MIMIC-IV shards hold tens of millions of lab rows
 # Row kinds the reader uses; anything else is OTHER (ignored, counted).
-BIRTH, FEMALE, MALE, ADMISSION, DISCHARGE, DIAG9, DIAG10, DEATH, OTHER = range(9)
+BIRTH, FEMALE, MALE, ADMISSION, DISCHARGE, DIAG9, DIAG10, DEATH, OTHER, PROC9, PROC10, MEDICATION = range(12)
 US_PER_DAY = 86400 * US_PER_SECOND
 _DIAG_KIND = {"9": DIAG9, "10": DIAG10}
+_PROC_KIND = {"9": PROC9, "10": PROC10}
+MEDICATION_PREFIX = "MEDICATION//START//"  # + "<NAME>//<FORMULARY>": the MIMIC-IV MEDS prescription start
+MODALITY_QUIRKS = ("other_system_rows", "rows_outside_admissions", "rows_at_dropped_admissions", "duplicate_codes")
 
 
 class MedsError(ValueError):
@@ -132,6 +136,12 @@ def _version(code_system: str, who: str) -> str:
 def diagnosis_prefix(code_system: str) -> str:
     """'icd9cm' -> 'DIAGNOSIS//ICD//9//', 'icd10cm' -> 'DIAGNOSIS//ICD//10//' (the MIMIC-IV MEDS names)."""
     return f"DIAGNOSIS//ICD//{_version(code_system, 'diagnosis_prefix')}//"
+
+
+def procedure_prefix(code_system: str) -> str:
+    """The procedure codes that go with a diagnosis system: 'icd9cm' -> 'PROCEDURE//ICD//9//' (ICD-9-CM
+    volume 3), 'icd10cm' -> 'PROCEDURE//ICD//10//' (ICD-10-PCS), as the MIMIC-IV MEDS extraction names them."""
+    return f"PROCEDURE//ICD//{_version(code_system, 'procedure_prefix')}//"
 
 
 # --------------------------------------------------------------------------- writing
@@ -168,7 +178,7 @@ def write_meds(patients: Sequence[dict] | Dataset, out_dir: str | os.PathLike, *
     tl = timeline(patients, seed, writer="write_meds")
     _check_codes(tl, code_system)
     split_rank = _split_rank(tl.subject, splits)
-    data, offsets, p_order = _events(tl, diagnosis_prefix(code_system), split_rank)
+    data, offsets, p_order = _events(tl, code_system, split_rank)
 
     files: dict[str, pa.Table] = {}
     rank_sorted = split_rank[p_order]
@@ -206,31 +216,41 @@ def write_meds(patients: Sequence[dict] | Dataset, out_dir: str | os.PathLike, *
     return Path(out_dir).resolve()
 
 
-def _subject_of_code_row(tl: Timeline, row: int) -> int:
-    """subject_id of diagnosis row `row` of the timeline."""
-    visit = int(np.searchsorted(np.cumsum(tl.n_codes), row, side="right"))
+def _subject_of_code_row(tl: Timeline, n_codes: np.ndarray, row: int) -> int:
+    """subject_id of code row `row` of per-visit counts `n_codes`."""
+    visit = int(np.searchsorted(np.cumsum(n_codes), row, side="right"))
     return int(tl.subject[tl.patient[visit]])
 
 
 def _check_codes(tl: Timeline, code_system: str) -> None:
-    """Refuse an empty visit and a code that is empty, not shaped like `code_system`'s, or repeated
-    within its visit: the reader would drop them."""
+    """Refuse an empty visit and a code that is empty, not shaped like its system's (diagnoses:
+    `code_system`; procedures: the procedure system that goes with it; medications:
+    ``<NAME>//<FORMULARY>``), or repeated within its visit: the reader would drop them."""
     if (tl.n_codes == 0).any():
         raise ValueError(f"write_meds: subject_id {tl.subject[tl.patient[tl.n_codes == 0][0]]} has a visit "
                          "without codes")
-    codes = pd.Series(tl.codes.to_numpy(zero_copy_only=False), dtype=object)
-    shape = _CODE_SHAPES[code_system]
-    bad = {c for c in codes.unique() if not (isinstance(c, str) and shape.fullmatch(c))}
-    if bad:
-        row = int(np.flatnonzero(codes.isin(bad))[0])
-        raise ValueError(f"write_meds: subject_id {_subject_of_code_row(tl, row)} has the code {codes[row]!r}, "
-                         f"not shaped like a dotless {code_system} code (wrong code_system?)")
-    visit = np.repeat(np.arange(len(tl.n_codes)), tl.n_codes)
-    dup = pd.DataFrame({"visit": visit, "code": codes}).duplicated().to_numpy()
-    if dup.any():
-        row = int(np.flatnonzero(dup)[0])
-        raise ValueError(f"write_meds: subject_id {_subject_of_code_row(tl, row)} has the code {codes[row]!r} "
-                         "twice in one visit")
+    proc_system = PROCEDURE_SYSTEMS[FOR_DIAGNOSES[code_system]]
+    checks = [("code", tl.n_codes, tl.codes, _CODE_SHAPES[code_system].fullmatch,
+               f"not shaped like a dotless {code_system} code (wrong code_system?)")]
+    if tl.procedures is not None:
+        checks.append(("procedure", tl.procedures.n_codes, tl.procedures.codes, proc_system.shape.fullmatch,
+                       f"not shaped like a {proc_system.label} code (wrong code_system?)"))
+    if tl.medications is not None:
+        checks.append(("medication", tl.medications.n_codes, tl.medications.codes, medications.is_valid,
+                       "not a normalised '<NAME>//<FORMULARY>' medication code"))
+    for what, n_codes, array, ok, why in checks:
+        codes = pd.Series(array.to_numpy(zero_copy_only=False), dtype=object)
+        bad = {c for c in codes.unique() if not (isinstance(c, str) and ok(c))}
+        if bad:
+            row = int(np.flatnonzero(codes.isin(bad))[0])
+            raise ValueError(f"write_meds: subject_id {_subject_of_code_row(tl, n_codes, row)} has the {what} "
+                             f"{codes[row]!r}, {why}")
+        visit = np.repeat(np.arange(len(n_codes)), n_codes)
+        dup = pd.DataFrame({"visit": visit, "code": codes}).duplicated().to_numpy()
+        if dup.any():
+            row = int(np.flatnonzero(dup)[0])
+            raise ValueError(f"write_meds: subject_id {_subject_of_code_row(tl, n_codes, row)} has the {what} "
+                             f"{codes[row]!r} twice in one visit")
 
 
 def _split_rank(subject: np.ndarray, splits: Mapping[int, str] | None) -> np.ndarray:
@@ -251,32 +271,39 @@ def _split_rank(subject: np.ndarray, splits: Mapping[int, str] | None) -> np.nda
     return pd.Categorical(split, categories=SPLITS).codes.astype(np.int64)
 
 
-def _events(tl: Timeline, prefix: str, split_rank: np.ndarray) -> tuple[pa.Table, np.ndarray, np.ndarray]:
+def _events(tl: Timeline, code_system: str, split_rank: np.ndarray) -> tuple[pa.Table, np.ndarray, np.ndarray]:
     """The data rows of every patient, sorted by (split, subject, time, kind, code order).
 
     Returns (table [rows], offsets [n + 1]: first row of each patient in `p_order` and the end,
     p_order [n]: patients sorted by (split, subject_id)).
     """
     n, v = len(tl.subject), len(tl.admit)
-    code_visit = np.repeat(np.arange(v), tl.n_codes)
     dead = np.flatnonzero(tl.has_death)
     # A death outside hospital at the discharge itself is written a second after it (at the
     # discharge time it would read as a death in hospital).
     last_disch = tl.disch[np.cumsum(tl.n_visits) - 1]
     death = np.where(tl.hospital_death, tl.death, np.maximum(tl.death, last_disch + 1))[dead]
-    # Blocks: gender, birth, admissions, diagnoses, discharges, deaths; `rank` orders rows of one time.
-    sizes = [n, n, v, len(code_visit), v, len(dead)]
-    patient = np.concatenate([np.arange(n), np.arange(n), tl.patient, tl.patient[code_visit], tl.patient, dead])
-    time = np.concatenate([np.zeros(n, np.int64), tl.dob, tl.admit, tl.disch[code_visit], tl.disch,
-                           death]) * US_PER_SECOND
-    hadm = np.concatenate([np.zeros(2 * n, np.int64), tl.hadm, tl.hadm[code_visit], tl.hadm,
+    # Per visit code blocks, each timed at its visit's discharge: diagnoses, procedures, medications.
+    coded = [(diagnosis_prefix(code_system), tl.n_codes, tl.codes)]
+    for prefix, modality in ((procedure_prefix(code_system), tl.procedures), (MEDICATION_PREFIX, tl.medications)):
+        empty = pa.array([], pa.string())
+        coded.append((prefix, np.zeros(v, np.int64), empty) if modality is None
+                     else (prefix, modality.n_codes, modality.codes))
+    code_visits = [np.repeat(np.arange(v), n_codes) for _, n_codes, _ in coded]
+    # Blocks: gender, birth, admissions, the code blocks, discharges, deaths; `rank` orders rows of one time.
+    sizes = [n, n, v, *(len(cv) for cv in code_visits), v, len(dead)]
+    patient = np.concatenate([np.arange(n), np.arange(n), tl.patient, *(tl.patient[cv] for cv in code_visits),
+                              tl.patient, dead])
+    time = np.concatenate([np.zeros(n, np.int64), tl.dob, tl.admit, *(tl.disch[cv] for cv in code_visits),
+                           tl.disch, death]) * US_PER_SECOND
+    hadm = np.concatenate([np.zeros(2 * n, np.int64), tl.hadm, *(tl.hadm[cv] for cv in code_visits), tl.hadm,
                            np.zeros(len(dead), np.int64)])
     rank = np.repeat(np.arange(len(sizes)), sizes)
     code = pa.concat_arrays([
         pc.binary_join_element_wise(GENDER_PREFIX, tl.sex, ""),
         pa.repeat(meds.birth_code, n),
         pa.repeat(ADMISSION_CODE, v),
-        pc.binary_join_element_wise(prefix, tl.codes, ""),
+        *(pc.binary_join_element_wise(prefix, codes, "") for prefix, _, codes in coded),
         pa.repeat(DISCHARGE_CODE, v),
         pa.repeat(meds.death_code, len(dead)),
     ])
@@ -289,7 +316,7 @@ def _events(tl: Timeline, prefix: str, split_rank: np.ndarray) -> tuple[pa.Table
         "time": pa.array(time[order], pa.int64(), mask=static[order]).cast(pa.timestamp("us")),
         "code": code.take(pa.array(order)),
         "numeric_value": pa.nulls(len(order), pa.float32()),
-        "hadm_id": pa.array(hadm[order], pa.int64(), mask=(rank[order] < 2) | (rank[order] == 5)),
+        "hadm_id": pa.array(hadm[order], pa.int64(), mask=(rank[order] < 2) | (rank[order] == len(sizes) - 1)),
     })
     p_order = np.lexsort((tl.subject, split_rank))
     rows = np.bincount(patient, minlength=n)
@@ -297,13 +324,18 @@ def _events(tl: Timeline, prefix: str, split_rank: np.ndarray) -> tuple[pa.Table
 
 
 def _code_metadata(codes: list[str], code_system: str) -> pa.Table:
-    """codes.parquet: every code written; ICD-9-CM diagnoses carry their title (ICD-10-CM: no table here)."""
-    prefix = diagnosis_prefix(code_system)
+    """codes.parquet: every code written; ICD-9-CM diagnoses and billable procedure codes carry their
+    title (ICD-10-CM diagnoses: none here)."""
+    prefix, proc_prefix = diagnosis_prefix(code_system), procedure_prefix(code_system)
+    proc_system = PROCEDURE_SYSTEMS[FOR_DIAGNOSES[code_system]]
 
     def title(code: str) -> str | None:
         bare = code.removeprefix(prefix)
         if code_system == "icd9cm" and code.startswith(prefix) and icd9.is_valid(bare):
             return icd9.title(bare)
+        bare = code.removeprefix(proc_prefix)
+        if code.startswith(proc_prefix) and proc_system.is_valid(bare):
+            return proc_system.title(bare)
         return None
 
     return pa.table({
@@ -362,6 +394,13 @@ def _classify(name: str, code_ids: dict[str, int]) -> tuple[int, int]:
         return DISCHARGE, -1
     if len(parts) == 4 and parts[:2] == ["DIAGNOSIS", "ICD"] and parts[2] in _DIAG_KIND and parts[3]:
         return _DIAG_KIND[parts[2]], code_ids.setdefault(parts[3], len(code_ids))
+    if len(parts) == 4 and parts[:2] == ["PROCEDURE", "ICD"] and parts[2] in _PROC_KIND and parts[3]:
+        return _PROC_KIND[parts[2]], code_ids.setdefault(parts[3], len(code_ids))
+    if len(parts) >= 3 and name.startswith(MEDICATION_PREFIX):
+        rest = name.removeprefix(MEDICATION_PREFIX)
+        drug, _, product = rest.rpartition("//") if "//" in rest else (rest, "", "")
+        if medications.normalize_name(drug):
+            return MEDICATION, code_ids.setdefault(medications.make_code(drug, product or None), len(code_ids))
     return OTHER, -1
 
 
@@ -567,6 +606,8 @@ def read_meds(meds_dir: str | os.PathLike, *, code_system: str | None = None) ->
                            "stay_days": stay, "gap_days": gap})
     sexes = pd.DataFrame({"subject_id": eligible, "sex": np.where(female[~dropped], "F", "M")})
     patients = _assemble(pos, code_names[code], visits, sexes, outcomes)
+    tables, table_lines = _read_modalities(ev, eligible, code_system, (v_subject, v_admit, v_disch), has_code,
+                                           patients, code_names, folder.name)
 
     splits = None
     if split_of is not None:
@@ -592,11 +633,52 @@ def read_meds(meds_dir: str | os.PathLike, *, code_system: str | None = None) ->
         "splits": splits,
         "dataset": dataset,
         "code_metadata_rows": code_metadata_rows,
+        **tables,
     }
-    summary["messages"] = _messages(folder.name, summary)
+    summary["messages"] = _messages(folder.name, summary) + table_lines
     for line in summary["messages"]:
         logger.warning(line)
     return patients, summary
+
+
+def _read_modalities(ev: pd.DataFrame, eligible: np.ndarray, code_system: str, stays: tuple, has_code: np.ndarray,
+                     patients: list[dict], code_names: np.ndarray, name: str) -> tuple[dict, list[str]]:
+    """Procedures and medications of the eligible subjects into the patients (in place), as
+    `_visit_codes` places diagnoses; a field whose rows the dataset does not have at all is left
+    out (its summary None).
+
+    Procedures (`PROCEDURE//ICD//<9|10>//<code>`, the version that goes with `code_system`; the
+    other's rows are counted) may be timed at their chart date, a midnight: an admission takes them
+    from the start of its day. Medications: `MEDICATION//START//<drug>[//<product>]`.
+    stays: (subject, admission time, discharge time) of the paired admissions; has_code: which
+    are visits. Returns ({"procedures": summary or None, "medications": ...}, messages).
+    """
+    v_subject, v_admit, v_disch = stays
+    kind = ev["kind"].to_numpy()
+    in_cohort = np.isin(ev["subject"].to_numpy(), eligible)
+    proc_kind = _PROC_KIND[ICD_VERSIONS[code_system]]
+    out, lines = {}, []
+    for field, kinds, keep, admit, system in (
+            ("procedures", (PROC9, PROC10), proc_kind, v_admit // US_PER_DAY * US_PER_DAY, FOR_DIAGNOSES[code_system]),
+            ("medications", (MEDICATION,), MEDICATION, v_admit, medications.SYSTEM)):
+        present = np.isin(kind, kinds)
+        if not present.any():
+            out[field] = None
+            continue
+        quirks = dict.fromkeys(MODALITY_QUIRKS if field == "procedures" else MODALITY_QUIRKS[1:], 0)
+        if field == "procedures":
+            quirks["other_system_rows"] = int((present & (kind != keep)).sum())
+        pos, code, quirks["rows_outside_admissions"], dup = _visit_codes(ev.loc[(kind == keep) & in_cohort],
+                                                                         v_subject, admit, v_disch)
+        at_visit = has_code[pos]
+        quirks["rows_at_dropped_admissions"] = int((~at_visit).sum())
+        quirks["duplicate_codes"] = dup
+        pos, code = pos[at_visit], code[at_visit]
+        modalities.attach(patients, field, pos, code, code_names, has_code)
+        out[field], more = modalities.table_summary(name, int(present.sum()), pos, code, code_names, quirks, system,
+                                                    system)
+        lines += more
+    return out, lines
 
 
 def _deaths(deaths: pd.DataFrame, v_subject: np.ndarray, v_admit: np.ndarray, v_disch: np.ndarray,

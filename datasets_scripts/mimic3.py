@@ -80,16 +80,18 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from promptehr_hf.datasets_scripts import icd9
+from promptehr_hf.datasets_scripts import icd9, medications, modalities
+from promptehr_hf.datasets_scripts.modalities import N_EXAMPLES
+from promptehr_hf.datasets_scripts.procedures import ICD9PROC, ProcedureCodes
 from promptehr_hf.datasets_scripts.schema import AGE_CAP, NO_TIMES, SEXES
 
 logger = logging.getLogger(__name__)
 
 TABLES = ("PATIENTS", "ADMISSIONS", "DIAGNOSES_ICD")
+OPTIONAL_TABLES = ("PROCEDURES_ICD", "PRESCRIPTIONS")  # read when present (schema.MODALITY_FIELDS)
 ADMISSION_TIME_COLUMNS = ("dischtime", "deathtime", "hospital_expire_flag")
 DAYS_PER_YEAR = 365.25
 AGE_DECIMALS = 2  # ages are kept to 0.01 year (~4 days), so they survive a CSV round trip exactly
-N_EXAMPLES = 10  # examples of invalid codes shown in the summary
 
 # Dotless ICD-9-CM: 3-5 digits, V + 2-4 digits, E000-E030 / E800-E999 (+ one digit).
 _ICD9_SHAPE = re.compile(r"^(\d{3,5}|V\d{2,4}|E(0[0-2]\d|030|[89]\d\d)\d?)$")
@@ -113,7 +115,8 @@ def _by_lower_name(folder: Path) -> dict[str, list[Path]]:
 
 def find_tables(mimic_dir: str | os.PathLike) -> dict[str, Path]:
     """Map each of TABLES to its file (`NAME.csv` or `NAME.csv.gz`, any case) in `mimic_dir` or,
-    when none of the three is there, in its `hosp/` sub-folder (MIMIC-IV's layout)."""
+    when none of the three is there, in its `hosp/` sub-folder (MIMIC-IV's layout); each of
+    OPTIONAL_TABLES present in that folder is mapped too."""
     folder = Path(mimic_dir)
     if not folder.is_dir():
         raise Mimic3Error(f"{folder}: not a folder (expected a MIMIC-III or MIMIC-IV folder with {', '.join(TABLES)})")
@@ -123,8 +126,10 @@ def find_tables(mimic_dir: str | os.PathLike) -> dict[str, Path]:
         folder = hosp[0]
         by_name = _by_lower_name(folder)
     found = {}
-    for table in TABLES:
+    for table in (*TABLES, *OPTIONAL_TABLES):
         candidates = by_name.get(f"{table.lower()}.csv", []) + by_name.get(f"{table.lower()}.csv.gz", [])
+        if not candidates and table in OPTIONAL_TABLES:
+            continue
         if not candidates:
             raise Mimic3Error(f"{folder}: missing file {table}.csv or {table}.csv.gz")
         if len(candidates) > 1:
@@ -161,7 +166,7 @@ def combine_fingerprints(files: dict[str, dict]) -> str:
 
 
 def fingerprint(mimic_dir: str | os.PathLike) -> str:
-    """A short hash of the three tables' names, sizes, modification times and contents (cache key)."""
+    """A short hash of the tables' names, sizes, modification times and contents (cache key)."""
     return combine_fingerprints(file_fingerprints(mimic_dir))
 
 
@@ -179,10 +184,11 @@ def _read_csv(path: Path, table: str, **kwargs) -> pd.DataFrame:
 
 
 def _read_table(path: Path, table: str, required: list[str | tuple[str, ...]], optional: tuple[str, ...] = (),
-                str_cols: tuple[str, ...] = ()) -> pd.DataFrame:
+                str_cols: tuple[str, ...] = (), allow_empty: bool = False) -> pd.DataFrame:
     """Read the named columns (matched case-insensitively) of one table, renamed to lower case.
 
-    A tuple in `required` lists alternative names (first = canonical name, used in errors).
+    A tuple in `required` lists alternative names (first = canonical name, used in errors). A
+    table with a header but no rows is an error unless `allow_empty`.
     """
     header = _read_csv(path, table, nrows=0).columns
     by_lower = {str(c).strip().lower(): c for c in header}
@@ -201,7 +207,7 @@ def _read_table(path: Path, table: str, required: list[str | tuple[str, ...]], o
     wanted.update({c: by_lower[c] for c in optional if c in by_lower})
     df = _read_csv(path, table, usecols=list(wanted.values()), dtype={wanted[c]: str for c in str_cols if c in wanted})
     df = df.rename(columns={v: k for k, v in wanted.items()})
-    if len(df) == 0:
+    if len(df) == 0 and not allow_empty:
         raise Mimic3Error(f"{path}: the {table} table has a header but no rows")
     return df
 
@@ -581,6 +587,7 @@ def read_mimic3(mimic_dir: str | os.PathLike) -> tuple[list[dict], dict]:
         adm, outcomes = read_times(adm, has_code, flags, pat, expire_flag, quirks, deathtimes="deathtime" not in absent,
                                    dods="dod" not in absent_p)
     patients = _assemble(pos, code_names[code], adm, pat, outcomes)
+    tables, table_messages = read_modalities(files, adm, has_code, patients, ICD9PROC)
     missing_cols = {t: cols for t, cols in (("ADMISSIONS", absent), ("PATIENTS", absent_p)) if cols}
     distinct = code_names[np.unique(code)]
     summary = {
@@ -597,12 +604,74 @@ def read_mimic3(mimic_dir: str | os.PathLike) -> tuple[list[dict], dict]:
         "rows_read": {"PATIENTS": pat_rows_read, "ADMISSIONS": adm_rows_read, "DIAGNOSES_ICD": diag_rows_read},
         "quirks": quirks,
         "invalid_code_examples": invalid_examples,
+        **tables,
         "messages": messages + _quirk_messages(quirks, files) + _quirk_messages(quirks, files, _TIME_QUIRK_TEXT)
-                    + _time_messages(missing_cols, files),
+                    + _time_messages(missing_cols, files) + table_messages,
     }
     for line in summary["messages"]:
         logger.warning(line)
     return patients, summary
+
+
+def read_modalities(files: dict[str, Path], adm: pd.DataFrame, has_code: np.ndarray, patients: list[dict],
+                    system: ProcedureCodes, icd_versions: bool = False) -> tuple[dict, list[str]]:
+    """Read the OPTIONAL_TABLES of `files` into the patients (in place: `procedures`, `medications`).
+
+    adm / has_code: the admissions in visit order and which are visits; patients: `_assemble`'s
+    output over them. `system`: the procedure code system; `icd_versions`: the table has
+    MIMIC-IV's icd_version (ICD-9 rows of an ICD-10 cohort are dropped and counted). Rules and
+    counts: `modalities`. Returns ({"procedures": summary or None, "medications": summary or None},
+    messages); a table that is absent leaves its field out of the patients and its summary None.
+    """
+    out: dict[str, dict | None] = {"procedures": None, "medications": None}
+    lines: list[str] = []
+    hadm_order = adm["hadm_id"].to_numpy()
+    path = files.get("PROCEDURES_ICD")
+    if path is not None:
+        code_col = ("icd_code",) if icd_versions else ("icd9_code", "icd_code")
+        df = _read_table(path, "PROCEDURES_ICD", ["hadm_id", code_col],
+                         optional=("seq_num", *(("icd_version",) if icd_versions else ())),
+                         str_cols=(code_col[0],), allow_empty=True)
+        quirks = dict.fromkeys(modalities.PROCEDURE_QUIRKS if icd_versions else modalities.PROCEDURE_QUIRKS[1:], 0)
+        rows = np.arange(len(df))
+        if icd_versions:
+            version = _int_column(df, "icd_version", path) if "icd_version" in df.columns else None
+            if version is None:
+                raise Mimic3Error(f"{path}: missing column icd_version in the PROCEDURES_ICD table")
+            bad = ~version.isin((9, 10))
+            if bad.any():
+                raise _bad(path, "icd_version", bad, df["icd_version"], "unknown (not 9 or 10) icd_version")
+            other = (version != (10 if system.SYSTEM == "icd10pcs" else 9)).to_numpy()
+            quirks["icd9_rows"] = int(other.sum())
+            rows = rows[~other]
+        code, names, examples = modalities.procedure_codes(df[code_col[0]], system, rows, quirks)
+        hadm = _int_column(df, "hadm_id", path, allow_missing=True).to_numpy(dtype=np.float64, na_value=np.nan)
+        seq = (_int_column(df, "seq_num", path, allow_missing=True).to_numpy(dtype=np.float64, na_value=np.inf)
+               if "seq_num" in df.columns else np.zeros(len(df)))
+        pos, code = modalities.place(hadm, seq, code, hadm_order, has_code, quirks)
+        modalities.attach(patients, "procedures", pos, code, names, has_code)
+        out["procedures"], more = modalities.table_summary(path.name, len(df), pos, code, names, quirks, system.SYSTEM,
+                                                           system.label, examples, system.is_billable)
+        lines += more
+    path = files.get("PRESCRIPTIONS")
+    if path is not None:
+        df = _read_table(path, "PRESCRIPTIONS", ["hadm_id", "drug"],
+                         optional=("drug_type", "formulary_drug_cd", "startdate", "starttime"),
+                         str_cols=("drug", "drug_type", "formulary_drug_cd"), allow_empty=True)
+        quirks = dict.fromkeys(modalities.MEDICATION_QUIRKS, 0)
+        code, names = modalities.medication_codes(df["drug"], df.get("formulary_drug_cd"), df.get("drug_type"), quirks)
+        hadm = _int_column(df, "hadm_id", path, allow_missing=True).to_numpy(dtype=np.float64, na_value=np.nan)
+        start = next((c for c in ("starttime", "startdate") if c in df.columns), None)
+        order = np.zeros(len(df))
+        if start is not None:
+            ns, missing = _ns(_optional_date_column(df, start, path))
+            order = np.where(missing, np.inf, ns.astype(np.float64))
+        pos, code = modalities.place(hadm, order, code, hadm_order, has_code, quirks)
+        modalities.attach(patients, "medications", pos, code, names, has_code)
+        out["medications"], more = modalities.table_summary(path.name, len(df), pos, code, names, quirks,
+                                                            medications.SYSTEM, "medication")
+        lines += more
+    return out, lines
 
 
 def time_summary(patients: list[dict], times: bool, absent: dict[str, list[str]]) -> dict:

@@ -66,9 +66,11 @@ from promptehr_hf.datasets_scripts.mimic3 import (
     _time_messages,
     _unique_key,
     find_tables,
+    read_modalities,
     read_times,
     time_summary,
 )
+from promptehr_hf.datasets_scripts.procedures import ICD10PCS
 from promptehr_hf.datasets_scripts.schema import AGE_CAP, SEXES
 
 logger = logging.getLogger(__name__)
@@ -228,6 +230,7 @@ def read_mimic4(mimic_dir: str | os.PathLike, *, icd9_rows: str = "map") -> tupl
         adm, outcomes = read_times(adm, has_code, flags, pat, None, quirks, deathtimes="deathtime" not in absent,
                                    dods=not absent_p)
     patients = _assemble(pos, table.names[code], adm, pat, outcomes)
+    tables, table_messages = read_modalities(files, adm, has_code, patients, ICD10PCS, icd_versions=True)
     missing_cols = {t: cols for t, cols in (("ADMISSIONS", absent), ("PATIENTS", absent_p)) if cols}
     distinct = table.names[np.unique(code)]
     messages = [
@@ -260,8 +263,10 @@ def read_mimic4(mimic_dir: str | os.PathLike, *, icd9_rows: str = "map") -> tupl
         },
         "quirks": quirks,
         "invalid_code_examples": invalid_examples,
+        **tables,
         "messages": messages + _quirk_messages(quirks, files, _MIMIC4_QUIRK_TEXT)
-                    + _quirk_messages(quirks, files, _MIMIC4_TIME_QUIRK_TEXT) + _time_messages(missing_cols, files),
+                    + _quirk_messages(quirks, files, _MIMIC4_TIME_QUIRK_TEXT) + _time_messages(missing_cols, files)
+                    + table_messages,
     }
     for line in summary["messages"]:
         logger.warning(line)

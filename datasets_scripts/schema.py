@@ -4,7 +4,8 @@ A patient is::
 
     {"subject_id": int, "age": float, "sex": "F" | "M", "visits": list[list[str]],
      "stay_days": list[float] | None, "gap_days": list[float] | None,
-     "hospital_death": bool | None, "death_days": float | None}
+     "hospital_death": bool | None, "death_days": float | None,
+     "procedures": list[list[str]] | None, "medications": list[list[str]] | None}
 
 - ``age``: years at the first admission (capped at 90);
 - ``visits``: in admission order, each a list of dotless diagnosis codes (ICD-9-CM or ICD-10-CM,
@@ -21,6 +22,19 @@ without the keys reads as all four null (``with_times``). When present:
 - ``death_days`` (float32 or null): days from the last discharge to a death outside hospital;
   null when no death (or no time of death) is known, or when the death was in hospital.
 
+Procedures and medications (``MODALITY_FIELDS``) are optional too, each on its own: per visit
+(parallel to ``visits``), a list of codes, or null for the whole patient when the cohort has no
+such table. A patient dict holds the key only when the cohort has that table (the readers leave
+it out otherwise); a missing key reads as null (``with_modalities``), so every dict written before
+these fields existed is a patient without them. When present:
+
+- ``procedures``: per visit, the dotless procedure codes in ``seq_num`` order, no duplicates
+  (ICD-9-CM volume 3 with ICD-9-CM diagnoses, ICD-10-PCS with ICD-10-CM: the ``procedures``
+  module);
+  a visit without procedures has ``[]``;
+- ``medications``: per visit, ``"<DRUG NAME>//<FORMULARY CODE>"`` codes in order of their first
+  prescription, no duplicates (the ``medications`` module); a visit without prescriptions has ``[]``.
+
 The age at visit k is ``age + (sum(stay_days[:k]) + sum(gap_days[:k + 1])) / 365.25`` (days of
 365.25 per year), the age at discharge of the last visit ``age + (sum(stay_days) +
 sum(gap_days)) / 365.25`` and the age at an outside death that plus ``death_days / 365.25``.
@@ -32,6 +46,7 @@ import numpy as np
 from datasets import Features, List, Value
 
 TIME_FIELDS = ("stay_days", "gap_days", "hospital_death", "death_days")
+MODALITY_FIELDS = ("procedures", "medications")  # optional per-visit code lists beside the diagnoses
 
 PATIENT_FEATURES = Features(
     {
@@ -43,6 +58,8 @@ PATIENT_FEATURES = Features(
         "gap_days": List(Value("float32")),
         "hospital_death": Value("bool"),
         "death_days": Value("float32"),
+        "procedures": List(List(Value("string"))),
+        "medications": List(List(Value("string"))),
     }
 )
 
@@ -60,6 +77,21 @@ def with_times(patient: dict) -> dict:
     if all(k in patient for k in TIME_FIELDS):
         return patient
     return {**patient, **{k: None for k in TIME_FIELDS if k not in patient}}
+
+
+def with_modalities(patient: dict) -> dict:
+    """The patient dict with both MODALITY_FIELDS keys, a missing one None (no copy when both are there)."""
+    if all(k in patient for k in MODALITY_FIELDS):
+        return patient
+    return {**patient, **{k: None for k in MODALITY_FIELDS if k not in patient}}
+
+
+def without_null_modalities(patient: dict) -> dict:
+    """The patient dict without its MODALITY_FIELDS keys that are None (how the readers give a
+    patient of a cohort without that table); no copy when there is none."""
+    if all(patient.get(k, ()) is not None for k in MODALITY_FIELDS):
+        return patient
+    return {k: v for k, v in patient.items() if not (k in MODALITY_FIELDS and v is None)}
 
 
 def float32_times(patient: dict) -> dict:

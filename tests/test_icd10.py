@@ -205,7 +205,7 @@ def test_from_icd9():
 def test_data_files_are_compact_gzip_json(repo_root):
     data = repo_root / "datasets_scripts" / "data"
     names = ["icd10cm_fy2021.json.gz", "icd10cm_fy2021_edits.json.gz", "icd9_to_icd10cm_gem.json.gz"]
-    assert sorted(p.name for p in data.glob("*.json.gz")) == sorted(names)
+    assert set(names) <= {p.name for p in data.glob("*.json.gz")}  # beside the procedure tables
     assert sum((data / n).stat().st_size for n in names) < 2_000_000
     with gzip.open(data / names[0], "rt", encoding="utf-8") as f:
         doc = json.load(f)

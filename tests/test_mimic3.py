@@ -109,7 +109,7 @@ def test_demo_upper_case_plain_csv_is_identical_and_builder_caches(demo_dir, tmp
     # Rewrite the demo verbatim (every cell as text) with upper-case headers, plain .csv.
     upper = tmp_path / "upper"
     upper.mkdir()
-    for name in ("PATIENTS", "ADMISSIONS", "DIAGNOSES_ICD"):
+    for name in ("PATIENTS", "ADMISSIONS", "DIAGNOSES_ICD", "PROCEDURES_ICD", "PRESCRIPTIONS"):
         df = pd.read_csv(demo_dir / f"{name}.csv.gz", dtype=str, keep_default_na=False)
         df.rename(columns=str.upper).to_csv(upper / f"{name}.csv", index=False)
     assert "SUBJECT_ID" in (upper / "PATIENTS.csv").read_text().splitlines()[0]
@@ -126,6 +126,8 @@ def test_demo_upper_case_plain_csv_is_identical_and_builder_caches(demo_dir, tmp
     assert len(ids[0] | ids[1] | ids[2]) == 100
     for key in ("patients", "admissions", "diagnosis_rows", "distinct_codes", "quirks", "splits"):
         assert s_lower[key] == s_upper[key]
+    for key in ("procedures", "medications"):
+        assert {**s_lower[key], "file": None} == {**s_upper[key], "file": None}
 
     # A fresh builder on the same folder reads the cache (and still has the summary).
     again = CohortBuilder(source_dir=str(demo_dir), cache_dir=cache)
@@ -340,7 +342,8 @@ def test_cli_prepare_error_exit_code(tiny, tmp_path, capsys):
 def test_write_mimic3_csvs_round_trip(demo_dir, tmp_path):
     patients, s = read_mimic3(demo_dir)
     paths = write_mimic3_csvs(patients, tmp_path / "csv", seed=7)
-    assert sorted(p.name for p in paths.values()) == ["ADMISSIONS.csv", "DIAGNOSES_ICD.csv", "PATIENTS.csv"]
+    assert sorted(p.name for p in paths.values()) == ["ADMISSIONS.csv", "DIAGNOSES_ICD.csv", "PATIENTS.csv",
+                                                      "PRESCRIPTIONS.csv", "PROCEDURES_ICD.csv"]
     lines = (tmp_path / "csv" / "DIAGNOSES_ICD.csv").read_text().splitlines()
     assert lines[0] == '"ROW_ID","SUBJECT_ID","HADM_ID","SEQ_NUM","ICD9_CODE"'  # quoted, as MIMIC-III v1.4
     assert lines[1].endswith(',1,"99591"')  # dotless code, leading zeros kept as text
