@@ -30,6 +30,13 @@ back into the same patients (ages to 0.01 year, which is the reader's precision)
   ROW_IDs count from 1; codes are written as given (dotless), in visit order as SEQ_NUM 1..n;
   strings and headers are double-quoted and missing values left empty, as in MIMIC-III v1.4.
 
+Procedures and medications (`schema.MODALITY_FIELDS`), when some patient has them, are written
+as PROCEDURES_ICD (ROW_ID, SUBJECT_ID, HADM_ID, SEQ_NUM 1..n, ICD9_CODE) and PRESCRIPTIONS (one
+MAIN row per code: STARTDATE / ENDDATE the midnights of the visit's admission and discharge days,
+DRUG and FORMULARY_DRUG_CD split from ``<NAME>//<FORMULARY>``, ``UNK`` written empty); a patient
+whose field is null is written without rows (read back as empty lists). A cohort without them
+writes neither table and removes one an earlier write left in the folder.
+
 `write_mimic4_csvs` writes a MIMIC-IV folder, `hosp/patients.csv.gz`, `hosp/admissions.csv.gz`
 and `hosp/diagnoses_icd.csv.gz`, with MIMIC-IV's columns and lower-case headers, which
 `promptehr_hf.datasets_scripts.mimic4.read_mimic4` reads back into the same patients with their
@@ -39,6 +46,9 @@ ages floored to whole years (MIMIC-IV has no date of birth, only whole-year ages
 - `anchor_year` is the year of the patient's first admission and `anchor_age` the age floored
   to whole years, 91 for an age of 90 (MIMIC-IV's "over 89"); `anchor_year_group` is one of
   MIMIC-IV's five real periods ("2008 - 2010" ... "2020 - 2022"), chosen by subject_id;
+- procedures_icd (subject_id, hadm_id, seq_num, chartdate = the admission's date, icd_code,
+  icd_version) and prescriptions (subject_id, hadm_id, starttime / stoptime = admission /
+  discharge, drug_type MAIN, drug, formulary_drug_cd) when the cohort has them, as above;
 - codes are written with the one `icd_version` of the cohort's code system (10 for "icd10cm",
   9 for "icd9cm"), in visit order as seq_num 1..n; `admission_type` is "EW EMER." (MIMIC-IV's
   most frequent); `deathtime`, `hospital_expire_flag` and `dod` (a date) as the MIMIC-III

@@ -21,7 +21,10 @@ as the MIMIC-III CSV writer for the same seed):
   300 years before the first admission; the reader caps it back to 90);
 - per visit, `HOSPITAL_ADMISSION//UNK//UNK` at the admission time, one
   `DIAGNOSIS//ICD//9//4019` (`//10//I10` for ICD-10-CM) row per code at the discharge time in
-  `seq_num` order (the ETL times diagnoses at discharge), then `HOSPITAL_DISCHARGE//UNK` at the
+  `seq_num` order (the ETL times diagnoses at discharge), then the visit's procedures
+  (`PROCEDURE//ICD//9//3893`, `//10//0DTJ4ZZ` with ICD-10-CM) and medications
+  (`MEDICATION//START//<NAME>//<FORMULARY>`) in list order at the same time, when the cohort
+  has them, then `HOSPITAL_DISCHARGE//UNK` at the
   discharge time. The ETL writes `HOSPITAL_ADMISSION//<admission_type>//<admission_location>` and
   `HOSPITAL_DISCHARGE//<discharge_location>`, rendering a missing component as `UNK`: we have none;
 - `MEDS_DEATH` (`meds.death_code`) at the time of death (no hadm_id): the last discharge for a
@@ -64,7 +67,14 @@ are then read as they would be from a MIMIC-IV extraction:
   (`deaths_before_last_visit`). No MEDS_DEATH: hospital_death false, death_days null. A death
   recorded as a date (at midnight, as an ETL writing a date of death does) on the last
   discharge's day falls inside that stay and reads as a death in hospital;
-- every other code (labs, medications, `GENDER//UNK`, ...) is ignored and counted by
+- procedures (`PROCEDURE//ICD//<9|10>//<code>`, the version that goes with the diagnoses; the
+  other version's rows counted) and medications (`MEDICATION//START//<drug>[//<product>]`, the
+  last component taken as the formulary code, `UNK` when absent: the public extraction puts an
+  NDC there, or nothing) are placed in visits as diagnoses are (a procedure may also fall on the
+  admission's day before its time: the ETL times them at their chart date), repeated codes
+  dropped; each field is left out of the patients when the dataset has no such row (summary
+  `procedures` / `medications`: None);
+- every other code (labs, `MEDICATION//STOP//...`, `GENDER//UNK`, ...) is ignored and counted by
   its first `//` component; time-less birth, admission, discharge or diagnosis rows are dropped and
   counted;
 - `metadata/dataset.json`, `codes.parquet` and `subject_splits.parquet` are validated with their

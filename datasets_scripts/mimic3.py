@@ -60,6 +60,14 @@ so a Dataset round trip gives the same value). The summary adds `times`, `hospit
 
 The summary says `"code_system": "icd9cm"` and `"format": "mimic3"`.
 
+Procedures and medications (`read_modalities`, shared with `mimic4.read_mimic4`): the optional
+PROCEDURES_ICD (`hadm_id`, `seq_num`, `icd9_code`: ICD-9-CM volume 3, `procedures.ICD9PROC`) and
+PRESCRIPTIONS (`hadm_id`, `drug`, optional `drug_type`, `formulary_drug_cd`, `startdate`:
+`medications` codes) are read when the folder has them, into each patient's `procedures` /
+`medications` (one list per visit); a folder without them reads as before, the fields left out
+of the patient dicts. Their rows are counted as `modalities` says, in the summary's
+`procedures` / `medications` (None for an absent table), with one message per non-zero count.
+
 `find_tables` also looks in MIMIC-IV's `hosp/` sub-folder when the tables are not in the folder
 itself; `mimic4.read_mimic4` reads MIMIC-IV folders with this module's table helpers, and
 `cohort.CohortBuilder` turns either (or a MEDS folder) into train/validation/test datasets.

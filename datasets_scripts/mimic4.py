@@ -33,6 +33,10 @@ The cohort is in one code system, ICD-10-CM (`code_system` "icd10cm" in the summ
 - times and deaths: as `mimic3.read_mimic3` (its rules, its quirks but the PATIENTS
   expire_flag ones: MIMIC-IV has no expire_flag), from admissions' `dischtime`, `deathtime`,
   `hospital_expire_flag` and patients' `dod` (a date).
+- procedures_icd and prescriptions, when present: as `mimic3.read_modalities` (rules and counts:
+  `modalities`); procedures in ICD-10-PCS (`procedures.ICD10PCS`): the icd_version 9 rows are
+  dropped and counted (`icd9_rows`), since no ICD-9 -> ICD-10-PCS mapping is shipped;
+  prescriptions ordered by `starttime`.
 - a missing file or column, an empty or unreadable table, duplicated `subject_id` or `hadm_id`,
   and an unparseable id, year, age, date, sex or `icd_version` (other than 9 or 10) raise
   Mimic3Error, one line naming the file, the column and the first bad data row.
