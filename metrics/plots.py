@@ -107,7 +107,8 @@ def _utility(utility: dict, path: Path) -> Path:
         mean = np.array([res[f"{g}_auroc{suffix}"] for g in groups], dtype=float)
         low = np.array([res[f"{g}_auroc{suffix}_ci_low"] for g in groups], dtype=float)
         high = np.array([res[f"{g}_auroc{suffix}_ci_high"] for g in groups], dtype=float)
-        err = np.nan_to_num(np.vstack([mean - low, high - mean]), nan=0.0)
+        # On few patients a bootstrap percentile interval can miss the point estimate: no negative bar.
+        err = np.clip(np.nan_to_num(np.vstack([mean - low, high - mean]), nan=0.0), 0.0, None)
         right.bar(x + (i - (len(bars) - 1) / 2) * width, mean, width=width, color=COLORS[color], label=label,
                   yerr=err, capsize=3, error_kw={"lw": 0.8})
     right.axhline(0.5, color="grey", lw=0.5, ls=":")

@@ -160,7 +160,7 @@ def test_train_on_a_simulated_icd10_cohort(tmp_path, tiny_config_json):
                          "--config-overrides", tiny_config_json, "--batch-size", "16", "--max-steps", "3",
                          "--warmup-steps", "0", "--eval-steps", "0", "--save-steps", "3",
                          "--eval-generate-patients", "0", "--visit-types", "0", "--max-source-length", "64",
-                         "--generate", "60", "--generate-batch-size", "32"])
+                         "--generate", "60", "--generate-batch-size", "32", "--calibration-patients", "30"])
     assert run["code_system"] == "icd10cm" and run["cohort"]["code_system"] == "icd10cm"
     assert (out / "mimic4" / "hosp" / "diagnoses_icd.csv.gz").is_file() and not (out / "mimic3").exists()
     model = out / "model"

@@ -170,7 +170,8 @@ def test_installed_copy_trains_from_an_empty_folder(installed, tmp_path, tiny_co
     proc = subprocess.run(
         [sys.executable, "-S", str(installed / "bin" / "promptehr"), "train", "--patients", "2000", "--max-steps",
          "20", "--output-dir", "run", "--config-overrides", tiny_config_json, "--eval-steps", "0", "--save-steps", "20",
-         "--batch-size", "16", "--max-source-length", "64", "--warmup-steps", "0"],
+         "--batch-size", "16", "--max-source-length", "64", "--warmup-steps", "0", "--calibration-patients",
+         "50"],
         cwd=work, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-5000:]
     run = work / "run"

@@ -18,7 +18,8 @@ def test_resume_last_passes_over_an_incomplete_checkpoint(tmp_path, caplog, tiny
     common = ["--output-dir", str(out), "--patients", "120", "--config-overrides", tiny_config_json,
               "--batch-size", "16",
               "--logging-steps", "1", "--eval-steps", "0", "--save-steps", "2", "--eval-generate-patients", "0",
-              "--max-source-length", "64", "--warmup-steps", "0", "--generate", "0", "--max-steps", "4"]
+              "--max-source-length", "64", "--warmup-steps", "0", "--generate", "0", "--max-steps", "4",
+              "--calibration-patients", "0"]
     assert pipeline.main(common)["global_step"] == 4
     checkpoints = out / "checkpoints"
     assert sorted(p.name for p in checkpoints.iterdir()) == ["checkpoint-2", "checkpoint-4"]

@@ -65,7 +65,8 @@ def test_train_generate_evaluate_push_and_resume(train_script, tmp_path, monkeyp
     common = ["--output-dir", str(out), "--patients", "300", "--config-overrides", tiny_config_json,
               "--batch-size", "16",
               "--logging-steps", "2", "--eval-steps", "4", "--save-steps", "4", "--eval-examples", "32",
-              "--eval-generate-patients", "8", "--max-source-length", "64", "--warmup-steps", "0"]
+              "--eval-generate-patients", "8", "--max-source-length", "64", "--warmup-steps", "0",
+              "--calibration-patients", "30"]
     before = cache_entries()
     run = train_script.main(common + ["--max-steps", "4", "--generate", "40",
                                       "--push-to-hub", "someone/promptehr-tiny"])
@@ -87,7 +88,10 @@ def test_train_generate_evaluate_push_and_resume(train_script, tmp_path, monkeyp
     assert type_tables["recurrence"]["categories"]  # counted with the tokenizer's categories
     saved = json.loads((model_dir / "config.json").read_text())
     assert saved["visit_type_feature_index"] == 1 and saved["cat_cardinalities"] == [2, n_types]
-    assert json.loads((model_dir / "generation_config.json").read_text())["stage_two"] == "type"
+    generation_config = json.loads((model_dir / "generation_config.json").read_text())
+    assert generation_config["stage_two"] == "type"
+    # the category calibration measured on 30 generated patients, one log-ratio per category seen
+    assert generation_config["category_calibration"] and "calibration_minutes" in run
     assert (out / "synthetic" / "synthetic.parquet").is_file()
     metrics = json.loads((out / "evaluation" / "metrics.json").read_text())
     assert metrics["rows"]["synthetic"]["n_synthetic_patients"] > 0 and metrics["rows"]["floor"] is not None

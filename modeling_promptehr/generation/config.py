@@ -41,6 +41,15 @@ class PromptEHRGenerationConfig(GenerationConfig):
             codes of a patient's previous visit are weighted by how much more often they recur in
             the training cohort than the visit types predict (``CohortPrior.recurrence_log_lift``):
             chronic conditions come back, with the same code. Ignored otherwise.
+        calibration (`bool`, *optional*, defaults to `True`):
+            Add `category_calibration` to the category scores of every visit. Ignored without it.
+        category_calibration (`dict`, *optional*):
+            ``{category: log-ratio}``, written at training time (``fit_category_calibration``):
+            the log of each category's share of training visits over its share of visits that
+            the trained model generated without it. A model trained for minutes spreads its
+            probability more evenly than the data, and a category present in a large minority of
+            visits (hypertension) comes out too often; this moves each category's marginal back
+            to the training cohort's.
         cms (`bool`, *optional*, defaults to `True`):
             Apply the CMS age/sex edits of each patient (needs `cms_edits`).
         cms_edits (`dict`, *optional*):
@@ -77,9 +86,12 @@ class PromptEHRGenerationConfig(GenerationConfig):
     def __init__(self, stage_two: str = "empirical", visit_length: str = "data", cms: bool = True,
                  cms_edits: dict | None = None, batch_size: int = 256, max_codes: int | None = None,
                  max_history_length: int | None = None, seed_visits: int = 1, custom_decoding: bool = True,
-                 recurrence: bool = True, times: bool = True, **kwargs):
+                 recurrence: bool = True, times: bool = True, calibration: bool = True,
+                 category_calibration: dict | None = None, **kwargs):
         self.stage_two = stage_two
         self.recurrence = recurrence
+        self.calibration = calibration
+        self.category_calibration = category_calibration
         self.times = times
         self.visit_length = visit_length
         self.cms = cms

@@ -198,9 +198,11 @@ def _batch_bounds(targets: np.ndarray, batch_size: int) -> list[int]:
 
 
 def _run_plan(model, tokenizer, plan: _Plan, config: PromptEHRGenerationConfig, *, index, edit_table, max_codes,
-              max_history_length, progress, type_table=None, recurrence=None, desc: str = "generating") -> dict:
+              max_history_length, progress, type_table=None, recurrence=None, calibration=None,
+              desc: str = "generating") -> dict:
     """Generate every missing visit of ``plan`` in place; returns counters. ``type_table``: the
-    stage-two table per visit type; ``recurrence``: :func:`recurrence_log_lifts` (with a type table)."""
+    stage-two table per visit type; ``recurrence``: :func:`recurrence_log_lifts` (with a type table);
+    ``calibration``: :func:`category_calibration_row`, added to every visit's category scores."""
     device = next(model.parameters()).device
     gen_cfg = _visit_generation_config(model, tokenizer)
     # The class's generate: a checkpoint loaded with trust_remote_code=True has the custom
@@ -239,10 +241,11 @@ def _run_plan(model, tokenizer, plan: _Plan, config: PromptEHRGenerationConfig, 
             n_codes = None if targets is None else torch.from_numpy(targets[sel])
             longest = max_codes if n_codes is None else int(n_codes.max())
             code_log_probs = None if type_table is None else type_table[torch.from_numpy(cat[:, 1]).to(device)]
-            category_log_lift = None
+            category_log_lift = None if calibration is None else calibration.expand(len(rows), -1)
             if recurrence is not None and t > 0:
-                code_log_probs, category_log_lift = _recurrence_rows(
+                code_log_probs, lift = _recurrence_rows(
                     tokenizer, index, [plan.visits[i][t - 1] for i in rows], code_log_probs, recurrence)
+                category_log_lift = lift if category_log_lift is None else category_log_lift + lift
             processors = visit_logits_processors(
                 index, plan.ages[rows].tolist(), [plan.sexes[i] for i in rows], n_codes=n_codes,
                 max_codes=max_codes, stage_two=config.stage_two, temperature=config.temperature or 1.0,
@@ -401,10 +404,13 @@ def sample_patients(model, tokenizer, config: PromptEHRGenerationConfig, n: int 
     recurrence = None
     if type_table is not None and config.recurrence:
         recurrence = recurrence_log_lifts(need_prior(), tokenizer, index)
+    calibration = None
+    if config.calibration and config.category_calibration:
+        calibration = category_calibration_row(config.category_calibration, tokenizer, index)
     was_training = model.training  # the trainer's monitoring callback generates mid-training
     model.eval()
     run = dict(index=index, edit_table=edit_table, max_codes=int(max_codes), max_history_length=max_history_length,
-               progress=progress, type_table=type_table, recurrence=recurrence)
+               progress=progress, type_table=type_table, recurrence=recurrence, calibration=calibration)
     redrawn = np.zeros(len(plan.ages), dtype=bool)
     copies = np.zeros(0, dtype=np.int64)
     try:
@@ -436,7 +442,8 @@ def sample_patients(model, tokenizer, config: PromptEHRGenerationConfig, n: int 
 
     stats: dict = {
         "mode": mode, "stage_two": config.stage_two, "visit_length": config.visit_length,
-        "recurrence": recurrence is not None, "batch_size": config.batch_size, "seed": seed,
+        "recurrence": recurrence is not None, "calibration": calibration is not None,
+        "batch_size": config.batch_size, "seed": seed,
         "do_sample": config.do_sample,
         "temperature": config.temperature, "top_k": config.top_k, "top_p": config.top_p, "cms": config.cms,
         "max_codes": int(max_codes), "max_history_length": int(max_history_length), "n_generated": len(plan.ages),
@@ -546,6 +553,19 @@ def recurrence_log_lifts(prior: CohortPrior, tokenizer, index: VocabIndex) -> tu
         cat_lift[index.code_category_pos[torch.tensor(ids, device=index.device)].cpu()] = torch.tensor(values)
     code_lift = code_lift.to(index.device) * index.generable
     return code_lift, cat_lift.to(index.device)
+
+
+def category_calibration_row(calibration: dict, tokenizer, index: VocabIndex) -> torch.Tensor:
+    """A generation config's ``category_calibration`` ({category: log-ratio}) as a [1, n_cat] row
+    of category scores (0 for a category it does not list or the vocabulary lacks)."""
+    vocab = tokenizer.get_vocab()
+    row = torch.zeros(len(index.category_ids) + 1, dtype=torch.float32)
+    pairs = [(vocab[k], float(v)) for k, v in calibration.items() if k in vocab]
+    if pairs:
+        ids, values = zip(*pairs)
+        # Every category owns a catch-all code token spelled as the category: its position is the category's.
+        row[index.code_category_pos[torch.tensor(ids, device=index.device)].cpu()] = torch.tensor(values)
+    return row[:-1].to(index.device)[None, :]
 
 
 def _recurrence_rows(tokenizer, index: VocabIndex, previous: list[list[str]], code_log_probs: torch.Tensor,

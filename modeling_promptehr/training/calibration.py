@@ -1,0 +1,67 @@
+"""Category calibration: after training, how far each category's share of generated visits is from
+its share of training visits, as the log-ratio that generation adds to its score
+(``PromptEHRGenerationConfig.category_calibration``).
+
+A model trained for minutes spreads its probability more evenly than the data: a category present
+in a large minority of visits (hypertension in about 37%) comes out a few points too often, and
+rare ones too seldom. One draw of unconditional patients from the trained model (with its saved
+generation settings, calibration off) measures it; nothing but the training split is used.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+
+from promptehr_hf.modeling_promptehr.generation.pipeline import generate_patients
+
+# Visits added to both counts of every category: a category no generated visit holds gets a finite
+# log-ratio, and one seen a few times moves little.
+PSEUDO_VISITS = 0.5
+# The log-ratio is kept within +-MAX_LOG_RATIO: a category the model all but never writes is not
+# forced in at any cost to the rest of its visit.
+MAX_LOG_RATIO = 1.0
+DEFAULT_CALIBRATION_PATIENTS = 10_000
+
+
+def category_visit_counts(visits, category_of) -> Counter:
+    """{category: number of visits holding at least one of its codes}."""
+    return Counter(k for visit in visits for k in {category_of(c) for c in visit})
+
+
+def fit_category_calibration(model, tokenizer, train_patients, n_patients: int = DEFAULT_CALIBRATION_PATIENTS, *,
+                             prior=None, seed: int = 0, batch_size: int = 256, max_history_length: int | None = None,
+                             progress: bool = True) -> dict[str, float]:
+    """{category: log-ratio} for every category of the tokenizer's vocabulary that the training
+    patients or the generated ones hold.
+
+    Generates ``n_patients`` unconditional patients with ``model``'s generation config (calibration
+    off, no times, ``seed``) and compares, per category, the share of visits that hold it:
+    log((n_train + s) / (N_train + s)) - log((n_gen + s) / (N_gen + s)), ``s`` = PSEUDO_VISITS,
+    clipped to +-MAX_LOG_RATIO, rounded to 4 decimals.
+
+    Args:
+        train_patients: the training split (patient dicts or a datasets.Dataset with ``visits``).
+        prior: the CohortPrior generation draws from (default: the checkpoint's).
+    """
+    if n_patients < 1:
+        raise ValueError(f"fit_category_calibration: n_patients must be >= 1, got {n_patients}")
+    synthetic, _ = generate_patients(model, tokenizer, n_patients, mode="unconditional", prior=prior, seed=seed,
+                                     batch_size=batch_size, max_history_length=max_history_length, calibration=False,
+                                     times=False, progress=progress)
+    train_visits = [v for visits in train_patients["visits"] for v in visits] if hasattr(
+        train_patients, "column_names") else [v for p in train_patients for v in p["visits"]]
+    generated_visits = [v for visits in synthetic["visits"] for v in visits]
+    real = category_visit_counts(train_visits, tokenizer.category_of)
+    fake = category_visit_counts(generated_visits, tokenizer.category_of)
+    vocab = tokenizer.get_vocab()
+    out = {}
+    for k in sorted((set(real) | set(fake)) & set(vocab)):
+        ratio = np.log((real[k] + PSEUDO_VISITS) / (len(train_visits) + PSEUDO_VISITS)) - np.log(
+            (fake[k] + PSEUDO_VISITS) / (len(generated_visits) + PSEUDO_VISITS))
+        out[k] = round(float(np.clip(ratio, -MAX_LOG_RATIO, MAX_LOG_RATIO)), 4)
+    return out
+
+
+__all__ = ["DEFAULT_CALIBRATION_PATIENTS", "category_visit_counts", "fit_category_calibration"]
