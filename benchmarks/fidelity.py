@@ -25,7 +25,8 @@ order, learning rate and a narrower model) and generation choices on the default
 by the type-blind training P(code | category) or by the model's scores vs the default, the
 training P(code | category, visit type); greedy decoding and
 temperature 0.9 vs ancestral sampling at temperature 1; visit length decided by the model vs
-drawn from the data; no recurrence weights for the previous visit's categories and codes). The
+drawn from the data; no recurrence weights for the previous visit's categories and codes; no
+category calibration). The
 curve rows (``minutes_5``, ``minutes_45``) train the default for those budgets, beside the
 default's own (``--minutes``, 15 by default: the main job's budget); the table gives each row's
 share of the baseline-to-floor gap closed. When the cohort has times (the simulated one does),
@@ -100,6 +101,7 @@ GENERATION = {
     "temperature_0.9": {"temperature": 0.9},
     "visit_length_model": {"visit_length": "model"},
     "no_recurrence": {"recurrence": False},
+    "no_calibration": {"calibration": False},
 }
 # Default cohort sizes of --cohort.
 PATIENTS = {"simulated": 46_520, "recombined": 12_000, "simulated_icd10": 46_520}  # simulated: MIMIC-III scale
@@ -334,8 +336,10 @@ def targets(rows: dict, kind: str = "simulated") -> list[dict]:
             if kind == "r2":
                 checks.append((f"{label} >= 0.8", m[key] >= 0.8, m[key]))
             else:
-                share = time_closure(m, floor, base, key, kind)
-                checks.append((f"{label} closes >= 80% of the gap", share >= 0.8, share))
+                error, bound = time_error(m, key, kind), 0.2 * time_error(base, key, kind) + 0.8 * time_error(
+                    floor, key, kind)
+                checks.append((f"{label} closes >= 80% of the gap", error <= bound,
+                               f"{fmt(error)} vs bound {fmt(bound)}"))
         bad = sum(v for k, v in m.items() if k.startswith("violations_") and isinstance(v, int))
         checks.append(("zero time and outcome violations", bad == 0, bad))
     return [{"target": t, "met": bool(ok), "value": v} for t, ok, v in checks]
@@ -366,14 +370,23 @@ TIME_COLUMNS = [
 ]
 
 
+def time_error(row: dict, key: str, kind: str) -> float:
+    """How far a time figure of ``row`` is from the real training cohort: the distance itself, or
+    |rate - real rate|."""
+    return abs(row[key] - row[key + "_real"]) if kind == "rate" else row[key]
+
+
 def time_closure(row: dict, floor: dict, base: dict, key: str, kind: str) -> float:
-    """Share of the baseline-to-floor gap of a time figure that ``row`` closes: for a distance or
-    R², as :func:`closure`; for a rate, of the gap in |rate - real rate|."""
-    if kind == "rate":
-        err = lambda r: abs(r[key] - r[key + "_real"])  # noqa: E731
-        gap = err(base) - err(floor)
-        return (err(base) - err(row)) / gap if gap else float("nan")
-    return closure(row, floor, base, key)
+    """Share of the baseline-to-floor gap of a time figure that ``row`` closes: for an R², as
+    :func:`closure`; for a distance or a rate, of the gap in :func:`time_error`. NaN where there is
+    no gap (the baseline, drawn from the marginals, is as close to the training cohort as the
+    held-out split): the target is then read as "at most 0.2 x baseline + 0.8 x floor", the same
+    bound that closing 80% of a gap sets."""
+    if kind == "r2":
+        return closure(row, floor, base, key)
+    gap = time_error(base, key, kind) - time_error(floor, key, kind)
+    # below 1e-9 the gap is rounding (a rate equal in both references)
+    return (time_error(base, key, kind) - time_error(row, key, kind)) / gap if gap > 1e-9 else float("nan")
 
 
 def time_section(rows: dict) -> list[str]:
@@ -395,7 +408,8 @@ def time_section(rows: dict) -> list[str]:
         for key, _, kind in TIME_COLUMNS:
             value = fmt(r.get(key))
             if name not in ("floor", "baseline") and key in r:
-                value += f" ({time_closure(r, floor, base, key, kind):.0%})"
+                share = time_closure(r, floor, base, key, kind)
+                value += " (no gap)" if math.isnan(share) else f" ({share:.0%})"
             cells.append(value)
         bad = sum(v for k, v in r.items() if k.startswith("violations_") and isinstance(v, int))
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {bad:,} |")
