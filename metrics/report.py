@@ -61,6 +61,14 @@ the skipped tasks with their reasons, the settings), metrics.md a section "Utili
 synthetic, test on real)" and the plot ``utility.png`` (per-task AUROC, real-trained vs
 synthetic- and baseline-trained; group means with their intervals). Without them, the report is
 exactly as before.
+
+Perplexity (``metrics.perplexity``): with ``--model DIR`` (a trained checkpoint), the model's
+longitudinal and marginal perplexities (``lpl``, ``mpl``, as PromptEHR defines them) on a random
+sample of ``--perplexity-patients`` (default 200) held-out real patients (``--real``); a model
+conditioned on visit types needs the checkpoint's ``cohort_prior.json``. metrics.json gains a
+top-level ``"perplexity"``, the meta a line naming the model, metrics.md a section "Perplexity".
+Python: ``evaluate_cohorts(..., perplexity=metrics.perplexity.perplexity(model, tokenizer, real,
+prior))``.
 """
 
 from __future__ import annotations
@@ -86,10 +94,13 @@ from promptehr_hf.datasets_scripts.mimic4 import read_mimic4
 from promptehr_hf.file_utils import check_output, replace_folder, write_json_atomic, write_text_atomic
 from promptehr_hf.metrics.baselines import IndependentMarginalSampler
 from promptehr_hf.metrics.coherence import coherence, unknown_codes
+from promptehr_hf.metrics.perplexity import DEFAULT_PATIENTS, perplexity
 from promptehr_hf.metrics.plots import write_plots
 from promptehr_hf.metrics.privacy import privacy
 from promptehr_hf.metrics.time_outcome import TIME_FIELDS, VIOLATIONS, has_times, optional_column, time_outcome
 from promptehr_hf.metrics.utility import flat_figures, utility_rows
+from promptehr_hf.modeling_promptehr.generation.command import load_model
+from promptehr_hf.modeling_promptehr.generation.prior import PRIOR_FILE, CohortPrior
 
 COLUMNS = ("visits", "age", "sex")
 ROWS = ("synthetic", "floor", "baseline")
@@ -291,7 +302,8 @@ def warn_unknown_codes(name: str, cohort: Any, code_system: str = DEFAULT_CODE_S
 # ----------------------------------------------------------------------------- scoring
 def evaluate_cohorts(synthetic: Any, real: Any, train: Any = None, *, out_dir: str | os.PathLike | None = None,
                      baseline: bool = True, plots: bool = True, seed: int = 0, top_k: int = 100,
-                     n_attack: int = 2000, code_system: str = DEFAULT_CODE_SYSTEM, utility: bool = True) -> dict:
+                     n_attack: int = 2000, code_system: str = DEFAULT_CODE_SYSTEM, utility: bool = True,
+                     perplexity: dict | None = None) -> dict:
     """Score ``synthetic`` (and the floor and baseline rows, see the module docstring) against
     ``real``. Cohorts: patient dicts, a ``datasets.Dataset`` or dicts of columns, all in
     ``code_system`` (``"icd9cm"`` or ``"icd10cm"``; a trained model's is its tokenizer's
@@ -300,9 +312,13 @@ def evaluate_cohorts(synthetic: Any, real: Any, train: Any = None, *, out_dir: s
     ``utility``: with ``train``, also the train-on-synthetic, test-on-real figures (module
     docstring; ``metrics.utility``).
 
+    ``perplexity``: a result of ``metrics.perplexity.perplexity`` (a model on held-out real
+    patients), reported as given.
+
     Returns ``{"rows": {"synthetic": {...}, "floor": {...} | None, "baseline": {...} | None},
     "meta": {...}}`` (and ``"utility"``: per row, the full ``metrics.utility`` result, when
-    computed); with ``out_dir``, also writes metrics.json, metrics.md and the PNGs there.
+    computed; and ``"perplexity"`` when given); with ``out_dir``, also writes metrics.json,
+    metrics.md and the PNGs there.
     """
     code_systems.code_system(code_system)  # an unknown name fails before the work
     if out_dir is not None:
@@ -361,10 +377,15 @@ def evaluate_cohorts(synthetic: Any, real: Any, train: Any = None, *, out_dir: s
     if useful is not None:
         meta["utility"] = ("logistic regressions trained on each row's cohort (floor: the train split), tested on "
                            "the real cohort: " + ", ".join(useful))
+    if perplexity is not None:
+        meta["perplexity"] = (f"lpl and mpl of the model on {perplexity['n_patients']:,} held-out real patients "
+                              f"({perplexity['n_codes']:,} codes)")
     meta["scoring_seconds"] = round(time.perf_counter() - t0, 2)
     result = {"rows": rows, "meta": meta}
     if useful is not None:
         result["utility"] = useful
+    if perplexity is not None:
+        result["perplexity"] = perplexity
     if out_dir is not None:
         _write(result, {**candidates, "real": reference}, Path(out_dir), plots, code_system)
     return result
@@ -417,6 +438,8 @@ def markdown_table(result: dict) -> str:
         lines.append("")
     if any(key in row for row in rows.values() if row for items in UTILITY_TABLE.values() for key, _, _ in items):
         lines += _utility_lines(rows)
+    if result.get("perplexity"):
+        lines += _perplexity_lines(result["perplexity"])
     if timed:
         lines.append("Definitions: `promptehr_hf.metrics.coherence`, `promptehr_hf.metrics.privacy` and "
                      "`promptehr_hf.metrics.time_outcome` docstrings.")
@@ -452,6 +475,27 @@ def _utility_lines(rows: dict) -> list[str]:
     return lines
 
 
+def _perplexity_lines(ppl: dict) -> list[str]:
+    types = (f"visit types marginalised over the cohort prior's chain ({ppl['n_types']} types; lpl over the "
+             f"{ppl['lpl_types'] or 'all reachable'} most likely per visit, mpl over {ppl['mpl_types']})"
+             if ppl.get("n_types") else "no visit types")
+    return [
+        "## Perplexity (the model on held-out real patients)", "",
+        f"PromptEHR's perplexities of the model on {ppl['n_patients']:,} held-out real patients "
+        f"({ppl['n_visits']:,} visits, {ppl['n_codes']:,} codes scored, {ppl['n_unscored_codes']:,} of unknown "
+        f"category not scored; codes in `{ppl['code_order']}` order; {types}). lpl: each code given the earlier "
+        "visits and the codes before it in its visit; mpl: each code given the rest of its visit and the earlier "
+        "visits; exp of the mean negative log-probability per code (median: the median of 1 / P(code), "
+        "the statistic of PromptEHR's released evaluator). Definitions: `promptehr_hf.metrics.perplexity`.", "",
+        "| metric | value | better |", "|---|---|---|",
+        f"| longitudinal perplexity (lpl) | {_fmt(ppl['lpl'])} | lower |",
+        f"| lpl, visits after the first ({ppl['n_codes_later_visits']:,} codes) | {_fmt(ppl['lpl_later_visits'])} "
+        "| lower |",
+        f"| marginal perplexity (mpl) | {_fmt(ppl['mpl'])} | lower |",
+        f"| lpl, median over codes | {_fmt(ppl['lpl_median'])} | lower |",
+        f"| mpl, median over codes | {_fmt(ppl['mpl_median'])} | lower |", ""]
+
+
 def _write(result: dict, cohort_columns: dict[str, dict], out: Path, plots: bool, code_system: str) -> None:
     with replace_folder(out, "evaluate", {"meta": _clean(result["meta"])}) as tmp:
         write_json_atomic(tmp / "metrics.json", _clean(result), indent=2, allow_nan=False)
@@ -480,23 +524,33 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-plots", action="store_true")
     parser.add_argument("--no-utility", action="store_true",
                         help="skip the train-on-synthetic, test-on-real figures (computed when --train is given)")
+    parser.add_argument("--model", help="a trained checkpoint: adds its perplexities (lpl, mpl) on held-out real "
+                        "patients (--real)")
+    parser.add_argument("--perplexity-patients", type=int, default=DEFAULT_PATIENTS,
+                        help=f"held-out patients sampled for the perplexities (default {DEFAULT_PATIENTS})")
 
 
 def _inputs(args: argparse.Namespace) -> dict[str, str | None]:
     return {"--real": args.real, "--synthetic": args.synthetic, "--train": args.train}
 
 
+def _guarded(args: argparse.Namespace) -> dict[str, str | None]:
+    """Every input path, the model's included: --out must be none of them, lie in none, hold none."""
+    return {**_inputs(args), "--model": args.model}
+
+
 def validate(args: argparse.Namespace) -> None:
     """The checks ``promptehr evaluate`` runs before reading any cohort: every input exists, the
     numbers are in range, and --out is no input, lies in none, contains none, and is missing,
     empty or an earlier report. Raises FileNotFoundError, ValueError or OutputFolderError."""
-    for flag, path in _inputs(args).items():
+    for flag, path in _guarded(args).items():
         if path is not None and not Path(path).exists():
             raise FileNotFoundError(f"{flag} {path}: no such file or folder")
-    for flag, value in (("--top-k", args.top_k), ("--n-attack", args.n_attack)):
+    for flag, value in (("--top-k", args.top_k), ("--n-attack", args.n_attack),
+                        ("--perplexity-patients", args.perplexity_patients)):
         if value < 1:
             raise ValueError(f"{flag} must be >= 1, got {value}")
-    check_output(Path(args.out), "evaluate", _inputs(args))
+    check_output(Path(args.out), "evaluate", _guarded(args))
 
 
 def _code_system(args: argparse.Namespace) -> str:
@@ -512,6 +566,19 @@ def _code_system(args: argparse.Namespace) -> str:
     return next(iter(found.values()), DEFAULT_CODE_SYSTEM)
 
 
+def _model_perplexity(model_dir: str, real: dict, n_patients: int, seed: int) -> dict:
+    """``perplexity`` of the checkpoint at ``model_dir`` on ``real``: its cohort prior when the
+    model is conditioned on visit types, its codes sorted when it was trained on sorted codes."""
+    model, tokenizer = load_model(model_dir)
+    prior = CohortPrior.load(model_dir) if (Path(model_dir) / PRIOR_FILE).is_file() else None
+    try:
+        trained = json.loads((Path(model_dir) / "training_args.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # a checkpoint saved by hand has none
+        trained = {}
+    order = "hierarchical" if trained.get("code_order") == "hierarchical" else "seq_num"
+    return perplexity(model, tokenizer, real, prior, max_patients=n_patients, seed=seed, code_order=order)
+
+
 def run(args: argparse.Namespace) -> int:
     """``promptehr evaluate`` (the CLI runs ``validate(args)`` first)."""
     code_system = _code_system(args)
@@ -522,9 +589,10 @@ def run(args: argparse.Namespace) -> int:
                                ("--train", args.train, train)):
         if cohort is not None and not len(cohort["visits"]):
             raise ValueError(f"{flag} {path}: no patients (0 rows); nothing to score, nothing written")
+    ppl = _model_perplexity(args.model, real, args.perplexity_patients, args.seed) if args.model else None
     result = evaluate_cohorts(synthetic, real, train, out_dir=args.out, baseline=not args.no_baseline,
                               plots=not args.no_plots, seed=args.seed, top_k=args.top_k, n_attack=args.n_attack,
-                              code_system=code_system, utility=not args.no_utility)
+                              code_system=code_system, utility=not args.no_utility, perplexity=ppl)
     print(markdown_table(result))
     print(f"wrote {args.out}/metrics.json, metrics.md" + ("" if args.no_plots else " and plots"))
     return 0
