@@ -627,7 +627,7 @@ def read_modalities(files: dict[str, Path], adm: pd.DataFrame, has_code: np.ndar
 
     adm / has_code: the admissions in visit order and which are visits; patients: `_assemble`'s
     output over them. `system`: the procedure code system; `icd_versions`: the table has
-    MIMIC-IV's icd_version (ICD-9 rows of an ICD-10 cohort are dropped and counted). Rules and
+    MIMIC-IV's icd_version and `system` is ICD-10-PCS (the ICD-9 rows are dropped and counted). Rules and
     counts: `modalities`. Returns ({"procedures": summary or None, "medications": summary or None},
     messages); a table that is absent leaves its field out of the patients and its summary None.
     """
@@ -637,21 +637,18 @@ def read_modalities(files: dict[str, Path], adm: pd.DataFrame, has_code: np.ndar
     path = files.get("PROCEDURES_ICD")
     if path is not None:
         code_col = ("icd_code",) if icd_versions else ("icd9_code", "icd_code")
-        df = _read_table(path, "PROCEDURES_ICD", ["hadm_id", code_col],
-                         optional=("seq_num", *(("icd_version",) if icd_versions else ())),
-                         str_cols=(code_col[0],), allow_empty=True)
+        df = _read_table(path, "PROCEDURES_ICD", ["hadm_id", code_col, *(["icd_version"] if icd_versions else [])],
+                         optional=("seq_num",), str_cols=(code_col[0],), allow_empty=True)
         quirks = dict.fromkeys(modalities.PROCEDURE_QUIRKS if icd_versions else modalities.PROCEDURE_QUIRKS[1:], 0)
         rows = np.arange(len(df))
         if icd_versions:
-            version = _int_column(df, "icd_version", path) if "icd_version" in df.columns else None
-            if version is None:
-                raise Mimic3Error(f"{path}: missing column icd_version in the PROCEDURES_ICD table")
+            version = _int_column(df, "icd_version", path)
             bad = ~version.isin((9, 10))
             if bad.any():
                 raise _bad(path, "icd_version", bad, df["icd_version"], "unknown (not 9 or 10) icd_version")
-            other = (version != (10 if system.SYSTEM == "icd10pcs" else 9)).to_numpy()
-            quirks["icd9_rows"] = int(other.sum())
-            rows = rows[~other]
+            icd9_rows = (version == 9).to_numpy()
+            quirks["icd9_rows"] = int(icd9_rows.sum())
+            rows = rows[~icd9_rows]
         code, names, examples = modalities.procedure_codes(df[code_col[0]], system, rows, quirks)
         hadm = _int_column(df, "hadm_id", path, allow_missing=True).to_numpy(dtype=np.float64, na_value=np.nan)
         seq = (_int_column(df, "seq_num", path, allow_missing=True).to_numpy(dtype=np.float64, na_value=np.inf)
