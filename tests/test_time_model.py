@@ -9,14 +9,28 @@ import pyarrow.parquet as pq
 import pytest
 import scipy.sparse as sp
 import torch
+from safetensors import safe_open
+from safetensors.numpy import load_file, save_file
 
 from promptehr_hf import cli
 from promptehr_hf.modeling_promptehr.configuration_promptehr import PromptEHRConfig
 from promptehr_hf.modeling_promptehr.generation.pipeline import generate_patients, save_custom_generate
 from promptehr_hf.modeling_promptehr.generation.prior import CohortPrior
-from promptehr_hf.modeling_promptehr.generation.times import BinaryRows, VisitTimeModel, _cap_ages, has_times
+from promptehr_hf.modeling_promptehr.generation.times import (
+    TIME_MODEL_FILE,
+    BinaryRows,
+    VisitTimeModel,
+    _cap_ages,
+    has_times,
+)
 from promptehr_hf.modeling_promptehr.modeling_promptehr import PromptEHRForConditionalGeneration
-from promptehr_hf.modeling_promptehr.training.time_model import fit_time_model, quantile_edges
+from promptehr_hf.modeling_promptehr.training.time_model import (
+    MIN_WITHIN_BIN_VALUES,
+    WITHIN_BIN_LEVELS,
+    fit_time_model,
+    quantile_edges,
+    within_bin_quantiles,
+)
 from promptehr_hf.tokenization.tokenization_promptehr import PromptEHRTokenizer, code_category
 
 CODES = ["99591", "4019", "V3000", "25000", "4280", "486", "5849"]
@@ -113,6 +127,12 @@ def test_save_load_and_the_values_stay_inside_the_bins(cohort, time_model, tmp_p
     a, _ = time_model.sample(codes_only(cohort[:200]), np.random.default_rng(5), code_category)
     b, _ = back.sample(codes_only(cohort[:200]), np.random.default_rng(5), code_category)
     assert a == b
+    for h, table in time_model.quantiles.items():
+        np.testing.assert_array_equal(back.quantiles[h], table)
+        edges = time_model.edges[h]
+        assert table.shape == (len(edges) - 1, WITHIN_BIN_LEVELS + 1) and np.all(np.diff(table, axis=1) >= 0)
+        np.testing.assert_array_equal(table[:, 0], edges[:-1])  # pinned: nothing beyond the outer edges
+        np.testing.assert_array_equal(table[:, -1], edges[1:])
     stays = np.array([s for p in a for s in p["stay_days"]])
     edges = time_model.edges["stay"]
     assert stays.min() >= edges[0] and stays.max() <= edges[-1]
@@ -120,6 +140,80 @@ def test_save_load_and_the_values_stay_inside_the_bins(cohort, time_model, tmp_p
     assert edges[0] > all_stays.min() and edges[-1] < all_stays.max()  # no patient's extreme in the file
     with pytest.raises(ValueError, match="cannot read the time model"):
         VisitTimeModel.load(tmp_path / "nope.safetensors")
+
+
+def drawn(model: VisitTimeModel, patients: list[dict], seed: int) -> dict[str, np.ndarray]:
+    out, _ = model.sample(codes_only(patients), np.random.default_rng(seed), code_category)
+    return values(out)
+
+
+def values(patients: list[dict]) -> dict[str, np.ndarray]:
+    return {"stay": np.array([s for p in patients for s in p["stay_days"]]),
+            "gap": np.array([g for p in patients for g in p["gap_days"][1:]]),
+            "after": np.array([p["death_days"] for p in patients if p["death_days"] is not None])}
+
+
+def old_format(directory) -> VisitTimeModel:
+    """The model in ``directory`` as a file written before the within-bin quantiles."""
+    path = directory / TIME_MODEL_FILE
+    with safe_open(str(path), framework="numpy") as f:
+        metadata = f.metadata()
+    tensors = {k: v for k, v in load_file(str(path)).items() if not k.endswith(".quantiles")}
+    save_file(tensors, str(path), metadata=metadata)
+    return VisitTimeModel.load(path)
+
+
+def test_values_follow_the_training_values_inside_their_bin(cohort, tmp_path):
+    """One bin per head: the draw inside it is the whole distribution. The stays (a beta piled up at
+    the low edge), gaps (a mixture of exponentials) and days to death are skewed inside it: the
+    drawn quantiles and mean match the training ones (outer values clipped to the outer edges),
+    which the uniform draw of a file written before the within-bin quantiles misses by far (its
+    mean too, for the stays drawn uniformly on the day scale)."""
+    rng = np.random.default_rng(0)
+    skewed = [{**p, "stay_days": list(1.0 + 9.0 * rng.beta(0.5, 4.0, len(p["visits"])))} for p in cohort]
+    model = fit_time_model(skewed, code_category, bins={"stay": 1, "gap": 1, "after": 1})
+    model.save(tmp_path)
+    uniform = old_format(tmp_path)
+    real = values(skewed)
+    new, old = drawn(model, skewed * 3, seed=2), drawn(uniform, skewed * 3, seed=2)
+    for head, levels, rtol in (("stay", [0.1, 0.25, 0.5, 0.75, 0.9], 0.04),
+                               ("gap", [0.25, 0.5, 0.75, 0.9], 0.08), ("after", [0.25, 0.5, 0.75, 0.9], 0.08)):
+        edges = model.edges[head]
+        assert len(edges) == 2 and new[head].min() >= edges[0] and new[head].max() <= edges[1]
+        target = np.clip(real[head], *edges)
+        np.testing.assert_allclose(np.quantile(new[head], levels), np.quantile(target, levels), rtol=rtol)
+        assert abs(new[head].mean() / target.mean() - 1) < 0.05
+        assert np.max(np.abs(np.quantile(old[head], levels) / np.quantile(target, levels) - 1)) > 0.3
+    assert old["stay"].mean() / np.clip(real["stay"], *model.edges["stay"]).mean() - 1 > 0.5
+
+
+def test_a_file_without_within_bin_quantiles_draws_uniformly_as_before(cohort, time_model, tmp_path):
+    """The uniform draw inside the bin, exactly as before: lo + u (hi - lo), and on log1p for gaps."""
+    time_model.save(tmp_path)
+    old = old_format(tmp_path)
+    for h, edges in time_model.edges.items():
+        np.testing.assert_array_equal(old.quantiles[h], np.stack([edges[:-1], edges[1:]], axis=1))
+    bins = np.random.default_rng(0).integers(0, len(time_model.edges["gap"]) - 1, 500)
+    u = np.random.default_rng(7).random(500)
+    lo, hi = time_model.edges["stay"][bins], time_model.edges["stay"][bins + 1]
+    np.testing.assert_array_equal(old._values("stay", bins, np.random.default_rng(7)), lo + u * (hi - lo))
+    lo, hi = time_model.edges["gap"][bins], time_model.edges["gap"][bins + 1]
+    np.testing.assert_array_equal(old._values("gap", bins, np.random.default_rng(7)),
+                                  np.expm1(np.log1p(lo) + u * (np.log1p(hi) - np.log1p(lo))))
+    a, b = drawn(old, cohort[:300], seed=4), drawn(old, cohort[:300], seed=4)
+    assert all(np.array_equal(a[h], b[h]) for h in a)  # deterministic per seed
+
+
+def test_within_bin_quantiles_of_a_sparse_bin_are_the_uniform_draw():
+    edges = np.array([0.0, 10.0, 100.0])
+    rng = np.random.default_rng(0)
+    values = np.r_[rng.exponential(1.0, 500), np.linspace(20.0, 30.0, MIN_WITHIN_BIN_VALUES - 2), 1e6]
+    table = within_bin_quantiles(values, edges, levels=4)
+    assert table[0, 2] < 2.0  # the median of the exponential, not the middle of [0, 10]
+    np.testing.assert_allclose(table[1], np.linspace(10.0, 100.0, 5))  # too few values: evenly spaced
+    log_table = within_bin_quantiles(values, edges, levels=4, log=True)
+    np.testing.assert_allclose(np.log1p(log_table[1]), np.linspace(np.log1p(10.0), np.log1p(100.0), 5))
+    assert table.max() == 100.0  # the 1e6 is clipped to the outer edge
 
 
 def test_a_cohort_without_deaths_gets_none(cohort):

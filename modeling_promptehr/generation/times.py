@@ -15,8 +15,12 @@ cohort (``promptehr_hf.modeling_promptehr.training.time_model``):
 - ``after``: for the others, the days from the last discharge to a death outside hospital in
   quantile bins, or no known death (the last class).
 
-A value is drawn uniformly inside its bin (on a log scale for gaps and days to death). The codes
-are drawn first and are not changed: a cohort generated without times has the same codes.
+A value is drawn inside its bin from the training values' own distribution there: each bin keeps
+``K + 1`` within-bin quantiles (levels 0, 1/K, ..., 1; the first and last are the bin's edges) and a
+draw ``u ~ U(0, 1)`` is interpolated piecewise linearly between them (in ``log1p`` space for gaps and
+days to death). A file without these quantiles (written before them) draws uniformly inside the
+bin, as it did: that is the table with ``K = 1``. The codes are drawn first and are not changed: a
+cohort generated without times has the same codes.
 
 Ages: the patient's age is its age at the first admission; later admissions are older by the
 stays and gaps before them. Where a later visit holds a code whose CMS age edit caps the age
@@ -43,6 +47,8 @@ from .prior import AGE_BAND_EDGES, SEXES
 TIME_MODEL_FILE = "time_model.safetensors"
 TIME_MODEL_FORMAT = "promptehr-time-model"
 HEADS = ("stay", "gap", "death", "after")
+BINNED_HEADS = ("stay", "gap", "after")
+LOG_HEADS = ("gap", "after")  # days spanning orders of magnitude: drawn inside a bin on a log1p scale
 INDEX_BUCKETS = 4  # visit index (or number of visits - 1) 0, 1, 2, 3+
 DAYS_PER_YEAR = 365.25
 TIME_FIELDS = ("stay_days", "gap_days", "hospital_death", "death_days")
@@ -132,18 +138,29 @@ class VisitTimeModel:
     """The four heads' weights and bins (see the module docstring); ``sample`` draws the times."""
 
     def __init__(self, categories: Sequence[str], weights: dict[str, np.ndarray], biases: dict[str, np.ndarray],
-                 edges: dict[str, np.ndarray]):
+                 edges: dict[str, np.ndarray], quantiles: dict[str, np.ndarray] | None = None):
+        """``quantiles``: per binned head, [bins, K + 1] within-bin quantiles (the first and last
+        column the bin's edges); a head without one draws uniformly inside its bins (``K = 1``)."""
         self.categories = list(categories)
         self.weights = {h: np.asarray(weights[h], dtype=np.float32) for h in HEADS}
         self.biases = {h: np.asarray(biases[h], dtype=np.float32) for h in HEADS}
-        self.edges = {h: np.asarray(edges[h], dtype=np.float64) for h in ("stay", "gap", "after")}
+        self.edges = {h: np.asarray(edges[h], dtype=np.float64) for h in BINNED_HEADS}
+        quantiles = quantiles or {}
+        self.quantiles = {h: np.asarray(quantiles[h], dtype=np.float64) if h in quantiles
+                          else np.stack([self.edges[h][:-1], self.edges[h][1:]], axis=1) for h in BINNED_HEADS}
+        for h in BINNED_HEADS:
+            if self.quantiles[h].ndim != 2 or len(self.quantiles[h]) != len(self.edges[h]) - 1:
+                raise ValueError(f"{h}: {self.quantiles[h].shape} within-bin quantiles for "
+                                 f"{len(self.edges[h]) - 1} bins")
 
     # ------------------------------------------------------------------ files
     def save(self, directory: str | os.PathLike) -> str:
-        """Write ``time_model.safetensors`` into ``directory`` (bins and categories in its metadata)."""
+        """Write ``time_model.safetensors`` into ``directory`` (bins and categories in its metadata,
+        the within-bin quantiles as ``{head}.quantiles`` tensors)."""
         path = Path(directory) / TIME_MODEL_FILE
         tensors = {f"{h}.weight": np.ascontiguousarray(self.weights[h]) for h in HEADS}
         tensors |= {f"{h}.bias": np.ascontiguousarray(self.biases[h]) for h in HEADS}
+        tensors |= {f"{h}.quantiles": np.ascontiguousarray(self.quantiles[h]) for h in BINNED_HEADS}
         metadata = {"format": TIME_MODEL_FORMAT, "categories": json.dumps(self.categories),
                     "edges": json.dumps({h: e.tolist() for h, e in self.edges.items()})}
         tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
@@ -153,7 +170,8 @@ class VisitTimeModel:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "VisitTimeModel":
-        """Read a ``time_model.safetensors`` file, or the one in a checkpoint directory."""
+        """Read a ``time_model.safetensors`` file, or the one in a checkpoint directory (one without
+        within-bin quantiles draws uniformly inside the bins)."""
         path = Path(path)
         if path.is_dir():
             path = path / TIME_MODEL_FILE
@@ -164,8 +182,9 @@ class VisitTimeModel:
             if metadata.get("format") != TIME_MODEL_FORMAT:
                 raise ValueError(f"not a {TIME_MODEL_FORMAT} file")
             edges = {h: np.array(e) for h, e in json.loads(metadata["edges"]).items()}
+            quantiles = {h: tensors[f"{h}.quantiles"] for h in BINNED_HEADS if f"{h}.quantiles" in tensors}
             return cls(json.loads(metadata["categories"]), {h: tensors[f"{h}.weight"] for h in HEADS},
-                       {h: tensors[f"{h}.bias"] for h in HEADS}, edges)
+                       {h: tensors[f"{h}.bias"] for h in HEADS}, edges, quantiles)
         except (OSError, KeyError, ValueError) as err:
             raise ValueError(f"cannot read the time model {path}: {err}") from err
 
@@ -186,12 +205,19 @@ class VisitTimeModel:
         u = rng.random(len(probs))[:, None] * cum[:, -1:]
         return np.minimum((cum < u).sum(axis=1), probs.shape[1] - 1)
 
-    def _values(self, head: str, bins: np.ndarray, rng: np.random.Generator, log: bool) -> np.ndarray:
-        lo, hi = self.edges[head][bins], self.edges[head][bins + 1]
-        u = rng.random(len(bins))
-        if log:
-            return np.expm1(np.log1p(lo) + u * (np.log1p(hi) - np.log1p(lo)))
-        return lo + u * (hi - lo)
+    def _values(self, head: str, bins: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """One value per bin in ``bins``: ``u ~ U(0, 1)`` through the bin's piecewise-linear
+        within-bin quantile function (in log1p space for :data:`LOG_HEADS`); one uniform per value,
+        so a ``K = 1`` table draws exactly what the uniform draw inside the bin did."""
+        table = self.quantiles[head]
+        if head in LOG_HEADS:
+            table = np.log1p(table)
+        k = table.shape[1] - 1
+        pos = rng.random(len(bins)) * k
+        seg = np.minimum(pos.astype(np.int64), k - 1)
+        lo, hi = table[bins, seg], table[bins, seg + 1]
+        value = lo + (pos - seg) * (hi - lo)
+        return np.expm1(value) if head in LOG_HEADS else value
 
     def sample(self, patients: Sequence[dict], rng: np.random.Generator, category_of: Callable[[str], str],
                age_caps: Callable[[Sequence[str]], float] | None = None) -> tuple[list[dict], dict]:
@@ -221,13 +247,13 @@ class VisitTimeModel:
         v_sexes = [sexes[i] for i in owner]
 
         stay_bins = self._draw(self._probs("stay", feats.rows([V], ages[owner], v_sexes, index)), rng)
-        stays = self._values("stay", stay_bins, rng, log=False)
+        stays = self._values("stay", stay_bins, rng)
         gaps = np.zeros(len(owner))
         later = np.flatnonzero(index > 0)
         if len(later):
             X = feats.rows([V.take(later - 1), V.take(later)], ages[owner[later]], [v_sexes[i] for i in later],
                            index[later])
-            gaps[later] = self._values("gap", self._draw(self._probs("gap", X), rng), rng, log=True)
+            gaps[later] = self._values("gap", self._draw(self._probs("gap", X), rng), rng)
         last = start + n_visits - 1
         X_last = feats.rows([V.take(last)], ages, sexes, n_visits - 1)
         died = self._draw(self._probs("death", X_last), rng) == 1
@@ -235,7 +261,7 @@ class VisitTimeModel:
         none = len(self.edges["after"]) - 1  # the last class: no known death
         known = ~died & (after_bins < none)
         after = np.full(n, np.nan)
-        after[known] = self._values("after", after_bins[known], rng, log=True)
+        after[known] = self._values("after", after_bins[known], rng)
 
         capped = 0
         if age_caps is not None:

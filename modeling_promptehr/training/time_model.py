@@ -5,7 +5,11 @@ Each head is scikit-learn's multinomial ``LogisticRegression`` (L2, lbfgs) on th
 of :class:`~promptehr_hf.modeling_promptehr.generation.times.VisitFeatures`; the weights are
 copied into the time model, which generation applies with numpy alone. Bins are quantiles of the
 training values; the outer edges are the 0.5% and 99.5% quantiles (values beyond them fall in the
-outer bins), so no single patient's extreme stay or gap is written into the checkpoint.
+outer bins), so no single patient's extreme stay or gap is written into the checkpoint. Inside
+each bin the model keeps :data:`WITHIN_BIN_LEVELS` + 1 quantiles of the training values that fell
+there (outer values clipped to the outer edges; the first and last quantile are the bin's edges),
+which generation interpolates; a bin with fewer than :data:`MIN_WITHIN_BIN_VALUES` values keeps the
+uniform draw (on the log1p scale for gaps and days to death).
 """
 
 from __future__ import annotations
@@ -16,12 +20,15 @@ import numpy as np
 import scipy.sparse as sp
 from sklearn.linear_model import LogisticRegression
 
-from ..generation.times import HEADS, INDEX_BUCKETS, BinaryRows, VisitFeatures, VisitTimeModel, has_times
+from ..generation.times import HEADS, INDEX_BUCKETS, LOG_HEADS, BinaryRows, VisitFeatures, VisitTimeModel, has_times
 
 DEFAULT_BINS = {"stay": 16, "gap": 16, "after": 12}
 OUTER_QUANTILE = 0.005
 ABSENT_CLASS_BIAS = -30.0  # a bin no training row fell into is never drawn
 DEFAULT_C = 1.0
+WITHIN_BIN_LEVELS = 16  # K: a bin's values as K + 1 quantiles, drawn piecewise linearly between them
+# Fewer values in a bin make quantiles that are single patients' values, no better than uniform.
+MIN_WITHIN_BIN_VALUES = 4 * WITHIN_BIN_LEVELS
 
 
 def quantile_edges(values: np.ndarray, n_bins: int) -> np.ndarray:
@@ -35,6 +42,26 @@ def quantile_edges(values: np.ndarray, n_bins: int) -> np.ndarray:
 def bin_of(values: np.ndarray, edges: np.ndarray) -> np.ndarray:
     """The bin of each value (outer values in the outer bins)."""
     return np.clip(np.searchsorted(edges, values, side="right") - 1, 0, len(edges) - 2)
+
+
+def within_bin_quantiles(values: np.ndarray, edges: np.ndarray, levels: int = WITHIN_BIN_LEVELS,
+                          log: bool = False) -> np.ndarray:
+    """[bins, ``levels`` + 1] quantiles (at 0, 1/levels, ..., 1) of the ``values`` in each bin of
+    ``edges``, values beyond the outer edges clipped to them; the first and last column are the
+    bin's edges. A bin with fewer than :data:`MIN_WITHIN_BIN_VALUES` values gets evenly spaced
+    points (in log1p space if ``log``), which the sampler's interpolation turns into the uniform
+    draw inside the bin."""
+    clipped = np.clip(values, edges[0], edges[-1])
+    bins = bin_of(clipped, edges)
+    lo, hi = edges[:-1], edges[1:]
+    if log:
+        table = np.expm1(np.linspace(np.log1p(lo), np.log1p(hi), levels + 1, axis=1))
+    else:
+        table = np.linspace(lo, hi, levels + 1, axis=1)
+    for b in np.flatnonzero(np.bincount(bins, minlength=len(lo)) >= MIN_WITHIN_BIN_VALUES):
+        table[b] = np.quantile(clipped[bins == b], np.linspace(0.0, 1.0, levels + 1))
+    table[:, 0], table[:, -1] = lo, hi
+    return table
 
 
 def _csr(rows: BinaryRows) -> sp.csr_matrix:
@@ -134,4 +161,10 @@ def fit_time_model(patients: Sequence[dict], category_of: Callable[[str], str], 
     y[known] = bin_of(after[known], edges["after"])
     rows = np.flatnonzero(alive)
     weights["after"], biases["after"] = _fit_head(X_last.take(rows), y[rows], none + 1, C, seed)
-    return VisitTimeModel(categories, {h: weights[h] for h in HEADS}, {h: biases[h] for h in HEADS}, edges)
+    quantiles = {"stay": within_bin_quantiles(stays, edges["stay"])}
+    if len(later):
+        quantiles["gap"] = within_bin_quantiles(gaps[later], edges["gap"], log="gap" in LOG_HEADS)
+    if known.any():
+        quantiles["after"] = within_bin_quantiles(after[known], edges["after"], log="after" in LOG_HEADS)
+    return VisitTimeModel(categories, {h: weights[h] for h in HEADS}, {h: biases[h] for h in HEADS}, edges,
+                          quantiles)
