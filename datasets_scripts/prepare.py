@@ -159,8 +159,8 @@ def stale_reasons(out_dir: str | os.PathLike, source_dir: str | os.PathLike, see
 
 def format_summary(summary: dict) -> str:
     """The summary as a two-column text table (figures, deaths when the cohort has times, rows per
-    ICD version and ICD-9 mapping for MIMIC-IV, subjects dropped for MEDS, splits, then every
-    quirk) plus messages."""
+    ICD version and ICD-9 mapping for MIMIC-IV, subjects dropped for MEDS, splits, every quirk,
+    then the procedures' and medications' rows and quirks when the folder has them) plus messages."""
     rows = [(key.replace("_", " "), summary[key]) for key in
             ("patients", "admissions", "diagnosis_rows", "distinct_codes", "non_billable_distinct_codes")
             if key in summary]
@@ -174,6 +174,11 @@ def format_summary(summary: dict) -> str:
              for key, n in summary.get("subjects_dropped", {}).items()]
     rows += [(f"split {name}", n) for name, n in summary.get("splits", {}).items()]
     rows += [(f"quirk: {key.replace('_', ' ')}", n) for key, n in summary["quirks"].items()]
+    for table in ("procedures", "medications"):  # the optional tables, when the folder has them
+        if summary.get(table):
+            t = summary[table]
+            rows += [(f"{table}: {key.replace('_', ' ')}", t[key]) for key in ("rows_read", "rows", "distinct_codes")]
+            rows += [(f"{table} quirk: {key.replace('_', ' ')}", n) for key, n in t["quirks"].items()]
     width = max(len(label) for label, _ in rows)
     system = {"icd9cm": "ICD-9-CM", "icd10cm": "ICD-10-CM"}.get(summary.get("code_system"), summary.get("code_system"))
     if summary.get("format") == "mimic4":
