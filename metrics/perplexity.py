@@ -42,10 +42,12 @@ How this module reads them for our model, which writes a visit as ``<v> C:cat co
   the figure is an upper bound of the exact ``lpl``. The posterior reads the codes, not the visit
   length.
   For ``mpl`` the type of visit t is marginalised given the rest of the visit:
-  P(v | rest) = sum_m w_m P(rest, v | m) / sum_m w_m P(rest | m), w_m = P(m | V_1:t-1), over the
-  ``mpl_types`` types ranked first by w_m and the bias-only score of the REST (ranking by the
-  posterior given the whole visit would let the left-out code choose the types that predict it);
-  exact once ``mpl_types`` covers every reachable type, not a bound otherwise.
+  P(v | rest) = sum_m w_m P(rest, v | m) / sum_m w_m P(rest | m), w_m = P(m | V_1:t-1). Each left-out
+  code costs one row per type, so the sum runs over the fewest types holding ``mpl_mass``
+  (0.999) of P(m | rest), at most ``mpl_types`` (8), estimated from the ``lpl`` pass: w_m times
+  the visit's score under m without the left-out code's own term (the later codes' terms there
+  were conditioned on it; the sum itself is computed with the code left out). Exact once the
+  types cover every reachable type; not a bound otherwise.
 
 Also returned: ``lpl_later_visits`` (visits after the first only: PromptEHR's released evaluator
 scores ``lpl`` on patients with two or more visits, from their second visit), and
@@ -72,9 +74,10 @@ from promptehr_hf.datasets_scripts.schema import SEXES
 from promptehr_hf.modeling_promptehr.generation.prior import CohortPrior
 from promptehr_hf.modeling_promptehr.generation.processors import VocabIndex
 
-DEFAULT_PATIENTS = 200
+DEFAULT_PATIENTS = 100
 DEFAULT_LPL_TYPES = 16
-DEFAULT_MPL_TYPES = 4
+DEFAULT_MPL_TYPES = 8
+DEFAULT_MPL_MASS = 0.999
 DEFAULT_HISTORY_LENGTH = 256  # encoder tokens of history, as generation's default
 DEFAULT_BATCH_SIZE = 128
 CODE_ORDERS = ("seq_num", "hierarchical")
@@ -225,7 +228,7 @@ def _logsumexp(x: np.ndarray) -> float:
 @torch.no_grad()
 def perplexity(model, tokenizer, patients: Any, prior: CohortPrior | None = None, *,
                max_patients: int | None = DEFAULT_PATIENTS, lpl_types: int | None = DEFAULT_LPL_TYPES,
-               mpl_types: int = DEFAULT_MPL_TYPES,
+               mpl_types: int = DEFAULT_MPL_TYPES, mpl_mass: float = DEFAULT_MPL_MASS,
                code_order: str = "seq_num", max_history_length: int = DEFAULT_HISTORY_LENGTH,
                batch_size: int = DEFAULT_BATCH_SIZE, seed: int = 0, progress: bool = True) -> dict[str, Any]:
     """``lpl`` and ``mpl`` of ``model`` on ``patients`` (definitions: module docstring).
@@ -241,21 +244,25 @@ def perplexity(model, tokenizer, patients: Any, prior: CohortPrior | None = None
             type chain's weights and the model's per-type logit bias alone (a cheap ranking); the
             others count as probability 0, so the figure is an upper bound of the exact ``lpl``.
             None: every type the chain reaches (exact).
-        mpl_types: types per visit over which ``mpl`` marginalises (the most likely ones given the
-            whole visit, among those ``lpl`` scored).
+        mpl_types, mpl_mass: ``mpl`` marginalises each left-out code's visit type over the fewest
+            types holding ``mpl_mass`` of their estimated posterior given the rest of the visit,
+            at most ``mpl_types``, among those ``lpl`` scored.
         code_order: ``"seq_num"`` (codes as stored) or ``"hierarchical"`` (sorted).
         max_history_length: encoder tokens of history (the newest visits that fit).
 
     Returns: ``lpl``, ``mpl``, ``lpl_later_visits``, ``lpl_median``, ``mpl_median``,
     ``lpl_nll`` / ``mpl_nll`` (total negative log-probability, nats), ``n_codes``,
     ``n_codes_later_visits``, ``n_unscored_codes``, ``n_patients``, ``n_visits``, ``n_types``
-    (0: untyped), ``lpl_types`` / ``mpl_types`` (None: untyped), ``code_order``, ``seconds``.
+    (0: untyped), ``lpl_types`` / ``mpl_types`` (None: untyped), ``mpl_mean_types`` (types
+    ``mpl`` summed over per code, on average), ``code_order``, ``seconds``.
     Perplexities are NaN when no code was scored.
     """
     if code_order not in CODE_ORDERS:
         raise ValueError(f"code_order must be one of {CODE_ORDERS}, got {code_order!r}")
     if min(mpl_types, batch_size, lpl_types or 1, max_patients or 1) < 1:
         raise ValueError("mpl_types, lpl_types, batch_size and max_patients must be >= 1")
+    if not 0.0 < mpl_mass <= 1.0:
+        raise ValueError(f"mpl_mass must be in (0, 1], got {mpl_mass}")
     t0 = time.perf_counter()
     model.eval()
     ages, sexes = inc.cohort_column(patients, "age"), inc.cohort_column(patients, "sex")
@@ -292,10 +299,11 @@ def perplexity(model, tokenizer, patients: Any, prior: CohortPrior | None = None
         return [p["sex"]] if m is None else [p["sex"], int(m)]
 
     scorer = _Scorer(model, tokenizer, batch_size, progress)
-    proxy = _TypeProxy(model, scorer.index) if typed else None
+    proxy = _TypeProxy(model, scorer.index) if typed and lpl_types is not None else None
     # lpl, one round per visit index: a typed visit t is scored under every type its weights
     # P(m | V_1:t-1) reach (or the lpl_types most likely ones), then the posterior is updated
     lpl_codes, lpl_later, weights = [], [], {}
+    by_type: dict[tuple, dict] = {}  # (patient, visit) -> {type: per-pair log-probabilities}
     alpha: dict[int, np.ndarray] = {}
     for t in range(max((len(p["pairs"]) for p in plan), default=0)):
         rows, keys, cands = [], [], {}
@@ -306,7 +314,7 @@ def perplexity(model, tokenizer, patients: Any, prior: CohortPrior | None = None
                 w = first[p["band"]] if t == 0 else alpha[a] @ transition
                 weights[a, t] = w
                 cand = np.nonzero(w > 0)[0]
-                if lpl_types is not None and p["pairs"][t] and len(cand) > lpl_types:
+                if proxy is not None and p["pairs"][t] and len(cand) > lpl_types:
                     guess = np.log(w[cand]) + proxy(p["pairs"][t], cand)
                     cand = np.sort(cand[np.argsort(-guess, kind="stable")[:lpl_types]])
                 cands[a] = cand
@@ -315,6 +323,8 @@ def perplexity(model, tokenizer, patients: Any, prior: CohortPrior | None = None
                     rows.append((p["history"][t], p["age"], x_cat(p, m), p["pairs"][t]))
                     keys.append((a, m))
         scores = dict(zip(keys, scorer(rows, f"perplexity: lpl, visit {t + 1}")))
+        for (a, m), pair_scores in scores.items():
+            by_type.setdefault((a, t), {})[m] = pair_scores
         for a, p in enumerate(plan):
             if t >= len(p["pairs"]):
                 continue
@@ -337,21 +347,25 @@ def perplexity(model, tokenizer, patients: Any, prior: CohortPrior | None = None
                 lpl_later += codes
 
     # mpl: every (patient, visit, left-out code, likely type) row: the other codes, then that one
-    rows, keys, mpl_sets = [], [], {}
+    rows, keys, mpl_sets, n_mpl_types = [], [], {}, []
     for a, p in enumerate(plan):
         for t, prs in enumerate(p["pairs"]):
             for lo in range(len(prs)):
                 rest = prs[:lo] + prs[lo + 1:]
                 types = [None]
                 if typed:
-                    # chosen from the rest of the visit only: choosing by the posterior given the
-                    # whole visit would let the left-out code pick its own types
-                    w = weights[a, t]
-                    cand = np.nonzero(w > 0)[0]
-                    if len(cand) > mpl_types:
-                        guess = np.log(w[cand]) + (proxy(rest, cand) if rest else 0.0)
-                        cand = np.sort(cand[np.argsort(-guess, kind="stable")[:mpl_types]])
-                    types = mpl_sets[a, t, lo] = [int(m) for m in cand]
+                    # the types holding mpl_mass of P(m | rest), estimated from the lpl pass: the
+                    # visit's score under each type without the left-out code's own term
+                    scored_types = by_type[a, t]
+                    cand = np.array(sorted(scored_types))
+                    guess = np.log(weights[a, t][cand]) + np.array(
+                        [scored_types[m].sum() - scored_types[m][lo] for m in cand])
+                    post = np.exp(guess - guess.max())
+                    post /= post.sum()
+                    order = np.argsort(-post, kind="stable")
+                    k = min(int(np.searchsorted(np.cumsum(post[order]), mpl_mass)) + 1, mpl_types, len(cand))
+                    types = mpl_sets[a, t, lo] = sorted(int(m) for m in cand[order[:k]])
+                    n_mpl_types.append(k)
                 for m in types:
                     rows.append((p["history"][t], p["age"], x_cat(p, m), rest + [prs[lo]]))
                     keys.append((a, t, lo, m))
@@ -382,9 +396,10 @@ def perplexity(model, tokenizer, patients: Any, prior: CohortPrior | None = None
         "n_codes": len(lpl_codes), "n_codes_later_visits": len(lpl_later), "n_unscored_codes": n_unscored,
         "n_patients": len(plan), "n_visits": sum(len(p["pairs"]) for p in plan), "n_types": n_types,
         "lpl_types": lpl_types if typed else None,
-        "mpl_types": mpl_types if typed else None, "code_order": code_order,
+        "mpl_types": mpl_types if typed else None,
+        "mpl_mean_types": float(np.mean(n_mpl_types)) if n_mpl_types else None, "code_order": code_order,
         "seconds": round(time.perf_counter() - t0, 2),
     }
 
 
-__all__ = ["DEFAULT_LPL_TYPES", "DEFAULT_MPL_TYPES", "DEFAULT_PATIENTS", "perplexity", "type_chain"]
+__all__ = ["DEFAULT_LPL_TYPES", "DEFAULT_MPL_MASS", "DEFAULT_MPL_TYPES", "DEFAULT_PATIENTS", "perplexity", "type_chain"]

@@ -64,7 +64,7 @@ exactly as before.
 
 Perplexity (``metrics.perplexity``): with ``--model DIR`` (a trained checkpoint), the model's
 longitudinal and marginal perplexities (``lpl``, ``mpl``, as PromptEHR defines them) on a random
-sample of ``--perplexity-patients`` (default 200) held-out real patients (``--real``); a model
+sample of ``--perplexity-patients`` (default 100) held-out real patients (``--real``); a model
 conditioned on visit types needs the checkpoint's ``cohort_prior.json``. metrics.json gains a
 top-level ``"perplexity"``, the meta a line naming the model, metrics.md a section "Perplexity".
 Python: ``evaluate_cohorts(..., perplexity=metrics.perplexity.perplexity(model, tokenizer, real,
@@ -476,8 +476,9 @@ def _utility_lines(rows: dict) -> list[str]:
 
 
 def _perplexity_lines(ppl: dict) -> list[str]:
-    types = (f"visit types marginalised over the cohort prior's chain ({ppl['n_types']} types; lpl over the "
-             f"{ppl['lpl_types'] or 'all reachable'} most likely per visit, mpl over {ppl['mpl_types']})"
+    types = (f"visit types marginalised over the cohort prior's chain ({ppl['n_types']} types; lpl over "
+             + (f"the {ppl['lpl_types']} most likely" if ppl["lpl_types"] else "every reachable one")
+             + f" per visit, mpl over {ppl['mpl_mean_types']:.1f} per code on average, at most {ppl['mpl_types']})"
              if ppl.get("n_types") else "no visit types")
     return [
         "## Perplexity (the model on held-out real patients)", "",

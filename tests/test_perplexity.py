@@ -144,7 +144,7 @@ def test_uniform_logits_give_the_grammars_count(cohort, tokenizer, tiny_config, 
             model.visit_type_bias.weight.zero_()
     assert not model.lm_head.weight.detach().any()
     res = perplexity(model, tokenizer, cohort, typed[1] if types else None, max_patients=None, lpl_types=None,
-                     mpl_types=N_TYPES, progress=False)
+                     mpl_types=N_TYPES, mpl_mass=1.0, progress=False)
     lpl = [x for p in cohort for v in p["visits"] for x in _uniform_logps(tokenizer, _pairs(tokenizer, v))]
     mpl = [_uniform_logps(tokenizer, prs[:j] + prs[j + 1:] + [prs[j]])[-1]
            for p in cohort for v in p["visits"] for prs in [_pairs(tokenizer, v)] for j in range(len(prs))]
@@ -177,7 +177,7 @@ def test_typed_marginalisation_equals_the_brute_force_sum(cohort, tokenizer, typ
     first, transition = type_chain(prior)
     patients = [p for p in cohort if len(p["visits"]) >= 2][:5]
     res = perplexity(model, tokenizer, patients, prior, max_patients=None, lpl_types=None, mpl_types=N_TYPES,
-                     progress=False)
+                     mpl_mass=1.0, progress=False)
     lpl_total = mpl_total = 0.0
     for p in patients:
         sex, band = "FM".index(p["sex"]), int(prior.age_band([p["age"]])[0])
