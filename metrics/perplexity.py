@@ -31,7 +31,8 @@ How this module reads them for our model, which writes a visit as ``<v> C:cat co
 - Visit types: a model conditioned on them writes visit t given a type m_t that held-out patients
   do not carry, and the EM mixture that typed the training visits is not saved in the checkpoint.
   The types are therefore marginalised as generation draws them, from the checkpoint's cohort
-  prior (first type | age band, next type | previous type): the types form a hidden Markov chain
+  prior (first type | age band and the patient's number of visits, next type | previous type,
+  ``CohortPrior.first_type_probs`` / ``transition_probs``): the types form a hidden Markov chain
   and P(V_t | V_1:t-1) = sum_m P(m_t = m | V_1:t-1) P(V_t | m, V_1:t-1), with P(m_t | V_1:t-1) from
   the forward algorithm (the posterior of the previous visit's type given that patient's codes,
   pushed through the transition table). This is the exact marginal likelihood of the codes under
@@ -81,31 +82,6 @@ DEFAULT_MPL_MASS = 0.999
 DEFAULT_HISTORY_LENGTH = 256  # encoder tokens of history, as generation's default
 DEFAULT_BATCH_SIZE = 128
 CODE_ORDERS = ("seq_num", "hierarchical")
-
-
-def type_chain(prior: CohortPrior) -> tuple[np.ndarray, np.ndarray]:
-    """The prior's visit-type chain as matrices: ``first`` [n_bands, M] P(first type | age band)
-    and ``transition`` [M, M] P(next type | previous type), with the backoffs generation samples
-    with (an empty band: the pooled first types; a type never followed by a visit: the pooled
-    transitions). ValueError for a prior without visit types."""
-    if not prior.n_types:
-        raise ValueError("the cohort prior has no visit types")
-    table, n_types, n_bands = prior.table["visit_types"], prior.n_types, len(prior.edges)
-
-    def dist(cells) -> np.ndarray:
-        p = np.zeros(n_types)
-        for cell in cells:
-            for k, c in cell.items():
-                p[int(k)] += c
-        return p / p.sum()
-
-    firsts = {int(b): dist([c]) for b, c in table["first"].items() if c}
-    pooled_first = dist(table["first"].values())
-    afters = {int(m): dist([c]) for m, c in table["transition"].items() if c}
-    pooled_after = dist(table["transition"].values()) if afters else pooled_first
-    first = np.stack([firsts.get(b, pooled_first) for b in range(n_bands)])
-    transition = np.stack([afters.get(m, pooled_after) for m in range(n_types)])
-    return first, transition
 
 
 def _pairs(tokenizer, visit: Sequence[str]) -> tuple[list[tuple[int, int]], int]:
@@ -279,8 +255,8 @@ def perplexity(model, tokenizer, patients: Any, prior: CohortPrior | None = None
         n_types = model.config.cat_cardinalities[type_index]
         if prior.n_types != n_types:
             raise ValueError(f"the cohort prior has {prior.n_types} visit types, the model {n_types}")
-        first, transition = type_chain(prior)
-        bands = prior.age_band([float(ages[i]) for i in chosen])
+        firsts = prior.first_type_probs([float(ages[i]) for i in chosen], [len(all_visits[i]) for i in chosen])
+        transition = prior.transition_probs()
     else:
         n_types = 0
     history_cap = min(max_history_length, model.config.max_position_embeddings - model.config.num_prompts)
@@ -291,7 +267,7 @@ def perplexity(model, tokenizer, patients: Any, prior: CohortPrior | None = None
         visits = [sorted(v) if code_order == "hierarchical" else list(v) for v in all_visits[i]]
         encoded = [_pairs(tokenizer, v) for v in visits]
         n_unscored += sum(u for _, u in encoded)
-        plan.append({"age": float(ages[i]), "sex": SEXES.index(sexes[i]), "band": bands[k] if typed else None,
+        plan.append({"age": float(ages[i]), "sex": SEXES.index(sexes[i]), "first": firsts[k] if typed else None,
                      "pairs": [p for p, _ in encoded],
                      "history": [tokenizer.encode_history(visits[:t], history_cap) for t in range(len(visits))]})
 
@@ -311,7 +287,7 @@ def perplexity(model, tokenizer, patients: Any, prior: CohortPrior | None = None
             if t >= len(p["pairs"]):
                 continue
             if typed:
-                w = first[p["band"]] if t == 0 else alpha[a] @ transition
+                w = p["first"] if t == 0 else alpha[a] @ transition
                 weights[a, t] = w
                 cand = np.nonzero(w > 0)[0]
                 if proxy is not None and p["pairs"][t] and len(cand) > lpl_types:
@@ -402,4 +378,4 @@ def perplexity(model, tokenizer, patients: Any, prior: CohortPrior | None = None
     }
 
 
-__all__ = ["DEFAULT_LPL_TYPES", "DEFAULT_MPL_MASS", "DEFAULT_MPL_TYPES", "DEFAULT_PATIENTS", "perplexity", "type_chain"]
+__all__ = ["DEFAULT_LPL_TYPES", "DEFAULT_MPL_MASS", "DEFAULT_MPL_TYPES", "DEFAULT_PATIENTS", "perplexity"]

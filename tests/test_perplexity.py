@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from promptehr_hf.metrics.perplexity import perplexity, type_chain
+from promptehr_hf.metrics.perplexity import perplexity
 from promptehr_hf.metrics.report import evaluate_cohorts, markdown_table
 from promptehr_hf.modeling_promptehr.configuration_promptehr import PromptEHRConfig
 from promptehr_hf.modeling_promptehr.generation.prior import CohortPrior
@@ -159,11 +159,13 @@ def test_uniform_logits_give_the_grammars_count(cohort, tokenizer, tiny_config, 
 
 def test_type_chain_is_the_priors_normalised_counts(cohort, typed):
     prior = typed[1]
-    first, transition = type_chain(prior)
+    transition = prior.transition_probs()
     table = prior.table["visit_types"]
-    for band, cell in table["first"].items():
+    for p in cohort[:40]:
+        band, k = int(prior.age_band([p["age"]])[0]), min(len(p["visits"]), 3)
+        cell = table["first_by_visits"][str(band)][str(k)]
         counts = np.array([cell.get(str(m), 0) for m in range(N_TYPES)], dtype=float)
-        np.testing.assert_allclose(first[int(band)], counts / counts.sum())
+        np.testing.assert_allclose(prior.first_type_probs([p["age"]], [len(p["visits"])])[0], counts / counts.sum())
     for m, cell in table["transition"].items():
         counts = np.array([cell.get(str(k), 0) for k in range(N_TYPES)], dtype=float)
         np.testing.assert_allclose(transition[int(m)], counts / counts.sum())
@@ -174,20 +176,20 @@ def test_typed_marginalisation_equals_the_brute_force_sum(cohort, tokenizer, typ
     """lpl: log P(all visits) = log sum over every type path of P(path) x P(codes | path); mpl: the
     leave-one-out conditional with the visit's type weighted by P(type | earlier visits)."""
     model, prior = typed
-    first, transition = type_chain(prior)
+    transition = prior.transition_probs()
     patients = [p for p in cohort if len(p["visits"]) >= 2][:5]
     res = perplexity(model, tokenizer, patients, prior, max_patients=None, lpl_types=None, mpl_types=N_TYPES,
                      mpl_mass=1.0, progress=False)
     lpl_total = mpl_total = 0.0
     for p in patients:
-        sex, band = "FM".index(p["sex"]), int(prior.age_band([p["age"]])[0])
+        sex, first = "FM".index(p["sex"]), prior.first_type_probs([p["age"]], [len(p["visits"])])[0]
         hists = [tokenizer.encode_history(p["visits"][:t], 256) for t in range(len(p["visits"]))]
         prs = [_pairs(tokenizer, v) for v in p["visits"]]
         emit = {(t, m): sum(_sequence_logps(model, tokenizer, hists[t], p["age"], sex, m, prs[t]))
                 for t in range(len(prs)) for m in range(N_TYPES)}
 
-        def chain(path, band=band):
-            return first[band, path[0]] * np.prod([transition[a, b] for a, b in zip(path, path[1:])])
+        def chain(path, first=first):
+            return first[path[0]] * np.prod([transition[a, b] for a, b in zip(path, path[1:])])
 
         T = len(prs)
         lpl_total += math.log(sum(chain(path) * math.exp(sum(emit[t, m] for t, m in enumerate(path)))

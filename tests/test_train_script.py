@@ -95,6 +95,10 @@ def test_train_generate_evaluate_push_and_resume(train_script, tmp_path, monkeyp
     assert (out / "synthetic" / "synthetic.parquet").is_file()
     metrics = json.loads((out / "evaluation" / "metrics.json").read_text())
     assert metrics["rows"]["synthetic"]["n_synthetic_patients"] > 0 and metrics["rows"]["floor"] is not None
+    # the model's perplexity on the held-out test patients, in the report and the model card
+    assert metrics["perplexity"]["lpl"] > 1 and metrics["perplexity"]["n_patients"] == len(
+        pq.read_table(out / "data" / "test.parquet"))
+    assert "longitudinal perplexity (lpl)" in (model_dir / "README.md").read_text()
     # the simulated cohort has times: a time model is fitted, shipped and used by generation
     assert run["times"] and (model_dir / "time_model.safetensors").is_file()
     assert (model_dir / "custom_generate" / "times.py").is_file()

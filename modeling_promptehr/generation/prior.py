@@ -274,6 +274,27 @@ class CohortPrior:
                 out[sel, t] = self._next_type[int(k)].sample(rng, len(sel))
         return [out[i, :k] for i, k in enumerate(n_visits)]
 
+    def first_type_probs(self, ages, n_visits) -> np.ndarray:
+        """P(first visit's type | age band, number of visits) of each patient ([n, n_types]): the
+        distribution :meth:`sample_visit_types` draws from, backoffs included."""
+        if not self.n_types:
+            raise ValueError("this cohort prior has no visit types (the model is not conditioned on them)")
+        bands = self.age_band(ages)
+        count = np.minimum(np.asarray(n_visits, dtype=np.int64), VISIT_COUNT_CAP)
+        return np.stack([self._dense(self._first_type_by_visits.get((int(b), int(k)), self._first_type[b]))
+                         for b, k in zip(bands, count)]) if len(bands) else np.zeros((0, self.n_types))
+
+    def transition_probs(self) -> np.ndarray:
+        """P(next visit's type | previous visit's type) ([n_types, n_types]), backoffs included."""
+        if not self.n_types:
+            raise ValueError("this cohort prior has no visit types (the model is not conditioned on them)")
+        return np.stack([self._dense(cell) for cell in self._next_type])
+
+    def _dense(self, cell: "_Empirical") -> np.ndarray:
+        out = np.zeros(self.n_types)
+        out[cell.values.astype(np.int64)] = cell.probs
+        return out
+
     def recurrence_log_lift(self, kind: str, smoothing: float = RECURRENCE_SMOOTHING) -> dict[str, float]:
         """Log odds ratio of recurrence per category (``kind="categories"``) or code (``"codes"``).
 

@@ -46,6 +46,8 @@ from promptehr_hf.datasets_scripts.mimic3 import find_tables
 from promptehr_hf.datasets_scripts.prepare import load_prepared, prepare, stale_reasons
 from promptehr_hf.datasets_scripts.simulator import simulate
 from promptehr_hf.file_utils import check_replaceable, check_separate, write_json_atomic, write_text_atomic
+from promptehr_hf.metrics.perplexity import DEFAULT_PATIENTS as PERPLEXITY_PATIENTS
+from promptehr_hf.metrics.perplexity import perplexity
 from promptehr_hf.metrics.report import evaluate_cohorts
 from promptehr_hf.modeling_promptehr.configuration_promptehr import PromptEHRConfig
 from promptehr_hf.modeling_promptehr.generation.command import write_cohort
@@ -135,6 +137,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                      help="patients generated after training to calibrate each category's share of visits to "
                           "the training split's (saved in generation_config.json; 0: no calibration)")
     gen.add_argument("--no-evaluate", action="store_true", help="skip the evaluation of the generated cohort")
+    gen.add_argument("--perplexity-patients", type=int, default=PERPLEXITY_PATIENTS,
+                     help="held-out test patients the evaluation scores the model's lpl / mpl perplexity on "
+                          "(0: none)")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -376,8 +381,14 @@ def train(args: argparse.Namespace) -> dict:
         run["generated_patients"] = len(synthetic)
         if not args.no_evaluate:
             t0 = time.perf_counter()
+            scores = None
+            if args.perplexity_patients > 0:
+                scores = perplexity(trainer.model, tokenizer, test_split, prior if types else None,
+                                    max_patients=args.perplexity_patients, max_history_length=max_source,
+                                    code_order="hierarchical" if args.code_order == "hierarchical" else "seq_num",
+                                    seed=args.seed)
             evaluation = evaluate_cohorts(synthetic, test_split, train_split, out_dir=root / "evaluation",
-                                          seed=args.seed, code_system=code_system)
+                                          seed=args.seed, code_system=code_system, perplexity=scores)
             run["evaluate_minutes"] = (time.perf_counter() - t0) / 60
             rows = evaluation["rows"]
             run["metrics"] = {row: {k: rows[row][k] for k in ("code_js", "r2_pair_prevalence", "distinct_codes",
