@@ -62,12 +62,42 @@ Structure and demographics
   distributions, in visits resp. codes) and ``*_tv`` (total variation distance,
   1/2 sum_n |P_S(n) - P_R(n)|, in [0, 1]).
 - ``age_wasserstein`` (years), ``female_share`` / ``female_share_real``.
+
+Procedures and medications (``schema.MODALITY_FIELDS``; each only when both S and R carry it,
+``modality_visits``; a cohort without them gives none of these keys, the dict above unchanged)
+- The modality's codes: procedures normalised in the procedure system of ``code_system``
+  (``procedures.FOR_DIAGNOSES``: ICD-9-CM v32 volume 3 with ICD-9-CM, ICD-10-PCS with ICD-10-CM;
+  ``"36.05"`` is ``"3605"``), medications compared as given (``"<NAME>//<FORMULARY>"``); a
+  visit occurrence is a visit listing the code, over all visits (a visit without procedures
+  counts in V_X).
+- Per modality m (``procedures``, ``medications``), as the diagnosis figures of the same name on
+  the modality's codes: ``m_code_js``, ``m_category_js`` (categories: the procedure system's,
+  the drug name), ``m_top_k`` / ``m_top_k_overlap``, ``m_r2_code_prevalence``,
+  ``m_r2_pair_prevalence`` (unordered pairs of two codes of m in one visit), ``m_duplicate_rate``,
+  ``m_distinct_codes`` (``_real``), ``m_codes_per_visit_mean`` (``_real``) and
+  ``m_codes_per_visit_tv`` (0 codes included).
+- Validity: ``m_unknown_code_rate``: share of S visit occurrences of m that are invalid
+  (procedures: not a node of the procedure tables, ``is_valid``; medications: not a well-formed,
+  normalised ``"<NAME>//<FORMULARY>"``, ``medications.is_valid``). Procedures only:
+  ``procedures_cms_invalid_code_rate`` / ``_patient_rate`` (``_patient_rate_real``): as the
+  diagnoses' CMS figures, with the Medicare Code Editor's procedure sex edits (it has no
+  procedure age edits).
+- Across modalities: ``r2_pair_diagnosis_procedure`` and ``r2_pair_diagnosis_medication``: the
+  HALO R² of the within-visit pair prevalence, key = (diagnosis category, category of the other
+  modality: procedure category, drug name), value = visits holding a code of both / V_X. At
+  category level because the question is which kinds of conditions go with which kinds of
+  procedures and drugs: the choice of code inside a category is scored by the per-modality
+  figures; formulary codes are hospital products (strengths, packages) of one drug; and at code
+  level most cross pairs of a cohort of a few thousand patients are seen once, so the R² would
+  mostly measure sampling noise.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import partial
-from typing import Any
+from itertools import chain
+from typing import Any, NamedTuple
 
 import numpy as np
 import scipy.sparse as sp
@@ -75,7 +105,13 @@ from scipy.stats import wasserstein_distance
 
 from promptehr_hf.datasets_scripts import code_systems
 from promptehr_hf.datasets_scripts import incidence as inc
+from promptehr_hf.datasets_scripts import medications as meds
+from promptehr_hf.datasets_scripts import procedures as procs
 from promptehr_hf.datasets_scripts.code_systems import DEFAULT_CODE_SYSTEM
+from promptehr_hf.datasets_scripts.schema import MODALITY_FIELDS
+
+# The cross-modality pair R² of each modality (with the diagnoses).
+CROSS_KEYS = {"procedures": "r2_pair_diagnosis_procedure", "medications": "r2_pair_diagnosis_medication"}
 
 
 class Cohort:
@@ -231,22 +267,25 @@ def _wasserstein(a: np.ndarray, b: np.ndarray) -> float:
     return float(wasserstein_distance(a, b)) if len(a) and len(b) else float("nan")
 
 
-def _cms_invalid(c: Cohort, vocab: list[str], icd) -> tuple[np.ndarray, np.ndarray] | None:
-    """(invalid flag per visit occurrence in ``c.X.data`` order, patient row of each occurrence),
-    or None without demographics. Only codes that carry an edit are checked, once per distinct
-    (code, age, sex), with ``icd.violations`` (the vectorised ``icd.check``; ``icd`` the code
-    system's module)."""
+def _cms_invalid(c: Cohort, vocab: list[str], icd, X: sp.csr_matrix | None = None
+                 ) -> tuple[np.ndarray, np.ndarray] | None:
+    """(invalid flag per visit occurrence in ``X.data`` order, patient row of each occurrence),
+    or None without demographics. ``X``: a visit-by-code incidence over ``vocab`` with the visit
+    rows of ``c`` (default ``c.X``; a modality's for its codes). Only codes that carry an edit are
+    checked, once per distinct (code, age, sex), with ``icd.violations`` (the vectorised
+    ``icd.check``; ``icd`` the code system's module or a ``procedures.ProcedureCodes``)."""
     if c.age is None or c.sex is None:
         return None
-    visit_of = np.repeat(np.arange(c.n_visits), np.diff(c.X.indptr))
+    X = c.X if X is None else X
+    visit_of = np.repeat(np.arange(c.n_visits), np.diff(X.indptr))
     patient_of = np.repeat(np.arange(c.n_patients), np.diff(c.offsets))[visit_of]
-    bad = np.zeros(c.X.nnz, dtype=bool)
+    bad = np.zeros(X.nnz, dtype=bool)
     has_edit = np.array([icd.edit_of(code) is not None for code in vocab], dtype=bool)
-    at = np.flatnonzero(has_edit[c.X.indices])
+    at = np.flatnonzero(has_edit[X.indices])
     if at.size:
         owner = patient_of[at]
         is_male = (c.sex[owner] == "M").astype(np.float64)
-        triples, inverse = np.unique(np.stack([c.X.indices[at], c.age[owner], is_male], axis=1),
+        triples, inverse = np.unique(np.stack([X.indices[at], c.age[owner], is_male], axis=1),
                                      axis=0, return_inverse=True)
         codes = [vocab[j] for j in triples[:, 0].astype(np.int64)]
         sexes = np.where(triples[:, 2] == 1, "M", "F")
@@ -271,6 +310,169 @@ def _rates(flags, n_patients: int) -> tuple[float, float]:
     bad, owner = flags
     return (float(bad.mean()) if bad.size else float("nan"),
             len(np.unique(owner[bad])) / n_patients if n_patients else float("nan"))
+
+
+class Modality(NamedTuple):
+    """How the metrics read one optional code list per visit (``schema.MODALITY_FIELDS``).
+
+    name: the patient field (``"procedures"``, ``"medications"``); system: the name of its code
+    system; normalize: code -> the form codes are compared in (TypeError for a non-string);
+    category: code -> category (ValueError for a malformed code); is_valid: the validity check;
+    edits: the system with CMS edits (``edit_of`` / ``violations``), or None."""
+
+    name: str
+    system: str
+    normalize: Callable[[str], str]
+    category: Callable[[str], str]
+    is_valid: Callable[[Any], bool]
+    edits: Any
+
+
+def _as_given(code: str) -> str:
+    if not isinstance(code, str):
+        raise TypeError(f"codes must be strings, got {code!r} ({type(code).__name__})")
+    return code
+
+
+def modality(name: str, code_system: str = DEFAULT_CODE_SYSTEM) -> Modality:
+    """The :class:`Modality` of a field beside diagnoses in ``code_system``: ``"procedures"`` (the
+    procedure system of the diagnoses', ``procedures.FOR_DIAGNOSES``, with its CMS sex edits) or
+    ``"medications"`` (``"<NAME>//<FORMULARY>"`` codes compared as given, valid when well-formed,
+    no edits). ValueError for another name."""
+    if name == "procedures":
+        system = procs.procedure_system(procs.FOR_DIAGNOSES[code_system])
+        return Modality(name, system.SYSTEM, system.normalize, system.category, system.is_valid, system)
+    if name == "medications":
+        return Modality(name, meds.SYSTEM, _as_given, meds.category, meds.is_valid, None)
+    raise ValueError(f"unknown modality {name!r}; expected one of {', '.join(map(repr, MODALITY_FIELDS))}")
+
+
+def modality_visits(cohort: Any, name: str) -> list[list[list[str]]] | None:
+    """The per-visit code lists of the optional field ``name`` of every patient, or None when the
+    cohort does not carry it (no such column, or null for every patient). A patient whose value is
+    null, in a cohort that carries the field, has an empty list per visit. ValueError when a
+    patient's list is not parallel to its visits."""
+    if isinstance(cohort, (list, tuple)) and len(cohort) and isinstance(cohort[0], dict):
+        values = [p.get(name) for p in cohort]
+    else:
+        try:
+            values = inc.cohort_column(cohort, name)
+        except (KeyError, TypeError):  # no such column, or a plain list of visit lists
+            return None
+    if all(v is None for v in values):
+        return None
+    visits = inc.cohort_column(cohort, "visits")
+    out = []
+    for row, (value, patient) in enumerate(zip(values, visits)):
+        if value is None:
+            out.append([[] for _ in patient])
+            continue
+        if isinstance(value, str) or len(value) != len(patient) or any(isinstance(v, str) for v in value):
+            raise ValueError(f"patient row {row}: {name} must be one list of codes per visit ({len(patient)} "
+                             f"visits), got {value!r:.80}")
+        out.append(value)
+    return out
+
+
+def modality_matrices(named: dict[str, list[list[list[str]]]], mod: Modality
+                      ) -> tuple[dict[str, tuple[sp.csr_matrix, int]], list[str]]:
+    """Visit-by-code 0/1 incidence of one modality for several cohorts over their shared
+    vocabulary (the sorted union of their normalised codes): ``({name: (X, n_listed)}, vocab)``,
+    ``X`` csr int32 [visits of the cohort, len(vocab)], ``n_listed`` its codes listed (duplicates
+    included). ``named``: per cohort, ``modality_visits``."""
+    flat = {name: list(chain.from_iterable(visits)) for name, visits in named.items()}
+    codes = set()
+    for visits in flat.values():
+        codes.update(chain.from_iterable(visits))
+    canonical = {c: mod.normalize(c) for c in codes}
+    vocab = sorted(set(canonical.values()))
+    index = {c: i for i, c in enumerate(vocab)}
+    index = {c: index[n] for c, n in canonical.items()}
+    out = {}
+    for name, visits in flat.items():
+        listed = list(chain.from_iterable(visits))
+        lengths = np.fromiter(map(len, visits), dtype=np.int64, count=len(visits))
+        rows = np.repeat(np.arange(len(visits)), lengths)
+        cols = np.fromiter(map(index.__getitem__, listed), dtype=np.int64, count=len(listed))
+        X = sp.csr_matrix((np.ones(len(rows), np.int32), (rows, cols)), shape=(len(visits), len(vocab)))
+        X.data[:] = 1  # duplicates were summed by the constructor
+        out[name] = (X, len(listed))
+    return out, vocab
+
+
+def safe_modality_category(mod: Modality, code: str) -> str:
+    """The code's category in the modality; a code too malformed to have one is its own."""
+    # A malformed synthetic code must not crash the report.
+    try:
+        return mod.category(code)
+    except ValueError:
+        return code
+
+
+def _pair_r2(XR: sp.csr_matrix, YR: sp.csr_matrix, XS: sp.csr_matrix, YS: sp.csr_matrix) -> float:
+    """HALO R² of the within-visit prevalence of the pairs (column of X, column of Y), real vs
+    synthetic: visits holding both / visits of the cohort."""
+    def prevalence(X, Y):
+        return sp.csr_matrix(sp.csr_matrix(X, dtype=np.int64).T @ Y) / max(X.shape[0], 1)
+    return r2_halo(prevalence(XR, YR), prevalence(XS, YS))
+
+
+def _modality_figures(S: Cohort, R: Cohort, syn: list, real: list, mod: Modality, top_k: int
+                      ) -> tuple[dict[str, Any], tuple[sp.csr_matrix, sp.csr_matrix]]:
+    """The per-modality figures of the module docstring, keys ``<modality>_<figure>``, and the
+    category-level incidences ``(S, R)`` of the modality for the cross-modality pairs."""
+    for c, visits in ((S, syn), (R, real)):
+        if len(visits) != c.n_patients:
+            raise ValueError(f"{c.name} cohort: {len(visits)} patients of {mod.name} for {c.n_patients} of visits")
+    matrices, vocab = modality_matrices({"synthetic": syn, "real": real}, mod)
+    (xs, listed_s), (xr, _) = matrices["synthetic"], matrices["real"]
+    p = f"{mod.name}_"
+    out: dict[str, Any] = {}
+    cnt_s = np.asarray(xs.sum(axis=0)).ravel()
+    cnt_r = np.asarray(xr.sum(axis=0)).ravel()
+    M, _ = inc.group_columns(vocab, partial(safe_modality_category, mod))
+    out[p + "code_js"] = js_divergence(cnt_s, cnt_r)
+    out[p + "category_js"] = js_divergence(M.T @ cnt_s, M.T @ cnt_r)
+    k = min(top_k, int((cnt_r > 0).sum()))
+    out[p + "top_k"] = k
+    out[p + "top_k_overlap"] = len(_top_k(cnt_s, k) & _top_k(cnt_r, k)) / k if k else float("nan")
+    out[p + "r2_code_prevalence"] = r2_halo(cnt_r / max(R.n_visits, 1), cnt_s / max(S.n_visits, 1))
+    out[p + "r2_pair_prevalence"] = r2_halo(sp.triu(inc.cooccurrence(xr), k=1) / max(R.n_visits, 1),
+                                            sp.triu(inc.cooccurrence(xs), k=1) / max(S.n_visits, 1))
+    known = np.array([mod.is_valid(code) for code in vocab], dtype=bool)
+    out[p + "unknown_code_rate"] = float((~known[xs.indices]).mean()) if xs.nnz else float("nan")
+    out[p + "duplicate_rate"] = (listed_s - xs.nnz) / listed_s if listed_s else float("nan")
+    if mod.edits is not None:
+        out[p + "cms_invalid_code_rate"], out[p + "cms_invalid_patient_rate"] = _rates(
+            _cms_invalid(S, vocab, mod.edits, xs), S.n_patients)
+        out[p + "cms_invalid_patient_rate_real"] = _rates(_cms_invalid(R, vocab, mod.edits, xr), R.n_patients)[1]
+    out[p + "distinct_codes"] = int((cnt_s > 0).sum())
+    out[p + "distinct_codes_real"] = int((cnt_r > 0).sum())
+    a, b = np.diff(xs.indptr).astype(np.int64), np.diff(xr.indptr).astype(np.int64)
+    out[p + "codes_per_visit_mean"] = float(a.mean()) if a.size else float("nan")
+    out[p + "codes_per_visit_mean_real"] = float(b.mean()) if b.size else float("nan")
+    out[p + "codes_per_visit_tv"] = _tv(a, b)
+    return out, (inc.collapse(xs, M), inc.collapse(xr, M))
+
+
+def modality_coherence(S: Cohort, R: Cohort, synthetic: Any, real: Any, vocab: list[str], *, top_k: int = 100,
+                       code_system: str = DEFAULT_CODE_SYSTEM) -> dict[str, Any]:
+    """The per-modality and cross-modality figures of the module docstring for every modality
+    both ``synthetic`` and ``real`` carry (``modality_visits``); {} when there is none. ``S`` /
+    ``R``: the cohorts' diagnosis :class:`Cohort` over ``vocab``."""
+    out: dict[str, Any] = {}
+    diagnoses = None
+    for name in MODALITY_FIELDS:
+        syn, ref = modality_visits(synthetic, name), modality_visits(real, name)
+        if syn is None or ref is None:
+            continue
+        figures, (cs, cr) = _modality_figures(S, R, syn, ref, modality(name, code_system), top_k)
+        if diagnoses is None:
+            M, _ = inc.group_columns(vocab, partial(safe_category, code_system=code_system))
+            diagnoses = inc.collapse(S.X, M), inc.collapse(R.X, M)
+        figures[CROSS_KEYS[name]] = _pair_r2(diagnoses[1], cr, diagnoses[0], cs)
+        out |= figures
+    return out
 
 
 def coherence(synthetic: Any, real: Any, *, top_k: int = 100, min_real_count: int = 10,
@@ -357,4 +559,4 @@ def coherence(synthetic: Any, real: Any, *, top_k: int = 100, min_real_count: in
     out["age_wasserstein"] = _wasserstein(S.age, R.age) if demographics else float("nan")
     for key, c in (("female_share", S), ("female_share_real", R)):
         out[key] = float(np.mean(c.sex == "F")) if c.sex is not None and c.n_patients else float("nan")
-    return out
+    return out | modality_coherence(S, R, synthetic, real, vocab, top_k=top_k, code_system=code_system)

@@ -9,7 +9,10 @@ and, when a generated row has times, ``mortality_by_category.png`` (real vs gene
 death rate per category). Given ``utility`` (``{row: metrics.utility result}``, the report's
 train-on-synthetic figures) it also draws ``utility.png``: per task, the AUROC of the model
 trained on each row's cohort against the real-trained one, and the group means with their 95%
-bootstrap intervals.
+bootstrap intervals. When the rows carry procedures or medications scored against the real
+cohort's (``coherence.modality_coherence``) it also draws ``modality_pairs.png``: per such
+modality and row, the within-visit prevalence of each (diagnosis category, category of the
+modality) pair, real vs generated, with the row's cross-modality R².
 """
 
 from __future__ import annotations
@@ -27,7 +30,14 @@ import numpy as np  # noqa: E402
 from promptehr_hf.datasets_scripts import code_systems  # noqa: E402
 from promptehr_hf.datasets_scripts import incidence as inc  # noqa: E402
 from promptehr_hf.datasets_scripts.code_systems import DEFAULT_CODE_SYSTEM  # noqa: E402
-from promptehr_hf.metrics.coherence import cohorts, safe_category  # noqa: E402
+from promptehr_hf.metrics.coherence import (  # noqa: E402
+    CROSS_KEYS,
+    cohorts,
+    modality,
+    modality_matrices,
+    safe_category,
+    safe_modality_category,
+)
 from promptehr_hf.metrics.time_outcome import Times, has_times, mortality_by_category  # noqa: E402
 
 COLORS = {"real": "#333333", "synthetic": "#1f77b4", "floor": "#2ca02c", "baseline": "#ff7f0e"}
@@ -70,7 +80,42 @@ def write_plots(cohort_columns: dict[str, dict], rows: dict, out: Path,
                              code_system)
     if utility:
         paths.append(_utility(utility, out / "utility.png"))
+    scored = [m for m in CROSS_KEYS if m in cohort_columns["real"] and any(CROSS_KEYS[m] in rows[n] for n in names)]
+    if scored:
+        paths.append(_modality_pairs(cohort_columns, cat, names, rows, scored, code_system,
+                                     out / "modality_pairs.png"))
     return paths
+
+
+def _modality_pairs(cohort_columns, cat, names, rows, scored, code_system, path: Path) -> Path:
+    """One panel per scored modality (rows) and generated row (columns): x = real, y = the row's
+    share of visits holding a (diagnosis category, category of the modality) pair, log-log, one
+    dot per pair present in either; dotted lines: pair absent."""
+    names = [n for n in names if all(m in cohort_columns[n] for m in scored)]
+    fig, axes = plt.subplots(len(scored), len(names), figsize=(4.6 * len(names), 4.4 * len(scored)), squeeze=False)
+    for axes_row, name in zip(axes, scored):
+        mod = modality(name, code_system)
+        matrices, vocab = modality_matrices({n: cohort_columns[n][name] for n in ["real", *names]}, mod)
+        M, _ = inc.group_columns(vocab, partial(safe_modality_category, mod))
+        pairs = {n: (cat[n].T @ inc.collapse(x, M)).tocsr() / max(x.shape[0], 1) for n, (x, _) in matrices.items()}
+        for ax, row in zip(axes_row, names):
+            union = (pairs["real"] + pairs[row]).tocoo()
+            real = np.asarray(pairs["real"][union.row, union.col]).ravel()
+            gen = np.asarray(pairs[row][union.row, union.col]).ravel()
+            floor = 0.5 / max(cat["real"].shape[0], cat[row].shape[0], 1)
+            x, y = np.maximum(real, floor), np.maximum(gen, floor)
+            ax.scatter(x, y, s=5, alpha=0.35, color=COLORS[row], linewidths=0)
+            lo, hi = floor * 0.8, max(x.max(initial=floor), y.max(initial=floor)) * 1.3
+            ax.plot([lo, hi], [lo, hi], color="grey", lw=0.8, ls="--")
+            ax.axhline(floor, color="grey", lw=0.5, ls=":")
+            ax.axvline(floor, color="grey", lw=0.5, ls=":")
+            ax.set(xscale="log", yscale="log", xlim=(lo, hi), ylim=(lo, hi),
+                   xlabel="real: share of visits with the pair", ylabel=f"{row}: the same")
+            ax.set_title(f"{row}, diagnoses × {name}: R² = {rows[row].get(CROSS_KEYS[name], float('nan')):.3f}",
+                         fontsize=10)
+    fig.suptitle("Within-visit pairs across modalities (diagnosis category × procedure category or drug name), "
+                 "real vs generated", fontsize=10)
+    return _save(fig, path)
 
 
 UTILITY_GROUPS = {"mortality": ("in-hospital mortality", "o"), "next_admission": ("next-admission category", "s"),

@@ -43,6 +43,17 @@ from their marginals, every row whose cohort has them gains the figures of
 metrics.md a section "Time and outcome", and the plots ``gap_days.png``, ``stay_days.png`` and
 ``mortality_by_category.png``. Without times in the reference, all of it is exactly as without
 the fields.
+Procedures and medications: when the synthetic and the reference cohort both carry one of them
+(the optional per-visit ``procedures`` / ``medications`` lists of the schema; ``read_cohort``
+reads them from Parquet files and MIMIC folders), every row gains that modality's figures and its
+within-visit pair R² with the diagnoses (``coherence``: ``<modality>_*``,
+``r2_pair_diagnosis_procedure``, ``r2_pair_diagnosis_medication``; a modality only one of them
+carries is dropped from every cohort before scoring); the baseline draws each modality
+independently of the diagnoses, so its cross-modality R² is that of no association; the meta
+gains ``modalities``, metrics.md the sections "Per modality" (the diagnoses beside each
+modality) and "Across modalities", and the plots ``modality_pairs.png``. Privacy and utility
+read the diagnoses only. When the synthetic cohort carries neither (a diagnosis-only
+generator), the report is exactly the diagnosis-only one, whatever the real cohorts carry.
 Codes may be dotted or dotless: every figure reads them normalised (``normalize`` of the code
 system). Codes outside the system's tables (ICD-9-CM v32, ICD-10-CM FY2021) are scored as given,
 with a warning per cohort that counts them and names the most listed. A cohort with no patient
@@ -91,9 +102,10 @@ from promptehr_hf.datasets_scripts.code_systems import CODE_SYSTEMS, DEFAULT_COD
 from promptehr_hf.datasets_scripts.cohort import folder_format
 from promptehr_hf.datasets_scripts.mimic3 import Mimic3Error, find_tables, read_mimic3
 from promptehr_hf.datasets_scripts.mimic4 import read_mimic4
+from promptehr_hf.datasets_scripts.schema import MODALITY_FIELDS
 from promptehr_hf.file_utils import check_output, replace_folder, write_json_atomic, write_text_atomic
 from promptehr_hf.metrics.baselines import IndependentMarginalSampler
-from promptehr_hf.metrics.coherence import coherence, unknown_codes
+from promptehr_hf.metrics.coherence import coherence, modality_visits, unknown_codes
 from promptehr_hf.metrics.perplexity import DEFAULT_PATIENTS, perplexity
 from promptehr_hf.metrics.plots import write_plots
 from promptehr_hf.metrics.privacy import privacy
@@ -108,6 +120,7 @@ PLOTS = ("code_prevalence.png", "visits_per_patient.png", "codes_per_visit.png",
          "cooccurrence_heatmap.png")
 TIME_PLOTS = ("gap_days.png", "stay_days.png", "mortality_by_category.png")  # when the reference has times
 UTILITY_PLOTS = ("utility.png",)  # when the utility figures are computed (train given)
+MODALITY_PLOTS = ("modality_pairs.png",)  # when procedures or medications are scored
 # (key, label, better): better is "low", "high", "0.5", "0", "real" (close to the real value) or "".
 TABLE = {
     "Fidelity": [
@@ -184,6 +197,23 @@ TIME_TABLE = {
         *((f"violations_{name}", f"violations: {VIOLATION_LABELS[name]}", "low") for name in VIOLATIONS),
     ],
 }
+# The section "Per modality" metrics.md adds when the synthetic row has procedure or medication
+# figures: each figure for the diagnoses (its plain key) and each modality scored (<modality>_<key>).
+MODALITY_TABLE = [
+    ("code_js", "code JS divergence", "low"), ("category_js", "category JS divergence", "low"),
+    ("top_k_overlap", "top-k code overlap", "high"),
+    ("r2_code_prevalence", "R² code prevalence per visit", "high"),
+    ("r2_pair_prevalence", "R² within-visit pair prevalence", "high"),
+    ("unknown_code_rate", "invalid codes, share of codes", "low"),
+    ("cms_invalid_code_rate", "CMS edit conflicts, share of codes", "low"),
+    ("cms_invalid_patient_rate", "CMS edit conflicts, share of patients", "real"),
+    ("duplicate_rate", "duplicate codes within a visit", "low"),
+    ("distinct_codes", "distinct codes", "real"),
+    ("codes_per_visit_mean", "codes per visit, mean", "real"),
+    ("codes_per_visit_tv", "codes per visit, total variation", "low"),
+]
+CROSS_TABLE = [("r2_pair_diagnosis_procedure", "R² pair prevalence, diagnosis category × procedure category"),
+               ("r2_pair_diagnosis_medication", "R² pair prevalence, diagnosis category × drug name")]
 # Real-cohort values shown in the "real" column (coherence returns them as <key>_real).
 REAL_KEYS = {"cms_invalid_patient_rate": "cms_invalid_patient_rate_real", "distinct_codes": "distinct_codes_real",
              "top_code_share": "top_code_share_real", "visits_per_patient_mean": "visits_per_patient_mean_real",
@@ -213,9 +243,11 @@ REAL_KEYS |= {key: f"{key}_real" for key in (
 
 
 # ----------------------------------------------------------------------------- reading cohorts
-def as_columns(cohort: Any, times: bool = False) -> dict[str, list]:
+def as_columns(cohort: Any, times: bool = False, modalities: bool = False) -> dict[str, list]:
     """Any cohort form -> {"visits", "age", "sex"} lists; with ``times``, also the time fields
-    (``TIME_FIELDS``) the cohort has, when it has times (``time_outcome.has_times``)."""
+    (``TIME_FIELDS``) the cohort has, when it has times (``time_outcome.has_times``); with
+    ``modalities``, also each of ``procedures`` / ``medications`` the cohort carries
+    (``coherence.modality_visits``: a null patient there has an empty list per visit)."""
     try:
         columns = {name: inc.cohort_column(cohort, name) for name in COLUMNS}
     except KeyError as err:
@@ -224,6 +256,10 @@ def as_columns(cohort: Any, times: bool = False) -> dict[str, list]:
         for name in TIME_FIELDS:
             values = optional_column(cohort, name)
             columns[name] = values if values is not None else [None] * len(columns["visits"])
+    for name in MODALITY_FIELDS if modalities else ():
+        values = modality_visits(cohort, name)
+        if values is not None:
+            columns[name] = values
     return columns
 
 
@@ -240,8 +276,9 @@ def _is_mimic_folder(folder: Path) -> bool:
 
 
 def read_cohort(path: str | os.PathLike, split: str | None = None) -> dict[str, list]:
-    """Columns {"visits", "age", "sex"} of the cohort at ``path`` (forms: module docstring), and
-    its time fields when it has times (``as_columns(..., times=True)``)."""
+    """Columns {"visits", "age", "sex"} of the cohort at ``path`` (forms: module docstring), its
+    time fields when it has times and its procedures / medications when it carries them
+    (``as_columns(..., times=True, modalities=True)``)."""
     p = Path(path)
     if p.is_dir():
         parquet = sorted(p.glob("*.parquet"))
@@ -251,7 +288,7 @@ def read_cohort(path: str | os.PathLike, split: str | None = None) -> dict[str, 
             p = parquet[0]
         elif _is_mimic_folder(p):
             reader = read_mimic4 if folder_format(p) == "mimic4" else read_mimic3
-            return as_columns(reader(p)[0], times=True)
+            return as_columns(reader(p)[0], times=True, modalities=True)
         else:
             raise FileNotFoundError(
                 f"{path}: expected a Parquet file, a prepared folder with {split or '<split>'}.parquet, a folder with "
@@ -263,8 +300,8 @@ def read_cohort(path: str | os.PathLike, split: str | None = None) -> dict[str, 
     missing = [c for c in COLUMNS if c not in schema_names]
     if missing:
         raise ValueError(f"{p}: missing column(s) {missing} (patient schema: subject_id, age, sex, visits)")
-    present = [c for c in TIME_FIELDS if c in schema_names]
-    return as_columns(pq.read_table(p, columns=[*COLUMNS, *present]).to_pydict(), times=True)
+    present = [c for c in (*TIME_FIELDS, *MODALITY_FIELDS) if c in schema_names]
+    return as_columns(pq.read_table(p, columns=[*COLUMNS, *present]).to_pydict(), times=True, modalities=True)
 
 
 def recorded_code_system(path: str | os.PathLike) -> str | None:
@@ -324,24 +361,31 @@ def evaluate_cohorts(synthetic: Any, real: Any, train: Any = None, *, out_dir: s
     if out_dir is not None:
         check_output(Path(out_dir).resolve(), "evaluate")  # fail before the work, not after
     t0 = time.perf_counter()
-    syn, ref = as_columns(synthetic, times=True), as_columns(real, times=True)
-    tr = as_columns(train, times=True) if train is not None else None
+    syn, ref = as_columns(synthetic, True, True), as_columns(real, True, True)
+    tr = as_columns(train, True, True) if train is not None else None
     for name, columns in (("synthetic", syn), ("real", ref), ("train", tr)):
         if columns is not None and not len(columns["visits"]):
             raise ValueError(f"the {name} cohort has no patients: nothing to score")
     for name, columns in (("synthetic", syn), ("real", ref), ("train", tr)):
         if columns is not None:
             warn_unknown_codes(name, columns, code_system)
+    # A modality is scored when the synthetic cohort and the reference both carry it; the others
+    # are dropped everywhere, so a diagnosis-only synthetic cohort is scored exactly as before.
+    reference = tr if tr is not None else ref
+    for name in MODALITY_FIELDS:
+        if name not in syn or name not in reference:
+            for columns in (syn, ref, tr):
+                if columns is not None:
+                    columns.pop(name, None)
     n = len(syn["visits"])
     rng = np.random.default_rng(seed)
-    reference = tr if tr is not None else ref
     candidates = {"synthetic": syn}
     if tr is not None and len(ref["visits"]):
         size = min(n, len(ref["visits"]))
         candidates["floor"] = _take(ref, np.sort(rng.choice(len(ref["visits"]), size=size, replace=False)))
     if baseline:
         sampler = IndependentMarginalSampler.fit(reference, code_system)
-        candidates["baseline"] = as_columns(sampler.sample(n, seed=seed), times=True)
+        candidates["baseline"] = as_columns(sampler.sample(n, seed=seed), True, True)
     timed = has_times(reference)
 
     rows: dict[str, dict | None] = {name: None for name in ROWS}
@@ -374,6 +418,10 @@ def evaluate_cohorts(synthetic: Any, real: Any, train: Any = None, *, out_dir: s
         scored = [name for name in candidates if has_times(candidates[name])]
         meta["time_outcome"] = ("rows whose cohort has times, scored against the reference: "
                                 + (", ".join(scored) or "none"))
+    scored = [name for name in MODALITY_FIELDS if f"{name}_code_js" in rows["synthetic"]]
+    if scored:
+        meta["modalities"] = (", ".join(scored) + " scored per modality (both the synthetic and the reference "
+                              "cohort carry them) and against the diagnoses (category x category pairs)")
     if useful is not None:
         meta["utility"] = ("logistic regressions trained on each row's cohort (floor: the train split), tested on "
                            "the real cohort: " + ", ".join(useful))
@@ -436,6 +484,7 @@ def markdown_table(result: dict) -> str:
             lines.append(f"| {label.format(system=system)} | " + " | ".join(cells)
                          + f" | {_fmt(real_value)} | {better[direction]} |")
         lines.append("")
+    lines += _modality_lines(rows, system)
     if any(key in row for row in rows.values() if row for items in UTILITY_TABLE.values() for key, _, _ in items):
         lines += _utility_lines(rows)
     if result.get("perplexity"):
@@ -457,6 +506,39 @@ def _with_ci(row: dict | None, key: str) -> str:
     if text != "–" and low is not None and high is not None and math.isfinite(low) and math.isfinite(high):
         text += f" [{low:.3f}, {high:.3f}]"
     return text
+
+
+def _modality_lines(rows: dict, system: str) -> list[str]:
+    """The sections "Per modality" and "Across modalities" when the synthetic row has procedure
+    or medication figures (``coherence.modality_coherence``); [] otherwise."""
+    scored = [name for name in MODALITY_FIELDS if f"{name}_code_js" in rows["synthetic"]]
+    if not scored:
+        return []
+    better = {"low": "lower", "high": "higher", "real": "≈ real"}
+    lines = ["## Per modality", "",
+             "Each modality scored on its own codes against the reference's, as the diagnoses are (diagnoses: the "
+             f"figures above). Invalid codes: diagnoses outside {system}, procedures outside the procedure code "
+             "system, medications not of the form NAME//FORMULARY; CMS edits: diagnoses age/sex, procedures sex "
+             "(medications have none).", "",
+             "| metric | modality | synthetic | floor | baseline | real | better |", "|---|---|---|---|---|---|---|"]
+    for key, label, direction in MODALITY_TABLE:
+        for i, name in enumerate(("diagnoses", *scored)):
+            full = key if name == "diagnoses" else f"{name}_{key}"
+            real_key = (REAL_KEYS.get(key) if name == "diagnoses"
+                        else f"{full}_real" if f"{full}_real" in rows["synthetic"] else None)
+            cells = [_fmt(rows[r].get(full)) if rows.get(r) else "–" for r in ROWS]
+            lines.append(f"| {label if i == 0 else ''} | {name} | " + " | ".join(cells)
+                         + f" | {_fmt(rows['synthetic'].get(real_key) if real_key else None)} | {better[direction]} |")
+    lines += ["", "## Across modalities", "",
+              "R² of the within-visit prevalence of (diagnosis category, procedure category) and (diagnosis "
+              "category, drug name) pairs: visits holding both / visits. The baseline draws each modality "
+              "independently of the diagnoses, so its value is that of no association.", "",
+              "| metric | synthetic | floor | baseline | better |", "|---|---|---|---|---|"]
+    for key, label in CROSS_TABLE:
+        if key in rows["synthetic"]:
+            lines.append(f"| {label} | " + " | ".join(_fmt(rows[r].get(key)) if rows.get(r) else "–" for r in ROWS)
+                         + " | higher |")
+    return lines + [""]
 
 
 def _utility_lines(rows: dict) -> list[str]:

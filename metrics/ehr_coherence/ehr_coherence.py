@@ -1,9 +1,11 @@
 """`ehr_coherence`: an `evaluate` metric scoring a synthetic EHR cohort against a real one.
 
 Inputs (the declared features) are the synthetic cohort's columns; the real cohort, whose size
-differs, is a keyword argument. The computation lives in `promptehr_hf.metrics.coherence`
-(installed with promptehr-hf), whose docstring defines every figure; it is this module's
-description.
+differs, is a keyword argument. The synthetic cohort's optional procedures and medications are
+keyword arguments of ``compute`` too (an `evaluate` module cannot declare an optional feature),
+one entry per synthetic patient in the order the patients were given. The computation lives in
+`promptehr_hf.metrics.coherence` (installed with promptehr-hf), whose docstring defines every
+figure; it is this module's description.
 """
 
 import evaluate
@@ -37,7 +39,13 @@ Args:
     sex (`list[str]`): per synthetic patient, "F" or "M".
     real: the real (reference) cohort, any size: a list of patient dicts
         {"visits", "age", "sex", ...}, a `datasets.Dataset` with those columns, or a dict of
-        columns. Required.
+        columns, with `procedures` / `medications` when it carries them. Required.
+    procedures (`list[list[list[str]] | None]`, optional): per synthetic patient (all of them,
+        also those given with `add_batch`), one list of procedure codes per visit.
+    medications (`list[list[list[str]] | None]`, optional): the same for "<NAME>//<FORMULARY>"
+        medication codes. A modality is scored, on its own and against the diagnoses, when both
+        the synthetic and the real cohort carry it; without them the output is the
+        diagnosis-only one.
     top_k (`int`, default 100): k of the top-k code overlap.
     min_real_count (`int`, default 10): real visit occurrences for a code to count in
         `code_coverage_frequent`.
@@ -50,8 +58,9 @@ Returns:
     unknown_code_rate, duplicate_rate, distinct_codes, distinct_codes_real, code_coverage,
     code_coverage_frequent, top_code, top_code_share, top_code_share_real, distinct_patient_share,
     visits_per_patient_{mean,mean_real,wasserstein,tv}, codes_per_visit_{mean,mean_real,wasserstein,tv},
-    age_wasserstein, female_share, female_share_real, n_synthetic_patients, n_real_patients
-    (definitions in the description).
+    age_wasserstein, female_share, female_share_real, n_synthetic_patients, n_real_patients,
+    and per modality scored `<modality>_*` and `r2_pair_diagnosis_procedure` /
+    `r2_pair_diagnosis_medication` (definitions in the description).
 Examples:
     >>> import evaluate
     >>> metric = evaluate.load("metrics/ehr_coherence")  # path of this folder
@@ -77,9 +86,15 @@ class EhrCoherence(evaluate.Metric):
             reference_urls=["https://arxiv.org/abs/2211.01761", "https://arxiv.org/abs/2304.02169"],
         )
 
-    def _compute(self, visits, age, sex, real=None, top_k=100, min_real_count=10, code_system="icd9cm"):
+    def _compute(self, visits, age, sex, real=None, top_k=100, min_real_count=10, code_system="icd9cm",
+                 procedures=None, medications=None):
         if real is None:
             raise ValueError("ehr_coherence needs the real cohort: compute(..., real=<patients>)")
         synthetic = {"visits": visits, "age": age, "sex": sex}
+        for name, values in (("procedures", procedures), ("medications", medications)):
+            if values is not None:
+                if len(values) != len(visits):
+                    raise ValueError(f"ehr_coherence: {len(values)} patients of {name} for {len(visits)} patients")
+                synthetic[name] = list(values)
         return _coherence.coherence(synthetic, real, top_k=top_k, min_real_count=min_real_count,
                                     code_system=code_system)
