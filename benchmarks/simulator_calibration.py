@@ -24,6 +24,17 @@
    the dependence on the phenotypes (sepsis and respiratory failure die more, older adults die
    more, preterm newborns stay longer, chronic patients come back sooner); the cost of the times
    (best of 3 warm runs with and without).
+5. Procedures and medications (issue 18; ``simulate(..., modalities=...)``, all three by default):
+   codes per admission against MIMIC-III's table sizes (``MODALITY_REFERENCE``: 240,095
+   PROCEDURES_ICD rows and 4,156,450 PRESCRIPTIONS rows over 58,976 admissions; prescriptions
+   scaled by the share of the demo's rows the reader keeps, 4,451 of 10,398, for codes as the
+   simulator writes them) and the real demo's (adult admissions against adult admissions);
+   the top-20 procedures and drugs of the demo, share of admissions, beside the simulated
+   (overlap of the two top-20s, Spearman over the demo's top-20); the dependence on the
+   diagnoses (ventilation with respiratory failure, norepinephrine in septic shock, furosemide
+   in heart failure) beside the demo's; the ICD-10-CM cohort's ICD-10-PCS procedures; the cost
+   (best of 3 warm runs with and without the two modalities). The diagnoses, demographics and
+   times are those of ``modalities=("diagnoses",)``, digest-checked.
 
 Writes benchmarks/results/simulator_calibration.json. Run on 2 cores:
 
@@ -33,6 +44,9 @@ Writes benchmarks/results/simulator_calibration.json. Run on 2 cores:
 from __future__ import annotations
 
 import argparse
+import contextlib
+import hashlib
+import io
 import json
 import os
 import platform
@@ -377,6 +391,149 @@ def times_table(sim: dict, demo: dict | None) -> list[dict]:
     return rows
 
 
+# MIMIC-III v1.4 row counts (the MIMIC-III documentation's table pages; PhysioNet), over its 58,976
+# admissions. Prescriptions: the demo's reader keeps 4,451 of its 10,398 rows (IV base solutions,
+# repeats of a code inside an admission dropped), applied to the full table.
+DOCS = "MIMIC-III v1.4 documentation, table sizes"
+ADMISSIONS = 58_976
+DEMO_KEPT_SHARE = 4_451 / 10_398
+MODALITY_REFERENCE = {
+    "procedures_per_admission": (240_095 / ADMISSIONS, DOCS + ": PROCEDURES_ICD 240,095 rows", 0.15),
+    "medications_per_admission": (4_156_450 * DEMO_KEPT_SHARE / ADMISSIONS,
+                                  DOCS + ": PRESCRIPTIONS 4,156,450 rows x the demo's kept share 0.428", 0.15),
+}
+MODAL = ("procedures", "medications")
+
+
+def _admissions(patients: list[dict], adult: bool | None = None) -> list[tuple[dict, int]]:
+    return [(p, i) for p in patients for i in range(len(p["visits"])) if adult is None or (p["age"] > 0) == adult]
+
+
+def _shares(visits: list[tuple[dict, int]], field: str) -> dict[str, float]:
+    """Share of the admissions holding each code of ``field``."""
+    counts = Counter(c for p, i in visits for c in p[field][i])
+    return {c: n / len(visits) for c, n in counts.items()}
+
+
+def _conditional(visits, dx: set[str], gets) -> dict:
+    has = np.array([bool(dx & set(p["visits"][i])) for p, i in visits])
+    got = np.array([gets(p, i) for p, i in visits])
+    return {"with": round(float(got[has].mean()), 3) if has.any() else None,
+            "without": round(float(got[~has].mean()), 3), "admissions_with": int(has.sum())}
+
+
+DEPENDENCE = (  # (name, diagnoses, test on the admission's procedures / medications)
+    ("ventilation_9671_9672_given_respiratory_failure", {"51881", "51884"},
+     lambda p, i: bool({"9671", "9672"} & set(p["procedures"][i]))),
+    ("norepinephrine_given_septic_shock", {"78552"},
+     lambda p, i: any(c.startswith("NOREPINEPHRINE//") for c in p["medications"][i])),
+    ("furosemide_given_heart_failure", {"4280"},
+     lambda p, i: any(c.startswith("FUROSEMIDE//") for c in p["medications"][i])),
+    ("vancomycin_given_sepsis", {"0389", "99591", "99592", "78552"},
+     lambda p, i: any(c.startswith("VANCOMYCIN") for c in p["medications"][i])),
+    ("warfarin_given_atrial_fibrillation", {"42731"},
+     lambda p, i: any(c.startswith("WARFARIN//") for c in p["medications"][i])),
+)
+
+
+def describe_modalities(patients: list[dict]) -> dict:
+    out = {}
+    for group, adult in (("all", None), ("adult", True), ("neonatal", False)):
+        visits = _admissions(patients, adult)
+        for m in MODAL:
+            n = np.array([len(p[m][i]) for p, i in visits])
+            out[f"{m}_per_admission_{group}"] = round(float(n.mean()), 3)
+            out[f"{m}_sd_{group}"] = round(float(n.std()), 3)
+            out[f"admissions_without_{m}_{group}"] = round(float((n == 0).mean()), 4)
+    for m in MODAL:
+        out[f"{m}_rows"] = sum(len(v) for p in patients for v in p[m])
+        out[f"{m}_distinct_codes"] = len({c for p in patients for v in p[m] for c in v})
+    out["distinct_drug_names"] = len({c.partition("//")[0] for p in patients for v in p["medications"] for c in v})
+    return out
+
+
+def modality_section(simulator, patients: list[dict], demo_dir: Path) -> dict:
+    """Section 5 of the module docstring."""
+    from promptehr_hf.datasets_scripts.mimic3 import read_mimic3
+
+    sim = describe_modalities(patients)
+    table = [{"figure": name, "reference": round(ref, 3), "source": src,
+              "simulated": sim[name.replace("per_admission", "per_admission_all")], "target": f"within {tol:.0%}",
+              "passed": bool(abs(sim[name.replace("per_admission", "per_admission_all")] / ref - 1) <= tol)}
+             for name, (ref, src, tol) in MODALITY_REFERENCE.items()]
+    result = {"table": table, "simulated": sim}
+    if demo_dir.is_dir():
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            demo, _ = read_mimic3(demo_dir)
+        demo_visits, sim_visits = _admissions(demo, True), _admissions(patients, True)
+        result["demo"] = {**{f"{m}_per_admission": round(float(np.mean([len(p[m][i]) for p, i in demo_visits])), 3)
+                             for m in MODAL},
+                          **{f"admissions_without_{m}": round(float(np.mean([not p[m][i] for p, i in demo_visits])), 4)
+                             for m in MODAL},
+                          "admissions": len(demo_visits)}
+        top = {}
+        for m in MODAL:
+            d, s = _shares(demo_visits, m), _shares(sim_visits, m)
+            d_top = sorted(d, key=lambda c: (-d[c], c))[:20]
+            s_top = sorted(s, key=lambda c: (-s[c], c))[:20]
+            overlap = len(set(d_top) & set(s_top))
+            rho = spearmanr([d[c] for c in d_top], [s.get(c, 0.0) for c in d_top]).statistic
+            top[m] = {"demo_top20_share_of_adult_admissions": {c: [round(d[c], 3), round(s.get(c, 0.0), 3)]
+                                                               for c in d_top},
+                      "simulated_top20": {c: [round(s[c], 3), round(d.get(c, 0.0), 3)] for c in s_top},
+                      "top20_overlap": overlap, "spearman_over_demo_top20": round(float(rho), 3)}
+            for name, target, passed in ((f"{m}_top20_overlap_with_demo", ">= 10", overlap >= 10),
+                                         (f"{m}_spearman_over_demo_top20", ">= 0.4", rho >= 0.4)):
+                table.append({"figure": name, "reference": None, "source": "real MIMIC-III demo, adult admissions",
+                              "simulated": round(float(overlap if "overlap" in name else rho), 3), "target": target,
+                              "passed": bool(passed)})
+            a = {"procedures": sim["procedures_per_admission_adult"],
+                 "medications": sim["medications_per_admission_adult"]}[m]
+            table.append({"figure": f"{m}_per_adult_admission_vs_demo",
+                          "reference": result["demo"][f"{m}_per_admission"],
+                          "source": "real MIMIC-III demo (129 adult admissions)", "simulated": a,
+                          "target": "within 20%",
+                          "passed": bool(abs(a / result["demo"][f"{m}_per_admission"] - 1) <= 0.2)})
+        result["top"] = top
+        # The demo's medication codes that the simulator's table holds, per admission: the part of
+        # its 34.5 codes the table can reproduce (the rest is the demo's long tail of drugs).
+        vocab = set(simulator._orders("medications").vocab)
+        result["demo"]["medications_per_admission_in_table_vocabulary"] = round(float(np.mean(
+            [sum(c in vocab for c in p["medications"][i]) for p, i in demo_visits])), 3)
+        result["demo"]["medication_codes_in_table_vocabulary"] = len(vocab)
+        result["dependence"] = {name: {"simulated": _conditional(sim_visits, dx, gets),
+                                       "demo": _conditional(demo_visits, dx, gets)} for name, dx, gets in DEPENDENCE}
+        for name, dep in result["dependence"].items():
+            s_dep = dep["simulated"]
+            table.append({"figure": name, "reference": None, "source": "dependence on the diagnoses",
+                          "simulated": s_dep["with"], "target": "> 2 x without",
+                          "passed": bool(s_dep["with"] > 2 * s_dep["without"])})
+    else:
+        result["demo"] = f"skipped: no demo folder at {demo_dir}"
+    icd10 = simulator.simulate(N_PAIR, seed=0, code_system="icd10cm")
+    visits = _admissions(icd10)
+    result["icd10cm"] = {"patients": N_PAIR, "procedures_per_admission": round(float(np.mean(
+        [len(p["procedures"][i]) for p, i in visits])), 3),
+        "distinct_procedure_codes": len({c for p in icd10 for v in p["procedures"] for c in v}),
+        "table_codes_without_icd10_pcs": list(simulator._orders("procedures", "icd10cm").dropped),
+        "note": "ICD-10-PCS codes from simulator.PCS_CODES (the table's codes only): the background procedures, "
+                "drawn among every v32 code, have no offline ICD-9 -> ICD-10-PCS map and are left out"}
+    plain = simulator.simulate(N_PAIR, seed=0, modalities=("diagnoses",))
+    full = [{k: v for k, v in p.items() if k not in MODAL} for p in patients[:N_PAIR]]
+    result["other_fields_unchanged"] = (hashlib.sha256(json.dumps(plain, sort_keys=True).encode()).hexdigest()
+                                        == hashlib.sha256(json.dumps(full, sort_keys=True).encode()).hexdigest())
+    best = {False: np.inf, True: np.inf}
+    for _ in range(3):
+        for on in (False, True):
+            c0 = time.process_time()
+            simulator.simulate(N_FULL, seed=0, modalities=simulator.MODALITIES if on else ("diagnoses",))
+            best[on] = min(best[on], time.process_time() - c0)
+    result["cost"] = {"patients": N_FULL, "cpu_seconds_diagnoses_only": round(best[False], 2),
+                      "cpu_seconds_with_procedures_and_medications": round(best[True], 2)}
+    result["passed"] = bool(result["other_fields_unchanged"] and all(r["passed"] for r in table))
+    return result
+
+
 def times_cost(simulate) -> dict:
     """Best of 5 warm runs of the full cohort with and without times (interleaved), in process
     CPU seconds (steadier than wall time on a shared machine) and wall seconds."""
@@ -439,10 +596,11 @@ def main(argv: list[str] | None = None) -> None:
         "note": "the admissions drawn after an in-hospital death are dropped; admissions_per_patient above is "
                 "with times",
     }
+    result["modalities"] = modality_section(simulator, patients, args.demo_dir)
     result["all_targets_passed"] = bool(
         all(r["passed"] for r in table if r["passed"] is not None)
         and result["timing"]["passed"] and result["cms_edits"]["passed"] and result["pair_structure"]["passed"]
-        and all(r["passed"] for r in t_table if r["passed"] is not None)
+        and all(r["passed"] for r in t_table if r["passed"] is not None) and result["modalities"]["passed"]
     )
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     tmp = RESULTS.with_suffix(".json.tmp")
@@ -457,6 +615,10 @@ def main(argv: list[str] | None = None) -> None:
         ref = "" if r["reference"] is None else f"{r['reference']:.4g}"
         print(f"{r['figure']:58s} ref {ref:>10s}  sim {r['simulated']:10.4g}  {r['target'] or '':24s} "
               f"{'' if r['passed'] is None else ('PASS' if r['passed'] else 'FAIL')}")
+    for r in result["modalities"]["table"]:
+        ref = "" if r["reference"] is None else f"{r['reference']:.4g}"
+        print(f"{r['figure']:58s} ref {ref:>10s}  sim {r['simulated']:10.4g}  {r['target'] or '':24s} "
+              f"{'PASS' if r['passed'] else 'FAIL'}")
     cost = result["times"]["cost"]
     print(f"times cost: {cost['cpu_seconds_without_times']} -> {cost['cpu_seconds_with_times']} CPU s "
           f"({cost['wall_seconds_without_times']} -> {cost['wall_seconds_with_times']} s wall) for {N_FULL:,} patients")

@@ -3,8 +3,9 @@
 Nobody can ship MIMIC-III, so the default cohort is simulated. It is calibrated to the public
 MIMIC-III figures (46,520 patients, 56% male, ~17% neonates,
 ~1.27 admissions per patient, ~11.3 codes per admission, the top-20 codes; in-hospital mortality
-~10% of admissions and a median stay of ~6.6 days) and, being a known
-process, it is also the ground truth fidelity is measured against.
+~10% of admissions and a median stay of ~6.6 days; ~4.1 procedures per admission) and, being a
+known process, it is also the ground truth fidelity is measured against. Admissions carry
+diagnoses, procedures and medications.
 
 Everything that defines the process is in the tables below (``PARAMS``, ``PHENOTYPES``,
 ``EXCLUDES``); the code only samples from them. One patient is drawn as follows.
@@ -108,6 +109,41 @@ Everything that defines the process is in the tables below (``PARAMS``, ``PHENOT
    cohort has the ICD-9-CM cohort's times and admissions. ``benchmarks/simulator_calibration.py``
    compares them with MIMIC-III's published figures and the demo.
 
+6. **Procedures and medications** (``simulate(..., modalities=...)``, by default all three;
+   tables ``PROCEDURES``, ``MEDICATIONS``, ``PCS_CODES``, ``MODALITY_PARAMS``). Each admission
+   gets a list of ICD-9-CM v32 procedure codes and one of ``"<DRUG NAME>//<FORMULARY CODE>"``
+   medication codes (the ``medications`` module), from what was drawn for it above:
+
+   - *Orders.* An ``Order`` (central line, mechanical ventilation, CABG, norepinephrine,
+     furosemide, vitamin K for a newborn...) has causes: a base probability at any adult or
+     neonatal admission, and a probability per phenotype active at the admission
+     (``"sepsis"``) or condition coded there (``"sepsis.septic_shock"``). The admission gets it
+     with P = 1 - exp(-``hazard_scale`` * s * sum of the present causes' -log(1 - p)) (each
+     cause on its own, noisy-OR), s its care intensity ~ Gamma(``intensity_shape``) with mean 1,
+     shared by both modalities (a sicker admission gets more of both). It then writes one of
+     its variants (one or more codes: "3615 3612", a drug's formulary products) drawn by
+     weight among those the patient's sex allows (CMS procedure sex edits: 640 circumcision for
+     boys, 741 caesarean for women).
+   - *Background procedures*: Poisson(``tail_rate`` * s) more per admission, drawn among all the
+     billable v32 procedure codes outside ``PROCEDURES`` that the sex allows, by a seeded Zipf
+     weight (the breadth of PROCEDURES_ICD). Medications have no background: their codes are
+     the table's (179, where the demo prescribes 837).
+   - Codes are de-duplicated and ordered by the order's ``rank`` + N(0, ``order_noise``)
+     (principal operation first; for drugs, the order of first prescription).
+
+   The tables are hand-written: their probabilities come from the MIMIC-III demo's aggregate
+   shares of admissions (overall and given the diagnoses present) and clinical practice; the
+   medication codes are the demo's vocabulary (newborns', absent from the adult demo, in its
+   style). ``hazard_scale`` calibrates the codes per admission to MIMIC-III's table sizes
+   (``benchmarks/simulator_calibration.py``). The draws come from streams of their own (children
+   1, 2 and 3 of the block's SeedSequence: intensity, procedures, medications) after everything
+   else, from what the admissions coded, so the diagnoses, demographics and times are exactly
+   those of ``modalities=("diagnoses",)``, and each modality is the same with or without the
+   other. In an ICD-10-CM cohort the procedures are written in ICD-10-PCS through
+   ``PCS_CODES`` (the table's codes, mapped by hand and checked against the ICD-10-PCS titles;
+   the ICD-9 adjunct codes 0040-0046, qualifiers in ICD-10-PCS, are left out); the background
+   procedures are left out there too, as no ICD-9 -> ICD-10-PCS map ships offline.
+
 Every code is a billable v32 leaf, and every record respects the CMS Medicare Code Editor age/sex
 edits by construction: variants and tail entries are drawn only among those whose codes
 ``icd9.violations`` all allows for the patient's whole-year age and sex (one allowed set per
@@ -130,8 +166,10 @@ the random stream ``SeedSequence(seed).spawn`` child b, so ``simulate(n, seed)``
 and a smaller cohort is the start of a larger one with the same seed.
 
 CLI: ``promptehr simulate --patients N --seed S --out DIR`` writes MIMIC-III CSVs through
-``promptehr_hf.datasets_scripts.cohort_io.write_mimic3_csvs``; with ``--code-system icd10cm``, the
-ICD-10-CM cohort as a MIMIC-IV folder (``write_mimic4_csvs``, ``hosp/*.csv.gz``).
+``promptehr_hf.datasets_scripts.cohort_io.write_mimic3_csvs`` (PROCEDURES_ICD.csv and
+PRESCRIPTIONS.csv beside DIAGNOSES_ICD.csv; ``--modalities diagnoses`` leaves them out); with
+``--code-system icd10cm``, the ICD-10-CM cohort as a MIMIC-IV folder (``write_mimic4_csvs``,
+``hosp/*.csv.gz``).
 """
 
 from __future__ import annotations
@@ -148,9 +186,10 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from promptehr_hf.datasets_scripts import code_systems, icd9, icd10
+from promptehr_hf.datasets_scripts import code_systems, icd9, icd10, medications
 from promptehr_hf.datasets_scripts.code_systems import CODE_SYSTEMS, DEFAULT_CODE_SYSTEM
 from promptehr_hf.datasets_scripts.cohort_io import write_mimic3_csvs, write_mimic4_csvs
+from promptehr_hf.datasets_scripts.procedures import FOR_DIAGNOSES, ICD9PROC, procedure_system
 from promptehr_hf.datasets_scripts.schema import AGE_CAP, SEXES
 from promptehr_hf.file_utils import check_output, replace_folder
 
@@ -723,6 +762,440 @@ TIMES: dict[str, TimeEffects] = {
 }
 
 # ======================================================================================
+# Procedures and medications: orders written at an admission, from its phenotypes and conditions
+# ======================================================================================
+
+
+@dataclass(frozen=True)
+class Order:
+    """A procedure or a medication order: when an admission gets it and which codes it writes.
+
+    variants: ``{"code [code ...]": weight}`` (medication codes, whose names hold spaces, separated
+        by ``" ; "``), one drawn per admission that gets the order, among those the patient's sex
+        allows (CMS procedure sex edits), and written as all its codes.
+    base: P(order) at any (adult, neonate) admission.
+    given: ``{"phenotype": p}`` (the phenotype is active at the admission) or
+        ``{"phenotype.condition": p}`` (the condition is coded there); each present cause
+        orders it with its p on its own (noisy-OR with ``base``).
+    rank: position in the admission's order of the modality (procedures: principal operation
+        first; medications: order of first prescription), before the noise.
+    """
+
+    name: str
+    variants: Mapping[str, float]
+    given: Mapping[str, float] = field(default_factory=dict)
+    base: tuple[float, float] = (0.0, 0.0)
+    rank: float = 2.0
+
+
+def order(name, variants, given=None, base=(0.0, 0.0), rank=2.0) -> Order:
+    """An Order; a single code or variant string stands for ``{variants: 1.0}``."""
+    return Order(name, variants if isinstance(variants, Mapping) else {variants: 1.0}, given or {}, base, rank)
+
+
+@dataclass(frozen=True)
+class ModalityParams:
+    """Global parameters of the procedures and medications (see the module docstring)."""
+
+    intensity_shape: float = 1.6  # Gamma shape of an admission's care intensity (mean 1)
+    # Every order's hazard -log(1 - p) is multiplied by the intensity and this (procedures,
+    # medications): the tables give relative shares, this the codes per admission.
+    hazard_scale: tuple[float, float] = (1.8, 2.2)
+    # Background procedures: Poisson(rate * intensity) per (adult, neonate) admission, drawn
+    # among every billable v32 procedure code outside PROCEDURES that the sex allows, the code of
+    # rank R in a seeded order weighing (R + tail_q)^-tail_s.
+    tail_rate: tuple[float, float] = (1.4, 0.25)
+    tail_s: float = 2.0
+    tail_q: float = 40.0
+    tail_rank: float = 2.5
+    order_noise: float = 1.0  # sd of the noise added to an order's rank
+
+
+MODALITY_PARAMS = ModalityParams()
+MODALITIES = ("diagnoses", "procedures", "medications")
+
+# Causes shared by several orders.
+_VENTILATED = {"respiratory.respiratory_failure": 0.62, "sepsis.respiratory_failure": 0.62,
+               "trauma.respiratory_failure": 0.7, "sepsis.ards": 0.9, "heart.cardiogenic_shock": 0.5,
+               "neuro.brain_swelling": 0.5, "substance.overdose": 0.25, "preterm.bpd": 0.6}
+_ICU_LINES = {"sepsis": 0.45, "cardiac_surgery": 0.55, "heart.cardiogenic_shock": 0.6,
+              "respiratory.respiratory_failure": 0.35, "liver_gi.gi_bleed": 0.2, "trauma": 0.25,
+              "renal.aki": 0.15, "neuro.stroke": 0.12, "oncology": 0.15}
+_SEPTIC_SHOCK = {"sepsis.septic_shock": 0.8, "heart.cardiogenic_shock": 0.5, "sepsis": 0.15}
+
+# ICD-9-CM volume 3 (v32). Per-admission probabilities: the demo's procedure frequencies given
+# the diagnoses present (aggregate counts; 129 admissions, 3.8 procedures each) and clinical
+# practice (ventilation with respiratory failure, CABG with coronary surgery, phototherapy with
+# neonatal jaundice...).
+PROCEDURES: tuple[Order, ...] = (
+    order("cabg", {"3615 3612": 0.35, "3615 3613": 0.3, "3612": 0.15, "3613": 0.1, "3615": 0.1},
+          {"cardiac_surgery.cad": 0.55}, rank=0),
+    order("aortic_valve", "3521", {"cardiac_surgery.aortic_valve": 0.6}, rank=0),
+    order("bypass_pump", "3961", {"cardiac_surgery.cad": 0.5, "cardiac_surgery.aortic_valve": 0.6}, rank=1),
+    order("coronary_angiography", {"3723 8856": 0.65, "8856": 0.2, "3723": 0.15},
+          {"cardiac_surgery.acute_mi": 0.65, "cardiac_surgery.unstable_angina": 0.5, "coronary": 0.04}, rank=0.5),
+    order("coronary_stent", {"0066 3607 0045 0040": 0.5, "0066 3607 0046 0041": 0.2, "0066 0045 0040": 0.15,
+                             "0066": 0.15},
+          {"cardiac_surgery.acute_mi": 0.45, "cardiac_surgery.unstable_angina": 0.3}, rank=0.2),
+    order("pa_catheter", "8964", {"cardiac_surgery": 0.25, "heart.cardiogenic_shock": 0.3}, rank=2),
+    order("echocardiogram", "8872", {"heart": 0.06, "cardiac_surgery": 0.08, "heart.heart_failure": 0.05}, rank=3),
+    order("cardioversion", "9962", {"heart.atrial_fibrillation": 0.03, "heart.ventricular_tachycardia": 0.2,
+                                    "cardiac_surgery.postop_af": 0.05}, rank=1.5),
+    order("intubation", "9604", {**_VENTILATED, "cardiac_surgery": 0.05, "neuro.stroke": 0.12}, rank=1),
+    order("ventilation", {"9671": 0.55, "9672": 0.45},
+          {**_VENTILATED, "cardiac_surgery": 0.2, "neuro.stroke": 0.1, "preterm.respiratory_distress": 0.3}, rank=1.2),
+    order("noninvasive_ventilation", "9390", {"respiratory.copd": 0.06, "heart.heart_failure": 0.03,
+                                              "respiratory.respiratory_failure": 0.1, "respiratory.sleep_apnea": 0.05,
+                                              "preterm.respiratory_distress": 0.5, "preterm": 0.15,
+                                              "neonatal.transient_tachypnea": 0.25}, rank=1.5),
+    order("tracheostomy", "311", {"respiratory.respiratory_failure": 0.04, "trauma.brain_injury": 0.06,
+                                  "sepsis.ards": 0.1}, rank=0.8),
+    order("central_line", {"3893": 0.8, "3897": 0.2}, {**_ICU_LINES, "preterm": 0.08}, base=(0.1, 0.0), rank=2.5),
+    order("arterial_line", "3891", {"cardiac_surgery": 0.5, "heart.cardiogenic_shock": 0.4, "sepsis.septic_shock": 0.2,
+                                    "respiratory.respiratory_failure": 0.1, "trauma": 0.08, "neuro.stroke": 0.05},
+          rank=2.6),
+    order("vasopressor_infusion", "0017", {"sepsis.septic_shock": 0.1, "heart.cardiogenic_shock": 0.05}, rank=3),
+    order("enteral_nutrition", "966", {"respiratory.respiratory_failure": 0.4, "sepsis.respiratory_failure": 0.3,
+                                       "trauma.brain_injury": 0.3, "neuro.stroke": 0.2, "preterm": 0.7,
+                                       "neonatal.feeding_problem": 0.2}, base=(0.06, 0.04), rank=3),
+    order("parenteral_nutrition", "9915", {"preterm": 0.45, "liver_gi.pancreatitis": 0.2, "general.ileus": 0.15,
+                                           "oncology.malnutrition": 0.2}, base=(0.03, 0.0), rank=3),
+    order("nasogastric_tube", "9607", {"neuro.aphasia_dysphagia": 0.1, "general.ileus": 0.3}, rank=3),
+    order("red_cells", "9904", {"cardiac_surgery.blood_loss_anemia": 0.7, "liver_gi.gi_bleed": 0.55,
+                                "trauma.blood_loss_anemia": 0.6, "falls.blood_loss_anemia": 0.5,
+                                "oncology.anemia": 0.35,
+                                "renal.ckd_anemia": 0.2, "general.anemia": 0.15, "sepsis": 0.15,
+                                "obstetric.postpartum_hemorrhage": 0.4, "preterm.anemia_prematurity": 0.4},
+          base=(0.03, 0.0), rank=2.8),
+    order("plasma", "9907", {"liver_gi.coagulopathy": 0.3, "cardiac_surgery.procedure_hemorrhage": 0.5,
+                             "trauma.brain_injury": 0.1, "heart.anticoagulation": 0.03}, rank=2.9),
+    order("platelets", "9905", {"oncology.pancytopenia": 0.45, "oncology.neutropenia": 0.2,
+                                "sepsis.thrombocytopenia": 0.3, "cardiac_surgery.procedure_hemorrhage": 0.4}, rank=2.9),
+    order("hemodialysis", "3995", {"renal.ckd": 0.14, "renal.dialysis_complication": 0.8, "renal.aki": 0.06,
+                                   "sepsis.aki": 0.04}, rank=1.5),
+    order("dialysis_catheter", "3895", {"renal.ckd": 0.04, "renal.aki": 0.05, "sepsis.aki": 0.04}, rank=2),
+    order("paracentesis", "5491", {"liver_gi.ascites": 0.55, "liver_gi.cirrhosis": 0.1}, rank=1.5),
+    order("thoracentesis", "3491", {"respiratory.pleural_effusion": 0.35, "oncology.pleural_effusion": 0.4,
+                                    "cardiac_surgery.pleural_effusion": 0.2}, rank=1.5),
+    order("chest_tube", "3404", {"trauma.pneumothorax": 0.7, "trauma.rib_fractures": 0.25,
+                                 "respiratory.pleural_effusion": 0.05}, rank=1),
+    order("bronchoscopy", {"3322": 0.6, "3324 3322": 0.4}, {"respiratory.pneumonia": 0.03,
+                                                            "respiratory.respiratory_failure": 0.05,
+                                                            "oncology.primary": 0.03}, rank=1.5),
+    order("upper_endoscopy", {"4513": 0.5, "4516": 0.3, "4513 4443": 0.2}, {"liver_gi.gi_bleed": 0.55,
+                                                                            "liver_gi.varices": 0.1}, rank=1),
+    order("variceal_banding", "4233", {"liver_gi.varices": 0.25}, rank=0.8),
+    order("colonoscopy", "4523", {"liver_gi.gi_bleed": 0.12, "oncology": 0.02}, rank=1.2),
+    order("ercp", "5110", {"liver_gi.pancreatitis": 0.2}, rank=0.8),
+    order("cholecystectomy", "5123", {"liver_gi.pancreatitis": 0.1}, rank=0),
+    order("liver_biopsy", "5011", {"liver_gi.cirrhosis": 0.03, "liver_gi.hepatitis_c": 0.03}, rank=1.5),
+    order("peg", "4311", {"neuro.aphasia_dysphagia": 0.15, "neuro.stroke": 0.04,
+                          "respiratory.respiratory_failure": 0.03}, rank=1),
+    order("lumbar_puncture", "0331", {"neuro.encephalopathy": 0.2, "neuro.altered_mental_status": 0.1,
+                                      "neonatal.newborn_sepsis": 0.5, "general.fever": 0.05}, rank=1.5),
+    order("head_ct", "8703", {"neuro.stroke": 0.15, "trauma.brain_injury": 0.25, "falls.subdural": 0.2}, rank=3.5),
+    order("brain_mri", "8891", {"neuro.stroke": 0.2, "neuro.epilepsy": 0.05}, rank=3.5),
+    order("thrombolysis", "9910", {"neuro.stroke": 0.05, "respiratory.pulmonary_embolism": 0.05}, rank=1),
+    order("icp_monitor", "0110", {"trauma.brain_injury": 0.12, "neuro.brain_swelling": 0.15}, rank=1.2),
+    order("craniotomy", "0124", {"trauma.brain_injury": 0.12, "falls.subdural": 0.2, "neuro.stroke": 0.03}, rank=0),
+    order("femur_fixation", "7935", {"falls.hip_fracture": 0.6, "trauma.limb_fracture": 0.3}, rank=0),
+    order("chemotherapy", "9925", {"oncology": 0.08, "oncology.neutropenia": 0.1}, rank=1.5),
+    order("colectomy", "4573", {"oncology.primary": 0.02}, rank=0),
+    order("lobectomy", "3249", {"oncology.primary": 0.015}, rank=0),
+    order("urinary_catheter", "5794", {"general.urinary_retention": 0.3}, rank=3),
+    order("prostatectomy", "6029", {"general.bph": 0.04, "general.urinary_retention": 0.05}, rank=0.5),
+    order("hysterectomy", "6849", {"oncology.primary": 0.01}, rank=0),
+    order("delivery", {"741": 0.35, "7359": 0.45, "7359 7569": 0.2}, {"obstetric.delivered": 0.9,
+                                                                    "obstetric.outcome": 0.6}, rank=0),
+    order("hepatitis_b_vaccine", "9955", {"neonatal.hepatitis_b_vaccine": 0.85}, rank=4),
+    order("phototherapy", "9983", {"neonatal.jaundice": 0.6, "preterm.jaundice": 0.7}, rank=3),
+    order("umbilical_catheter", "3892", {"preterm": 0.3, "neonatal.newborn_sepsis": 0.2}, rank=2),
+    order("circumcision", "640", {"neonatal.circumcision": 0.9}, rank=1),
+)
+
+# The ICD-10-PCS FY2024 code each ICD-9-CM procedure above is written as in an ICD-10-CM cohort:
+# the code of the same operation (checked by title against the ICD-10-PCS tables); "" where
+# ICD-10-PCS has no such code (the ICD-9 adjunct codes counting vessels and stents are qualifiers
+# of the PCS code there), so the code is left out of that cohort.
+PCS_CODES: dict[str, str] = {
+    "3615": "02100Z9", "3612": "021109W", "3613": "021209W", "3521": "02RF08Z", "3961": "5A1221Z",
+    "3723": "4A023N8", "8856": "B2111ZZ", "0066": "02703ZZ", "3607": "027034Z", "0045": "", "0046": "",
+    "0040": "", "0041": "", "8964": "02HP32Z", "8872": "B246ZZZ", "9962": "5A2204Z", "9604": "0BH17EZ",
+    "9671": "5A1945Z", "9672": "5A1955Z", "9390": "5A09357", "311": "0B110F4", "3893": "02HV33Z",
+    "3897": "02HV33Z", "3891": "03HY32Z", "0017": "3E033XZ", "966": "3E0G76Z", "9915": "3E0436Z",
+    "9607": "0DH67UZ", "9904": "30233N1", "9907": "30233K1", "9905": "30233R1", "3995": "5A1D70Z",
+    "3895": "05HY33Z", "5491": "0W9G3ZZ", "3491": "0W993ZZ", "3404": "0W9930Z", "3322": "0BJ08ZZ",
+    "3324": "0BBC8ZX", "4513": "0DJ08ZZ", "4516": "0DB68ZX", "4443": "0W3P8ZZ", "4233": "06L38CZ",
+    "4523": "0DJD8ZZ", "5110": "0FJB8ZZ", "5123": "0FT44ZZ", "5011": "0FB03ZX", "4311": "0DH63UZ",
+    "0331": "009U3ZX", "8703": "B020ZZZ", "8891": "B030ZZZ", "9910": "3E03317", "0110": "4A103BD",
+    "0124": "00C40ZZ", "7935": "0QS604Z", "9925": "3E03305", "4573": "0DTF0ZZ", "3249": "0BTC0ZZ",
+    "5794": "0T9B70Z", "6029": "0VT08ZZ", "6849": "0UT90ZZ", "741": "10D00Z1", "7359": "10E0XZZ",
+    "7569": "0UQMXZZ", "9955": "3E0234Z", "9983": "6A601ZZ", "3892": "06HY33Z", "640": "0VTTXZZ",
+}
+
+# Medications, "<DRUG NAME>//<FORMULARY CODE>" (the medications module). The codes of drugs the
+# MIMIC-III demo prescribes are its own (drug name and formulary code: the hospital's vocabulary,
+# as the ICD codes are the diagnoses'); the neonatal ones, which the adult demo lacks, are written
+# in its style. Probabilities: the demo's share of admissions prescribing each drug, overall and
+# given the diagnoses present (aggregate counts; 34.5 kept codes per admission), and clinical
+# practice (vasopressors in septic shock, furosemide in heart failure, lactulose with hepatic
+# encephalopathy, vitamin K, erythromycin eye ointment and hepatitis B vaccine for newborns...).
+MEDICATIONS: tuple[Order, ...] = (
+    # Ward routine of adult admissions.
+    order("flush", "SODIUM CHLORIDE 0.9% FLUSH//NACLFLUSH", base=(0.72, 0.0), rank=0),
+    order("sc_heparin", "HEPARIN//HEPA5I", {"cardiac_surgery": 0.4}, base=(0.5, 0.0), rank=1),
+    order("acetaminophen", {"ACETAMINOPHEN//ACET325": 0.75, "ACETAMINOPHEN//ACET325 ; ACETAMINOPHEN//ACET650R": 0.15,
+                            "ACETAMINOPHEN//ACET650L": 0.1}, {"cardiac_surgery": 0.5, "trauma": 0.4, "falls": 0.4},
+          base=(0.5, 0.0), rank=1),
+    order("senna", "SENNA//SENN187", {"cardiac_surgery": 0.4}, base=(0.42, 0.0), rank=2),
+    order("docusate", {"DOCUSATE SODIUM//DOCU100": 0.6, "DOCUSATE SODIUM (LIQUID)//DOCU100L": 0.25,
+                       "DOCUSATE SODIUM//DOCU100 ; DOCUSATE SODIUM (LIQUID)//DOCU100L": 0.1,
+                       "DOCUSATE SODIUM//DOCU100L": 0.05}, {"cardiac_surgery": 0.5}, base=(0.5, 0.0), rank=2),
+    order("bisacodyl", {"BISACODYL//BISA10R": 0.5, "BISACODYL//BISA5": 0.3,
+                        "BISACODYL//BISA10R ; BISACODYL//BISA5": 0.2},
+          base=(0.38, 0.0), rank=2),
+    order("pantoprazole", {"PANTOPRAZOLE//PANT40": 0.45, "PANTOPRAZOLE SODIUM//PANT40I": 0.4,
+                           "PANTOPRAZOLE//PANT40 ; PANTOPRAZOLE SODIUM//PANT40I": 0.15},
+          {"liver_gi.gi_bleed": 0.9, "respiratory.respiratory_failure": 0.5, "sepsis": 0.4}, base=(0.38, 0.0), rank=1),
+    order("h2_blocker", {"FAMOTIDINE//FAMO20PM": 0.5, "FAMOTIDINE//PEPC20": 0.25, "RANITIDINE//RANI150": 0.25},
+          {"cardiac_surgery": 0.2, "general.gerd": 0.2}, base=(0.1, 0.0), rank=2),
+    order("potassium", {"POTASSIUM CHLORIDE//KCL20P": 0.3, "POTASSIUM CHLORIDE//KCL40I": 0.2,
+                        "POTASSIUM CHLORIDE//KCL20PM": 0.15,
+                        "POTASSIUM CHLORIDE//KCL20P ; POTASSIUM CHLORIDE//KCL20PM": 0.1,
+                        "POTASSIUM CHLORIDE//KCL20P ; POTASSIUM CHLORIDE//KCL40I ; POTASSIUM CHLORIDE//POTA20": 0.1,
+                        "POTASSIUM CHLORIDE//MICROK10": 0.1,
+                        "POTASSIUM CHLORIDE//KCL10PM ; POTASSIUM CHLORIDE//KCL20I": 0.05},
+          {"heart.heart_failure": 0.4, "cardiac_surgery": 0.6, "substance.electrolytes": 0.6,
+           "general.electrolytes": 0.5}, base=(0.42, 0.0), rank=1),
+    order("magnesium", {"MAGNESIUM SULFATE//MAG2PM": 0.5, "MAGNESIUM SULFATE//MAGS1I": 0.3,
+                        "MAGNESIUM SULFATE//MAG2PM ; MAGNESIUM SULFATE//MAGS1I": 0.2},
+          {"cardiac_surgery": 0.6, "heart.atrial_fibrillation": 0.2, "substance.alcohol": 0.4,
+           "obstetric.preeclampsia": 0.8}, base=(0.35, 0.0), rank=1),
+    order("phosphate", {"NEUTRA-PHOS//NEUT": 0.5, "POTASSIUM PHOSPHATE//KPHO45I": 0.3,
+                        "NEUTRA-PHOS//NEUT ; POTASSIUM PHOSPHATE//KPHO45I": 0.2},
+          {"substance.alcohol": 0.3, "sepsis": 0.2}, base=(0.25, 0.0), rank=2),
+    order("calcium", {"CALCIUM GLUCONATE//CALG1I": 0.7, "CALCIUM GLUCONATE//CALCG2/100NS": 0.3},
+          {"cardiac_surgery": 0.5, "renal.hyperkalemia": 0.4}, base=(0.22, 0.0), rank=2),
+    order("morphine", {"MORPHINE SULFATE//MORP2I": 0.6, "MORPHINE SULFATE//MORP4I": 0.15,
+                       "MORPHINE SULFATE//MORP2I ; MORPHINE SULFATE//MORP100PM": 0.15,
+                       "MORPHINE SULFATE IR//MORP15": 0.1},
+          {"cardiac_surgery": 0.5, "trauma": 0.5, "oncology": 0.3, "falls.hip_fracture": 0.5}, base=(0.35, 0.0),
+          rank=1),
+    order("oxycodone", {"OXYCODONE-ACETAMINOPHEN//PERC": 0.7, "OXYCODONE (IMMEDIATE RELEASE)//OXYC5": 0.3},
+          {"cardiac_surgery": 0.4, "trauma": 0.4, "falls.hip_fracture": 0.5, "obstetric.delivered": 0.5,
+           "oncology": 0.2}, base=(0.08, 0.0), rank=3),
+    order("ondansetron", "ONDANSETRON//ONDAN4I", {"oncology": 0.4, "cardiac_surgery": 0.2,
+                                                  "liver_gi.pancreatitis": 0.5},
+          base=(0.12, 0.0), rank=2),
+    order("lorazepam", {"LORAZEPAM//LORA2I": 0.7, "LORAZEPAM//LORA5": 0.3},
+          {"substance.withdrawal": 0.85, "general.anxiety": 0.3, "psychiatric.anxiety": 0.4, "neuro.epilepsy": 0.3,
+           "general.delirium": 0.2}, base=(0.18, 0.0), rank=2),
+    order("insulin", "INSULIN//INSULIN", {"cardiometabolic.diabetes": 0.85, "cardiac_surgery": 0.6, "sepsis": 0.4},
+          base=(0.35, 0.0), rank=1),
+    order("insulin_glargine", "INSULIN//GLAR100I", {"cardiometabolic.insulin": 0.6, "cardiometabolic.diabetes": 0.15},
+          rank=3),
+    order("insulin_drip", "INSULIN HUMAN REGULAR//INHRIV", {"cardiac_surgery": 0.45, "sepsis.septic_shock": 0.1},
+          rank=1),
+    order("dextrose", "DEXTROSE 50%//DEX50SY", {"cardiometabolic.diabetes": 0.3, "liver_gi.cirrhosis": 0.15},
+          base=(0.12, 0.0), rank=2),
+    order("glucagon", "GLUCAGON//GLUC1I", {"cardiometabolic.diabetes": 0.25}, base=(0.04, 0.0), rank=3),
+    order("vaccines", {"PNEUMOCOCCAL VAC POLYVALENT//PNEU25I": 0.45, "INFLUENZA VIRUS VACCINE//INFV": 0.25,
+                       "PNEUMOCOCCAL VAC POLYVALENT//PNEU25I ; INFLUENZA VIRUS VACCINE//INFV": 0.3},
+          {"respiratory.copd": 0.3}, base=(0.3, 0.0), rank=4),
+    order("multivitamin", "MULTIVITAMINS//MVI", {"substance.alcohol": 0.6, "liver_gi.cirrhosis": 0.3},
+          base=(0.12, 0.0), rank=3),
+    order("heparin_flush", {"HEPARIN FLUSH CVL (100 UNITS/ML)//HEPA100SYR": 0.5,
+                            "HEPARIN FLUSH (10 UNITS/ML)//HEPA10SYR": 0.5},
+          {**_ICU_LINES, "oncology": 0.3, "renal.ckd": 0.2}, base=(0.06, 0.0), rank=3),
+    order("skin_mouth_care", {"MICONAZOLE POWDER 2%//MICO2P": 0.5, "NYSTATIN ORAL SUSPENSION//NYST5L": 0.2,
+                              "MICONAZOLE POWDER 2%//MICO2P ; CHLORHEXIDINE GLUCONATE 0.12% ORAL RINSE//CHLO15L": 0.3},
+          {"general.pressure_ulcer": 0.5, "oncology": 0.2}, base=(0.12, 0.0), rank=3),
+    order("oral_rinse", "CHLORHEXIDINE GLUCONATE 0.12% ORAL RINSE//CHLO15L", {**_VENTILATED, "cardiac_surgery": 0.5},
+          rank=3),
+    order("sleep", {"ZOLPIDEM TARTRATE//AMBI5": 0.6, "TRAZODONE//TRAZ50": 0.4}, {"psychiatric": 0.3},
+          base=(0.1, 0.0), rank=4),
+    order("milk_of_magnesia", "MILK OF MAGNESIA//MOM30L", {"cardiac_surgery": 0.3}, base=(0.07, 0.0), rank=4),
+    order("metoclopramide", "METOCLOPRAMIDE//METO10I", {"general.ileus": 0.4}, base=(0.05, 0.0), rank=3),
+    order("calcium_carbonate", "CALCIUM CARBONATE//CALC500", {"general.osteoporosis": 0.4, "falls.osteoporosis": 0.4,
+                                                              "renal.ckd": 0.15}, base=(0.07, 0.0), rank=4),
+    order("vitamin_d", "VITAMIN D//ERGO400T", {"general.osteoporosis": 0.4, "falls": 0.2}, base=(0.05, 0.0), rank=4),
+    order("iron", "FERROUS SULFATE//FERR325", {"general.anemia": 0.35, "renal.ckd_anemia": 0.3, "falls": 0.1},
+          base=(0.05, 0.0), rank=4),
+    order("gabapentin", {"GABAPENTIN//GABA300": 0.7, "GABAPENTIN//GABA250L": 0.3},
+          {"general.neuropathy": 0.6, "cardiometabolic.diabetes": 0.1}, base=(0.08, 0.0), rank=4),
+    order("haloperidol", "HALOPERIDOL//HALD5I", {"general.delirium": 0.6, "neuro.altered_mental_status": 0.3,
+                                                 "substance.withdrawal": 0.2}, base=(0.06, 0.0), rank=3),
+    order("enoxaparin", "ENOXAPARIN SODIUM//ENOX40I", {"trauma": 0.3, "falls.hip_fracture": 0.6,
+                                                       "oncology.thrombosis": 0.6},
+          base=(0.05, 0.0), rank=2),
+    # Cardiovascular.
+    order("furosemide", {"FUROSEMIDE//FURO40I": 0.55, "FUROSEMIDE//FURO40I ; FUROSEMIDE//FURO100I": 0.15,
+                         "FUROSEMIDE//FURO40I ; FUROSEMIDE//FURO20": 0.1, "FUROSEMIDE//FURO40": 0.1,
+                         "FUROSEMIDE//FURO20": 0.1},
+          {"heart.heart_failure": 0.8, "cardiac_surgery": 0.6, "renal.fluid_overload": 0.7, "liver_gi.ascites": 0.4,
+           "respiratory.pulmonary_edema": 0.8}, base=(0.15, 0.0), rank=1),
+    order("metoprolol", {"METOPROLOL TARTRATE//METO25": 0.45, "METOPROLOL TARTRATE//METO5I": 0.15,
+                         "METOPROLOL TARTRATE//METO25 ; METOPROLOL TARTRATE//METO5I": 0.15, "METOPROLOL//METO25": 0.1,
+                         "METOPROLOL//METO5I": 0.08, "METOPROLOL//METO50": 0.07},
+          {"heart.atrial_fibrillation": 0.45, "heart.heart_failure": 0.3, "coronary": 0.45, "cardiac_surgery": 0.75,
+           "cardiometabolic.hypertension": 0.15}, base=(0.06, 0.0), rank=2),
+    order("ace_inhibitor", {"LISINOPRIL//LISI5": 0.8, "CAPTOPRIL//CAPT6.25": 0.2},
+          {"heart.heart_failure": 0.3, "cardiometabolic.hypertension": 0.15, "cardiac_surgery.acute_mi": 0.4}, rank=3),
+    order("amlodipine", "AMLODIPINE//AMLO5", {"cardiometabolic.hypertension": 0.1}, rank=3),
+    order("hydralazine", "HYDRALAZINE//HYDZ20I", {"cardiometabolic.hypertension": 0.1, "neuro.stroke": 0.2,
+                                                  "obstetric.preeclampsia": 0.3}, base=(0.04, 0.0), rank=3),
+    order("labetalol", "LABETALOL//LABE100I", {"neuro.stroke": 0.3, "obstetric.preeclampsia": 0.5}, rank=3),
+    order("carvedilol", "CARVEDILOL//CARV3.125", {"heart.heart_failure": 0.15, "heart.cardiomyopathy": 0.4}, rank=3),
+    order("spironolactone", "SPIRONOLACTONE//SPIR25", {"heart.heart_failure": 0.08, "liver_gi.ascites": 0.35}, rank=3),
+    order("warfarin", {"WARFARIN//WARF2": 0.35, "WARFARIN//WARF5": 0.25, "WARFARIN//WARF1": 0.15,
+                       "WARFARIN//WARF2 ; WARFARIN//WARF5": 0.15,
+                       "WARFARIN//WARF1 ; WARFARIN//WARF2 ; WARFARIN//WARF5": 0.1},
+          {"heart.anticoagulation": 0.8, "heart.atrial_fibrillation": 0.15, "oncology.thrombosis": 0.4,
+           "respiratory.pulmonary_embolism": 0.6}, rank=3),
+    order("heparin_drip", "HEPARIN SODIUM//HEPPREMIX",
+          {"heart.atrial_fibrillation": 0.2, "cardiac_surgery.acute_mi": 0.6, "cardiac_surgery.unstable_angina": 0.5,
+           "oncology.thrombosis": 0.5, "respiratory.pulmonary_embolism": 0.7, "renal.ckd": 0.05}, rank=1),
+    order("rate_control", {"DILTIAZEM//DILT30": 0.45, "AMIODARONE HCL//AMIO200": 0.3, "DIGOXIN//DIGO125": 0.25},
+          {"heart.atrial_fibrillation": 0.25, "cardiac_surgery.postop_af": 0.6, "heart.flutter": 0.5,
+           "heart.ventricular_tachycardia": 0.5}, rank=2),
+    order("aspirin", {"ASPIRIN//ASA325": 0.45, "ASPIRIN//ASA81": 0.35, "ASPIRIN//ASA325 ; ASPIRIN//ASA81": 0.2},
+          {"coronary": 0.65, "cardiac_surgery": 0.9, "neuro.stroke": 0.6, "cardiometabolic.diabetes": 0.1},
+          base=(0.08, 0.0), rank=2),
+    order("clopidogrel", "CLOPIDOGREL BISULFATE//CLOP75", {"coronary.revascularised": 0.4,
+                                                          "cardiac_surgery.acute_mi": 0.7,
+                                                          "cardiac_surgery.unstable_angina": 0.5, "coronary": 0.1},
+          rank=2),
+    order("statin", {"ATORVASTATIN//ATOR10": 0.45, "ATORVASTATIN//ATOR40": 0.2, "SIMVASTATIN//SIMV10": 0.25,
+                     "SIMVASTATIN//SIMV40": 0.1},
+          {"cardiometabolic.hyperlipidemia": 0.45, "coronary": 0.4, "cardiac_surgery": 0.6,
+           "neuro.stroke": 0.5}, rank=3),
+    order("nitroglycerin", "NITROGLYCERIN//NTG100PB", {"cardiac_surgery": 0.45, "coronary.angina": 0.5,
+                                                       "heart.heart_failure": 0.1}, rank=2),
+    order("cefazolin", "CEFAZOLIN//CEFA1I", {"cardiac_surgery": 0.8, "trauma": 0.35, "falls.hip_fracture": 0.7,
+                                             "general.cellulitis": 0.4, "obstetric.delivered": 0.3}, rank=1),
+    # Critical care: sedation, vasopressors, sepsis.
+    order("propofol", {"PROPOFOL//PROP100IG": 0.7, "PROPOFOL//PROP200IG": 0.1,
+                       "PROPOFOL//PROP100IG ; PROPOFOL//PROP200IG": 0.2},
+          {**_VENTILATED, "cardiac_surgery": 0.55}, rank=1),
+    order("fentanyl", {"FENTANYL CITRATE//FENT2I": 0.55, "FENTANYL CITRATE//FENT2.5I": 0.25,
+                       "FENTANYL CITRATE//FENT2I ; FENTANYL CITRATE//FENT2.5I": 0.2},
+          {**_VENTILATED, "trauma": 0.35, "cardiac_surgery.acute_mi": 0.3}, base=(0.06, 0.0), rank=1),
+    order("midazolam", {"MIDAZOLAM//MIDA50I": 0.45, "MIDAZOLAM//MIDA2I": 0.35, "MIDAZOLAM HCL//MIDA2I": 0.2},
+          {**_VENTILATED, "neuro.epilepsy": 0.1}, base=(0.04, 0.0), rank=1),
+    order("fentanyl_patch", "FENTANYL PATCH//FENT50P", {"oncology": 0.15}, rank=4),
+    order("norepinephrine", "NOREPINEPHRINE//LEVO4I", {**_SEPTIC_SHOCK, "cardiac_surgery": 0.05}, rank=0.5),
+    order("vasopressin", "VASOPRESSIN//VASO20I", {"sepsis.septic_shock": 0.35, "liver_gi.hepatorenal": 0.3,
+                                                  "heart.cardiogenic_shock": 0.2}, rank=0.8),
+    order("phenylephrine", {"PHENYLEPHRINE//PHEN10I": 0.6, "PHENYLEPHRINE HCL//PHEN10I": 0.4},
+          {"sepsis.septic_shock": 0.3, "cardiac_surgery": 0.45, "neuro.stroke": 0.05, "sepsis": 0.1}, rank=0.8),
+    order("dopamine", "DOPAMINE//DOPA400D", {"sepsis.septic_shock": 0.2, "heart.cardiogenic_shock": 0.4,
+                                             "cardiac_surgery": 0.1}, rank=0.8),
+    order("stress_steroid", {"HYDROCORTISONE NA SUCC.//HC100I": 0.7,
+                             "HYDROCORTISONE NA SUCC.//HC100I ; COSYNTROPIN//COSY25I": 0.3},
+          {"sepsis.septic_shock": 0.35}, rank=1.5),
+    order("cosyntropin", "COSYNTROPIN//COSY25I", {"sepsis.septic_shock": 0.15, "sepsis": 0.05}, rank=2),
+    order("vancomycin", {"VANCOMYCIN//VANC1F": 0.55, "VANCOMYCIN HCL//VANC1F": 0.3,
+                         "VANCOMYCIN//VANC1F ; VANCOMYCIN HCL//VANC1F": 0.15},
+          {"sepsis": 0.75, "general.cellulitis": 0.5, "respiratory.bacterial_pneumonia": 0.6,
+           "respiratory.pneumonia": 0.3,
+           "cardiac_surgery": 0.3, "liver_gi.c_difficile": 0.4, "sepsis.c_difficile": 0.4, "oncology.neutropenia": 0.5,
+           "trauma.brain_injury": 0.1}, base=(0.04, 0.0), rank=1),
+    order("piperacillin_tazobactam", {"PIPERACILLIN-TAZOBACTAM NA//ZOSY4FPB": 0.55,
+                                      "PIPERACILLIN-TAZOBACTAM NA//ZOSY2.25I": 0.45},
+          {"sepsis": 0.35, "respiratory.bacterial_pneumonia": 0.4, "respiratory.aspiration": 0.35,
+           "oncology.neutropenia": 0.3}, rank=1),
+    order("cefepime", "CEFEPIME//CEFE2I", {"sepsis": 0.2, "oncology.neutropenia": 0.4}, rank=1),
+    order("meropenem", {"MEROPENEM//MERO1I": 0.5, "MEROPENEM//MERO500I": 0.5}, {"sepsis.septic_shock": 0.15}, rank=1),
+    order("ceftriaxone", "CEFTRIAXONE//CEFX1F", {"respiratory.pneumonia": 0.45, "sepsis.pneumonia": 0.3,
+                                                 "general.uti": 0.3, "sepsis.uti": 0.3, "liver_gi.sbp": 0.7,
+                                                 "liver_gi.gi_bleed": 0.15}, base=(0.04, 0.0), rank=1),
+    order("levofloxacin", {"LEVOFLOXACIN//LEV250": 0.5, "LEVOFLOXACIN//LEVO500PM": 0.5},
+          {"respiratory.pneumonia": 0.35, "respiratory.copd": 0.1, "sepsis.pneumonia": 0.2}, base=(0.03, 0.0), rank=1),
+    order("azithromycin", "AZITHROMYCIN//ZITHR250", {"respiratory.pneumonia": 0.35, "respiratory.copd": 0.1}, rank=1),
+    order("ciprofloxacin", {"CIPROFLOXACIN HCL//CIPR500": 0.6, "CIPROFLOXACIN IV//CIPR400PM": 0.4},
+          {"general.uti": 0.35, "sepsis.uti": 0.35, "liver_gi.sbp": 0.2}, base=(0.03, 0.0), rank=1),
+    order("metronidazole", {"METRONIDAZOLE//METR500PM": 0.6, "METRONIDAZOLE (FLAGYL)//METR500PM": 0.4},
+          {"liver_gi.c_difficile": 0.8, "sepsis.c_difficile": 0.8, "sepsis": 0.15, "respiratory.aspiration": 0.2,
+           "general.diarrhea": 0.2}, base=(0.02, 0.0), rank=1),
+    order("bicarbonate", "SODIUM BICARBONATE//NABC50I", {"renal.acidosis": 0.45, "sepsis.acidosis": 0.35}, rank=2),
+    # Respiratory.
+    order("albuterol", {"ALBUTEROL 0.083% NEB SOLN//ALBU3H": 0.8, "ALBUTEROL INHALER//PROAIR8.5H": 0.2},
+          {"respiratory": 0.45, "respiratory.copd": 0.5, "respiratory.asthma": 0.7, "sepsis.respiratory_failure": 0.3},
+          base=(0.12, 0.0), rank=2),
+    order("ipratropium", {"IPRATROPIUM BROMIDE NEB//IPRA2H": 0.8, "IPRATROPIUM BROMIDE MDI//IPRAPF": 0.2},
+          {"respiratory": 0.4, "respiratory.copd": 0.5, "sepsis.respiratory_failure": 0.25}, base=(0.1, 0.0),
+          rank=2),
+    order("prednisone", {"PREDNISONE//PRED20": 0.6, "PREDNISONE//PRED10": 0.4},
+          {"respiratory.copd": 0.3, "respiratory.asthma": 0.4, "general.rheumatoid_arthritis": 0.5}, base=(0.04, 0.0),
+          rank=2),
+    order("methylprednisolone", "METHYLPREDNISOLONE SODIUM SUCC//METH125I", {"respiratory.copd": 0.15,
+                                                                             "respiratory.asthma": 0.2}, rank=1),
+    order("acetylcysteine", "ACETYLCYSTEINE 20%//ACET20/4I", {"respiratory.respiratory_failure": 0.2,
+                                                              "psychiatric.self_poisoning": 0.5,
+                                                              "substance.overdose": 0.3}, base=(0.04, 0.0), rank=2),
+    order("tiotropium", "TIOTROPIUM BROMIDE//TIOT18", {"respiratory.copd": 0.12}, rank=4),
+    # Renal, liver and gastrointestinal.
+    order("phosphate_binder", {"SEVELAMER//SEVE800": 0.6, "CALCIUM ACETATE//CALA667": 0.4},
+          {"renal.ckd": 0.2, "renal.hyperparathyroidism": 0.4}, rank=3),
+    order("epoetin", "EPOETIN ALFA//EPOE20I", {"renal.ckd_anemia": 0.4, "renal.ckd": 0.06}, rank=3),
+    order("nephrocaps", "NEPHROCAPS//NEPH1", {"renal.ckd": 0.12}, rank=4),
+    order("kayexalate", "SODIUM POLYSTYRENE SULFONATE//KAYE15L", {"renal.hyperkalemia": 0.6, "heart.hyperkalemia": 0.5,
+                                                                  "sepsis.electrolytes": 0.1}, rank=2),
+    order("lactulose", "LACTULOSE//LACT30L", {"liver_gi.cirrhosis": 0.5, "liver_gi.encephalopathy": 0.95},
+          base=(0.06, 0.0), rank=2),
+    order("rifaximin", "RIFAXIMIN//RIFA550", {"liver_gi.encephalopathy": 0.6, "liver_gi.cirrhosis": 0.1}, rank=3),
+    order("octreotide", "OCTREOTIDE ACETATE//OCTR50I", {"liver_gi.varices": 0.4, "liver_gi.gi_bleed": 0.2,
+                                                        "liver_gi.hepatorenal": 0.6}, rank=1),
+    order("albumin", "ALBUMIN 25% (12.5G/50ML)//ALBU25I", {"liver_gi.sbp": 0.6, "liver_gi.hepatorenal": 0.7,
+                                                          "liver_gi.ascites": 0.25}, rank=1),
+    order("nadolol", "NADOLOL//NADO20", {"liver_gi.varices": 0.3}, rank=3),
+    order("vitamin_k", "PHYTONADIONE//PHYT10I", {"liver_gi.coagulopathy": 0.45, "heart.anticoagulation": 0.05,
+                                                 "cardiac_surgery.procedure_hemorrhage": 0.2}, base=(0.03,
+                                                                                                     0.0), rank=2),
+    order("omeprazole", "OMEPRAZOLE//OMEP20", {"general.gerd": 0.35, "liver_gi.gerd": 0.35}, rank=3),
+    # Endocrine, neurology, psychiatry, oncology, substance use.
+    order("levothyroxine", "LEVOTHYROXINE SODIUM//LEVO25", {"general.hypothyroidism": 0.85}, base=(0.01, 0.0), rank=3),
+    order("antiepileptic", {"LEVETIRACETAM//LEVE500": 0.6, "PHENYTOIN SODIUM//PHEN100I": 0.4},
+          {"neuro.epilepsy": 0.75, "trauma.brain_injury": 0.5, "falls.subdural": 0.5, "substance.seizure": 0.5,
+           "neuro.stroke": 0.08}, rank=2),
+    order("antidepressant", {"CITALOPRAM HYDROBROMIDE//CITA20": 0.35, "SERTRALINE//SERT50": 0.3,
+                             "DULOXETINE//DULO30": 0.15, "MIRTAZAPINE//MIRT15": 0.2},
+          {"general.depression": 0.65, "psychiatric.depression": 0.7, "psychiatric.anxiety": 0.3}, rank=4),
+    order("antipsychotic", {"QUETIAPINE FUMARATE//QUET25": 0.5, "OLANZAPINE (DISINTEGRATING TABLET)//OLAN5DTB": 0.5},
+          {"psychiatric.bipolar_psychosis": 0.8, "general.delirium": 0.25, "neuro.dementia": 0.2}, rank=3),
+    order("baclofen", "BACLOFEN//BACL10", {"neuro.hemiplegia": 0.2, "trauma.spine_fracture": 0.3}, base=(0.02, 0.0),
+          rank=4),
+    order("thiamine_folate", {"THIAMINE//THIA100I ; FOLIC ACID//FOLI1": 0.7, "THIAMINE//THIA100I": 0.3},
+          {"substance.alcohol": 0.7, "liver_gi.cirrhosis": 0.25, "trauma.alcohol": 0.5}, rank=2),
+    order("nicotine", "NICOTINE PATCH//NICO14P", {"substance.tobacco": 0.5, "respiratory.tobacco": 0.4,
+                                                  "general.tobacco_history": 0.05}, rank=4),
+    order("naloxone", "NALOXONE//NALO4I", {"substance.overdose": 0.5, "psychiatric.self_poisoning": 0.3}, rank=1),
+    order("dexamethasone", "DEXAMETHASONE//DEXA4I", {"oncology.metastasis": 0.3, "neuro.brain_swelling": 0.5}, rank=2),
+    order("filgrastim", "FILGRASTIM//NEUP300I", {"oncology.neutropenia": 0.4}, rank=2),
+    order("allopurinol", "ALLOPURINOL//ALLO100", {"general.gout": 0.6, "oncology": 0.08}, rank=4),
+    order("tamsulosin", "TAMSULOSIN//FLOM4", {"general.bph": 0.55, "general.urinary_retention": 0.4}, rank=4),
+    order("tetanus", "TETANUS-DIPHTHERIA TOX ADSORBED//TD0.5I", {"trauma.open_wound": 0.6, "trauma": 0.1}, rank=3),
+    # Obstetrics.
+    order("oxytocin", "OXYTOCIN//OXYT30I", {"obstetric.delivered": 0.8, "obstetric.outcome": 0.5}, rank=1),
+    order("ibuprofen", "IBUPROFEN//IBUP600", {"obstetric": 0.7}, rank=2),
+    order("methylergonovine", "METHYLERGONOVINE MALEATE//METH0.2I", {"obstetric.postpartum_hemorrhage": 0.5}, rank=1),
+    # Newborns (none in the adult demo: public NICU practice).
+    order("neonatal_vitamin_k", "PHYTONADIONE (NEONATAL)//PHYT1NI", base=(0.0, 0.92), rank=0),
+    order("eye_prophylaxis", "ERYTHROMYCIN 0.5% OPHTH OINT//ERYT35O", base=(0.0, 0.9), rank=0),
+    order("hepatitis_b_vaccine_med", "HEPATITIS B VACCINE (PEDIATRIC)//HEPB10I", {"neonatal.hepatitis_b_vaccine": 0.9},
+          rank=1),
+    order("neonatal_antibiotics", "AMPICILLIN SODIUM//AMPI500I ; GENTAMICIN (NEONATAL)//GENT10NI",
+          {"neonatal.observation_infection": 0.3, "neonatal.newborn_sepsis": 0.95, "preterm": 0.5}, rank=1),
+    order("caffeine", "CAFFEINE CITRATE//CAFF20I", {"preterm.apnea": 0.85, "preterm": 0.2}, rank=2),
+    order("neonatal_iron", "FERROUS SULFATE (NEONATAL)//FERR15NL", {"preterm": 0.35, "preterm.anemia_prematurity": 0.6},
+          rank=3),
+    order("neonatal_vitamins", "POLY-VI-SOL//POLY1NL", {"preterm": 0.3}, rank=3),
+    order("surfactant", "BERACTANT//BERA4NI", {"preterm.respiratory_distress": 0.6}, rank=0.5),
+    order("circumcision_analgesia", "SUCROSE 24%//SUCR24NL ; LIDOCAINE 1%//LIDO1NI", {"neonatal.circumcision": 0.8},
+          rank=3),
+)
+
+# ======================================================================================
 # The tables compiled to arrays (independent of the sampling seed; built once per process)
 # ======================================================================================
 
@@ -1034,6 +1507,112 @@ def _time_tables() -> _TimeTables:
                        ph_gap=ph["gap"], ph_after=ph["after"], ph_after_days=ph["after_days"])
 
 
+@dataclass(frozen=True)
+class _Orders:
+    """One modality's orders (PROCEDURES or MEDICATIONS) as arrays. O orders, W variants, F causes
+    (adult, neonate, the P phenotypes active, the K conditions coded, in _compiled's order)."""
+
+    hazard: np.ndarray  # float [F, O]: -log(1 - p) of each cause of each order
+    possible: np.ndarray  # bool [2, O]: some variant is allowed for sex F (0) / M (1)
+    rank: np.ndarray  # float [O]
+    v_start: np.ndarray  # int [O]: first variant of each order (variants are contiguous)
+    v_end: np.ndarray  # int [O]: one past its last
+    v_codes: np.ndarray  # int [W, L]: code ids of each variant, -1 padded
+    v_flat: np.ndarray  # float [2 * W]: (sex * O + o) + cumulative weight within (sex, o)
+    vocab: np.ndarray  # object [V]: codes, in the modality's code system
+    dropped: tuple  # ICD-9-CM procedure codes without a PCS_CODES code, when writing ICD-10-PCS
+    tail_cum: np.ndarray  # float [2, T]: sex (F 0, M 1) + cumulative background-code weight (T = 0: none)
+    tail_ids: np.ndarray  # int [T]: their code ids in vocab
+
+
+def _order_targets(modality: str, codes: list[str], code_system: str) -> list[str]:
+    """The code each table code is written as: a medication code itself; an ICD-9-CM procedure
+    code itself with ICD-9-CM diagnoses, its PCS_CODES code ("" for none) with ICD-10-CM ones.
+    ValueError for a code that is not valid in its table."""
+    if modality == "medications":
+        bad = [c for c in codes if not medications.is_valid(c)]
+        if bad:
+            raise ValueError(f"simulator MEDICATIONS: {bad} are not medication codes '<NAME>//<FORMULARY>'")
+        return list(codes)
+    bad = [c for c in codes if not ICD9PROC.is_billable(c)]
+    if bad:
+        raise ValueError(f"simulator PROCEDURES: {bad} are not billable ICD-9-CM v32 procedure codes")
+    system = procedure_system(FOR_DIAGNOSES[code_system])
+    if system is ICD9PROC:
+        return list(codes)
+    missing = [c for c in codes if c not in PCS_CODES]
+    if missing:
+        raise ValueError(f"simulator PCS_CODES: no entry for {missing}")
+    bad = [PCS_CODES[c] for c in codes if PCS_CODES[c] and not system.is_billable(PCS_CODES[c])]
+    if bad:
+        raise ValueError(f"simulator PCS_CODES: {bad} are not billable {system.label} codes")
+    return [PCS_CODES[c] for c in codes]
+
+
+@functools.cache
+def _orders(modality: str, code_system: str = DEFAULT_CODE_SYSTEM) -> _Orders:
+    table = {"procedures": PROCEDURES, "medications": MEDICATIONS}[modality]
+    names = [ph.name for ph in PHENOTYPES]
+    conds = [(p, c) for p, ph in enumerate(PHENOTYPES) for c in ph.conditions]
+    cause = {name: 2 + p for p, name in enumerate(names)}
+    cause |= {f"{PHENOTYPES[p].name}.{c.name}": 2 + len(names) + k for k, (p, c) in enumerate(conds)}
+    n_orders = len(table)
+    hazard = np.zeros((2 + len(names) + len(conds), n_orders))
+    for o, od in enumerate(table):
+        probs = [*od.base, *od.given.values()]
+        if not all(0.0 <= p < 1.0 for p in probs):
+            raise ValueError(f"simulator {modality} order {od.name}: probabilities must be in [0, 1)")
+        unknown = [key for key in od.given if key not in cause]
+        if unknown:
+            raise ValueError(f"simulator {modality} order {od.name}: unknown phenotype or condition {unknown}")
+        hazard[[0, 1], o] = -np.log1p(-np.array(od.base))
+        for key, p in od.given.items():
+            hazard[cause[key], o] += -np.log1p(-p)
+    variants = [(o, v.split(" ; ") if modality == "medications" else v.split())
+                for o, od in enumerate(table) for v in od.variants]
+    source = list(dict.fromkeys(c for _, v in variants for c in v))
+    n_table = len(source)
+    if modality == "procedures":  # the background codes, in their seeded order
+        table_codes = set(source)
+        tail = [c for c in ICD9PROC.billable_codes() if c not in table_codes]
+        perm = np.random.default_rng([PARAMS.structure_seed, zlib.crc32(b"procedures")]).permutation(len(tail))
+        source += [tail[i] for i in perm]
+    target = _order_targets(modality, source[:n_table], code_system)
+    # The background codes have no ICD-10-PCS code (PCS_CODES covers the tables only).
+    target += source[n_table:] if FOR_DIAGNOSES[code_system] == ICD9PROC.SYSTEM else [""] * (len(source) - n_table)
+    vocab = list(dict.fromkeys(t for t in target if t))
+    index = {c: i for i, c in enumerate(vocab)}
+    code_id = {c: index[t] if t else -1 for c, t in zip(source, target)}
+    L = max(len(v) for _, v in variants)
+    v_codes = np.full((len(variants), L), -1, dtype=np.int64)
+    for w, (_, v) in enumerate(variants):
+        ids = list(dict.fromkeys(i for i in (code_id[c] for c in v) if i >= 0))
+        v_codes[w, : len(ids)] = ids
+    # Sex edits (procedures only have those): codes allowed for F (row 0) and M (row 1).
+    allowed = np.ones((2, len(vocab)), dtype=bool)
+    if modality == "procedures":
+        system = procedure_system(FOR_DIAGNOSES[code_system])
+        for s, sex in enumerate(SEXES):
+            allowed[s] = system.violations(vocab, 40.0, sex) == ""
+    v_allowed = np.where(v_codes[None] >= 0, allowed[:, np.maximum(v_codes, 0)], True).all(axis=2)
+    v_allowed &= (v_codes >= 0).any(axis=1)  # a variant whose every code was dropped writes nothing
+    n_var = np.array([len(od.variants) for od in table], dtype=np.int64)
+    v_start = np.r_[0, np.cumsum(n_var)[:-1]].astype(np.int64)
+    weight = np.array([w for od in table for w in od.variants.values()]) * v_allowed
+    cum, sums = _segment_cumsum(weight, n_var)
+    seg = (np.arange(2)[:, None] * n_orders + np.repeat(np.arange(n_orders), n_var)[None, :]).astype(np.float64)
+    tail_ids = np.array([code_id[c] for c in source[n_table:]], dtype=np.int64)
+    MP = MODALITY_PARAMS
+    tail_w = (np.arange(1.0, len(tail_ids) + 1) + MP.tail_q) ** -MP.tail_s * (tail_ids >= 0)
+    tail_w = tail_w * allowed[:, np.maximum(tail_ids, 0)]  # [2, T]
+    tail_cum = np.arange(2)[:, None] + np.cumsum(tail_w, axis=1) / np.maximum(tail_w.sum(axis=1, keepdims=True), 1e-300)
+    return _Orders(tail_cum=tail_cum, tail_ids=tail_ids, hazard=hazard, possible=sums > 0,
+                   rank=np.array([od.rank for od in table]), v_start=v_start,
+                   v_end=v_start + n_var, v_codes=v_codes, v_flat=(seg + cum).ravel(),
+                   vocab=np.array(vocab, dtype=object),
+                   dropped=tuple(sorted(c for c, t in zip(source[:n_table], target) if not t)))
+
+
 # ======================================================================================
 # Sampling
 # ======================================================================================
@@ -1057,10 +1636,12 @@ def _sample_variants(S: _Compiled, rng: np.random.Generator, cls: np.ndarray) ->
 
 
 def _sample_block(rng: np.random.Generator, n: int, first_subject_id: int, code_system: str,
-                  times_rng: np.random.Generator | None = None) -> list[dict]:
+                  times_rng: np.random.Generator | None = None,
+                  modality_rngs: dict[str, np.random.Generator] | None = None) -> list[dict]:
     """n patients (see the module docstring) in ``code_system``; subject_ids first_subject_id,
     first_subject_id + 1, ... With ``times_rng``, their times too (drawn from that stream only:
-    ``rng`` draws exactly what it draws without times)."""
+    ``rng`` draws exactly what it draws without times). With ``modality_rngs`` (see
+    _sample_modalities), their procedures and / or medications, from those streams only."""
     S = _compiled(code_system)
     P, K = S.ph_lin.shape[0], len(S.c_pheno)
 
@@ -1092,6 +1673,11 @@ def _sample_block(rng: np.random.Generator, n: int, first_subject_id: int, code_
 
     # 4. Admissions in order; the state carries what earlier admissions coded.
     var = _sample_variants(S, rng, cls)
+    causes = None  # per admission: adult, neonate, the phenotypes active, the conditions coded
+    if modality_rngs:
+        causes = np.zeros((int(n_visits.sum()), 2 + P + K), dtype=bool)
+        causes[:, 1] = np.repeat(neonate, n_visits)
+        causes[:, 0] = ~causes[:, 1]
     active_prev = np.zeros((n, P), dtype=bool)
     ever_active = np.zeros((n, P), dtype=bool)
     coded_prev = np.zeros((n, K), dtype=bool)
@@ -1126,6 +1712,9 @@ def _sample_block(rng: np.random.Generator, n: int, first_subject_id: int, code_
             nxt = S.v_next[v]
             v = np.where(step & S.v_allowed[c[:, None], nxt], nxt, v)
             var[idx] = v
+        if causes is not None:
+            causes[visit_start[idx] + t, 2:2 + P] = active
+            causes[visit_start[idx] + t, 2 + P:] = coded
         coded_prev[idx] = np.where(cond_active, coded, was_coded)
         active_prev[idx] = active
         ever_active[idx] = ever | active
@@ -1164,9 +1753,11 @@ def _sample_block(rng: np.random.Generator, n: int, first_subject_id: int, code_
     cap = np.repeat(np.where(capped, PARAMS.capped_codes, PARAMS.max_codes), n_visits)
     visits = _assemble(S, rng, np.concatenate(out_visit), np.concatenate(out_code), np.concatenate(out_rank), cap)
     sex = np.array(SEXES, dtype=object)[male.astype(np.int64)]
+    modal = {} if causes is None else _sample_modalities(code_system, modality_rngs, causes, np.repeat(male, n_visits))
     if times_rng is None:
         return [
-            {"subject_id": first_subject_id + i, "age": a, "sex": s, "visits": visits[b: b + k]}
+            {"subject_id": first_subject_id + i, "age": a, "sex": s, "visits": visits[b: b + k],
+             **{m: codes[b: b + k] for m, codes in modal.items()}}
             for i, (a, s, b, k) in enumerate(zip(age.tolist(), sex.tolist(), visit_start.tolist(), n_visits.tolist()))
         ]
     stay, gap, died_at, after = _sample_times(times_rng, age, neonate, male, member, lam / base_rate, n_visits,
@@ -1176,7 +1767,8 @@ def _sample_block(rng: np.random.Generator, n: int, first_subject_id: int, code_
     after = [d if d == d else None for d in after.tolist()]  # NaN (no later death) -> None
     return [
         {"subject_id": first_subject_id + i, "age": a, "sex": s, "visits": visits[b: b + k],
-         "stay_days": stay[b: b + k], "gap_days": gap[b: b + k], "hospital_death": d >= 0, "death_days": dd}
+         "stay_days": stay[b: b + k], "gap_days": gap[b: b + k], "hospital_death": d >= 0, "death_days": dd,
+         **{m: codes[b: b + k] for m, codes in modal.items()}}
         for i, (a, s, b, k, d, dd) in enumerate(zip(age.tolist(), sex.tolist(), visit_start.tolist(),
                                                     n_kept.tolist(), died_at.tolist(), after))
     ]
@@ -1293,6 +1885,59 @@ def _assemble(S: _Compiled, rng: np.random.Generator, visit: np.ndarray, code: n
     return [codes[a:b].tolist() for a, b in zip([0] + bounds[:-1], bounds)]
 
 
+def _sample_orders(T: _Orders, rng: np.random.Generator, causes: np.ndarray, male: np.ndarray,
+                   intensity: np.ndarray, scale: float) -> list[list[str]]:
+    """One modality's codes of V admissions (module docstring, "Procedures and medications") from
+    their causes (bool [V, F]), the patient's sex (bool [V]) and care intensity (float [V]), the
+    hazards multiplied by ``scale``; background codes when the modality has them."""
+    V, n_orders, W = len(causes), len(T.rank), len(T.v_codes)
+    sex = male.astype(np.int64)
+    p = -np.expm1(-(scale * intensity)[:, None] * (causes.astype(np.float64) @ T.hazard))  # [V, orders]
+    rows, os = np.nonzero((rng.random((V, n_orders)) < p) & T.possible[sex])
+    pos = np.searchsorted(T.v_flat, sex[rows] * n_orders + os + rng.random(len(rows)), side="right")
+    w = np.minimum(pos - sex[rows] * W, T.v_end[os] - 1)
+    key = T.rank[os] + MODALITY_PARAMS.order_noise * rng.standard_normal(len(rows))
+    codes = T.v_codes[w]  # [hits, L]
+    present = codes >= 0
+    visit = np.broadcast_to(rows[:, None], codes.shape)[present]
+    # A variant's codes keep their written order; a code ordered twice keeps its first place.
+    key = (key[:, None] + 1e-6 * np.arange(codes.shape[1]))[present]
+    code = codes[present]
+    if len(T.tail_ids):
+        rate = np.where(causes[:, 1], MODALITY_PARAMS.tail_rate[1], MODALITY_PARAMS.tail_rate[0]) * intensity
+        t_visit = np.repeat(np.arange(V), rng.poisson(rate))
+        t_sex = sex[t_visit]
+        at = np.searchsorted(T.tail_cum.ravel(), t_sex + rng.random(len(t_visit)), side="right")
+        t_code = T.tail_ids[np.minimum(at - t_sex * len(T.tail_ids), len(T.tail_ids) - 1)]
+        t_key = MODALITY_PARAMS.tail_rank + MODALITY_PARAMS.order_noise * rng.standard_normal(len(t_visit))
+        keep = t_code >= 0  # a background code without an ICD-10-PCS code is left out
+        visit, code, key = np.r_[visit, t_visit[keep]], np.r_[code, t_code[keep]], np.r_[key, t_key[keep]]
+    order = np.lexsort((key, code, visit))
+    visit, code, key = visit[order], code[order], key[order]
+    first = np.r_[True, (visit[1:] != visit[:-1]) | (code[1:] != code[:-1])]
+    visit, code, key = visit[first], code[first], key[first]
+    order = np.lexsort((key, visit))
+    out = T.vocab[code[order]]
+    bounds = np.cumsum(np.bincount(visit, minlength=V)).tolist()
+    return [out[a:b].tolist() for a, b in zip([0] + bounds[:-1], bounds)]
+
+
+def _sample_modalities(code_system: str, rngs: dict[str, np.random.Generator], causes: np.ndarray,
+                       male: np.ndarray) -> dict[str, list[list[str]]]:
+    """{modality: per-admission codes} for the modalities in ``rngs`` ("intensity" and one or both
+    of "procedures", "medications"), each drawn from its own stream."""
+    intensity = rngs["intensity"].gamma(MODALITY_PARAMS.intensity_shape, 1.0 / MODALITY_PARAMS.intensity_shape,
+                                        len(causes))
+    return {m: _sample_orders(_orders(m, code_system), rngs[m], causes, male, intensity,
+                              MODALITY_PARAMS.hazard_scale[MODALITIES.index(m) - 1])
+            for m in MODALITIES[1:] if m in rngs}
+
+
+def _child_stream(child: np.random.SeedSequence, k: int) -> np.random.Generator:
+    """Child k of a block's SeedSequence: a stream of its own, which leaves the block's untouched."""
+    return np.random.default_rng(np.random.SeedSequence(child.entropy, spawn_key=(*child.spawn_key, k)))
+
+
 @contextlib.contextmanager
 def _gc_paused():
     enabled = gc.isenabled()
@@ -1305,7 +1950,8 @@ def _gc_paused():
 
 
 def simulate(n_patients: int, seed: int = 0, progress: bool = False,
-             code_system: str = DEFAULT_CODE_SYSTEM, times: bool = True) -> list[dict]:
+             code_system: str = DEFAULT_CODE_SYSTEM, times: bool = True,
+             modalities: tuple[str, ...] = MODALITIES) -> list[dict]:
     """Draw n_patients simulated patients (schema: subject_id, age, sex, visits, and with
     ``times`` stay_days, gap_days, hospital_death, death_days).
 
@@ -1320,9 +1966,17 @@ def simulate(n_patients: int, seed: int = 0, progress: bool = False,
     (days from the last discharge to a death outside hospital, else None), drawn from a stream
     of their own (child 0 of block b's SeedSequence): the codes are those of ``times=False``, the
     visits after an in-hospital death dropped. ``times=False``: the four keys are absent.
+    ``modalities``: ``"diagnoses"`` and any of ``"procedures"``, ``"medications"`` (default all
+    three); each of the last two adds its key, per visit a list of codes (module docstring,
+    "Procedures and medications"), drawn from streams of their own (children 1-3 of block b's
+    SeedSequence), so that every other field is exactly that of ``modalities=("diagnoses",)``,
+    which gives the patients as they were before procedures and medications existed. ValueError
+    for another name or without ``"diagnoses"``.
     """
     if n_patients < 0:
         raise ValueError(f"n_patients must be >= 0, got {n_patients}")
+    if isinstance(modalities, str) or "diagnoses" not in modalities or not set(modalities) <= set(MODALITIES):
+        raise ValueError(f"modalities must hold 'diagnoses' and any of 'procedures', 'medications'; got {modalities!r}")
     code_systems.code_system(code_system)  # an unknown name fails before the tables compile
     size = PARAMS.block_size
     n_blocks = -(-n_patients // size)
@@ -1336,11 +1990,14 @@ def simulate(n_patients: int, seed: int = 0, progress: bool = False,
     with _gc_paused():
         for b in blocks:
             # Always a whole block (the last one cut), so a block's patients never depend on n_patients.
-            child, times_rng = children[b], None
-            if times:  # a stream of its own (child 0 of the block's), so the codes' stream is untouched
-                times_rng = np.random.default_rng(np.random.SeedSequence(child.entropy,
-                                                                         spawn_key=(*child.spawn_key, 0)))
-            patients.extend(_sample_block(np.random.default_rng(child), size, 1 + b * size, code_system, times_rng))
+            child, times_rng, modality_rngs = children[b], None, None
+            if times:
+                times_rng = _child_stream(child, 0)
+            if len(modalities) > 1:  # the care intensity (1), then procedures (2) and medications (3)
+                modality_rngs = {"intensity": _child_stream(child, 1)} | {
+                    m: _child_stream(child, k) for k, m in enumerate(MODALITIES[1:], start=2) if m in modalities}
+            patients.extend(_sample_block(np.random.default_rng(child), size, 1 + b * size, code_system, times_rng,
+                                          modality_rngs))
     return patients[:n_patients]
 
 
@@ -1367,24 +2024,33 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--code-system", choices=tuple(CODE_SYSTEMS), default=DEFAULT_CODE_SYSTEM,
                         help=f"codes written (default {DEFAULT_CODE_SYSTEM}: a MIMIC-III folder; icd10cm: the ICD-9-CM "
                              "codes mapped once through the CMS GEMs, written as a MIMIC-IV folder, hosp/*.csv.gz)")
+    parser.add_argument("--modalities", nargs="+", choices=MODALITIES, default=list(MODALITIES),
+                        help="code tables written (default all: diagnoses, procedures, medications); "
+                             "'--modalities diagnoses' writes the cohort as before procedures and medications existed")
     parser.add_argument("--out", required=True,
-                        help="output folder for PATIENTS.csv, ADMISSIONS.csv, DIAGNOSES_ICD.csv (MIMIC-IV: "
-                             "hosp/patients, admissions, diagnoses_icd .csv.gz), replaced as a whole; refused unless "
-                             "empty or an earlier `promptehr simulate` output")
+                        help="output folder for PATIENTS.csv, ADMISSIONS.csv, DIAGNOSES_ICD.csv, PROCEDURES_ICD.csv, "
+                             "PRESCRIPTIONS.csv (MIMIC-IV: hosp/patients, admissions, diagnoses_icd, procedures_icd, "
+                             "prescriptions .csv.gz), replaced as a whole; refused unless empty or an earlier "
+                             "`promptehr simulate` output")
 
 
 def validate(args: argparse.Namespace) -> None:
     """The checks `promptehr simulate` runs before simulating (errors: ValueError, OutputFolderError)."""
     if args.patients < 1:
         raise ValueError(f"--patients must be >= 1, got {args.patients}")
+    if "diagnoses" not in args.modalities:
+        raise ValueError(f"--modalities must include diagnoses, got {' '.join(args.modalities)}")
     check_output(args.out, "simulate")
 
 
 def run(args: argparse.Namespace) -> int:
-    patients = simulate(args.patients, args.seed, progress=True, code_system=args.code_system)
+    modalities = tuple(m for m in MODALITIES if m in args.modalities)
+    patients = simulate(args.patients, args.seed, progress=True, code_system=args.code_system, modalities=modalities)
     arguments = {"patients": args.patients, "seed": args.seed}
     if args.code_system != DEFAULT_CODE_SYSTEM:  # earlier ICD-9-CM outputs keep their manifest
         arguments["code_system"] = args.code_system
+    if modalities != MODALITIES:
+        arguments["modalities"] = list(modalities)
     with replace_folder(args.out, "simulate", arguments) as tmp:
         if args.code_system == icd9.SYSTEM:
             written = write_mimic3_csvs(patients, tmp, seed=args.seed)
@@ -1393,7 +2059,8 @@ def run(args: argparse.Namespace) -> int:
     paths = {name: Path(args.out) / path.relative_to(tmp) for name, path in written.items()}
     n_adm = sum(len(p["visits"]) for p in patients)
     n_dx = sum(len(v) for p in patients for v in p["visits"])
-    print(f"simulated {len(patients):,} patients, {n_adm:,} admissions, {n_dx:,} diagnoses (seed {args.seed}, "
+    extra = "".join(f", {sum(len(v) for p in patients for v in p[m]):,} {m}" for m in modalities[1:])
+    print(f"simulated {len(patients):,} patients, {n_adm:,} admissions, {n_dx:,} diagnoses{extra} (seed {args.seed}, "
           f"{args.code_system})")
     if args.code_system != icd9.SYSTEM:
         summary = vocabulary_summary(args.code_system)

@@ -149,7 +149,8 @@ def test_simulate_cli_writes_an_icd10_mimic4_folder(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "without a billable icd10cm target dropped" in printed
     assert {p.name for p in (out / "hosp").iterdir()} == {"patients.csv.gz", "admissions.csv.gz",
-                                                           "diagnoses_icd.csv.gz"}
+                                                           "diagnoses_icd.csv.gz", "procedures_icd.csv.gz",
+                                                           "prescriptions.csv.gz"}
 
 
 def test_train_on_a_simulated_icd10_cohort(tmp_path, tiny_config_json):

@@ -79,7 +79,9 @@ def write_shards(folder: Path, shards: dict[str, list[tuple]]) -> Path:
 
 @pytest.fixture(scope="module")
 def simulated() -> list[dict]:
-    return simulate(200, seed=0)
+    # Diagnoses only: these tests count the diagnosis rows and codes (procedures and medications
+    # through MEDS: tests/test_multimodal_data.py).
+    return simulate(200, seed=0, modalities=("diagnoses",))
 
 
 # --------------------------------------------------------------------------- round trips

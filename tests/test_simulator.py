@@ -42,7 +42,8 @@ def test_schema(cohort):
     assert [p["subject_id"] for p in cohort] == list(range(1, N + 1))
     for p in cohort:
         assert set(p) == {"subject_id", "age", "sex", "visits", "stay_days", "gap_days", "hospital_death",
-                          "death_days"}  # times: tests/test_simulator_times.py
+                          "death_days", "procedures", "medications"}
+        # times: tests/test_simulator_times.py; procedures, medications: tests/test_simulator_modalities.py
         assert p["sex"] in ("F", "M")
         assert isinstance(p["age"], float) and 0.0 <= p["age"] <= 90.0 and round(p["age"], 2) == p["age"]
         assert 1 <= len(p["visits"]) <= simulator.PARAMS.max_visits
@@ -142,6 +143,7 @@ def test_cli_prepare_round_trip(tmp_path):
 
     assert main(["simulate", "--patients", "400", "--seed", "3", "--out", str(tmp_path / "csv")]) == 0
     assert {p.name for p in (tmp_path / "csv").iterdir()} == {"PATIENTS.csv", "ADMISSIONS.csv", "DIAGNOSES_ICD.csv",
+                                                          "PROCEDURES_ICD.csv", "PRESCRIPTIONS.csv",
                                                           ".promptehr-manifest.json"}
     summary = prepare(tmp_path / "csv", tmp_path / "prepared", seed=0)
     splits = load_prepared(tmp_path / "prepared")
@@ -151,6 +153,7 @@ def test_cli_prepare_round_trip(tmp_path):
     for got, want in zip(back, expected):
         assert got["subject_id"] == want["subject_id"] and got["sex"] == want["sex"]
         assert got["visits"] == want["visits"]
+        assert got["procedures"] == want["procedures"] and got["medications"] == want["medications"]
         assert np.float32(got["age"]) == np.float32(want["age"])
         # The times come back: stays and gaps to the second (float32), deaths exactly, a death after
         # discharge to the day (MIMIC-III's DOD is a date).
