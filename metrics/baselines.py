@@ -75,7 +75,8 @@ class IndependentMarginalSampler:
     @classmethod
     def fit(cls, train: Any, code_system: str = DEFAULT_CODE_SYSTEM) -> "IndependentMarginalSampler":
         """Marginals of a training cohort (patient dicts, a ``datasets.Dataset`` or columns), its
-        codes normalised in ``code_system``."""
+        codes normalised in ``code_system``; also those of its procedures and medications when it
+        carries them (``coherence.modality_visits``)."""
         visits = inc.cohort_visits(train, code_system=code_system)
         X, vocab = inc.visit_matrix(visits)
         if X.nnz == 0:

@@ -315,13 +315,12 @@ def _rates(flags, n_patients: int) -> tuple[float, float]:
 class Modality(NamedTuple):
     """How the metrics read one optional code list per visit (``schema.MODALITY_FIELDS``).
 
-    name: the patient field (``"procedures"``, ``"medications"``); system: the name of its code
-    system; normalize: code -> the form codes are compared in (TypeError for a non-string);
+    name: the patient field (``"procedures"``, ``"medications"``); normalize: code -> the form
+    codes are compared in (TypeError for a non-string);
     category: code -> category (ValueError for a malformed code); is_valid: the validity check;
     edits: the system with CMS edits (``edit_of`` / ``violations``), or None."""
 
     name: str
-    system: str
     normalize: Callable[[str], str]
     category: Callable[[str], str]
     is_valid: Callable[[Any], bool]
@@ -341,17 +340,18 @@ def modality(name: str, code_system: str = DEFAULT_CODE_SYSTEM) -> Modality:
     no edits). ValueError for another name."""
     if name == "procedures":
         system = procs.procedure_system(procs.FOR_DIAGNOSES[code_system])
-        return Modality(name, system.SYSTEM, system.normalize, system.category, system.is_valid, system)
+        return Modality(name, system.normalize, system.category, system.is_valid, system)
     if name == "medications":
-        return Modality(name, meds.SYSTEM, _as_given, meds.category, meds.is_valid, None)
+        return Modality(name, _as_given, meds.category, meds.is_valid, None)
     raise ValueError(f"unknown modality {name!r}; expected one of {', '.join(map(repr, MODALITY_FIELDS))}")
 
 
 def modality_visits(cohort: Any, name: str) -> list[list[list[str]]] | None:
     """The per-visit code lists of the optional field ``name`` of every patient, or None when the
     cohort does not carry it (no such column, or null for every patient). A patient whose value is
-    null, in a cohort that carries the field, has an empty list per visit. ValueError when a
-    patient's list is not parallel to its visits."""
+    null, in a cohort that carries the field, has an empty list per visit. ValueError when the
+    field's column and the visits differ in length or a patient's list is not parallel to its
+    visits."""
     if isinstance(cohort, (list, tuple)) and len(cohort) and isinstance(cohort[0], dict):
         values = [p.get(name) for p in cohort]
     else:
@@ -362,6 +362,8 @@ def modality_visits(cohort: Any, name: str) -> list[list[list[str]]] | None:
     if all(v is None for v in values):
         return None
     visits = inc.cohort_column(cohort, "visits")
+    if len(values) != len(visits):
+        raise ValueError(f"{name}: {len(values)} patients for {len(visits)} patients of visits")
     out = []
     for row, (value, patient) in enumerate(zip(values, visits)):
         if value is None:
@@ -421,9 +423,6 @@ def _modality_figures(S: Cohort, R: Cohort, syn: list, real: list, mod: Modality
                       ) -> tuple[dict[str, Any], tuple[sp.csr_matrix, sp.csr_matrix]]:
     """The per-modality figures of the module docstring, keys ``<modality>_<figure>``, and the
     category-level incidences ``(S, R)`` of the modality for the cross-modality pairs."""
-    for c, visits in ((S, syn), (R, real)):
-        if len(visits) != c.n_patients:
-            raise ValueError(f"{c.name} cohort: {len(visits)} patients of {mod.name} for {c.n_patients} of visits")
     matrices, vocab = modality_matrices({"synthetic": syn, "real": real}, mod)
     (xs, listed_s), (xr, _) = matrices["synthetic"], matrices["real"]
     p = f"{mod.name}_"

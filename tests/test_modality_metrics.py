@@ -135,6 +135,15 @@ def test_invalid_codes_are_counted():
     assert out["medications_unknown_code_rate"] == pytest.approx(3 / 5)
 
 
+def test_icd10_cohorts_use_icd10_pcs():
+    real = [P(50, "M", [["I10", "E119"], ["J189"]], [["0DTJ4ZZ"], ["5A1955Z"]])]
+    syn = [P(50, "M", [["I10", "E119"], ["J189"]], [["0DTJ4ZZ"], ["5A1955Z", "0VT04ZZ", "0UT90ZZ", "3605"]])]
+    out = coherence(syn, real, code_system="icd10cm")
+    assert out["procedures_unknown_code_rate"] == pytest.approx(1 / 5)  # 3605: an ICD-9 code
+    assert out["procedures_cms_invalid_code_rate"] == pytest.approx(1 / 5)  # 0UT90ZZ (hysterectomy) on a man
+    assert coherence(real, real, code_system="icd10cm")["r2_pair_diagnosis_procedure"] == 1.0
+
+
 def test_diagnosis_only_output_is_unchanged():
     real, syn = clustered(200, 4), clustered(150, 5)
     plain = coherence(strip(syn), strip(real))
