@@ -222,8 +222,8 @@ def test_shipped_code_imports_only_what_transformers_brings_and_itself():
 
 def test_clean_process_generates_with_visit_types(cohort, tokenizer, tiny_config, run_clean_python, tmp_path):
     """A checkpoint conditioned on visit types (per-type logit bias, type chain and recurrence
-    counts in the prior, stage two given the type) generates alone too, the same patients as
-    generate_patients."""
+    counts in the prior, stage two given the type, a category calibration) generates alone too,
+    the same patients as generate_patients."""
     from promptehr_hf.modeling_promptehr.training.visit_types import fit_visit_types, type_logit_bias
     from promptehr_hf.tokenization.tokenization_promptehr import code_category
 
@@ -239,13 +239,15 @@ def test_clean_process_generates_with_visit_types(cohort, tokenizer, tiny_config
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     CohortPrior.from_patients(cohort, visit_types=types, n_types=mixture.n_types, category=code_category).save(path)
-    save_custom_generate(path, tokenizer, max_history_length=64, stage_two="type")
+    # a category calibration as training writes it: the shipped code applies it as the package does
+    calibration = {code_category(c): 0.5 for c in cohort[0]["visits"][0]}
+    save_custom_generate(path, tokenizer, max_history_length=64, stage_two="type", category_calibration=calibration)
 
     out = tmp_path / "clean.json"
     proc = run_clean_python(CLEAN_SCRIPT, str(path), str(out))
     assert proc.returncode == 0, proc.stderr[-3000:]
     patients, stats = json.loads(out.read_text())["default"]
-    assert len(patients) == 200 and stats["stage_two"] == "type" and stats["recurrence"]
+    assert len(patients) == 200 and stats["stage_two"] == "type" and stats["recurrence"] and stats["calibration"]
     _assert_valid(patients, stats, tokenizer)
     loaded = AutoModelForSeq2SeqLM.from_pretrained(path, trust_remote_code=True)
     torch.testing.assert_close(loaded.visit_type_bias.weight, model.visit_type_bias.weight)
