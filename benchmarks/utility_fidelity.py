@@ -3,8 +3,10 @@ test on real.
 
     python benchmarks/utility_fidelity.py --model benchmarks/work/fidelity_v2/default/model
 
-Generates as many patients as the model's held-out split holds (seed 0, as ``fidelity.py``), draws
-the same number from the independent-marginal baseline, and runs ``metrics.utility`` for both
+Generates as many patients as the model's held-out split holds (seed 0, as ``fidelity.py``; with
+``--n-synthetic train``, as many as the real training split, so that the synthetic-trained and
+the real-trained models learn from the same number of patients), draws the same number from the
+independent-marginal baseline, and runs ``metrics.utility`` for both
 against the real training and held-out splits of the model's prepared cohort. Writes
 ``benchmarks/results/utility_fidelity.json``: per task group the mean AUROC trained on real,
 synthetic and baseline patients, the synthetic / real ratio (target >= 0.95) and whether the
@@ -26,6 +28,10 @@ def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=str(HERE / "work" / "fidelity_v2" / "default" / "model"))
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--n-synthetic", default="test", choices=("test", "train"),
+                   help="synthetic (and baseline) patients: as many as the held-out split holds (as fidelity.py), "
+                        "or as many as the real training split, so both models are fitted on the same number of "
+                        "patients")
     p.add_argument("--out", default=str(HERE / "results" / "utility_fidelity.json"))
     args = p.parse_args(argv)
     from promptehr_hf.datasets_scripts.prepare import load_prepared
@@ -39,8 +45,9 @@ def main(argv=None) -> dict:
     train, test = splits["train"].to_list(), splits["test"].to_list()
     model, tokenizer = load_model(model_dir)
     system = tokenizer.code_system
-    synthetic, _ = generate_patients(model, tokenizer, len(test), prior=model_dir, seed=args.seed)
-    baseline = IndependentMarginalSampler.fit(train, system).sample(len(test), seed=args.seed)
+    n = len(test) if args.n_synthetic == "test" else len(train)
+    synthetic, _ = generate_patients(model, tokenizer, n, prior=model_dir, seed=args.seed)
+    baseline = IndependentMarginalSampler.fit(train, system).sample(n, seed=args.seed)
     t0 = time.perf_counter()
     rows = utility_rows({"synthetic": synthetic.to_list(), "baseline": baseline}, train, test, code_system=system,
                         seed=args.seed)
