@@ -46,16 +46,14 @@ Outputs (atomic writes, gzip-compressed JSON with mtime 0 so a rebuild gives the
 from __future__ import annotations
 
 import argparse
-import gzip
-import io
-import json
-import os
 import re
 import sys
-import tempfile
 from collections import Counter
 from importlib.metadata import version
 from pathlib import Path
+
+# The sibling build script's writer (gzip with mtime 0, atomic): python puts scripts/ on the path.
+from build_icd10_tables import write_json_atomic
 
 SEX_EDITS = ("sex_female_only", "sex_male_only")
 ICD9_DATE = 20150601  # FY2015: ICD-9-CM v32
@@ -168,32 +166,14 @@ def inherit(rows: list[list], leaf_edits: dict[str, str]) -> dict[str, list[str]
     return {code: sorted(below[code]) for code, *_ in rows if below[code]}
 
 
-def write_json_gz(path: Path, head: dict, key: str, body, one_per_line: bool) -> None:
-    """Gzip JSON (mtime 0: a rebuild gives the same bytes) with `body` under `key`, written atomically."""
-    text = json.dumps(head, indent=1)[:-2] + f',\n "{key}": '
-    if one_per_line:
-        text += "[\n" + ",\n".join(json.dumps(r, separators=(",", ":")) for r in body) + "\n]\n}\n"
-    else:
-        text += json.dumps(body, separators=(",", ":")) + "\n}\n"
-    json.loads(text)  # round-trip check before anything replaces the shipped file
-    buf = io.BytesIO()
-    with gzip.GzipFile(filename="", mode="wb", fileobj=buf, compresslevel=9, mtime=0) as gz:
-        gz.write(text.encode("utf-8"))
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".")
-    os.fchmod(fd, 0o644)  # mkstemp makes 0600; the file is shipped package data
-    with os.fdopen(fd, "wb") as f:
-        f.write(buf.getvalue())
-    os.replace(tmp, path)
-
-
 def write_system(out: Path, stem: str, rows: list[list], leaf_edits: dict[str, str], meta: dict) -> None:
     node_edits = inherit(rows, leaf_edits)
-    write_json_gz(out / f"{stem}.json.gz", {"meta": {
+    write_json_atomic(out / f"{stem}.json.gz", {"meta": {
         **meta, "built_by": "scripts/build_procedure_tables.py",
         "row": ["code (dotless)", "parent (null for categories)", "billable (1 = leaf)", "title (null: none)"],
     }}, "nodes", rows, one_per_line=True)
     by_edit = {e: sorted(c for c, es in node_edits.items() if e in es) for e in SEX_EDITS}
-    write_json_gz(out / f"{stem}_edits.json.gz", {"meta": {
+    write_json_atomic(out / f"{stem}_edits.json.gz", {"meta": {
         **meta, "built_by": "scripts/build_procedure_tables.py",
         "semantics": "sex_female_only conflicts for M, sex_male_only for F; the MCE has no procedure age "
                      "edits; a category or header is listed when every billable code below it is",

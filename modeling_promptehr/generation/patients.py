@@ -545,27 +545,26 @@ def recurrence_log_lifts(prior: CohortPrior, tokenizer, index: VocabIndex) -> tu
     if pairs:
         ids, values = zip(*pairs)
         code_lift[list(ids)] = torch.tensor(values, dtype=torch.float32)
-    cat_lift = torch.zeros(len(index.category_ids) + 1, dtype=torch.float32)
-    # Every category owns a catch-all code token spelled as the category: its position is the category's.
-    pairs = [(vocab[k], v) for k, v in cats.items() if k in vocab]
-    if pairs:
-        ids, values = zip(*pairs)
-        cat_lift[index.code_category_pos[torch.tensor(ids, device=index.device)].cpu()] = torch.tensor(values)
+    cat_lift = _category_positions(cats, vocab, index)
     code_lift = code_lift.to(index.device) * index.generable
-    return code_lift, cat_lift.to(index.device)
+    return code_lift, cat_lift
 
 
 def category_calibration_row(calibration: dict, tokenizer, index: VocabIndex) -> torch.Tensor:
     """A generation config's ``category_calibration`` ({category: log-ratio}) as a [1, n_cat] row
     of category scores (0 for a category it does not list or the vocabulary lacks)."""
-    vocab = tokenizer.get_vocab()
+    return _category_positions(calibration, tokenizer.get_vocab(), index)[:-1][None, :]
+
+
+def _category_positions(values: dict, vocab: dict, index: VocabIndex) -> torch.Tensor:
+    """{category: value} as a [n_cat + 1] row over the category positions (0 where not given)."""
     row = torch.zeros(len(index.category_ids) + 1, dtype=torch.float32)
-    pairs = [(vocab[k], float(v)) for k, v in calibration.items() if k in vocab]
+    pairs = [(vocab[k], float(v)) for k, v in values.items() if k in vocab]
     if pairs:
-        ids, values = zip(*pairs)
+        ids, vals = zip(*pairs)
         # Every category owns a catch-all code token spelled as the category: its position is the category's.
-        row[index.code_category_pos[torch.tensor(ids, device=index.device)].cpu()] = torch.tensor(values)
-    return row[:-1].to(index.device)[None, :]
+        row[index.code_category_pos[torch.tensor(ids, device=index.device)].cpu()] = torch.tensor(vals)
+    return row.to(index.device)
 
 
 def _recurrence_rows(tokenizer, index: VocabIndex, previous: list[list[str]], code_log_probs: torch.Tensor,

@@ -265,7 +265,7 @@ class CohortPrior:
         first = np.nonzero(n_visits > 0)[0]
         for b, k in sorted(set(zip(bands[first].tolist(), count[first].tolist()))):
             sel = first[(bands[first] == b) & (count[first] == k)]
-            out[sel, 0] = self._first_type_by_visits.get((b, k), self._first_type[b]).sample(rng, len(sel))
+            out[sel, 0] = self._first_cell(b, k).sample(rng, len(sel))
         for t in range(1, out.shape[1]):
             rows = np.nonzero(n_visits > t)[0]
             keys = out[rows, t - 1]
@@ -281,7 +281,7 @@ class CohortPrior:
             raise ValueError("this cohort prior has no visit types (the model is not conditioned on them)")
         bands = self.age_band(ages)
         count = np.minimum(np.asarray(n_visits, dtype=np.int64), VISIT_COUNT_CAP)
-        return np.stack([self._dense(self._first_type_by_visits.get((int(b), int(k)), self._first_type[b]))
+        return np.stack([self._dense(self._first_cell(int(b), int(k)))
                          for b, k in zip(bands, count)]) if len(bands) else np.zeros((0, self.n_types))
 
     def transition_probs(self) -> np.ndarray:
@@ -289,6 +289,11 @@ class CohortPrior:
         if not self.n_types:
             raise ValueError("this cohort prior has no visit types (the model is not conditioned on them)")
         return np.stack([self._dense(cell) for cell in self._next_type])
+
+    def _first_cell(self, band: int, count: int) -> "_Empirical":
+        """The first type's distribution for an age band and a capped visit count; a cell the
+        training split left empty (or a prior counted before the count) backs off to the band."""
+        return self._first_type_by_visits.get((band, count), self._first_type[band])
 
     def _dense(self, cell: "_Empirical") -> np.ndarray:
         out = np.zeros(self.n_types)
