@@ -74,6 +74,14 @@ class PromptEHRConfig(PretrainedConfig):
             scale); None: no age head.
         sex_feature_index: which ``x_cat`` column the sex head classifies; None: no sex head.
         age_loss_weight, sex_loss_weight: ``loss = lm_loss + w_age * age_loss + w_sex * sex_loss``.
+
+    Code types (PromptEHR's conditioning on the code type, for a tokenizer holding procedures and
+    medications beside diagnoses):
+        code_type_ranges: ``[[first id, last id + 1, code type], ...]`` (the tokenizer's
+            ``code_type_ranges()``): a token in a range gets that code type's learned embedding
+            (type 1 = diagnoses, 2 = procedures, 3 = medications) added to its token embedding in
+            the encoder and the decoder; other tokens get type 0's. None (default, a
+            diagnosis-only tokenizer): no code-type embedding.
     """
 
     model_type = "promptehr"
@@ -119,6 +127,7 @@ class PromptEHRConfig(PretrainedConfig):
     visit_type_feature_index: int | None = None
     age_loss_weight: float = 1.0
     sex_loss_weight: float = 1.0
+    code_type_ranges: list[list[int]] | None = None
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
@@ -149,6 +158,12 @@ class PromptEHRConfig(PretrainedConfig):
                 and self.visit_type_feature_index != self.sex_feature_index):
             problems.append(f"visit_type_feature_index={self.visit_type_feature_index} must be an x_cat column "
                             f"(of {len(self.cat_cardinalities)}) other than sex's")
+        if self.code_type_ranges is not None:
+            self.code_type_ranges = [[int(x) for x in r] for r in self.code_type_ranges]
+            if any(len(r) != 3 or not 0 <= r[0] < r[1] <= self.vocab_size or r[2] < 1
+                   for r in self.code_type_ranges):
+                problems.append("code_type_ranges must be [first id, last id + 1, code type >= 1] triples inside "
+                                f"the vocabulary ({self.vocab_size} tokens)")
         if self.num_prompts >= self.max_position_embeddings:
             problems.append(
                 f"{self.num_prompts} prompts leave no room in max_position_embeddings={self.max_position_embeddings}")
@@ -166,7 +181,8 @@ class PromptEHRConfig(PretrainedConfig):
 
         ``tokenizer`` (a PromptEHRTokenizer or anything with the same attributes) sets
         ``vocab_size=len(tokenizer)``, ``pad/bos_token_id``, ``decoder_start_token_id=bos`` and
-        ``eos_token_id=tokenizer.visit_end_id`` (the decoder writes one visit). Keyword
+        ``eos_token_id=tokenizer.visit_end_id`` (the decoder writes one visit) and, for a
+        multimodal tokenizer, ``code_type_ranges``. Keyword
         overrides win over both.
         """
         if name not in PRESETS:
@@ -180,6 +196,8 @@ class PromptEHRConfig(PretrainedConfig):
                 decoder_start_token_id=tokenizer.bos_token_id,
                 eos_token_id=tokenizer.visit_end_id,
             )
+            if len(getattr(tokenizer, "modalities", ())) > 1:
+                kwargs["code_type_ranges"] = tokenizer.code_type_ranges()
         kwargs.update(overrides)
         return cls(**kwargs)
 

@@ -112,6 +112,35 @@ class DemographicPrompt(nn.Module):
         return self.mlp(torch.cat(parts, dim=1))
 
 
+class CodeTypeEmbedding(nn.Module):
+    """Token ids -> the learned embedding of each token's code type ([B, T] -> [B, T, d_model]).
+
+    ``config.code_type_ranges`` (``[[first id, last id + 1, type], ...]``) sets the type of each
+    token id (0 outside every range: the structure tokens). The id -> type table is a buffer saved
+    with the weights (a loaded model reads it back; it is never trained).
+    """
+
+    def __init__(self, config: PromptEHRConfig):
+        super().__init__()
+        ranges = config.code_type_ranges
+        token_type = torch.zeros(config.vocab_size, dtype=torch.long)
+        for lo, hi, kind in ranges:
+            token_type[lo:hi] = kind
+        self.register_buffer("token_type", token_type)
+        self.embed = nn.Embedding(max(kind for _, _, kind in ranges) + 1, config.d_model)
+
+    def forward(self, input_ids: torch.LongTensor) -> torch.Tensor:
+        return self.embed(self.token_type[input_ids])
+
+
+def _token_inputs(module, input_ids: torch.LongTensor) -> torch.Tensor:
+    """Token embeddings, plus the code-type embeddings of a multimodal model."""
+    embeds = module.embed_tokens(input_ids)
+    if module.code_types is not None:
+        embeds = embeds + module.code_types(input_ids).to(embeds.dtype)
+    return embeds
+
+
 @dataclass
 class PromptEHRSeq2SeqLMOutput(Seq2SeqLMOutput):
     """Seq2SeqLMOutput plus the loss components and the auxiliary predictions.
@@ -167,6 +196,7 @@ class PromptEHREncoder(PromptEHRPreTrainedModel, BartEncoder):
     def __init__(self, config: PromptEHRConfig):
         super().__init__(config)
         self.prompt = DemographicPrompt(config)
+        self.code_types = CodeTypeEmbedding(config) if config.code_type_ranges else None
         self.post_init()
 
     def forward(
@@ -181,7 +211,7 @@ class PromptEHREncoder(PromptEHRPreTrainedModel, BartEncoder):
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("PromptEHREncoder: pass exactly one of input_ids or inputs_embeds")
         if inputs_embeds is None:
-            inputs_embeds = self.embed_tokens(input_ids)
+            inputs_embeds = _token_inputs(self, input_ids)
         prompts = self.prompt(x_num, x_cat, inputs_embeds.shape[0]).to(inputs_embeds.dtype)
         total = prompts.shape[1] + inputs_embeds.shape[1]
         if total > self.config.max_position_embeddings:
@@ -208,6 +238,7 @@ class PromptEHRDecoder(PromptEHRPreTrainedModel, BartDecoder):
     def __init__(self, config: PromptEHRConfig):
         super().__init__(config)
         self.prompt = DemographicPrompt(config)
+        self.code_types = CodeTypeEmbedding(config) if config.code_type_ranges else None
         self.post_init()
 
     def forward(
@@ -227,7 +258,7 @@ class PromptEHRDecoder(PromptEHRPreTrainedModel, BartDecoder):
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("PromptEHRDecoder: pass exactly one of decoder_input_ids or decoder_inputs_embeds")
         if inputs_embeds is None:
-            inputs_embeds = self.embed_tokens(input_ids)
+            inputs_embeds = _token_inputs(self, input_ids)
         cache = _one_cache(cache, past_key_values)
         past_length = cache.get_seq_length() if cache is not None else 0
         n_new = 0

@@ -20,6 +20,23 @@ Every category seen in training also owns a catch-all code token equal to the ca
 category is unknown too becomes ``<unk>``. Neither case raises; both are counted in
 ``fallback_counts``.
 
+Modalities (``modalities``, saved in ``tokenizer_config.json``; a checkpoint without it holds
+diagnoses only): a tokenizer built with ``("diagnoses", "procedures", "medications")`` or a prefix
+of it also holds procedure and medication tokens, namespaced so that they never collide with a
+diagnosis code (ICD-9-CM procedure ``"401"`` is not diagnosis ``"401"``):
+
+- procedures: code token ``"PX:<code>"``, category ``"PX:<first 2 characters>"`` for ICD-9-CM
+  volume 3 (with ICD-9-CM diagnoses), ``"PX:<first 3 characters>"`` for ICD-10-PCS (with ICD-10-CM);
+- medications (``"<NAME>//<FORMULARY>"``): code token ``"RX:<NAME>//<FORMULARY>"``, category
+  ``"RX:<NAME>"``.
+
+A visit's codes are then written in a fixed order: its diagnoses, then its procedures, then its
+medications (:meth:`merge_visits` builds such visits from a patient, :meth:`split_visit` takes
+one apart). The vocabulary lists the categories modality by modality, then the codes modality by
+modality, so each modality's tokens are contiguous id ranges (:meth:`code_type_ranges`), the
+model's code types. A diagnosis-only tokenizer is the same, token for token, as before modalities
+existed.
+
 Files written by ``save_pretrained`` (all JSON): ``vocab.json`` (token -> id) and
 ``hierarchy.json`` (category -> children, training code counts, folded codes, build settings),
 beside ``tokenizer_config.json`` whose ``auto_map`` points ``AutoTokenizer`` at this file.
@@ -44,6 +61,14 @@ HIERARCHY_FORMAT = 1
 # promptehr_hf.datasets_scripts.code_systems, which remote code cannot import).
 CODE_SYSTEMS = ("icd9cm", "icd10cm")
 DEFAULT_CODE_SYSTEM = "icd9cm"
+# Modalities in the order a visit writes them: (patient field, token prefix).
+MODALITIES = ("diagnoses", "procedures", "medications")
+MODALITY_FIELDS = {"diagnoses": "visits", "procedures": "procedures", "medications": "medications"}
+MODALITY_PREFIXES = {"diagnoses": "", "procedures": "PX:", "medications": "RX:"}
+MEDICATION_SEPARATOR = "//"  # "<NAME>//<FORMULARY>" (promptehr_hf.datasets_scripts.medications)
+MEDICATION_UNKNOWN = "UNK"  # the formulary part when none is known
+# Characters of a procedure category per diagnosis code system: ICD-9-CM volume 3, ICD-10-PCS.
+PROCEDURE_CATEGORY_LENGTH = {"icd9cm": 2, "icd10cm": 3}
 
 
 def _check_code_system(code_system: str) -> str:
@@ -58,10 +83,37 @@ def _category_length(code: str, code_system: str) -> int:
     return 4 if code_system == "icd9cm" and code.startswith("E") else 3
 
 
+def _check_modalities(modalities) -> tuple[str, ...]:
+    modalities = tuple(modalities)
+    if not modalities or modalities != MODALITIES[: len(modalities)]:
+        raise ValueError(f"modalities must be one of {[MODALITIES[:k] for k in range(1, len(MODALITIES) + 1)]}, "
+                         f"got {list(modalities)}")
+    return modalities
+
+
+def modality_of(code: str) -> str:
+    """The modality of a (code or category) token string by its prefix: ``"PX:4011"`` ->
+    ``"procedures"``, ``"RX:ASPIRIN//ASA81"`` -> ``"medications"``, anything else ``"diagnoses"``."""
+    for name in MODALITIES[1:]:
+        if code.startswith(MODALITY_PREFIXES[name]):
+            return name
+    return "diagnoses"
+
+
 def code_category(code: str, code_system: str = DEFAULT_CODE_SYSTEM) -> str:
     """Category of a dotless code: ICD-9-CM its first 3 characters, 4 for E codes; ICD-10-CM its
-    first 3 characters (``"E119"`` -> ``"E11"``). ValueError for an unknown code system."""
-    return code[:_category_length(code, _check_code_system(code_system))]
+    first 3 characters (``"E119"`` -> ``"E11"``); a procedure token ``"PX:<code>"`` its first 2
+    (ICD-9-CM volume 3) or 3 (ICD-10-PCS) characters; a medication token ``"RX:<NAME>//<FORM>"``
+    its drug name. ValueError for an unknown code system."""
+    _check_code_system(code_system)
+    modality = modality_of(code)
+    if modality == "diagnoses":
+        return code[:_category_length(code, code_system)]
+    prefix = MODALITY_PREFIXES[modality]
+    body = code[len(prefix):]
+    if modality == "procedures":
+        return prefix + body[:PROCEDURE_CATEGORY_LENGTH[code_system]]
+    return prefix + body.partition(MEDICATION_SEPARATOR)[0]
 
 
 def _normalize(code: str, code_system: str = DEFAULT_CODE_SYSTEM) -> str:
@@ -69,6 +121,8 @@ def _normalize(code: str, code_system: str = DEFAULT_CODE_SYSTEM) -> str:
     (which remote code cannot import): the dot is dropped only right after the category
     (ICD-9-CM ``"401.9"``, ``"E880.0"``; ICD-10-CM ``"E11.9"``, ``"S72.001A"``)."""
     c = str(code).strip().upper()
+    if modality_of(c) != "diagnoses":  # procedure and medication tokens are stored normalised
+        return c
     head, dot, tail = c.partition(".")
     if dot and len(head) == _category_length(head, _check_code_system(code_system)) and "." not in tail:
         return head + tail
@@ -119,9 +173,12 @@ class PromptEHRTokenizer(PreTrainedTokenizer):
         unk_token: str = "<unk>",
         mask_token: str = "<mask>",
         code_system: str = DEFAULT_CODE_SYSTEM,
+        modalities: Sequence[str] = ("diagnoses",),
         **kwargs,
     ):
         self.code_system: str = _check_code_system(code_system)
+        self.modalities: tuple[str, ...] = _check_modalities(modalities)
+        self._modality_rank = {MODALITY_PREFIXES[m]: k for k, m in enumerate(self.modalities)}
         # from_patients hands the state over in memory; it must not reach init_kwargs (which
         # save_pretrained writes to tokenizer_config.json).
         state = kwargs.pop("_state", None)
@@ -140,6 +197,7 @@ class PromptEHRTokenizer(PreTrainedTokenizer):
             unk_token=unk_token,
             mask_token=mask_token,
             code_system=code_system,  # into init_kwargs, so tokenizer_config.json records it
+            modalities=list(self.modalities),
             **kwargs,
         )
         self.reset_fallback_counts()
@@ -147,25 +205,29 @@ class PromptEHRTokenizer(PreTrainedTokenizer):
     # ----------------------------------------------------------------------------- building
     @classmethod
     def from_patients(cls, patients: Iterable, min_code_count: int = 1, code_system: str = DEFAULT_CODE_SYSTEM,
-                      **kwargs) -> "PromptEHRTokenizer":
+                      modalities: Sequence[str] = ("diagnoses",), **kwargs) -> "PromptEHRTokenizer":
         """Build the vocabulary from training patients.
 
         Args:
-            patients: iterable of patient dicts (``{"visits": list[list[str]], ...}``) or of bare
-                visit lists; dotless codes (dotted ones are normalised).
+            patients: iterable of patient dicts (``{"visits": list[list[str]], ...}``, with
+                ``procedures`` / ``medications`` for those modalities) or of bare visit lists
+                (already merged, see :meth:`merge_visits`); dotless codes (dotted ones are
+                normalised).
             min_code_count: a code seen fewer times than this in training is folded into its
                 category's catch-all token (counted in ``folded_codes``).
             code_system: ``"icd9cm"`` or ``"icd10cm"``, the system of the patients' codes (the
                 cohort summary's ``code_system``): sets the categories.
+            modalities: ``("diagnoses",)`` (default), ``("diagnoses", "procedures")`` or all three.
         """
         if int(min_code_count) < 1:
             raise ValueError(f"min_code_count must be >= 1, got {min_code_count}")
         min_code_count = int(min_code_count)
         _check_code_system(code_system)
+        modalities = _check_modalities(modalities)
         counts: Counter = Counter()
         n_patients = n_visits = 0
         for patient in patients:
-            visits = patient["visits"] if isinstance(patient, dict) else patient
+            visits = merge_visits(patient, modalities) if isinstance(patient, dict) else patient
             n_patients += 1
             n_visits += len(visits)
             for visit in visits:
@@ -189,8 +251,17 @@ class PromptEHRTokenizer(PreTrainedTokenizer):
             else:
                 folded[code] = n
                 code_counts[cat] += n
-        categories = sorted({code_category(c, code_system) for c in code_counts})
-        codes = sorted(code_counts)
+        # Modality by modality (each one's tokens a contiguous id range), strings in order inside.
+        rank = {MODALITY_PREFIXES[m]: k for k, m in enumerate(MODALITIES)}
+
+        def order(token: str) -> tuple[int, str]:
+            return rank[MODALITY_PREFIXES[modality_of(token)]], token
+
+        unknown = sorted({modality_of(c) for c in code_counts} - set(modalities))
+        if unknown:
+            raise ValueError(f"from_patients: the visits hold {unknown} codes but modalities={list(modalities)}")
+        categories = sorted({code_category(c, code_system) for c in code_counts}, key=order)
+        codes = sorted(code_counts, key=order)
         vocab = {tok: i for i, tok in enumerate(
             [*SPECIAL_TOKENS, VISIT_START, VISIT_END, *(CATEGORY_PREFIX + c for c in categories), *codes]
         )}
@@ -206,7 +277,8 @@ class PromptEHRTokenizer(PreTrainedTokenizer):
             "code_counts": {c: code_counts[c] for c in codes},
             "folded_codes": dict(sorted(folded.items())),
         }
-        return cls(_state={"vocab": vocab, "hierarchy": hierarchy}, code_system=code_system, **kwargs)
+        return cls(_state={"vocab": vocab, "hierarchy": hierarchy}, code_system=code_system,
+                   modalities=modalities, **kwargs)
 
     def _set_state(self, vocab: dict, hierarchy: dict, source: str) -> None:
         missing = [t for t in (*SPECIAL_TOKENS, VISIT_START, VISIT_END) if t not in vocab]
@@ -312,6 +384,38 @@ class PromptEHRTokenizer(PreTrainedTokenizer):
         ``"E119"`` in ICD-10-CM)."""
         return _normalize(code, self.code_system)
 
+    def modality_rank(self, code: str) -> int:
+        """Position of a code token's modality in ``modalities`` (0 for diagnoses); ValueError for a
+        modality the tokenizer does not hold."""
+        rank = self._modality_rank.get(MODALITY_PREFIXES[modality_of(code)])
+        if rank is None:
+            raise ValueError(f"{code!r} is a {modality_of(code)} code; this tokenizer holds {list(self.modalities)}")
+        return rank
+
+    def merge_visits(self, patient: dict) -> list[list[str]]:
+        """A patient's visits as the tokenizer reads them (see :func:`merge_visits`)."""
+        return merge_visits(patient, self.modalities)
+
+    def split_visit(self, codes: Sequence[str]) -> dict[str, list[str]]:
+        """A decoded visit -> ``{"visits": diagnoses, "procedures": [...], "medications": [...]}``
+        (the fields of the tokenizer's modalities), prefixes stripped. A medication catch-all
+        (``"RX:<NAME>"``, a folded or unseen formulary code) becomes ``"<NAME>//UNK"``."""
+        return split_visit(codes, self.modalities)
+
+    def code_type_ranges(self) -> list[list[int]]:
+        """``[[first id, last id + 1, code type], ...]``: the contiguous id ranges of each
+        modality's category and code tokens, code type = 1 + the modality's position in
+        ``modalities`` (0 is left to the other tokens); the model's code types."""
+        ranges: list[list[int]] = []
+        for ids, skip in ((self.category_ids, len(CATEGORY_PREFIX)), (self.code_ids, 0)):
+            types = [1 + self.modality_rank(self.ids_to_tokens[i][skip:]) for i in ids]
+            for i, t in zip(ids, types):
+                if ranges and ranges[-1][2] == t and ranges[-1][1] == i:
+                    ranges[-1][1] = i + 1
+                else:
+                    ranges.append([i, i + 1, t])
+        return ranges
+
     @property
     def visit_start_id(self) -> int:
         return self.vocab[VISIT_START]
@@ -346,12 +450,15 @@ class PromptEHRTokenizer(PreTrainedTokenizer):
     def encode_visit(self, codes: Sequence[str]) -> list[int]:
         """One visit -> ``<v> C:cat code C:cat code ... </v>`` ids (no ``<s>``/``</s>``).
 
-        Codes keep their order. Two codes landing on the same token (e.g. two unseen codes of a
+        Codes keep their order inside their modality (a multimodal visit is written diagnoses
+        first, then procedures, then medications). Two codes landing on the same token (e.g. two unseen codes of a
         category) are written once, so no code token repeats inside a visit; a code whose
         category is unknown becomes one ``<unk>`` (written once per visit too).
         """
         ids = [self.visit_start_id]
         seen: set[int] = set()
+        if len(self.modalities) > 1:  # diagnoses, then procedures, then medications
+            codes = sorted(codes, key=self.modality_rank)
         for code in codes:
             pair = self._lookup(code)
             if pair is None:
@@ -438,6 +545,37 @@ class PromptEHRTokenizer(PreTrainedTokenizer):
         if hasattr(batch, "tolist"):
             batch = batch.tolist()
         return [self.decode_visits(row) for row in batch]
+
+
+def merge_visits(patient: dict, modalities: Sequence[str] = ("diagnoses",)) -> list[list[str]]:
+    """A patient's visits with its other modalities folded in, as a multimodal tokenizer reads
+    them: visit k is its diagnoses, then ``"PX:" + code`` for each procedure, then ``"RX:" +
+    code`` for each medication. A modality the patient lacks (key absent or None) adds nothing.
+    With ``("diagnoses",)`` the visits themselves."""
+    visits = patient["visits"]
+    extra = [(MODALITY_PREFIXES[m], patient.get(MODALITY_FIELDS[m])) for m in _check_modalities(modalities)[1:]]
+    extra = [(prefix, lists) for prefix, lists in extra if lists is not None]
+    if not extra:
+        return [list(v) for v in visits]
+    for prefix, lists in extra:
+        if len(lists) != len(visits):
+            raise ValueError(f"patient {patient.get('subject_id')}: {len(visits)} visits but {len(lists)} "
+                             f"{modality_of(prefix) if prefix else 'diagnoses'} lists")
+    return [[*v, *(prefix + c for prefix, lists in extra for c in lists[k])] for k, v in enumerate(visits)]
+
+
+def split_visit(codes: Sequence[str], modalities: Sequence[str] = MODALITIES) -> dict[str, list[str]]:
+    """The inverse of :func:`merge_visits` for one visit: ``{field: codes}`` for each of
+    ``modalities`` (``"visits"`` for the diagnoses), prefixes stripped, order kept. A medication
+    token without its formulary part (a catch-all) gets ``//UNK``."""
+    out: dict[str, list[str]] = {MODALITY_FIELDS[m]: [] for m in modalities}
+    for code in codes:
+        modality = modality_of(code)
+        body = code[len(MODALITY_PREFIXES[modality]):]
+        if modality == "medications" and MEDICATION_SEPARATOR not in body:
+            body += MEDICATION_SEPARATOR + MEDICATION_UNKNOWN
+        out[MODALITY_FIELDS[modality]].append(body)
+    return out
 
 
 def _truncate_visit(ids: list[int], budget: int, unk_id: int) -> list[int] | None:
