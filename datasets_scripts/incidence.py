@@ -64,8 +64,9 @@ def cohort_visits(cohort: Any, *, code_system: str = DEFAULT_CODE_SYSTEM) -> lis
     or a non-string code is a TypeError), with every code in the canonical dotless form of
     ``code_system`` (``"icd9cm"``: ``"401.9"`` -> ``"4019"``; ``"icd10cm"``: ``"E11.9"`` ->
     ``"E119"``): the one code identity of every count here. The input lists are returned as they
-    are when every code is already canonical."""
-    normalize = code_systems.code_system(code_system).normalize
+    are when every code is already canonical. ``code_system=None``: the codes are taken as they are
+    (a tokenizer's code tokens, e.g. multimodal visits with ``PX:`` / ``RX:`` tokens)."""
+    normalize = (lambda c: c) if code_system is None else code_systems.code_system(code_system).normalize
     visits = cohort_column(cohort, "visits")
     for row, patient in enumerate(visits):
         if isinstance(patient, str) or any(isinstance(v, str) for v in patient):

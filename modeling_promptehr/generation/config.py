@@ -12,7 +12,7 @@ from transformers import GenerationConfig
 
 from .processors import STAGE_TWO_MODES
 
-MODES = ("unconditional", "conditional", "seeded")
+MODES = ("unconditional", "conditional", "seeded", "given_diagnoses")
 VISIT_LENGTHS = ("data", "model")
 DEFAULT_HISTORY_LENGTH = 256  # PromptEHRTrainingArguments.max_source_length's default
 DEFAULT_MAX_CODES = 40  # cap per visit when the model decides and no prior says otherwise

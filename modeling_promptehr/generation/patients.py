@@ -27,7 +27,16 @@ Modes:
 - ``conditional``: given demographics (age, sex, optionally the number of visits);
 - ``seeded``: warm start from real patients: the first ``seed_visits`` visits of each seed are
   kept, the following ones generated (as many as the seed has, each as long as the seed's visit);
-  the share of output codes copied from the seed is reported.
+  the share of output codes copied from the seed is reported;
+- ``given_diagnoses`` (a multimodal tokenizer): every visit of each real patient keeps its
+  diagnoses (forced first, :class:`~.processors.GivenTokensLogitsProcessor`) and gets generated
+  procedures and medications, as many as the prior draws for its visit type and diagnosis count.
+
+Modalities: with a tokenizer holding procedures and medications, each visit is written as its
+diagnoses, then its procedures, then its medications; with ``visit_length="data"`` the number of
+codes of each other modality is drawn from the prior given the visit type and the visit's number
+of diagnoses (:meth:`~.prior.CohortPrior.sample_modality_lengths`; in seeded mode the seed's
+own). Patients come back with ``procedures`` and ``medications`` beside ``visits``.
 
 Copy filter (``exclude_patients``): a synthetic patient whose visits (as code sets, in order)
 equal a training patient's is replaced by a fresh draw with the same demographics
@@ -95,6 +104,8 @@ class _Plan:
         self.visits = [list(v) for v in given] if given is not None else [[] for _ in self.ages]
         self.start = np.array([len(v) for v in self.visits], dtype=np.int64)
         self.seed_visits_all = seed_visits_all  # seeded mode: the seeds' full visit lists
+        self.modality_lengths = None  # list of [n_visits_i, M - 1] int arrays: other modalities' targets
+        self.given = None  # given_diagnoses mode: per patient, per visit, the forced (category, code) ids
         # Whether the caller set each patient's visit count (a redraw keeps it) or the prior drew it.
         self.fixed_n_visits = (np.zeros(len(self.ages), dtype=bool) if fixed_n_visits is None
                                else np.asarray(fixed_n_visits, dtype=bool))
@@ -221,12 +232,14 @@ def _run_plan(model, tokenizer, plan: _Plan, config: PromptEHRGenerationConfig, 
             continue
         histories = [tokenizer.encode_history(plan.visits[i], max_history_length) for i in todo]
         targets = None if plan.lengths is None else np.array([plan.lengths[i][t] for i in todo], dtype=np.int64)
+        extra = None if plan.modality_lengths is None else np.stack([plan.modality_lengths[i][t] for i in todo])
+        totals = targets if extra is None else targets + extra.sum(1)
         # Rows of similar target length and history length share a batch: less decoding past
         # finished rows, less cross-attention padding.
         hist_len = np.array([len(h) for h in histories])
-        order = np.lexsort((hist_len, targets if targets is not None else np.zeros_like(hist_len)))
-        bounds = (range(0, len(order) + batch_size, batch_size) if targets is None
-                  else _batch_bounds(targets[order], batch_size))
+        order = np.lexsort((hist_len, totals if totals is not None else np.zeros_like(hist_len)))
+        bounds = (range(0, len(order) + batch_size, batch_size) if totals is None
+                  else _batch_bounds(totals[order], batch_size))
         for lo, hi in zip(bounds[:-1], bounds[1:]):
             sel = order[lo: min(hi, len(order))]
             rows = todo[sel]
@@ -239,7 +252,11 @@ def _run_plan(model, tokenizer, plan: _Plan, config: PromptEHRGenerationConfig, 
                 model, [histories[j] for j in sel], x_num, x_cat, tokenizer.pad_token_id, device
             )
             n_codes = None if targets is None else torch.from_numpy(targets[sel])
-            longest = max_codes if n_codes is None else int(n_codes.max())
+            modality_codes = None if extra is None else torch.from_numpy(extra[sel])
+            given = None
+            if plan.given is not None:
+                given = _pad([plan.given[i][t] for i in rows], -1, device)[0]
+            longest = max_codes if totals is None else int(totals[sel].max())
             code_log_probs = None if type_table is None else type_table[torch.from_numpy(cat[:, 1]).to(device)]
             category_log_lift = None if calibration is None else calibration.expand(len(rows), -1)
             if recurrence is not None and t > 0:
@@ -251,6 +268,7 @@ def _run_plan(model, tokenizer, plan: _Plan, config: PromptEHRGenerationConfig, 
                 max_codes=max_codes, stage_two=config.stage_two, temperature=config.temperature or 1.0,
                 cms=config.cms, edit_table=edit_table, sample=config.do_sample, top_k=config.top_k,
                 top_p=config.top_p, code_log_probs=code_log_probs, category_log_lift=category_log_lift,
+                modality_codes=modality_codes, given=given,
             )
             gen_cfg.max_new_tokens = max_new_tokens_for(longest) - 1  # <v> is given
             out = model_generate(
@@ -273,7 +291,7 @@ def _run_plan(model, tokenizer, plan: _Plan, config: PromptEHRGenerationConfig, 
                 decoded = tokenizer.decode_visits(ids)
                 visit = decoded[0] if decoded else []
                 counters["empty_visits"] += not visit
-                if n_codes is not None and len(visit) < int(n_codes[k]):
+                if totals is not None and len(visit) < int(totals[sel][k]):
                     counters["visits_short_of_target"] += 1
                 plan.visits[i].append(visit)
             counters["visits_generated"] += len(rows)
@@ -354,7 +372,17 @@ def sample_patients(model, tokenizer, config: PromptEHRGenerationConfig, n: int 
         copy_redraws = DEFAULT_COPY_REDRAWS
     if isinstance(copy_redraws, bool) or not isinstance(copy_redraws, (int, np.integer)) or copy_redraws < 0:
         raise ValueError(f"copy_redraws must be an integer >= 0, got {copy_redraws!r}")
-    known = None if exclude_patients is None else {_visit_key(v) for v in columns(exclude_patients)[2]}
+    multimodal = len(getattr(tokenizer, "modalities", ("diagnoses",))) > 1
+    if mode == "given_diagnoses" and not multimodal:
+        raise ValueError("mode='given_diagnoses' needs a model whose tokenizer holds other modalities than diagnoses")
+    if exclude_patients is None:
+        known = None
+    elif multimodal:  # a copy repeats every modality of a training patient
+        known = {_visit_key(tokenizer.merge_visits(p)) for p in _rows(exclude_patients)}
+    else:
+        known = {_visit_key(v) for v in columns(exclude_patients)[2]}
+    if multimodal and mode == "seeded" and seed_patients is not None:
+        seed_patients = [{**p, "visits": tokenizer.merge_visits(p)} for p in _rows(seed_patients)]
     rng = np.random.default_rng(seed)
     t0 = time.perf_counter()
 
@@ -376,9 +404,16 @@ def sample_patients(model, tokenizer, config: PromptEHRGenerationConfig, n: int 
 
     plan = _make_plan(mode, n, rng, need_prior, demographics, seed_patients, config.seed_visits, config.visit_length)
     typed = getattr(model.config, "visit_type_feature_index", None) is not None
-    retime = config.visit_length == "data" and mode != "seeded"  # seeded mode keeps the seed's lengths
-    if typed:
-        _draw_types(plan, need_prior(), rng, retime=retime)
+    # Seeded modes keep the seed's lengths (given_diagnoses: its diagnosis counts).
+    retime = config.visit_length == "data" and mode not in ("seeded", "given_diagnoses")
+
+    def finish(p: _Plan, stream) -> None:
+        if typed:
+            _draw_types(p, need_prior(), stream, retime=retime)
+        if multimodal:
+            _modality_plan(p, mode, tokenizer, need_prior, stream)
+
+    finish(plan, rng)
     max_codes = config.max_codes
     if max_codes is None:
         try:  # the longest training visit, when a prior is at hand
@@ -428,8 +463,7 @@ def sample_patients(model, tokenizer, config: PromptEHRGenerationConfig, n: int 
                     torch.manual_seed(int(round_rng.integers(2 ** 63)))
                     redraw = _redraw_plan(plan, copies, mode, round_rng, need_prior, config.seed_visits,
                                           config.visit_length)
-                    if typed:
-                        _draw_types(redraw, need_prior(), round_rng, retime=retime)
+                    finish(redraw, round_rng)
                     more = _run_plan(model, tokenizer, redraw, config, **run,
                                      desc=f"redrawing copies ({round_}/{copy_redraws})")
                     counters = {k: counters[k] + more[k] for k in counters}
@@ -461,6 +495,10 @@ def sample_patients(model, tokenizer, config: PromptEHRGenerationConfig, n: int 
         {"subject_id": j + 1, "age": float(plan.ages[i]), "sex": plan.sexes[i], "visits": plan.visits[i]}
         for j, i in enumerate(np.nonzero(keep)[0])
     ]
+    if multimodal:  # merged visits -> diagnoses in "visits", the others in their own fields
+        for p in patients:
+            parts = [tokenizer.split_visit(v) for v in p["visits"]]
+            p.update({field: [part[field] for part in parts] for field in parts[0]} if parts else {})
     stats["times"] = False
     if getattr(config, "times", True):
         if not isinstance(time_model, VisitTimeModel):
@@ -491,9 +529,9 @@ def _redraw_plan(plan: _Plan, rows: np.ndarray, mode: str, rng, need_prior, seed
     the same seeds (their kept visits, visit count and lengths); otherwise the same age and sex,
     the visit count the caller set (conditional mode's ``n_visits``) or a new one drawn from the
     prior, and, with ``visit_length="data"``, new visit lengths."""
-    if mode == "seeded":
+    if mode in ("seeded", "given_diagnoses"):
         seeds = [{"age": plan.ages[i], "sex": plan.sexes[i], "visits": plan.seed_visits_all[i]} for i in rows]
-        return _make_plan("seeded", None, rng, need_prior, None, seeds, seed_visits, visit_length)
+        return _make_plan(mode, None, rng, need_prior, None, seeds, seed_visits, visit_length)
     demographics = [{"age": plan.ages[i], "sex": plan.sexes[i],
                      "n_visits": int(plan.n_visits[i]) if plan.fixed_n_visits[i] else None} for i in rows]
     return _make_plan("conditional", None, rng, need_prior, demographics, None, seed_visits, visit_length)
@@ -604,6 +642,36 @@ def _draw_types(plan: _Plan, prior: CohortPrior, rng, retime: bool) -> None:
         plan.lengths = np.split(flat, np.cumsum(plan.n_visits)[:-1])
 
 
+def _modality_plan(plan: _Plan, mode: str, tokenizer, need_prior, rng) -> None:
+    """A multimodal plan's per-modality targets, in place: the diagnosis counts stay in
+    ``plan.lengths`` and the other modalities' go to ``plan.modality_lengths``. Seeded: the seed
+    visits' own counts (``plan.lengths`` held whole merged visits). given_diagnoses: each visit's
+    known diagnoses become its forced tokens (``plan.given``) and target. Otherwise, and for the
+    other modalities of given_diagnoses, drawn from the prior given type and diagnosis count."""
+    if mode == "given_diagnoses":
+        unk = tokenizer.unk_token_id
+        plan.given = [[[t for t in tokenizer.encode_visit(v)[1:-1] if t != unk] for v in visits]
+                      for visits in plan.seed_visits_all]
+        if plan.lengths is not None:
+            plan.lengths = [np.array([len(g) // 2 for g in visits], dtype=np.int64) for visits in plan.given]
+    if plan.lengths is None:
+        return
+    if mode == "seeded":
+        counts = [np.array([np.bincount([tokenizer.modality_rank(c) for c in v], minlength=len(tokenizer.modalities))
+                            for v in visits], dtype=np.int64).reshape(len(visits), -1)
+                  for visits in plan.seed_visits_all]
+        plan.lengths = [np.maximum(c[:, 0], 1) for c in counts]
+        plan.modality_lengths = [c[:, 1:] for c in counts]
+        return
+    prior = need_prior()
+    if tuple(prior.modalities) != tuple(tokenizer.modalities):
+        raise ValueError(f"the cohort prior counted {list(prior.modalities)} but the tokenizer holds "
+                         f"{list(tokenizer.modalities)}: count the prior with the tokenizer's modalities")
+    types = None if plan.types is None else np.concatenate(plan.types)
+    flat = prior.sample_modality_lengths(types, np.concatenate(plan.lengths), rng)
+    plan.modality_lengths = np.split(flat, np.cumsum(plan.n_visits)[:-1])
+
+
 def _make_plan(mode, n, rng, need_prior, demographics, seed_patients, seed_visits, visit_length) -> _Plan:
     data_lengths = visit_length == "data"
     if mode == "unconditional":
@@ -632,17 +700,19 @@ def _make_plan(mode, n, rng, need_prior, demographics, seed_patients, seed_visit
             n_visits[missing] = need_prior().sample_n_visits(ages[missing], rng)
         lengths = _prior_lengths(need_prior(), ages, n_visits, rng) if data_lengths else None
         return _Plan(ages, sexes, n_visits, lengths, fixed_n_visits=~missing)
-    # seeded
+    # seeded, given_diagnoses
     if seed_patients is None:
-        raise ValueError("seeded generation needs seed_patients (real patients in the patient schema)")
+        raise ValueError(f"{mode} generation needs seed_patients (real patients in the patient schema)")
     seeds = _rows(seed_patients)
     if not seeds:
-        raise ValueError("seeded generation: no seed patients")
+        raise ValueError(f"{mode} generation: no seed patients")
+    if mode == "given_diagnoses":  # every visit is written (its diagnoses forced)
+        seed_visits = 0
     if n is not None:
         seeds = [seeds[i] for i in rng.choice(len(seeds), size=int(n), replace=int(n) > len(seeds))]
     visits = [[list(v) for v in s["visits"]] for s in seeds]
     if any(len(v) == 0 for v in visits):
-        raise ValueError("seeded generation: a seed patient has no visit")
+        raise ValueError(f"{mode} generation: a seed patient has no visit")
     n_visits = np.array([len(v) for v in visits], dtype=np.int64)
     given = [v[: min(seed_visits, len(v) - 1)] for v in visits]
     lengths = [np.array([max(len(x), 1) for x in v], dtype=np.int64) for v in visits] if data_lengths else None

@@ -26,9 +26,10 @@ import numpy as np
 from transformers import GenerationConfig
 from transformers.utils import GENERATION_CONFIG_NAME
 
-from promptehr_hf.datasets_scripts import code_systems
+from promptehr_hf.datasets_scripts import code_systems, procedures
 from promptehr_hf.datasets_scripts.code_systems import DEFAULT_CODE_SYSTEM
 from promptehr_hf.datasets_scripts.cohort_io import patients_to_dataset
+from promptehr_hf.tokenization.tokenization_promptehr import MODALITY_PREFIXES, modality_of
 
 from .config import MODES, VISIT_LENGTHS, PromptEHRGenerationConfig, promptehr_generation_config
 from .generate import generate
@@ -53,14 +54,24 @@ def cms_edits(tokenizer) -> dict:
     them (``cms_edits``; see :class:`~.processors.CMSEditTable`): each edit class present in the
     vocabulary with its codes, and the (age, sex) each edit forbids, from the tables of the
     tokenizer's ``code_system`` (ICD-9-CM for a tokenizer that names none). ICD-10-CM has its
-    own edits and ranges (maternity 9-64, not ICD-9-CM's 12-55)."""
+    own edits and ranges (maternity 9-64, not ICD-9-CM's 12-55). A multimodal tokenizer's
+    procedure tokens (``"PX:<code>"``) carry the sex edits of the procedure tables that go with the
+    code system (ICD-9-CM volume 3, ICD-10-PCS); medications have none."""
     # A tokenizer saved before it recorded its code system is ICD-9-CM.
-    icd = code_systems.code_system(getattr(tokenizer, "code_system", DEFAULT_CODE_SYSTEM))
+    system = getattr(tokenizer, "code_system", DEFAULT_CODE_SYSTEM)
+    icd = code_systems.code_system(system)
+    procedure = procedures.procedure_system(procedures.FOR_DIAGNOSES[system])
     classes: dict[tuple[str, ...], list[str]] = {}
-    for code in tokenizer.convert_ids_to_tokens(sorted(tokenizer.code_category)):
-        edits = icd.edits_of(code)
+    for token in tokenizer.convert_ids_to_tokens(sorted(tokenizer.code_category)):
+        modality = modality_of(token)
+        if modality == "diagnoses":
+            edits = icd.edits_of(token)
+        elif modality == "procedures":
+            edits = procedure.edits_of(token[len(MODALITY_PREFIXES[modality]):])
+        else:
+            continue
         if edits:
-            classes.setdefault(edits, []).append(code)
+            classes.setdefault(edits, []).append(token)
     return {
         "age_ranges": {edit: list(bounds) for edit, bounds in icd.age_ranges().items()},
         "sex_conflicts": dict(icd.SEX_CONFLICT),

@@ -31,6 +31,13 @@ RATE_FLOOR = 1e-4
 VISIT_INDEX_CAP = 3  # visit lengths are conditioned on visit index 0, 1, 2, and 3+
 VISIT_COUNT_CAP = 3  # the first visit's type is conditioned on the patient having 1, 2, or 3+ visits
 AGE_RESOLUTION = 0.1  # ages are stored floored to 0.1 year (an aggregate, not per-patient ages)
+# Other modalities' code counts are drawn given the visit type and its diagnosis count, capped
+# here; a cell with fewer training visits than MODALITY_CELL_MIN backs off to the type alone.
+MODALITY_DIAGNOSIS_CAP = 20
+MODALITY_CELL_MIN = 10
+# The patient field of each modality beyond the diagnoses (the schema's), and its token prefix
+# (the tokenizer's), repeated here because this file travels without the package.
+MODALITY_FIELDS = {"procedures": ("procedures", "PX:"), "medications": ("medications", "RX:")}
 
 
 class _Empirical:
@@ -69,6 +76,11 @@ class CohortPrior:
       (:meth:`recurrence_log_lift`). Patients who come back differ from those who do not in their
       first visit, and a type's later visits are longer than its first ones: drawing the first
       type without the visit count, or lengths without the index, shortens later visits.
+
+    With ``modalities`` beyond the diagnoses: the number of codes of each other modality in a
+    visit, drawn jointly given the visit type and its number of diagnoses (capped at
+    ``MODALITY_DIAGNOSIS_CAP``; :meth:`sample_modality_lengths`), and the type code counts include
+    those modalities' code tokens (``"PX:<code>"``, ``"RX:<code>"``).
 
     Empty cells back off to the pooled distribution (over bands, then over visit indices; over
     first visits, resp. later visits, for the types; to the age band alone for a first type, to the
@@ -134,18 +146,40 @@ class CohortPrior:
             self._recurrence = {kind: {k: tuple(v) for k, v in rec.get(kind, {}).items()}
                                 for kind in ("categories", "codes")}
 
+        mod = table.get("modalities")
+        self.modalities: tuple[str, ...] = ("diagnoses", *(mod["names"] if mod else ()))
+        if mod:
+            def joint(cell: dict) -> tuple[np.ndarray, _Empirical]:
+                keys = sorted(cell)
+                return (np.array([[int(x) for x in k.split(",")] for k in keys], dtype=np.int64),
+                        _Empirical({i: cell[k] for i, k in enumerate(keys)}))
+
+            self._modality_cells = {tuple(int(x) for x in key.split("|")): joint(cell)
+                                    for key, cell in mod["cells"].items()}
+            self._modality_by_type = {int(m): joint(cell) for m, cell in mod["by_type"].items()}
+            self._modality_pooled = joint(mod["pooled"])
+
     @classmethod
     def from_patients(cls, patients, age_band_edges: Sequence[float] = AGE_BAND_EDGES,
                       visit_index_cap: int = VISIT_INDEX_CAP, visit_types: Sequence[Sequence[int]] | None = None,
-                      n_types: int | None = None, category=None) -> "CohortPrior":
+                      n_types: int | None = None, category=None,
+                      modalities: Sequence[str] = ("diagnoses",)) -> "CohortPrior":
         """Count the distributions of a training split (patient dicts or a datasets.Dataset).
 
         ``visit_types``: the type (0..``n_types`` - 1) of every visit of every patient, in the
         patients' order, for a model conditioned on visit types; None: no type distributions.
         ``category``: code -> its category (the tokenizer's); with ``visit_types``, also count
         how categories and codes recur from one visit to the next (none without it).
+        ``modalities``: the tokenizer's; beyond ``"diagnoses"``, count the other modalities' codes
+        per visit (the patients' ``procedures`` / ``medications`` lists; a patient without one
+        counts 0 codes).
         """
         ages, sexes, visits = columns(patients)
+        extra = [m for m in modalities if m != "diagnoses"]
+        unknown = [m for m in extra if m not in MODALITY_FIELDS]
+        if unknown:
+            raise ValueError(f"CohortPrior.from_patients: unknown modalities {unknown}")
+        other = _modality_columns(patients, extra, visits)
         if len(ages) == 0:
             raise ValueError("CohortPrior.from_patients: no patients")
         bad = [s for s in set(sexes) if s not in SEXES]
@@ -185,10 +219,20 @@ class CohortPrior:
             },
         }
         if visit_types is not None:
-            table["visit_types"] = _type_counts(visits, visit_types, n_types, bands, lengths, visit_index)
+            merged = visits if not extra else [
+                [[*v, *(MODALITY_FIELDS[m][1] + c for m, lists in zip(extra, rows) for c in lists[k])]
+                 for k, v in enumerate(vs)] for vs, rows in zip(visits, zip(*other.values()))]
+            table["visit_types"] = _type_counts(visits, visit_types, n_types, bands, lengths, visit_index,
+                                                code_visits=merged)
             if category is not None:
                 table["visit_types"]["recurrence"] = _recurrence_counts(visits, visit_types, table["visit_types"],
                                                                         category)
+        if extra:
+            flat_types = (np.concatenate([np.asarray(t, dtype=np.int64) for t in visit_types])
+                          if visit_types is not None else np.full(len(lengths), -1, dtype=np.int64))
+            counts = np.stack([np.array([len(x) for lists in other[m] for x in lists], dtype=np.int64)
+                               for m in extra], 1)
+            table["modalities"] = _modality_counts(extra, flat_types, lengths, counts)
         return cls(table)
 
     def save(self, directory: str | os.PathLike) -> str:
@@ -330,6 +374,23 @@ class CohortPrior:
             out[rows] = self._codes_by_type_index.get((m, i), self._codes_by_type[m]).sample(rng, len(rows))
         return out
 
+    def sample_modality_lengths(self, types, n_diagnoses, rng: np.random.Generator) -> np.ndarray:
+        """Codes of each modality beyond the diagnoses (``modalities[1:]``) for visits of the given
+        types (``None`` or -1 for a prior without types) and diagnosis counts (both [m]) -> [m, M - 1]
+        int, drawn jointly from the training visits of the same type and diagnosis count (capped at
+        ``MODALITY_DIAGNOSIS_CAP``), backing off to the type, then to all visits."""
+        if len(self.modalities) == 1:
+            raise ValueError("this cohort prior counted diagnoses only")
+        n_dx = np.minimum(np.asarray(n_diagnoses, dtype=np.int64), MODALITY_DIAGNOSIS_CAP)
+        types = np.full(len(n_dx), -1, dtype=np.int64) if types is None else np.asarray(types, dtype=np.int64)
+        out = np.zeros((len(n_dx), len(self.modalities) - 1), dtype=np.int64)
+        for m, k in sorted(set(zip(types.tolist(), n_dx.tolist()))):
+            rows = np.nonzero((types == m) & (n_dx == k))[0]
+            values, cell = self._modality_cells.get(
+                (m, k), self._modality_by_type.get(m, self._modality_pooled))
+            out[rows] = values[cell.sample(rng, len(rows))]
+        return out
+
     def summary(self) -> dict:
         """Means of the stored distributions (visits per patient, codes per visit)."""
         return {
@@ -347,9 +408,44 @@ def _merge(cells: Iterable[dict]) -> dict[int, int]:
     return out
 
 
+def _modality_columns(patients, modalities: Sequence[str], visits) -> dict[str, list]:
+    """{modality: per patient, per visit, its code list} (empty lists where the patient has none)."""
+    out = {}
+    for m in modalities:
+        field = MODALITY_FIELDS[m][0]
+        column = (patients[field] if field in patients.column_names else [None] * len(visits)) \
+            if hasattr(patients, "column_names") else [p.get(field) for p in patients]
+        out[m] = [[[] for _ in vs] if lists is None else lists for vs, lists in zip(visits, column)]
+        for vs, lists in zip(visits, out[m]):
+            if len(lists) != len(vs):
+                raise ValueError(f"CohortPrior.from_patients: a patient has {len(vs)} visits but {len(lists)} {m} lists")
+    return out
+
+
+def _modality_counts(names: list[str], types: np.ndarray, n_dx: np.ndarray, counts: np.ndarray) -> dict:
+    """The ``modalities`` table: joint counts of the other modalities' code counts ("a,b") per
+    (type, capped diagnosis count), per type, and pooled; cells under MODALITY_CELL_MIN visits left out."""
+    keys = np.array([",".join(map(str, row)) for row in counts.tolist()], dtype=object)
+    capped = np.minimum(n_dx, MODALITY_DIAGNOSIS_CAP)
+
+    def cell(mask: np.ndarray) -> dict[str, int]:
+        vals, n = np.unique(keys[mask], return_counts=True)
+        return {str(v): int(c) for v, c in zip(vals, n)}
+
+    cells = {}
+    for m, k in sorted(set(zip(types.tolist(), capped.tolist()))):
+        mask = (types == m) & (capped == k)
+        if mask.sum() >= MODALITY_CELL_MIN:
+            cells[f"{m}|{k}"] = cell(mask)
+    return {"names": list(names), "diagnosis_cap": MODALITY_DIAGNOSIS_CAP, "cells": cells,
+            "by_type": {str(m): cell(types == m) for m in np.unique(types).tolist()},
+            "pooled": cell(np.ones(len(types), dtype=bool))}
+
+
 def _type_counts(visits, visit_types, n_types, bands: np.ndarray, lengths: np.ndarray,
-                 visit_index: np.ndarray) -> dict:
-    """The type tables of :meth:`CohortPrior.from_patients` (JSON-ready counts)."""
+                 visit_index: np.ndarray, code_visits=None) -> dict:
+    """The type tables of :meth:`CohortPrior.from_patients` (JSON-ready counts); the code counts
+    come from ``code_visits`` (the visits with their other modalities' code tokens) when given."""
     if n_types is None or int(n_types) < 1:
         raise ValueError("CohortPrior.from_patients: visit_types needs n_types >= 1")
     types = [np.asarray(t, dtype=np.int64) for t in visit_types]
@@ -359,7 +455,7 @@ def _type_counts(visits, visit_types, n_types, bands: np.ndarray, lengths: np.nd
     if len(flat) and (flat.min() < 0 or flat.max() >= n_types):
         raise ValueError(f"CohortPrior.from_patients: visit types must be in [0, {n_types})")
     code_counts: dict[str, dict[str, int]] = {}
-    for codes_of_patient, types_of_patient in zip(visits, types):
+    for codes_of_patient, types_of_patient in zip(visits if code_visits is None else code_visits, types):
         for visit, m in zip(codes_of_patient, types_of_patient.tolist()):
             cell = code_counts.setdefault(str(m), {})
             for code in set(visit):

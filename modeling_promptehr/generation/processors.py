@@ -70,6 +70,10 @@ class VocabIndex:
         head_ids: [n_cat + 3] long, every non-code token the grammar can allow: ``<pad>``,
             ``<v>``, ``</v>``, then the categories in category_ids order.
         tokens: list[str], id -> token string (``""`` beyond the tokenizer).
+        n_modalities: the tokenizer's modalities (1: diagnoses only); token_modality: [size]
+            long, a category's or code's modality (0 = diagnoses, then procedures, medications;
+            0 elsewhere); category_modality: [n_cat + 1] long, per category position (the dummy
+            slot gets n_modalities).
     """
 
     def __init__(self, tokenizer, size: int | None = None):
@@ -116,12 +120,20 @@ class VocabIndex:
             raise ValueError("VocabIndex: expected the ids <pad> < <v> < </v> < every category "
                              "(PromptEHRTokenizer's layout)")
         self.tokens = tokenizer.convert_ids_to_tokens(list(range(n_tok))) + [""] * (size - n_tok)
+        self.n_modalities = len(getattr(tokenizer, "modalities", ("diagnoses",)))
+        self.token_modality = torch.zeros(size, dtype=torch.long)
+        if self.n_modalities > 1:
+            for ids, skip in ((self.category_ids, len("C:")), (self.code_ids, 0)):
+                self.token_modality[ids] = torch.tensor(
+                    [tokenizer.modality_rank(self.tokens[i][skip:]) for i in ids.tolist()], dtype=torch.long)
+        self.category_modality = torch.cat([self.token_modality[self.category_ids],
+                                            torch.tensor([self.n_modalities])])
 
     def to(self, device) -> "VocabIndex":
         """Move the lookup tensors to ``device`` (the model's); returns self."""
         for name in ("code_ids", "code_ids_category", "is_code", "is_category", "code_category", "log_code_prob",
                      "generable", "category_ids", "category_pos", "code_category_pos", "kids",
-                     "kid_ok", "head_ids"):
+                     "kid_ok", "head_ids", "token_modality", "category_modality"):
             setattr(self, name, getattr(self, name).to(device))
         return self
 
@@ -458,9 +470,18 @@ class VisitGrammarLogitsProcessor(VisitBlockProcessor):
     on a category whose remaining codes were never seen in training), it samples uniformly
     among the allowed tokens, so generate never meets an all -inf row.
 
+    Multimodal vocabularies (``index.n_modalities > 1``): a visit writes its diagnoses, then its
+    procedures, then its medications. With targets, ``n_codes`` counts the diagnoses and
+    ``modality_codes`` [B, M - 1] the codes of each later modality: only the categories of the
+    first modality still short of its target (and with a category left) are allowed, and ``</v>``
+    once every modality is done. Without targets, the first code is a diagnosis and each later
+    category is of the last code's modality or a later one.
+
     Args:
         index: the VocabIndex.
-        n_codes: [B] target codes per visit (data-driven length: min = max = target), or None.
+        n_codes: [B] target codes per visit (data-driven length: min = max = target), or None;
+            the diagnoses only in a multimodal vocabulary.
+        modality_codes: [B, M - 1] targets of the other modalities (multimodal, with ``n_codes``).
         max_codes: cap on codes per visit when ``n_codes`` is None (model-decided length).
         codes_forbidden: [B, V] bool codes the row may never receive (the CMS processor's
             ``codes_forbidden``), or None.
@@ -471,8 +492,19 @@ class VisitGrammarLogitsProcessor(VisitBlockProcessor):
 
     def __init__(self, index: VocabIndex, n_codes=None, max_codes: int | None = None,
                  codes_forbidden: torch.Tensor | None = None, no_repeat: bool = True,
-                 available: torch.Tensor | None = None):
+                 available: torch.Tensor | None = None, modality_codes=None):
         self.index, self.no_repeat = index, no_repeat
+        self.targets = None  # [B, M] per-modality targets of a multimodal vocabulary
+        if index.n_modalities > 1 and n_codes is not None:
+            extra = torch.zeros(len(n_codes), index.n_modalities - 1, dtype=torch.long) if modality_codes is None \
+                else torch.as_tensor(modality_codes, dtype=torch.long)
+            if extra.shape != (len(n_codes), index.n_modalities - 1) or bool((extra < 0).any()):
+                raise ValueError(f"VisitGrammarLogitsProcessor: modality_codes must be [{len(n_codes)}, "
+                                 f"{index.n_modalities - 1}] counts >= 0")
+            self.targets = torch.cat([torch.as_tensor(n_codes, dtype=torch.long)[:, None], extra], 1).to(index.device)
+            n_codes = self.targets.sum(1)
+        elif modality_codes is not None:
+            raise ValueError("VisitGrammarLogitsProcessor: modality_codes needs n_codes and a multimodal vocabulary")
         if n_codes is None:
             if max_codes is None or max_codes < 1:
                 raise ValueError("VisitGrammarLogitsProcessor: give n_codes (per-row targets) or max_codes >= 1")
@@ -510,6 +542,8 @@ class VisitGrammarLogitsProcessor(VisitBlockProcessor):
                 used.scatter_add_(1, index.code_category_pos[step.input_ids], is_code.float())
                 available = available - used[:, :-1]
             has_code = available > 0  # [B, n_cat]
+            if index.n_modalities > 1:
+                has_code = has_code & self._modality_section(step, is_code, has_code)
             must_end = open_ & (n_codes >= self.max_codes)
             can_end = open_ & (step.last != index.visit_start_id) & (n_codes >= self.min_codes)
             can_end |= must_end | (open_ & ~has_code.any(1))
@@ -520,6 +554,53 @@ class VisitGrammarLogitsProcessor(VisitBlockProcessor):
             head_ok[:, HEAD_END] |= dead & ~(kid_ok.any(1) | head_ok.any(1))
             kid, head = kid.masked_fill(dead[:, None], 0.0), head.masked_fill(dead[:, None], 0.0)
         return kid.masked_fill(~kid_ok, NEG_INF), head.masked_fill(~head_ok, NEG_INF)
+
+    def _modality_section(self, step: VisitStep, is_code: torch.Tensor, has_code: torch.Tensor) -> torch.Tensor:
+        """[B, n_cat] bool: the categories of the modality each row may write next."""
+        index = self.index
+        cat_mod = index.category_modality[:-1]  # [n_cat]
+        if self.targets is None:  # the last code's modality or a later one; a diagnosis first
+            last = torch.where(is_code, index.token_modality[step.input_ids], -1).max(1).values.clamp(min=0)
+            first = ~is_code.any(1)
+            return (cat_mod[None, :] >= last[:, None]) & (~first[:, None] | (cat_mod[None, :] == 0))
+        B, M = self.targets.shape
+        written = torch.zeros(B, M + 1, device=index.device)
+        written.scatter_add_(1, torch.where(is_code, index.token_modality[step.input_ids], M), is_code.float())
+        mod_has = torch.zeros(B, M + 1, device=index.device)
+        mod_has.scatter_add_(1, cat_mod.expand(B, -1), has_code.float())
+        todo = (written[:, :M] < self.targets) & (mod_has[:, :M] > 0)  # [B, M]
+        current = torch.where(todo.any(1), todo.int().argmax(1), M)  # the first modality left
+        return cat_mod[None, :] == current[:, None]
+
+
+class GivenTokensLogitsProcessor(VisitBlockProcessor):
+    """Force each row's given tokens first (e.g. a real visit's diagnoses, ``(category, code)``
+    pairs as ``tokenizer.encode_visit`` writes them), then leave the row to the chain: generation
+    of the other modalities given the diagnoses. Goes after the grammar (whose diagnosis target
+    must be the number of given codes) and before the sampler.
+
+    Args:
+        index: the VocabIndex.
+        given: [B, L] long, each row's tokens after ``<v>``, padded with -1.
+    """
+
+    def __init__(self, index: VocabIndex, given: torch.Tensor):
+        self.index = index
+        self.given = torch.as_tensor(given, dtype=torch.long).to(index.device)
+
+    def process(self, step, kid, head):
+        p = step.input_ids.shape[1] - 2  # tokens written after <decoder start> <v>
+        if p < 0 or p >= self.given.shape[1]:
+            return kid, head
+        token = self.given[:, p]
+        force = (token >= 0) & step.started & ~step.ended
+        if not bool(force.any()):
+            return kid, head
+        kid = torch.where(force[:, None], torch.where(step.kids == token[:, None], 0.0, NEG_INF).to(kid.dtype), kid)
+        kid = kid.masked_fill(~step.kid_ok, NEG_INF)
+        on_head = self.index.head_ids[None, :] == token[:, None]
+        head = torch.where(force[:, None], torch.where(on_head, 0.0, NEG_INF).to(head.dtype), head)
+        return kid, head
 
 
 class InverseCDFSamplingLogitsProcessor(VisitBlockProcessor):
@@ -624,10 +705,12 @@ def visit_logits_processors(
     top_p: float | None = None,
     code_log_probs: torch.Tensor | None = None,
     category_log_lift: torch.Tensor | None = None,
+    modality_codes=None,
+    given: torch.Tensor | None = None,
 ) -> LogitsProcessorList:
     """The processors for one batch of visits, as one :class:`VisitLogitsProcessor` whose
     ``processors`` are, in order: stage two, recurrence (with ``category_log_lift``), no-repeat,
-    CMS, grammar, then (``sample``)
+    CMS, grammar, the given tokens (with ``given``), then (``sample``)
     temperature / top-k / top-p and the sampler.
 
     Args:
@@ -635,6 +718,9 @@ def visit_logits_processors(
         stage_two: "model" | "empirical" | "type" | "uniform".  cms: apply the CMS age/sex edits.
         code_log_probs: [B, V] each row's log P(code | category, visit type) (stage_two="type").
         category_log_lift: [B, n_cat] added to the category scores (:class:`RecurrenceLogitsProcessor`).
+        modality_codes: [B, M - 1] targets of the modalities after the diagnoses (a multimodal
+            vocabulary; ``n_codes`` then counts the diagnoses).
+        given: [B, L] tokens forced first in each row, padded with -1 (:class:`GivenTokensLogitsProcessor`).
         edit_table: the vocabulary's CMSEditTable, reused across batches (required with cms).
         sample: end with :func:`sampling_processors` (use with ``generate(do_sample=False)``);
             without it, pass temperature / top_k / top_p to generate's own sampling instead.
@@ -655,7 +741,10 @@ def visit_logits_processors(
     if category_log_lift is not None:
         processors.insert(1, RecurrenceLogitsProcessor(index, category_log_lift, temperature=temperature))
     processors.append(VisitGrammarLogitsProcessor(index, n_codes=n_codes, max_codes=max_codes,
-                                                  codes_forbidden=forbidden, no_repeat=True, available=available))
+                                                  codes_forbidden=forbidden, no_repeat=True, available=available,
+                                                  modality_codes=modality_codes))
+    if given is not None:
+        processors.append(GivenTokensLogitsProcessor(index, given))
     if sample:
         processors += sampling_processors(temperature, top_k, top_p, index=index)
     return LogitsProcessorList([VisitLogitsProcessor(index, processors)])
@@ -670,7 +759,8 @@ def check_visits(index: VocabIndex, ids: torch.Tensor) -> tuple[torch.Tensor, to
     Returns:
         (ungrammatical [B] bool, duplicate [B] bool): a row breaks the grammar (wrong first or
         last token, a code not of the preceding category, no code, anything but padding after
-        ``</v>``); a row writes some code twice.
+        ``</v>``, a code of an earlier modality after one of a later modality); a row writes some
+        code twice.
     """
     ids = ids.to(index.device)
     B, T = ids.shape
@@ -686,6 +776,9 @@ def check_visits(index: VocabIndex, ids: torch.Tensor) -> tuple[torch.Tensor, to
     pad_ok = (pos <= end) | (ids == index.pad_id)
     ok = has_end & (ids[:, 0] == index.visit_start_id) & (end[:, 0] % 2 == 1) & (end[:, 0] >= 3)
     ok &= cat_ok.all(1) & code_ok.all(1) & pad_ok.all(1)
+    if index.n_modalities > 1:  # diagnoses, then procedures, then medications
+        modality = torch.where(body & index.is_code[ids], index.token_modality[ids], -1)
+        ok &= (modality.cummax(1).values <= torch.where(modality >= 0, modality, index.n_modalities)).all(1)
     codes = torch.where(index.is_code[ids], ids, -1 - pos.expand(B, -1)).sort(1).values  # non-codes unique
     duplicate = (codes[:, 1:] == codes[:, :-1]).any(1)
     return ~ok, duplicate
@@ -705,6 +798,7 @@ __all__ = [
     "CMSEditLogitsProcessor",
     "CMSEditTable",
     "VisitGrammarLogitsProcessor",
+    "GivenTokensLogitsProcessor",
     "VisitBlockProcessor",
     "VisitLogitsProcessor",
     "VisitStep",

@@ -98,7 +98,8 @@ class PromptEHRDataCollator:
         tokenizer: a PromptEHRTokenizer.
         code_order: ``seq_num`` (as stored), ``shuffle`` (a fresh permutation of every visit at
             every call, from a seeded RNG) or ``hierarchical`` (sorted by code, so codes of one
-            category sit together, categories in code order).
+            category sit together, categories in code order); inside each modality of a
+            multimodal tokenizer (diagnoses, then procedures, then medications).
         mask_prob: chance that a history category/code token becomes ``<mask>`` (BART token masking).
         delete_prob: expected share of history category/code tokens deleted, in spans of mean
             length ``delete_span`` (Poisson; BART span deletion).
@@ -144,10 +145,14 @@ class PromptEHRDataCollator:
 
     def _order(self, visit: Sequence[str], rng: np.random.Generator) -> list[str]:
         if self.code_order == "shuffle":
-            return [visit[i] for i in rng.permutation(len(visit))]
-        if self.code_order == "hierarchical":
-            return sorted(visit)
-        return list(visit)
+            out = [visit[i] for i in rng.permutation(len(visit))]
+        elif self.code_order == "hierarchical":
+            out = sorted(visit)
+        else:
+            out = list(visit)
+        if len(getattr(self.tokenizer, "modalities", ())) > 1:  # modality blocks in order, before any truncation
+            out.sort(key=self.tokenizer.modality_rank)
+        return out
 
     def _noise(self, ids: list[int], rng: np.random.Generator) -> list[int]:
         """BART span deletion then token masking, on category/code tokens only."""

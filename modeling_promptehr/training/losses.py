@@ -55,7 +55,7 @@ def tokenizer_categories(tokenizer) -> tuple[list[str], list[int]]:
 
 
 def category_cooccurrence(patients: Iterable[dict], categories: Sequence[str],
-                          code_system: str = DEFAULT_CODE_SYSTEM) -> np.ndarray:
+                          code_system: str = DEFAULT_CODE_SYSTEM, category=None) -> np.ndarray:
     """Category co-occurrence counts from training visits (see the module docstring).
 
     Args:
@@ -64,12 +64,18 @@ def category_cooccurrence(patients: Iterable[dict], categories: Sequence[str],
             other categories are ignored (the model cannot predict them).
         code_system: the codes' system ("icd9cm" or "icd10cm", the tokenizer's
             ``code_system``), whose ``category`` maps a code to its category.
+        category: code token -> category (a multimodal tokenizer's ``category_of``), for visits
+            of code tokens (``tokenizer.merge_visits``), counted as they are; then pairs across
+            modalities (a diagnosis category with a procedure category) are counted too.
     Returns:
         C: int64 array [K, K], symmetric; off-diagonal = visits with both categories, diagonal =
         visits with >= 2 distinct codes of that category.
     """
-    category = code_systems.code_system(code_system).category
-    X, codes = visit_matrix(patients, code_system=code_system)  # [n_visits, n_codes] 0/1
+    if category is None:
+        category = code_systems.code_system(code_system).category
+        X, codes = visit_matrix(patients, code_system=code_system)  # [n_visits, n_codes] 0/1
+    else:
+        X, codes = visit_matrix(patients, code_system=None)
     M, groups = group_columns(codes, category)  # [n_codes, n_groups] code -> its category
     col = {g: i for i, g in enumerate(groups)}
     # groups -> the requested categories, in their order (groups the caller lacks are dropped)
@@ -137,10 +143,14 @@ class CooccurrenceLoss(nn.Module):
         category_token_ids: the K token ids of the categories, in the order of C.
         tau: pairs seen in fewer than tau training visits are penalised, by tau / (C + 1).
         visit_start_id: ``<v>`` id; labels may hold several visits, S resets at each ``<v>``.
+        category_modality: the modality (0 = diagnoses, 1, 2, ...) of each of the K categories,
+            with ``cross_modality=False`` only: pairs of categories of two modalities are then
+            never penalised (the ablation of the cross-modality pairs).
     """
 
     def __init__(self, counts: torch.Tensor, category_token_ids: Sequence[int] | torch.Tensor,
-                 tau: float = 5.0, visit_start_id: int | None = None):
+                 tau: float = 5.0, visit_start_id: int | None = None,
+                 category_modality: Sequence[int] | None = None, cross_modality: bool = True):
         super().__init__()
         ids = torch.as_tensor(category_token_ids, dtype=torch.long)
         counts = torch.as_tensor(counts)
@@ -151,7 +161,13 @@ class CooccurrenceLoss(nn.Module):
         lookup = torch.full((int(ids.max()) + 1,), -1, dtype=torch.long)
         lookup[ids] = torch.arange(len(ids))
         # Buffers, not parameters: moved with .to(device), never trained, not in the optimizer.
-        self.register_buffer("W", penalty_weights(counts, self.tau), persistent=False)
+        weights = penalty_weights(counts, self.tau)
+        if not cross_modality:
+            if category_modality is None:
+                raise ValueError("CooccurrenceLoss: cross_modality=False needs category_modality")
+            modality = torch.as_tensor(list(category_modality), dtype=torch.long)
+            weights = weights * (modality[:, None] == modality[None, :])
+        self.register_buffer("W", weights, persistent=False)
         self.register_buffer("category_token_ids", ids, persistent=False)
         self.register_buffer("token_to_category", lookup, persistent=False)
 

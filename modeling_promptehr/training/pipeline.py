@@ -3,11 +3,15 @@
     promptehr train                                          # simulated cohort, small preset, ~15 min on 2 cores
     promptehr train --mimic-dir DIR                          # a real MIMIC-III, MIMIC-IV or MEDS folder
     promptehr train --code-system icd10cm                    # the simulated cohort in ICD-10-CM
+    promptehr train --modalities diagnoses                   # diagnoses only, whatever the cohort holds
     ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes 2 examples/train.py ...   # 2 CPU processes
 
 With no ``--mimic-dir`` the built-in simulator draws the default cohort and writes it as MIMIC-III
 CSVs (ICD-9-CM), or with ``--code-system icd10cm`` its ICD-10-CM version as a MIMIC-IV folder,
-which then go through ``prepare`` exactly as a real user's folder does. The cohort's code system
+which then go through ``prepare`` exactly as a real user's folder does. The model learns every
+modality the cohort holds (diagnoses, and procedures and medications when their tables were read;
+``--modalities`` chooses), each visit written as its diagnoses, then its procedures, then its
+medications. The cohort's code system
 (``code_system`` of data/summary.json; ICD-9-CM when absent) is the tokenizer's, and sets the
 categories, the CMS edits written into the model and the tables the evaluation scores against.
 Everything lands in ``--output-dir`` (default ``promptehr_run/``):
@@ -37,6 +41,7 @@ import os
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from accelerate import PartialState
 
@@ -55,7 +60,7 @@ from promptehr_hf.modeling_promptehr.generation.pipeline import generate_patient
 from promptehr_hf.modeling_promptehr.generation.prior import CohortPrior
 from promptehr_hf.modeling_promptehr.generation.times import TIME_MODEL_FILE, has_times
 from promptehr_hf.modeling_promptehr.modeling_promptehr import PromptEHRForConditionalGeneration
-from promptehr_hf.tokenization.tokenization_promptehr import PromptEHRTokenizer
+from promptehr_hf.tokenization.tokenization_promptehr import MODALITIES, PromptEHRTokenizer
 
 from .calibration import DEFAULT_CALIBRATION_PATIENTS, fit_category_calibration
 from .data import build_examples
@@ -70,6 +75,7 @@ DEFAULT_PATIENTS = 20_000
 DEFAULT_MAX_MINUTES = 9.0  # training budget: leaves room for data, generation and evaluation in 15 min
 UNBOUNDED_STEPS = 1_000_000  # without --max-steps the time budget sets the schedule's length
 SPLIT_FRACTIONS = (0.1, 0.1)  # validation and test shares of the prepared cohort
+DEFAULT_TARGET_LENGTH = 96  # decoder tokens of a diagnosis-only target visit
 
 logger = logging.getLogger("promptehr.train")
 
@@ -85,6 +91,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     data.add_argument("--no-time", action="store_true",
                       help="diagnoses only: fit no time model, so the generated patients have no stays, gaps or "
                            "deaths (a cohort read without times trains this way anyway)")
+    data.add_argument("--modalities", nargs="+", choices=MODALITIES, default=None,
+                      help="what the model learns and generates: 'diagnoses' alone, or with 'procedures' and/or "
+                           "'medications' (in that order); default: every modality the cohort holds")
     data.add_argument("--patients", type=int, default=DEFAULT_PATIENTS, help="size of the simulated cohort")
     data.add_argument("--seed", type=int, default=0, help="simulation, split, training and generation seed")
     data.add_argument("--min-code-count", type=int, default=1, help="rarer codes fold into their category token")
@@ -119,9 +128,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     train.add_argument("--loss-weighting", default="fixed", choices=("fixed", "scheduled", "learned"))
     train.add_argument("--loss-schedule", default=None, help="scheduled weighting, e.g. 'sex:0@500,cooc:0.05@1000'")
     train.add_argument("--cooc-tau", type=float, default=5.0)
+    train.add_argument("--no-cross-modality-cooc", action="store_true",
+                       help="the co-occurrence loss scores pairs of categories of one modality only (ablation)")
     train.add_argument("--mask-prob", type=float, default=0.15)
     train.add_argument("--delete-prob", type=float, default=0.1)
     train.add_argument("--max-source-length", type=int, default=256)
+    train.add_argument("--max-target-length", type=int, default=None,
+                       help="decoder tokens of a target visit (default 96 for diagnoses; with other modalities, "
+                            "enough for the 99th percentile of the training visits' codes)")
     train.add_argument("--logging-steps", type=int, default=25)
     train.add_argument("--eval-steps", type=int, default=250)
     train.add_argument("--eval-examples", type=int, default=1000, help="validation examples per evaluation")
@@ -140,6 +154,42 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     gen.add_argument("--perplexity-patients", type=int, default=PERPLEXITY_PATIENTS,
                      help="held-out test patients the evaluation scores the model's lpl / mpl perplexity on "
                           "(0: none)")
+
+
+def cohort_modalities(split, asked: list[str] | None) -> tuple[str, ...]:
+    """The modalities to learn: ``asked`` (diagnoses first, then procedures, then medications; each
+    must be in the cohort), or every one the cohort holds (a table read by ``prepare``: a
+    non-null column)."""
+    held = ["diagnoses", *(m for m in MODALITIES[1:]
+                           if m in split.column_names and any(x is not None for x in split[m]))]
+    if asked is None:
+        return tuple(held)
+    missing = sorted(set(asked) - set(held))
+    if missing:
+        raise SystemExit(f"promptehr train: --modalities {' '.join(asked)}: the cohort has no {', '.join(missing)} "
+                         f"(it holds {', '.join(held)})")
+    ordered = tuple(m for m in MODALITIES if m in asked)
+    if ordered[:1] != ("diagnoses",):
+        raise SystemExit("promptehr train: --modalities must include diagnoses")
+    return ordered
+
+
+def merged_visits(split, tokenizer):
+    """The split with each visit's codes of every modality of the tokenizer in ``visits``
+    (``tokenizer.merge_visits``); the split itself for a diagnosis-only tokenizer."""
+    if len(tokenizer.modalities) == 1:
+        return split
+    return split.map(lambda p: {"visits": tokenizer.merge_visits(p)}, keep_in_memory=True,
+                     desc="merging modalities")
+
+
+def target_length(train_tok, multimodal: bool) -> int:
+    """Decoder tokens of a target visit: 96 for diagnoses alone; with other modalities, room for
+    the 99th percentile of the training visits' codes (2 tokens per code, plus ``<v>`` ``</v>``)."""
+    if not multimodal:
+        return DEFAULT_TARGET_LENGTH
+    lengths = [len(v) for visits in train_tok["visits"] for v in visits]
+    return max(DEFAULT_TARGET_LENGTH, 2 + 2 * int(np.percentile(lengths, 99)))
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -248,9 +298,14 @@ def train(args: argparse.Namespace) -> dict:
 
     # A summary written before prepare recorded the code system is a MIMIC-III (ICD-9-CM) cohort.
     code_system = summary.get("code_system", DEFAULT_CODE_SYSTEM)
+    modalities = cohort_modalities(train_split, args.modalities)
     tokenizer = PromptEHRTokenizer.from_patients(train_split, min_code_count=args.min_code_count,
-                                                 code_system=code_system)
-    counts = category_cooccurrence(train_split, tokenizer_categories(tokenizer)[0], code_system=code_system)
+                                                 code_system=code_system, modalities=modalities)
+    multimodal = len(modalities) > 1
+    # What the tokenizer reads: each visit's codes of every modality, diagnoses first.
+    train_tok, val_tok, test_tok = (merged_visits(split, tokenizer) for split in (train_split, val_split, test_split))
+    counts = category_cooccurrence(train_tok, tokenizer_categories(tokenizer)[0], code_system=code_system,
+                                   category=tokenizer.category_of if multimodal else None)
     types = {}
     train_visits = [v for visits in train_split["visits"] for v in visits]
     n_types = auto_types(len(train_visits)) if args.visit_types is None else args.visit_types
@@ -262,21 +317,25 @@ def train(args: argparse.Namespace) -> dict:
         logger.info("%d visit types (of %d asked; at least %d training visits each)", mixture.n_types,
                     n_types, args.visit_type_min_visits)
         prior = CohortPrior.from_patients(train_split, visit_types=types["train"], n_types=mixture.n_types,
-                                          category=tokenizer.category_of)
+                                          category=tokenizer.category_of, modalities=modalities)
         type_config = {"cat_cardinalities": [2, mixture.n_types], "visit_type_feature_index": 1}
     else:
-        prior = CohortPrior.from_patients(train_split)
+        prior = CohortPrior.from_patients(train_split, modalities=modalities)
         type_config = {}
     overrides = json.loads(args.config_overrides) if args.config_overrides else {}
     config = PromptEHRConfig.from_preset(args.preset, tokenizer=tokenizer, **{**type_config, **overrides})
     max_source = min(args.max_source_length, config.max_position_embeddings - config.num_prompts)
+    max_target = min(args.max_target_length or target_length(train_tok, multimodal),
+                     config.max_position_embeddings - config.num_prompts)
     torch.manual_seed(args.seed)
     model = PromptEHRForConditionalGeneration(config)
     if types:
         with torch.no_grad():
             model.visit_type_bias.weight.copy_(torch.from_numpy(type_logit_bias(mixture, tokenizer, config.vocab_size)))
-    train_examples = build_examples(train_split, max_source_length=max_source, visit_types=types.get("train"))
-    val_examples = build_examples(val_split, max_source_length=max_source, visit_types=types.get("validation"))
+    train_examples = build_examples(train_tok, max_source_length=max_source, max_target_length=max_target,
+                                    visit_types=types.get("train"))
+    val_examples = build_examples(val_tok, max_source_length=max_source, max_target_length=max_target,
+                                  visit_types=types.get("validation"))
     if len(val_examples) > args.eval_examples:
         # in memory: no indices cache file (in the datasets cache or elsewhere) for patient rows
         val_examples = val_examples.shuffle(seed=args.seed, keep_in_memory=True).select(range(args.eval_examples))
@@ -308,6 +367,7 @@ def train(args: argparse.Namespace) -> dict:
         ddp_find_unused_parameters=False,
         w_age=args.w_age, w_sex=args.w_sex, w_cooc=args.w_cooc,
         loss_weighting=args.loss_weighting, loss_schedule=args.loss_schedule, cooc_tau=args.cooc_tau,
+        cooc_cross_modality=not args.no_cross_modality_cooc, max_target_length=max_target,
         code_order=args.code_order, mask_prob=args.mask_prob, delete_prob=args.delete_prob,
         max_source_length=max_source,
         eval_generate_patients=args.eval_generate_patients,
@@ -328,6 +388,7 @@ def train(args: argparse.Namespace) -> dict:
     trainer.save_model(str(model_dir))
     run = {
         "code_system": code_system,
+        "modalities": list(modalities),
         "world_size": trainer.args.world_size,
         "num_processes": state.num_processes,
         "torch_threads": torch.get_num_threads(),
@@ -383,7 +444,7 @@ def train(args: argparse.Namespace) -> dict:
             t0 = time.perf_counter()
             scores = None
             if args.perplexity_patients > 0:
-                scores = perplexity(trainer.model, tokenizer, test_split, prior if types else None,
+                scores = perplexity(trainer.model, tokenizer, test_tok, prior if types else None,
                                     max_patients=args.perplexity_patients, max_history_length=max_source,
                                     code_order="hierarchical" if args.code_order == "hierarchical" else "seq_num",
                                     seed=args.seed)

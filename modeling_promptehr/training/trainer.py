@@ -107,6 +107,8 @@ class PromptEHRTrainer(Trainer):
             self.cooc_loss = CooccurrenceLoss(
                 torch.as_tensor(self.cooccurrence_counts), cat_ids, tau=args.cooc_tau,
                 visit_start_id=processing_class.visit_start_id,
+                category_modality=[processing_class.modality_rank(c) for c in self.categories],
+                cross_modality=args.cooc_cross_modality,
             ).to(args.device)
         elif args.w_cooc > 0:
             raise ValueError("w_cooc > 0 needs cooccurrence_counts (category_cooccurrence of the training split)")

@@ -32,6 +32,9 @@ class PromptEHRTrainingArguments(TrainingArguments):
     loss_weights_learning_rate: float = field(default=1e-2, metadata={
         "help": "learned mode: learning rate of the log-variances"})
     cooc_tau: float = field(default=5.0, metadata={"help": "pairs seen in fewer training visits are penalised"})
+    cooc_cross_modality: bool = field(default=True, metadata={
+        "help": "the co-occurrence loss also scores pairs of categories of two modalities (multimodal "
+                "tokenizers; False: within a modality only)"})
     code_order: str = field(default="shuffle", metadata={"help": f"order of codes in a visit: {CODE_ORDERS}"})
     mask_prob: float = field(default=0.15, metadata={"help": "BART token masking of history codes"})
     delete_prob: float = field(default=0.1, metadata={"help": "BART span deletion share of history codes"})
