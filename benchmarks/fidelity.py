@@ -78,6 +78,10 @@ TRAINING = {
     "no_visit_types": ["--visit-types", "0"],
     "no_visit_types_45min": (["--visit-types", "0"], 45.0),
     "no_cooc_loss": ["--w-cooc", "0"],
+    # Modalities (a cohort with procedures and medications): diagnoses alone, and the co-occurrence
+    # loss without its cross-modality pairs.
+    "diagnoses_only": ["--modalities", "diagnoses"],
+    "no_cross_modality_cooc": ["--no-cross-modality-cooc"],
     "no_history_noise": ["--mask-prob", "0", "--delete-prob", "0"],
     "order_seq_num": ["--code-order", "seq_num"],
     "order_hierarchical": ["--code-order", "hierarchical"],
@@ -342,6 +346,7 @@ def targets(rows: dict, kind: str = "simulated") -> list[dict]:
                                f"{fmt(error)} vs bound {fmt(bound)}"))
         bad = sum(v for k, v in m.items() if k.startswith("violations_") and isinstance(v, int))
         checks.append(("zero time and outcome violations", bad == 0, bad))
+    checks += modality_targets(m, floor, base)
     return [{"target": t, "met": bool(ok), "value": v} for t, ok, v in checks]
 
 
@@ -355,6 +360,59 @@ def fmt(x) -> str:
     if isinstance(x, float):
         return f"{x:.4f}" if abs(x) < 10 else f"{x:,.1f}"
     return str(x)
+
+
+# Modality figures (when the default model generates procedures / medications): (key, label).
+MODALITY_COLUMNS = [
+    ("procedures_r2_pair_prevalence", "R² pair, procedures"),
+    ("medications_r2_pair_prevalence", "R² pair, medications"),
+    ("r2_pair_diagnosis_procedure", "R² pair, diagnosis x procedure"),
+    ("r2_pair_diagnosis_medication", "R² pair, diagnosis x medication"),
+    ("procedures_code_js", "procedure JS"),
+    ("medications_code_js", "medication JS"),
+    ("procedures_codes_per_visit_mean", "procedures/visit"),
+    ("medications_codes_per_visit_mean", "medications/visit"),
+    ("procedures_unknown_code_rate", "invalid procedures"),
+    ("medications_unknown_code_rate", "invalid medications"),
+    ("procedures_cms_invalid_code_rate", "procedure CMS conflicts"),
+]
+MODALITY_PAIR_KEYS = MODALITY_COLUMNS[:4]  # each must close >= 75% of its gap
+
+
+def modality_targets(m: dict, floor: dict, base: dict) -> list[tuple]:
+    """The multimodal targets: each per-modality and cross-modality pair R² closes >= 75% of the
+    baseline-to-floor gap; no invalid code (and no CMS conflict) in any modality."""
+    checks = []
+    for key, label in MODALITY_PAIR_KEYS:
+        if key in m and key in floor and key in base:
+            share = closure(m, floor, base, key)
+            checks.append((f"{label} closes >= 75% of the gap", share >= 0.75, share))
+    for key, label in MODALITY_COLUMNS[8:]:
+        if key in m:
+            checks.append((f"zero {label}", m[key] == 0, m[key]))
+    return checks
+
+
+def modality_section(rows: dict) -> list[str]:
+    """The modality table (rows whose cohort has procedures or medications), each pair R² with its closure."""
+    named = [n for n in dict.fromkeys(("floor", "baseline", "default", *rows))
+             if n in rows and any(k in rows[n] for k, _ in MODALITY_PAIR_KEYS)]
+    if not {"default", "floor", "baseline"} <= set(named):
+        return []
+    floor, base = rows["floor"], rows["baseline"]
+    lines = ["", "## Procedures and medications (pair R²: share of the baseline-to-floor gap closed)", "",
+             "| row | " + " | ".join(label for _, label in MODALITY_COLUMNS) + " |",
+             "|---" * (len(MODALITY_COLUMNS) + 1) + "|"]
+    for name in named:
+        r = rows[name]
+        cells = []
+        for key, _ in MODALITY_COLUMNS:
+            value = fmt(r.get(key))
+            if name not in ("floor", "baseline") and (key, _) in MODALITY_PAIR_KEYS and key in r:
+                value += f" ({closure(r, floor, base, key):.0%})"
+            cells.append(value)
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines
 
 
 # Time and outcome figures of the table: (key, label, kind); "distance": lower is better (the
@@ -445,6 +503,7 @@ def markdown(result: dict) -> str:
                   f"{rows[k]['code_js']:.4f} |" for minutes, k in curve]
     if result.get("cohort_kind") != "recombined":
         lines += time_section(rows)
+    lines += modality_section(rows)
     lines += ["", "## Targets (default model)", "", "| target | met | value |", "|---|---|---|"]
     lines += [f"| {t['target']} | {'yes' if t['met'] else '**MISSED**'} | {fmt(t['value'])} |"
               for t in result["targets"]]
