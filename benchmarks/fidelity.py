@@ -19,7 +19,9 @@ test split holds, and every cohort is scored against the TRAINING split with the
 
 Rows (each an ablation of one choice against ``default``; the defaults are examples/train.py's
 and the checkpoint's generation settings): training choices (no visit types, also at 45 minutes;
-32 visit types instead of 128; co-occurrence loss off; no BART noise on the history; code order
+32 visit types instead of 128; co-occurrence loss off; diagnoses alone instead of every modality
+the cohort holds; the co-occurrence loss without its cross-modality pairs; no BART noise on the
+history; code order
 seq_num / hierarchical against the default shuffle; and, on the design without visit types, code
 order, learning rate and a narrower model) and generation choices on the default model (stage two
 by the type-blind training P(code | category) or by the model's scores vs the default, the
@@ -33,7 +35,10 @@ share of the baseline-to-floor gap closed. When the cohort has times (the simula
 every row is also scored on time and outcome (``metrics.time_outcome``: gaps, stays and ages at
 admission, 30-day readmission, in-hospital mortality overall and by category, consistency
 violations) and the table gains a section with each figure's share of the gap closed.
-Writes ``benchmarks/results/fidelity.json`` and
+When the default model generates procedures and medications, a last section gives each
+modality's figures and the pair R² within each modality and across (diagnosis x procedure,
+diagnosis x medication), each with its share of the gap closed (target: 75%). Writes
+``benchmarks/results/fidelity.json`` and
 ``fidelity.md`` (the table, with each fidelity target marked met or missed), and the default
 model's full report (plots) under ``--work-dir``.
 
@@ -228,9 +233,10 @@ def refresh_prior(name: str, model_dir: Path, flags: list[str], args) -> None:
                else auto_types(sum(len(v) for v in visits)))
     mixture = fit_visit_types([v for vs in visits for v in vs], n_asked, min_visits=DEFAULT_MIN_VISITS,
                               seed=args.seed, progress=False)
+    tokenizer = PromptEHRTokenizer.from_pretrained(model_dir)
     prior = CohortPrior.from_patients(train_split, visit_types=mixture.assign_patients(visits),
-                                      n_types=mixture.n_types,
-                                      category=PromptEHRTokenizer.from_pretrained(model_dir).category_of)
+                                      n_types=mixture.n_types, category=tokenizer.category_of,
+                                      modalities=tokenizer.modalities)
     if prior.table["visit_types"]["transition"] != old.table["visit_types"]["transition"]:
         raise RuntimeError(f"[{name}] the refitted visit types differ from the stored ones: retrain instead")
     prior.save(model_dir)

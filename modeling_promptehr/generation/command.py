@@ -151,7 +151,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--no-cms", action="store_true", help="do not apply the CMS age/sex edits")
     parser.add_argument("--prior", default=None, help="cohort_prior.json (default: the one in --model)")
     parser.add_argument("--demographics", default=None, help="conditional: CSV/Parquet with age, sex[, n_visits]")
-    parser.add_argument("--seed-patients", default=None, help="seeded: Parquet of real patients or a prepared folder")
+    parser.add_argument("--seed-patients", default=None,
+                        help="seeded and given_diagnoses (their visits' diagnoses kept, procedures and medications "
+                             "generated): Parquet of real patients or a prepared folder")
     parser.add_argument("--seed-visits", type=int, default=None,
                         help="seeded: leading visits kept from each seed (default: 1)")
     parser.add_argument("--exclude-training", default=None,
@@ -192,7 +194,8 @@ def validate(args) -> None:
     if not Path(args.model, "config.json").is_file():
         raise FileNotFoundError(f"--model {args.model}: no config.json; expected a saved PromptEHR checkpoint")
     needs = {"unconditional": ("--n", args.n), "conditional": ("--demographics", args.demographics),
-             "seeded": ("--seed-patients", args.seed_patients)}
+             "seeded": ("--seed-patients", args.seed_patients),
+             "given_diagnoses": ("--seed-patients", args.seed_patients)}
     flag, given = needs[args.mode]
     if given is None:
         raise ValueError(f"{flag} is required in {args.mode} mode")
