@@ -14,6 +14,10 @@ SYSTEM_NAMES = {"icd9cm": ("ICD-9-CM", "icd-9"), "icd10cm": ("ICD-10-CM", "icd-1
 def model_card(args, run: dict, evaluation: dict | None, location: str) -> str:
     """README.md of the model folder: what it is, how it was trained, the evaluation table."""
     name, tag = SYSTEM_NAMES[run.get("code_system", "icd9cm")]
+    modalities = run.get("modalities", ["diagnoses"])
+    written = (f"hierarchical {name} codes (category, then code)" if len(modalities) == 1 else
+               f"hierarchical codes (category, then code): {name} diagnoses, then "
+               + " and ".join(m for m in modalities[1:]) + ", each a code type of its own")
     source = f"the MIMIC folder `{args.mimic_dir}`" if args.mimic_dir else (
         f"the built-in simulated MIMIC-III-like cohort in {name} ({args.patients:,} patients, seed {args.seed})")
     lines = [
@@ -25,7 +29,7 @@ def model_card(args, run: dict, evaluation: dict | None, location: str) -> str:
         "# PromptEHR (promptehr-hf)",
         "",
         "A BART encoder-decoder with demographic prompts (PromptEHR, Wang & Sun 2022) that writes "
-        f"synthetic patients visit by visit as hierarchical {name} codes (category, then code).",
+        f"synthetic patients visit by visit as {written}.",
         "",
         f"Trained on {source}: {run['train_patients']:,} training patients, "
         f"{run['train_examples']:,} (patient, visit) examples, preset `{args.preset}`, "
