@@ -168,7 +168,11 @@ def test_train_on_a_simulated_icd10_cohort(tmp_path, tiny_config_json):
     tok = PromptEHRTokenizer.from_pretrained(model)
     assert tok.code_system == "icd10cm"
     cats = tokenizer_categories(tok)[0]
-    assert cats and all(len(c) == 3 and icd10.is_valid(c) for c in cats)
+    dx = [c for c in cats if tok.modality_rank(c) == 0]
+    assert dx and all(len(c) == 3 and icd10.is_valid(c) for c in dx)
+    # the simulated cohort's procedures are ICD-10-PCS: their categories are 3 characters too
+    assert tok.modalities == ("diagnoses", "procedures", "medications")
+    assert all(len(c) == len("PX:") + 3 for c in cats if c.startswith("PX:"))
     edits = json.loads((model / "generation_config.json").read_text())["cms_edits"]
     assert edits["age_ranges"]["age_maternity"] == [9, 64]
 
