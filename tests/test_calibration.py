@@ -81,3 +81,21 @@ def test_calibration_row_sits_at_each_category_and_survives_the_config_file(coho
     PromptEHRGenerationConfig(category_calibration={cat: 0.5}).save_pretrained(tmp_path)
     again = PromptEHRGenerationConfig.from_pretrained(tmp_path)
     assert again.category_calibration == {cat: 0.5} and again.calibration is True
+
+
+def test_calibration_covers_procedure_and_medication_categories(cohort, tiny_config):
+    # A procedure in 85% of visits (as hypertension above), the drugs each in a few.
+    rng = np.random.default_rng(1)
+    multimodal = [{**p, "procedures": [["3893"] if rng.random() < 0.85 else ["9904"]],
+                   "medications": [[str(rng.choice(["ASPIRIN//ASA81", "HEPARIN//HEP5", "FUROSEMIDE//FURO40I"]))]]}
+                  for p in cohort]
+    modalities = ("diagnoses", "procedures", "medications")
+    tok = PromptEHRTokenizer.from_patients(multimodal, modalities=modalities)
+    prior = CohortPrior.from_patients(multimodal, modalities=modalities)
+    torch.manual_seed(0)
+    cfg = PromptEHRConfig.from_preset("small", tokenizer=tok, **tiny_config, max_position_embeddings=128)
+    model = PromptEHRForConditionalGeneration(cfg).eval()
+    calibration = fit_category_calibration(model, tok, multimodal, 300, prior=prior, seed=1, progress=False)
+    assert {"PX:38", "PX:99", "RX:ASPIRIN", "RX:HEPARIN", "RX:FUROSEMIDE"} <= set(calibration)
+    # PX:38 is in 85% of training visits; an untrained model writes it in about half
+    assert calibration["PX:38"] > 0 > calibration["PX:99"]

@@ -418,7 +418,8 @@ def _modality_columns(patients, modalities: Sequence[str], visits) -> dict[str, 
         out[m] = [[[] for _ in vs] if lists is None else lists for vs, lists in zip(visits, column)]
         for vs, lists in zip(visits, out[m]):
             if len(lists) != len(vs):
-                raise ValueError(f"CohortPrior.from_patients: a patient has {len(vs)} visits but {len(lists)} {m} lists")
+                raise ValueError(f"CohortPrior.from_patients: a patient has {len(vs)} visits but "
+                                 f"{len(lists)} {m} lists")
     return out
 
 

@@ -42,8 +42,12 @@ def fit_category_calibration(model, tokenizer, train_patients, n_patients: int =
     log((n_train + s) / (N_train + s)) - log((n_gen + s) / (N_gen + s)), ``s`` = PSEUDO_VISITS,
     clipped to +-MAX_LOG_RATIO, rounded to 4 decimals.
 
+    With a multimodal tokenizer the procedure and medication categories are calibrated the same way
+    (shares of visits, over each visit's codes of every modality).
+
     Args:
-        train_patients: the training split (patient dicts or a datasets.Dataset with ``visits``).
+        train_patients: the training split (patient dicts or a datasets.Dataset with ``visits``, and
+            the other modalities' fields for a multimodal tokenizer).
         prior: the CohortPrior generation draws from (default: the checkpoint's).
     """
     if n_patients < 1:
@@ -51,8 +55,12 @@ def fit_category_calibration(model, tokenizer, train_patients, n_patients: int =
     synthetic, _ = generate_patients(model, tokenizer, n_patients, mode="unconditional", prior=prior, seed=seed,
                                      batch_size=batch_size, max_history_length=max_history_length, calibration=False,
                                      times=False, progress=progress)
-    train_visits = [v for visits in columns(train_patients)[2] for v in visits]
-    generated_visits = [v for visits in synthetic["visits"] for v in visits]
+    if len(tokenizer.modalities) == 1:
+        train_visits = [v for visits in columns(train_patients)[2] for v in visits]
+        generated_visits = [v for visits in synthetic["visits"] for v in visits]
+    else:
+        train_visits = [v for p in train_patients for v in tokenizer.merge_visits(p)]
+        generated_visits = [v for p in synthetic for v in tokenizer.merge_visits(p)]
     real = category_visit_counts(train_visits, tokenizer.category_of)
     fake = category_visit_counts(generated_visits, tokenizer.category_of)
     vocab = tokenizer.get_vocab()
