@@ -79,6 +79,10 @@ DEFAULT_PATIENTS = 100
 DEFAULT_LPL_TYPES = 16
 DEFAULT_MPL_TYPES = 8
 DEFAULT_MPL_MASS = 0.999
+# mpl leaves out at most this many codes per visit (a seeded random subset, weighted back to the
+# visit's size): its cost grows with the square of a visit's length otherwise (36 codes a visit
+# with procedures and medications).
+DEFAULT_MPL_CODES = 16
 DEFAULT_HISTORY_LENGTH = 256  # encoder tokens of history, as generation's default
 DEFAULT_BATCH_SIZE = 128
 CODE_ORDERS = ("seq_num", "hierarchical")
@@ -206,7 +210,8 @@ def perplexity(model, tokenizer, patients: Any, prior: CohortPrior | None = None
                max_patients: int | None = DEFAULT_PATIENTS, lpl_types: int | None = DEFAULT_LPL_TYPES,
                mpl_types: int = DEFAULT_MPL_TYPES, mpl_mass: float = DEFAULT_MPL_MASS,
                code_order: str = "seq_num", max_history_length: int = DEFAULT_HISTORY_LENGTH,
-               batch_size: int = DEFAULT_BATCH_SIZE, seed: int = 0, progress: bool = True) -> dict[str, Any]:
+               batch_size: int = DEFAULT_BATCH_SIZE, seed: int = 0, progress: bool = True,
+               mpl_codes: int | None = DEFAULT_MPL_CODES) -> dict[str, Any]:
     """``lpl`` and ``mpl`` of ``model`` on ``patients`` (definitions: module docstring).
 
     Args:
@@ -223,6 +228,9 @@ def perplexity(model, tokenizer, patients: Any, prior: CohortPrior | None = None
         mpl_types, mpl_mass: ``mpl`` marginalises each left-out code's visit type over the fewest
             types holding ``mpl_mass`` of their estimated posterior given the rest of the visit,
             at most ``mpl_types``, among those ``lpl`` scored.
+        mpl_codes: ``mpl`` leaves out at most this many codes of a visit, a random subset
+            (``seed``) whose terms each weigh (visit's codes / codes left out), so that the figure
+            estimates the mean over every code; None: every code.
         code_order: ``"seq_num"`` (codes as stored) or ``"hierarchical"`` (sorted).
         max_history_length: encoder tokens of history (the newest visits that fit).
 
@@ -230,13 +238,14 @@ def perplexity(model, tokenizer, patients: Any, prior: CohortPrior | None = None
     ``lpl_nll`` / ``mpl_nll`` (total negative log-probability, nats), ``n_codes``,
     ``n_codes_later_visits``, ``n_unscored_codes``, ``n_patients``, ``n_visits``, ``n_types``
     (0: untyped), ``lpl_types`` / ``mpl_types`` (None: untyped), ``mpl_mean_types`` (types
-    ``mpl`` summed over per code, on average), ``code_order``, ``seconds``.
+    ``mpl`` summed over per code, on average), ``mpl_codes_left_out`` (codes ``mpl`` scored),
+    ``mpl_codes`` (the cap), ``code_order``, ``seconds``.
     Perplexities are NaN when no code was scored.
     """
     if code_order not in CODE_ORDERS:
         raise ValueError(f"code_order must be one of {CODE_ORDERS}, got {code_order!r}")
-    if min(mpl_types, batch_size, lpl_types or 1, max_patients or 1) < 1:
-        raise ValueError("mpl_types, lpl_types, batch_size and max_patients must be >= 1")
+    if min(mpl_types, batch_size, lpl_types or 1, max_patients or 1, mpl_codes or 1) < 1:
+        raise ValueError("mpl_types, lpl_types, batch_size, max_patients and mpl_codes must be >= 1")
     if not 0.0 < mpl_mass <= 1.0:
         raise ValueError(f"mpl_mass must be in (0, 1], got {mpl_mass}")
     t0 = time.perf_counter()
@@ -323,10 +332,14 @@ def perplexity(model, tokenizer, patients: Any, prior: CohortPrior | None = None
                 lpl_later += codes
 
     # mpl: every (patient, visit, left-out code, likely type) row: the other codes, then that one
-    rows, keys, mpl_sets, n_mpl_types = [], [], {}, []
+    rows, keys, mpl_sets, n_mpl_types, left_out = [], [], {}, [], {}
+    pick = np.random.default_rng([seed, 1])
     for a, p in enumerate(plan):
         for t, prs in enumerate(p["pairs"]):
-            for lo in range(len(prs)):
+            n = len(prs)
+            left_out[a, t] = (range(n) if mpl_codes is None or n <= mpl_codes
+                              else np.sort(pick.choice(n, size=mpl_codes, replace=False)).tolist())
+            for lo in left_out[a, t]:
                 rest = prs[:lo] + prs[lo + 1:]
                 types = [None]
                 if typed:
@@ -346,29 +359,31 @@ def perplexity(model, tokenizer, patients: Any, prior: CohortPrior | None = None
                     rows.append((p["history"][t], p["age"], x_cat(p, m), rest + [prs[lo]]))
                     keys.append((a, t, lo, m))
     scored = dict(zip(keys, scorer(rows, "perplexity: mpl")))
-    mpl_codes = []
+    mpl_scores, mpl_weights = [], []
     for a, p in enumerate(plan):
         for t, prs in enumerate(p["pairs"]):
-            for lo in range(len(prs)):
+            mpl_weights += [len(prs) / len(left_out[a, t])] * len(left_out[a, t])
+            for lo in left_out[a, t]:
                 if typed:
                     ms = mpl_sets[a, t, lo]
                     log_w = np.log(weights[a, t][ms])
                     rest = np.array([scored[a, t, lo, m][:-1].sum() for m in ms])
                     last = np.array([scored[a, t, lo, m][-1] for m in ms])
-                    mpl_codes.append(_logsumexp(log_w + rest + last) - _logsumexp(log_w + rest))
+                    mpl_scores.append(_logsumexp(log_w + rest + last) - _logsumexp(log_w + rest))
                 else:
-                    mpl_codes.append(float(scored[a, t, lo, None][-1]))
+                    mpl_scores.append(float(scored[a, t, lo, None][-1]))
 
-    def ppl(logps: list[float]) -> float:
-        return math.exp(-float(np.mean(logps))) if logps else float("nan")
+    def ppl(logps: list[float], weights: list[float] | None = None) -> float:
+        return math.exp(-float(np.average(logps, weights=weights))) if logps else float("nan")
 
     def median(logps: list[float]) -> float:
         return float(np.median(np.exp(-np.asarray(logps)))) if logps else float("nan")
 
     return {
-        "lpl": ppl(lpl_codes), "mpl": ppl(mpl_codes), "lpl_later_visits": ppl(lpl_later),
-        "lpl_median": median(lpl_codes), "mpl_median": median(mpl_codes),
-        "lpl_nll": -float(np.sum(lpl_codes)), "mpl_nll": -float(np.sum(mpl_codes)),
+        "lpl": ppl(lpl_codes), "mpl": ppl(mpl_scores, mpl_weights), "lpl_later_visits": ppl(lpl_later),
+        "lpl_median": median(lpl_codes), "mpl_median": median(mpl_scores),
+        "lpl_nll": -float(np.sum(lpl_codes)), "mpl_nll": -float(np.dot(mpl_scores, mpl_weights)),
+        "mpl_codes_left_out": len(mpl_scores), "mpl_codes": mpl_codes,
         "n_codes": len(lpl_codes), "n_codes_later_visits": len(lpl_later), "n_unscored_codes": n_unscored,
         "n_patients": len(plan), "n_visits": sum(len(p["pairs"]) for p in plan), "n_types": n_types,
         "lpl_types": lpl_types if typed else None,
@@ -378,4 +393,5 @@ def perplexity(model, tokenizer, patients: Any, prior: CohortPrior | None = None
     }
 
 
-__all__ = ["DEFAULT_LPL_TYPES", "DEFAULT_MPL_MASS", "DEFAULT_MPL_TYPES", "DEFAULT_PATIENTS", "perplexity"]
+__all__ = ["DEFAULT_LPL_TYPES", "DEFAULT_MPL_CODES", "DEFAULT_MPL_MASS", "DEFAULT_MPL_TYPES", "DEFAULT_PATIENTS",
+           "perplexity"]

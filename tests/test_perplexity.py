@@ -278,3 +278,18 @@ def test_report_section_and_cli_option(cohort, tokenizer, tiny_config, typed, tm
     assert "## Perplexity" in (out / "metrics.md").read_text()
     assert main(["evaluate", "--real", str(data / "test.parquet"), "--synthetic", str(data / "synthetic.parquet"),
                  "--out", str(model_dir / "r"), "--model", str(model_dir)]) == 2  # output inside an input
+
+
+def test_mpl_leaves_out_a_weighted_subset_of_long_visits(cohort, tokenizer, tiny_config):
+    """With at most 2 codes left out per visit, mpl weighs each by (visit's codes / 2): its total
+    estimates the full one; with a cap above every visit's length it is the full figure."""
+    model = _model(tokenizer, tiny_config)
+    patients = cohort[:30]
+    full = perplexity(model, tokenizer, patients, max_patients=None, progress=False, mpl_codes=None)
+    above = perplexity(model, tokenizer, patients, max_patients=None, progress=False, mpl_codes=5)
+    capped = perplexity(model, tokenizer, patients, max_patients=None, progress=False, mpl_codes=2)
+    assert above["mpl"] == full["mpl"] and above["mpl_codes_left_out"] == full["n_codes"]
+    lengths = [len(v) for p in patients for v in p["visits"]]
+    assert capped["mpl_codes_left_out"] == sum(min(n, 2) for n in lengths) < full["n_codes"]
+    assert capped["lpl"] == full["lpl"]  # lpl scores every code
+    assert capped["mpl"] == pytest.approx(full["mpl"], rel=0.1)
