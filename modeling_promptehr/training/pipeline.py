@@ -62,7 +62,7 @@ from promptehr_hf.modeling_promptehr.generation.times import TIME_MODEL_FILE, ha
 from promptehr_hf.modeling_promptehr.modeling_promptehr import PromptEHRForConditionalGeneration
 from promptehr_hf.tokenization.tokenization_promptehr import MODALITIES, PromptEHRTokenizer
 
-from .calibration import DEFAULT_CALIBRATION_PATIENTS, fit_category_calibration
+from .calibration import DEFAULT_CALIBRATION_PATIENTS, MULTIMODAL_CALIBRATION_PATIENTS, fit_category_calibration
 from .data import build_examples
 from .losses import category_cooccurrence, tokenizer_categories
 from .model_card import model_card, push_to_hub
@@ -147,9 +147,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     gen.add_argument("--generate", type=int, default=None,
                      help="synthetic patients generated at the end (default: the test split's size; 0: skip)")
     gen.add_argument("--generate-batch-size", type=int, default=256)
-    gen.add_argument("--calibration-patients", type=int, default=DEFAULT_CALIBRATION_PATIENTS,
+    gen.add_argument("--calibration-patients", type=int, default=None,
                      help="patients generated after training to calibrate each category's share of visits to "
-                          "the training split's (saved in generation_config.json; 0: no calibration)")
+                          f"the training split's (saved in generation_config.json; 0: no calibration; default "
+                          f"{DEFAULT_CALIBRATION_PATIENTS:,}, {MULTIMODAL_CALIBRATION_PATIENTS:,} with procedures or "
+                          "medications)")
     gen.add_argument("--no-evaluate", action="store_true", help="skip the evaluation of the generated cohort")
     gen.add_argument("--perplexity-patients", type=int, default=PERPLEXITY_PATIENTS,
                      help="held-out test patients the evaluation scores the model's lpl / mpl perplexity on "
@@ -419,14 +421,18 @@ def train(args: argparse.Namespace) -> dict:
     # visit type), not from the type-blind P(code | category).
     trainer.model.generation_config = save_custom_generate(
         model_dir, tokenizer, max_history_length=max_source, **({"stage_two": "type"} if types else {}))
-    if args.calibration_patients > 0:
+    n_calibration = args.calibration_patients
+    if n_calibration is None:
+        n_calibration = MULTIMODAL_CALIBRATION_PATIENTS if multimodal else DEFAULT_CALIBRATION_PATIENTS
+    if n_calibration > 0:
         t0 = time.perf_counter()
         # A seed of its own: the end-of-run generation below does not replay the calibration's draw.
-        calibration = fit_category_calibration(trainer.model, tokenizer, train_split, args.calibration_patients,
+        calibration = fit_category_calibration(trainer.model, tokenizer, train_split, n_calibration,
                                                prior=prior, seed=args.seed + 1, batch_size=args.generate_batch_size,
                                                max_history_length=max_source)
         trainer.model.generation_config = save_custom_generate(model_dir, tokenizer, category_calibration=calibration)
         run["calibration_minutes"] = (time.perf_counter() - t0) / 60
+        run["calibration_patients"] = n_calibration
 
     evaluation = None
     n_generate = len(test_split) if args.generate is None else args.generate
