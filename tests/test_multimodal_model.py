@@ -262,3 +262,17 @@ def test_diagnoses_only_generation_ignores_the_other_fields(cohort):
         outs.append(out.to_list())
     assert outs[0] == outs[1]
     assert all(p["procedures"] is None and p["medications"] is None for p in outs[0])
+
+
+def test_copy_filter_compares_every_modality(model, tokenizer, prior):
+    first, _ = generate_patients(model, tokenizer, 12, prior=prior, seed=5, progress=False, times=False, cms=False)
+    again, stats = generate_patients(model, tokenizer, 12, prior=prior, seed=5, progress=False, times=False, cms=False,
+                                     exclude_patients=first)
+    assert stats["copies_redrawn"] + stats["copies_dropped"] == 12  # the same seed repeats every patient
+    seen = {tuple(map(tuple, merge_visits(p, ALL))) for p in first}
+    assert not any(tuple(map(tuple, merge_visits(p, ALL))) in seen for p in again)
+    # a training patient differing only in its medications is no copy
+    other = [{**p, "medications": [[*v, "RX:NOPE//X"] for v in p["medications"]]} for p in first]
+    _, stats = generate_patients(model, tokenizer, 12, prior=prior, seed=5, progress=False, times=False, cms=False,
+                                 exclude_patients=other)
+    assert stats["copies_redrawn"] == stats["copies_dropped"] == 0

@@ -545,6 +545,10 @@ def _replace(plan: _Plan, rows: np.ndarray, redraw: _Plan) -> None:
             plan.lengths[i] = redraw.lengths[j]
         if plan.types is not None:
             plan.types[i] = redraw.types[j]
+        if plan.modality_lengths is not None:
+            plan.modality_lengths[i] = redraw.modality_lengths[j]
+        if plan.given is not None:
+            plan.given[i] = redraw.given[j]
     plan.n_visits[rows] = redraw.n_visits
     plan.start[rows] = redraw.start
 
