@@ -61,7 +61,7 @@ HIERARCHY_FORMAT = 1
 # promptehr_hf.datasets_scripts.code_systems, which remote code cannot import).
 CODE_SYSTEMS = ("icd9cm", "icd10cm")
 DEFAULT_CODE_SYSTEM = "icd9cm"
-# Modalities in the order a visit writes them: (patient field, token prefix).
+# Modalities in the order a visit writes them; each one's patient field and token prefix.
 MODALITIES = ("diagnoses", "procedures", "medications")
 MODALITY_FIELDS = {"diagnoses": "visits", "procedures": "procedures", "medications": "medications"}
 MODALITY_PREFIXES = {"diagnoses": "", "procedures": "PX:", "medications": "RX:"}
@@ -553,14 +553,16 @@ def merge_visits(patient: dict, modalities: Sequence[str] = ("diagnoses",)) -> l
     code`` for each medication. A modality the patient lacks (key absent or None) adds nothing.
     With ``("diagnoses",)`` the visits themselves."""
     visits = patient["visits"]
-    extra = [(MODALITY_PREFIXES[m], patient.get(MODALITY_FIELDS[m])) for m in _check_modalities(modalities)[1:]]
-    extra = [(prefix, lists) for prefix, lists in extra if lists is not None]
+    extra = []
+    for m in _check_modalities(modalities)[1:]:
+        lists = patient.get(MODALITY_FIELDS[m])
+        if lists is None:
+            continue
+        if len(lists) != len(visits):
+            raise ValueError(f"patient {patient.get('subject_id')}: {len(visits)} visits but {len(lists)} {m} lists")
+        extra.append((MODALITY_PREFIXES[m], lists))
     if not extra:
         return [list(v) for v in visits]
-    for prefix, lists in extra:
-        if len(lists) != len(visits):
-            raise ValueError(f"patient {patient.get('subject_id')}: {len(visits)} visits but {len(lists)} "
-                             f"{modality_of(prefix) if prefix else 'diagnoses'} lists")
     return [[*v, *(prefix + c for prefix, lists in extra for c in lists[k])] for k, v in enumerate(visits)]
 
 

@@ -413,8 +413,12 @@ def _modality_columns(patients, modalities: Sequence[str], visits) -> dict[str, 
     out = {}
     for m in modalities:
         field = MODALITY_FIELDS[m][0]
-        column = (patients[field] if field in patients.column_names else [None] * len(visits)) \
-            if hasattr(patients, "column_names") else [p.get(field) for p in patients]
+        if not hasattr(patients, "column_names"):
+            column = [p.get(field) for p in patients]
+        elif field in patients.column_names:
+            column = patients[field]
+        else:
+            column = [None] * len(visits)
         out[m] = [[[] for _ in vs] if lists is None else lists for vs, lists in zip(visits, column)]
         for vs, lists in zip(visits, out[m]):
             if len(lists) != len(vs):

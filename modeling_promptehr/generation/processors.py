@@ -122,10 +122,9 @@ class VocabIndex:
         self.tokens = tokenizer.convert_ids_to_tokens(list(range(n_tok))) + [""] * (size - n_tok)
         self.n_modalities = len(getattr(tokenizer, "modalities", ("diagnoses",)))
         self.token_modality = torch.zeros(size, dtype=torch.long)
-        if self.n_modalities > 1:
-            for ids, skip in ((self.category_ids, len("C:")), (self.code_ids, 0)):
-                self.token_modality[ids] = torch.tensor(
-                    [tokenizer.modality_rank(self.tokens[i][skip:]) for i in ids.tolist()], dtype=torch.long)
+        if self.n_modalities > 1:  # the tokenizer's code types (1 + modality) as id ranges
+            for lo, hi, code_type in tokenizer.code_type_ranges():
+                self.token_modality[lo:hi] = code_type - 1
         self.category_modality = torch.cat([self.token_modality[self.category_ids],
                                             torch.tensor([self.n_modalities])])
 
@@ -596,8 +595,8 @@ class GivenTokensLogitsProcessor(VisitBlockProcessor):
         force = (token >= 0) & step.started & ~step.ended
         if not bool(force.any()):
             return kid, head
+        # a padding child is <pad>, never a given token: it stays at -inf
         kid = torch.where(force[:, None], torch.where(step.kids == token[:, None], 0.0, NEG_INF).to(kid.dtype), kid)
-        kid = kid.masked_fill(~step.kid_ok, NEG_INF)
         on_head = self.index.head_ids[None, :] == token[:, None]
         head = torch.where(force[:, None], torch.where(on_head, 0.0, NEG_INF).to(head.dtype), head)
         return kid, head

@@ -15,7 +15,6 @@ from collections import Counter
 import numpy as np
 
 from promptehr_hf.modeling_promptehr.generation.pipeline import generate_patients
-from promptehr_hf.modeling_promptehr.generation.prior import columns
 
 # Visits added to both counts of every category: a category no generated visit holds gets a finite
 # log-ratio, and one seen a few times moves little.
@@ -59,12 +58,9 @@ def fit_category_calibration(model, tokenizer, train_patients, n_patients: int =
     synthetic, _ = generate_patients(model, tokenizer, n_patients, mode="unconditional", prior=prior, seed=seed,
                                      batch_size=batch_size, max_history_length=max_history_length, calibration=False,
                                      times=False, progress=progress)
-    if len(tokenizer.modalities) == 1:
-        train_visits = [v for visits in columns(train_patients)[2] for v in visits]
-        generated_visits = [v for visits in synthetic["visits"] for v in visits]
-    else:
-        train_visits = [v for p in train_patients for v in tokenizer.merge_visits(p)]
-        generated_visits = [v for p in synthetic for v in tokenizer.merge_visits(p)]
+    # Each visit's codes of every modality the tokenizer holds (a diagnosis-only one: the visits).
+    train_visits = [v for p in train_patients for v in tokenizer.merge_visits(p)]
+    generated_visits = [v for p in synthetic for v in tokenizer.merge_visits(p)]
     real = category_visit_counts(train_visits, tokenizer.category_of)
     fake = category_visit_counts(generated_visits, tokenizer.category_of)
     vocab = tokenizer.get_vocab()
