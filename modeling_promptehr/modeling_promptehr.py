@@ -23,6 +23,7 @@ Conventions that make this work inside ``generate()``:
 
 import inspect
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -147,7 +148,8 @@ class PromptEHRSeq2SeqLMOutput(Seq2SeqLMOutput):
 
     loss: lm_loss + config.age_loss_weight * age_loss + config.sex_loss_weight * sex_loss (the
         terms present); logits: [B, T_dec, vocab] for the decoder tokens (no prompt positions).
-    lm_loss: token cross-entropy (mean over labels != -100). age_loss: MSE between predicted and
+    lm_loss: token cross-entropy (mean over labels != -100), over the whole vocabulary or, with
+        ``lm_grammar``, over the tokens the visit grammar allows at each position. age_loss: MSE between predicted and
         true age, both divided by the age feature's scale. sex_loss: cross-entropy of the sex head.
     age_pred: [B] predicted age in the units of x_num (years). sex_logits: [B, n_sex].
     Both pool the decoder states of THIS call's token positions (masked mean).
@@ -158,6 +160,65 @@ class PromptEHRSeq2SeqLMOutput(Seq2SeqLMOutput):
     sex_loss: torch.FloatTensor | None = None
     age_pred: torch.FloatTensor | None = None
     sex_logits: torch.FloatTensor | None = None
+
+
+class VisitGrammar(NamedTuple):
+    """The tokens the visit grammar allows at each decoder position, for the LM loss of
+    :meth:`PromptEHRForConditionalGeneration.forward` (``lm_grammar=``). Built from the tokenizer by
+    ``PromptEHRTrainer`` (``VocabIndex``); a position whose input token is a category predicts one
+    of that category's codes, any other position a token of ``head_ids``.
+
+    head_ids: [H] long, ascending: ``<pad>``, ``<v>``, ``</v>`` and every category.
+    category_pos: [vocab_size] long, a category token's row in ``kids`` (n_cat elsewhere).
+    kids: [n_cat + 1, K] long, each category's code ids, padded (the last row: padding only).
+    kid_ok: [n_cat + 1, K] bool, the real entries of ``kids``.
+    """
+
+    head_ids: torch.Tensor
+    category_pos: torch.Tensor
+    kids: torch.Tensor
+    kid_ok: torch.Tensor
+
+    def to(self, device) -> "VisitGrammar":
+        return VisitGrammar(*(t.to(device) for t in self))
+
+
+def grammar_lm_loss(hidden: torch.Tensor, labels: torch.Tensor, decoder_input_ids: torch.Tensor,
+                    weight: torch.Tensor, bias: torch.Tensor | None, grammar: VisitGrammar
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token cross-entropy with each position normalised over the tokens the grammar allows there.
+
+    hidden [B, T, d]; labels [B, T] (-100 = ignored); decoder_input_ids [B, T] (position t reads
+    decoder_input_ids[:, t] and predicts labels[:, t]); weight [V, d] the LM head; bias [B, V] or
+    None (the visit-type bias). Returns (loss: mean over the labelled positions, head logits
+    [B, T, H] whose column h scores ``grammar.head_ids[h]``). The LM head is evaluated on H
+    columns at head positions and on a category's K children at code positions, instead of all
+    V columns: the softmax generation samples from (its processors mask the rest).
+    """
+    n_cat = grammar.kids.shape[0] - 1
+    labelled = labels.ne(-100)
+    cat_row = grammar.category_pos[decoder_input_ids]  # [B, T]
+    at_code = labelled & (cat_row < n_cat)
+    at_head = labelled & ~at_code
+    head_logits = hidden @ weight[grammar.head_ids].T  # [B, T, H]
+    if bias is not None:
+        head_logits = head_logits + bias[:, None, grammar.head_ids]
+    head_pos = torch.full((weight.shape[0],), -1, dtype=torch.long, device=labels.device)
+    head_pos[grammar.head_ids] = torch.arange(len(grammar.head_ids), device=labels.device)
+    head_target = head_pos[labels.clamp(min=0)][at_head]
+    kids, kid_ok = grammar.kids[cat_row[at_code]], grammar.kid_ok[cat_row[at_code]]  # [P, K]
+    hit = (kids == labels[at_code][:, None]) & kid_ok
+    if bool((head_target < 0).any()) or not bool(hit.any(1).all()):
+        raise ValueError("lm_grammar: a label is not a token the visit grammar allows at its position (a "
+                         "category's code after the category, else <v>, </v> or a category)")
+    code_logits = torch.einsum("pd,pkd->pk", hidden[at_code], weight[kids])
+    if bias is not None:
+        rows = torch.arange(labels.shape[0], device=labels.device)[:, None].expand_as(labels)[at_code]
+        code_logits = code_logits + bias[rows[:, None], kids]
+    code_logits = code_logits.float().masked_fill(~kid_ok, float("-inf"))
+    total = (nn.functional.cross_entropy(head_logits[at_head].float(), head_target, reduction="sum")
+             + nn.functional.cross_entropy(code_logits, hit.float().argmax(1), reduction="sum"))
+    return total / labelled.sum().clamp(min=1), head_logits
 
 
 class PromptEHRPreTrainedModel(PreTrainedModel):
@@ -457,12 +518,18 @@ class PromptEHRForConditionalGeneration(PromptEHRPreTrainedModel, GenerationMixi
         config.age/sex_feature_index. ``logits_columns`` [K] long: compute the LM head for these
         vocabulary ids only, as ``logits_to_keep`` does for positions: logits are then
         [B, T_dec, K], column k scoring token ``logits_columns[k]`` (for decoding loops that read
-        only those scores; not with ``labels``).
-        Returns PromptEHRSeq2SeqLMOutput; logits [B, T_dec, vocab] (or [B, T_dec, K])."""
+        only those scores; not with ``labels``). Keyword-only ``lm_grammar`` (a :class:`VisitGrammar`,
+        with ``labels``): the LM loss normalises each position over the tokens the visit grammar
+        allows there (:func:`grammar_lm_loss`), and logits are [B, T_dec, H], column h scoring
+        token ``lm_grammar.head_ids[h]``.
+        Returns PromptEHRSeq2SeqLMOutput; logits [B, T_dec, vocab] (or [B, T_dec, K], [B, T_dec, H])."""
         # Not named parameters on purpose: Trainer treats every forward parameter containing
         # "label" as a label name and silently reports no eval_loss when one is absent.
         age_labels = kwargs.pop("age_labels", None)
         sex_labels = kwargs.pop("sex_labels", None)
+        lm_grammar = kwargs.pop("lm_grammar", None)
+        if lm_grammar is not None and (labels is None or logits_columns is not None):
+            raise ValueError("lm_grammar restricts the LM loss: it needs labels and no logits_columns")
         if labels is not None:
             use_cache = False
             if decoder_input_ids is None and decoder_inputs_embeds is None:
@@ -487,15 +554,24 @@ class PromptEHRForConditionalGeneration(PromptEHRPreTrainedModel, GenerationMixi
             **kwargs,
         )
         hidden = outputs.last_hidden_state
-        if logits_columns is None:
-            logits = self.lm_head(hidden)
-        else:
-            if labels is not None:
-                raise ValueError("logits_columns is for generation; the loss needs every logit")
-            logits = nn.functional.linear(hidden, self.lm_head.weight[logits_columns])
+        bias = None
         if self.visit_type_bias is not None:  # the prompts have checked x_cat's shape and range
-            bias = self.visit_type_bias(x_cat[:, self.config.visit_type_feature_index], logits_columns)
-            logits = logits + bias[:, None, :].to(logits.dtype)
+            columns = None if lm_grammar is not None else logits_columns
+            bias = self.visit_type_bias(x_cat[:, self.config.visit_type_feature_index], columns).to(hidden.dtype)
+        lm_loss = None
+        if lm_grammar is not None:
+            if decoder_input_ids is None:
+                raise ValueError("lm_grammar needs decoder_input_ids (or labels to derive them from)")
+            lm_loss, logits = grammar_lm_loss(hidden, labels, decoder_input_ids, self.lm_head.weight, bias, lm_grammar)
+        else:
+            if logits_columns is None:
+                logits = self.lm_head(hidden)
+            else:
+                if labels is not None:
+                    raise ValueError("logits_columns is for generation; the loss needs every logit")
+                logits = nn.functional.linear(hidden, self.lm_head.weight[logits_columns])
+            if bias is not None:
+                logits = logits + bias[:, None, :]
 
         # Masked mean over this call's decoder tokens; padding is excluded by the decoder mask
         # (its last T columns: under a cache it covers all tokens so far) or else by the labels.
@@ -508,12 +584,12 @@ class PromptEHRForConditionalGeneration(PromptEHRPreTrainedModel, GenerationMixi
         keep = keep.to(hidden.dtype)[..., None]
         pooled = (hidden * keep).sum(1) / keep.sum(1).clamp(min=1.0)
 
-        lm_loss = age_loss = sex_loss = age_pred = sex_logits = None
+        age_loss = sex_loss = age_pred = sex_logits = None
         terms = []
         if labels is not None:
-            lm_loss = nn.functional.cross_entropy(
-                logits.float().reshape(-1, logits.shape[-1]), labels.to(logits.device).reshape(-1), ignore_index=-100
-            )
+            if lm_loss is None:
+                lm_loss = nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]),
+                                                      labels.to(logits.device).reshape(-1), ignore_index=-100)
             terms.append(lm_loss)
         if self.age_head is not None:
             scale = self.config.num_feature_scales[self.config.age_feature_index]
@@ -558,11 +634,13 @@ PromptEHRForConditionalGeneration.register_for_auto_class("AutoModelForSeq2SeqLM
 
 __all__ = [
     "DemographicPrompt",
+    "grammar_lm_loss",
     "PromptEHRDecoder",
     "PromptEHREncoder",
     "PromptEHRForConditionalGeneration",
     "PromptEHRModel",
     "PromptEHRPreTrainedModel",
     "PromptEHRSeq2SeqLMOutput",
+    "VisitGrammar",
     "VisitTypeBias",
 ]

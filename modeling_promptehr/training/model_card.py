@@ -34,7 +34,8 @@ def model_card(args, run: dict, evaluation: dict | None, location: str) -> str:
         f"Trained on {source}: {run['train_patients']:,} training patients, "
         f"{run['train_examples']:,} (patient, visit) examples, preset `{args.preset}`, "
         f"{run['global_step']:,} optimizer steps in {run['train_minutes']:.1f} min on {run['world_size']} "
-        f"process(es); loss = LM + {args.w_age} age + {args.w_sex} sex + {args.w_cooc} co-occurrence "
+        f"process(es); loss = LM ({args.lm_loss} softmax) + {args.w_age} age + {args.w_sex} sex + {args.w_cooc} "
+        "co-occurrence "
         f"({args.loss_weighting} weighting), code order `{args.code_order}`.",
         "",
         "```python",

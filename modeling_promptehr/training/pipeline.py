@@ -122,6 +122,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     train.add_argument("--learning-rate", type=float, default=5e-4)
     train.add_argument("--warmup-steps", type=int, default=100)
     train.add_argument("--code-order", default="shuffle", choices=("seq_num", "shuffle", "hierarchical"))
+    train.add_argument("--lm-loss", default="grammar", choices=("grammar", "full"),
+                       help="'grammar': each position's softmax covers the tokens the visit grammar allows there "
+                            "(what generation samples from); 'full': the whole vocabulary")
     train.add_argument("--w-age", type=float, default=0.1)
     train.add_argument("--w-sex", type=float, default=0.1)
     train.add_argument("--w-cooc", type=float, default=0.1)
@@ -367,7 +370,7 @@ def train(args: argparse.Namespace) -> dict:
         seed=args.seed,
         dataloader_num_workers=0,
         ddp_find_unused_parameters=False,
-        w_age=args.w_age, w_sex=args.w_sex, w_cooc=args.w_cooc,
+        lm_loss=args.lm_loss, w_age=args.w_age, w_sex=args.w_sex, w_cooc=args.w_cooc,
         loss_weighting=args.loss_weighting, loss_schedule=args.loss_schedule, cooc_tau=args.cooc_tau,
         cooc_cross_modality=not args.no_cross_modality_cooc, max_target_length=max_target,
         code_order=args.code_order, mask_prob=args.mask_prob, delete_prob=args.delete_prob,

@@ -43,6 +43,8 @@ from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, WEIGH
 
 from promptehr_hf.file_utils import write_text_atomic
 
+from ..generation.processors import VocabIndex
+from ..modeling_promptehr import VisitGrammar
 from .callbacks import GenerationMonitorCallback, TimeBudgetCallback, TrainingHousekeepingCallback
 from .data import PromptEHRDataCollator
 from .losses import CooccurrenceLoss, save_cooccurrence, tokenizer_categories
@@ -113,6 +115,11 @@ class PromptEHRTrainer(Trainer):
         elif args.w_cooc > 0:
             raise ValueError("w_cooc > 0 needs cooccurrence_counts (category_cooccurrence of the training split)")
 
+        self.lm_grammar = None
+        if args.lm_loss == "grammar":
+            index = VocabIndex(processing_class, model.config.vocab_size)
+            self.lm_grammar = VisitGrammar(index.head_ids, index.category_pos, index.kids, index.kid_ok).to(args.device)
+
         self._schedule = args.parsed_schedule()
         base = args.base_weights()
         self.loss_log_vars = None
@@ -170,14 +177,19 @@ class PromptEHRTrainer(Trainer):
 
     # ------------------------------------------------------------------------------- loss
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        outputs = model(**inputs)
+        if self.lm_grammar is None:
+            outputs = model(**inputs)
+            columns = None
+        else:
+            outputs = model(**inputs, lm_grammar=self.lm_grammar)
+            columns = self.lm_grammar.head_ids
         raw = {"lm": outputs.lm_loss}
         for name in ("age", "sex"):
             value = getattr(outputs, f"{name}_loss", None)
             if value is not None:
                 raw[name] = value
         if self.cooc_loss is not None:
-            raw["cooc"] = self.cooc_loss(outputs.logits, inputs["labels"])
+            raw["cooc"] = self.cooc_loss(outputs.logits, inputs["labels"], columns=columns)
         loss, weighted, weights = self.combine(raw)
         acc = self._acc["train" if model.training else "eval"]
         for i, name in enumerate(COMPONENTS):

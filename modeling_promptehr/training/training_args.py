@@ -11,6 +11,7 @@ from .data import CODE_ORDERS
 
 COMPONENTS = ("lm", "age", "sex", "cooc")
 WEIGHTING_MODES = ("fixed", "scheduled", "learned")
+LM_LOSSES = ("grammar", "full")
 
 
 @dataclass
@@ -22,6 +23,10 @@ class PromptEHRTrainingArguments(TrainingArguments):
     nothing to hundreds of tokens), ``prediction_loss_only=True`` (never gather [B, T, V] logits).
     """
 
+    lm_loss: str = field(default="grammar", metadata={
+        "help": "'grammar': each decoder position's softmax covers the tokens the visit grammar allows "
+                "there (the categories and visit markers; after a category, its codes), the distribution "
+                "generation samples from; 'full': the whole vocabulary"})
     w_age: float = field(default=0.1, metadata={"help": "weight of the age regression loss"})
     w_sex: float = field(default=0.1, metadata={"help": "weight of the sex classification loss"})
     w_cooc: float = field(default=0.1, metadata={"help": "weight of the category co-occurrence loss"})
@@ -63,6 +68,8 @@ class PromptEHRTrainingArguments(TrainingArguments):
             raise ValueError(f"loss_weighting must be one of {WEIGHTING_MODES}, got {self.loss_weighting!r}")
         if (self.loss_schedule is not None) != (self.loss_weighting == "scheduled"):
             raise ValueError("loss_schedule is given exactly when loss_weighting='scheduled'")
+        if self.lm_loss not in LM_LOSSES:
+            raise ValueError(f"lm_loss must be one of {LM_LOSSES}, got {self.lm_loss!r}")
         if self.code_order not in CODE_ORDERS:
             raise ValueError(f"code_order must be one of {CODE_ORDERS}, got {self.code_order!r}")
         if min(self.w_age, self.w_sex, self.w_cooc) < 0:
