@@ -193,32 +193,33 @@ def grammar_lm_loss(hidden: torch.Tensor, labels: torch.Tensor, decoder_input_id
     None (the visit-type bias). Returns (loss: mean over the labelled positions, head logits
     [B, T, H] whose column h scores ``grammar.head_ids[h]``). The LM head is evaluated on H
     columns at head positions and on a category's K children at code positions, instead of all
-    V columns: the softmax generation samples from (its processors mask the rest).
+    V columns: the softmax generation samples from (its processors mask the rest). A label the
+    grammar cannot produce at its position (``<unk>``, a code whose category the tokenizer never
+    saw) is left out of the loss, as generation can never write it.
     """
     n_cat = grammar.kids.shape[0] - 1
     labelled = labels.ne(-100)
     cat_row = grammar.category_pos[decoder_input_ids]  # [B, T]
+    head_pos = torch.full((weight.shape[0],), -1, dtype=torch.long, device=labels.device)
+    head_pos[grammar.head_ids] = torch.arange(len(grammar.head_ids), device=labels.device)
     at_code = labelled & (cat_row < n_cat)
-    at_head = labelled & ~at_code
+    at_head = labelled & ~at_code & (head_pos[labels.clamp(min=0)] >= 0)
     head_logits = hidden @ weight[grammar.head_ids].T  # [B, T, H]
     if bias is not None:
         head_logits = head_logits + bias[:, None, grammar.head_ids]
-    head_pos = torch.full((weight.shape[0],), -1, dtype=torch.long, device=labels.device)
-    head_pos[grammar.head_ids] = torch.arange(len(grammar.head_ids), device=labels.device)
-    head_target = head_pos[labels.clamp(min=0)][at_head]
     kids, kid_ok = grammar.kids[cat_row[at_code]], grammar.kid_ok[cat_row[at_code]]  # [P, K]
     hit = (kids == labels[at_code][:, None]) & kid_ok
-    if bool((head_target < 0).any()) or not bool(hit.any(1).all()):
-        raise ValueError("lm_grammar: a label is not a token the visit grammar allows at its position (a "
-                         "category's code after the category, else <v>, </v> or a category)")
+    allowed = hit.any(1)
+    at_code[at_code.clone()] = allowed
+    kids, kid_ok, hit = kids[allowed], kid_ok[allowed], hit[allowed]
     code_logits = torch.einsum("pd,pkd->pk", hidden[at_code], weight[kids])
     if bias is not None:
         rows = torch.arange(labels.shape[0], device=labels.device)[:, None].expand_as(labels)[at_code]
         code_logits = code_logits + bias[rows[:, None], kids]
     code_logits = code_logits.float().masked_fill(~kid_ok, float("-inf"))
-    total = (nn.functional.cross_entropy(head_logits[at_head].float(), head_target, reduction="sum")
+    total = (nn.functional.cross_entropy(head_logits[at_head].float(), head_pos[labels[at_head]], reduction="sum")
              + nn.functional.cross_entropy(code_logits, hit.float().argmax(1), reduction="sum"))
-    return total / labelled.sum().clamp(min=1), head_logits
+    return total / (at_head.sum() + at_code.sum()).clamp(min=1), head_logits
 
 
 class PromptEHRPreTrainedModel(PreTrainedModel):

@@ -105,12 +105,19 @@ def test_grammar_loss_is_the_full_softmax_restricted_to_the_grammar(model, gramm
     model.zero_grad()
 
 
-def test_grammar_loss_rejects_a_label_the_grammar_forbids(model, grammar, batch, tokenizer):
+def test_grammar_loss_leaves_out_a_label_the_grammar_cannot_produce(model, grammar, batch, tokenizer):
+    """<unk> (a code of a category the tokenizer never saw, in an evaluation split) and a code
+    right after <v> are left out of the loss, as if they were -100."""
     labels = batch["labels"].clone()
-    code = next(iter(tokenizer.code_category))  # a code right after <v>: the grammar wants a category
-    labels[0, 1] = code
-    with pytest.raises(ValueError, match="visit grammar"):
-        model(**{**batch, "labels": labels}, lm_grammar=grammar)
+    dec = model.prepare_decoder_input_ids_from_labels(labels)  # the inputs stay those of the real visit
+    labels[0, 3] = tokenizer.unk_token_id
+    labels[1, 0] = next(iter(tokenizer.code_category))  # the grammar wants a category here
+    labels[2, 2] = tokenizer.visit_start_id  # after a category, only its codes
+    ignored = labels.clone()
+    ignored[0, 3] = ignored[1, 0] = ignored[2, 2] = -100
+    got = model(**{**batch, "labels": labels}, decoder_input_ids=dec, lm_grammar=grammar).lm_loss
+    torch.testing.assert_close(got, model(**{**batch, "labels": ignored}, decoder_input_ids=dec,
+                                          lm_grammar=grammar).lm_loss)
     with pytest.raises(ValueError, match="needs labels"):
         model(**{k: v for k, v in batch.items() if k != "labels"}, lm_grammar=grammar)
 
