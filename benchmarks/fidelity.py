@@ -19,8 +19,8 @@ test split holds, and every cohort is scored against the TRAINING split with the
 
 Rows (each an ablation of one choice against ``default``; the defaults are examples/train.py's
 and the checkpoint's generation settings): training choices (no visit types, also at 45 minutes;
-32 visit types instead of 128; co-occurrence loss off; the LM softmax over the whole vocabulary
-instead of the tokens the grammar allows at each position; diagnoses alone instead of every modality
+32 visit types instead of 128; co-occurrence loss off; the LM softmax over the tokens the grammar allows at
+each position instead of the whole vocabulary; diagnoses alone instead of every modality
 the cohort holds; the co-occurrence loss without its cross-modality pairs; no BART noise on the
 history; code order
 seq_num / hierarchical against the default shuffle; and, on the design without visit types, code
@@ -84,7 +84,7 @@ TRAINING = {
     "no_visit_types": ["--visit-types", "0"],
     "no_visit_types_45min": (["--visit-types", "0"], 45.0),
     "no_cooc_loss": ["--w-cooc", "0"],
-    "full_lm_loss": ["--lm-loss", "full"],
+    "grammar_lm_loss": ["--lm-loss", "grammar"],
     # Modalities (a cohort with procedures and medications): diagnoses alone, and the co-occurrence
     # loss without its cross-modality pairs.
     "diagnoses_only": ["--modalities", "diagnoses"],

@@ -11,7 +11,7 @@ from .data import CODE_ORDERS
 
 COMPONENTS = ("lm", "age", "sex", "cooc")
 WEIGHTING_MODES = ("fixed", "scheduled", "learned")
-LM_LOSSES = ("grammar", "full")
+LM_LOSSES = ("full", "grammar")
 
 
 @dataclass
@@ -23,10 +23,10 @@ class PromptEHRTrainingArguments(TrainingArguments):
     nothing to hundreds of tokens), ``prediction_loss_only=True`` (never gather [B, T, V] logits).
     """
 
-    lm_loss: str = field(default="grammar", metadata={
-        "help": "'grammar': each decoder position's softmax covers the tokens the visit grammar allows "
-                "there (the categories and visit markers; after a category, its codes), the distribution "
-                "generation samples from; 'full': the whole vocabulary"})
+    lm_loss: str = field(default="full", metadata={
+        "help": "'full': each decoder position's softmax covers the whole vocabulary; 'grammar': only the "
+                "tokens the visit grammar allows there (the categories and visit markers; after a category, "
+                "its codes), the distribution generation samples from"})
     w_age: float = field(default=0.1, metadata={"help": "weight of the age regression loss"})
     w_sex: float = field(default=0.1, metadata={"help": "weight of the sex classification loss"})
     w_cooc: float = field(default=0.1, metadata={"help": "weight of the category co-occurrence loss"})
