@@ -207,19 +207,18 @@ def grammar_lm_loss(hidden: torch.Tensor, labels: torch.Tensor, decoder_input_id
     head_logits = hidden @ weight[grammar.head_ids].T  # [B, T, H]
     if bias is not None:
         head_logits = head_logits + bias[:, None, grammar.head_ids]
-    kids, kid_ok = grammar.kids[cat_row[at_code]], grammar.kid_ok[cat_row[at_code]]  # [P, K]
-    hit = (kids == labels[at_code][:, None]) & kid_ok
+    rows, cols = at_code.nonzero(as_tuple=True)  # the code positions
+    kids, kid_ok = grammar.kids[cat_row[rows, cols]], grammar.kid_ok[cat_row[rows, cols]]  # [P, K]
+    hit = (kids == labels[rows, cols][:, None]) & kid_ok
     allowed = hit.any(1)
-    at_code[at_code.clone()] = allowed
-    kids, kid_ok, hit = kids[allowed], kid_ok[allowed], hit[allowed]
-    code_logits = torch.einsum("pd,pkd->pk", hidden[at_code], weight[kids])
+    rows, cols, kids, kid_ok, hit = rows[allowed], cols[allowed], kids[allowed], kid_ok[allowed], hit[allowed]
+    code_logits = torch.einsum("pd,pkd->pk", hidden[rows, cols], weight[kids])
     if bias is not None:
-        rows = torch.arange(labels.shape[0], device=labels.device)[:, None].expand_as(labels)[at_code]
         code_logits = code_logits + bias[rows[:, None], kids]
     code_logits = code_logits.float().masked_fill(~kid_ok, float("-inf"))
     total = (nn.functional.cross_entropy(head_logits[at_head].float(), head_pos[labels[at_head]], reduction="sum")
              + nn.functional.cross_entropy(code_logits, hit.float().argmax(1), reduction="sum"))
-    return total / (at_head.sum() + at_code.sum()).clamp(min=1), head_logits
+    return total / (at_head.sum() + len(rows)).clamp(min=1), head_logits
 
 
 class PromptEHRPreTrainedModel(PreTrainedModel):

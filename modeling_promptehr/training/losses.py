@@ -182,11 +182,20 @@ class CooccurrenceLoss(nn.Module):
         inside = (labels >= 0) & (labels < n)
         return torch.where(inside, self.token_to_category[labels.clamp(0, n - 1)], labels.new_full((), -1))
 
-    def forward(self, logits: torch.Tensor, labels: torch.Tensor, columns: torch.Tensor | None = None
+    def category_columns(self, columns: torch.Tensor) -> torch.Tensor:
+        """[K] the column of each category in logits whose column c scores token ``columns[c]``
+        (``columns`` ascending, holding every category: ``VocabIndex.head_ids``, the columns of the
+        grammar-restricted LM loss's logits). ValueError otherwise."""
+        pos = torch.searchsorted(columns, self.category_token_ids)
+        if bool((pos >= len(columns)).any()) or not bool((columns[pos] == self.category_token_ids).all()):
+            raise ValueError("CooccurrenceLoss: columns must be ascending and hold every category token")
+        return pos
+
+    def forward(self, logits: torch.Tensor, labels: torch.Tensor, category_columns: torch.Tensor | None = None
                 ) -> torch.Tensor:
         """logits [B, T, V] (position t predicts labels[:, t]), labels [B, T] -> scalar penalty.
-        ``columns`` [C] long: logits are [B, T, C], column c scoring token ``columns[c]`` (it holds
-        every category), as the grammar-restricted LM loss returns them.
+        ``category_columns`` [K]: logits hold other columns than the vocabulary's, the category k in
+        column ``category_columns[k]`` (:meth:`category_columns`); default: the category token ids.
 
         Zero (still attached to the graph) when no position has a non-empty S.
         """
@@ -221,12 +230,7 @@ class CooccurrenceLoss(nn.Module):
             mean_w = (cum_rows[use] / size_s[use][:, None]).to(logits.dtype)  # [N, K]
         if mean_w.shape[0] == 0:
             return logits.sum() * 0.0
-        ids = self.category_token_ids
-        if columns is not None:  # each category's column: columns is ascending (VocabIndex.head_ids)
-            ids = torch.searchsorted(columns, ids)
-            if bool((ids >= len(columns)).any()) or not bool((columns[ids.clamp(max=len(columns) - 1)]
-                                                              == self.category_token_ids).all()):
-                raise ValueError("CooccurrenceLoss: columns must be ascending and hold every category token")
+        ids = self.category_token_ids if category_columns is None else category_columns
         cat_logits = logits[use].index_select(-1, ids)  # [N, K]
         p = torch.softmax(cat_logits.float(), dim=-1)
         return (p * mean_w.float()).sum(-1).mean()

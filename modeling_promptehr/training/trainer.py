@@ -115,10 +115,12 @@ class PromptEHRTrainer(Trainer):
         elif args.w_cooc > 0:
             raise ValueError("w_cooc > 0 needs cooccurrence_counts (category_cooccurrence of the training split)")
 
-        self.lm_grammar = None
+        self.lm_grammar = self._cooc_columns = None
         if args.lm_loss == "grammar":
             index = VocabIndex(processing_class, model.config.vocab_size)
             self.lm_grammar = VisitGrammar(index.head_ids, index.category_pos, index.kids, index.kid_ok).to(args.device)
+            if self.cooc_loss is not None:  # the model then returns logits over the grammar's head tokens
+                self._cooc_columns = self.cooc_loss.category_columns(self.lm_grammar.head_ids)
 
         self._schedule = args.parsed_schedule()
         base = args.base_weights()
@@ -179,17 +181,15 @@ class PromptEHRTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if self.lm_grammar is None:
             outputs = model(**inputs)
-            columns = None
         else:
             outputs = model(**inputs, lm_grammar=self.lm_grammar)
-            columns = self.lm_grammar.head_ids
         raw = {"lm": outputs.lm_loss}
         for name in ("age", "sex"):
             value = getattr(outputs, f"{name}_loss", None)
             if value is not None:
                 raw[name] = value
         if self.cooc_loss is not None:
-            raw["cooc"] = self.cooc_loss(outputs.logits, inputs["labels"], columns=columns)
+            raw["cooc"] = self.cooc_loss(outputs.logits, inputs["labels"], category_columns=self._cooc_columns)
         loss, weighted, weights = self.combine(raw)
         acc = self._acc["train" if model.training else "eval"]
         for i, name in enumerate(COMPONENTS):
