@@ -28,7 +28,8 @@ order, learning rate and a narrower model) and generation choices on the default
 by the type-blind training P(code | category) or by the model's scores vs the default, the
 training P(code | category, visit type); greedy decoding and
 temperature 0.9 vs ancestral sampling at temperature 1; visit length decided by the model vs
-drawn from the data; no recurrence weights for the previous visit's categories and codes; no
+drawn from the data; no recurrence weights for the previous visit's categories and codes; stage
+two blind to the codes already in the visit (no within-visit pair scores); no
 category calibration). The
 curve rows (``minutes_5``, ``minutes_45``) train the default for those budgets, beside the
 default's own (``--minutes``, 15 by default: the main job's budget); the table gives each row's
@@ -89,6 +90,8 @@ TRAINING = {
     # loss without its cross-modality pairs.
     "diagnoses_only": ["--modalities", "diagnoses"],
     "no_cross_modality_cooc": ["--no-cross-modality-cooc"],
+    "visit_types_all_modalities": ["--visit-type-modalities", "all"],
+    "visit_types_diagnoses_procedures": ["--visit-type-modalities", "diagnoses,procedures"],
     "no_history_noise": ["--mask-prob", "0", "--delete-prob", "0"],
     "order_seq_num": ["--code-order", "seq_num"],
     "order_hierarchical": ["--code-order", "hierarchical"],
@@ -112,6 +115,7 @@ GENERATION = {
     "temperature_0.9": {"temperature": 0.9},
     "visit_length_model": {"visit_length": "model"},
     "no_recurrence": {"recurrence": False},
+    "no_pair_scores": {"pair_weight": 0.0},
     "no_calibration": {"calibration": False},
 }
 # Default cohort sizes of --cohort.

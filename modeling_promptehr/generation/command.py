@@ -138,6 +138,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--stage-two", choices=STAGE_TWO_MODES, default=None,
                         help="code sampling after a category (default: the checkpoint's, else empirical: the "
                              "training P(code | category))")
+    parser.add_argument("--pair-weight", type=float, default=None,
+                        help="weight of the within-visit pair scores in stage two (the codes already in the visit; "
+                             "0: off; default: the checkpoint's, else 0.7)")
     parser.add_argument("--visit-length", choices=VISIT_LENGTHS, default=None,
                         help="data: codes per visit from the training distribution; model: the model ends visits "
                              "(default: the checkpoint's, else data)")
@@ -234,7 +237,8 @@ def run(args) -> int:
         model, tokenizer, args.n, mode=args.mode, prior=args.prior or args.model,
         demographics=_read_demographics(args.demographics) if args.demographics else None,
         seed_patients=_read_patients(args.seed_patients) if args.seed_patients else None,
-        seed_visits=args.seed_visits, stage_two=args.stage_two, visit_length=args.visit_length,
+        seed_visits=args.seed_visits, stage_two=args.stage_two, pair_weight=args.pair_weight,
+        visit_length=args.visit_length,
         max_codes=args.max_codes, batch_size=args.batch_size, seed=args.seed, temperature=args.temperature,
         top_k=args.top_k, top_p=args.top_p, do_sample=False if args.greedy else None,
         cms=False if args.no_cms else None,

@@ -41,6 +41,12 @@ class PromptEHRGenerationConfig(GenerationConfig):
             codes of a patient's previous visit are weighted by how much more often they recur in
             the training cohort than the visit types predict (``CohortPrior.recurrence_log_lift``):
             chronic conditions come back, with the same code. Ignored otherwise.
+        pair_weight (`float`, *optional*, defaults to 0.7):
+            Stage two given the visit's codes so far: with a cohort prior that counted within-visit
+            code pairs (``CohortPrior.code_pair_scores``), each candidate code's log-probability
+            gets this weight, over the square root of the visit's codes of its modality, times
+            the sum of its pair scores with them (codes bundled in one stay come out together).
+            0 turns it off; ignored with `stage_two="model"`.
         calibration (`bool`, *optional*, defaults to `True`):
             Add `category_calibration` to the category scores of every visit. Ignored without it.
         category_calibration (`dict`, *optional*):
@@ -87,9 +93,10 @@ class PromptEHRGenerationConfig(GenerationConfig):
                  cms_edits: dict | None = None, batch_size: int = 256, max_codes: int | None = None,
                  max_history_length: int | None = None, seed_visits: int = 1, custom_decoding: bool = True,
                  recurrence: bool = True, times: bool = True, calibration: bool = True,
-                 category_calibration: dict | None = None, **kwargs):
+                 category_calibration: dict | None = None, pair_weight: float = 0.7, **kwargs):
         self.stage_two = stage_two
         self.recurrence = recurrence
+        self.pair_weight = pair_weight
         self.calibration = calibration
         self.category_calibration = category_calibration
         self.times = times
@@ -118,6 +125,8 @@ class PromptEHRGenerationConfig(GenerationConfig):
             value = getattr(self, name)
             if value is not None and not (isinstance(value, Integral) and value >= low):
                 raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+        if not (isinstance(self.pair_weight, (int, float)) and self.pair_weight >= 0):
+            raise ValueError(f"pair_weight must be a number >= 0, got {self.pair_weight!r}")
         if self.temperature is not None and not self.temperature > 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
         if self.cms_edits is not None and not {"age_ranges", "sex_conflicts", "classes"} <= set(self.cms_edits):

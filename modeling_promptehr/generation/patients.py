@@ -72,7 +72,14 @@ from transformers.utils.logging import tqdm
 from .config import DEFAULT_HISTORY_LENGTH, DEFAULT_MAX_CODES, MODES, PromptEHRGenerationConfig
 from .decoding import visit_cache, visit_decoding
 from .prior import AGE_CAP, PRIOR_FILE, SEXES, CohortPrior, columns
-from .processors import CMSEditTable, VocabIndex, check_visits, max_new_tokens_for, visit_logits_processors
+from .processors import (
+    CMSEditTable,
+    PairScores,
+    VocabIndex,
+    check_visits,
+    max_new_tokens_for,
+    visit_logits_processors,
+)
 from .times import TIME_MODEL_FILE, VisitTimeModel
 
 # The name under which the installed transformers passes the KV cache (``cache`` from 5.24,
@@ -210,10 +217,11 @@ def _batch_bounds(targets: np.ndarray, batch_size: int) -> list[int]:
 
 def _run_plan(model, tokenizer, plan: _Plan, config: PromptEHRGenerationConfig, *, index, edit_table, max_codes,
               max_history_length, progress, type_table=None, recurrence=None, calibration=None,
-              desc: str = "generating") -> dict:
+              pair_scores=None, desc: str = "generating") -> dict:
     """Generate every missing visit of ``plan`` in place; returns counters. ``type_table``: the
     stage-two table per visit type; ``recurrence``: :func:`recurrence_log_lifts` (with a type table);
-    ``calibration``: :func:`category_calibration_row`, added to every visit's category scores."""
+    ``calibration``: :func:`category_calibration_row`, added to every visit's category scores;
+    ``pair_scores``: :func:`code_pair_scores`, stage two given the visit's codes so far."""
     device = next(model.parameters()).device
     gen_cfg = _visit_generation_config(model, tokenizer)
     # The class's generate: a checkpoint loaded with trust_remote_code=True has the custom
@@ -268,7 +276,7 @@ def _run_plan(model, tokenizer, plan: _Plan, config: PromptEHRGenerationConfig, 
                 max_codes=max_codes, stage_two=config.stage_two, temperature=config.temperature or 1.0,
                 cms=config.cms, edit_table=edit_table, sample=config.do_sample, top_k=config.top_k,
                 top_p=config.top_p, code_log_probs=code_log_probs, category_log_lift=category_log_lift,
-                modality_codes=modality_codes, given=given,
+                modality_codes=modality_codes, given=given, pair_scores=pair_scores, pair_weight=config.pair_weight,
             )
             gen_cfg.max_new_tokens = max_new_tokens_for(longest) - 1  # <v> is given
             out = model_generate(
@@ -439,13 +447,20 @@ def sample_patients(model, tokenizer, config: PromptEHRGenerationConfig, n: int 
     recurrence = None
     if type_table is not None and config.recurrence:
         recurrence = recurrence_log_lifts(need_prior(), tokenizer, index)
+    pair_scores = None
+    if config.stage_two != "model" and config.pair_weight:
+        try:  # with the prior's pair counts, when a prior is at hand
+            pair_scores = code_pair_scores(need_prior(), tokenizer, index)
+        except ValueError:
+            pair_scores = None
     calibration = None
     if config.calibration and config.category_calibration:
         calibration = category_calibration_row(config.category_calibration, tokenizer, index)
     was_training = model.training  # the trainer's monitoring callback generates mid-training
     model.eval()
     run = dict(index=index, edit_table=edit_table, max_codes=int(max_codes), max_history_length=max_history_length,
-               progress=progress, type_table=type_table, recurrence=recurrence, calibration=calibration)
+               progress=progress, type_table=type_table, recurrence=recurrence, calibration=calibration,
+               pair_scores=pair_scores)
     redrawn = np.zeros(len(plan.ages), dtype=bool)
     copies = np.zeros(0, dtype=np.int64)
     try:
@@ -590,6 +605,24 @@ def recurrence_log_lifts(prior: CohortPrior, tokenizer, index: VocabIndex) -> tu
     cat_lift = _category_positions(cats, vocab, index)
     code_lift = code_lift.to(index.device) * index.generable
     return code_lift, cat_lift
+
+
+def code_pair_scores(prior: CohortPrior, tokenizer, index: VocabIndex) -> PairScores | None:
+    """The prior's within-visit pair scores (:meth:`~.prior.CohortPrior.code_pair_scores`) as
+    :class:`~.processors.PairScores` over token ids (pairs of a code the vocabulary lacks left
+    out), or None when the prior holds none."""
+    tokens, given, code, score = prior.code_pair_scores()
+    vocab = tokenizer.get_vocab()
+    ids = torch.tensor([vocab.get(t, -1) for t in tokens], dtype=torch.long)
+    rows, cols = ids[torch.from_numpy(given)], ids[torch.from_numpy(code)]
+    keep = (rows >= 0) & (cols >= 0)
+    if not bool(keep.any()):
+        return None
+    rows, cols, value = rows[keep], cols[keep], torch.from_numpy(score).float()[keep]
+    order = torch.argsort(rows * index.size + cols)
+    crow = torch.zeros(index.size + 1, dtype=torch.long)
+    crow[1:] = torch.cumsum(torch.bincount(rows, minlength=index.size), 0)
+    return PairScores(crow, cols[order], value[order]).to(index.device)
 
 
 def category_calibration_row(calibration: dict, tokenizer, index: VocabIndex) -> torch.Tensor:

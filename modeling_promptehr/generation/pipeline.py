@@ -141,7 +141,8 @@ def generate_patients(
             come from the tokenizer's code system (:func:`cms_edits`) when it carries none, and the history length
             from the checkpoint's ``training_args.json`` when it sets none.
         overrides: :class:`~.config.PromptEHRGenerationConfig` fields that override the settings:
-            ``stage_two`` ("empirical" | "model" | "uniform"), ``visit_length`` ("data" |
+            ``stage_two`` ("empirical" | "type" | "model" | "uniform"), ``pair_weight`` (stage two
+            given the visit's codes so far; 0: off), ``visit_length`` ("data" |
             "model"), ``cms``, ``do_sample`` (False: argmax decoding), ``temperature``, ``top_k``,
             ``top_p``, ``batch_size``, ``max_codes``, ``max_history_length``, ``seed_visits``,
             ``custom_decoding``, ``times`` (False: no stays, gaps or deaths even with a time

@@ -38,6 +38,9 @@ MODALITY_CELL_MIN = 10
 # The patient field of each modality beyond the diagnoses (the schema's), and its token prefix
 # (the tokenizer's), repeated here because this file travels without the package.
 MODALITY_FIELDS = {"procedures": ("procedures", "PX:"), "medications": ("medications", "RX:")}
+# Within-visit code pairs seen in fewer training visits than this are not stored: a rare pair
+# can single out a patient, and its count says little.
+PAIR_MIN_COUNT = 5
 
 
 class _Empirical:
@@ -227,6 +230,13 @@ class CohortPrior:
             if category is not None:
                 table["visit_types"]["recurrence"] = _recurrence_counts(visits, visit_types, table["visit_types"],
                                                                         category)
+        table["code_pairs"] = {
+            "min_count": PAIR_MIN_COUNT,
+            "n_visits": int(n_visits.sum()),
+            "modalities": {m: _pair_counts([v for vs in lists for v in vs], prefix, PAIR_MIN_COUNT)
+                           for m, prefix, lists in [("diagnoses", "", visits),
+                                                    *((m, MODALITY_FIELDS[m][1], other[m]) for m in extra)]},
+        }
         if extra:
             flat_types = (np.concatenate([np.asarray(t, dtype=np.int64) for t in visit_types])
                           if visit_types is not None else np.full(len(lengths), -1, dtype=np.int64))
@@ -391,6 +401,36 @@ class CohortPrior:
             out[rows] = values[cell.sample(rng, len(rows))]
         return out
 
+    def code_pair_scores(self) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray]:
+        """Within-visit code pairs as stage-two scores: ``(tokens, given, code, score)``, every
+        stored pair in both directions (``given`` / ``code`` index ``tokens``), with
+
+            score(code | given) = log(1 + N * n(given, code) / N(code)),
+
+        N the training visits, n the visits holding both codes, N(code) those holding ``code``.
+        It is the smoothed log-lift log(P(code | given) / P(code)), with P(code | given) =
+        (n + P(code)) / (N(given) + 1), plus log(N(given) + 1): a pair the prior does not hold
+        scores 0, and the added term, the same for every code, cancels among the codes of one
+        category. Pairs never cross modalities. Empty arrays when the prior counted none."""
+        tokens: list[str] = []
+        given, code, score = [], [], []
+        pairs = self.table.get("code_pairs")
+        for cell in (pairs["modalities"].values() if pairs else ()):
+            a = np.asarray(cell["a"], dtype=np.int64) + len(tokens)
+            b = np.asarray(cell["b"], dtype=np.int64) + len(tokens)
+            n = np.asarray(cell["n"], dtype=np.float64)
+            visits = np.asarray(cell["visits"], dtype=np.float64)
+            tokens += cell["codes"]
+            shift = len(tokens) - len(cell["codes"])
+            given += [a, b]
+            code += [b, a]
+            score += [np.log1p(pairs["n_visits"] * n / visits[b - shift]),
+                      np.log1p(pairs["n_visits"] * n / visits[a - shift])]
+        if not tokens:
+            empty = np.zeros(0, dtype=np.int64)
+            return tokens, empty, empty, np.zeros(0)
+        return tokens, np.concatenate(given), np.concatenate(code), np.concatenate(score)
+
     def summary(self) -> dict:
         """Means of the stored distributions (visits per patient, codes per visit)."""
         return {
@@ -445,6 +485,36 @@ def _modality_counts(names: list[str], types: np.ndarray, n_dx: np.ndarray, coun
     return {"names": list(names), "diagnosis_cap": MODALITY_DIAGNOSIS_CAP, "cells": cells,
             "by_type": {str(m): cell(types == m) for m in np.unique(types).tolist()},
             "pooled": cell(np.ones(len(types), dtype=bool))}
+
+
+def _pair_counts(visits: list[list[str]], prefix: str, min_count: int) -> dict:
+    """Within-visit pairs of one modality's codes seen together in at least ``min_count`` visits:
+    ``{"codes": [token, ...], "visits": [visits holding each code], "a": [...], "b": [...],
+    "n": [...]}`` (pair ``k`` is ``codes[a[k]]``, ``codes[b[k]]``, ``a[k] < b[k]``, seen in
+    ``n[k]`` visits; a token is ``prefix + code``). Only the codes of stored pairs are listed."""
+    lengths = np.fromiter(map(len, visits), dtype=np.int64, count=len(visits))
+    if lengths.sum() == 0:
+        return {"codes": [], "visits": [], "a": [], "b": [], "n": []}
+    vocab, code = np.unique(np.fromiter((c for v in visits for c in v), dtype=object, count=int(lengths.sum()))
+                            .astype(str), return_inverse=True)
+    row = np.repeat(np.arange(len(visits)), lengths)
+    # One entry per (visit, code), sorted by visit then code: a visit's codes are then ascending.
+    keys = np.unique(row * len(vocab) + code)
+    row, code = keys // len(vocab), keys % len(vocab)
+    per_visit = np.bincount(row, minlength=len(visits))
+    starts = np.concatenate([[0], np.cumsum(per_visit)[:-1]])
+    pairs = []
+    for size in np.unique(per_visit[per_visit >= 2]):  # visits of one size at a time: no loop per visit
+        ids = code[starts[per_visit == size][:, None] + np.arange(size)]
+        a, b = np.triu_indices(size, 1)
+        pairs.append(ids[:, a].ravel() * len(vocab) + ids[:, b].ravel())
+    keys, n = np.unique(np.concatenate(pairs) if pairs else np.zeros(0, np.int64), return_counts=True)
+    keys, n = keys[n >= min_count], n[n >= min_count]
+    a, b = keys // len(vocab), keys % len(vocab)
+    listed, inverse = np.unique(np.concatenate([a, b]), return_inverse=True)
+    visits_per_code = np.bincount(code, minlength=len(vocab))
+    return {"codes": [prefix + c for c in vocab[listed].tolist()], "visits": visits_per_code[listed].tolist(),
+            "a": inverse[:len(a)].tolist(), "b": inverse[len(a):].tolist(), "n": n.tolist()}
 
 
 def _type_counts(visits, visit_types, n_types, bands: np.ndarray, lengths: np.ndarray,

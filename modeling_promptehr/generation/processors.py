@@ -34,6 +34,7 @@ Shipped with the checkpoint in ``custom_generate/``: imports only torch and tran
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 from transformers import (
@@ -152,6 +153,19 @@ class VocabIndex:
 HEAD_PAD, HEAD_START, HEAD_END, HEAD_CATS = 0, 1, 2, 3
 
 
+class PairScores(NamedTuple):
+    """Scores of candidate codes given a code already written, in compressed rows over token ids:
+    given token ``i``, the candidates ``col[crow[i]:crow[i + 1]]`` score ``value[crow[i]:crow[i + 1]]``
+    (every other candidate 0). ``crow`` [V + 1] long, ``col`` [nnz] long, ``value`` [nnz] float."""
+
+    crow: torch.Tensor
+    col: torch.Tensor
+    value: torch.Tensor
+
+    def to(self, device) -> "PairScores":
+        return PairScores(*(t.to(device) for t in self))
+
+
 class VisitStep:
     """One decoding step of a batch of visits: each row's state and the grammar's two column blocks.
 
@@ -250,11 +264,21 @@ class StageTwoLogitsProcessor(VisitBlockProcessor):
     P(code | category) whenever stage one picks a category its patient can only partly receive.
     Both terms are multiplied by ``temperature``, so that the temperature warper applied
     afterwards leaves them intact.
+
+    ``pair_scores`` (:class:`PairScores`, :meth:`~.prior.CohortPrior.code_pair_scores` over
+    token ids) conditions the code on the codes already in the visit: each candidate's log
+    P(code | category, ...) gets ``pair_weight / sqrt(m)`` times the sum of its scores given those
+    m codes of its modality. Codes bundled in one stay (bypass with its grafts, a stent with its
+    adjuncts, the ventilation duration with intubation) then come out together, which a draw
+    blind to the visit cannot do inside wide categories; the square root tempers a sum of lifts
+    that treats the visit's codes as independent evidence. The visit's codes are gathered as the
+    rows write them (state: one processor per decoder call). Not applied with ``"model"``.
     """
 
     def __init__(self, index: VocabIndex, mode: str = "model", temperature: float = 1.0,
                  codes_forbidden: torch.Tensor | None = None, no_repeat: bool = True,
-                 code_log_probs: torch.Tensor | None = None):
+                 code_log_probs: torch.Tensor | None = None, pair_scores: PairScores | None = None,
+                 pair_weight: float = 0.0):
         if mode not in STAGE_TWO_MODES:
             raise ValueError(f"stage_two must be one of {STAGE_TWO_MODES}, got {mode!r}")
         if (mode == "type") != (code_log_probs is not None):
@@ -273,15 +297,50 @@ class StageTwoLogitsProcessor(VisitBlockProcessor):
         self._log_q_t = self.log_q * self.temperature
         self._q = self.log_q.exp()
         self._mass = None  # [B or 1, n_cat] stage-two mass not forbidden, on first category step
+        self.pair_scores = pair_scores if pair_scores is not None and float(pair_weight) != 0.0 else None
+        self.pair_weight = float(pair_weight) * self.temperature
+        self._context = self._context_size = self._written = None  # the visit's codes so far, by pair_scores
+
+    def _observe(self, step: VisitStep) -> None:
+        """Add the pair scores given each code the rows wrote since the last call to their context."""
+        ids, index = step.input_ids, self.index
+        if self._context is None:
+            self._context = torch.zeros(ids.shape[0], index.size, device=ids.device)
+            self._context_size = torch.zeros(ids.shape[0], index.n_modalities, device=ids.device)
+            self._written = 0
+        new = ids[:, self._written:]
+        self._written = ids.shape[1]
+        rows, col = torch.nonzero(index.is_code[new], as_tuple=True)
+        if len(rows) == 0:
+            return
+        given = new[rows, col]
+        self._context_size.index_put_((rows, index.token_modality[given]),
+                                      torch.ones(len(rows), device=ids.device), accumulate=True)
+        crow = self.pair_scores.crow
+        start, n = crow[given], crow[given + 1] - crow[given]
+        total = int(n.sum())
+        if total == 0:
+            return
+        first = torch.cumsum(n, 0) - n
+        entry = start.repeat_interleave(n) + torch.arange(total, device=ids.device) - first.repeat_interleave(n)
+        self._context.index_put_((rows.repeat_interleave(n), self.pair_scores.col[entry]),
+                                 self.pair_scores.value[entry].to(self._context.dtype), accumulate=True)
 
     def process(self, step, kid, head):
         if self.mode == "model":
             return kid, head
         index = self.index
+        if self.pair_scores is not None:
+            self._observe(step)
         if bool(step.at_code.any()):
             code = step.at_code[:, None]
             log_q = self._log_q_t.to(kid.dtype)
             kid = torch.where(code, log_q.gather(1, step.kids) if log_q.dim() == 2 else log_q[step.kids], kid)
+            if self.pair_scores is not None:
+                size = self._context_size.gather(1, index.category_modality[index.category_pos[step.last]]
+                                                 .clamp(max=index.n_modalities - 1)[:, None])
+                lift = self._context.gather(1, step.kids) * (self.pair_weight / size.clamp(min=1).sqrt())
+                kid = torch.where(code, kid + lift.to(kid.dtype), kid)
             head = head.masked_fill(code, NEG_INF)
         if bool(step.open.any()):  # weight each category by its allowed stage-two mass
             q = self._q
@@ -706,6 +765,8 @@ def visit_logits_processors(
     category_log_lift: torch.Tensor | None = None,
     modality_codes=None,
     given: torch.Tensor | None = None,
+    pair_scores: PairScores | None = None,
+    pair_weight: float = 0.0,
 ) -> LogitsProcessorList:
     """The processors for one batch of visits, as one :class:`VisitLogitsProcessor` whose
     ``processors`` are, in order: stage two, recurrence (with ``category_log_lift``), no-repeat,
@@ -716,6 +777,8 @@ def visit_logits_processors(
         ages, sexes: per row (B).  n_codes: [B] target codes per visit, or None with max_codes.
         stage_two: "model" | "empirical" | "type" | "uniform".  cms: apply the CMS age/sex edits.
         code_log_probs: [B, V] each row's log P(code | category, visit type) (stage_two="type").
+        pair_scores, pair_weight: stage two given the visit's codes so far (:class:`PairScores`
+            and their weight; :class:`StageTwoLogitsProcessor`).
         category_log_lift: [B, n_cat] added to the category scores (:class:`RecurrenceLogitsProcessor`).
         modality_codes: [B, M - 1] targets of the modalities after the diagnoses (a multimodal
             vocabulary; ``n_codes`` then counts the diagnoses).
@@ -734,7 +797,7 @@ def visit_logits_processors(
         forbidden, available = cms_processor.codes_forbidden, cms_processor.codes_allowed_per_category
     processors: list[LogitsProcessor] = [
         StageTwoLogitsProcessor(index, stage_two, temperature=temperature, codes_forbidden=forbidden, no_repeat=True,
-                                code_log_probs=code_log_probs),
+                                code_log_probs=code_log_probs, pair_scores=pair_scores, pair_weight=pair_weight),
         *constraints,
     ]
     if category_log_lift is not None:

@@ -60,7 +60,7 @@ from promptehr_hf.modeling_promptehr.generation.pipeline import generate_patient
 from promptehr_hf.modeling_promptehr.generation.prior import CohortPrior
 from promptehr_hf.modeling_promptehr.generation.times import TIME_MODEL_FILE, has_times
 from promptehr_hf.modeling_promptehr.modeling_promptehr import PromptEHRForConditionalGeneration
-from promptehr_hf.tokenization.tokenization_promptehr import MODALITIES, PromptEHRTokenizer
+from promptehr_hf.tokenization.tokenization_promptehr import MODALITIES, PromptEHRTokenizer, merge_visits
 
 from .calibration import DEFAULT_CALIBRATION_PATIENTS, MULTIMODAL_CALIBRATION_PATIENTS, fit_category_calibration
 from .data import build_examples
@@ -106,6 +106,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     model.add_argument("--visit-types", type=int, default=None,
                        help="visit types the model is conditioned on (a Bernoulli mixture of the training visits; "
                             "0: none; default: about one per 100 training visits, a power of two in [32, 256])")
+    model.add_argument("--visit-type-modalities", default="diagnoses",
+                       help="comma-separated modalities whose codes the visit types are fitted on (diagnoses "
+                            "first; 'all': every modality of the cohort)")
     model.add_argument("--visit-type-min-visits", type=int, default=DEFAULT_MIN_VISITS,
                        help="a visit type must hold at least this many training visits")
     model.add_argument("--config-overrides", default=None,
@@ -186,6 +189,17 @@ def merged_visits(split, tokenizer):
         return split
     return split.map(lambda p: {"visits": tokenizer.merge_visits(p)}, keep_in_memory=True,
                      desc="merging modalities")
+
+
+def type_visit_modalities(asked: str, modalities: tuple[str, ...]) -> tuple[str, ...]:
+    """The modalities the visit types are fitted on: ``asked`` (comma-separated, or "all") among
+    the tokenizer's ``modalities``, in their order; ValueError on one the cohort lacks."""
+    names = modalities if asked == "all" else tuple(m.strip() for m in asked.split(",") if m.strip())
+    missing = [m for m in names if m not in modalities]
+    if missing or "diagnoses" not in names:
+        raise ValueError(f"--visit-type-modalities {asked!r}: expected 'all' or diagnoses plus any of "
+                         f"{list(modalities[1:])} (the cohort's)")
+    return tuple(m for m in modalities if m in names)
 
 
 def target_length(train_tok, multimodal: bool) -> int:
@@ -312,13 +326,14 @@ def train(args: argparse.Namespace) -> dict:
     counts = category_cooccurrence(train_tok, tokenizer_categories(tokenizer)[0], code_system=code_system,
                                    category=tokenizer.category_of if multimodal else None)
     types = {}
-    train_visits = [v for visits in train_split["visits"] for v in visits]
-    n_types = auto_types(len(train_visits)) if args.visit_types is None else args.visit_types
+    type_modalities = type_visit_modalities(args.visit_type_modalities, modalities)
+    n_types = auto_types(sum(map(len, train_split["visits"]))) if args.visit_types is None else args.visit_types
     if n_types > 0:
-        mixture = fit_visit_types(train_visits, n_types,
+        type_visits = {name: [merge_visits(p, type_modalities) for p in split]
+                       for name, split in (("train", train_split), ("validation", val_split))}
+        mixture = fit_visit_types([v for visits in type_visits["train"] for v in visits], n_types,
                                   min_visits=args.visit_type_min_visits, seed=args.seed)
-        types = {name: mixture.assign_patients(split["visits"])
-                 for name, split in (("train", train_split), ("validation", val_split))}
+        types = {name: mixture.assign_patients(visits) for name, visits in type_visits.items()}
         logger.info("%d visit types (of %d asked; at least %d training visits each)", mixture.n_types,
                     n_types, args.visit_type_min_visits)
         prior = CohortPrior.from_patients(train_split, visit_types=types["train"], n_types=mixture.n_types,
