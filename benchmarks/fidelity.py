@@ -19,7 +19,8 @@ test split holds, and every cohort is scored against the TRAINING split with the
 
 Rows (each an ablation of one choice against ``default``; the defaults are examples/train.py's
 and the checkpoint's generation settings): training choices (no visit types, also at 45 minutes;
-32 visit types instead of 128; co-occurrence loss off; the LM softmax over the tokens the grammar allows at
+32 visit types instead of 128; visit types fitted on the diagnoses alone, or on diagnoses and
+procedures, instead of every modality; co-occurrence loss off; the LM softmax over the tokens the grammar allows at
 each position instead of the whole vocabulary; diagnoses alone instead of every modality
 the cohort holds; the co-occurrence loss without its cross-modality pairs; no BART noise on the
 history; code order
@@ -90,7 +91,8 @@ TRAINING = {
     # loss without its cross-modality pairs.
     "diagnoses_only": ["--modalities", "diagnoses"],
     "no_cross_modality_cooc": ["--no-cross-modality-cooc"],
-    "visit_types_all_modalities": ["--visit-type-modalities", "all"],
+    # Visit types fitted on the diagnoses alone, or on diagnoses and procedures, instead of every modality.
+    "visit_types_diagnoses": ["--visit-type-modalities", "diagnoses"],
     "visit_types_diagnoses_procedures": ["--visit-type-modalities", "diagnoses,procedures"],
     "no_history_noise": ["--mask-prob", "0", "--delete-prob", "0"],
     "order_seq_num": ["--code-order", "seq_num"],
@@ -227,19 +229,24 @@ def refresh_prior(name: str, model_dir: Path, flags: list[str], args) -> None:
     before the prior learned to count something, e.g. recurrences, gets those counts)."""
     from promptehr_hf.datasets_scripts.prepare import load_prepared
     from promptehr_hf.modeling_promptehr.generation.prior import CohortPrior
+    from promptehr_hf.modeling_promptehr.training.pipeline import parse_args as train_args
+    from promptehr_hf.modeling_promptehr.training.pipeline import type_visit_modalities
     from promptehr_hf.modeling_promptehr.training.visit_types import DEFAULT_MIN_VISITS, auto_types, fit_visit_types
-    from promptehr_hf.tokenization.tokenization_promptehr import PromptEHRTokenizer
+    from promptehr_hf.tokenization.tokenization_promptehr import PromptEHRTokenizer, merge_visits
 
     old = CohortPrior.load(model_dir)
-    if not old.n_types:
-        return  # a model without visit types: its prior counts nothing type-dependent
     train_split = load_prepared(model_dir.parent / "data")["train"]
-    visits = train_split["visits"]
-    n_asked = (int(flags[flags.index("--visit-types") + 1]) if "--visit-types" in flags
-               else auto_types(sum(len(v) for v in visits)))
+    tokenizer = PromptEHRTokenizer.from_pretrained(model_dir)
+    if not old.n_types:  # a model without visit types: its prior counts nothing type-dependent
+        CohortPrior.from_patients(train_split, modalities=tokenizer.modalities).save(model_dir)
+        print(f"[{name}] cohort prior recounted", flush=True)
+        return
+    flags_now = train_args([*flags, *args.train_args.split()])
+    modalities = type_visit_modalities(flags_now.visit_type_modalities, tokenizer.modalities)
+    visits = [merge_visits(p, modalities) for p in train_split]
+    n_asked = flags_now.visit_types if flags_now.visit_types is not None else auto_types(sum(map(len, visits)))
     mixture = fit_visit_types([v for vs in visits for v in vs], n_asked, min_visits=DEFAULT_MIN_VISITS,
                               seed=args.seed, progress=False)
-    tokenizer = PromptEHRTokenizer.from_pretrained(model_dir)
     prior = CohortPrior.from_patients(train_split, visit_types=mixture.assign_patients(visits),
                                       n_types=mixture.n_types, category=tokenizer.category_of,
                                       modalities=tokenizer.modalities)

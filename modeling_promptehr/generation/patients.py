@@ -608,21 +608,28 @@ def recurrence_log_lifts(prior: CohortPrior, tokenizer, index: VocabIndex) -> tu
 
 
 def code_pair_scores(prior: CohortPrior, tokenizer, index: VocabIndex) -> PairScores | None:
-    """The prior's within-visit pair scores (:meth:`~.prior.CohortPrior.code_pair_scores`) as
-    :class:`~.processors.PairScores` over token ids (pairs of a code the vocabulary lacks left
-    out), or None when the prior holds none."""
-    tokens, given, code, score = prior.code_pair_scores()
+    """The prior's within-visit code pairs (:meth:`~.prior.CohortPrior.code_pairs`) as
+    :class:`~.processors.PairScores` over token ids (codes the vocabulary lacks left out), or
+    None when the prior counted none."""
+    tokens, visits, n_visits, min_count, a, b, n = prior.code_pairs()
+    if not tokens or n_visits == 0:
+        return None
     vocab = tokenizer.get_vocab()
     ids = torch.tensor([vocab.get(t, -1) for t in tokens], dtype=torch.long)
-    rows, cols = ids[torch.from_numpy(given)], ids[torch.from_numpy(code)]
+    known = ids >= 0
+    per_token = torch.zeros(index.size, dtype=torch.float64)
+    per_token[ids[known]] = torch.from_numpy(visits).double()[known]
+    censored = (min_count - 1) / 2
+    rows, cols = ids[torch.from_numpy(a)], ids[torch.from_numpy(b)]
     keep = (rows >= 0) & (cols >= 0)
-    if not bool(keep.any()):
-        return None
-    rows, cols, value = rows[keep], cols[keep], torch.from_numpy(score).float()[keep]
+    rows, cols, n = rows[keep], cols[keep], torch.from_numpy(n).double()[keep]
+    expected = per_token[rows] * per_token[cols] / n_visits
+    value = (torch.log1p(n) - torch.log1p(expected.clamp(max=censored))).float()
+    rows, cols, value = torch.cat([rows, cols]), torch.cat([cols, rows]), torch.cat([value, value])  # symmetric
     order = torch.argsort(rows * index.size + cols)
     crow = torch.zeros(index.size + 1, dtype=torch.long)
     crow[1:] = torch.cumsum(torch.bincount(rows, minlength=index.size), 0)
-    return PairScores(crow, cols[order], value[order]).to(index.device)
+    return PairScores(crow, cols[order], value[order], per_token.float(), float(n_visits), censored).to(index.device)
 
 
 def category_calibration_row(calibration: dict, tokenizer, index: VocabIndex) -> torch.Tensor:

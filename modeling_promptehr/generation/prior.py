@@ -401,35 +401,25 @@ class CohortPrior:
             out[rows] = values[cell.sample(rng, len(rows))]
         return out
 
-    def code_pair_scores(self) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray]:
-        """Within-visit code pairs as stage-two scores: ``(tokens, given, code, score)``, every
-        stored pair in both directions (``given`` / ``code`` index ``tokens``), with
-
-            score(code | given) = log(1 + N * n(given, code) / N(code)),
-
-        N the training visits, n the visits holding both codes, N(code) those holding ``code``.
-        It is the smoothed log-lift log(P(code | given) / P(code)), with P(code | given) =
-        (n + P(code)) / (N(given) + 1), plus log(N(given) + 1): a pair the prior does not hold
-        scores 0, and the added term, the same for every code, cancels among the codes of one
-        category. Pairs never cross modalities. Empty arrays when the prior counted none."""
+    def code_pairs(self) -> tuple[list[str], np.ndarray, int, int, np.ndarray, np.ndarray, np.ndarray]:
+        """The within-visit code pairs the prior counted: ``(tokens, visits, n_visits, min_count,
+        a, b, n)``: every code token of every modality with the training visits holding it, the
+        training visits, the storage threshold, and each stored pair (``tokens[a]``, ``tokens[b]``,
+        seen together in ``n`` visits; pairs never cross modalities). Empty when none were counted."""
+        table = self.table.get("code_pairs") or {"modalities": {}, "n_visits": 0, "min_count": PAIR_MIN_COUNT}
         tokens: list[str] = []
-        given, code, score = [], [], []
-        pairs = self.table.get("code_pairs")
-        for cell in (pairs["modalities"].values() if pairs else ()):
-            a = np.asarray(cell["a"], dtype=np.int64) + len(tokens)
-            b = np.asarray(cell["b"], dtype=np.int64) + len(tokens)
-            n = np.asarray(cell["n"], dtype=np.float64)
-            visits = np.asarray(cell["visits"], dtype=np.float64)
+        visits, a, b, n = [], [], [], []
+        for cell in table["modalities"].values():
+            a.append(np.asarray(cell["a"], dtype=np.int64) + len(tokens))
+            b.append(np.asarray(cell["b"], dtype=np.int64) + len(tokens))
+            n.append(np.asarray(cell["n"], dtype=np.int64))
+            visits.append(np.asarray(cell["visits"], dtype=np.int64))
             tokens += cell["codes"]
-            shift = len(tokens) - len(cell["codes"])
-            given += [a, b]
-            code += [b, a]
-            score += [np.log1p(pairs["n_visits"] * n / visits[b - shift]),
-                      np.log1p(pairs["n_visits"] * n / visits[a - shift])]
-        if not tokens:
-            empty = np.zeros(0, dtype=np.int64)
-            return tokens, empty, empty, np.zeros(0)
-        return tokens, np.concatenate(given), np.concatenate(code), np.concatenate(score)
+
+        def cat(parts: list) -> np.ndarray:
+            return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+
+        return tokens, cat(visits), int(table["n_visits"]), int(table["min_count"]), cat(a), cat(b), cat(n)
 
     def summary(self) -> dict:
         """Means of the stored distributions (visits per patient, codes per visit)."""
@@ -488,10 +478,10 @@ def _modality_counts(names: list[str], types: np.ndarray, n_dx: np.ndarray, coun
 
 
 def _pair_counts(visits: list[list[str]], prefix: str, min_count: int) -> dict:
-    """Within-visit pairs of one modality's codes seen together in at least ``min_count`` visits:
-    ``{"codes": [token, ...], "visits": [visits holding each code], "a": [...], "b": [...],
+    """One modality's codes and their within-visit pairs seen together in at least ``min_count``
+    visits: ``{"codes": [token, ...], "visits": [visits holding each code], "a": [...], "b": [...],
     "n": [...]}`` (pair ``k`` is ``codes[a[k]]``, ``codes[b[k]]``, ``a[k] < b[k]``, seen in
-    ``n[k]`` visits; a token is ``prefix + code``). Only the codes of stored pairs are listed."""
+    ``n[k]`` visits; a token is ``prefix + code``)."""
     lengths = np.fromiter(map(len, visits), dtype=np.int64, count=len(visits))
     if lengths.sum() == 0:
         return {"codes": [], "visits": [], "a": [], "b": [], "n": []}
@@ -510,11 +500,8 @@ def _pair_counts(visits: list[list[str]], prefix: str, min_count: int) -> dict:
         pairs.append(ids[:, a].ravel() * len(vocab) + ids[:, b].ravel())
     keys, n = np.unique(np.concatenate(pairs) if pairs else np.zeros(0, np.int64), return_counts=True)
     keys, n = keys[n >= min_count], n[n >= min_count]
-    a, b = keys // len(vocab), keys % len(vocab)
-    listed, inverse = np.unique(np.concatenate([a, b]), return_inverse=True)
-    visits_per_code = np.bincount(code, minlength=len(vocab))
-    return {"codes": [prefix + c for c in vocab[listed].tolist()], "visits": visits_per_code[listed].tolist(),
-            "a": inverse[:len(a)].tolist(), "b": inverse[len(a):].tolist(), "n": n.tolist()}
+    return {"codes": [prefix + c for c in vocab.tolist()], "visits": np.bincount(code, minlength=len(vocab)).tolist(),
+            "a": (keys // len(vocab)).tolist(), "b": (keys % len(vocab)).tolist(), "n": n.tolist()}
 
 
 def _type_counts(visits, visit_types, n_types, bands: np.ndarray, lengths: np.ndarray,

@@ -154,16 +154,35 @@ HEAD_PAD, HEAD_START, HEAD_END, HEAD_CATS = 0, 1, 2, 3
 
 
 class PairScores(NamedTuple):
-    """Scores of candidate codes given a code already written, in compressed rows over token ids:
-    given token ``i``, the candidates ``col[crow[i]:crow[i + 1]]`` score ``value[crow[i]:crow[i + 1]]``
-    (every other candidate 0). ``crow`` [V + 1] long, ``col`` [nnz] long, ``value`` [nnz] float."""
+    """A training cohort's within-visit code pairs over token ids, for stage two given the visit.
+
+    The score of a candidate code c given a code v already in the visit (same modality) is the
+    smoothed log ratio of the visits holding both to the visits expected if they were independent,
+    log((n + 1) / (E + 1)) with E = N(v) N(c) / N. A pair seen in fewer visits than the cohort
+    prior's threshold is not stored; its n is taken as min(E, ``censored``): unknown, so as
+    expected when few visits were expected, low when the pair should have been common.
+
+    Fields: ``visits`` [V] float, N(token) (0 off the codes); ``n_visits``, N; ``censored``;
+    and the stored pairs in compressed rows: given token ``i``, the candidates
+    ``col[crow[i]:crow[i + 1]]`` gain ``value[...]`` = log((n + 1) / (min(E, censored) + 1)) over
+    the score of an unstored pair (``crow`` [V + 1] long, ``col`` [nnz] long, ``value`` [nnz] float).
+    """
 
     crow: torch.Tensor
     col: torch.Tensor
     value: torch.Tensor
+    visits: torch.Tensor
+    n_visits: float
+    censored: float
 
     def to(self, device) -> "PairScores":
-        return PairScores(*(t.to(device) for t in self))
+        return self._replace(**{k: getattr(self, k).to(device) for k in ("crow", "col", "value", "visits")})
+
+    def unstored(self, given: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+        """[B, K] the scores of the candidates ``candidates`` [B, K] (token ids) summed over the
+        codes ``given`` [B, T] (token ids; a non-code adds 0) as if no pair were stored."""
+        expected = self.visits[given][:, :, None] * self.visits[candidates][:, None, :] / self.n_visits
+        return (torch.log1p(expected.clamp(max=self.censored)) - torch.log1p(expected)).sum(1)
 
 
 class VisitStep:
@@ -265,14 +284,15 @@ class StageTwoLogitsProcessor(VisitBlockProcessor):
     Both terms are multiplied by ``temperature``, so that the temperature warper applied
     afterwards leaves them intact.
 
-    ``pair_scores`` (:class:`PairScores`, :meth:`~.prior.CohortPrior.code_pair_scores` over
-    token ids) conditions the code on the codes already in the visit: each candidate's log
-    P(code | category, ...) gets ``pair_weight / sqrt(m)`` times the sum of its scores given those
-    m codes of its modality. Codes bundled in one stay (bypass with its grafts, a stent with its
-    adjuncts, the ventilation duration with intubation) then come out together, which a draw
-    blind to the visit cannot do inside wide categories; the square root tempers a sum of lifts
-    that treats the visit's codes as independent evidence. The visit's codes are gathered as the
-    rows write them (state: one processor per decoder call). Not applied with ``"model"``.
+    ``pair_scores`` (:class:`PairScores`, from the cohort prior's within-visit pair counts)
+    conditions the code on the codes already in the visit: each candidate's log P(code |
+    category, ...) gets ``pair_weight / sqrt(m)`` times the sum of its pair scores given those m
+    codes of its modality. Codes bundled in one stay (bypass with its grafts, a stent with its
+    adjuncts, one ventilation duration and not the other) then come out together, which a draw
+    blind to the visit cannot do inside wide categories; the square root tempers a sum of log
+    ratios that treats the visit's codes as independent evidence. The stored pairs' part is
+    gathered as the rows write codes (state: one processor per decoder call). Not applied with
+    ``"model"``.
     """
 
     def __init__(self, index: VocabIndex, mode: str = "model", temperature: float = 1.0,
@@ -299,14 +319,13 @@ class StageTwoLogitsProcessor(VisitBlockProcessor):
         self._mass = None  # [B or 1, n_cat] stage-two mass not forbidden, on first category step
         self.pair_scores = pair_scores if pair_scores is not None and float(pair_weight) != 0.0 else None
         self.pair_weight = float(pair_weight) * self.temperature
-        self._context = self._context_size = self._written = None  # the visit's codes so far, by pair_scores
+        self._context = self._written = None  # [B, V] stored-pair scores given the visit's codes so far
 
     def _observe(self, step: VisitStep) -> None:
-        """Add the pair scores given each code the rows wrote since the last call to their context."""
+        """Add the stored-pair scores given each code the rows wrote since the last call to their context."""
         ids, index = step.input_ids, self.index
         if self._context is None:
             self._context = torch.zeros(ids.shape[0], index.size, device=ids.device)
-            self._context_size = torch.zeros(ids.shape[0], index.n_modalities, device=ids.device)
             self._written = 0
         new = ids[:, self._written:]
         self._written = ids.shape[1]
@@ -314,8 +333,6 @@ class StageTwoLogitsProcessor(VisitBlockProcessor):
         if len(rows) == 0:
             return
         given = new[rows, col]
-        self._context_size.index_put_((rows, index.token_modality[given]),
-                                      torch.ones(len(rows), device=ids.device), accumulate=True)
         crow = self.pair_scores.crow
         start, n = crow[given], crow[given + 1] - crow[given]
         total = int(n.sum())
@@ -325,6 +342,17 @@ class StageTwoLogitsProcessor(VisitBlockProcessor):
         entry = start.repeat_interleave(n) + torch.arange(total, device=ids.device) - first.repeat_interleave(n)
         self._context.index_put_((rows.repeat_interleave(n), self.pair_scores.col[entry]),
                                  self.pair_scores.value[entry].to(self._context.dtype), accumulate=True)
+
+    def _pair_lift(self, step: VisitStep) -> torch.Tensor:
+        """[B, K] pair_weight / sqrt(m) x each child's pair scores summed over the m codes of its
+        modality already in the row's visit (0 for a row with none)."""
+        ids, index = step.input_ids, self.index
+        modality = index.category_modality[index.category_pos[step.last]]
+        same = index.is_code[ids] & (index.token_modality[ids] == modality[:, None])  # [B, T]
+        scores = self.pair_scores.unstored(torch.where(same, ids, index.pad_id), step.kids)
+        scores = scores + self._context.gather(1, step.kids)
+        m = same.sum(1, keepdim=True)
+        return torch.where(m > 0, scores * self.pair_weight / m.clamp(min=1).sqrt(), 0.0)
 
     def process(self, step, kid, head):
         if self.mode == "model":
@@ -337,10 +365,7 @@ class StageTwoLogitsProcessor(VisitBlockProcessor):
             log_q = self._log_q_t.to(kid.dtype)
             kid = torch.where(code, log_q.gather(1, step.kids) if log_q.dim() == 2 else log_q[step.kids], kid)
             if self.pair_scores is not None:
-                size = self._context_size.gather(1, index.category_modality[index.category_pos[step.last]]
-                                                 .clamp(max=index.n_modalities - 1)[:, None])
-                lift = self._context.gather(1, step.kids) * (self.pair_weight / size.clamp(min=1).sqrt())
-                kid = torch.where(code, kid + lift.to(kid.dtype), kid)
+                kid = torch.where(code, kid + self._pair_lift(step).to(kid.dtype), kid)
             head = head.masked_fill(code, NEG_INF)
         if bool(step.open.any()):  # weight each category by its allowed stage-two mass
             q = self._q

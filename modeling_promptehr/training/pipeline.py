@@ -106,9 +106,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     model.add_argument("--visit-types", type=int, default=None,
                        help="visit types the model is conditioned on (a Bernoulli mixture of the training visits; "
                             "0: none; default: about one per 100 training visits, a power of two in [32, 256])")
-    model.add_argument("--visit-type-modalities", default="diagnoses",
-                       help="comma-separated modalities whose codes the visit types are fitted on (diagnoses "
-                            "first; 'all': every modality of the cohort)")
+    model.add_argument("--visit-type-modalities", default="all",
+                       help="the modalities whose codes the visit types are fitted on: 'all' (every modality of "
+                            "the cohort), or a comma-separated list holding diagnoses (e.g. 'diagnoses')")
     model.add_argument("--visit-type-min-visits", type=int, default=DEFAULT_MIN_VISITS,
                        help="a visit type must hold at least this many training visits")
     model.add_argument("--config-overrides", default=None,
