@@ -14,8 +14,9 @@ from promptehr_hf.modeling_promptehr.generation.prior import CohortPrior
 from promptehr_hf.modeling_promptehr.generation.processors import StageTwoLogitsProcessor, VocabIndex
 from promptehr_hf.modeling_promptehr.modeling_promptehr import PromptEHRForConditionalGeneration
 from promptehr_hf.modeling_promptehr.training.data import PromptEHRDataCollator, build_examples
+from promptehr_hf.modeling_promptehr.training.pipeline import type_visit_modalities
 from promptehr_hf.modeling_promptehr.training.visit_types import auto_types, fit_visit_types, type_logit_bias
-from promptehr_hf.tokenization.tokenization_promptehr import PromptEHRTokenizer
+from promptehr_hf.tokenization.tokenization_promptehr import PromptEHRTokenizer, merge_visits
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -262,3 +263,40 @@ def test_prior_draws_first_types_given_visit_count_and_lengths_given_index():
                                           if k not in ("first_by_visits", "codes_per_visit_by_index")}}
     again = CohortPrior(old).sample_visit_types(np.full(3000, 60.0), np.full(3000, 1), rng)
     assert 0 < np.mean([d[0] == 1 for d in again]) < 1
+
+
+def test_types_over_every_modality_separate_stays_the_diagnoses_cannot():
+    """Bypass and stent stays share their diagnoses and differ in their procedures: types fitted on
+    the diagnoses alone mix them, types fitted on every modality (the default) keep them apart,
+    and the model's type bias then starts from each kind of stay's procedures."""
+    rng = np.random.default_rng(0)
+    bypass, stent = ["3615", "3961", "3612"], ["3606", "0066", "0045"]
+    patients = []
+    for sid in range(300):
+        kind = sid % 2
+        dx = [c for c in ["41401", "4019", "2724", "25000"] if rng.random() < 0.8] or ["41401"]
+        px = [c for c in (bypass, stent)[kind] if rng.random() < 0.9] or (bypass, stent)[kind][:1]
+        patients.append({"subject_id": sid + 1, "age": 65.0, "sex": "M", "visits": [dx], "procedures": [px]})
+    modalities = ("diagnoses", "procedures")
+    tok = PromptEHRTokenizer.from_patients(patients, modalities=modalities)
+    is_bypass = np.arange(300) % 2 == 0
+
+    def purity(type_modalities: tuple[str, ...]) -> tuple[float, object]:
+        visits = [merge_visits(p, type_modalities)[0] for p in patients]
+        mixture = fit_visit_types(visits, n_types=4, min_visits=20, seed=0, progress=False)
+        types = mixture.assign(visits)
+        # the share of visits whose type holds mostly their own kind of stay
+        major = {m: is_bypass[types == m].mean() >= 0.5 for m in np.unique(types)}
+        return float(np.mean([major[m] == b for m, b in zip(types, is_bypass)])), mixture
+
+    assert type_visit_modalities("all", modalities) == modalities
+    assert type_visit_modalities("diagnoses", modalities) == ("diagnoses",)
+    with pytest.raises(ValueError, match="visit-type-modalities"):
+        type_visit_modalities("procedures", modalities)
+    dx_only, _ = purity(("diagnoses",))
+    every, mixture = purity(modalities)
+    assert dx_only < 0.7 and every > 0.95
+    bias = type_logit_bias(mixture, tok)
+    types = mixture.assign([merge_visits(p, modalities)[0] for p in patients[:2]])  # a bypass, a stent
+    code = tok.convert_tokens_to_ids("PX:3615")
+    assert bias[types[0], code] > bias[types[1], code] + 2

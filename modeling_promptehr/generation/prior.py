@@ -1,6 +1,6 @@
 """CohortPrior: the empirical distributions of a training cohort that unconditional generation
-draws from (demographics, visits per patient, codes per visit, visit types), saved as
-``cohort_prior.json``.
+draws from (demographics, visits per patient, codes per visit, visit types, within-visit code
+pairs), saved as ``cohort_prior.json``.
 
 Shipped with the checkpoint in ``custom_generate/``: imports only numpy, the standard library and
 the files beside it.
@@ -84,6 +84,10 @@ class CohortPrior:
     visit, drawn jointly given the visit type and its number of diagnoses (capped at
     ``MODALITY_DIAGNOSIS_CAP``; :meth:`sample_modality_lengths`), and the type code counts include
     those modalities' code tokens (``"PX:<code>"``, ``"RX:<code>"``).
+
+    Per modality, every code with the visits holding it and the within-visit pairs of codes seen
+    together in at least ``PAIR_MIN_COUNT`` visits (:meth:`code_pairs`; stage two given the
+    visit's codes).
 
     Empty cells back off to the pooled distribution (over bands, then over visit indices; over
     first visits, resp. later visits, for the types; to the age band alone for a first type, to the
