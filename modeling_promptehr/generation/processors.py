@@ -9,7 +9,9 @@ Processors (use :func:`visit_logits_processors` to build the chain in the right 
 - :class:`StageTwoLogitsProcessor`: after a category token, the next token is one of that
   category's codes, sampled by the model's scores (``"model"``), by the training
   P(code | category) (``"empirical"``: the scores are replaced by log-probabilities), by the
-  training P(code | category, visit type) of each row (``"type"``) or uniformly.
+  training P(code | category, visit type) of each row (``"type"``) or uniformly; the last three
+  can also weigh each code by its within-visit pair scores with the codes already written
+  (:class:`PairScores`).
 - :class:`NoRepeatCodeLogitsProcessor`: a code already written in this visit is forbidden.
 - :class:`CMSEditLogitsProcessor`: the CMS Medicare Code Editor age/sex edits of each row's
   patient (:class:`CMSEditTable`, from the edit data a checkpoint carries); categories all of
