@@ -43,7 +43,7 @@ class PromptEHRGenerationConfig(GenerationConfig):
             chronic conditions come back, with the same code. Ignored otherwise.
         pair_weight (`float`, *optional*, defaults to 0.7):
             Stage two given the visit's codes so far: with a cohort prior that counted within-visit
-            code pairs (``CohortPrior.code_pair_scores``), each candidate code's log-probability
+            code pairs (``CohortPrior.code_pairs``), each candidate code's log-probability
             gets this weight, over the square root of the visit's codes of its modality, times
             the sum of its pair scores with them (codes bundled in one stay come out together).
             0 turns it off; ignored with `stage_two="model"`.

@@ -449,10 +449,12 @@ def sample_patients(model, tokenizer, config: PromptEHRGenerationConfig, n: int 
         recurrence = recurrence_log_lifts(need_prior(), tokenizer, index)
     pair_scores = None
     if config.stage_two != "model" and config.pair_weight:
-        try:  # with the prior's pair counts, when a prior is at hand
-            pair_scores = code_pair_scores(need_prior(), tokenizer, index)
+        try:  # the prior's pair counts, when a prior is at hand (seeded mode may have none)
+            pair_prior = need_prior()
         except ValueError:
-            pair_scores = None
+            pair_prior = None
+        if pair_prior is not None:
+            pair_scores = code_pair_scores(pair_prior, tokenizer, index)
     calibration = None
     if config.calibration and config.category_calibration:
         calibration = category_calibration_row(config.category_calibration, tokenizer, index)
