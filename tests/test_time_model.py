@@ -16,9 +16,11 @@ from promptehr_hf import cli
 from promptehr_hf.modeling_promptehr.configuration_promptehr import PromptEHRConfig
 from promptehr_hf.modeling_promptehr.generation.pipeline import generate_patients, save_custom_generate
 from promptehr_hf.modeling_promptehr.generation.prior import CohortPrior
+from promptehr_hf.modeling_promptehr.generation.sampling import stratified_within
 from promptehr_hf.modeling_promptehr.generation.times import (
     TIME_MODEL_FILE,
     BinaryRows,
+    VisitFeatures,
     VisitTimeModel,
     _cap_ages,
     has_times,
@@ -187,14 +189,15 @@ def test_values_follow_the_training_values_inside_their_bin(cohort, tmp_path):
     assert old["stay"].mean() / np.clip(real["stay"], *model.edges["stay"]).mean() - 1 > 0.5
 
 
-def test_a_file_without_within_bin_quantiles_draws_uniformly_as_before(cohort, time_model, tmp_path):
-    """The uniform draw inside the bin, exactly as before: lo + u (hi - lo), and on log1p for gaps."""
+def test_a_file_without_within_bin_quantiles_draws_uniformly_inside_the_bins(cohort, time_model, tmp_path):
+    """The uniform draw inside the bin: lo + u (hi - lo), and on log1p for gaps, with u the
+    uniforms stratified inside each bin."""
     time_model.save(tmp_path)
     old = old_format(tmp_path)
     for h, edges in time_model.edges.items():
         np.testing.assert_array_equal(old.quantiles[h], np.stack([edges[:-1], edges[1:]], axis=1))
     bins = np.random.default_rng(0).integers(0, len(time_model.edges["gap"]) - 1, 500)
-    u = np.random.default_rng(7).random(500)
+    u = stratified_within(bins, np.random.default_rng(7))
     lo, hi = time_model.edges["stay"][bins], time_model.edges["stay"][bins + 1]
     np.testing.assert_array_equal(old._values("stay", bins, np.random.default_rng(7)), lo + u * (hi - lo))
     lo, hi = time_model.edges["gap"][bins], time_model.edges["gap"][bins + 1]
@@ -214,6 +217,20 @@ def test_within_bin_quantiles_of_a_sparse_bin_are_the_uniform_draw():
     log_table = within_bin_quantiles(values, edges, levels=4, log=True)
     np.testing.assert_allclose(np.log1p(log_table[1]), np.linspace(np.log1p(10.0), np.log1p(100.0), 5))
     assert table.max() == 100.0  # the 1e6 is clipped to the outer edge
+
+
+def test_the_cohorts_deaths_are_their_expected_count(cohort, time_model):
+    """Each patient dies in hospital with the death head's probability for its last visit, and the
+    cohort's count of those deaths is within one of the sum of those probabilities."""
+    patients = codes_only(cohort)
+    n_visits = np.array([len(p["visits"]) for p in patients])
+    feats = VisitFeatures(time_model.categories, code_category)
+    last = feats.rows([feats.visits([p["visits"][-1] for p in patients])], np.array([p["age"] for p in patients]),
+                      [p["sex"] for p in patients], n_visits - 1)
+    expected = time_model._probs("death", last)[:, 1].sum()
+    for seed in range(5):
+        _, stats = time_model.sample(patients, np.random.default_rng(seed), code_category)
+        assert abs(stats["hospital_deaths"] - expected) < 1.0
 
 
 def test_a_cohort_without_deaths_gets_none(cohort):

@@ -19,7 +19,10 @@ steps a batch decodes past its finished rows against the cost of one more ``gene
 Visit types: a model whose config has ``visit_type_feature_index`` writes each visit under a
 type drawn first from the :class:`~.prior.CohortPrior` (the first visit's type given the age
 band, each later one given the previous type); with ``visit_length="data"`` the visit lengths are
-then drawn given the types (in seeded mode the seed's own lengths are kept).
+then drawn given the types (in seeded mode the seed's own lengths are kept). Every draw from the
+prior is stratified (:mod:`.sampling`): each patient's draw has the prior's distribution, and the
+cohort's counts of each age, visit count, type and length sit within a draw or two of their
+expected counts in every cell.
 
 Modes:
 - ``unconditional``: age, sex and number of visits drawn from the :class:`~.prior.CohortPrior`

@@ -39,7 +39,8 @@ from .times import VisitTimeModel
 
 CUSTOM_GENERATE_DIR = "custom_generate"
 # The generation core, copied into custom_generate/ (generate.py is the entry transformers loads).
-SHIPPED_FILES = ("generate.py", "config.py", "patients.py", "prior.py", "processors.py", "decoding.py", "times.py")
+SHIPPED_FILES = ("generate.py", "config.py", "patients.py", "prior.py", "processors.py", "decoding.py", "times.py",
+                 "sampling.py")
 TRAINING_ARGS_JSON = "training_args.json"  # written by PromptEHRTrainer beside the checkpoint
 # Outcome-conditioned generation (hospital_death=): rounds of draws, the rate assumed at least
 # this, a round at most this many times n, and each round's seed this far from the last.

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .sampling import stratified_choice
+
 PRIOR_FILE = "cohort_prior.json"
 # The patient schema's sexes (x_cat index: F = 0, M = 1) and age cap (datasets_scripts.schema),
 # repeated here because this file travels without the package.
@@ -44,7 +46,9 @@ PAIR_MIN_COUNT = 5
 
 
 class _Empirical:
-    """An empirical distribution over integer (or float) values: ``sample(rng, size)``."""
+    """An empirical distribution over integer (or float) values: ``sample(rng, size)`` draws
+    ``size`` values stratified (each from the distribution, the counts near ``size`` x the
+    probabilities)."""
 
     def __init__(self, counts: dict):
         values = sorted(counts)
@@ -53,7 +57,7 @@ class _Empirical:
         self.probs = self.counts / self.counts.sum()
 
     def sample(self, rng: np.random.Generator, size: int) -> np.ndarray:
-        return rng.choice(self.values, size=size, p=self.probs)
+        return stratified_choice(self.values, self.probs, size, rng)
 
     def mean(self) -> float:
         return float((self.values * self.probs).sum())
@@ -287,8 +291,8 @@ class CohortPrior:
         return _band(np.asarray(ages, dtype=np.float64), self.edges)
 
     def sample_demographics(self, n: int, rng: np.random.Generator) -> tuple[np.ndarray, list[str]]:
-        """n (age, sex) pairs from the joint training distribution."""
-        pick = rng.choice(len(self._demo_p), size=n, p=self._demo_p)
+        """n (age, sex) pairs from the joint training distribution (stratified)."""
+        pick = stratified_choice(np.arange(len(self._demo_p)), self._demo_p, n, rng)
         return self._ages[pick].copy(), [str(s) for s in self._sexes[pick]]
 
     def sample_n_visits(self, ages, rng: np.random.Generator) -> np.ndarray:

@@ -19,8 +19,14 @@ A value is drawn inside its bin from the training values' own distribution there
 ``K + 1`` within-bin quantiles (levels 0, 1/K, ..., 1; the first and last are the bin's edges) and a
 draw ``u ~ U(0, 1)`` is interpolated piecewise linearly between them (in ``log1p`` space for gaps and
 days to death). A file without these quantiles (written before them) draws uniformly inside the
-bin, as it did: that is the table with ``K = 1``. The codes are drawn first and are not changed: a
-cohort generated without times has the same codes.
+bin: that is the table with ``K = 1``. The codes are drawn first and are not changed: a cohort
+generated without times has the same codes.
+
+Draws are stratified (:mod:`.sampling`): each patient's bin or outcome has its head's probability,
+and over the cohort each bin's and outcome's count lies within one of the sum of those
+probabilities (systematic sampling, class by class, along the patients in random order); the
+uniforms of the values inside one bin fill its quantiles evenly. Independent draws would add the
+noise of a binomial count to every rate the cohort reports.
 
 Ages: the patient's age is its age at the first admission; later admissions are older by the
 stays and gaps before them. Where a later visit holds a code whose CMS age edit caps the age
@@ -43,6 +49,7 @@ from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
 from .prior import AGE_BAND_EDGES, SEXES
+from .sampling import stratified_within, systematic_classes
 
 TIME_MODEL_FILE = "time_model.safetensors"
 TIME_MODEL_FORMAT = "promptehr-time-model"
@@ -200,20 +207,20 @@ class VisitTimeModel:
 
     @staticmethod
     def _draw(probs: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-        """One class per row of ``probs`` (inverse CDF, vectorised)."""
-        cum = np.cumsum(probs, axis=1)
-        u = rng.random(len(probs))[:, None] * cum[:, -1:]
-        return np.minimum((cum < u).sum(axis=1), probs.shape[1] - 1)
+        """One class per row of ``probs``, each with its row's probabilities; the cohort's count of
+        each class is within one of its expectation (systematic sampling)."""
+        return systematic_classes(probs / probs.sum(axis=1, keepdims=True), rng)
 
     def _values(self, head: str, bins: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         """One value per bin in ``bins``: ``u ~ U(0, 1)`` through the bin's piecewise-linear
-        within-bin quantile function (in log1p space for :data:`LOG_HEADS`); one uniform per value,
-        so a ``K = 1`` table draws exactly what the uniform draw inside the bin did."""
+        within-bin quantile function (in log1p space for :data:`LOG_HEADS`); the uniforms of one
+        bin's values are stratified, so they spread over its quantiles as the training values do.
+        A ``K = 1`` table draws uniformly inside the bin."""
         table = self.quantiles[head]
         if head in LOG_HEADS:
             table = np.log1p(table)
         k = table.shape[1] - 1
-        pos = rng.random(len(bins)) * k
+        pos = stratified_within(bins, rng) * k
         seg = np.minimum(pos.astype(np.int64), k - 1)
         lo, hi = table[bins, seg], table[bins, seg + 1]
         value = lo + (pos - seg) * (hi - lo)
