@@ -60,6 +60,7 @@ cohort's targets; its work folder and results are ``*_simulated_icd10``.
 ``--refresh-priors`` recounts the ``cohort_prior.json`` of reused models from their training split
 with the current code (weights untouched), so that models trained before a change to the prior
 are scored with what training writes now; the refitted visit types must reproduce the stored chain.
+It also refits and recalibrates their time model as training does now.
 """
 
 from __future__ import annotations
@@ -173,7 +174,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--refresh-priors", action="store_true",
                    help="recount the cohort_prior.json of each reused model from its training split with the "
                         "current CohortPrior (the visit types refitted with the run's seed must give back the "
-                        "stored type chain); the weights are untouched")
+                        "stored type chain) and refit and recalibrate the time model; the weights are untouched")
     args = p.parse_args(argv)
     if args.mimic_dir and args.cohort != "simulated":
         p.error(f"--mimic-dir and --cohort {args.cohort} exclude each other")
@@ -254,6 +255,31 @@ def refresh_prior(name: str, model_dir: Path, flags: list[str], args) -> None:
         raise RuntimeError(f"[{name}] the refitted visit types differ from the stored ones: retrain instead")
     prior.save(model_dir)
     print(f"[{name}] cohort prior recounted", flush=True)
+
+
+def refresh_time_model(name: str, model_dir: Path, args) -> None:
+    """Refit ``model_dir``'s time model on its training split and calibrate it on the model's own
+    patients, as examples/train.py does now (weights untouched); a model without one is left so."""
+    from promptehr_hf.datasets_scripts.prepare import load_prepared
+    from promptehr_hf.modeling_promptehr.generation.command import load_model
+    from promptehr_hf.modeling_promptehr.generation.times import TIME_MODEL_FILE
+    from promptehr_hf.modeling_promptehr.training.calibration import (
+        DEFAULT_CALIBRATION_PATIENTS,
+        MULTIMODAL_CALIBRATION_PATIENTS,
+        fit_time_calibration,
+    )
+    from promptehr_hf.modeling_promptehr.training.time_model import fit_time_model
+
+    if not (model_dir / TIME_MODEL_FILE).is_file():
+        return
+    model, tokenizer = load_model(model_dir)
+    train_split = load_prepared(model_dir.parent / "data")["train"].to_list()
+    time_model = fit_time_model(train_split, tokenizer.category_of, seed=args.seed)
+    n = MULTIMODAL_CALIBRATION_PATIENTS if len(tokenizer.modalities) > 1 else DEFAULT_CALIBRATION_PATIENTS
+    time_model = fit_time_calibration(model, tokenizer, train_split, time_model, n, prior=model_dir,
+                                      seed=args.seed + 2, batch_size=args.generate_batch_size)
+    time_model.save(model_dir)
+    print(f"[{name}] time model refitted and calibrated", flush=True)
 
 
 def train_all(runs: dict[str, tuple[list[str], float]], args) -> dict[str, Path]:
@@ -553,6 +579,7 @@ def main(argv=None) -> dict:
     if args.refresh_priors:
         for name, model_dir in model_dirs.items():
             refresh_prior(name, model_dir, runs[name][0], args)
+            refresh_time_model(name, model_dir, args)
     default_dir = model_dirs["default"]
     splits = load_prepared(default_dir.parent / "data")
     result_meta = None

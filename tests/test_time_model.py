@@ -29,8 +29,11 @@ from promptehr_hf.modeling_promptehr.modeling_promptehr import PromptEHRForCondi
 from promptehr_hf.modeling_promptehr.training.time_model import (
     MIN_WITHIN_BIN_VALUES,
     WITHIN_BIN_LEVELS,
+    calibrate_time_model,
+    class_shares,
     fit_time_model,
     quantile_edges,
+    upper_tail,
     within_bin_quantiles,
 )
 from promptehr_hf.tokenization.tokenization_promptehr import PromptEHRTokenizer, code_category
@@ -227,10 +230,63 @@ def test_the_cohorts_deaths_are_their_expected_count(cohort, time_model):
     feats = VisitFeatures(time_model.categories, code_category)
     last = feats.rows([feats.visits([p["visits"][-1] for p in patients])], np.array([p["age"] for p in patients]),
                       [p["sex"] for p in patients], n_visits - 1)
-    expected = time_model._probs("death", last)[:, 1].sum()
+    expected = time_model.probs("death", last)[:, 1].sum()
     for seed in range(5):
         _, stats = time_model.sample(patients, np.random.default_rng(seed), code_category)
         assert abs(stats["hospital_deaths"] - expected) < 1.0
+
+
+def test_calibration_brings_the_rates_of_shifted_codes_back_to_the_training_ones(cohort, time_model, tmp_path):
+    """A generator that writes sepsis (the deadly code) at half its real rate: the heads, fitted on
+    the real codes, draw too few in-hospital deaths. The calibrated model's expected rates over
+    those codes are the training ones (deaths per patient, each stay bin's share), its weights
+    are the fitted ones, and ``calibrated=False`` draws as before."""
+    rng = np.random.default_rng(5)
+    generated = codes_only(cohort)
+    for p in generated:
+        if any(c.startswith("995") for c in p["visits"][-1]) and rng.random() < 0.5:
+            p["visits"] = [*p["visits"][:-1], [c for c in p["visits"][-1] if not c.startswith("995")] or ["4019"]]
+    calibrated = calibrate_time_model(time_model, cohort, generated, code_category)
+    rows = time_model.head_rows(generated, code_category)
+    real_rate = np.mean([p["hospital_death"] for p in cohort])
+    raw = time_model.probs("death", rows["death"])[:, 1].mean()
+    assert raw < real_rate - 0.02  # the shifted codes lose deaths
+    assert abs(calibrated.probs("death", rows["death"])[:, 1].mean() - real_rate) < 1e-4
+    target = class_shares(cohort, time_model)
+    np.testing.assert_allclose(calibrated.probs("stay", rows["stay"]).mean(axis=0), target["stay"], atol=1e-4)
+    alive = calibrated.probs("death", rows["death"])[:, 0]
+    np.testing.assert_allclose(np.average(calibrated.probs("after", rows["after"]), axis=0, weights=alive),
+                               target["after"], atol=1e-4)
+    for h in time_model.weights:
+        np.testing.assert_array_equal(calibrated.weights[h], time_model.weights[h])
+    np.testing.assert_allclose(calibrated.probs("death", rows["death"], calibrated=False)[:, 1].mean(), raw)
+    calibrated.save(tmp_path)
+    loaded = VisitTimeModel.load(tmp_path)
+    assert all(np.array_equal(loaded.shifts[h], calibrated.shifts[h]) for h in calibrated.shifts)
+    deaths = [calibrated.sample(generated, np.random.default_rng(s), code_category)[1]["hospital_deaths"]
+              for s in range(3)]
+    assert all(abs(d - real_rate * len(generated)) < 2 for d in deaths)
+
+
+def test_the_tail_beyond_the_outer_edge_is_drawn_from_its_share_and_mean(cohort, tmp_path):
+    """Stays with 2% of long stays (mean 200 days): the model keeps their share beyond the 99.5%
+    edge and mean excess, and the drawn stays' mean is the real one within 5%, which clipping at
+    the edge lowers by 8% or more. A tail of fewer than MIN_WITHIN_BIN_VALUES values is not kept."""
+    rng = np.random.default_rng(3)
+    long_stays = [{**p, "stay_days": [float(rng.exponential(200.0) if rng.random() < 0.02 else rng.gamma(2.0, 2.5))
+                                      for _ in p["visits"]]} for p in cohort * 3]
+    model = fit_time_model(long_stays, code_category, bins={"stay": 4})
+    stays = values(long_stays)["stay"]
+    edge = model.edges["stay"][-1]
+    share, mean = model.tails["stay"]
+    assert share > 0 and abs(mean / (stays[stays > edge] - edge).mean() - 1) < 1e-6
+    drawn_stays = drawn(model, long_stays, seed=1)["stay"]
+    assert drawn_stays.max() > edge and abs(drawn_stays.mean() / stays.mean() - 1) < 0.05
+    assert stays.mean() - np.clip(stays, None, edge).mean() > 0.08 * stays.mean()  # what clipping loses
+    model.save(tmp_path)
+    np.testing.assert_array_equal(VisitTimeModel.load(tmp_path).tails["stay"], model.tails["stay"])
+    few = np.r_[np.linspace(1.0, 10.0, 1000), np.full(MIN_WITHIN_BIN_VALUES - 1, 500.0)]
+    assert not upper_tail(few, quantile_edges(few, 4)).any()
 
 
 def test_a_cohort_without_deaths_gets_none(cohort):

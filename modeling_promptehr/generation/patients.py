@@ -526,7 +526,8 @@ def sample_patients(model, tokenizer, config: PromptEHRGenerationConfig, n: int 
         if time_model is not None:
             patients, time_stats = time_model.sample(patients, np.random.default_rng([seed, TIME_STREAM]),
                                                      tokenizer.category_of,
-                                                     _age_caps(config.cms_edits if config.cms else None))
+                                                     _age_caps(config.cms_edits if config.cms else None),
+                                                     calibrated=bool(config.calibration))
             stats.update(times=True, **time_stats)
     n_visits = sum(len(p["visits"]) for p in patients)
     n_codes = sum(len(v) for p in patients for v in p["visits"])

@@ -22,6 +22,12 @@ days to death). A file without these quantiles (written before them) draws unifo
 bin: that is the table with ``K = 1``. The codes are drawn first and are not changed: a cohort
 generated without times has the same codes.
 
+Tails: above the upper outer edge (the 99.5% quantile) a head keeps the share of its last bin's
+training values beyond it and their mean excess, and draws that share as the edge plus an
+exponential of that mean. Calibration: each head may carry a ``shift`` added to its logits
+(``calibrated=True``, the default), fitted after training so that its expected rates over the
+generator's own patients are the training ones.
+
 Draws are stratified (:mod:`.sampling`): each patient's bin or outcome has its head's probability,
 and over the cohort each bin's and outcome's count lies within one of the sum of those
 probabilities (systematic sampling, class by class, along the patients in random order); the
@@ -145,17 +151,29 @@ class VisitTimeModel:
     """The four heads' weights and bins (see the module docstring); ``sample`` draws the times."""
 
     def __init__(self, categories: Sequence[str], weights: dict[str, np.ndarray], biases: dict[str, np.ndarray],
-                 edges: dict[str, np.ndarray], quantiles: dict[str, np.ndarray] | None = None):
+                 edges: dict[str, np.ndarray], quantiles: dict[str, np.ndarray] | None = None,
+                 shifts: dict[str, np.ndarray] | None = None, tails: dict[str, np.ndarray] | None = None):
         """``quantiles``: per binned head, [bins, K + 1] within-bin quantiles (the first and last
-        column the bin's edges); a head without one draws uniformly inside its bins (``K = 1``)."""
+        column the bin's edges); a head without one draws uniformly inside its bins (``K = 1``).
+        ``shifts``: per head, the calibration added to its logits ([K], like its bias) when drawing
+        calibrated; zero for a head without one. ``tails``: per binned head, ``[share, mean]``: the
+        share of its last bin's training values above the outer edge and their mean excess over
+        it (days), drawn as an exponential tail beyond the edge; ``[0, 0]`` (none) by default."""
         self.categories = list(categories)
         self.weights = {h: np.asarray(weights[h], dtype=np.float32) for h in HEADS}
         self.biases = {h: np.asarray(biases[h], dtype=np.float32) for h in HEADS}
+        shifts = shifts or {}
+        self.shifts = {h: np.asarray(shifts[h], dtype=np.float32) if h in shifts else np.zeros_like(self.biases[h])
+                       for h in HEADS}
         self.edges = {h: np.asarray(edges[h], dtype=np.float64) for h in BINNED_HEADS}
         quantiles = quantiles or {}
         self.quantiles = {h: np.asarray(quantiles[h], dtype=np.float64) if h in quantiles
                           else np.stack([self.edges[h][:-1], self.edges[h][1:]], axis=1) for h in BINNED_HEADS}
+        tails = tails or {}
+        self.tails = {h: np.asarray(tails.get(h, (0.0, 0.0)), dtype=np.float64) for h in BINNED_HEADS}
         for h in BINNED_HEADS:
+            if self.tails[h].shape != (2,) or not 0.0 <= self.tails[h][0] < 1.0 or self.tails[h][1] < 0.0:
+                raise ValueError(f"{h}: a tail is [share in [0, 1), mean excess >= 0], got {self.tails[h].tolist()}")
             if self.quantiles[h].ndim != 2 or len(self.quantiles[h]) != len(self.edges[h]) - 1:
                 raise ValueError(f"{h}: {self.quantiles[h].shape} within-bin quantiles for "
                                  f"{len(self.edges[h]) - 1} bins")
@@ -168,6 +186,8 @@ class VisitTimeModel:
         tensors = {f"{h}.weight": np.ascontiguousarray(self.weights[h]) for h in HEADS}
         tensors |= {f"{h}.bias": np.ascontiguousarray(self.biases[h]) for h in HEADS}
         tensors |= {f"{h}.quantiles": np.ascontiguousarray(self.quantiles[h]) for h in BINNED_HEADS}
+        tensors |= {f"{h}.shift": np.ascontiguousarray(self.shifts[h]) for h in HEADS if self.shifts[h].any()}
+        tensors |= {f"{h}.tail": np.ascontiguousarray(self.tails[h]) for h in BINNED_HEADS if self.tails[h].any()}
         metadata = {"format": TIME_MODEL_FORMAT, "categories": json.dumps(self.categories),
                     "edges": json.dumps({h: e.tolist() for h, e in self.edges.items()})}
         tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
@@ -190,14 +210,18 @@ class VisitTimeModel:
                 raise ValueError(f"not a {TIME_MODEL_FORMAT} file")
             edges = {h: np.array(e) for h, e in json.loads(metadata["edges"]).items()}
             quantiles = {h: tensors[f"{h}.quantiles"] for h in BINNED_HEADS if f"{h}.quantiles" in tensors}
+            shifts = {h: tensors[f"{h}.shift"] for h in HEADS if f"{h}.shift" in tensors}
+            tails = {h: tensors[f"{h}.tail"] for h in BINNED_HEADS if f"{h}.tail" in tensors}
             return cls(json.loads(metadata["categories"]), {h: tensors[f"{h}.weight"] for h in HEADS},
-                       {h: tensors[f"{h}.bias"] for h in HEADS}, edges, quantiles)
+                       {h: tensors[f"{h}.bias"] for h in HEADS}, edges, quantiles, shifts, tails)
         except (OSError, KeyError, ValueError) as err:
             raise ValueError(f"cannot read the time model {path}: {err}") from err
 
     # ------------------------------------------------------------------ sampling
-    def _probs(self, head: str, X: BinaryRows) -> np.ndarray:
-        logits = X.dot(self.weights[head]) + self.biases[head]
+    def probs(self, head: str, X: BinaryRows, calibrated: bool = True) -> np.ndarray:
+        """[n, classes] probabilities of ``head`` for the rows ``X`` (the death head: [alive, died]);
+        ``calibrated``: with the head's shift."""
+        logits = X.dot(self.weights[head]) + self.biases[head] + (self.shifts[head] if calibrated else 0.0)
         if head == "death":  # the binary head: the logit of class 1
             p = 1.0 / (1.0 + np.exp(-logits))
             return np.hstack([1.0 - p, p])
@@ -215,34 +239,33 @@ class VisitTimeModel:
         """One value per bin in ``bins``: ``u ~ U(0, 1)`` through the bin's piecewise-linear
         within-bin quantile function (in log1p space for :data:`LOG_HEADS`); the uniforms of one
         bin's values are stratified, so they spread over its quantiles as the training values do.
-        A ``K = 1`` table draws uniformly inside the bin."""
+        A ``K = 1`` table draws uniformly inside the bin. In the last bin, the top ``share`` of
+        the uniforms (the training values the outer edge clipped) go to the exponential tail beyond
+        the edge (``tails``)."""
         table = self.quantiles[head]
         if head in LOG_HEADS:
             table = np.log1p(table)
         k = table.shape[1] - 1
-        pos = stratified_within(bins, rng) * k
+        u = stratified_within(bins, rng)
+        pos = u * k
         seg = np.minimum(pos.astype(np.int64), k - 1)
         lo, hi = table[bins, seg], table[bins, seg + 1]
         value = lo + (pos - seg) * (hi - lo)
-        return np.expm1(value) if head in LOG_HEADS else value
+        value = np.expm1(value) if head in LOG_HEADS else value
+        share, mean = self.tails[head]
+        if share > 0:
+            top = (bins == len(table) - 1) & (u >= 1.0 - share)
+            value[top] = self.edges[head][-1] - mean * np.log1p(-(u[top] - (1.0 - share)) / share)
+        return value
 
-    def sample(self, patients: Sequence[dict], rng: np.random.Generator, category_of: Callable[[str], str],
-               age_caps: Callable[[Sequence[str]], float] | None = None) -> tuple[list[dict], dict]:
-        """The patients with ``stay_days``, ``gap_days``, ``hospital_death`` and ``death_days`` drawn.
-
-        Args:
-            patients: [n] dicts with ``age``, ``sex`` and ``visits`` (their codes are kept as they are).
-            rng: the random stream of the times (the codes' stream is not touched).
-            category_of: code -> category (the tokenizer's ``category_of``).
-            age_caps: visit codes -> the highest whole-year age their CMS edits allow (``inf`` for
-                none); None: no cap.
-        Returns:
-            (patients, stats): new dicts; stats ``time_capped_visits``, ``hospital_deaths``.
-        """
+    def head_rows(self, patients: Sequence[dict], category_of: Callable[[str], str]) -> dict:
+        """Each head's input rows for ``patients`` (dicts with ``age``, ``sex``, ``visits``, at
+        least one visit each): ``stay`` one row per visit, ``gap`` one per visit after the first,
+        ``death`` and ``after`` one per patient (its last visit); with the bookkeeping ``owner``
+        (the patient of each visit), ``start`` (each patient's first visit), ``later`` (the visits
+        after a first) and ``visits`` (every visit's codes)."""
         feats = VisitFeatures(self.categories, category_of)
         n = len(patients)
-        if n == 0:
-            return [], {"time_capped_visits": 0, "hospital_deaths": 0}
         n_visits = np.array([len(p["visits"]) for p in patients], dtype=np.int64)
         ages = np.array([float(p["age"]) for p in patients])
         sexes = [p["sex"] for p in patients]
@@ -252,21 +275,49 @@ class VisitTimeModel:
         visits = [v for p in patients for v in p["visits"]]
         V = feats.visits(visits)
         v_sexes = [sexes[i] for i in owner]
+        later = np.flatnonzero(index > 0)
+        X_last = feats.rows([V.take(start + n_visits - 1)], ages, sexes, n_visits - 1)
+        return {"stay": feats.rows([V], ages[owner], v_sexes, index),
+                "gap": feats.rows([V.take(later - 1), V.take(later)], ages[owner[later]],
+                                  [v_sexes[i] for i in later], index[later]) if len(later) else None,
+                "death": X_last, "after": X_last, "owner": owner, "start": start, "later": later,
+                "n_visits": n_visits, "ages": ages, "visits": visits}
 
-        stay_bins = self._draw(self._probs("stay", feats.rows([V], ages[owner], v_sexes, index)), rng)
+    def sample(self, patients: Sequence[dict], rng: np.random.Generator, category_of: Callable[[str], str],
+               age_caps: Callable[[Sequence[str]], float] | None = None,
+               calibrated: bool = True) -> tuple[list[dict], dict]:
+        """The patients with ``stay_days``, ``gap_days``, ``hospital_death`` and ``death_days`` drawn.
+
+        Args:
+            patients: [n] dicts with ``age``, ``sex`` and ``visits`` (their codes are kept as they are).
+            rng: the random stream of the times (the codes' stream is not touched).
+            category_of: code -> category (the tokenizer's ``category_of``).
+            age_caps: visit codes -> the highest whole-year age their CMS edits allow (``inf`` for
+                none); None: no cap.
+            calibrated: add each head's calibration shift (``shifts``) to its logits.
+        Returns:
+            (patients, stats): new dicts; stats ``time_capped_visits``, ``hospital_deaths``.
+        """
+        n = len(patients)
+        if n == 0:
+            return [], {"time_capped_visits": 0, "hospital_deaths": 0}
+        rows = self.head_rows(patients, category_of)
+        owner, start, later, n_visits, ages = (rows[k] for k in ("owner", "start", "later", "n_visits", "ages"))
+        visits = rows["visits"]
+
+        stay_bins = self._draw(self.probs("stay", rows["stay"], calibrated), rng)
         stays = self._values("stay", stay_bins, rng)
         gaps = np.zeros(len(owner))
-        later = np.flatnonzero(index > 0)
         if len(later):
-            X = feats.rows([V.take(later - 1), V.take(later)], ages[owner[later]], [v_sexes[i] for i in later],
-                           index[later])
-            gaps[later] = self._values("gap", self._draw(self._probs("gap", X), rng), rng)
-        last = start + n_visits - 1
-        X_last = feats.rows([V.take(last)], ages, sexes, n_visits - 1)
-        died = self._draw(self._probs("death", X_last), rng) == 1
-        after_bins = self._draw(self._probs("after", X_last), rng)
+            gaps[later] = self._values("gap", self._draw(self.probs("gap", rows["gap"], calibrated), rng), rng)
+        died = self._draw(self.probs("death", rows["death"], calibrated), rng) == 1
+        # Days to a later death only for the patients who left hospital alive: drawn among them, the
+        # count of later deaths is near its expectation too.
         none = len(self.edges["after"]) - 1  # the last class: no known death
-        known = ~died & (after_bins < none)
+        alive = np.flatnonzero(~died)
+        after_bins = np.full(n, none)
+        after_bins[alive] = self._draw(self.probs("after", rows["after"].take(alive), calibrated), rng)
+        known = after_bins < none
         after = np.full(n, np.nan)
         after[known] = self._values("after", after_bins[known], rng)
 

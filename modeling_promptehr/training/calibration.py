@@ -1,11 +1,17 @@
-"""Category calibration: after training, how far each category's share of generated visits is from
-its share of training visits, as the log-ratio that generation adds to its score
-(``PromptEHRGenerationConfig.category_calibration``).
+"""Calibration after training, from unconditional patients the trained model generates; nothing but
+the training split is used.
 
-A model trained for minutes spreads its probability more evenly than the data: a category present
-in a large minority of visits (hypertension in about 37%) comes out a few points too often, and
-rare ones too seldom. One draw of unconditional patients from the trained model (with its saved
-generation settings, calibration off) measures it; nothing but the training split is used.
+- Category calibration: how far each category's share of generated visits is from its share of
+  training visits, as the log-ratio that generation adds to its score
+  (``PromptEHRGenerationConfig.category_calibration``). A model trained for minutes spreads its
+  probability more evenly than the data: a category present in a large minority of visits
+  (hypertension in about 37%) comes out a few points too often, and rare ones too seldom. Measured
+  on a draw with the calibration off.
+- Time calibration: the time model's heads draw stays, gaps and deaths from each visit's codes;
+  over the generated codes their expected rates drift from the training ones as far as the codes
+  do (a death-heavy category a little rarer than real lowers in-hospital mortality). A second draw,
+  with the category calibration on, fits each head's intercept shift
+  (:func:`~.time_model.calibrate_time_model`).
 """
 
 from __future__ import annotations
@@ -15,6 +21,9 @@ from collections import Counter
 import numpy as np
 
 from promptehr_hf.modeling_promptehr.generation.pipeline import generate_patients
+from promptehr_hf.modeling_promptehr.generation.times import VisitTimeModel
+
+from .time_model import calibrate_time_model
 
 # Visits added to both counts of every category: a category no generated visit holds gets a finite
 # log-ratio, and one seen a few times moves little.
@@ -72,5 +81,20 @@ def fit_category_calibration(model, tokenizer, train_patients, n_patients: int =
     return out
 
 
+def fit_time_calibration(model, tokenizer, train_patients, time_model: VisitTimeModel,
+                         n_patients: int = DEFAULT_CALIBRATION_PATIENTS, *, prior=None, seed: int = 0,
+                         batch_size: int = 256, max_history_length: int | None = None,
+                         progress: bool = True) -> VisitTimeModel:
+    """``time_model`` with its heads' shifts fitted on ``n_patients`` unconditional patients that
+    ``model`` generates with its generation config (category calibration included, no times,
+    ``seed``), against ``train_patients`` (with times)."""
+    if n_patients < 1:
+        raise ValueError(f"fit_time_calibration: n_patients must be >= 1, got {n_patients}")
+    synthetic, _ = generate_patients(model, tokenizer, n_patients, mode="unconditional", prior=prior, seed=seed,
+                                     batch_size=batch_size, max_history_length=max_history_length, times=False,
+                                     progress=progress)
+    return calibrate_time_model(time_model, list(train_patients), list(synthetic), tokenizer.category_of)
+
+
 __all__ = ["DEFAULT_CALIBRATION_PATIENTS", "MULTIMODAL_CALIBRATION_PATIENTS", "category_visit_counts",
-           "fit_category_calibration"]
+           "fit_category_calibration", "fit_time_calibration"]

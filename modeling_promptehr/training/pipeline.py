@@ -22,7 +22,8 @@ Everything lands in ``--output-dir`` (default ``promptehr_run/``):
     checkpoints/   Trainer checkpoints (resume with --resume-from-checkpoint last|DIR)
     model/         the final model: config + safetensors + remote code, tokenizer,
                    cooccurrence.safetensors, cohort_prior.json, time_model.safetensors (stays, gaps
-                   and deaths from the codes; when the cohort has times and no --no-time),
+                   and deaths from the codes, calibrated on generated patients; when the cohort has
+                   times and no --no-time),
                    generation_config.json (the generation settings and CMS edits) and
                    custom_generate/ (the generation code: the folder generates patients without
                    this package), README.md (model card with metrics)
@@ -62,7 +63,12 @@ from promptehr_hf.modeling_promptehr.generation.times import TIME_MODEL_FILE, ha
 from promptehr_hf.modeling_promptehr.modeling_promptehr import PromptEHRForConditionalGeneration
 from promptehr_hf.tokenization.tokenization_promptehr import MODALITIES, PromptEHRTokenizer, merge_visits
 
-from .calibration import DEFAULT_CALIBRATION_PATIENTS, MULTIMODAL_CALIBRATION_PATIENTS, fit_category_calibration
+from .calibration import (
+    DEFAULT_CALIBRATION_PATIENTS,
+    MULTIMODAL_CALIBRATION_PATIENTS,
+    fit_category_calibration,
+    fit_time_calibration,
+)
 from .data import build_examples
 from .losses import category_cooccurrence, tokenizer_categories
 from .model_card import model_card, push_to_hub
@@ -155,9 +161,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     gen.add_argument("--generate-batch-size", type=int, default=256)
     gen.add_argument("--calibration-patients", type=int, default=None,
                      help="patients generated after training to calibrate each category's share of visits to "
-                          f"the training split's (saved in generation_config.json; 0: no calibration; default "
+                          "the training split's (saved in generation_config.json), then as many again to calibrate "
+                          "the time model's rates (its heads' shifts); 0: no calibration; default "
                           f"{DEFAULT_CALIBRATION_PATIENTS:,}, {MULTIMODAL_CALIBRATION_PATIENTS:,} with procedures or "
-                          "medications)")
+                          "medications")
     gen.add_argument("--no-evaluate", action="store_true", help="skip the evaluation of the generated cohort")
     gen.add_argument("--perplexity-patients", type=int, default=PERPLEXITY_PATIENTS,
                      help="held-out test patients the evaluation scores the model's lpl / mpl perplexity on "
@@ -451,6 +458,13 @@ def train(args: argparse.Namespace) -> dict:
         trainer.model.generation_config = save_custom_generate(model_dir, tokenizer, category_calibration=calibration)
         run["calibration_minutes"] = (time.perf_counter() - t0) / 60
         run["calibration_patients"] = n_calibration
+        if time_model is not None:
+            t0 = time.perf_counter()
+            time_model = fit_time_calibration(trainer.model, tokenizer, train_patients, time_model, n_calibration,
+                                              prior=prior, seed=args.seed + 2, batch_size=args.generate_batch_size,
+                                              max_history_length=max_source)
+            time_model.save(model_dir)
+            run["time_calibration_minutes"] = (time.perf_counter() - t0) / 60
 
     evaluation = None
     n_generate = len(test_split) if args.generate is None else args.generate

@@ -9,7 +9,14 @@ outer bins), so no single patient's extreme stay or gap is written into the chec
 each bin the model keeps :data:`WITHIN_BIN_LEVELS` + 1 quantiles of the training values that fell
 there (outer values clipped to the outer edges; the first and last quantile are the bin's edges),
 which generation interpolates; a bin with fewer than :data:`MIN_WITHIN_BIN_VALUES` values keeps the
-uniform draw (on the log1p scale for gaps and days to death).
+uniform draw (on the log1p scale for gaps and days to death). Above the upper outer edge the model
+keeps two aggregates, the share of the last bin's values beyond it and their mean excess, drawn as
+an exponential tail; with fewer than :data:`MIN_WITHIN_BIN_VALUES` values beyond it, none (the
+values stay clipped). Without the tail, the clipped 0.5% of stays alone put the synthetic stays
+0.13 days (Wasserstein) from the training ones on the simulated cohort.
+
+:func:`calibrate_time_model` then shifts each head's intercepts so that its expected class shares
+over the trained generator's own patients are the training shares.
 """
 
 from __future__ import annotations
@@ -29,6 +36,12 @@ DEFAULT_C = 1.0
 WITHIN_BIN_LEVELS = 16  # K: a bin's values as K + 1 quantiles, drawn piecewise linearly between them
 # Fewer values in a bin make quantiles that are single patients' values, no better than uniform.
 MIN_WITHIN_BIN_VALUES = 4 * WITHIN_BIN_LEVELS
+
+
+# Calibration: the fixed-point iteration on the heads' shifts stops when every class's expected
+# share is within this log-ratio of its training share, or after CALIBRATION_ITERATIONS rounds.
+CALIBRATION_TOLERANCE = 1e-6
+CALIBRATION_ITERATIONS = 500
 
 
 def quantile_edges(values: np.ndarray, n_bins: int) -> np.ndarray:
@@ -62,6 +75,17 @@ def within_bin_quantiles(values: np.ndarray, edges: np.ndarray, levels: int = WI
         table[b] = np.quantile(clipped[bins == b], np.linspace(0.0, 1.0, levels + 1))
     table[:, 0], table[:, -1] = lo, hi
     return table
+
+
+def upper_tail(values: np.ndarray, edges: np.ndarray) -> np.ndarray:
+    """``[share, mean]``: the share of the last bin's values above the outer edge and their mean
+    excess over it; ``[0, 0]`` when fewer than :data:`MIN_WITHIN_BIN_VALUES` values lie beyond it
+    (a tail of a few values would be single patients' values)."""
+    above = values > edges[-1]
+    if above.sum() < MIN_WITHIN_BIN_VALUES:
+        return np.zeros(2)
+    in_last = bin_of(values, edges) == len(edges) - 2
+    return np.array([above.sum() / in_last.sum(), float((values[above] - edges[-1]).mean())])
 
 
 def _csr(rows: BinaryRows) -> sp.csr_matrix:
@@ -162,9 +186,88 @@ def fit_time_model(patients: Sequence[dict], category_of: Callable[[str], str], 
     rows = np.flatnonzero(alive)
     weights["after"], biases["after"] = _fit_head(X_last.take(rows), y[rows], none + 1, C, seed)
     quantiles = {"stay": within_bin_quantiles(stays, edges["stay"])}
+    tails = {"stay": upper_tail(stays, edges["stay"])}
     if len(later):
         quantiles["gap"] = within_bin_quantiles(gaps[later], edges["gap"], log="gap" in LOG_HEADS)
+        tails["gap"] = upper_tail(gaps[later], edges["gap"])
     if known.any():
         quantiles["after"] = within_bin_quantiles(after[known], edges["after"], log="after" in LOG_HEADS)
+        tails["after"] = upper_tail(after[known], edges["after"])
     return VisitTimeModel(categories, {h: weights[h] for h in HEADS}, {h: biases[h] for h in HEADS}, edges,
-                          quantiles)
+                          quantiles, tails=tails)
+
+
+def class_shares(patients: Sequence[dict], time_model: VisitTimeModel) -> dict[str, np.ndarray]:
+    """Each head's class shares in ``patients`` (with times), in the model's bins: ``stay`` over all
+    visits, ``gap`` over the visits after a first, ``death`` ([alive, died]) over patients,
+    ``after`` (the bins, then no known death) over the patients who left hospital alive."""
+    stays = np.array([s for p in patients for s in p["stay_days"]], dtype=np.float64)
+    gaps = np.array([g for p in patients for g in p["gap_days"][1:]], dtype=np.float64)
+    died = np.array([bool(p.get("hospital_death")) for p in patients])
+    after = np.array([np.nan if p.get("death_days") is None else float(p["death_days"])
+                      for p, d in zip(patients, died) if not d])
+    none = len(time_model.edges["after"]) - 1
+    after_class = np.full(len(after), none)
+    known = ~np.isnan(after)
+    after_class[known] = bin_of(after[known], time_model.edges["after"])
+
+    def shares(labels: np.ndarray, k: int) -> np.ndarray:
+        return np.bincount(labels, minlength=k) / max(len(labels), 1)
+
+    return {"stay": shares(bin_of(stays, time_model.edges["stay"]), len(time_model.edges["stay"]) - 1),
+            "gap": shares(bin_of(gaps, time_model.edges["gap"]), len(time_model.edges["gap"]) - 1),
+            "death": shares(died.astype(np.int64), 2), "after": shares(after_class, none + 1)}
+
+
+def _fit_shift(probs_of: Callable[[np.ndarray], np.ndarray], target: np.ndarray, weights: np.ndarray | None,
+               k: int) -> np.ndarray:
+    """[k] logit shifts that make the (weighted) mean of ``probs_of(shift)`` equal ``target``: the
+    fixed point of shift += log(target / mean); a class with no training share keeps no shift."""
+    shift = np.zeros(k)
+    held = target > 0
+    for _ in range(CALIBRATION_ITERATIONS):
+        mean = np.average(probs_of(shift), axis=0, weights=weights)
+        step = np.zeros(k)
+        step[held] = np.log(target[held]) - np.log(np.maximum(mean[held], 1e-300))
+        shift += step - step[held].mean()  # softmax is blind to a common shift: keep them centred
+        if np.abs(step[held] - step[held].mean()).max() < CALIBRATION_TOLERANCE:
+            break
+    return shift
+
+
+def calibrate_time_model(time_model: VisitTimeModel, train_patients: Sequence[dict], generated: Sequence[dict],
+                         category_of: Callable[[str], str]) -> VisitTimeModel:
+    """The time model with each head's ``shift`` fitted so that, over the ``generated`` patients'
+    codes (the trained generator's own, drawn without times), the head's expected class shares are
+    the training patients' (stays over visits, gaps over readmissions, in-hospital death over
+    patients, days to a later death over the patients predicted to leave alive).
+
+    The heads were fitted on the training codes, where their expected shares are the training
+    shares; a generator whose visits are slightly off (a category a little rarer than real) moves
+    every rate the heads draw. The weights, and with them every dependence on the codes, are kept:
+    only the intercepts move, by the same amount for every patient.
+    """
+    if not generated:
+        raise ValueError("calibrate_time_model needs generated patients")
+    target = class_shares(train_patients, time_model)
+    rows = time_model.head_rows(generated, category_of)
+    shifts = {}
+    alive = None
+    for head in HEADS:  # death before after: the after head's patients are weighted by P(alive)
+        if rows[head] is None or not target[head].any():
+            continue
+        logits = np.log(np.maximum(time_model.probs(head, rows[head], calibrated=False), 1e-300))
+        shift = _fit_shift(lambda d, z=logits: _softmax(z + d), target[head], alive if head == "after" else None,
+                           logits.shape[1])
+        if head == "death":  # the binary head's one logit moves by the pair's difference
+            alive = _softmax(logits + shift)[:, 0]
+            shift = np.array([shift[1] - shift[0]])
+        shifts[head] = shift.astype(np.float32)
+    return VisitTimeModel(time_model.categories, time_model.weights, time_model.biases, time_model.edges,
+                          time_model.quantiles, shifts, time_model.tails)
+
+
+def _softmax(z: np.ndarray) -> np.ndarray:
+    z = z - z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
