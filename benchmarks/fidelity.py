@@ -263,11 +263,7 @@ def refresh_time_model(name: str, model_dir: Path, args) -> None:
     from promptehr_hf.datasets_scripts.prepare import load_prepared
     from promptehr_hf.modeling_promptehr.generation.command import load_model
     from promptehr_hf.modeling_promptehr.generation.times import TIME_MODEL_FILE
-    from promptehr_hf.modeling_promptehr.training.calibration import (
-        DEFAULT_CALIBRATION_PATIENTS,
-        MULTIMODAL_CALIBRATION_PATIENTS,
-        fit_time_calibration,
-    )
+    from promptehr_hf.modeling_promptehr.training.calibration import default_calibration_patients, fit_time_calibration
     from promptehr_hf.modeling_promptehr.training.time_model import fit_time_model
 
     if not (model_dir / TIME_MODEL_FILE).is_file():
@@ -275,7 +271,7 @@ def refresh_time_model(name: str, model_dir: Path, args) -> None:
     model, tokenizer = load_model(model_dir)
     train_split = load_prepared(model_dir.parent / "data")["train"].to_list()
     time_model = fit_time_model(train_split, tokenizer.category_of, seed=args.seed)
-    n = MULTIMODAL_CALIBRATION_PATIENTS if len(tokenizer.modalities) > 1 else DEFAULT_CALIBRATION_PATIENTS
+    n = default_calibration_patients(len(tokenizer.modalities) > 1)[1]
     time_model = fit_time_calibration(model, tokenizer, train_split, time_model, n, prior=model_dir,
                                       seed=args.seed + 2, batch_size=args.generate_batch_size)
     time_model.save(model_dir)

@@ -36,6 +36,15 @@ DEFAULT_CALIBRATION_PATIENTS = 10_000
 # patients keep the calibration's cost near the diagnosis-only one (on the simulated cohort's
 # 15-minute model, 5,000 and 10,000 patients gave the same pair R² closures within one point).
 MULTIMODAL_CALIBRATION_PATIENTS = 5_000
+# The time calibration's draw is half the category calibration's by default: a second draw as large
+# would take the main job past its 15 minutes on 2 cores (each costs about 1.6 minutes there).
+TIME_CALIBRATION_SHARE = 0.5
+
+
+def default_calibration_patients(multimodal: bool) -> tuple[int, int]:
+    """(category calibration, time calibration) patients generated after training by default."""
+    n = MULTIMODAL_CALIBRATION_PATIENTS if multimodal else DEFAULT_CALIBRATION_PATIENTS
+    return n, int(n * TIME_CALIBRATION_SHARE)
 
 
 def category_visit_counts(visits, category_of) -> Counter:
@@ -96,5 +105,6 @@ def fit_time_calibration(model, tokenizer, train_patients, time_model: VisitTime
     return calibrate_time_model(time_model, list(train_patients), list(synthetic), tokenizer.category_of)
 
 
-__all__ = ["DEFAULT_CALIBRATION_PATIENTS", "MULTIMODAL_CALIBRATION_PATIENTS", "category_visit_counts",
-           "fit_category_calibration", "fit_time_calibration"]
+__all__ = ["DEFAULT_CALIBRATION_PATIENTS", "MULTIMODAL_CALIBRATION_PATIENTS", "TIME_CALIBRATION_SHARE",
+           "category_visit_counts", "default_calibration_patients", "fit_category_calibration",
+           "fit_time_calibration"]

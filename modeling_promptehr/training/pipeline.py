@@ -66,6 +66,8 @@ from promptehr_hf.tokenization.tokenization_promptehr import MODALITIES, PromptE
 from .calibration import (
     DEFAULT_CALIBRATION_PATIENTS,
     MULTIMODAL_CALIBRATION_PATIENTS,
+    TIME_CALIBRATION_SHARE,
+    default_calibration_patients,
     fit_category_calibration,
     fit_time_calibration,
 )
@@ -161,10 +163,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     gen.add_argument("--generate-batch-size", type=int, default=256)
     gen.add_argument("--calibration-patients", type=int, default=None,
                      help="patients generated after training to calibrate each category's share of visits to "
-                          "the training split's (saved in generation_config.json), then as many again to calibrate "
-                          "the time model's rates (its heads' shifts); 0: no calibration; default "
+                          "the training split's (saved in generation_config.json; 0: no calibration; default "
                           f"{DEFAULT_CALIBRATION_PATIENTS:,}, {MULTIMODAL_CALIBRATION_PATIENTS:,} with procedures or "
-                          "medications")
+                          "medications)")
+    gen.add_argument("--time-calibration-patients", type=int, default=None,
+                     help="patients generated after the category calibration to calibrate the time model's rates "
+                          "to the training split's (its heads' shifts, in time_model.safetensors; 0: none; default "
+                          f"{TIME_CALIBRATION_SHARE:g} x --calibration-patients)")
     gen.add_argument("--no-evaluate", action="store_true", help="skip the evaluation of the generated cohort")
     gen.add_argument("--perplexity-patients", type=int, default=PERPLEXITY_PATIENTS,
                      help="held-out test patients the evaluation scores the model's lpl / mpl perplexity on "
@@ -448,7 +453,10 @@ def train(args: argparse.Namespace) -> dict:
         model_dir, tokenizer, max_history_length=max_source, **({"stage_two": "type"} if types else {}))
     n_calibration = args.calibration_patients
     if n_calibration is None:
-        n_calibration = MULTIMODAL_CALIBRATION_PATIENTS if multimodal else DEFAULT_CALIBRATION_PATIENTS
+        n_calibration = default_calibration_patients(multimodal)[0]
+    n_time_calibration = args.time_calibration_patients
+    if n_time_calibration is None:
+        n_time_calibration = int(n_calibration * TIME_CALIBRATION_SHARE)
     if n_calibration > 0:
         t0 = time.perf_counter()
         # A seed of its own: the end-of-run generation below does not replay the calibration's draw.
@@ -458,13 +466,14 @@ def train(args: argparse.Namespace) -> dict:
         trainer.model.generation_config = save_custom_generate(model_dir, tokenizer, category_calibration=calibration)
         run["calibration_minutes"] = (time.perf_counter() - t0) / 60
         run["calibration_patients"] = n_calibration
-        if time_model is not None:
-            t0 = time.perf_counter()
-            time_model = fit_time_calibration(trainer.model, tokenizer, train_patients, time_model, n_calibration,
-                                              prior=prior, seed=args.seed + 2, batch_size=args.generate_batch_size,
-                                              max_history_length=max_source)
-            time_model.save(model_dir)
-            run["time_calibration_minutes"] = (time.perf_counter() - t0) / 60
+    if time_model is not None and n_time_calibration > 0:
+        t0 = time.perf_counter()
+        time_model = fit_time_calibration(trainer.model, tokenizer, train_patients, time_model, n_time_calibration,
+                                          prior=prior, seed=args.seed + 2, batch_size=args.generate_batch_size,
+                                          max_history_length=max_source)
+        time_model.save(model_dir)
+        run["time_calibration_minutes"] = (time.perf_counter() - t0) / 60
+        run["time_calibration_patients"] = n_time_calibration
 
     evaluation = None
     n_generate = len(test_split) if args.generate is None else args.generate
