@@ -20,6 +20,7 @@ from accelerate import PartialState
 
 from promptehr_hf.datasets_scripts.cohort_io import dataset_to_patients, write_mimic3_csvs
 from promptehr_hf.datasets_scripts.prepare import load_prepared
+from promptehr_hf.modeling_promptehr.generation.times import VisitTimeModel
 from promptehr_hf.modeling_promptehr.training import pipeline
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -101,6 +102,8 @@ def test_train_generate_evaluate_push_and_resume(train_script, tmp_path, monkeyp
     assert "longitudinal perplexity (lpl)" in (model_dir / "README.md").read_text()
     # the simulated cohort has times: a time model is fitted, shipped and used by generation
     assert run["times"] and (model_dir / "time_model.safetensors").is_file()
+    # calibrated on half the category calibration's patients: a shift on the death head at least
+    assert run["time_calibration_patients"] == 15 and VisitTimeModel.load(model_dir).shifts["death"].any()
     assert (model_dir / "custom_generate" / "times.py").is_file()
     synthetic = pq.read_table(out / "synthetic" / "synthetic.parquet").to_pylist()
     assert all(p["stay_days"] is not None and len(p["stay_days"]) == len(p["visits"]) for p in synthetic)
