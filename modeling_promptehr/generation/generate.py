@@ -29,6 +29,7 @@ from .decoding import visit_decoding  # noqa: F401
 from .patients import DEFAULT_COPY_REDRAWS, sample_patients
 from .prior import CohortPrior  # noqa: F401
 from .processors import VisitLogitsProcessor  # noqa: F401
+from .sampling import stratified_uniform  # noqa: F401
 from .times import VisitTimeModel  # noqa: F401
 
 # Arguments of transformers' generate that have no meaning for whole patients; transformers
