@@ -11,7 +11,9 @@ swapped for ``rng.random``: the same inverse-CDF draw, one independent uniform p
 draw: the mean codes per visit and the codes-per-visit Wasserstein to the training visits, beside
 the held-out split's. Then the time model draws the times of the test split's own codes
 ``--plans`` times each way: the in-hospital deaths' distance from the sum of the patients' death
-probabilities. Writes ``benchmarks/results/stratified_draws.json``.
+probabilities. Last, ``--plans`` random draws of as many real training patients: how far their
+in-hospital deaths per admission and later deaths per patient fall from the training split's
+(the noise of one real cohort of that size). Writes ``benchmarks/results/stratified_draws.json``.
 """
 
 from __future__ import annotations
@@ -89,8 +91,31 @@ def main() -> None:
             "share_within_1.5x_floor": float(np.mean(np.array(ws) <= 1.5 * floor_w)),
             "hospital_deaths_minus_expected": summary([abs(d - expected_deaths) for d in deaths]),
         }
+    result["real_subsample_outcomes"] = real_subsample_noise(splits["train"].to_list(), len(test), args.plans)
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps(result, indent=1))
+
+
+def outcome_rates(patients: list[dict]) -> tuple[float, float]:
+    """In-hospital deaths per admission and later deaths per patient (a ``death_days`` set)."""
+    deaths = sum(bool(p.get("hospital_death")) for p in patients)
+    admissions = sum(len(p["visits"]) for p in patients)
+    later = sum(p.get("death_days") is not None and np.isfinite(p["death_days"]) for p in patients)
+    return deaths / admissions, later / len(patients)
+
+
+def real_subsample_noise(train: list[dict], n: int, draws: int) -> dict:
+    """How far the two outcome rates of ``n`` real training patients drawn at random (without
+    replacement) fall from the whole training split's: the noise of one cohort of that size."""
+    mortality, later = outcome_rates(train)
+    gaps = {"hospital_deaths_per_admission": [], "later_deaths_per_patient": []}
+    for seed in range(draws):
+        pick = np.random.default_rng(seed).choice(len(train), size=n, replace=False)
+        m, d = outcome_rates([train[i] for i in pick])
+        gaps["hospital_deaths_per_admission"].append(abs(m - mortality))
+        gaps["later_deaths_per_patient"].append(abs(d - later))
+    return {"train_hospital_deaths_per_admission": mortality, "train_later_deaths_per_patient": later,
+            "patients": n, **{f"{k}_minus_train": summary(v) for k, v in gaps.items()}}
 
 
 def independent_or_systematic(name: str, probs: np.ndarray, seed: int) -> np.ndarray:
