@@ -8,12 +8,11 @@
 
 Every model is trained by the main job (``examples/train.py``, a subprocess) on the same
 deterministic split, for a fixed wall-clock budget into which the trainer fits its learning-rate
-schedule (``--job-minutes 0``: no job goal shortens it). ``--jobs 2`` (the default) trains two runs
-at a time, each pinned to its own core with ``taskset``: on 2 cores that is about twice the
-throughput of one two-thread run, and every run gets the same compute (one core for its budget).
-Each model then generates as many patients as the test split holds, and every cohort is scored
-against the TRAINING split with the metric modules (``metrics.report.evaluate_cohorts``), beside
-the two references:
+schedule. ``--jobs 2`` (the default) trains two runs at a time, each pinned to its own core with
+``taskset``: on 2 cores that is about twice the throughput of one two-thread run, and every run
+gets the same compute (one core for its budget). Each model then generates as many patients as the
+test split holds, and every cohort is scored against the TRAINING split with the metric modules
+(``metrics.report.evaluate_cohorts``), beside the two references:
 
 - floor: the held-out real test split (no generator can beat real data of the same population);
 - baseline: the independent-marginal sampler (code frequencies right, no co-occurrence).
@@ -218,8 +217,8 @@ def train(name: str, args, flags: list[str], minutes: float, core: int | None = 
     source = ["--mimic-dir", args.mimic_dir] if args.mimic_dir else ["--patients", str(args.patients)]
     pin = ["taskset", "-c", str(core)] if core is not None else []
     cmd = [*pin, sys.executable, str(TRAIN_SCRIPT), "--output-dir", str(out), "--seed", str(args.seed),
-           "--max-minutes", str(minutes), "--job-minutes", "0", "--generate", "0", *source,
-           *COHORT_FLAGS.get(args.cohort, []), *flags, *args.train_args.split()]
+           "--max-minutes", str(minutes), "--generate", "0", *source, *COHORT_FLAGS.get(args.cohort, []), *flags,
+           *args.train_args.split()]
     print(f"[{name}] training: {' '.join(cmd)}", flush=True)
     log = out.parent / f"{name}.train.log"
     out.parent.mkdir(parents=True, exist_ok=True)

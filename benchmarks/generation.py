@@ -46,7 +46,7 @@ RESULTS = REPO / "benchmarks" / "results" / "generation.json"
 def train_model(work: Path, patients: int, minutes: float, seed: int, train_cores: int) -> tuple[Path, Path, float]:
     """Run examples/train.py briefly; returns (model dir, prepared data dir, wall minutes)."""
     cmd = [sys.executable, str(REPO / "examples" / "train.py"), "--output-dir", str(work), "--patients", str(patients),
-           "--seed", str(seed), "--max-minutes", str(minutes), "--job-minutes", "0", "--generate", "0", "--no-evaluate",
+           "--seed", str(seed), "--max-minutes", str(minutes), "--generate", "0", "--no-evaluate",
            "--eval-steps", "0", "--eval-generate-patients", "0", "--save-steps", "100000"]
     # examples/train.py uses one torch thread per allowed core; on a 2-core machine shared with
     # other jobs, 2 threads ran ~5x slower than 1, so the brief training is pinned to one core.

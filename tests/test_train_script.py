@@ -11,7 +11,6 @@ import json
 import logging
 import os
 import tempfile
-import types
 from pathlib import Path
 
 import datasets
@@ -77,9 +76,6 @@ def test_train_generate_evaluate_push_and_resume(train_script, tmp_path, monkeyp
     assert not cache_entries() - before, sorted(cache_entries() - before)
 
     assert run["world_size"] == 1 and run["global_step"] == 4
-    # the default 15-minute job leaves the tiny run its whole --max-minutes, after a timed probe
-    assert run["train_budget_minutes"] == pipeline.DEFAULT_MAX_MINUTES and run["probe_seconds_per_patient"] > 0
-    assert run["reserved_minutes"] == pytest.approx(run["probe_seconds_per_patient"] * (30 + 15 + 2 * 40) / 60)
     model_dir = out / "model"
     for name in ("config.json", "model.safetensors", "configuration_promptehr.py", "modeling_promptehr.py",
                  "tokenization_promptehr.py", "tokenizer_config.json", "vocab.json", "hierarchy.json",
@@ -142,29 +138,6 @@ def test_train_generate_evaluate_push_and_resume(train_script, tmp_path, monkeyp
 
 def _prepare_args(output_dir: Path, *extra: str) -> argparse.Namespace:
     return pipeline.parse_args(["--output-dir", str(output_dir), *extra])
-
-
-def test_training_budget_leaves_the_later_phases_inside_the_job(monkeypatch):
-    """Training gets what the job's minutes leave after the time spent and the patients generated
-    after training at the probe's pace: at most --max-minutes, at least one minute."""
-    calls, ticks = [], []
-
-    def perf_counter():  # each probe takes 0.1 s per patient
-        ticks.append(None)
-        return 0.0 if len(ticks) % 2 else pipeline.PROBE_PATIENTS * 0.1
-
-    monkeypatch.setattr(pipeline, "time", types.SimpleNamespace(perf_counter=perf_counter))
-    monkeypatch.setattr(pipeline, "generate_patients", lambda model, tokenizer, n, **kw: calls.append((n, kw)))
-    kwargs = {"elapsed_minutes": 1.0, "max_minutes": 9.0, "patients_after": 6_000, "batch_size": 256,
-              "max_history_length": 64, "seed": 0, "stage_two": "type"}
-    budget = pipeline.training_budget(None, None, None, job_minutes=15.0, **kwargs)
-    spent = 1.0 + pipeline.PROBE_PATIENTS * 0.1 / 60
-    assert budget["probe_seconds_per_patient"] == pytest.approx(0.1)
-    assert budget["reserved_minutes"] == pytest.approx(10.0)
-    assert budget["train_budget_minutes"] == pytest.approx(15.0 - spent - 10.0)
-    assert calls[0][0] == pipeline.PROBE_PATIENTS and calls[0][1]["stage_two"] == "type" and not calls[0][1]["times"]
-    assert pipeline.training_budget(None, None, None, job_minutes=60.0, **kwargs)["train_budget_minutes"] == 9.0
-    assert pipeline.training_budget(None, None, None, job_minutes=10.0, **kwargs)["train_budget_minutes"] == 1.0
 
 
 def test_prepared_cohort_follows_its_input_files(tmp_path, caplog):

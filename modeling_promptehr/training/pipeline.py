@@ -14,9 +14,7 @@ modality the cohort holds (diagnoses, and procedures and medications when their 
 medications. The cohort's code system
 (``code_system`` of data/summary.json; ICD-9-CM when absent) is the tokenizer's, and sets the
 categories, the CMS edits written into the model and the tables the evaluation scores against.
-Training takes at most ``--max-minutes``, and less where the calibration, generation and
-evaluation after it would take the run past ``--job-minutes`` (15), at the pace of a generation
-timed before training. Everything lands in ``--output-dir`` (default ``promptehr_run/``):
+Everything lands in ``--output-dir`` (default ``promptehr_run/``):
 
     mimic3/        the simulated MIMIC-III CSVs (simulated ICD-9-CM runs only)
     mimic4/        the simulated MIMIC-IV folder, hosp/*.csv.gz (simulated ICD-10-CM runs only)
@@ -82,12 +80,7 @@ from .training_args import PromptEHRTrainingArguments
 from .visit_types import DEFAULT_MIN_VISITS, auto_types, fit_visit_types, type_logit_bias
 
 DEFAULT_PATIENTS = 20_000
-DEFAULT_MAX_MINUTES = 9.0  # training cap: leaves room for data, generation and evaluation in 15 min
-JOB_MINUTES = 15.0  # the whole run's wall-clock goal: training gives way to the phases after it
-# The probe timed before training, and the evaluation counted as one more generation of the
-# generated cohort (the two took 1.5 and 1.3 minutes in the main job on 2 cores).
-PROBE_PATIENTS = 256
-EVALUATION_GENERATIONS = 1.0
+DEFAULT_MAX_MINUTES = 9.0  # training budget: leaves room for data, generation and evaluation in 15 min
 UNBOUNDED_STEPS = 1_000_000  # without --max-steps the time budget sets the schedule's length
 SPLIT_FRACTIONS = (0.1, 0.1)  # validation and test shares of the prepared cohort
 DEFAULT_TARGET_LENGTH = 96  # decoder tokens of a diagnosis-only target visit
@@ -135,10 +128,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     train.add_argument("--max-minutes", type=float, default=DEFAULT_MAX_MINUTES,
                        help="training time budget: the schedule is shortened to the steps that fit (measured "
                             "as training goes) and training stops, saving a checkpoint, when it is spent; 0: none")
-    train.add_argument("--job-minutes", type=float, default=JOB_MINUTES,
-                       help="wall-clock goal of the whole run: with --max-minutes, training ends early enough for "
-                            "the calibration, generation and evaluation after it, timed by a generation of "
-                            f"{PROBE_PATIENTS} patients before training (--max-minutes stays the cap); 0: none")
     train.add_argument("--batch-size", type=int, default=32, help="per process")
     train.add_argument("--gradient-accumulation-steps", type=int, default=1)
     train.add_argument("--learning-rate", type=float, default=5e-4)
@@ -295,35 +284,6 @@ def main(argv: list[str] | None = None) -> dict:
     return train(parse_args(argv))
 
 
-def training_budget(model, tokenizer, prior, *, job_minutes: float, elapsed_minutes: float, max_minutes: float,
-                    patients_after: float, batch_size: int, max_history_length: int, seed: int,
-                    **overrides) -> dict:
-    """The training minutes that leave the phases after training inside ``job_minutes``.
-
-    Times a generation of :data:`PROBE_PATIENTS` patients with the (untrained) model: each later
-    phase generates patients at that pace, whatever the weights, since the visit plan comes from
-    the prior. ``patients_after`` counts the patients generated after training (evaluation counted
-    as generations). The budget is ``job_minutes`` less the time already spent and the phases' time,
-    at most ``max_minutes`` and at least one minute. The probe draws from a random stream of its own.
-
-    Returns:
-        ``train_budget_minutes``, ``probe_seconds_per_patient`` and ``reserved_minutes``.
-    """
-    with torch.random.fork_rng():
-        t0 = time.perf_counter()
-        generate_patients(model, tokenizer, PROBE_PATIENTS, prior=prior, batch_size=batch_size, seed=seed,
-                          max_history_length=max_history_length, progress=False, times=False, **overrides)
-        pace = (time.perf_counter() - t0) / PROBE_PATIENTS
-    reserved = pace * patients_after / 60
-    spent = elapsed_minutes + PROBE_PATIENTS * pace / 60
-    minutes = min(max_minutes, max(1.0, job_minutes - spent - reserved))
-    if minutes < max_minutes:
-        logger.info("training budget %.2f minutes (of --max-minutes %g): %.2f minutes spent, %.2f reserved for "
-                    "%d patients generated after training at %.3f s each (--job-minutes %g)", minutes, max_minutes,
-                    spent, reserved, patients_after, pace, job_minutes)
-    return {"train_budget_minutes": minutes, "probe_seconds_per_patient": pace, "reserved_minutes": reserved}
-
-
 def run(args: argparse.Namespace) -> int:
     """``promptehr train``."""
     train(args)
@@ -415,32 +375,11 @@ def train(args: argparse.Namespace) -> dict:
                 len(tokenizer), len(tokenizer.category_ids), len(tokenizer.code_ids), len(train_examples),
                 model.num_parameters() / 1e6)
 
-    n_calibration = args.calibration_patients
-    if n_calibration is None:
-        n_calibration = default_calibration_patients(multimodal)[0]
-    n_time_calibration = args.time_calibration_patients
-    if n_time_calibration is None:
-        n_time_calibration = int(n_calibration * TIME_CALIBRATION_SHARE)
-    n_generate = len(test_split) if args.generate is None else args.generate
-    max_minutes = args.max_minutes if args.max_minutes and args.max_minutes > 0 else None
-    budget = {}
-    # Rank 0's clock decides when training stops (TimeBudgetCallback), so only it needs the probe.
-    if max_minutes and args.job_minutes and args.job_minutes > 0 and state.is_main_process:
-        after = n_calibration + (n_time_calibration if not args.no_time and "stay_days" in train_split.column_names
-                                 else 0)
-        after += n_generate * (1 + (0 if args.no_evaluate else EVALUATION_GENERATIONS))
-        budget = training_budget(model.to(state.device), tokenizer, prior, job_minutes=args.job_minutes,
-                                 elapsed_minutes=(time.perf_counter() - t_start) / 60, max_minutes=max_minutes,
-                                 patients_after=after, batch_size=args.generate_batch_size,
-                                 max_history_length=max_source, seed=args.seed,
-                                 **({"stage_two": "type"} if types else {}))
-        max_minutes = budget["train_budget_minutes"]
-
     training_args = PromptEHRTrainingArguments(
         output_dir=str(root / "checkpoints"),
         use_cpu=use_cpu,
         max_steps=args.max_steps or UNBOUNDED_STEPS,
-        max_minutes=max_minutes,
+        max_minutes=args.max_minutes if args.max_minutes and args.max_minutes > 0 else None,
         per_device_train_batch_size=args.batch_size,
         per_device_eval_batch_size=2 * args.batch_size,
         gradient_accumulation_steps=args.gradient_accumulation_steps,
@@ -494,7 +433,6 @@ def train(args: argparse.Namespace) -> dict:
         "train_loss": result.training_loss,
         "last_log": next((h for h in reversed(trainer.state.log_history) if "loss_lm" in h), None),
         "data_minutes": (t_data - t_start) / 60,
-        **budget,
         "cohort": summary,
     }
     if not state.is_main_process:
@@ -513,6 +451,12 @@ def train(args: argparse.Namespace) -> dict:
     # visit type), not from the type-blind P(code | category).
     trainer.model.generation_config = save_custom_generate(
         model_dir, tokenizer, max_history_length=max_source, **({"stage_two": "type"} if types else {}))
+    n_calibration = args.calibration_patients
+    if n_calibration is None:
+        n_calibration = default_calibration_patients(multimodal)[0]
+    n_time_calibration = args.time_calibration_patients
+    if n_time_calibration is None:
+        n_time_calibration = int(n_calibration * TIME_CALIBRATION_SHARE)
     if n_calibration > 0:
         t0 = time.perf_counter()
         # A seed of its own: the end-of-run generation below does not replay the calibration's draw.
@@ -532,6 +476,7 @@ def train(args: argparse.Namespace) -> dict:
         run["time_calibration_patients"] = n_time_calibration
 
     evaluation = None
+    n_generate = len(test_split) if args.generate is None else args.generate
     if n_generate > 0:
         t0 = time.perf_counter()
         synthetic, stats = generate_patients(trainer.model, tokenizer, n_generate, mode="unconditional", prior=prior,
