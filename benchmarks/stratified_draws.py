@@ -26,6 +26,7 @@ import numpy as np
 from scipy.stats import wasserstein_distance
 
 from promptehr_hf.datasets_scripts.prepare import load_prepared
+from promptehr_hf.metrics.time_outcome import Times
 from promptehr_hf.modeling_promptehr.generation import sampling
 from promptehr_hf.modeling_promptehr.generation.prior import CohortPrior
 from promptehr_hf.modeling_promptehr.generation.times import VisitTimeModel
@@ -97,11 +98,9 @@ def main() -> None:
 
 
 def outcome_rates(patients: list[dict]) -> tuple[float, float]:
-    """In-hospital deaths per admission and later deaths per patient (a ``death_days`` set)."""
-    deaths = sum(bool(p.get("hospital_death")) for p in patients)
-    admissions = sum(len(p["visits"]) for p in patients)
-    later = sum(p.get("death_days") is not None and np.isfinite(p["death_days"]) for p in patients)
-    return deaths / admissions, later / len(patients)
+    """In-hospital deaths per admission and later deaths per patient, as the fidelity table reads them."""
+    times = Times(patients)
+    return times.mortality()[1], times.out_of_hospital_death_rate()
 
 
 def real_subsample_noise(train: list[dict], n: int, draws: int) -> dict:
